@@ -1,0 +1,96 @@
+//! Prints each healthy set of a service as one JSON line whenever it changes.
+//!
+//! ```text
+//! cargo run --example watch
+//! ```
+//!
+//! With no arguments it runs a self-contained demo on the in-memory registry: it registers
+//! three instances, marks one critical, deregisters one, and prints every set it sees.
+//! Logs go to stderr (`RUST_LOG=debug` for more); stdout carries only the JSON lines.
+
+use std::process::ExitCode;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tower_sd::registry::WatchStream;
+use tower_sd::{BoxError, HealthStatus, MemoryRegistry, ServiceInstance, ServiceRegistry};
+
+const USAGE: &str = "usage: watch            (demo on the in-memory registry)";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+
+    if std::env::args().len() > 1 {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    match demo().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One JSON line: the service and its instances, sorted by id.
+fn json_line(service: &str, instances: &[ServiceInstance]) -> String {
+    let mut instances: Vec<&ServiceInstance> = instances.iter().collect();
+    instances.sort_by(|a, b| a.id.cmp(&b.id));
+    let instances: Vec<_> = instances
+        .into_iter()
+        .map(|i| {
+            json!({
+                "id": i.id, "address": i.address, "port": i.port, "tags": i.tags,
+                "metadata": i.metadata, "weight": i.weight, "zone": i.zone,
+            })
+        })
+        .collect();
+    json!({ "service": service, "instances": instances }).to_string()
+}
+
+/// Prints the next set the watch yields; a watch error is reported and waited past.
+async fn print_next(service: &str, watch: &mut WatchStream) -> Result<(), BoxError> {
+    loop {
+        match watch.next().await {
+            Some(Ok(set)) => {
+                println!("{}", json_line(service, &set));
+                return Ok(());
+            }
+            Some(Err(error)) => tracing::warn!(%error, "watch failed; waiting for the next set"),
+            None => return Err("the registry's watch ended".into()),
+        }
+    }
+}
+
+async fn demo() -> Result<(), BoxError> {
+    let service = "greeter";
+    let registry = MemoryRegistry::new();
+    let mut watch = registry.watch(&service.into());
+    print_next(service, &mut watch).await?;
+
+    for (n, zone) in [(1, "a"), (2, "b"), (3, "a")] {
+        let instance =
+            ServiceInstance::new(format!("{service}-{n}"), service, "127.0.0.1", 50050 + n)
+                .with_tag("v1")
+                .with_metadata("version", "1.0.0")
+                .with_zone(zone);
+        registry.register(instance).await?;
+        print_next(service, &mut watch).await?;
+    }
+
+    tracing::info!("marking greeter-2 critical");
+    registry.set_health("greeter-2", HealthStatus::Critical)?;
+    print_next(service, &mut watch).await?;
+
+    tracing::info!("deregistering greeter-3");
+    registry.deregister("greeter-3").await?;
+    print_next(service, &mut watch).await?;
+    Ok(())
+}

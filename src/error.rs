@@ -1,0 +1,158 @@
+//! The crate's [`Error`], one variant per cause.
+
+use std::time::Duration;
+
+/// A boxed error, as tower middleware passes them around.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong between a registry and a request.
+///
+/// Each variant names its cause; the underlying error, if any, is reachable through
+/// [`std::error::Error::source`] rather than formatted into the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The registry could not be reached (connection refused, DNS failure, TLS failure).
+    #[error("{registry} registry unreachable")]
+    Unreachable {
+        /// Which registry, e.g. `consul`.
+        registry: &'static str,
+        /// The transport error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The registry answered, with an error status.
+    #[error("{registry} registry answered with status {status}")]
+    Status {
+        /// Which registry, e.g. `consul`.
+        registry: &'static str,
+        /// The protocol status code (HTTP status, gRPC code).
+        status: u16,
+        /// What the registry said, size-limited; never contains credentials.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The registry answered with something that could not be understood.
+    #[error("malformed response from {registry} registry")]
+    Malformed {
+        /// Which registry, e.g. `consul`.
+        registry: &'static str,
+        /// The decoding error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A configuration value is wrong.
+    #[error("invalid configuration at `{key}`")]
+    InvalidConfig {
+        /// The path of the offending key, e.g. `registry.consul.address`.
+        key: String,
+        /// Why the value is wrong.
+        #[source]
+        source: BoxError,
+    },
+
+    /// An instance cannot be registered or dialled.
+    #[error("invalid instance: field `{field}`")]
+    InvalidInstance {
+        /// The offending field: `id`, `name`, `address` or `port`.
+        field: &'static str,
+        /// What is wrong with its value.
+        #[source]
+        source: InvalidValue,
+    },
+
+    /// The registry has no instance with this id.
+    #[error("{registry} registry has no instance `{id}`")]
+    UnknownInstance {
+        /// Which registry.
+        registry: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+
+    /// The registry cannot do this by design (e.g. registering with Kubernetes).
+    #[error("{operation} is not supported by the {registry} registry")]
+    Unsupported {
+        /// The operation, e.g. `register`.
+        operation: &'static str,
+        /// Which registry.
+        registry: &'static str,
+        /// Why not, and what to do instead.
+        #[source]
+        source: BoxError,
+    },
+
+    /// No healthy endpoint became available in time.
+    #[error("no endpoints available for service `{service}`")]
+    NoEndpoints {
+        /// The service that has none.
+        service: String,
+        /// How long the caller waited for one.
+        #[source]
+        source: Elapsed,
+    },
+
+    /// An operation on the registry did not finish in time.
+    #[error("{registry} registry timed out")]
+    Timeout {
+        /// Which registry.
+        registry: &'static str,
+        /// The time limit that passed.
+        #[source]
+        source: Elapsed,
+    },
+}
+
+impl Error {
+    /// An [`Error::Unsupported`] with a reason.
+    pub fn unsupported(
+        registry: &'static str,
+        operation: &'static str,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self::Unsupported {
+            operation,
+            registry,
+            source: reason.into().into(),
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed (network errors, timeouts,
+    /// rate limiting and server errors).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::Timeout { .. } | Self::NoEndpoints { .. } => true,
+            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// What is wrong with an instance field; the source of [`Error::InvalidInstance`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidValue {
+    /// The value is empty.
+    #[error("must not be empty")]
+    Empty,
+    /// The port is 0.
+    #[error("port 0 cannot be dialled")]
+    ZeroPort,
+    /// The address is neither an IP address nor a DNS host name.
+    #[error("`{0}` is neither an IP address nor a valid DNS host name")]
+    NotAnAddress(String),
+    /// Another instance already uses this id.
+    #[error("id `{0}` is used twice")]
+    Duplicate(String),
+}
+
+/// A time limit passed; the source of [`Error::NoEndpoints`] and [`Error::Timeout`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("gave up after {0:?}")]
+pub struct Elapsed(pub Duration);

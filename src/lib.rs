@@ -1,0 +1,65 @@
+//! Service discovery and client-side load balancing for tower, tonic, hyper and axum clients.
+//!
+//! ```
+//! use futures_util::StreamExt;
+//! use tower_sd::{HealthStatus, MemoryRegistry, ServiceInstance, ServiceRegistry};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_sd::Error> {
+//! // Instances register themselves (here in the embedded in-memory registry)...
+//! let registry = MemoryRegistry::new();
+//! registry.register(ServiceInstance::new("greeter-1", "greeter", "10.0.0.1", 50051)).await?;
+//! registry.register(ServiceInstance::new("greeter-2", "greeter", "10.0.0.2", 50051)).await?;
+//!
+//! // ...and clients follow the healthy set as it changes.
+//! let mut healthy = registry.watch(&"greeter".into());
+//! assert_eq!(healthy.next().await.unwrap()?.len(), 2);
+//!
+//! registry.set_health("greeter-2", HealthStatus::Critical)?;
+//! let set = healthy.next().await.unwrap()?;
+//! assert_eq!(set.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["greeter-1"]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Overview
+//!
+//! A registry backend reports the full healthy instance set of a service
+//! ([`ServiceRegistry::watch`]). [`RegistryDiscover`] diffs successive sets into tower
+//! [`Change`](tower::discover::Change)s, so any tower balancer can route to the instances
+//! and follow them as they come, go, crash and drain.
+//!
+//! - [`ServiceInstance`], [`HealthStatus`], [`ServiceQuery`]: the vocabulary.
+//! - [`ServiceRegistry`]: the object-safe registry trait; [`MemoryRegistry`] (the embedded
+//!   default, with health states and TTL checks) and [`StaticRegistry`] (a fixed list) need
+//!   no feature.
+//! - [`RegistryDiscover`]: registry watch to tower `Discover`.
+//! - [`Error`]: one error type, one variant per cause.
+//!
+//! # Feature Flags
+//!
+//! The core (types, in-memory and static registries, the discover adapter) needs no feature.
+//! Backends and integrations are added behind one feature each as they land; `full` enables
+//! all of them.
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.85 (edition 2024). Raising it is a minor version bump.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms))))]
+
+pub mod discover;
+mod error;
+mod instance;
+pub mod registry;
+
+pub use discover::RegistryDiscover;
+
+/// The README's code blocks, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+pub use error::{BoxError, Elapsed, Error, InvalidValue, Result};
+pub use instance::{HealthStatus, ServiceInstance, ServiceQuery};
+pub use registry::{MemoryRegistry, ServiceRegistry, StaticRegistry};

@@ -1,0 +1,168 @@
+//! Service registries: the [`ServiceRegistry`] trait and its backends.
+//!
+//! Every backend gives the same guarantees, so the rest of the crate (and your code) can be
+//! written once against `Arc<dyn ServiceRegistry>`:
+//!
+//! - [`discover`](ServiceRegistry::discover) returns the healthy instances (passing or
+//!   warning) that match the query, sorted by id.
+//! - [`watch`](ServiceRegistry::watch) yields that same set first, then a new full set on every
+//!   change, never the same set twice in a row. A slow consumer gets the latest set, not a
+//!   backlog. A transient failure is yielded as an `Err` item and the stream goes on (after a
+//!   backoff); the stream ends only when the registry itself is gone.
+//! - Backends that cannot register (a static list, Kubernetes, DNS) return
+//!   [`Error::Unsupported`], never a silent success.
+//!
+//! Always available: [`MemoryRegistry`] (the embedded default, with health states and TTL
+//! checks) and [`StaticRegistry`] (a fixed list).
+
+mod memory;
+mod static_list;
+
+pub use memory::{MemoryRegistry, MemoryRegistryBuilder};
+pub use static_list::StaticRegistry;
+
+use std::sync::Arc;
+
+use futures_core::future::BoxFuture;
+use futures_core::stream::BoxStream;
+
+use crate::error::{Error, Result};
+use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
+
+/// A stream of full healthy instance sets, as returned by [`ServiceRegistry::watch`].
+pub type WatchStream = BoxStream<'static, Result<Vec<ServiceInstance>>>;
+
+/// A service registry: where instances register and where clients discover them.
+///
+/// The trait is object safe; backends are usually held as `Arc<dyn ServiceRegistry>`, which
+/// implements the trait too.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_sd::{MemoryRegistry, ServiceInstance, ServiceRegistry};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_sd::Error> {
+/// let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
+/// registry.register(ServiceInstance::new("a", "greeter", "10.0.0.1", 50051)).await?;
+/// let instances = registry.discover(&"greeter".into()).await?;
+/// assert_eq!(instances.len(), 1);
+/// # Ok(())
+/// # }
+/// ```
+pub trait ServiceRegistry: Send + Sync + std::fmt::Debug {
+    /// A short name for the backend, e.g. `memory` or `consul`, used in errors and logs.
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
+
+    /// Registers an instance, replacing any instance with the same id.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInstance`] when the instance does not [validate]; an
+    /// [`Error::Unsupported`] from registries that do not take registrations; the
+    /// backend's transport errors.
+    ///
+    /// [validate]: ServiceInstance::validate
+    fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, Result<()>>;
+
+    /// Removes an instance. Removing an id that is not registered succeeds.
+    ///
+    /// # Errors
+    ///
+    /// As for [`register`](ServiceRegistry::register).
+    fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// The healthy instances matching `query`, sorted by id.
+    ///
+    /// # Errors
+    ///
+    /// The backend's transport and protocol errors.
+    fn discover<'a>(
+        &'a self,
+        query: &'a ServiceQuery,
+    ) -> BoxFuture<'a, Result<Vec<ServiceInstance>>>;
+
+    /// Follows the healthy instances matching `query`: the current set first, then every
+    /// different set. See the [module docs](self) for the guarantees.
+    fn watch(&self, query: &ServiceQuery) -> WatchStream;
+
+    /// The health of one instance; [`HealthStatus::Unknown`] when the registry does not know
+    /// the id.
+    ///
+    /// # Errors
+    ///
+    /// The backend's transport and protocol errors.
+    fn health<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<HealthStatus>>;
+
+    /// Renews the TTL check of a registered instance (Consul `check/pass`), so it stays
+    /// passing. Registries without TTL checks return [`Error::Unsupported`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] unless the backend has TTL checks; the backend's transport
+    /// errors.
+    fn heartbeat<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
+        let _ = id;
+        let kind = self.kind();
+        Box::pin(async move {
+            Err(Error::unsupported(
+                kind,
+                "heartbeat",
+                "the registry has no TTL checks",
+            ))
+        })
+    }
+}
+
+macro_rules! forward_registry {
+    ($ty:ty) => {
+        impl<R: ServiceRegistry + ?Sized> ServiceRegistry for $ty {
+            fn kind(&self) -> &'static str {
+                (**self).kind()
+            }
+            fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, Result<()>> {
+                (**self).register(instance)
+            }
+            fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
+                (**self).deregister(id)
+            }
+            fn discover<'a>(
+                &'a self,
+                query: &'a ServiceQuery,
+            ) -> BoxFuture<'a, Result<Vec<ServiceInstance>>> {
+                (**self).discover(query)
+            }
+            fn watch(&self, query: &ServiceQuery) -> WatchStream {
+                (**self).watch(query)
+            }
+            fn health<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<HealthStatus>> {
+                (**self).health(id)
+            }
+            fn heartbeat<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
+                (**self).heartbeat(id)
+            }
+        }
+    };
+}
+
+forward_registry!(Arc<R>);
+forward_registry!(Box<R>);
+
+/// Validates each instance and rejects a repeated id.
+pub(crate) fn validate_all(instances: &[ServiceInstance]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for instance in instances {
+        instance.validate()?;
+        if !seen.insert(instance.id.as_str()) {
+            return Err(Error::InvalidInstance {
+                field: "id",
+                source: crate::error::InvalidValue::Duplicate(instance.id.clone()),
+            });
+        }
+    }
+    Ok(())
+}

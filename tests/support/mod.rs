@@ -1,0 +1,26 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code, unreachable_pub)]
+
+use tower_sd::ServiceInstance;
+
+/// Installs a test-friendly tracing subscriber once; logs show with `--nocapture`.
+pub fn trace_init() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "tower_sd=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// An instance of `name` on 127.0.0.1.
+pub fn instance(id: &str, name: &str, port: u16) -> ServiceInstance {
+    ServiceInstance::new(id, name, "127.0.0.1", port)
+}
+
+/// The ids of a set, in order.
+pub fn ids(set: &[ServiceInstance]) -> Vec<&str> {
+    set.iter().map(|instance| instance.id.as_str()).collect()
+}
