@@ -1,0 +1,282 @@
+//! [`Balance`]: the cloneable, lock-free P2C balancer service.
+
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use tokio::time::Instant;
+use tower::Service;
+use tower::discover::Discover;
+use tracing::debug;
+
+use super::Builder;
+use super::endpoint::{Endpoint, EndpointStats, Meta};
+use super::future::{InFlight, ResponseFuture};
+use super::load::LoadMetric;
+use super::p2c::{Cost, pick};
+use super::snapshot::{Config, Shared, run};
+use crate::error::{BoxError, Elapsed, Error};
+
+/// A power-of-two-choices load balancer that every clone can use at once.
+///
+/// Discovery is applied by a background task that publishes immutable endpoint snapshots, so
+/// the set follows the registry whether or not requests arrive, and a request never waits on
+/// another task: each clone picks from the current snapshot by itself, without a lock and
+/// without a `Buffer`. See the [module docs](super) for the algorithm.
+///
+/// - **Readiness**: `poll_ready` picks an endpoint and drives a clone of its service to
+///   readiness; `call` dispatches to that same endpoint, even if the set changed in between.
+///   A clone of `Balance` does not inherit readiness.
+/// - **Empty set**: `poll_ready` waits up to `wait_for_endpoints` (woken the moment an
+///   endpoint arrives), then fails with [`Error::NoEndpoints`]. Zero fails at once.
+/// - **Removal drains**: a request in flight on a removed endpoint completes on it; the
+///   endpoint's service is dropped when its last request completes.
+/// - **Unready endpoints**: an endpoint whose `poll_ready` fails is marked failed and is not
+///   picked while others are usable; a successful `poll_ready` or a replacement by discovery
+///   restores it. After two failures in one `poll_ready`, the error is returned.
+///
+/// `S` must be `Clone`: each request runs on its own clone of the endpoint's service, as
+/// tonic's `Channel` and hyper-util's `Client` expect.
+///
+/// # Examples
+///
+/// ```
+/// use std::convert::Infallible;
+/// use tower::{Service, ServiceExt, service_fn};
+/// use tower_sd::balance::Balance;
+/// use tower_sd::{MemoryRegistry, ServiceInstance, ServiceRegistry};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower::BoxError> {
+/// let registry = MemoryRegistry::new();
+/// registry.register(ServiceInstance::new("a", "echo", "127.0.0.1", 8080)).await?;
+///
+/// let mut balance = Balance::from_registry(&registry, "echo", |instance| {
+///     let authority = instance.authority();
+///     Ok::<_, Infallible>(service_fn(move |request: String| {
+///         let reply = format!("{authority} got {request}");
+///         async move { Ok::<_, Infallible>(reply) }
+///     }))
+/// });
+/// let reply = balance.ready().await?.call("hello".to_owned()).await?;
+/// assert_eq!(reply, "127.0.0.1:8080 got hello");
+/// # Ok(())
+/// # }
+/// ```
+pub struct Balance<S, K = String> {
+    shared: Arc<Shared<S, K>>,
+    chosen: Option<Chosen<S, K>>,
+    waiting: Option<Pin<Box<dyn Future<Output = bool> + Send + Sync>>>,
+}
+
+/// The endpoint picked by `poll_ready`, and the clone of its service that `call` uses.
+struct Chosen<S, K> {
+    endpoint: Arc<Endpoint<S, K>>,
+    service: S,
+}
+
+// ===== impl Balance =====
+
+impl<S, K> Balance<S, K>
+where
+    S: Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    /// A balancer over any tower [`Discover`], with default settings.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime: the updater task is spawned on the current one.
+    pub fn new<D>(discover: D) -> Self
+    where
+        D: Discover<Key = K, Service = S> + Unpin + Send + 'static,
+        D::Error: Into<BoxError> + Send,
+    {
+        Builder::default().build(discover)
+    }
+
+    pub(crate) fn spawn<D, F>(config: Config, discover: D, split: F) -> Self
+    where
+        D: Discover<Key = K> + Unpin + Send + 'static,
+        D::Service: Send,
+        D::Error: Into<BoxError> + Send,
+        F: Fn(D::Service) -> (S, Meta) + Send + 'static,
+    {
+        let (shared, gone) = Shared::new(config);
+        let shared = Arc::new(shared);
+        tokio::spawn(run(discover, split, Arc::downgrade(&shared), gone));
+        Self {
+            shared,
+            chosen: None,
+            waiting: None,
+        }
+    }
+}
+
+impl<S, K> Balance<S, K> {
+    /// Per-endpoint statistics of the current snapshot, in slot order. Endpoints that were
+    /// removed and are still draining are not included.
+    pub fn endpoints(&self) -> Vec<EndpointStats<K>>
+    where
+        K: Clone,
+    {
+        let now = Instant::now();
+        self.shared
+            .snapshot
+            .load()
+            .endpoints
+            .iter()
+            .map(|endpoint| EndpointStats {
+                key: endpoint.key.clone(),
+                in_flight: endpoint.in_flight(),
+                ewma: endpoint
+                    .ewma
+                    .as_ref()
+                    .map(|load| std::time::Duration::from_nanos(load.estimate(now) as u64)),
+                weight: u32::try_from(endpoint.weight).unwrap_or(u32::MAX),
+                zone: endpoint.zone.clone(),
+                state: endpoint.state(),
+            })
+            .collect()
+    }
+
+    /// How many endpoint snapshots the updater has published.
+    pub fn updates(&self) -> u64 {
+        self.shared.updates.load(Ordering::Acquire)
+    }
+
+    /// The service name used in errors and logs.
+    pub fn service_name(&self) -> &str {
+        &self.shared.config.service
+    }
+
+    fn cost(&self) -> Cost {
+        match self.shared.config.metric {
+            LoadMetric::PendingRequests => Cost::Pending,
+            LoadMetric::PeakEwma { .. } => Cost::PeakEwma {
+                now: Instant::now(),
+            },
+        }
+    }
+
+    fn no_endpoints(&self) -> BoxError {
+        Box::new(Error::NoEndpoints {
+            service: self.shared.config.service.clone(),
+            source: Elapsed(self.shared.config.wait_for_endpoints),
+        })
+    }
+
+    /// Starts (or keeps) waiting for a non-empty snapshot; `false` when the wait timed out.
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<bool>
+    where
+        S: Send + Sync + 'static,
+        K: Send + Sync + 'static,
+    {
+        let wait = self.waiting.get_or_insert_with(|| {
+            let shared = Arc::clone(&self.shared);
+            let limit = shared.config.wait_for_endpoints;
+            Box::pin(async move {
+                tokio::time::timeout(limit, shared.endpoints_available())
+                    .await
+                    .is_ok()
+            })
+        });
+        let arrived = std::task::ready!(wait.as_mut().poll(cx));
+        self.waiting = None;
+        Poll::Ready(arrived)
+    }
+}
+
+impl<S, K, Req> Service<Req> for Balance<S, K>
+where
+    S: Service<Req> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    K: Send + Sync + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, S, K>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let mut failures = 0;
+        loop {
+            if let Some(chosen) = &mut self.chosen {
+                match chosen.service.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        if chosen.endpoint.is_failed() {
+                            chosen.endpoint.failed.store(false, Ordering::Relaxed);
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending if !chosen.endpoint.is_removed() => return Poll::Pending,
+                    Poll::Pending => self.chosen = None,
+                    Poll::Ready(Err(error)) => {
+                        chosen.endpoint.failed.store(true, Ordering::Relaxed);
+                        self.chosen = None;
+                        failures += 1;
+                        let error = error.into();
+                        debug!(service = %self.shared.config.service, %error, "endpoint not ready; marked failed");
+                        if failures >= 2 {
+                            return Poll::Ready(Err(error));
+                        }
+                    }
+                }
+                continue;
+            }
+
+            let snapshot = self.shared.snapshot.load();
+            if let Some(index) = pick(&snapshot.endpoints, self.cost()) {
+                let endpoint = &snapshot.endpoints[index];
+                self.waiting = None;
+                self.chosen = Some(Chosen {
+                    endpoint: Arc::clone(endpoint),
+                    service: endpoint.service.clone(),
+                });
+                continue;
+            }
+            drop(snapshot);
+            if self.shared.config.wait_for_endpoints.is_zero() {
+                return Poll::Ready(Err(self.no_endpoints()));
+            }
+            if !std::task::ready!(self.poll_wait(cx)) {
+                return Poll::Ready(Err(self.no_endpoints()));
+            }
+        }
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let Chosen {
+            endpoint,
+            mut service,
+        } = self
+            .chosen
+            .take()
+            .expect("Balance::call without poll_ready returning Ready(Ok)");
+        let in_flight = InFlight::start(endpoint);
+        ResponseFuture::new(service.call(request), in_flight)
+    }
+}
+
+impl<S, K> Clone for Balance<S, K> {
+    /// A new handle on the same balancer; it does not inherit readiness.
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            chosen: None,
+            waiting: None,
+        }
+    }
+}
+
+impl<S, K> fmt::Debug for Balance<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("shared", &self.shared)
+            .field("ready", &self.chosen.is_some())
+            .finish_non_exhaustive()
+    }
+}

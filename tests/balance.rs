@@ -1,0 +1,494 @@
+//! `Balance`: readiness, the empty set, drain on removal, unready endpoints, weights, peak
+//! EWMA, the updater's lifetime, and a churn stress test.
+
+mod support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
+use tower::discover::Change;
+use tower::{Service, ServiceExt};
+use tower_sd::balance::{Balance, EndpointState, LoadMetric};
+use tower_sd::{Error, MemoryRegistry, ServiceInstance, ServiceRegistry};
+
+type Feed<S> = mpsc::UnboundedSender<Result<Change<usize, S>, Infallible>>;
+
+/// A discover fed by hand, and a balancer over it.
+fn fed<S>(builder: tower_sd::balance::Builder) -> (Feed<S>, Balance<S, usize>)
+where
+    S: Send + Sync + 'static,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let discover = stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (tx, builder.build(discover))
+}
+
+/// Waits (in paused time, or briefly in real time) until the balancer has published `n`
+/// snapshots.
+async fn published<S, K>(balance: &Balance<S, K>, n: u64) {
+    for _ in 0..10_000 {
+        if balance.updates() >= n {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the updater did not publish {n} snapshots");
+}
+
+/// A test endpoint: answers with its id, counts its live clones, and can be told to fail
+/// `poll_ready` or to hold responses until a gate opens.
+#[derive(Clone)]
+struct Probe {
+    id: usize,
+    clones: Arc<AtomicUsize>,
+    fail_ready: Arc<AtomicBool>,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl Probe {
+    fn new(id: usize) -> Self {
+        Self {
+            id,
+            clones: Arc::new(AtomicUsize::new(1)),
+            fail_ready: Arc::new(AtomicBool::new(false)),
+            gate: None,
+        }
+    }
+
+    fn gated(id: usize, gate: &Arc<Semaphore>) -> Self {
+        Self {
+            gate: Some(Arc::clone(gate)),
+            ..Self::new(id)
+        }
+    }
+}
+
+struct Counted(Probe);
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        self.0.clones.fetch_add(1, Ordering::SeqCst);
+        Self(self.0.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.clones.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Service<()> for Counted {
+    type Response = usize;
+    type Error = &'static str;
+    type Future = Pin<Box<dyn Future<Output = Result<usize, &'static str>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.0.fail_ready.load(Ordering::SeqCst) {
+            Poll::Ready(Err("not ready"))
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn call(&mut self, (): ()) -> Self::Future {
+        let id = self.0.id;
+        let gate = self.0.gate.clone();
+        let clones = Arc::clone(&self.0.clones);
+        Box::pin(async move {
+            if let Some(gate) = gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            assert!(
+                clones.load(Ordering::SeqCst) > 0,
+                "endpoint service dropped mid-request"
+            );
+            Ok(id)
+        })
+    }
+}
+
+fn insert(feed: &Feed<Counted>, probe: &Probe) {
+    feed.send(Ok(Change::Insert(probe.id, Counted(probe.clone()))))
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn empty_set_fails_after_wait_for_endpoints() {
+    let builder = Balance::builder()
+        .service_name("greeter")
+        .wait_for_endpoints(Duration::from_secs(2));
+    let (_feed, balance) = fed::<Counted>(builder);
+    let started = tokio::time::Instant::now();
+    let error = balance.oneshot(()).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    match error.downcast_ref::<Error>() {
+        Some(Error::NoEndpoints { service, .. }) => assert_eq!(service, "greeter"),
+        other => panic!("expected NoEndpoints, got {other:?}"),
+    }
+    assert!(error.to_string().contains("greeter"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn zero_wait_fails_at_once() {
+    let builder = Balance::builder().wait_for_endpoints(Duration::ZERO);
+    let (_feed, mut balance) = fed::<Counted>(builder);
+    let mut task = tokio_test::task::spawn(());
+    let poll = task.enter(|cx, _| balance.poll_ready(cx));
+    let error = assert_ready!(poll).unwrap_err();
+    assert!(matches!(
+        error.downcast_ref::<Error>(),
+        Some(Error::NoEndpoints { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_caller_is_woken_when_an_endpoint_arrives() {
+    let builder = Balance::builder().wait_for_endpoints(Duration::from_secs(60));
+    let (feed, mut balance) = fed::<Counted>(builder);
+    let mut task = tokio_test::task::spawn(());
+    assert_pending!(task.enter(|cx, _| balance.poll_ready(cx)));
+
+    insert(&feed, &Probe::new(7));
+    published(&balance, 1).await;
+    assert!(
+        task.is_woken(),
+        "the arrival wakes the waiting caller, no polling"
+    );
+    assert_ready_ok!(task.enter(|cx, _| balance.poll_ready(cx)));
+    assert_eq!(balance.call(()).await.unwrap(), 7);
+    assert_eq!(tokio::time::Instant::now().elapsed(), Duration::ZERO);
+}
+
+#[tokio::test]
+async fn call_uses_the_endpoint_chosen_in_poll_ready() {
+    let (feed, mut balance) = fed(Balance::builder());
+    insert(&feed, &Probe::new(1));
+    published(&balance, 1).await;
+    balance.ready().await.unwrap();
+
+    // The set changes completely between poll_ready and call (tower #856).
+    feed.send(Ok(Change::Remove(1))).unwrap();
+    insert(&feed, &Probe::new(2));
+    published(&balance, 2).await;
+    assert_eq!(balance.call(()).await.unwrap(), 1);
+    assert_eq!(balance.oneshot(()).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn removal_drains_in_flight_requests_then_drops_the_service() {
+    let gate = Arc::new(Semaphore::new(0));
+    let probe = Probe::gated(1, &gate);
+    let (feed, balance) = fed(Balance::builder());
+    insert(&feed, &probe);
+    published(&balance, 1).await;
+
+    let requests: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(balance.clone().oneshot(())))
+        .collect();
+    while balance.endpoints().first().map(|e| e.in_flight) != Some(3) {
+        tokio::task::yield_now().await;
+    }
+    feed.send(Ok(Change::Remove(1))).unwrap();
+    published(&balance, 2).await;
+    assert!(balance.endpoints().is_empty());
+    assert!(probe.clones.load(Ordering::SeqCst) > 0, "still draining");
+
+    gate.add_permits(3);
+    for request in requests {
+        assert_eq!(request.await.unwrap().unwrap(), 1);
+    }
+    assert_eq!(
+        probe.clones.load(Ordering::SeqCst),
+        0,
+        "dropped after the last request"
+    );
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_poll_ready_is_not_picked() {
+    let (feed, balance) = fed(Balance::builder());
+    let bad = Probe::new(1);
+    bad.fail_ready.store(true, Ordering::SeqCst);
+    insert(&feed, &bad);
+    insert(&feed, &Probe::new(2));
+    published(&balance, 1).await;
+
+    for _ in 0..200 {
+        assert_eq!(balance.clone().oneshot(()).await.unwrap(), 2);
+    }
+    let states: HashMap<usize, EndpointState> = balance
+        .endpoints()
+        .into_iter()
+        .map(|e| (e.key, e.state))
+        .collect();
+    assert_eq!(states[&1], EndpointState::Failed);
+    assert_eq!(states[&2], EndpointState::Ready);
+
+    // It recovers when its poll_ready succeeds again (tried once nothing else is usable).
+    bad.fail_ready.store(false, Ordering::SeqCst);
+    feed.send(Ok(Change::Remove(2))).unwrap();
+    published(&balance, 2).await;
+    assert_eq!(balance.clone().oneshot(()).await.unwrap(), 1);
+    assert_eq!(balance.endpoints()[0].state, EndpointState::Ready);
+
+    // With every endpoint failing, the caller gets the error rather than a hang.
+    bad.fail_ready.store(true, Ordering::SeqCst);
+    let error = balance.oneshot(()).await.unwrap_err();
+    assert_eq!(error.to_string(), "not ready");
+}
+
+#[tokio::test]
+async fn weights_scale_the_share_of_in_flight_requests() {
+    let gate = Arc::new(Semaphore::new(0));
+    let registry = MemoryRegistry::new();
+    registry
+        .register(ServiceInstance::new("light", "svc", "127.0.0.1", 1))
+        .await
+        .unwrap();
+    registry
+        .register(ServiceInstance::new("heavy", "svc", "127.0.0.1", 2).with_weight(3))
+        .await
+        .unwrap();
+    let probes: HashMap<u16, Probe> =
+        [(1, Probe::gated(1, &gate)), (2, Probe::gated(2, &gate))].into();
+    let balance = Balance::from_registry(&registry, "svc", move |instance| {
+        Ok::<_, Infallible>(Counted(probes[&instance.port].clone()))
+    });
+    published(&balance, 1).await;
+
+    let mut requests = Vec::new();
+    for _ in 0..400 {
+        let mut handle = balance.clone();
+        handle.ready().await.unwrap();
+        requests.push(tokio::spawn(handle.call(())));
+    }
+    let in_flight: HashMap<String, u64> = balance
+        .endpoints()
+        .into_iter()
+        .map(|e| (e.key, e.in_flight))
+        .collect();
+    assert_eq!(in_flight["light"] + in_flight["heavy"], 400);
+    // P2C with in-flight/weight keeps the loads within one request of 100 : 300.
+    assert!((99..=101).contains(&in_flight["light"]), "{in_flight:?}");
+    gate.add_permits(400);
+    for request in requests {
+        request.await.unwrap().unwrap();
+    }
+    assert!(balance.endpoints().iter().all(|e| e.in_flight == 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_sends_less_to_a_slow_endpoint() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for (id, latency_ms) in [(0usize, 1u64), (1, 1), (2, 1), (3, 10)] {
+        let service = tower::service_fn(move |()| async move {
+            tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+            Ok::<_, Infallible>(id)
+        });
+        tx.send(Ok::<_, Infallible>(Change::Insert(id, service)))
+            .unwrap();
+    }
+    let balance = Balance::builder()
+        .load(LoadMetric::PeakEwma {
+            default_rtt: Duration::from_millis(1),
+            decay: Duration::from_secs(10),
+        })
+        .build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    published(&balance, 1).await;
+
+    let served = Arc::new(Mutex::new([0usize; 4]));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let balance = balance.clone();
+            let served = Arc::clone(&served);
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    let id = balance.clone().oneshot(()).await.unwrap();
+                    served.lock().unwrap()[id] += 1;
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let served = *served.lock().unwrap();
+    let total: usize = served.iter().sum();
+    assert!(served[3] * 10 < total, "slow endpoint served {served:?}");
+    let ewma = balance.endpoints()[3].ewma.unwrap();
+    assert!(ewma >= Duration::from_millis(5), "{ewma:?}");
+}
+
+#[tokio::test]
+async fn updater_stops_when_the_last_handle_is_dropped() {
+    let (feed, balance) = fed::<Counted>(Balance::builder());
+    let clone = balance.clone();
+    drop(balance);
+    tokio::task::yield_now().await;
+    assert!(!feed.is_closed(), "a handle is still alive");
+    drop(clone);
+    tokio::time::timeout(Duration::from_secs(5), feed.closed())
+        .await
+        .expect("the updater task dropped the discovery stream");
+}
+
+#[tokio::test]
+async fn discovery_end_and_errors_keep_the_current_endpoints() {
+    let changes = vec![
+        Ok(Change::Insert(1usize, Counted(Probe::new(1)))),
+        Err("registry hiccup"),
+        Ok(Change::Insert(2, Counted(Probe::new(2)))),
+    ];
+    let balance = Balance::builder().build(stream::iter(changes));
+    for _ in 0..10_000 {
+        if balance.endpoints().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        balance.endpoints().len(),
+        2,
+        "error skipped, later change applied"
+    );
+    // The stream has ended; the balancer goes on with what it had.
+    for _ in 0..10 {
+        balance.clone().oneshot(()).await.unwrap();
+    }
+}
+
+/// 8 tasks x 100k requests while the set churns at random: every request lands on an
+/// endpoint whose removal had not been published when the request started, in-flight
+/// counters return to zero, and no endpoint service is dropped under a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stress_churn() {
+    const TASKS: usize = 8;
+    const REQUESTS: usize = 100_000;
+    const IDS: usize = 32;
+
+    /// Shared by all clones of one endpoint's service: it is gone when the last clone is.
+    struct Token;
+
+    #[derive(Clone)]
+    struct Checked {
+        id: usize,
+        token: Arc<Token>,
+        removed_at: Arc<Vec<AtomicU64>>,
+    }
+    impl Service<u64> for Checked {
+        type Response = ();
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<(), Infallible>> + Send>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, started: u64) -> Self::Future {
+            let (id, removed) = (self.id, self.removed_at[self.id].load(Ordering::SeqCst));
+            assert!(
+                started < removed,
+                "request from epoch {started} reached {id}, removed at {removed}"
+            );
+            // Only a weak reference: the balancer must keep the service alive until the
+            // response completes.
+            let token = Arc::downgrade(&self.token);
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                assert!(
+                    token.upgrade().is_some(),
+                    "endpoint {id} dropped under a request"
+                );
+                Ok(())
+            })
+        }
+    }
+
+    // Epoch at which each endpoint's removal was seen published; u64::MAX while it is live.
+    let removed_at: Arc<Vec<AtomicU64>> =
+        Arc::new((0..IDS).map(|_| AtomicU64::new(u64::MAX)).collect());
+    let epoch = Arc::new(AtomicU64::new(0));
+    let (feed, mut rx) = mpsc::unbounded_channel();
+    let balance = Balance::builder().build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let mut live = [false; IDS];
+    let insert = |id: usize, live: &mut [bool; IDS]| {
+        live[id] = true;
+        removed_at[id].store(u64::MAX, Ordering::SeqCst);
+        let service = Checked {
+            id,
+            token: Arc::new(Token),
+            removed_at: Arc::clone(&removed_at),
+        };
+        feed.send(Ok::<_, Infallible>(Change::Insert(id, service)))
+            .unwrap();
+    };
+    for id in 0..IDS / 2 {
+        insert(id, &mut live);
+    }
+    while balance.endpoints().len() < IDS / 2 {
+        tokio::task::yield_now().await;
+    }
+
+    let callers: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let mut handle = balance.clone();
+            let epoch = Arc::clone(&epoch);
+            tokio::spawn(async move {
+                for _ in 0..REQUESTS {
+                    let started = epoch.load(Ordering::SeqCst);
+                    handle.ready().await.unwrap();
+                    handle.call(started).await.unwrap();
+                }
+            })
+        })
+        .collect();
+
+    // Churn: remove or add a random endpoint, keeping at least one, until the callers finish.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut churns = 0u64;
+    while !callers.iter().all(|caller| caller.is_finished()) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let id = (seed % IDS as u64) as usize;
+        if live[id] && live.iter().filter(|&&l| l).count() > 1 {
+            live[id] = false;
+            feed.send(Ok(Change::Remove(id))).unwrap();
+            while balance
+                .endpoints()
+                .iter()
+                .any(|endpoint| endpoint.key == id)
+            {
+                tokio::task::yield_now().await;
+            }
+            // Published: requests that start from now on must not reach it. (The removal is
+            // stamped after publication, so requests racing it are allowed, as they must be.)
+            removed_at[id].store(epoch.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+        } else if !live[id] {
+            insert(id, &mut live);
+            // Wait for it to be published, so a later removal is stamped only once it is out.
+            while !balance
+                .endpoints()
+                .iter()
+                .any(|endpoint| endpoint.key == id)
+            {
+                tokio::task::yield_now().await;
+            }
+        }
+        churns += 1;
+        tokio::task::yield_now().await;
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    assert!(churns > 100, "the set churned {churns} times");
+    assert!(balance.endpoints().iter().all(|e| e.in_flight == 0));
+}
