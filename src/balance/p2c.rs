@@ -14,13 +14,24 @@ use std::sync::Arc;
 use super::endpoint::Endpoint;
 
 thread_local! {
-    static RNG: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()));
+    // `const` keeps the access a plain TLS load; the seed is drawn on first use.
+    static RNG: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A per-thread seed from std's randomly keyed hasher.
+#[cold]
+fn seed() -> u64 {
+    RandomState::new().hash_one(std::thread::current().id()) | 1
 }
 
 /// wyrand: one multiply per number, good statistical quality, no shared state.
 fn next_u64() -> u64 {
     RNG.with(|state| {
-        let s = state.get().wrapping_add(0xa076_1d64_78bd_642f);
+        let mut s = state.get();
+        if s == 0 {
+            s = seed();
+        }
+        let s = s.wrapping_add(0xa076_1d64_78bd_642f);
         state.set(s);
         let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
         ((t >> 64) as u64) ^ (t as u64)
@@ -52,6 +63,7 @@ pub(crate) enum Cost {
 
 impl Cost {
     /// Whether `a` is at most as loaded as `b`.
+    #[inline]
     fn prefers<S, K>(self, a: &Endpoint<S, K>, b: &Endpoint<S, K>) -> bool {
         match self {
             Self::Pending => {
@@ -78,35 +90,49 @@ const DRAWS: usize = 4;
 /// Failed endpoints are avoided: a failed candidate loses to a usable one; when many are
 /// failed and sampling keeps hitting them, a scan from a random offset finds the usable ones.
 /// When every endpoint is failed, one is picked at random, so its `poll_ready` decides.
+#[inline]
 pub(crate) fn pick<S, K>(endpoints: &[Arc<Endpoint<S, K>>], cost: Cost) -> Option<usize> {
     match endpoints.len() {
         0 => None,
         1 => Some(0),
         n => {
-            for _ in 0..DRAWS {
-                let (a, b) = pair(n);
-                let (ea, eb) = (&endpoints[a], &endpoints[b]);
-                match (ea.is_failed(), eb.is_failed()) {
-                    (false, false) => return Some(if cost.prefers(ea, eb) { a } else { b }),
-                    (false, true) => return Some(a),
-                    (true, false) => return Some(b),
-                    (true, true) => {}
-                }
+            let (a, b) = pair(n);
+            let (ea, eb) = (&endpoints[a], &endpoints[b]);
+            if !ea.is_failed() && !eb.is_failed() {
+                return Some(if cost.prefers(ea, eb) { a } else { b });
             }
-            let start = below(next_u64() as u32, n);
-            let mut usable = (0..n)
-                .map(|i| (start + i) % n)
-                .filter(|&i| !endpoints[i].is_failed());
-            match (usable.next(), usable.next()) {
-                (Some(a), Some(b)) => Some(if cost.prefers(&endpoints[a], &endpoints[b]) {
-                    a
-                } else {
-                    b
-                }),
-                (Some(a), None) => Some(a),
-                _ => Some(start),
+            Some(pick_avoiding_failed(endpoints, cost))
+        }
+    }
+}
+
+#[cold]
+fn pick_avoiding_failed<S, K>(endpoints: &[Arc<Endpoint<S, K>>], cost: Cost) -> usize {
+    let n = endpoints.len();
+    for _ in 0..DRAWS {
+        let (a, b) = pair(n);
+        let (ea, eb) = (&endpoints[a], &endpoints[b]);
+        match (ea.is_failed(), eb.is_failed()) {
+            (false, false) => return if cost.prefers(ea, eb) { a } else { b },
+            (false, true) => return a,
+            (true, false) => return b,
+            (true, true) => {}
+        }
+    }
+    let start = below(next_u64() as u32, n);
+    let mut usable = (0..n)
+        .map(|i| (start + i) % n)
+        .filter(|&i| !endpoints[i].is_failed());
+    match (usable.next(), usable.next()) {
+        (Some(a), Some(b)) => {
+            if cost.prefers(&endpoints[a], &endpoints[b]) {
+                a
+            } else {
+                b
             }
         }
+        (Some(a), None) => a,
+        _ => start,
     }
 }
 

@@ -18,7 +18,7 @@ use super::endpoint::{Endpoint, EndpointStats, Meta};
 use super::future::{InFlight, ResponseFuture};
 use super::load::LoadMetric;
 use super::p2c::{Cost, pick};
-use super::snapshot::{Config, Shared, run};
+use super::snapshot::{Config, Shared, Snapshot, run};
 use crate::error::{BoxError, Elapsed, Error};
 
 /// A power-of-two-choices load balancer that every clone can use at once.
@@ -33,8 +33,12 @@ use crate::error::{BoxError, Elapsed, Error};
 ///   A clone of `Balance` does not inherit readiness.
 /// - **Empty set**: `poll_ready` waits up to `wait_for_endpoints` (woken the moment an
 ///   endpoint arrives), then fails with [`Error::NoEndpoints`]. Zero fails at once.
-/// - **Removal drains**: a request in flight on a removed endpoint completes on it; the
-///   endpoint's service is dropped when its last request completes.
+/// - **Removal drains**: a request in flight on a removed endpoint completes on it, and no
+///   request picks it once its removal is published. Its service is dropped when its last
+///   request completes and no handle still holds a snapshot that lists it: each handle keeps
+///   the snapshot it last picked from (so the hot path touches no shared reference count) and
+///   trades it for the current one at its next `poll_ready`. A handle left idle after a
+///   removal keeps the removed service alive, without traffic, until it is used or dropped.
 /// - **Unready endpoints**: an endpoint whose `poll_ready` fails is marked failed and is not
 ///   picked while others are usable; a successful `poll_ready` or a replacement by discovery
 ///   restores it. After two failures in one `poll_ready`, the error is returned.
@@ -69,6 +73,8 @@ use crate::error::{BoxError, Elapsed, Error};
 /// ```
 pub struct Balance<S, K = String> {
     shared: Arc<Shared<S, K>>,
+    /// The snapshot this handle last picked from, with its generation.
+    view: Option<(u64, Arc<Snapshot<S, K>>)>,
     chosen: Option<Chosen<S, K>>,
     waiting: Option<Pin<Box<dyn Future<Output = bool> + Send + Sync>>>,
 }
@@ -111,6 +117,7 @@ where
         tokio::spawn(run(discover, split, Arc::downgrade(&shared), gone));
         Self {
             shared,
+            view: None,
             chosen: None,
             waiting: None,
         }
@@ -152,6 +159,17 @@ impl<S, K> Balance<S, K> {
     /// The service name used in errors and logs.
     pub fn service_name(&self) -> &str {
         &self.shared.config.service
+    }
+
+    /// The current snapshot, reloaded only when the updater has published a new one: the
+    /// common case is one shared read, with no reference count touched.
+    fn view(&mut self) -> &Snapshot<S, K> {
+        let generation = self.shared.updates.load(Ordering::Acquire);
+        if self.view.as_ref().is_none_or(|(seen, _)| *seen != generation) {
+            self.view = Some((generation, self.shared.snapshot.load_full()));
+        }
+        let (_, snapshot) = self.view.as_ref().expect("just set");
+        snapshot
     }
 
     fn cost(&self) -> Cost {
@@ -204,46 +222,47 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let mut failures = 0;
         loop {
-            if let Some(chosen) = &mut self.chosen {
-                match chosen.service.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        if chosen.endpoint.is_failed() {
-                            chosen.endpoint.failed.store(false, Ordering::Relaxed);
+            let chosen = match &mut self.chosen {
+                Some(chosen) => chosen,
+                None => {
+                    let cost = self.cost();
+                    let snapshot = self.view();
+                    let Some(index) = pick(&snapshot.endpoints, cost) else {
+                        if self.shared.config.wait_for_endpoints.is_zero()
+                            || !std::task::ready!(self.poll_wait(cx))
+                        {
+                            return Poll::Ready(Err(self.no_endpoints()));
                         }
-                        return Poll::Ready(Ok(()));
+                        continue;
+                    };
+                    let endpoint = &snapshot.endpoints[index];
+                    let chosen = Chosen {
+                        endpoint: Arc::clone(endpoint),
+                        service: endpoint.service.clone(),
+                    };
+                    self.waiting = None;
+                    self.chosen.insert(chosen)
+                }
+            };
+            match chosen.service.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if chosen.endpoint.is_failed() {
+                        chosen.endpoint.failed.store(false, Ordering::Relaxed);
                     }
-                    Poll::Pending if !chosen.endpoint.is_removed() => return Poll::Pending,
-                    Poll::Pending => self.chosen = None,
-                    Poll::Ready(Err(error)) => {
-                        chosen.endpoint.failed.store(true, Ordering::Relaxed);
-                        self.chosen = None;
-                        failures += 1;
-                        let error = error.into();
-                        debug!(service = %self.shared.config.service, %error, "endpoint not ready; marked failed");
-                        if failures >= 2 {
-                            return Poll::Ready(Err(error));
-                        }
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending if !chosen.endpoint.is_removed() => return Poll::Pending,
+                Poll::Pending => self.chosen = None,
+                Poll::Ready(Err(error)) => {
+                    chosen.endpoint.failed.store(true, Ordering::Relaxed);
+                    self.chosen = None;
+                    failures += 1;
+                    let error = error.into();
+                    debug!(service = %self.shared.config.service, %error, "endpoint not ready; marked failed");
+                    if failures >= 2 {
+                        return Poll::Ready(Err(error));
                     }
                 }
-                continue;
-            }
-
-            let snapshot = self.shared.snapshot.load();
-            if let Some(index) = pick(&snapshot.endpoints, self.cost()) {
-                let endpoint = &snapshot.endpoints[index];
-                self.waiting = None;
-                self.chosen = Some(Chosen {
-                    endpoint: Arc::clone(endpoint),
-                    service: endpoint.service.clone(),
-                });
-                continue;
-            }
-            drop(snapshot);
-            if self.shared.config.wait_for_endpoints.is_zero() {
-                return Poll::Ready(Err(self.no_endpoints()));
-            }
-            if !std::task::ready!(self.poll_wait(cx)) {
-                return Poll::Ready(Err(self.no_endpoints()));
             }
         }
     }
@@ -266,6 +285,7 @@ impl<S, K> Clone for Balance<S, K> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
+            view: None,
             chosen: None,
             waiting: None,
         }
