@@ -21,12 +21,13 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use futures_util::stream;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tower::discover::{Change, ServiceList};
 use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 use tower::{Service, ServiceExt};
@@ -165,7 +166,8 @@ fn publish(c: &mut Criterion) {
     for n in [256usize, 10_000] {
         let (feed, mut rx) = mpsc::unbounded_channel();
         for key in 0..n {
-            feed.send(Ok::<_, Infallible>(Change::Insert(key, Trivial))).unwrap();
+            feed.send(Ok::<_, Infallible>(Change::Insert(key, Trivial)))
+                .unwrap();
         }
         let balance = rt.block_on(async {
             let balance = Balance::builder().build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
@@ -197,7 +199,8 @@ fn publish(c: &mut Criterion) {
                     // Replace one endpoint (a re-insert under its key), keeping N constant.
                     let before = balance.updates();
                     let start = Instant::now();
-                    feed.send(Ok(Change::Insert(next_key % n, Trivial))).unwrap();
+                    feed.send(Ok(Change::Insert(next_key % n, Trivial)))
+                        .unwrap();
                     while balance.updates() == before {
                         std::hint::spin_loop();
                     }

@@ -55,9 +55,15 @@ fn run_requests(balance: &mut Balance<Trivial, usize>, requests: u64) {
 fn main() {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<u64>());
     let endpoints = args.next().unwrap_or(Ok(16)).expect("endpoints: a number");
-    let requests = args.next().unwrap_or(Ok(1_000_000)).expect("requests: a number");
+    let requests = args
+        .next()
+        .unwrap_or(Ok(1_000_000))
+        .expect("requests: a number");
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut balance = rt.block_on(async {
         let changes: Vec<_> = (0..endpoints as usize)
             .map(|key| Ok::<_, Infallible>(Change::Insert(key, Trivial)))

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::stream;
+use futures_util::{FutureExt, stream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
 use tower::discover::Change;
@@ -182,6 +182,80 @@ async fn call_uses_the_endpoint_chosen_in_poll_ready() {
     published(&balance, 2).await;
     assert_eq!(balance.call(()).await.unwrap(), 1);
     assert_eq!(balance.oneshot(()).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_pending_endpoint_is_called_only_once_ready() {
+    let (mock, mut handle) = tower_test::mock::pair::<(), &'static str>();
+    handle.allow(0);
+    let (feed, mut balance) = fed(Balance::builder());
+    feed.send(Ok(Change::Insert(1, mock))).unwrap();
+    published(&balance, 1).await;
+
+    let mut task = tokio_test::task::spawn(());
+    assert_pending!(task.enter(|cx, _| balance.poll_ready(cx)));
+    handle.allow(1);
+    assert!(task.is_woken());
+    assert_ready_ok!(task.enter(|cx, _| balance.poll_ready(cx)));
+    let response = balance.call(());
+    let ((), send) = handle.next_request().await.unwrap();
+    send.send_response("done");
+    assert_eq!(response.await.unwrap(), "done");
+}
+
+#[tokio::test]
+async fn a_caller_waiting_on_a_pending_endpoint_moves_on_when_it_is_removed() {
+    let (stuck, mut stuck_handle) = tower_test::mock::pair::<(), &'static str>();
+    stuck_handle.allow(0);
+    let (feed, mut balance) = fed(Balance::builder());
+    feed.send(Ok(Change::Insert(1, stuck))).unwrap();
+    published(&balance, 1).await;
+    let mut task = tokio_test::task::spawn(());
+    assert_pending!(task.enter(|cx, _| balance.poll_ready(cx)));
+
+    let (fresh, mut fresh_handle) = tower_test::mock::pair::<(), &'static str>();
+    fresh_handle.allow(1);
+    feed.send(Ok(Change::Remove(1))).unwrap();
+    feed.send(Ok(Change::Insert(2, fresh))).unwrap();
+    while !balance.endpoints().iter().any(|e| e.key == 2) {
+        tokio::task::yield_now().await;
+    }
+    assert!(task.is_woken(), "the publish wakes the caller");
+    assert_ready_ok!(task.enter(|cx, _| balance.poll_ready(cx)));
+    let response = balance.call(());
+    let ((), send) = fresh_handle.next_request().await.unwrap();
+    send.send_response("fresh");
+    assert_eq!(response.await.unwrap(), "fresh");
+    assert!(
+        !matches!(stuck_handle.next_request().now_or_never(), Some(Some(_))),
+        "never called"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_handle_releases_a_removed_service_at_its_next_use() {
+    let probe = Probe::new(1);
+    let (feed, mut balance) = fed(Balance::builder());
+    insert(&feed, &probe);
+    published(&balance, 1).await;
+    assert_eq!((&mut balance).oneshot(()).await.unwrap(), 1);
+
+    feed.send(Ok(Change::Remove(1))).unwrap();
+    insert(&feed, &Probe::new(2));
+    while !balance.endpoints().iter().any(|e| e.key == 2) {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        probe.clones.load(Ordering::SeqCst),
+        1,
+        "the idle handle's snapshot holds it"
+    );
+    assert_eq!((&mut balance).oneshot(()).await.unwrap(), 2);
+    assert_eq!(
+        probe.clones.load(Ordering::SeqCst),
+        0,
+        "released at the next use"
+    );
 }
 
 #[tokio::test]

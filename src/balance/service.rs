@@ -76,7 +76,10 @@ pub struct Balance<S, K = String> {
     /// The snapshot this handle last picked from, with its generation.
     view: Option<(u64, Arc<Snapshot<S, K>>)>,
     chosen: Option<Chosen<S, K>>,
+    /// While the set is empty: resolves when endpoints arrive (`true`) or the wait times out.
     waiting: Option<Pin<Box<dyn Future<Output = bool> + Send + Sync>>>,
+    /// While the chosen endpoint is pending: resolves at the next publish.
+    next_publish: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
 /// The endpoint picked by `poll_ready`, and the clone of its service that `call` uses.
@@ -120,6 +123,7 @@ where
             view: None,
             chosen: None,
             waiting: None,
+            next_publish: None,
         }
     }
 }
@@ -165,7 +169,11 @@ impl<S, K> Balance<S, K> {
     /// common case is one shared read, with no reference count touched.
     fn view(&mut self) -> &Snapshot<S, K> {
         let generation = self.shared.updates.load(Ordering::Acquire);
-        if self.view.as_ref().is_none_or(|(seen, _)| *seen != generation) {
+        if self
+            .view
+            .as_ref()
+            .is_none_or(|(seen, _)| *seen != generation)
+        {
             self.view = Some((generation, self.shared.snapshot.load_full()));
         }
         let (_, snapshot) = self.view.as_ref().expect("just set");
@@ -246,13 +254,34 @@ where
             };
             match chosen.service.poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
+                    self.next_publish = None;
                     if chosen.endpoint.is_failed() {
                         chosen.endpoint.failed.store(false, Ordering::Relaxed);
                     }
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Pending if !chosen.endpoint.is_removed() => return Poll::Pending,
-                Poll::Pending => self.chosen = None,
+                Poll::Pending => {
+                    // Wait for the endpoint, but also for the next publish: if discovery
+                    // removes it meanwhile, pick again rather than wait on it for ever.
+                    let removed = Arc::clone(&chosen.endpoint);
+                    let publish = self.next_publish.get_or_insert_with(|| {
+                        let shared = Arc::clone(&self.shared);
+                        Box::pin(async move { shared.published.notified().await })
+                    });
+                    let published = publish.as_mut().poll(cx).is_ready();
+                    if published {
+                        self.next_publish = None;
+                    }
+                    // Checked after the publish watch is registered, so none is missed.
+                    if !removed.is_removed() {
+                        if published {
+                            continue;
+                        }
+                        return Poll::Pending;
+                    }
+                    self.chosen = None;
+                    self.next_publish = None;
+                }
                 Poll::Ready(Err(error)) => {
                     chosen.endpoint.failed.store(true, Ordering::Relaxed);
                     self.chosen = None;
@@ -288,6 +317,7 @@ impl<S, K> Clone for Balance<S, K> {
             view: None,
             chosen: None,
             waiting: None,
+            next_publish: None,
         }
     }
 }

@@ -48,8 +48,9 @@ pub(crate) struct Config {
 /// What all clones of one `Balance` share.
 pub(crate) struct Shared<S, K> {
     pub(crate) snapshot: ArcSwap<Snapshot<S, K>>,
-    /// Woken when a non-empty snapshot is published, for callers waiting on an empty set.
-    pub(crate) endpoints_arrived: Notify,
+    /// Woken on every publish: for callers waiting on an empty set, or on a pending endpoint
+    /// that may be removed.
+    pub(crate) published: Notify,
     /// Snapshots published so far.
     pub(crate) updates: AtomicU64,
     pub(crate) config: Config,
@@ -66,7 +67,7 @@ impl<S, K> Shared<S, K> {
             snapshot: ArcSwap::from_pointee(Snapshot {
                 endpoints: Box::default(),
             }),
-            endpoints_arrived: Notify::new(),
+            published: Notify::new(),
             updates: AtomicU64::new(0),
             config,
             epoch: Instant::now(),
@@ -78,7 +79,7 @@ impl<S, K> Shared<S, K> {
     /// Resolves once the snapshot has endpoints.
     pub(crate) async fn endpoints_available(&self) {
         loop {
-            let notified = self.endpoints_arrived.notified();
+            let notified = self.published.notified();
             tokio::pin!(notified);
             // Register before checking, so a publish in between is not missed.
             notified.as_mut().enable();
@@ -239,9 +240,7 @@ pub(crate) async fn run<D, S, F>(
             shared.snapshot.store(Arc::new(next));
             shared.updates.fetch_add(1, Ordering::Release);
             debug!(service = %shared.config.service, endpoints = count, "published endpoints");
-            if count > 0 {
-                shared.endpoints_arrived.notify_waiters();
-            }
+            shared.published.notify_waiters();
         }
         let service = shared.config.service.clone();
         drop(shared);
