@@ -52,8 +52,12 @@
 pub mod balance;
 pub mod discover;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
 mod instance;
 pub mod registry;
+#[cfg(feature = "tonic")]
+pub mod tonic;
 
 pub use discover::RegistryDiscover;
 

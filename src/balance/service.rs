@@ -155,6 +155,20 @@ impl<S, K> Balance<S, K> {
             .collect()
     }
 
+    /// Waits until the balancer has at least one endpoint, for at most `limit`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoEndpoints`] when `limit` passes first.
+    pub async fn await_endpoints(&self, limit: std::time::Duration) -> Result<(), Error> {
+        tokio::time::timeout(limit, self.shared.endpoints_available())
+            .await
+            .map_err(|_| Error::NoEndpoints {
+                service: self.shared.config.service.clone(),
+                source: Elapsed(limit),
+            })
+    }
+
     /// How many endpoint snapshots the updater has published.
     pub fn updates(&self) -> u64 {
         self.shared.updates.load(Ordering::Acquire)

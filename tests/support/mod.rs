@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod servers;
+
 use tower_sd::ServiceInstance;
 
 /// Installs a test-friendly tracing subscriber once; logs show with `--nocapture`.

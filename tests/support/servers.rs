@@ -1,0 +1,199 @@
+//! Real servers on 127.0.0.1 for end-to-end tests: a tonic gRPC server (the standard
+//! `grpc.health.v1.Health` service, so the client is real generated code) and a hyper HTTP
+//! server. Each counts the requests it served, can be slowed down, and can be stopped
+//! abruptly (every connection dropped at once) or after its in-flight requests finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+use tower::Service;
+use tower_sd::ServiceInstance;
+
+/// Counters shared between a server and the test.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub served: AtomicUsize,
+    pub in_flight: AtomicUsize,
+    /// Added latency per request, in milliseconds.
+    pub delay_ms: AtomicU64,
+}
+
+/// A running server.
+pub struct TestServer {
+    pub name: String,
+    pub port: u16,
+    pub stats: Arc<Stats>,
+    accept: JoinHandle<()>,
+}
+
+impl TestServer {
+    /// A tonic server with the health service (its overall status is SERVING).
+    pub async fn grpc(name: &str) -> Self {
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let routes = tonic::service::Routes::new(health);
+        Self::start(name, true, move || routes.clone()).await
+    }
+
+    /// An HTTP/1 server answering every request with its name, and the `Host` header it
+    /// received in `x-seen-host`.
+    pub async fn http(name: &str) -> Self {
+        let body = Bytes::from(name.to_owned());
+        Self::start(name, false, move || {
+            let body = body.clone();
+            tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let mut response = http::Response::new(Full::new(body.clone()));
+                if let Some(host) = request.headers().get(http::header::HOST) {
+                    response.headers_mut().insert("x-seen-host", host.clone());
+                }
+                async move { Ok::<_, Infallible>(response) }
+            })
+        })
+        .await
+    }
+
+    async fn start<S, F, RB>(name: &str, http2: bool, make: F) -> Self
+    where
+        F: Fn() -> S + Send + 'static,
+        S: Service<
+                http::Request<hyper::body::Incoming>,
+                Response = http::Response<RB>,
+                Error = Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        RB: http_body::Body + Send + 'static,
+        RB::Data: Send,
+        RB::Error: Into<tower::BoxError>,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stats = Arc::new(Stats::default());
+        let counters = Arc::clone(&stats);
+        let accept = tokio::spawn(async move {
+            // Owned here: aborting this task drops every connection at once.
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let service = Counting {
+                    inner: make(),
+                    stats: Arc::clone(&counters),
+                };
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                if http2 {
+                    builder = builder.http2_only();
+                } else {
+                    builder = builder.http1_only();
+                }
+                connections.spawn(async move {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                        .await;
+                });
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            port,
+            stats,
+            accept,
+        }
+    }
+
+    /// The instance to register for this server.
+    pub fn instance(&self, service: &str) -> ServiceInstance {
+        ServiceInstance::new(&self.name, service, "127.0.0.1", self.port)
+    }
+
+    pub fn served(&self) -> usize {
+        self.stats.served.load(Ordering::SeqCst)
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.stats
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Stops at once: the listener and every connection go away mid-request.
+    pub fn crash(&self) {
+        self.accept.abort();
+    }
+
+    /// Once callers have stopped sending to it: waits until nothing is in flight and no
+    /// request has arrived for 100 ms (requests already on the wire land first), then stops.
+    pub async fn drain_and_stop(&self) {
+        let mut quiet_since = tokio::time::Instant::now();
+        let mut last = self.served();
+        loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let served = self.served();
+            if served != last || self.stats.in_flight.load(Ordering::SeqCst) > 0 {
+                last = served;
+                quiet_since = tokio::time::Instant::now();
+            } else if quiet_since.elapsed() >= Duration::from_millis(100) {
+                break;
+            }
+        }
+        self.accept.abort();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Counts requests and in-flight ones, and adds the configured delay.
+#[derive(Clone)]
+struct Counting<S> {
+    inner: S,
+    stats: Arc<Stats>,
+}
+
+impl<S, B> Service<http::Request<B>> for Counting<S>
+where
+    S: Service<http::Request<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let stats = Arc::clone(&self.stats);
+        stats.in_flight.fetch_add(1, Ordering::SeqCst);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let delay = stats.delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let response = response.await;
+            stats.served.fetch_add(1, Ordering::SeqCst);
+            stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+            response
+        })
+    }
+}

@@ -1,0 +1,278 @@
+//! `LoadBalancedChannel` end to end: real tonic servers on 127.0.0.1, the generated
+//! `grpc.health.v1` client, and the in-memory registry.
+#![cfg(feature = "tonic")]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::servers::TestServer;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tower_sd::tonic::LoadBalancedChannel;
+use tower_sd::{MemoryRegistry, ServiceRegistry};
+
+const SERVICE: &str = "health";
+
+async fn check(client: &mut HealthClient<LoadBalancedChannel>) -> Result<(), tonic::Status> {
+    client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spreads_requests_over_four_servers() {
+    support::trace_init();
+    let registry = Arc::new(MemoryRegistry::new());
+    let mut servers = Vec::new();
+    for n in 0..4 {
+        let server = TestServer::grpc(&format!("s{n}")).await;
+        registry.register(server.instance(SERVICE)).await.unwrap();
+        servers.push(server);
+    }
+    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = HealthClient::new(channel.clone());
+            tokio::spawn(async move {
+                for _ in 0..1_250 {
+                    check(&mut client).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let served: Vec<usize> = servers.iter().map(TestServer::served).collect();
+    assert_eq!(served.iter().sum::<usize>(), 10_000);
+    for count in &served {
+        assert!(
+            (2_000..=3_000).contains(count),
+            "each server serves 20-30%: {served:?}"
+        );
+    }
+}
+
+/// Registers `n` fresh servers named `{prefix}{i}`.
+async fn start(registry: &MemoryRegistry, prefix: &str, n: usize) -> Vec<TestServer> {
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let server = TestServer::grpc(&format!("{prefix}{i}")).await;
+        registry.register(server.instance(SERVICE)).await.unwrap();
+        servers.push(server);
+    }
+    servers
+}
+
+/// Waits until the channel's balancer lists exactly the instances with these names.
+async fn until_endpoints(channel: &LoadBalancedChannel, names: &[&str]) {
+    let mut want: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    want.sort();
+    for _ in 0..5_000 {
+        let mut have: Vec<String> = channel
+            .balance()
+            .endpoints()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        have.sort();
+        if have == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("balancer never listed {want:?}");
+}
+
+/// Callers sending continuously until told to stop; returns (ok, failed) counts.
+fn callers(
+    channel: &LoadBalancedChannel,
+    tasks: usize,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(usize, Vec<tonic::Status>)>> {
+    (0..tasks)
+        .map(|_| {
+            let mut client = HealthClient::new(channel.clone());
+            let stop = Arc::clone(stop);
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match check(&mut client).await {
+                        Ok(()) => ok += 1,
+                        Err(status) => failed.push(status),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_churn_under_load_fails_nothing() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let mut live = start(&registry, "a", 2).await;
+    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = callers(&channel, 2, &stop);
+
+    for round in 0..4 {
+        // Add one server, then remove the oldest the graceful way: deregister, wait until
+        // the balancer has dropped it, let its requests finish, then stop it.
+        let added = TestServer::grpc(&format!("r{round}")).await;
+        registry.register(added.instance(SERVICE)).await.unwrap();
+        live.push(added);
+        let names: Vec<String> = live.iter().map(|s| s.name.clone()).collect();
+        until_endpoints(
+            &channel,
+            &names.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let leaving = live.remove(0);
+        registry.deregister(&leaving.name).await.unwrap();
+        let names: Vec<String> = live.iter().map(|s| s.name.clone()).collect();
+        until_endpoints(
+            &channel,
+            &names.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .await;
+        leaving.drain_and_stop().await;
+        assert!(
+            leaving.served() > 0,
+            "{} took traffic while it was live",
+            leaving.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut total = 0;
+    for caller in running {
+        let (ok, failed) = caller.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "graceful churn failed requests: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 100, "only {total} requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_server_fails_only_until_discovery_removes_it() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "c", 4).await;
+    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = callers(&channel, 2, &stop);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    servers[0].crash();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Its health check fails: the registry marks it critical and discovery removes it.
+    registry
+        .set_health("c0", tower_sd::HealthStatus::Critical)
+        .unwrap();
+    until_endpoints(&channel, &["c1", "c2", "c3"]).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Only requests to c0 can have failed: in flight when it crashed (tonic reports a
+    // broken connection as `unknown`) or sent to it before discovery removed it
+    // (`unavailable`, connection refused).
+    let mut failed_before = 0;
+    for caller in running {
+        let (_, failed) = caller.await.unwrap();
+        for status in &failed {
+            assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown
+                ),
+                "{status:?}"
+            );
+        }
+        failed_before += failed.len();
+    }
+
+    // Once removed it gets no traffic, and nothing fails.
+    let crashed_served = servers[0].served();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = callers(&channel, 2, &stop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut ok_after = 0;
+    for caller in running {
+        let (ok, failed) = caller.await.unwrap();
+        assert!(failed.is_empty(), "failures after removal: {failed:?}");
+        ok_after += ok;
+    }
+    assert!(ok_after > 50, "only {ok_after} requests after removal");
+    assert_eq!(servers[0].served(), crashed_served);
+    eprintln!("failed while the crashed server was still listed: {failed_before}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_steers_away_from_a_slow_server() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "e", 4).await;
+    for server in &servers {
+        server.set_delay(Duration::from_millis(2));
+    }
+    servers[3].set_delay(Duration::from_millis(20));
+    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
+        .load(tower_sd::balance::LoadMetric::PeakEwma {
+            default_rtt: Duration::from_millis(2),
+            decay: Duration::from_secs(10),
+        })
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = HealthClient::new(channel.clone());
+            tokio::spawn(async move {
+                for _ in 0..250 {
+                    check(&mut client).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let served: Vec<usize> = servers.iter().map(TestServer::served).collect();
+    let total: usize = served.iter().sum();
+    assert!(served[3] * 10 < total, "the slow server served {served:?}");
+}
+
+#[tokio::test]
+async fn no_instances_fails_unavailable_within_the_wait() {
+    let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
+    let channel = LoadBalancedChannel::builder(registry, SERVICE)
+        .wait_for_endpoints(Duration::from_millis(200))
+        .build();
+    let mut client = HealthClient::new(channel);
+    let started = tokio::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(5), check(&mut client))
+        .await
+        .expect("never hangs")
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(SERVICE), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
