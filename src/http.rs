@@ -232,6 +232,16 @@ where
     }
 }
 
+impl<S> Discovery<S> {
+    /// The services that currently have a balancer, sorted.
+    pub fn active_services(&self) -> Vec<String> {
+        let balancers = self.balancers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut names: Vec<String> = balancers.by_service.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
 impl<S: Clone> Clone for Discovery<S> {
     fn clone(&self) -> Self {
         Self {
@@ -387,5 +397,51 @@ where
                 Poll::Ready(Err(error.take().expect("polled after completion")))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn readdressed(instance: &ServiceInstance, policy: HostHeader, uri: &str) -> Request<()> {
+        let rewrite = Rewrite::new((), instance, policy).unwrap();
+        rewrite.readdress(Request::get(uri).body(()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn rewrites_the_authority_and_keeps_path_and_query() {
+        let v4 = ServiceInstance::new("a", "svc", "10.0.0.7", 8080);
+        let request = readdressed(&v4, HostHeader::Logical, "http://svc/a/b?c=d");
+        assert_eq!(request.uri(), "http://10.0.0.7:8080/a/b?c=d");
+        assert_eq!(request.headers()[HOST], "svc");
+
+        let v6 = ServiceInstance::new("b", "svc", "::1", 8080);
+        let request = readdressed(&v6, HostHeader::Instance, "http://svc:9999/x");
+        assert_eq!(request.uri(), "http://[::1]:8080/x");
+        assert_eq!(request.headers()[HOST], "[::1]:8080");
+    }
+
+    #[test]
+    fn an_existing_host_header_wins_under_the_logical_policy() {
+        let instance = ServiceInstance::new("a", "svc", "10.0.0.7", 8080);
+        let rewrite = Rewrite::new((), &instance, HostHeader::Logical).unwrap();
+        let request = Request::get("http://svc/").header(HOST, "custom").body(()).unwrap();
+        assert_eq!(rewrite.readdress(request).unwrap().headers()[HOST], "custom");
+    }
+
+    #[test]
+    fn service_names_are_single_labels_unless_listed() {
+        let registry: Arc<dyn ServiceRegistry> = Arc::new(crate::MemoryRegistry::new());
+        let layer = DiscoveryLayer::new(Arc::clone(&registry));
+        let name = |uri: &str| layer.service_of(&uri.parse().unwrap()).map(str::to_owned);
+        assert_eq!(name("http://greeter/x").as_deref(), Some("greeter"));
+        assert_eq!(name("http://greeter:80/x").as_deref(), Some("greeter"));
+        for other in ["http://localhost/", "http://127.0.0.1/", "http://[::1]/", "http://a.b/"] {
+            assert_eq!(name(other), None, "{other}");
+        }
+        let listed = DiscoveryLayer::new(registry).services(["api.internal"]);
+        assert!(listed.service_of(&"http://api.internal/".parse().unwrap()).is_some());
+        assert!(listed.service_of(&"http://greeter/".parse().unwrap()).is_none());
     }
 }

@@ -3,6 +3,9 @@
 //! server. Each counts the requests it served, can be slowed down, and can be stopped
 //! abruptly (every connection dropped at once) or after its in-flight requests finish.
 
+// Shared by tests and examples; each uses part of it, and `pub` is for them.
+#![allow(dead_code, unreachable_pub)]
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;

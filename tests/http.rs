@@ -1,0 +1,209 @@
+//! `DiscoveryLayer` end to end: hyper-util's client and an axum handler routing
+//! `http://<service>/...` to real HTTP servers on 127.0.0.1.
+#![cfg(feature = "http")]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use support::servers::TestServer;
+use tower::{BoxError, Layer, ServiceExt};
+use tower_sd::http::{Discovery, DiscoveryLayer, HostHeader, UnknownHost, UnknownHosts};
+use tower_sd::{MemoryRegistry, ServiceRegistry};
+
+const SERVICE: &str = "backend";
+
+type HttpClient = Discovery<Client<HttpConnector, Empty<Bytes>>>;
+
+fn client(layer: DiscoveryLayer) -> HttpClient {
+    layer.layer(Client::builder(TokioExecutor::new()).build_http())
+}
+
+/// GETs `uri`; returns the body and the `Host` the server saw.
+async fn get(client: &HttpClient, uri: &str) -> Result<(String, String), BoxError> {
+    let request = http::Request::get(uri).body(Empty::new())?;
+    let response = client.clone().oneshot(request).await?;
+    let seen = response
+        .headers()
+        .get("x-seen-host")
+        .map(|h| h.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((String::from_utf8_lossy(&body).into_owned(), seen))
+}
+
+async fn start(registry: &MemoryRegistry, prefix: &str, n: usize) -> Vec<TestServer> {
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let server = TestServer::http(&format!("{prefix}{i}")).await;
+        registry.register(server.instance(SERVICE)).await.unwrap();
+        servers.push(server);
+    }
+    servers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spreads_requests_over_four_servers() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "h", 4).await;
+    let client = client(DiscoveryLayer::new(registry));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for _ in 0..1_250 {
+                    get(&client, "http://backend/").await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let served: Vec<usize> = servers.iter().map(TestServer::served).collect();
+    assert_eq!(served.iter().sum::<usize>(), 10_000);
+    for count in &served {
+        assert!((2_000..=3_000).contains(count), "each server serves 20-30%: {served:?}");
+    }
+    assert_eq!(client.active_services(), [SERVICE]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_churn_under_load_fails_nothing() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let mut live = start(&registry, "a", 2).await;
+    let client = client(DiscoveryLayer::new(registry.clone()));
+    get(&client, "http://backend/").await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, stop) = (client.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                while !stop.load(Ordering::SeqCst) {
+                    match get(&client, "http://backend/").await {
+                        Ok(_) => ok += 1,
+                        Err(error) => failed.push(error.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+
+    for round in 0..4 {
+        let added = TestServer::http(&format!("r{round}")).await;
+        registry.register(added.instance(SERVICE)).await.unwrap();
+        live.push(added);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let leaving = live.remove(0);
+        registry.deregister(&leaving.name).await.unwrap();
+        // The layer's balancer applies the removal within microseconds; requests already on
+        // the wire land before the server stops.
+        leaving.drain_and_stop().await;
+        assert!(leaving.served() > 0, "{} took traffic while it was live", leaving.name);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for caller in running {
+        let (ok, failed) = caller.await.unwrap();
+        assert!(failed.is_empty(), "graceful churn failed requests: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 100, "only {total} requests");
+}
+
+#[tokio::test]
+async fn host_header_policy_and_unknown_hosts() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "h", 1).await;
+    let port = servers[0].port;
+
+    let logical = client(DiscoveryLayer::new(registry.clone()));
+    assert_eq!(get(&logical, "http://backend/").await.unwrap(), ("h0".to_owned(), "backend".to_owned()));
+    // Not a service name: passed through unchanged by default.
+    let direct = format!("http://127.0.0.1:{port}/");
+    let (body, seen) = get(&logical, &direct).await.unwrap();
+    assert_eq!((body.as_str(), seen), ("h0", format!("127.0.0.1:{port}")));
+
+    let instance = client(
+        DiscoveryLayer::new(registry.clone())
+            .host_header(HostHeader::Instance)
+            .unknown_hosts(UnknownHosts::Fail),
+    );
+    let (_, seen) = get(&instance, "http://backend/").await.unwrap();
+    assert_eq!(seen, format!("127.0.0.1:{port}"));
+    let error = get(&instance, &direct).await.unwrap_err();
+    assert_eq!(error.downcast_ref::<UnknownHost>(), Some(&UnknownHost("127.0.0.1".to_owned())));
+}
+
+#[tokio::test]
+async fn a_service_without_instances_fails_within_the_wait() {
+    let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
+    let client = client(DiscoveryLayer::new(registry).wait_for_endpoints(Duration::from_millis(100)));
+    let error = tokio::time::timeout(Duration::from_secs(5), get(&client, "http://nobody/"))
+        .await
+        .expect("never hangs")
+        .unwrap_err();
+    match error.downcast_ref::<tower_sd::Error>() {
+        Some(tower_sd::Error::NoEndpoints { service, .. }) => assert_eq!(service, "nobody"),
+        other => panic!("expected NoEndpoints, got {other:?} ({error})"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_balancers_are_dropped() {
+    let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
+    let client = client(
+        DiscoveryLayer::new(registry)
+            .wait_for_endpoints(Duration::ZERO)
+            .idle_timeout(Duration::from_secs(10)),
+    );
+    let _ = get(&client, "http://first/").await;
+    assert_eq!(client.active_services(), ["first"]);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let _ = get(&client, "http://second/").await;
+    assert_eq!(client.active_services(), ["second"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_axum_handler_calls_a_discovered_service() {
+    use axum::extract::State;
+    use axum::routing::get as route_get;
+
+    let registry = Arc::new(MemoryRegistry::new());
+    let _servers = start(&registry, "b", 2).await;
+
+    // The front service: an axum app whose handler calls `http://backend/` through the layer.
+    async fn front(State(client): State<HttpClient>) -> Result<String, (http::StatusCode, String)> {
+        let (body, _) = get(&client, "http://backend/")
+            .await
+            .map_err(|e| (http::StatusCode::BAD_GATEWAY, e.to_string()))?;
+        Ok(format!("front via {body}"))
+    }
+    let app = axum::Router::new()
+        .route("/", route_get(front))
+        .with_state(client(DiscoveryLayer::new(registry)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let plain = client(DiscoveryLayer::new(Arc::new(MemoryRegistry::new())));
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let (body, _) = get(&plain, &format!("http://127.0.0.1:{port}/")).await.unwrap();
+        assert!(body.starts_with("front via b"), "{body}");
+        seen.insert(body);
+    }
+    assert_eq!(seen.len(), 2, "both backends answered: {seen:?}");
+    server.abort();
+}
