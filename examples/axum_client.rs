@@ -28,7 +28,9 @@ use tower_sd::{MemoryRegistry, ServiceRegistry};
 type HttpClient = Discovery<Client<HttpConnector, Empty<Bytes>>>;
 
 async fn fetch(client: HttpClient, uri: &str) -> Result<String, BoxError> {
-    let response = client.oneshot(http::Request::get(uri).body(Empty::new())?).await?;
+    let response = client
+        .oneshot(http::Request::get(uri).body(Empty::new())?)
+        .await?;
     let body = response.into_body().collect().await?.to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
 }

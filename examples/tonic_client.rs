@@ -42,11 +42,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for phase in ["three servers", "health-1 deregistered"] {
         let before: Vec<usize> = servers.iter().map(TestServer::served).collect();
         for _ in 0..300 {
-            client.check(HealthCheckRequest { service: String::new() }).await?;
+            client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
         }
         println!("{phase}:");
         for (server, before) in servers.iter().zip(before) {
-            println!("  {:<10} served {:>4}", server.name, server.served() - before);
+            println!(
+                "  {:<10} served {:>4}",
+                server.name,
+                server.served() - before
+            );
         }
         registry.deregister("health-1").await?;
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -235,7 +235,10 @@ where
 impl<S> Discovery<S> {
     /// The services that currently have a balancer, sorted.
     pub fn active_services(&self) -> Vec<String> {
-        let balancers = self.balancers.lock().unwrap_or_else(PoisonError::into_inner);
+        let balancers = self
+            .balancers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut names: Vec<String> = balancers.by_service.keys().cloned().collect();
         names.sort();
         names
@@ -406,7 +409,9 @@ mod tests {
 
     fn readdressed(instance: &ServiceInstance, policy: HostHeader, uri: &str) -> Request<()> {
         let rewrite = Rewrite::new((), instance, policy).unwrap();
-        rewrite.readdress(Request::get(uri).body(()).unwrap()).unwrap()
+        rewrite
+            .readdress(Request::get(uri).body(()).unwrap())
+            .unwrap()
     }
 
     #[test]
@@ -426,8 +431,14 @@ mod tests {
     fn an_existing_host_header_wins_under_the_logical_policy() {
         let instance = ServiceInstance::new("a", "svc", "10.0.0.7", 8080);
         let rewrite = Rewrite::new((), &instance, HostHeader::Logical).unwrap();
-        let request = Request::get("http://svc/").header(HOST, "custom").body(()).unwrap();
-        assert_eq!(rewrite.readdress(request).unwrap().headers()[HOST], "custom");
+        let request = Request::get("http://svc/")
+            .header(HOST, "custom")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            rewrite.readdress(request).unwrap().headers()[HOST],
+            "custom"
+        );
     }
 
     #[test]
@@ -437,11 +448,24 @@ mod tests {
         let name = |uri: &str| layer.service_of(&uri.parse().unwrap()).map(str::to_owned);
         assert_eq!(name("http://greeter/x").as_deref(), Some("greeter"));
         assert_eq!(name("http://greeter:80/x").as_deref(), Some("greeter"));
-        for other in ["http://localhost/", "http://127.0.0.1/", "http://[::1]/", "http://a.b/"] {
+        for other in [
+            "http://localhost/",
+            "http://127.0.0.1/",
+            "http://[::1]/",
+            "http://a.b/",
+        ] {
             assert_eq!(name(other), None, "{other}");
         }
         let listed = DiscoveryLayer::new(registry).services(["api.internal"]);
-        assert!(listed.service_of(&"http://api.internal/".parse().unwrap()).is_some());
-        assert!(listed.service_of(&"http://greeter/".parse().unwrap()).is_none());
+        assert!(
+            listed
+                .service_of(&"http://api.internal/".parse().unwrap())
+                .is_some()
+        );
+        assert!(
+            listed
+                .service_of(&"http://greeter/".parse().unwrap())
+                .is_none()
+        );
     }
 }

@@ -62,7 +62,7 @@ pub mod tonic;
 pub use discover::RegistryDiscover;
 
 /// The README's code blocks, compiled as doctests so they stay true.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "tonic", feature = "http"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 pub use error::{BoxError, Elapsed, Error, InvalidValue, Result};

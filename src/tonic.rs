@@ -309,9 +309,14 @@ impl Builder {
             .tls_server_name
             .unwrap_or_else(|| self.query.name.clone());
         settings.tls = settings.tls.map(|tls| tls.domain_name(server_name));
+        let registry = self.registry;
+        let watched = Arc::clone(&registry);
         let balance = self
             .balance
-            .from_registry(&*self.registry, self.query, move |instance| {
+            .from_registry(&*registry, self.query, move |instance| {
+                // Holding the registry here keeps it alive as long as discovery runs, even
+                // when the caller handed over its only reference.
+                let _alive = &watched;
                 settings.endpoint(instance).map(|e| e.connect_lazy())
             });
         LoadBalancedChannel {

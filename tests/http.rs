@@ -70,7 +70,10 @@ async fn spreads_requests_over_four_servers() {
     let served: Vec<usize> = servers.iter().map(TestServer::served).collect();
     assert_eq!(served.iter().sum::<usize>(), 10_000);
     for count in &served {
-        assert!((2_000..=3_000).contains(count), "each server serves 20-30%: {served:?}");
+        assert!(
+            (2_000..=3_000).contains(count),
+            "each server serves 20-30%: {served:?}"
+        );
     }
     assert_eq!(client.active_services(), [SERVICE]);
 }
@@ -110,13 +113,20 @@ async fn graceful_churn_under_load_fails_nothing() {
         // The layer's balancer applies the removal within microseconds; requests already on
         // the wire land before the server stops.
         leaving.drain_and_stop().await;
-        assert!(leaving.served() > 0, "{} took traffic while it was live", leaving.name);
+        assert!(
+            leaving.served() > 0,
+            "{} took traffic while it was live",
+            leaving.name
+        );
     }
     stop.store(true, Ordering::SeqCst);
     let mut total = 0;
     for caller in running {
         let (ok, failed) = caller.await.unwrap();
-        assert!(failed.is_empty(), "graceful churn failed requests: {failed:?}");
+        assert!(
+            failed.is_empty(),
+            "graceful churn failed requests: {failed:?}"
+        );
         total += ok;
     }
     assert!(total > 100, "only {total} requests");
@@ -129,7 +139,10 @@ async fn host_header_policy_and_unknown_hosts() {
     let port = servers[0].port;
 
     let logical = client(DiscoveryLayer::new(registry.clone()));
-    assert_eq!(get(&logical, "http://backend/").await.unwrap(), ("h0".to_owned(), "backend".to_owned()));
+    assert_eq!(
+        get(&logical, "http://backend/").await.unwrap(),
+        ("h0".to_owned(), "backend".to_owned())
+    );
     // Not a service name: passed through unchanged by default.
     let direct = format!("http://127.0.0.1:{port}/");
     let (body, seen) = get(&logical, &direct).await.unwrap();
@@ -143,13 +156,17 @@ async fn host_header_policy_and_unknown_hosts() {
     let (_, seen) = get(&instance, "http://backend/").await.unwrap();
     assert_eq!(seen, format!("127.0.0.1:{port}"));
     let error = get(&instance, &direct).await.unwrap_err();
-    assert_eq!(error.downcast_ref::<UnknownHost>(), Some(&UnknownHost("127.0.0.1".to_owned())));
+    assert_eq!(
+        error.downcast_ref::<UnknownHost>(),
+        Some(&UnknownHost("127.0.0.1".to_owned()))
+    );
 }
 
 #[tokio::test]
 async fn a_service_without_instances_fails_within_the_wait() {
     let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
-    let client = client(DiscoveryLayer::new(registry).wait_for_endpoints(Duration::from_millis(100)));
+    let client =
+        client(DiscoveryLayer::new(registry).wait_for_endpoints(Duration::from_millis(100)));
     let error = tokio::time::timeout(Duration::from_secs(5), get(&client, "http://nobody/"))
         .await
         .expect("never hangs")
@@ -200,7 +217,9 @@ async fn an_axum_handler_calls_a_discovered_service() {
     let plain = client(DiscoveryLayer::new(Arc::new(MemoryRegistry::new())));
     let mut seen = std::collections::HashSet::new();
     for _ in 0..20 {
-        let (body, _) = get(&plain, &format!("http://127.0.0.1:{port}/")).await.unwrap();
+        let (body, _) = get(&plain, &format!("http://127.0.0.1:{port}/"))
+            .await
+            .unwrap();
         assert!(body.starts_with("front via b"), "{body}");
         seen.insert(body);
     }

@@ -276,3 +276,16 @@ async fn no_instances_fails_unavailable_within_the_wait() {
     assert!(status.message().contains(SERVICE), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_keeps_a_handed_over_registry_alive() {
+    let registry = MemoryRegistry::new();
+    let server = TestServer::grpc("only").await;
+    registry.register(server.instance(SERVICE)).await.unwrap();
+    // The caller keeps no reference of its own.
+    let channel = LoadBalancedChannel::builder(Arc::new(registry), SERVICE)
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    check(&mut HealthClient::new(channel)).await.unwrap();
+}
