@@ -289,3 +289,54 @@ async fn the_channel_keeps_a_handed_over_registry_alive() {
         .unwrap();
     check(&mut HealthClient::new(channel)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_checks_the_configured_server_name_not_the_dialled_ip() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+
+    let key = rcgen::generate_simple_self_signed(vec!["health.internal".to_owned()]).unwrap();
+    let identity = Identity::from_pem(key.cert.pem(), key.signing_key.serialize_pem());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let incoming = futures_util::stream::unfold(listener, |listener| async move {
+        Some((listener.accept().await.map(|(stream, _)| stream), listener))
+    });
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = tokio::spawn(
+        Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .unwrap()
+            .add_service(health)
+            .serve_with_incoming(incoming),
+    );
+
+    let registry = Arc::new(MemoryRegistry::new());
+    registry
+        .register(tower_sd::ServiceInstance::new(
+            "tls-1",
+            SERVICE,
+            "127.0.0.1",
+            port,
+        ))
+        .await
+        .unwrap();
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(key.cert.pem()));
+
+    // The certificate names `health.internal`; we dial 127.0.0.1 and check that name.
+    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
+        .tls_config(tls.clone())
+        .tls_server_name("health.internal")
+        .build();
+    check(&mut HealthClient::new(channel)).await.unwrap();
+
+    // By default the name checked is the service name, which this certificate does not carry.
+    let channel = LoadBalancedChannel::builder(registry, SERVICE)
+        .tls_config(tls)
+        .build();
+    let status = check(&mut HealthClient::new(channel)).await.unwrap_err();
+    assert!(
+        format!("{status:?}").to_lowercase().contains("certificate"),
+        "expected a certificate name mismatch: {status:?}"
+    );
+    server.abort();
+}
