@@ -98,6 +98,18 @@ pub enum Error {
         source: Elapsed,
     },
 
+    /// Too few endpoints are usable (the rest are ejected) and the balancer is set to fail
+    /// rather than panic.
+    #[error("too few healthy endpoints for service `{service}`: {ejected} of {total} ejected")]
+    NoHealthyEndpoints {
+        /// The service.
+        service: String,
+        /// Endpoints ejected by outlier detection.
+        ejected: usize,
+        /// All endpoints.
+        total: usize,
+    },
+
     /// An operation on the registry did not finish in time.
     #[error("{registry} registry timed out")]
     Timeout {

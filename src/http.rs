@@ -47,7 +47,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::balance::{self, Balance, LoadMetric};
+use crate::balance::{self, Balance, HttpStatus, LoadMetric};
 use crate::error::BoxError;
 use crate::instance::ServiceInstance;
 use crate::registry::ServiceRegistry;
@@ -137,6 +137,16 @@ impl DiscoveryLayer {
         self
     }
 
+    /// Any other balancer setting (outlier detection, panic threshold, slow start, zone
+    /// preference); HTTP 5xx, gRPC failure codes and transport errors count as failures.
+    pub fn balancer(
+        mut self,
+        configure: impl FnOnce(balance::Builder) -> balance::Builder,
+    ) -> Self {
+        self.balance = configure(self.balance);
+        self
+    }
+
     /// How long a request waits for an instance when there are none.
     pub fn wait_for_endpoints(mut self, wait: Duration) -> Self {
         self.balance = self.balance.wait_for_endpoints(wait);
@@ -192,7 +202,7 @@ pub struct Discovery<S> {
 }
 
 struct Balancers<S> {
-    by_service: HashMap<String, (Balance<Rewrite<S>, String>, Instant)>,
+    by_service: HashMap<String, (Balance<Rewrite<S>, String, HttpStatus>, Instant)>,
     last_sweep: Instant,
 }
 
@@ -201,7 +211,7 @@ where
     S: Clone + Send + Sync + 'static,
 {
     /// The shared balancer for `service`, created on first use; idle ones are dropped.
-    fn balancer(&self, service: &str) -> Balance<Rewrite<S>, String> {
+    fn balancer(&self, service: &str) -> Balance<Rewrite<S>, String, HttpStatus> {
         let now = Instant::now();
         let idle = self.config.idle_timeout;
         let mut balancers = self
@@ -220,11 +230,18 @@ where
         }
         let inner = self.inner.clone();
         let host_header = self.config.host_header;
-        let balance = self.config.balance.clone().from_registry(
-            &*self.config.registry,
-            service,
-            move |instance: &ServiceInstance| Rewrite::new(inner.clone(), instance, host_header),
-        );
+        let balance = self
+            .config
+            .balance
+            .clone()
+            .from_registry(
+                &*self.config.registry,
+                service,
+                move |instance: &ServiceInstance| {
+                    Rewrite::new(inner.clone(), instance, host_header)
+                },
+            )
+            .with_classifier(HttpStatus);
         balancers
             .by_service
             .insert(service.to_owned(), (balance.clone(), now));
@@ -269,9 +286,10 @@ impl<S> fmt::Debug for Discovery<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for Discovery<S>
+impl<S, B, RB> Service<Request<B>> for Discovery<S>
 where
-    S: Service<Request<B>> + Clone + Send + Sync + 'static,
+    S: Service<Request<B>, Response = http::Response<RB>> + Clone + Send + Sync + 'static,
+    RB: Send + 'static,
     S::Response: Send,
     S::Future: Send,
     S::Error: Into<BoxError>,

@@ -36,7 +36,7 @@ use tonic::body::Body;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tower::Service;
 
-use crate::balance::{self, Balance, LoadMetric};
+use crate::balance::{self, Balance, HttpStatus, LoadMetric, OutlierDetection};
 use crate::error::{BoxError, Error};
 use crate::instance::{ServiceInstance, ServiceQuery};
 use crate::registry::ServiceRegistry;
@@ -48,7 +48,7 @@ use crate::registry::ServiceRegistry;
 /// picks on its own, without a lock.
 #[derive(Clone)]
 pub struct LoadBalancedChannel {
-    balance: Balance<Channel, String>,
+    balance: Balance<Channel, String, HttpStatus>,
     /// A failure from `poll_ready`, returned by the next `call`: generated clients turn
     /// readiness errors into `Status::unknown`, so the error waits for the call, where it
     /// keeps its own status (`unavailable` for no endpoints).
@@ -97,7 +97,7 @@ impl LoadBalancedChannel {
     }
 
     /// The balancer underneath, for its statistics ([`Balance::endpoints`]).
-    pub fn balance(&self) -> &Balance<Channel, String> {
+    pub fn balance(&self) -> &Balance<Channel, String, HttpStatus> {
         &self.balance
     }
 }
@@ -158,9 +158,10 @@ impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();
         match error {
-            Error::NoEndpoints { .. } | Error::Unreachable { .. } | Error::Timeout { .. } => {
-                tonic::Status::unavailable(message)
-            }
+            Error::NoEndpoints { .. }
+            | Error::NoHealthyEndpoints { .. }
+            | Error::Unreachable { .. }
+            | Error::Timeout { .. } => tonic::Status::unavailable(message),
             Error::InvalidConfig { .. } | Error::InvalidInstance { .. } => {
                 tonic::Status::invalid_argument(message)
             }
@@ -184,7 +185,7 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State {
-        Balanced { #[pin] inner: balance::ResponseFuture<ChannelFuture, Channel, String> },
+        Balanced { #[pin] inner: balance::ResponseFuture<ChannelFuture, Channel, String, HttpStatus> },
         Failed { status: Option<tonic::Status> },
     }
 }
@@ -298,6 +299,22 @@ impl Builder {
         self
     }
 
+    /// Passive outlier detection (default on); gRPC `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
+    /// `RESOURCE_EXHAUSTED`, `INTERNAL`, HTTP 5xx and transport errors count as failures.
+    pub fn outlier_detection(mut self, detection: Option<OutlierDetection>) -> Self {
+        self.balance = self.balance.outlier_detection(detection);
+        self
+    }
+
+    /// Any other balancer setting (panic threshold, slow start, zone preference).
+    pub fn balancer(
+        mut self,
+        configure: impl FnOnce(balance::Builder) -> balance::Builder,
+    ) -> Self {
+        self.balance = configure(self.balance);
+        self
+    }
+
     /// Builds the channel at once; endpoints connect lazily, on their first request.
     ///
     /// # Panics
@@ -318,7 +335,8 @@ impl Builder {
                 // when the caller handed over its only reference.
                 let _alive = &watched;
                 settings.endpoint(instance).map(|e| e.connect_lazy())
-            });
+            })
+            .with_classifier(HttpStatus);
         LoadBalancedChannel {
             balance,
             failed: None,

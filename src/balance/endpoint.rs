@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::load::Load;
+use super::outlier::{Detector, Health};
 
 /// Per-endpoint facts that come from the registry rather than from traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +38,12 @@ pub(crate) struct Endpoint<S, K> {
     pub(crate) failed: AtomicBool,
     /// No longer in the current snapshot; requests in flight finish on it.
     pub(crate) removed: AtomicBool,
+    /// Outlier-detection state.
+    pub(crate) health: Health,
+    /// Shared outlier-detection state; `None` when detection is off.
+    pub(crate) detector: Option<std::sync::Arc<Detector>>,
+    /// When discovery inserted it (for slow start).
+    pub(crate) inserted: tokio::time::Instant,
     /// Static weight (>= 1) from the registry.
     pub(crate) weight: u64,
     pub(crate) zone: Option<String>,
@@ -45,12 +52,21 @@ pub(crate) struct Endpoint<S, K> {
 }
 
 impl<S, K> Endpoint<S, K> {
-    pub(crate) fn new(key: K, service: S, meta: Meta, ewma: Option<Load>) -> Self {
+    pub(crate) fn new(
+        key: K,
+        service: S,
+        meta: Meta,
+        ewma: Option<Load>,
+        detector: Option<std::sync::Arc<Detector>>,
+    ) -> Self {
         Self {
             in_flight: AtomicU64::new(0),
             ewma,
             failed: AtomicBool::new(false),
             removed: AtomicBool::new(false),
+            health: Health::default(),
+            detector,
+            inserted: tokio::time::Instant::now(),
             weight: u64::from(meta.weight.max(1)),
             zone: meta.zone,
             key,
@@ -73,6 +89,8 @@ impl<S, K> Endpoint<S, K> {
     pub(crate) fn state(&self) -> EndpointState {
         if self.is_removed() {
             EndpointState::Draining
+        } else if self.health.is_ejected() {
+            EndpointState::Ejected
         } else if self.is_failed() {
             EndpointState::Failed
         } else {
@@ -101,6 +119,8 @@ pub enum EndpointState {
     /// Its `poll_ready` failed; it is picked only when no other endpoint is usable, and
     /// becomes ready again when a `poll_ready` on it succeeds or discovery replaces it.
     Failed,
+    /// Ejected by outlier detection; a single probe decides when the ejection ends.
+    Ejected,
     /// Removed by discovery; only requests already in flight still use it.
     Draining,
 }
@@ -123,4 +143,6 @@ pub struct EndpointStats<K> {
     pub zone: Option<String>,
     /// Whether it is picked.
     pub state: EndpointState,
+    /// Time left in its ejection, when ejected.
+    pub ejected_for: Option<std::time::Duration>,
 }

@@ -10,6 +10,7 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
+use super::classify::{Classify, ErrorsOnly};
 use super::endpoint::Endpoint;
 use crate::error::BoxError;
 
@@ -27,10 +28,23 @@ impl<S, K> InFlight<S, K> {
         Self { endpoint, started }
     }
 
-    fn complete(&mut self) {
+    /// Whether the outcome needs classifying (outlier detection is on).
+    fn classifies(&self) -> bool {
+        self.endpoint.detector.is_some()
+    }
+
+    fn complete(&mut self, failure: bool)
+    where
+        K: fmt::Debug,
+    {
         if let (Some(load), Some(started)) = (&self.endpoint.ewma, self.started.take()) {
             let now = Instant::now();
             load.observe(now.saturating_duration_since(started), now);
+        }
+        if let Some(detector) = &self.endpoint.detector {
+            self.endpoint
+                .health
+                .record(detector, &self.endpoint.key, failure);
         }
     }
 }
@@ -44,35 +58,43 @@ impl<S, K> Drop for InFlight<S, K> {
 pin_project! {
     /// The response future of [`Balance`](super::Balance).
     #[must_use = "futures do nothing unless polled"]
-    pub struct ResponseFuture<F, S, K> {
+    pub struct ResponseFuture<F, S, K, C = ErrorsOnly> {
         #[pin]
         inner: F,
         in_flight: InFlight<S, K>,
+        classify: C,
     }
 }
 
-impl<F, S, K> ResponseFuture<F, S, K> {
-    pub(crate) fn new(inner: F, in_flight: InFlight<S, K>) -> Self {
-        Self { inner, in_flight }
+impl<F, S, K, C> ResponseFuture<F, S, K, C> {
+    pub(crate) fn new(inner: F, in_flight: InFlight<S, K>, classify: C) -> Self {
+        Self {
+            inner,
+            in_flight,
+            classify,
+        }
     }
 }
 
-impl<F, T, E, S, K> Future for ResponseFuture<F, S, K>
+impl<F, T, E, S, K, C> Future for ResponseFuture<F, S, K, C>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
+    K: fmt::Debug,
+    C: Classify<T>,
 {
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let output = ready!(this.inner.poll(cx));
-        this.in_flight.complete();
-        Poll::Ready(output.map_err(Into::into))
+        let output = ready!(this.inner.poll(cx)).map_err(Into::into);
+        let failure = this.in_flight.classifies() && this.classify.is_failure(output.as_ref());
+        this.in_flight.complete(failure);
+        Poll::Ready(output)
     }
 }
 
-impl<F, S, K: fmt::Debug> fmt::Debug for ResponseFuture<F, S, K> {
+impl<F, S, K: fmt::Debug, C> fmt::Debug for ResponseFuture<F, S, K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("endpoint", &self.in_flight.endpoint.key)

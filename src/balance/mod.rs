@@ -28,16 +28,24 @@
 //!
 //! [`Discover`]: tower::discover::Discover
 
+mod classify;
 mod endpoint;
 mod future;
 mod load;
+#[cfg(feature = "metrics")]
+mod metrics;
+mod outlier;
 mod p2c;
 mod service;
 mod snapshot;
 
+#[cfg(any(feature = "http", feature = "tonic"))]
+pub use classify::HttpStatus;
+pub use classify::{Classify, ErrorsOnly};
 pub use endpoint::{EndpointState, EndpointStats};
 pub use future::ResponseFuture;
 pub use load::LoadMetric;
+pub use outlier::OutlierDetection;
 pub use service::Balance;
 
 use std::hash::Hash;
@@ -51,6 +59,54 @@ use crate::instance::{ServiceInstance, ServiceQuery};
 use crate::registry::ServiceRegistry;
 use endpoint::Meta;
 use snapshot::Config;
+
+/// What happens when fewer endpoints than the panic threshold are usable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PanicMode {
+    /// Ignore ejections and balance across every endpoint (Envoy's panic mode; the default).
+    #[default]
+    BalanceAll,
+    /// Fail requests with [`Error::NoHealthyEndpoints`](crate::Error::NoHealthyEndpoints).
+    Fail,
+}
+
+/// Prefer endpoints in the local zone while it has enough usable ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ZonePreference {
+    /// This client's zone, compared with each instance's `zone`.
+    pub local: String,
+    /// The local zone is used while it has at least this many usable endpoints (default 2).
+    pub min_endpoints: usize,
+    /// ... and at least this percentage of all endpoints (default 0).
+    pub min_share_percent: u8,
+}
+
+impl ZonePreference {
+    /// Prefer `local`, with at least 2 usable endpoints there.
+    pub fn new(local: impl Into<String>) -> Self {
+        Self {
+            local: local.into(),
+            min_endpoints: 2,
+            min_share_percent: 0,
+        }
+    }
+
+    /// Sets [`min_endpoints`](Self::min_endpoints) (at least 1).
+    #[must_use]
+    pub fn min_endpoints(mut self, endpoints: usize) -> Self {
+        self.min_endpoints = endpoints.max(1);
+        self
+    }
+
+    /// Sets [`min_share_percent`](Self::min_share_percent).
+    #[must_use]
+    pub fn min_share_percent(mut self, percent: u8) -> Self {
+        self.min_share_percent = percent.min(100);
+        self
+    }
+}
 
 /// Configures a [`Balance`].
 ///
@@ -91,6 +147,11 @@ impl Default for Builder {
                 service: "unnamed".to_owned(),
                 metric: LoadMetric::default(),
                 wait_for_endpoints: Duration::from_secs(5),
+                outlier: Some(OutlierDetection::default()),
+                panic_threshold: 50,
+                panic_mode: PanicMode::default(),
+                slow_start: None,
+                zone: None,
             },
         }
     }
@@ -109,6 +170,44 @@ impl Builder {
     #[must_use]
     pub fn wait_for_endpoints(mut self, wait: Duration) -> Self {
         self.config.wait_for_endpoints = wait;
+        self
+    }
+
+    /// Passive outlier detection (default on, with [`OutlierDetection::default`]); `None`
+    /// turns it off.
+    #[must_use]
+    pub fn outlier_detection(mut self, detection: Option<OutlierDetection>) -> Self {
+        self.config.outlier = detection;
+        self
+    }
+
+    /// Below this percentage of usable (not ejected) endpoints, the balancer panics (default
+    /// 50); see [`PanicMode`].
+    #[must_use]
+    pub fn panic_threshold(mut self, percent: u8) -> Self {
+        self.config.panic_threshold = percent.min(100);
+        self
+    }
+
+    /// What a panic does (default [`PanicMode::BalanceAll`]).
+    #[must_use]
+    pub fn panic_mode(mut self, mode: PanicMode) -> Self {
+        self.config.panic_mode = mode;
+        self
+    }
+
+    /// Ramp a new endpoint's share of traffic up over `window`, so a cold instance is not
+    /// flooded (default off).
+    #[must_use]
+    pub fn slow_start(mut self, window: Duration) -> Self {
+        self.config.slow_start = (!window.is_zero()).then_some(window);
+        self
+    }
+
+    /// Prefer endpoints in the local zone (default off).
+    #[must_use]
+    pub fn zone_preference(mut self, zone: ZonePreference) -> Self {
+        self.config.zone = Some(zone);
         self
     }
 

@@ -11,7 +11,13 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
 use super::endpoint::Endpoint;
+use super::outlier::{Detector, Usable};
 
 thread_local! {
     // `const` keeps the access a plain TLS load; the seed is drawn on first use.
@@ -58,7 +64,7 @@ pub(crate) enum Cost {
     /// In flight / weight.
     Pending,
     /// Peak EWMA x (in flight + 1) / weight, at `now`.
-    PeakEwma { now: tokio::time::Instant },
+    PeakEwma { now: Instant },
 }
 
 impl Cost {
@@ -85,54 +91,198 @@ impl Cost {
 /// Random draws before giving up on finding two usable endpoints by sampling.
 const DRAWS: usize = 4;
 
-/// Picks an endpoint, or `None` when there are none.
+/// The outcome of a pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pick {
+    /// This index of the snapshot.
+    Endpoint(usize),
+    /// The snapshot is empty.
+    Empty,
+    /// Too few endpoints are usable and the panic mode is to fail.
+    Panic,
+}
+
+/// What constrains a pick beyond load: outlier ejection, the panic threshold, slow start and
+/// zone preference.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rules<'a> {
+    pub(crate) detector: Option<&'a Detector>,
+    /// Below this percentage of usable endpoints, ejections are ignored (or the pick fails).
+    pub(crate) panic_threshold: u8,
+    pub(crate) fail_in_panic: bool,
+    /// Ramp-up time of new endpoints, with the current time.
+    pub(crate) slow_start: Option<(Duration, Instant)>,
+}
+
+/// Picks an endpoint among `candidates` (indices into `endpoints`).
 ///
-/// Failed endpoints are avoided: a failed candidate loses to a usable one; when many are
-/// failed and sampling keeps hitting them, a scan from a random offset finds the usable ones.
-/// When every endpoint is failed, one is picked at random, so its `poll_ready` decides.
+/// The fast path samples two distinct candidates and compares their loads; it touches no
+/// clock and no shared counter. Anything unusual (a failed or ejected candidate) takes the
+/// cold path, which applies the panic threshold, claims probes, and scans for usable
+/// endpoints when sampling keeps hitting unusable ones.
 #[inline]
-pub(crate) fn pick<S, K>(endpoints: &[Arc<Endpoint<S, K>>], cost: Cost) -> Option<usize> {
-    match endpoints.len() {
-        0 => None,
-        1 => Some(0),
-        n => {
-            let (a, b) = pair(n);
-            let (ea, eb) = (&endpoints[a], &endpoints[b]);
-            if !ea.is_failed() && !eb.is_failed() {
-                return Some(if cost.prefers(ea, eb) { a } else { b });
+pub(crate) fn pick<S, K>(
+    endpoints: &[Arc<Endpoint<S, K>>],
+    candidates: Candidates<'_>,
+    cost: Cost,
+    rules: &Rules<'_>,
+) -> Pick {
+    let n = candidates.len(endpoints);
+    if n == 0 {
+        return Pick::Empty;
+    }
+    if n >= 2 {
+        let (a, b) = pair(n);
+        let (a, b) = (candidates.at(a), candidates.at(b));
+        let (ea, eb) = (&endpoints[a], &endpoints[b]);
+        if plainly_usable(ea) && plainly_usable(eb) {
+            return Pick::Endpoint(choose(endpoints, a, b, cost, rules));
+        }
+    } else if plainly_usable(&endpoints[candidates.at(0)]) {
+        return Pick::Endpoint(candidates.at(0));
+    }
+    pick_unusual(endpoints, candidates, cost, rules)
+}
+
+fn plainly_usable<S, K>(endpoint: &Endpoint<S, K>) -> bool {
+    !endpoint.is_failed() && !endpoint.health.is_ejected()
+}
+
+/// The less loaded of two usable endpoints, with slow start applied.
+#[inline]
+fn choose<S, K>(
+    endpoints: &[Arc<Endpoint<S, K>>],
+    a: usize,
+    b: usize,
+    cost: Cost,
+    rules: &Rules<'_>,
+) -> usize {
+    let (mut win, mut lose) = if cost.prefers(&endpoints[a], &endpoints[b]) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    if let Some((window, now)) = rules.slow_start {
+        // A young winner keeps the request only with probability age / window, so its share
+        // ramps up over the window instead of jumping to full (it has no load yet).
+        let age = now.saturating_duration_since(endpoints[win].inserted);
+        if age < window {
+            let ramp = age.as_secs_f64() / window.as_secs_f64();
+            if (next_u64() >> 11) as f64 / (1u64 << 53) as f64 >= ramp {
+                std::mem::swap(&mut win, &mut lose);
             }
-            Some(pick_avoiding_failed(endpoints, cost))
+        }
+    }
+    win
+}
+
+/// Which endpoints a pick may choose from: all of them, or a subset (the local zone).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Candidates<'a> {
+    All,
+    Only(&'a [usize]),
+}
+
+impl Candidates<'_> {
+    #[inline]
+    fn len<T>(&self, endpoints: &[T]) -> usize {
+        match self {
+            Self::All => endpoints.len(),
+            Self::Only(indices) => indices.len(),
+        }
+    }
+
+    #[inline]
+    fn at(&self, i: usize) -> usize {
+        match self {
+            Self::All => i,
+            Self::Only(indices) => indices[i],
         }
     }
 }
 
 #[cold]
-fn pick_avoiding_failed<S, K>(endpoints: &[Arc<Endpoint<S, K>>], cost: Cost) -> usize {
-    let n = endpoints.len();
-    for _ in 0..DRAWS {
-        let (a, b) = pair(n);
-        let (ea, eb) = (&endpoints[a], &endpoints[b]);
-        match (ea.is_failed(), eb.is_failed()) {
-            (false, false) => return if cost.prefers(ea, eb) { a } else { b },
-            (false, true) => return a,
-            (true, false) => return b,
-            (true, true) => {}
+fn pick_unusual<S, K>(
+    endpoints: &[Arc<Endpoint<S, K>>],
+    candidates: Candidates<'_>,
+    cost: Cost,
+    rules: &Rules<'_>,
+) -> Pick {
+    let n = candidates.len(endpoints);
+    let now = rules.detector.map_or(0, Detector::now);
+    let mut respect_ejection = true;
+    if let Some(detector) = rules.detector {
+        let total = endpoints.len();
+        let ejected = detector.ejected.load(Ordering::Relaxed).min(total);
+        if (total - ejected) * 100 < usize::from(rules.panic_threshold) * total {
+            if rules.fail_in_panic {
+                return Pick::Panic;
+            }
+            // Envoy's panic mode: too few are healthy, so balance across all of them.
+            respect_ejection = false;
+            #[cfg(feature = "metrics")]
+            super::metrics::panic_pick(&detector.service);
+        }
+    }
+    // Whether an endpoint may take this request; claims the probe of an ejection that ended.
+    let take = |i: usize| -> bool {
+        let endpoint = &endpoints[i];
+        if endpoint.is_failed() {
+            return false;
+        }
+        if !respect_ejection {
+            return true;
+        }
+        match endpoint.health.usable(now) {
+            Usable::Yes => true,
+            Usable::Probe => endpoint.health.claim_probe(),
+            Usable::No => false,
+        }
+    };
+    let usable = |i: usize| {
+        let endpoint = &endpoints[i];
+        !endpoint.is_failed() && (!respect_ejection || endpoint.health.usable(now) != Usable::No)
+    };
+    if n >= 2 {
+        for _ in 0..DRAWS {
+            let (a, b) = pair(n);
+            let (a, b) = (candidates.at(a), candidates.at(b));
+            match (usable(a), usable(b)) {
+                (true, true) => {
+                    let win = choose(endpoints, a, b, cost, rules);
+                    let lose = if win == a { b } else { a };
+                    if take(win) {
+                        return Pick::Endpoint(win);
+                    }
+                    if take(lose) {
+                        return Pick::Endpoint(lose);
+                    }
+                }
+                (true, false) if take(a) => return Pick::Endpoint(a),
+                (false, true) if take(b) => return Pick::Endpoint(b),
+                _ => {}
+            }
         }
     }
     let start = below(next_u64() as u32, n);
-    let mut usable = (0..n)
-        .map(|i| (start + i) % n)
-        .filter(|&i| !endpoints[i].is_failed());
-    match (usable.next(), usable.next()) {
+    let mut scan = (0..n)
+        .map(|i| candidates.at((start + i) % n))
+        .filter(|&i| usable(i));
+    match (scan.next(), scan.next()) {
         (Some(a), Some(b)) => {
-            if cost.prefers(&endpoints[a], &endpoints[b]) {
-                a
+            let win = choose(endpoints, a, b, cost, rules);
+            let lose = if win == a { b } else { a };
+            if take(win) {
+                Pick::Endpoint(win)
+            } else if take(lose) {
+                Pick::Endpoint(lose)
             } else {
-                b
+                Pick::Endpoint(candidates.at(start))
             }
         }
-        (Some(a), None) => a,
-        _ => start,
+        (Some(a), None) if take(a) => Pick::Endpoint(a),
+        // Nothing usable: let the endpoint's own readiness decide.
+        _ => Pick::Endpoint(candidates.at(start)),
     }
 }
 

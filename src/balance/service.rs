@@ -14,10 +14,12 @@ use tower::discover::Discover;
 use tracing::debug;
 
 use super::Builder;
+use super::PanicMode;
+use super::classify::{Classify, ErrorsOnly};
 use super::endpoint::{Endpoint, EndpointStats, Meta};
 use super::future::{InFlight, ResponseFuture};
 use super::load::LoadMetric;
-use super::p2c::{Cost, pick};
+use super::p2c::{Candidates, Cost, Pick, Rules, pick};
 use super::snapshot::{Config, Shared, Snapshot, run};
 use crate::error::{BoxError, Elapsed, Error};
 
@@ -71,8 +73,10 @@ use crate::error::{BoxError, Elapsed, Error};
 /// # Ok(())
 /// # }
 /// ```
-pub struct Balance<S, K = String> {
+pub struct Balance<S, K = String, C = ErrorsOnly> {
     shared: Arc<Shared<S, K>>,
+    /// Classifies outcomes for outlier detection; cloned into each response future.
+    classify: C,
     /// The snapshot this handle last picked from, with its generation.
     view: Option<(u64, Arc<Snapshot<S, K>>)>,
     chosen: Option<Chosen<S, K>>,
@@ -120,6 +124,7 @@ where
         tokio::spawn(run(discover, split, Arc::downgrade(&shared), gone));
         Self {
             shared,
+            classify: ErrorsOnly,
             view: None,
             chosen: None,
             waiting: None,
@@ -128,7 +133,20 @@ where
     }
 }
 
-impl<S, K> Balance<S, K> {
+impl<S, K, C> Balance<S, K, C> {
+    /// This balancer with another failure classifier for outlier detection (the default,
+    /// [`ErrorsOnly`], counts errors only).
+    pub fn with_classifier<C2>(self, classify: C2) -> Balance<S, K, C2> {
+        Balance {
+            shared: self.shared,
+            classify,
+            view: self.view,
+            chosen: self.chosen,
+            waiting: self.waiting,
+            next_publish: self.next_publish,
+        }
+    }
+
     /// Per-endpoint statistics of the current snapshot, in slot order. Endpoints that were
     /// removed and are still draining are not included.
     pub fn endpoints(&self) -> Vec<EndpointStats<K>>
@@ -151,6 +169,11 @@ impl<S, K> Balance<S, K> {
                 weight: u32::try_from(endpoint.weight).unwrap_or(u32::MAX),
                 zone: endpoint.zone.clone(),
                 state: endpoint.state(),
+                ejected_for: self
+                    .shared
+                    .detector
+                    .as_ref()
+                    .and_then(|detector| endpoint.health.ejected_for(detector)),
             })
             .collect()
     }
@@ -177,21 +200,6 @@ impl<S, K> Balance<S, K> {
     /// The service name used in errors and logs.
     pub fn service_name(&self) -> &str {
         &self.shared.config.service
-    }
-
-    /// The current snapshot, reloaded only when the updater has published a new one: the
-    /// common case is one shared read, with no reference count touched.
-    fn view(&mut self) -> &Snapshot<S, K> {
-        let generation = self.shared.updates.load(Ordering::Acquire);
-        if self
-            .view
-            .as_ref()
-            .is_none_or(|(seen, _)| *seen != generation)
-        {
-            self.view = Some((generation, self.shared.snapshot.load_full()));
-        }
-        let (_, snapshot) = self.view.as_ref().expect("just set");
-        snapshot
     }
 
     fn cost(&self) -> Cost {
@@ -231,15 +239,60 @@ impl<S, K> Balance<S, K> {
     }
 }
 
-impl<S, K, Req> Service<Req> for Balance<S, K>
+/// The current snapshot, reloaded only when the updater has published a new one: the common
+/// case is one shared read, with no reference count touched.
+fn view<'a, S, K>(
+    view: &'a mut Option<(u64, Arc<Snapshot<S, K>>)>,
+    shared: &Shared<S, K>,
+) -> &'a Snapshot<S, K> {
+    let generation = shared.updates.load(Ordering::Acquire);
+    if view.as_ref().is_none_or(|(seen, _)| *seen != generation) {
+        *view = Some((generation, shared.snapshot.load_full()));
+    }
+    let (_, snapshot) = view.as_ref().expect("just set");
+    snapshot
+}
+
+/// The local zone's endpoints while it has enough usable ones, else all.
+fn zone_candidates<'a, S, K>(
+    snapshot: &'a Snapshot<S, K>,
+    shared: &Shared<S, K>,
+) -> Candidates<'a> {
+    let Some(zone) = &shared.config.zone else {
+        return Candidates::All;
+    };
+    let local = &snapshot.local;
+    let some_ejected = shared
+        .detector
+        .as_ref()
+        .is_some_and(|detector| detector.ejected.load(Ordering::Relaxed) > 0);
+    let usable = if some_ejected {
+        let endpoints = &snapshot.endpoints;
+        local
+            .iter()
+            .filter(|&&i| !endpoints[i].health.is_ejected() && !endpoints[i].is_failed())
+            .count()
+    } else {
+        local.len()
+    };
+    let share = (snapshot.endpoints.len() * usize::from(zone.min_share_percent)).div_ceil(100);
+    if usable >= zone.min_endpoints.max(share).max(1) {
+        Candidates::Only(local)
+    } else {
+        Candidates::All
+    }
+}
+
+impl<S, K, C, Req> Service<Req> for Balance<S, K, C>
 where
     S: Service<Req> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
-    K: Send + Sync + 'static,
+    K: fmt::Debug + Send + Sync + 'static,
+    C: Classify<S::Response>,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, S, K>;
+    type Future = ResponseFuture<S::Future, S, K, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let mut failures = 0;
@@ -248,14 +301,40 @@ where
                 Some(chosen) => chosen,
                 None => {
                     let cost = self.cost();
-                    let snapshot = self.view();
-                    let Some(index) = pick(&snapshot.endpoints, cost) else {
-                        if self.shared.config.wait_for_endpoints.is_zero()
-                            || !std::task::ready!(self.poll_wait(cx))
-                        {
-                            return Poll::Ready(Err(self.no_endpoints()));
+                    let shared = &*self.shared;
+                    let snapshot = view(&mut self.view, shared);
+                    let rules = Rules {
+                        detector: shared.detector.as_deref(),
+                        panic_threshold: shared.config.panic_threshold,
+                        fail_in_panic: shared.config.panic_mode == PanicMode::Fail,
+                        slow_start: shared
+                            .config
+                            .slow_start
+                            .map(|window| (window, Instant::now())),
+                    };
+                    let candidates = zone_candidates(snapshot, shared);
+                    let index = match pick(&snapshot.endpoints, candidates, cost, &rules) {
+                        Pick::Endpoint(index) => index,
+                        Pick::Panic => {
+                            let total = snapshot.endpoints.len();
+                            let ejected = shared
+                                .detector
+                                .as_ref()
+                                .map_or(0, |d| d.ejected.load(Ordering::Relaxed));
+                            return Poll::Ready(Err(Box::new(Error::NoHealthyEndpoints {
+                                service: shared.config.service.clone(),
+                                ejected,
+                                total,
+                            })));
                         }
-                        continue;
+                        Pick::Empty => {
+                            if self.shared.config.wait_for_endpoints.is_zero()
+                                || !std::task::ready!(self.poll_wait(cx))
+                            {
+                                return Poll::Ready(Err(self.no_endpoints()));
+                            }
+                            continue;
+                        }
                     };
                     let endpoint = &snapshot.endpoints[index];
                     let chosen = Chosen {
@@ -319,15 +398,16 @@ where
             .take()
             .expect("Balance::call without poll_ready returning Ready(Ok)");
         let in_flight = InFlight::start(endpoint);
-        ResponseFuture::new(service.call(request), in_flight)
+        ResponseFuture::new(service.call(request), in_flight, self.classify.clone())
     }
 }
 
-impl<S, K> Clone for Balance<S, K> {
+impl<S, K, C: Clone> Clone for Balance<S, K, C> {
     /// A new handle on the same balancer; it does not inherit readiness.
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
+            classify: self.classify.clone(),
             view: None,
             chosen: None,
             waiting: None,
@@ -336,7 +416,7 @@ impl<S, K> Clone for Balance<S, K> {
     }
 }
 
-impl<S, K> fmt::Debug for Balance<S, K> {
+impl<S, K, C> fmt::Debug for Balance<S, K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Balance")
             .field("shared", &self.shared)

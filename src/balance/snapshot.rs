@@ -23,6 +23,8 @@ use tracing::{debug, warn};
 
 use super::endpoint::{Endpoint, Meta};
 use super::load::{Load, LoadMetric};
+use super::outlier::{Detector, OutlierDetection};
+use super::{PanicMode, ZonePreference};
 use crate::error::BoxError;
 
 /// Changes applied in one batch at most, so a discovery stream that is always ready cannot
@@ -35,6 +37,8 @@ const ERROR_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration
 /// An immutable set of endpoints, as pickers see it.
 pub(crate) struct Snapshot<S, K> {
     pub(crate) endpoints: Box<[Arc<Endpoint<S, K>>]>,
+    /// Indices of the endpoints in the local zone (empty without zone preference).
+    pub(crate) local: Box<[usize]>,
 }
 
 /// Settings every handle and the updater read.
@@ -43,6 +47,11 @@ pub(crate) struct Config {
     pub(crate) service: String,
     pub(crate) metric: LoadMetric,
     pub(crate) wait_for_endpoints: Duration,
+    pub(crate) outlier: Option<OutlierDetection>,
+    pub(crate) panic_threshold: u8,
+    pub(crate) panic_mode: PanicMode,
+    pub(crate) slow_start: Option<Duration>,
+    pub(crate) zone: Option<ZonePreference>,
 }
 
 /// What all clones of one `Balance` share.
@@ -55,6 +64,8 @@ pub(crate) struct Shared<S, K> {
     pub(crate) updates: AtomicU64,
     pub(crate) config: Config,
     pub(crate) epoch: Instant,
+    /// Outlier-detection state shared with every endpoint; `None` when detection is off.
+    pub(crate) detector: Option<Arc<Detector>>,
     /// Dropped with the last handle, which tells the updater to stop.
     _alive: oneshot::Sender<()>,
 }
@@ -63,14 +74,20 @@ impl<S, K> Shared<S, K> {
     /// The shared state and the receiver that resolves once it is dropped.
     pub(crate) fn new(config: Config) -> (Self, oneshot::Receiver<()>) {
         let (alive, gone) = oneshot::channel();
+        let epoch = Instant::now();
+        let detector = config
+            .outlier
+            .map(|outlier| Arc::new(Detector::new(outlier, config.service.clone(), epoch)));
         let shared = Self {
             snapshot: ArcSwap::from_pointee(Snapshot {
                 endpoints: Box::default(),
+                local: Box::default(),
             }),
+            detector,
             published: Notify::new(),
             updates: AtomicU64::new(0),
             config,
-            epoch: Instant::now(),
+            epoch,
             _alive: alive,
         };
         (shared, gone)
@@ -113,18 +130,25 @@ impl<S, K: Hash + Eq + Clone> Endpoints<S, K> {
         &mut self,
         batch: Vec<Change<K, (S, Meta)>>,
         make_load: impl Fn() -> Option<Load>,
+        detector: Option<&Arc<Detector>>,
     ) -> bool {
         let mut changed = false;
         let mut removed = false;
         for change in batch {
             match change {
                 Change::Insert(key, (service, meta)) => {
-                    let endpoint = Arc::new(Endpoint::new(key.clone(), service, meta, make_load()));
+                    let endpoint = Arc::new(Endpoint::new(
+                        key.clone(),
+                        service,
+                        meta,
+                        make_load(),
+                        detector.cloned(),
+                    ));
                     changed = true;
                     match self.slots.get(&key) {
                         Some(&slot) => {
                             // A replacement takes the old one's slot; the old one drains.
-                            self.list[slot].removed.store(true, Ordering::Relaxed);
+                            retire(&self.list[slot], detector);
                             self.list[slot] = endpoint;
                         }
                         None => {
@@ -135,7 +159,7 @@ impl<S, K: Hash + Eq + Clone> Endpoints<S, K> {
                 }
                 Change::Remove(key) => {
                     if let Some(slot) = self.slots.remove(&key) {
-                        self.list[slot].removed.store(true, Ordering::Relaxed);
+                        retire(&self.list[slot], detector);
                         changed = true;
                         removed = true;
                     }
@@ -152,6 +176,14 @@ impl<S, K: Hash + Eq + Clone> Endpoints<S, K> {
                 .collect();
         }
         changed
+    }
+}
+
+/// Marks an endpoint removed (it drains) and ends any ejection it had.
+fn retire<S, K>(endpoint: &Endpoint<S, K>, detector: Option<&Arc<Detector>>) {
+    endpoint.removed.store(true, Ordering::Relaxed);
+    if let Some(detector) = detector {
+        endpoint.health.clear(detector);
     }
 }
 
@@ -232,11 +264,34 @@ pub(crate) async fn run<D, S, F>(
                 Some(Load::new(default_rtt, decay, shared.epoch, Instant::now()))
             }
         };
-        if endpoints.apply(changes.collect(), make_load) {
+        if endpoints.apply(changes.collect(), make_load, shared.detector.as_ref()) {
+            let local = match &shared.config.zone {
+                Some(zone) => endpoints
+                    .list
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.zone.as_deref() == Some(zone.local.as_str()))
+                    .map(|(i, _)| i)
+                    .collect(),
+                None => Box::default(),
+            };
             let next = Snapshot {
                 endpoints: endpoints.list.clone().into_boxed_slice(),
+                local,
             };
             let count = next.endpoints.len();
+            if let Some(detector) = &shared.detector {
+                detector.total.store(count, Ordering::Relaxed);
+            }
+            #[cfg(feature = "metrics")]
+            super::metrics::published(
+                &shared.config.service,
+                count,
+                shared
+                    .detector
+                    .as_ref()
+                    .map_or(0, |d| d.ejected.load(Ordering::Relaxed)),
+            );
             shared.snapshot.store(Arc::new(next));
             shared.updates.fetch_add(1, Ordering::Release);
             debug!(service = %shared.config.service, endpoints = count, "published endpoints");
