@@ -201,8 +201,12 @@ pub struct Discovery<S> {
     balancers: Arc<Mutex<Balancers<S>>>,
 }
 
+/// The balancer of one service.
+type ServiceBalance<S> = Balance<Rewrite<S>, String, HttpStatus>;
+
 struct Balancers<S> {
-    by_service: HashMap<String, (Balance<Rewrite<S>, String, HttpStatus>, Instant)>,
+    /// Each service's balancer and when it was last used.
+    by_service: HashMap<String, (ServiceBalance<S>, Instant)>,
     last_sweep: Instant,
 }
 
@@ -211,7 +215,7 @@ where
     S: Clone + Send + Sync + 'static,
 {
     /// The shared balancer for `service`, created on first use; idle ones are dropped.
-    fn balancer(&self, service: &str) -> Balance<Rewrite<S>, String, HttpStatus> {
+    fn balancer(&self, service: &str) -> ServiceBalance<S> {
         let now = Instant::now();
         let idle = self.config.idle_timeout;
         let mut balancers = self

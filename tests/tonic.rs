@@ -342,3 +342,46 @@ async fn tls_checks_the_configured_server_name_not_the_dialled_ip() {
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_answering_unavailable_is_ejected() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "u", 4).await;
+    let detection = tower_sd::balance::OutlierDetection::default()
+        .consecutive_failures(5)
+        .base_ejection_time(Duration::from_secs(2));
+    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
+        .outlier_detection(Some(detection))
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = callers(&channel, 2, &stop);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    servers[0].set_unavailable(true);
+    let before = servers[0].served();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = servers[0].served() - before;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut failed = 0;
+    for caller in running {
+        let (ok, statuses) = caller.await.unwrap();
+        assert!(ok > 100);
+        for status in &statuses {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+        failed += statuses.len();
+    }
+    // At most the threshold, plus what the two callers had in flight on it.
+    assert!(failed <= 5 + 2, "{failed} failures");
+    assert!(during <= 5 + 2, "it kept receiving traffic: {during}");
+    let state = channel
+        .balance()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == "u0")
+        .unwrap()
+        .state;
+    assert_eq!(state, tower_sd::balance::EndpointState::Ejected);
+}

@@ -17,7 +17,30 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-/// Outlier detection settings; see the [module docs](self).
+/// Passive outlier detection settings, with Envoy's and Finagle's semantics.
+///
+/// Every completed request is classified (see [`Classify`](super::Classify)). An endpoint
+/// that fails `consecutive_failures` times in a row is ejected: not picked for
+/// `base_ejection_time x times ejected`, capped at `max_ejection_time`. At most
+/// `max_ejection_percent` of the endpoints are ejected at once; further endpoints keep
+/// serving. When an ejection ends, a single probe request decides: success returns the
+/// endpoint (and resets its multiplier), failure ejects it again for longer. When fewer than
+/// the balancer's panic threshold are usable, ejections are ignored (see
+/// [`PanicMode`](super::PanicMode)).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_sd::balance::{Balance, OutlierDetection};
+///
+/// let builder = Balance::builder().outlier_detection(Some(
+///     OutlierDetection::default()
+///         .consecutive_failures(3)
+///         .base_ejection_time(Duration::from_secs(10)),
+/// ));
+/// # drop(builder);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct OutlierDetection {
@@ -176,7 +199,8 @@ impl Health {
             if self.consecutive.load(Ordering::Relaxed) != 0 {
                 self.consecutive.store(0, Ordering::Relaxed);
             }
-            if self.probing.swap(false, Ordering::AcqRel) {
+            // Load first: the common case (no probe out) then costs no write.
+            if self.probing.load(Ordering::Relaxed) && self.probing.swap(false, Ordering::AcqRel) {
                 self.times_ejected.store(0, Ordering::Relaxed);
                 if self.ejected_until.swap(0, Ordering::AcqRel) != 0 {
                     detector.ejected.fetch_sub(1, Ordering::AcqRel);

@@ -31,6 +31,8 @@ pub struct Stats {
     pub in_flight: AtomicUsize,
     /// Added latency per request, in milliseconds.
     pub delay_ms: AtomicU64,
+    /// gRPC servers answer `UNAVAILABLE` (trailers-only) while set.
+    pub unavailable: std::sync::atomic::AtomicBool,
 }
 
 /// A running server.
@@ -46,14 +48,34 @@ impl TestServer {
     pub async fn grpc(name: &str) -> Self {
         let (_reporter, health) = tonic_health::server::health_reporter();
         let routes = tonic::service::Routes::new(health);
-        Self::start(name, true, move || routes.clone()).await
+        let stats = Arc::new(Stats::default());
+        let flags = Arc::clone(&stats);
+        Self::start(name, true, stats, move || {
+            let (routes, flags) = (routes.clone(), Arc::clone(&flags));
+            tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let mut routes = routes.clone();
+                let unavailable = flags.unavailable.load(Ordering::SeqCst);
+                async move {
+                    if unavailable {
+                        return Ok(tonic::Status::unavailable("shedding load").into_http());
+                    }
+                    routes.call(request).await
+                }
+            })
+        })
+        .await
+    }
+
+    /// Makes a gRPC server answer `UNAVAILABLE` (or serve again).
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.stats.unavailable.store(unavailable, Ordering::SeqCst);
     }
 
     /// An HTTP/1 server answering every request with its name, and the `Host` header it
     /// received in `x-seen-host`.
     pub async fn http(name: &str) -> Self {
         let body = Bytes::from(name.to_owned());
-        Self::start(name, false, move || {
+        Self::start(name, false, Arc::new(Stats::default()), move || {
             let body = body.clone();
             tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let mut response = http::Response::new(Full::new(body.clone()));
@@ -66,7 +88,7 @@ impl TestServer {
         .await
     }
 
-    async fn start<S, F, RB>(name: &str, http2: bool, make: F) -> Self
+    async fn start<S, F, RB>(name: &str, http2: bool, stats: Arc<Stats>, make: F) -> Self
     where
         F: Fn() -> S + Send + 'static,
         S: Service<
@@ -83,7 +105,6 @@ impl TestServer {
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let stats = Arc::new(Stats::default());
         let counters = Arc::clone(&stats);
         let accept = tokio::spawn(async move {
             // Owned here: aborting this task drops every connection at once.

@@ -1,0 +1,367 @@
+//! Production balancing on paused time: outlier ejection and its growth and cap, probes,
+//! the max-ejection percentage, panic mode, slow start, zone preference, and retries.
+
+mod support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::stream;
+use tokio::sync::mpsc;
+use tokio::time::advance;
+use tower::discover::Change;
+use tower::{BoxError, Service, ServiceExt};
+use tower_sd::balance::{
+    Balance, Builder, EndpointState, OutlierDetection, PanicMode, ZonePreference,
+};
+
+/// An endpoint that answers its id, or fails while its switch is on.
+#[derive(Clone)]
+struct Flaky {
+    id: usize,
+    failing: Arc<AtomicBool>,
+}
+
+impl Service<()> for Flaky {
+    type Response = usize;
+    type Error = &'static str;
+    type Future = std::future::Ready<Result<usize, &'static str>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (): ()) -> Self::Future {
+        std::future::ready(if self.failing.load(Ordering::SeqCst) {
+            Err("boom")
+        } else {
+            Ok(self.id)
+        })
+    }
+}
+
+struct Fleet {
+    switches: Vec<Arc<AtomicBool>>,
+    feed: mpsc::UnboundedSender<Result<Change<usize, Flaky>, Infallible>>,
+    balance: Balance<Flaky, usize>,
+}
+
+impl Fleet {
+    async fn new(n: usize, builder: Builder) -> Self {
+        let (feed, mut rx) = mpsc::unbounded_channel();
+        let balance = builder.build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let mut fleet = Self {
+            switches: Vec::new(),
+            feed,
+            balance,
+        };
+        for _ in 0..n {
+            fleet.add().await;
+        }
+        fleet
+    }
+
+    async fn add(&mut self) -> usize {
+        let id = self.switches.len();
+        let failing = Arc::new(AtomicBool::new(false));
+        self.switches.push(Arc::clone(&failing));
+        self.feed
+            .send(Ok(Change::Insert(id, Flaky { id, failing })))
+            .unwrap();
+        while !self.balance.endpoints().iter().any(|e| e.key == id) {
+            tokio::task::yield_now().await;
+        }
+        id
+    }
+
+    fn fail(&self, id: usize, failing: bool) {
+        self.switches[id].store(failing, Ordering::SeqCst);
+    }
+
+    /// Sends `n` requests; returns successes per endpoint and the number of failures.
+    async fn send(&self, n: usize) -> (HashMap<usize, usize>, usize) {
+        let (mut served, mut failed) = (HashMap::new(), 0);
+        for _ in 0..n {
+            match self.balance.clone().oneshot(()).await {
+                Ok(id) => *served.entry(id).or_default() += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (served, failed)
+    }
+
+    fn state(&self, id: usize) -> (EndpointState, Option<Duration>) {
+        let e = self
+            .balance
+            .endpoints()
+            .into_iter()
+            .find(|e| e.key == id)
+            .unwrap();
+        (e.state, e.ejected_for)
+    }
+}
+
+fn detection() -> OutlierDetection {
+    OutlierDetection::default()
+        .consecutive_failures(3)
+        .base_ejection_time(Duration::from_secs(30))
+        .max_ejection_time(Duration::from_secs(75))
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejects_after_consecutive_failures_and_grows_then_caps_the_ejection() {
+    let fleet = Fleet::new(2, Balance::builder().outlier_detection(Some(detection()))).await;
+    fleet.fail(0, true);
+    let (served, failed) = fleet.send(200).await;
+    assert_eq!(
+        failed, 3,
+        "exactly the threshold failed before the ejection"
+    );
+    assert_eq!(served[&1], 197);
+    assert_eq!(
+        fleet.state(0),
+        (EndpointState::Ejected, Some(Duration::from_secs(30)))
+    );
+
+    // When the ejection ends, one probe decides; it fails, so the ejection doubles...
+    // (Each wait goes 1 ms past the end: tokio's paused clock lands a nanosecond short.)
+    advance(Duration::from_millis(30_001)).await;
+    let (_, failed) = fleet.send(50).await;
+    assert_eq!(failed, 1, "a single probe");
+    assert_eq!(
+        fleet.state(0),
+        (EndpointState::Ejected, Some(Duration::from_secs(60)))
+    );
+
+    // ...and then is capped at max_ejection_time (3 x 30 s > 75 s).
+    advance(Duration::from_millis(60_001)).await;
+    let (_, failed) = fleet.send(50).await;
+    assert_eq!(failed, 1);
+    assert_eq!(
+        fleet.state(0),
+        (EndpointState::Ejected, Some(Duration::from_secs(75)))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_successful_probe_returns_the_endpoint() {
+    let fleet = Fleet::new(2, Balance::builder().outlier_detection(Some(detection()))).await;
+    fleet.fail(0, true);
+    fleet.send(20).await;
+    assert_eq!(fleet.state(0).0, EndpointState::Ejected);
+
+    fleet.fail(0, false);
+    advance(Duration::from_secs(29)).await;
+    let (served, _) = fleet.send(100).await;
+    assert!(!served.contains_key(&0), "still ejected: {served:?}");
+    advance(Duration::from_millis(1_001)).await;
+    let (served, failed) = fleet.send(400).await;
+    assert_eq!(failed, 0);
+    assert!(
+        served[&0] > 100,
+        "back in rotation after the probe: {served:?}"
+    );
+    assert_eq!(fleet.state(0), (EndpointState::Ready, None));
+
+    // The multiplier was reset: the next ejection is the base time again.
+    fleet.fail(0, true);
+    fleet.send(100).await;
+    assert_eq!(
+        fleet.state(0),
+        (EndpointState::Ejected, Some(Duration::from_secs(30)))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_max_ejection_percent_are_ejected() {
+    let builder = Balance::builder()
+        .outlier_detection(Some(detection().max_ejection_percent(50)))
+        .panic_threshold(0);
+    let fleet = Fleet::new(4, builder).await;
+    for id in 0..3 {
+        fleet.fail(id, true);
+    }
+    fleet.send(400).await;
+    let ejected = (0..4)
+        .filter(|&id| fleet.state(id).0 == EndpointState::Ejected)
+        .count();
+    assert_eq!(ejected, 2, "half of 4");
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_mode_balances_across_all_or_fails() {
+    let everything = detection().max_ejection_percent(100);
+    let fleet = Fleet::new(4, Balance::builder().outlier_detection(Some(everything))).await;
+    for id in 0..3 {
+        fleet.fail(id, true);
+    }
+    fleet.send(400).await;
+    assert_eq!(
+        (0..4)
+            .filter(|&id| fleet.state(id).0 == EndpointState::Ejected)
+            .count(),
+        3
+    );
+    // 1 of 4 usable is below the 50% threshold: traffic goes to all four again.
+    for id in 0..3 {
+        fleet.fail(id, false);
+    }
+    let (served, _) = fleet.send(400).await;
+    assert_eq!(
+        served.len(),
+        4,
+        "panic mode spreads over every endpoint: {served:?}"
+    );
+
+    let failing = Balance::builder()
+        .outlier_detection(Some(everything))
+        .panic_mode(PanicMode::Fail)
+        .wait_for_endpoints(Duration::ZERO);
+    let fleet = Fleet::new(4, failing).await;
+    for id in 0..3 {
+        fleet.fail(id, true);
+    }
+    fleet.send(400).await;
+    let error: BoxError = fleet.balance.clone().oneshot(()).await.unwrap_err();
+    assert!(
+        matches!(
+            error.downcast_ref::<tower_sd::Error>(),
+            Some(tower_sd::Error::NoHealthyEndpoints {
+                ejected: 3,
+                total: 4,
+                ..
+            })
+        ),
+        "{error}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_start_ramps_a_new_endpoint_up() {
+    let builder = Balance::builder()
+        .slow_start(Duration::from_secs(10))
+        .outlier_detection(None);
+    let mut fleet = Fleet::new(1, builder).await;
+    advance(Duration::from_secs(60)).await;
+    let new = fleet.add().await;
+    let share =
+        |served: &HashMap<usize, usize>| served.get(&new).copied().unwrap_or(0) as f64 / 4000.0;
+
+    advance(Duration::from_secs(1)).await;
+    let early = share(&fleet.send(4000).await.0);
+    advance(Duration::from_secs(4)).await;
+    let middle = share(&fleet.send(4000).await.0);
+    advance(Duration::from_secs(6)).await;
+    let done = share(&fleet.send(4000).await.0);
+    // With two idle endpoints P2C splits evenly; the new one keeps ramp x its half.
+    assert!(early < 0.10, "at 10% of the window: {early}");
+    assert!(
+        (0.18..0.32).contains(&middle),
+        "at half the window: {middle}"
+    );
+    assert!((0.44..0.56).contains(&done), "after the window: {done}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn zone_preference_stays_local_then_falls_back() {
+    let registry = tower_sd::MemoryRegistry::new();
+    let switches: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    for (id, zone) in ["a", "a", "b", "b"].into_iter().enumerate() {
+        let instance =
+            tower_sd::ServiceInstance::new(id.to_string(), "svc", "127.0.0.1", 1000 + id as u16)
+                .with_zone(zone);
+        tower_sd::ServiceRegistry::register(&registry, instance)
+            .await
+            .unwrap();
+    }
+    let make_switches = switches.clone();
+    let balance = Balance::builder()
+        .zone_preference(ZonePreference::new("a").min_endpoints(2))
+        .outlier_detection(Some(detection()))
+        .from_registry(&registry, "svc", move |instance| {
+            let id: usize = instance.id.parse().unwrap();
+            Ok::<_, Infallible>(Flaky {
+                id,
+                failing: Arc::clone(&make_switches[id]),
+            })
+        });
+    while balance.endpoints().len() < 4 {
+        tokio::task::yield_now().await;
+    }
+    let send = |n: usize| {
+        let balance = balance.clone();
+        async move {
+            let mut served: HashMap<usize, usize> = HashMap::new();
+            for _ in 0..n {
+                if let Ok(id) = balance.clone().oneshot(()).await {
+                    *served.entry(id).or_default() += 1;
+                }
+            }
+            served
+        }
+    };
+    let served = send(400).await;
+    assert!(
+        served.keys().all(|&id| id < 2),
+        "local zone only: {served:?}"
+    );
+
+    // One local endpoint ejected: fewer than 2 usable in zone a, so all zones serve.
+    switches[0].store(true, Ordering::SeqCst);
+    send(50).await;
+    let served = send(400).await;
+    assert!(
+        served.contains_key(&2) && served.contains_key(&3),
+        "fell back: {served:?}"
+    );
+}
+
+/// A retry policy with tower's budget: retries failed requests while the budget allows.
+#[derive(Clone)]
+struct RetryFailures(Arc<tower::retry::budget::TpsBudget>);
+
+impl tower::retry::Policy<(), usize, BoxError> for RetryFailures {
+    type Future = std::future::Ready<()>;
+
+    fn retry(&mut self, _: &mut (), result: &mut Result<usize, BoxError>) -> Option<Self::Future> {
+        use tower::retry::budget::Budget;
+        match result {
+            Ok(_) => {
+                self.0.deposit();
+                None
+            }
+            Err(_) => self.0.withdraw().then(|| std::future::ready(())),
+        }
+    }
+
+    fn clone_request(&mut self, (): &()) -> Option<()> {
+        Some(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_with_a_budget_reach_another_endpoint() {
+    // With a single failure ejecting, a retried request cannot land on the endpoint that just
+    // failed it: the retry's own pick sees that endpoint ejected.
+    let once = OutlierDetection::default().consecutive_failures(1);
+    let fleet = Fleet::new(3, Balance::builder().outlier_detection(Some(once))).await;
+    fleet.fail(0, true);
+    let budget = Arc::new(tower::retry::budget::TpsBudget::new(
+        Duration::from_secs(10),
+        10,
+        0.2,
+    ));
+    let mut retrying = tower::ServiceBuilder::new()
+        .retry(RetryFailures(budget))
+        .service(fleet.balance.clone());
+    for _ in 0..100 {
+        let id = retrying.ready().await.unwrap().call(()).await.unwrap();
+        assert_ne!(id, 0);
+    }
+}
