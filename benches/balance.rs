@@ -4,8 +4,9 @@
 //! cargo bench --bench balance
 //! ```
 //!
-//! - `per_request/{tower_sd,tower}/N`: one task, N always-ready endpoints, pending-requests
-//!   load; the time of one `poll_ready` + `call` + response.
+//! - `per_request/{tower_sd,tower_sd_no_outlier,tower}/N`: one task, N always-ready
+//!   endpoints, pending-requests load; the time of one `poll_ready` + `call` + response.
+//!   `tower_sd` has the default outlier detection on; `tower_sd_no_outlier` turns it off.
 //! - `throughput/{tower_sd,tower_buffer}/T`: T tasks on a 2-worker runtime share one
 //!   balancer over 16 endpoints: clones of ours, or clones of `Buffer(tower p2c)`. The time is
 //!   per request (all tasks together), so requests/s = 1 / time.
@@ -59,11 +60,20 @@ fn runtime(workers: usize) -> Runtime {
         .unwrap()
 }
 
-/// Our balancer over `n` trivial endpoints, with its first snapshot published.
+/// Our balancer over `n` trivial endpoints (default settings: outlier detection on), with
+/// its first snapshot published.
 fn ours(rt: &Runtime, n: usize) -> Balance<Trivial, usize> {
+    ours_with(rt, n, Balance::builder())
+}
+
+fn ours_with(
+    rt: &Runtime,
+    n: usize,
+    builder: tower_sd::balance::Builder,
+) -> Balance<Trivial, usize> {
     rt.block_on(async {
         let changes = (0..n).map(|key| Ok::<_, Infallible>(Change::Insert(key, Trivial)));
-        let balance = Balance::builder().build(stream::iter(changes.collect::<Vec<_>>()));
+        let balance = builder.build(stream::iter(changes.collect::<Vec<_>>()));
         while balance.endpoints().len() < n {
             tokio::task::yield_now().await;
         }
@@ -99,6 +109,10 @@ fn per_request(c: &mut Criterion) {
         let mut balance = ours(&rt, n);
         group.bench_function(BenchmarkId::new("tower_sd", n), |b| {
             b.iter(|| one_request(&mut balance, &mut cx));
+        });
+        let mut plain = ours_with(&rt, n, Balance::builder().outlier_detection(None));
+        group.bench_function(BenchmarkId::new("tower_sd_no_outlier", n), |b| {
+            b.iter(|| one_request(&mut plain, &mut cx));
         });
         let mut tower = tower_p2c(n);
         // Let tower's balancer take in the whole list first.

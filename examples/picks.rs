@@ -11,7 +11,8 @@
 //! valgrind --tool=dhat target/release/examples/picks 16 1000000
 //! ```
 //!
-//! Arguments: the number of endpoints (default 16) and of requests (default 1,000,000).
+//! Arguments: the number of endpoints (default 16), of requests (default 1,000,000), and
+//! `off` to turn outlier detection off.
 
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
@@ -53,12 +54,13 @@ fn run_requests(balance: &mut Balance<Trivial, usize>, requests: u64) {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<u64>());
+    let mut args = std::env::args().skip(1).take(2).map(|a| a.parse::<u64>());
     let endpoints = args.next().unwrap_or(Ok(16)).expect("endpoints: a number");
     let requests = args
         .next()
         .unwrap_or(Ok(1_000_000))
         .expect("requests: a number");
+    let outlier_off = std::env::args().nth(3).as_deref() == Some("off");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -68,7 +70,12 @@ fn main() {
         let changes: Vec<_> = (0..endpoints as usize)
             .map(|key| Ok::<_, Infallible>(Change::Insert(key, Trivial)))
             .collect();
-        let balance = Balance::builder().build(stream::iter(changes));
+        let builder = if outlier_off {
+            Balance::builder().outlier_detection(None)
+        } else {
+            Balance::builder()
+        };
+        let balance = builder.build(stream::iter(changes));
         while balance.endpoints().len() < endpoints as usize {
             tokio::task::yield_now().await;
         }

@@ -227,7 +227,7 @@ impl Builder {
     pub fn build<D>(self, discover: D) -> Balance<D::Service, D::Key>
     where
         D: Discover + Unpin + Send + 'static,
-        D::Key: Hash + Eq + Clone + Send + Sync + 'static,
+        D::Key: Hash + Eq + Clone + std::fmt::Debug + Send + Sync + 'static,
         D::Service: Send + Sync + 'static,
         D::Error: Into<BoxError> + Send,
     {

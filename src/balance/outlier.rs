@@ -165,6 +165,7 @@ pub(crate) enum Usable {
 
 impl Health {
     /// Whether the endpoint is ejected at all (one load; no clock).
+    #[inline]
     pub(crate) fn is_ejected(&self) -> bool {
         self.ejected_until.load(Ordering::Relaxed) != 0
     }

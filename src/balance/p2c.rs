@@ -31,6 +31,7 @@ fn seed() -> u64 {
 }
 
 /// wyrand: one multiply per number, good statistical quality, no shared state.
+#[inline]
 fn next_u64() -> u64 {
     RNG.with(|state| {
         let mut s = state.get();
@@ -45,11 +46,13 @@ fn next_u64() -> u64 {
 }
 
 /// A uniform index in `0..n` by multiply-shift (no division; bias below 2^-32 * n).
+#[inline]
 fn below(r: u32, n: usize) -> usize {
     ((u64::from(r) * n as u64) >> 32) as usize
 }
 
 /// Two distinct uniform indices in `0..n`, `n >= 2`.
+#[inline]
 pub(crate) fn pair(n: usize) -> (usize, usize) {
     debug_assert!(n >= 2);
     let r = next_u64();
@@ -144,6 +147,7 @@ pub(crate) fn pick<S, K>(
     pick_unusual(endpoints, candidates, cost, rules)
 }
 
+#[inline]
 fn plainly_usable<S, K>(endpoint: &Endpoint<S, K>) -> bool {
     !endpoint.is_failed() && !endpoint.health.is_ejected()
 }

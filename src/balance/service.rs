@@ -97,7 +97,7 @@ struct Chosen<S, K> {
 impl<S, K> Balance<S, K>
 where
     S: Send + Sync + 'static,
-    K: Hash + Eq + Clone + Send + Sync + 'static,
+    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
 {
     /// A balancer over any tower [`Discover`], with default settings.
     ///
@@ -350,6 +350,7 @@ where
                     self.next_publish = None;
                     if chosen.endpoint.is_failed() {
                         chosen.endpoint.failed.store(false, Ordering::Relaxed);
+                        debug!(service = %self.shared.config.service, endpoint = ?chosen.endpoint.key, "endpoint ready again");
                     }
                     return Poll::Ready(Ok(()));
                 }

@@ -124,7 +124,7 @@ struct Endpoints<S, K> {
     slots: HashMap<K, usize>,
 }
 
-impl<S, K: Hash + Eq + Clone> Endpoints<S, K> {
+impl<S, K: Hash + Eq + Clone + fmt::Debug> Endpoints<S, K> {
     /// Applies one batch; returns whether anything changed.
     fn apply(
         &mut self,
@@ -148,10 +148,12 @@ impl<S, K: Hash + Eq + Clone> Endpoints<S, K> {
                     match self.slots.get(&key) {
                         Some(&slot) => {
                             // A replacement takes the old one's slot; the old one drains.
+                            debug!(endpoint = ?key, "endpoint replaced; the old one drains");
                             retire(&self.list[slot], detector);
                             self.list[slot] = endpoint;
                         }
                         None => {
+                            debug!(endpoint = ?key, "endpoint inserted");
                             self.slots.insert(key, self.list.len());
                             self.list.push(endpoint);
                         }
@@ -159,6 +161,7 @@ impl<S, K: Hash + Eq + Clone> Endpoints<S, K> {
                 }
                 Change::Remove(key) => {
                     if let Some(slot) = self.slots.remove(&key) {
+                        debug!(endpoint = ?key, "endpoint removed; it drains");
                         retire(&self.list[slot], detector);
                         changed = true;
                         removed = true;
@@ -233,7 +236,7 @@ pub(crate) async fn run<D, S, F>(
     mut gone: oneshot::Receiver<()>,
 ) where
     D: Discover + Unpin,
-    D::Key: Hash + Eq + Clone,
+    D::Key: Hash + Eq + Clone + fmt::Debug,
     D::Error: Into<BoxError>,
     F: Fn(D::Service) -> (S, Meta),
 {
