@@ -17,11 +17,11 @@
 #![allow(missing_docs)]
 
 use std::convert::Infallible;
-use std::future::{Future, Ready, ready};
+use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -34,23 +34,10 @@ use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 use tower::{Service, ServiceExt};
 use tower_sd::balance::Balance;
 
-/// The cheapest possible endpoint: always ready, answers at once.
-#[derive(Clone, Copy)]
-struct Trivial;
+#[path = "../tests/support/trivial.rs"]
+mod trivial;
 
-impl Service<()> for Trivial {
-    type Response = ();
-    type Error = Infallible;
-    type Future = Ready<Result<(), Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, (): ()) -> Self::Future {
-        ready(Ok(()))
-    }
-}
+use trivial::Trivial;
 
 fn runtime(workers: usize) -> Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -15,32 +15,19 @@
 //! `off` to turn outlier detection off.
 
 use std::convert::Infallible;
-use std::future::{Future, Ready, ready};
+use std::future::Future;
 use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 
 use futures_util::stream;
 use tower::Service;
 use tower::discover::Change;
 use tower_sd::balance::Balance;
 
-/// An always-ready endpoint that answers at once.
-#[derive(Clone, Copy)]
-struct Trivial;
+#[path = "../tests/support/trivial.rs"]
+mod trivial;
 
-impl Service<()> for Trivial {
-    type Response = ();
-    type Error = Infallible;
-    type Future = Ready<Result<(), Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, (): ()) -> Self::Future {
-        ready(Ok(()))
-    }
-}
+use trivial::Trivial;
 
 /// The measured loop: `requests` times poll_ready, call, and poll the response.
 #[inline(never)]

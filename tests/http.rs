@@ -67,14 +67,7 @@ async fn spreads_requests_over_four_servers() {
     for task in tasks {
         task.await.unwrap();
     }
-    let served: Vec<usize> = servers.iter().map(TestServer::served).collect();
-    assert_eq!(served.iter().sum::<usize>(), 10_000);
-    for count in &served {
-        assert!(
-            (2_000..=3_000).contains(count),
-            "each server serves 20-30%: {served:?}"
-        );
-    }
+    support::servers::assert_even_spread(&servers, 10_000);
     assert_eq!(client.active_services(), [SERVICE]);
 }
 

@@ -24,6 +24,23 @@ async fn check(client: &mut HealthClient<LoadBalancedChannel>) -> Result<(), ton
         .map(drop)
 }
 
+/// `tasks` concurrent clients, each making `each` successful checks.
+async fn checks(channel: &LoadBalancedChannel, tasks: usize, each: usize) {
+    let tasks: Vec<_> = (0..tasks)
+        .map(|_| {
+            let mut client = HealthClient::new(channel.clone());
+            tokio::spawn(async move {
+                for _ in 0..each {
+                    check(&mut client).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spreads_requests_over_four_servers() {
     support::trace_init();
@@ -39,27 +56,8 @@ async fn spreads_requests_over_four_servers() {
         .await
         .unwrap();
 
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let mut client = HealthClient::new(channel.clone());
-            tokio::spawn(async move {
-                for _ in 0..1_250 {
-                    check(&mut client).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let served: Vec<usize> = servers.iter().map(TestServer::served).collect();
-    assert_eq!(served.iter().sum::<usize>(), 10_000);
-    for count in &served {
-        assert!(
-            (2_000..=3_000).contains(count),
-            "each server serves 20-30%: {served:?}"
-        );
-    }
+    checks(&channel, 8, 1_250).await;
+    support::servers::assert_even_spread(&servers, 10_000);
 }
 
 /// Registers `n` fresh servers named `{prefix}{i}`.
@@ -244,19 +242,7 @@ async fn peak_ewma_steers_away_from_a_slow_server() {
         .connect(Duration::from_secs(5))
         .await
         .unwrap();
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let mut client = HealthClient::new(channel.clone());
-            tokio::spawn(async move {
-                for _ in 0..250 {
-                    check(&mut client).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    checks(&channel, 8, 250).await;
     let served: Vec<usize> = servers.iter().map(TestServer::served).collect();
     let total: usize = served.iter().sum();
     assert!(served[3] * 10 < total, "the slow server served {served:?}");

@@ -221,3 +221,15 @@ where
         })
     }
 }
+
+/// Asserts that `total` requests reached the servers and each served 20-30% of them.
+pub fn assert_even_spread(servers: &[TestServer], total: usize) {
+    let served: Vec<usize> = servers.iter().map(TestServer::served).collect();
+    assert_eq!(served.iter().sum::<usize>(), total);
+    for count in &served {
+        assert!(
+            (total / 5..=total * 3 / 10).contains(count),
+            "each server serves 20-30%: {served:?}"
+        );
+    }
+}
