@@ -49,6 +49,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms))))]
 
+mod backoff;
 pub mod balance;
 pub mod discover;
 mod error;
@@ -59,6 +60,7 @@ pub mod registry;
 #[cfg(feature = "tonic")]
 pub mod tonic;
 
+pub use backoff::Backoff;
 pub use discover::RegistryDiscover;
 
 /// The README's code blocks, compiled as doctests so they stay true.

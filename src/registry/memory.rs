@@ -250,6 +250,21 @@ impl ServiceRegistry for MemoryRegistry {
         async move { Ok(status) }.boxed()
     }
 
+    fn set_maintenance<'a>(
+        &'a self,
+        id: &'a str,
+        enable: bool,
+        _reason: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        let status = if enable {
+            HealthStatus::Maintenance
+        } else {
+            HealthStatus::Passing
+        };
+        let result = self.set_health(id, status);
+        async move { result }.boxed()
+    }
+
     fn heartbeat<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
         let now = Instant::now();
         let result = self.inner.update(id, |entry| {

@@ -15,6 +15,8 @@
 //! Always available: [`MemoryRegistry`] (the embedded default, with health states and TTL
 //! checks) and [`StaticRegistry`] (a fixed list).
 
+#[cfg(feature = "consul")]
+pub mod consul;
 mod memory;
 mod static_list;
 
@@ -98,6 +100,30 @@ pub trait ServiceRegistry: Send + Sync + std::fmt::Debug {
     /// The backend's transport and protocol errors.
     fn health<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<HealthStatus>>;
 
+    /// Puts a registered instance in maintenance (it leaves discovery) or takes it out, as a
+    /// drain step before deregistering. Registries without it return
+    /// [`Error::Unsupported`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] unless the backend has a maintenance mode; the backend's errors.
+    fn set_maintenance<'a>(
+        &'a self,
+        id: &'a str,
+        enable: bool,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = (id, enable, reason);
+        let kind = self.kind();
+        Box::pin(async move {
+            Err(Error::unsupported(
+                kind,
+                "set_maintenance",
+                "the registry has no maintenance mode",
+            ))
+        })
+    }
+
     /// Renews the TTL check of a registered instance (Consul `check/pass`), so it stays
     /// passing. Registries without TTL checks return [`Error::Unsupported`].
     ///
@@ -144,6 +170,14 @@ macro_rules! forward_registry {
             }
             fn heartbeat<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
                 (**self).heartbeat(id)
+            }
+            fn set_maintenance<'a>(
+                &'a self,
+                id: &'a str,
+                enable: bool,
+                reason: &'a str,
+            ) -> BoxFuture<'a, Result<()>> {
+                (**self).set_maintenance(id, enable, reason)
             }
         }
     };

@@ -1,0 +1,101 @@
+//! Exponential backoff with full jitter, shared by every backend's retry loop.
+//!
+//! Each failure doubles the ceiling (from `base` up to `max`) and the wait is drawn uniformly
+//! from `[0, ceiling]` ("full jitter", AWS Architecture Blog, 2015), so many clients failing
+//! together do not retry in lockstep. A success resets it.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+/// Exponential backoff with full jitter.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_sd::Backoff;
+///
+/// let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+/// for _ in 0..20 {
+///     assert!(backoff.next_delay() <= Duration::from_secs(10));
+/// }
+/// backoff.reset();
+/// assert!(backoff.next_delay() <= Duration::from_millis(100));
+/// ```
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    failures: u32,
+    /// Draws so far, never reset, so the jitter does not repeat after a reset.
+    draws: u64,
+    random: RandomState,
+}
+
+impl Backoff {
+    /// Starts at `base` and never waits longer than `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max: max.max(base),
+            failures: 0,
+            draws: 0,
+            random: RandomState::new(),
+        }
+    }
+
+    /// The ceiling for the next wait: `base x 2^failures`, capped at `max`.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.failures.min(31)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+
+    /// The wait after one more failure: uniform in `[0, ceiling]`.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.failures = self.failures.saturating_add(1);
+        self.draws = self.draws.wrapping_add(1);
+        let unit = (self.random.hash_one(self.draws) >> 11) as f64 / (1u64 << 53) as f64;
+        ceiling.mul_f64(unit)
+    }
+
+    /// Failures since the last reset.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Back to `base` after a success.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_doubles_up_to_max_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let ceilings: Vec<u64> = (0..6)
+            .map(|_| {
+                let ceiling = backoff.ceiling();
+                let delay = backoff.next_delay();
+                assert!(delay <= ceiling);
+                ceiling.as_millis() as u64
+            })
+            .collect();
+        assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000]);
+        backoff.reset();
+        assert_eq!(backoff.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn delays_are_jittered() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
+        let delays: std::collections::HashSet<Duration> =
+            (0..20).map(|_| backoff.next_delay()).collect();
+        assert!(delays.len() > 10, "{delays:?}");
+    }
+}

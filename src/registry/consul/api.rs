@@ -1,0 +1,219 @@
+//! Consul's HTTP API shapes, and their mapping to [`ServiceInstance`].
+//!
+//! Field names follow Consul's documentation (`website/content/api-docs/health.mdx`,
+//! `agent/service.mdx`). Consul answers `null` for empty maps and lists, and spells the keys of
+//! `TaggedAddresses` entries both `Address`/`Port` and `address`/`port`: both are accepted.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::instance::ServiceInstance;
+
+/// One entry of `GET /v1/health/service/:service`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct HealthEntry {
+    pub(crate) node: Node,
+    pub(crate) service: AgentService,
+    #[serde(default, deserialize_with = "null_default")]
+    pub(crate) checks: Vec<Check>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct Node {
+    #[serde(default)]
+    pub(crate) address: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub(crate) meta: HashMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct AgentService {
+    #[serde(rename = "ID")]
+    pub(crate) id: String,
+    pub(crate) service: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub(crate) tags: Vec<String>,
+    #[serde(default)]
+    pub(crate) address: String,
+    pub(crate) port: u16,
+    #[serde(default, deserialize_with = "null_default")]
+    pub(crate) meta: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) weights: Option<Weights>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub(crate) tagged_addresses: HashMap<String, TaggedAddress>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct Weights {
+    pub(crate) passing: u32,
+    pub(crate) warning: u32,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct TaggedAddress {
+    #[serde(alias = "Address")]
+    pub(crate) address: String,
+    #[serde(alias = "Port")]
+    pub(crate) port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct Check {
+    pub(crate) status: String,
+}
+
+/// `null` (or absence) as the type's default.
+fn null_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// How to read instances out of health entries.
+#[derive(Clone, Debug)]
+pub(crate) struct Mapping {
+    /// Metadata key (service meta first, then node meta) holding the zone.
+    pub(crate) zone_key: String,
+    /// A `TaggedAddresses` key to dial instead of the service address, when present.
+    pub(crate) tagged_address: Option<String>,
+}
+
+impl HealthEntry {
+    /// The worst check status: `critical` (including maintenance), `warning` or `passing`.
+    fn worst(&self) -> &str {
+        let mut worst = "passing";
+        for check in &self.checks {
+            match check.status.as_str() {
+                "critical" | "maintenance" => return "critical",
+                "warning" => worst = "warning",
+                _ => {}
+            }
+        }
+        worst
+    }
+
+    /// The instance, unless a check is critical. Warning instances keep serving, at their
+    /// `Weights.Warning` weight.
+    pub(crate) fn into_instance(self, mapping: &Mapping) -> Option<ServiceInstance> {
+        let worst = self.worst();
+        if worst == "critical" {
+            return None;
+        }
+        let weights = self.service.weights.unwrap_or(Weights {
+            passing: 1,
+            warning: 1,
+        });
+        let weight = if worst == "warning" {
+            weights.warning
+        } else {
+            weights.passing
+        };
+        let (mut address, mut port) = (self.service.address, self.service.port);
+        if address.is_empty() {
+            // Consul leaves Service.Address empty when the service uses its node's address.
+            address = self.node.address;
+        }
+        if let Some(tagged) = mapping
+            .tagged_address
+            .as_ref()
+            .and_then(|key| self.service.tagged_addresses.get(key))
+        {
+            address.clone_from(&tagged.address);
+            port = tagged.port;
+        }
+        let zone = self
+            .service
+            .meta
+            .get(&mapping.zone_key)
+            .or_else(|| self.node.meta.get(&mapping.zone_key))
+            .cloned();
+        Some(ServiceInstance {
+            id: self.service.id,
+            name: self.service.service,
+            address,
+            port,
+            tags: self.service.tags,
+            metadata: self.service.meta,
+            weight: weight.max(1),
+            zone,
+        })
+    }
+}
+
+/// The body of `PUT /v1/agent/service/register`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct Registration<'a> {
+    #[serde(rename = "ID")]
+    pub(crate) id: &'a str,
+    pub(crate) name: &'a str,
+    pub(crate) tags: &'a [String],
+    pub(crate) address: &'a str,
+    pub(crate) port: u16,
+    pub(crate) meta: &'a BTreeMap<String, String>,
+    pub(crate) weights: Weights,
+    pub(crate) check: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A response as a real agent returns it: empty `Service.Address`, `Meta: null`,
+    /// lowercase tagged-address keys, a warning check.
+    const RECORDED: &str = r#"[{
+        "Node": {"ID": "40e4a748", "Node": "node-1", "Address": "10.1.10.12", "Datacenter": "dc1",
+                 "TaggedAddresses": {"lan": "10.1.10.12", "wan": "10.1.10.12"}, "Meta": {"zone": "a"},
+                 "CreateIndex": 13, "ModifyIndex": 14},
+        "Service": {"ID": "redis-1", "Service": "redis", "Tags": ["primary"], "Address": "", "Port": 8000,
+                    "Meta": null, "Weights": {"Passing": 10, "Warning": 1},
+                    "TaggedAddresses": {"lan_ipv4": {"address": "10.1.10.12", "port": 8000},
+                                        "wan": {"Address": "198.18.1.1", "Port": 80}},
+                    "Namespace": "default", "CreateIndex": 15, "ModifyIndex": 15},
+        "Checks": [{"Node": "node-1", "CheckID": "serfHealth", "Status": "passing"},
+                   {"Node": "node-1", "CheckID": "service:redis-1", "Status": "warning", "ServiceID": "redis-1"}]
+    }]"#;
+
+    #[test]
+    fn maps_a_recorded_response() {
+        let entries: Vec<HealthEntry> = serde_json::from_str(RECORDED).unwrap();
+        let mapping = Mapping {
+            zone_key: "zone".into(),
+            tagged_address: None,
+        };
+        let instance = entries.into_iter().next().unwrap().into_instance(&mapping).unwrap();
+        assert_eq!(instance.address, "10.1.10.12", "falls back to Node.Address");
+        assert_eq!(instance.port, 8000);
+        assert_eq!(instance.weight, 1, "a warning check uses Weights.Warning");
+        assert_eq!(instance.zone.as_deref(), Some("a"), "from node meta");
+        assert!(instance.metadata.is_empty(), "Meta: null");
+
+        let entries: Vec<HealthEntry> = serde_json::from_str(RECORDED).unwrap();
+        let wan = Mapping {
+            zone_key: "zone".into(),
+            tagged_address: Some("wan".into()),
+        };
+        let instance = entries.into_iter().next().unwrap().into_instance(&wan).unwrap();
+        assert_eq!((instance.address.as_str(), instance.port), ("198.18.1.1", 80));
+    }
+
+    #[test]
+    fn critical_or_maintenance_checks_drop_the_instance() {
+        let critical = RECORDED.replace(r#""Status": "warning""#, r#""Status": "critical""#);
+        let entries: Vec<HealthEntry> = serde_json::from_str(&critical).unwrap();
+        let mapping = Mapping {
+            zone_key: "zone".into(),
+            tagged_address: None,
+        };
+        assert!(entries.into_iter().next().unwrap().into_instance(&mapping).is_none());
+    }
+}

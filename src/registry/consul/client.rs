@@ -1,0 +1,372 @@
+//! The HTTP side of the Consul backend: one reqwest client, typed errors, capped bodies.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, StatusCode, Url};
+use serde_json::json;
+
+use super::api::{HealthEntry, Mapping, Registration, Weights};
+use super::config::{ConsulBuilder, HealthCheckKind, Secret, go_duration};
+use crate::error::{BoxError, Error, Result};
+use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
+
+const REGISTRY: &str = "consul";
+/// How much of an error body goes into an error (never credentials: Consul does not echo
+/// the token).
+const ERROR_BODY_BYTES: usize = 512;
+
+pub(crate) struct Client {
+    http: reqwest::Client,
+    base: Url,
+    pub(crate) config: ConsulBuilder,
+    mapping: Mapping,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `config.token` is a `Secret`, whose Debug is redacted.
+        f.debug_struct("Client")
+            .field("address", &self.base.as_str())
+            .field("datacenter", &self.config.datacenter)
+            .field("token", &self.config.token)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(key: &str, source: impl Into<BoxError>) -> Error {
+    Error::InvalidConfig {
+        key: format!("consul.{key}"),
+        source: source.into(),
+    }
+}
+
+/// A rustls configuration with the ring provider: the configured CA, or the platform's roots.
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("ca_file", e))?;
+    let config = match ca_file {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| invalid("ca_file", e))? {
+                roots
+                    .add(cert.map_err(|e| invalid("ca_file", e))?)
+                    .map_err(|e| invalid("ca_file", e))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => {
+            use rustls_platform_verifier::BuilderVerifierExt;
+            builder
+                .with_platform_verifier()
+                .map_err(|e| invalid("ca_file", e))?
+                .with_no_client_auth()
+        }
+    };
+    Ok(config)
+}
+
+impl Client {
+    pub(crate) fn new(config: ConsulBuilder) -> Result<Self> {
+        let address = if config.address.contains("://") {
+            config.address.clone()
+        } else {
+            format!("http://{}", config.address)
+        };
+        let base = Url::parse(&address).map_err(|e| invalid("address", e))?;
+        if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
+            return Err(invalid(
+                "address",
+                format!("`{}`: expected http(s)://host:port or host:port", config.address),
+            ));
+        }
+        let mut http = reqwest::Client::builder();
+        if base.scheme() == "https" || config.ca_file.is_some() {
+            http = http.tls_backend_preconfigured(tls_config(config.ca_file.as_deref())?);
+        }
+        let http = http.build().map_err(|e| invalid("address", e))?;
+        let mapping = Mapping {
+            zone_key: config.zone_key.clone(),
+            tagged_address: config.tagged_address.clone(),
+        };
+        Ok(Self {
+            http,
+            base,
+            config,
+            mapping,
+        })
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("http(s) URLs have paths")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    fn request(&self, method: Method, url: Url) -> RequestBuilder {
+        let mut request = self.http.request(method, url);
+        if let Some(Secret(token)) = &self.config.token {
+            request = request.header("X-Consul-Token", token);
+        }
+        if let Some(namespace) = &self.config.namespace {
+            request = request.query(&[("ns", namespace)]);
+        }
+        request
+    }
+
+    /// Sends a request; returns the status, the `X-Consul-Index` and the body (capped).
+    async fn send(
+        &self,
+        request: RequestBuilder,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Option<u64>, Vec<u8>)> {
+        let transport = |error| transport(error, timeout);
+        let mut response = request.timeout(timeout).send().await.map_err(transport)?;
+        let status = response.status();
+        let index = response
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > self.config.max_body_bytes {
+                return Err(Error::Malformed {
+                    registry: REGISTRY,
+                    source: format!("response body over {} bytes", self.config.max_body_bytes)
+                        .into(),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((status, index, body))
+    }
+
+    /// Sends a request that must succeed (2xx), or maps the status to an error.
+    async fn expect_ok(&self, request: RequestBuilder) -> Result<(Option<u64>, Vec<u8>)> {
+        let (status, index, body) = self.send(request, self.config.request_timeout).await?;
+        if status.is_success() {
+            Ok((index, body))
+        } else {
+            Err(status_error(status, &body))
+        }
+    }
+
+    pub(crate) async fn register(&self, instance: &ServiceInstance) -> Result<()> {
+        let check = self.check_json(instance);
+        let body = Registration {
+            id: &instance.id,
+            name: &instance.name,
+            tags: &instance.tags,
+            address: &instance.address,
+            port: instance.port,
+            meta: &instance.metadata,
+            weights: Weights {
+                passing: instance.weight,
+                warning: 1,
+            },
+            check,
+        };
+        let url = self.url(&["v1", "agent", "service", "register"]);
+        let request = self
+            .request(Method::PUT, url)
+            .query(&[("replace-existing-checks", "true")])
+            .json(&body);
+        self.expect_ok(request).await.map(drop)
+    }
+
+    fn check_json(&self, instance: &ServiceInstance) -> serde_json::Value {
+        let check = &self.config.check;
+        let mut value = json!({
+            "CheckID": format!("service:{}", instance.id),
+            "Name": format!("{} health", instance.name),
+            "DeregisterCriticalServiceAfter": go_duration(check.deregister_after),
+        });
+        let timing = |value: &mut serde_json::Value| {
+            value["Interval"] = json!(go_duration(check.interval));
+            value["Timeout"] = json!(go_duration(check.timeout));
+        };
+        match &check.kind {
+            HealthCheckKind::Http(url) => {
+                let url = url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{}/healthz", instance.authority()));
+                value["HTTP"] = json!(url);
+                timing(&mut value);
+            }
+            HealthCheckKind::Tcp => {
+                value["TCP"] = json!(instance.authority());
+                timing(&mut value);
+            }
+            HealthCheckKind::Grpc => {
+                value["GRPC"] = json!(instance.authority());
+                timing(&mut value);
+            }
+            HealthCheckKind::Ttl(ttl) => value["TTL"] = json!(go_duration(*ttl)),
+        }
+        value
+    }
+
+    pub(crate) async fn deregister(&self, id: &str) -> Result<()> {
+        let url = self.url(&["v1", "agent", "service", "deregister", id]);
+        match self.expect_ok(self.request(Method::PUT, url)).await {
+            // Deregistering what is not registered succeeds.
+            Err(Error::Status { status: 404, .. }) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    pub(crate) async fn maintenance(&self, id: &str, enable: bool, reason: &str) -> Result<()> {
+        let url = self.url(&["v1", "agent", "service", "maintenance", id]);
+        let request = self
+            .request(Method::PUT, url)
+            .query(&[("enable", if enable { "true" } else { "false" }), ("reason", reason)]);
+        self.expect_ok(request).await.map(drop)
+    }
+
+    pub(crate) async fn pass_ttl(&self, id: &str) -> Result<()> {
+        let check = format!("service:{id}");
+        let url = self.url(&["v1", "agent", "check", "update", &check]);
+        let request = self
+            .request(Method::PUT, url)
+            .json(&json!({ "Status": "passing" }));
+        self.expect_ok(request).await.map(drop)
+    }
+
+    pub(crate) async fn agent_health(&self, id: &str) -> Result<HealthStatus> {
+        let url = self.url(&["v1", "agent", "health", "service", "id", id]);
+        let (status, _, body) = self
+            .send(self.request(Method::GET, url), self.config.request_timeout)
+            .await?;
+        // The body's AggregatedStatus tells maintenance from critical (both answer 503).
+        let aggregated = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("AggregatedStatus")?.as_str().map(str::to_owned));
+        match status.as_u16() {
+            200 => Ok(HealthStatus::Passing),
+            429 => Ok(HealthStatus::Warning),
+            503 if aggregated.as_deref() == Some("maintenance") => Ok(HealthStatus::Maintenance),
+            503 => Ok(HealthStatus::Critical),
+            404 => Ok(HealthStatus::Unknown),
+            _ => Err(status_error(status, &body)),
+        }
+    }
+
+    /// `GET /v1/health/service/:name` with every filter of `query`; with `blocking`, a blocking
+    /// query from that index. Returns the healthy instances sorted by id, and the index.
+    pub(crate) async fn health_service(
+        &self,
+        query: &ServiceQuery,
+        blocking: Option<u64>,
+    ) -> Result<(Vec<ServiceInstance>, Option<u64>)> {
+        let url = self.url(&["v1", "health", "service", &query.name]);
+        let mut request = self.request(Method::GET, url);
+        for tag in &query.tags {
+            request = request.query(&[("tag", tag)]);
+        }
+        if let Some(dc) = query.datacenter.as_ref().or(self.config.datacenter.as_ref()) {
+            request = request.query(&[("dc", dc)]);
+        }
+        if let (Some(ns), None) = (&query.namespace, &self.config.namespace) {
+            request = request.query(&[("ns", ns)]);
+        }
+        if let Some(filter) = meta_filter(query) {
+            request = request.query(&[("filter", filter)]);
+        }
+        if self.config.stale {
+            request = request.query(&[("stale", "")]);
+        }
+        if self.config.cached {
+            request = request.query(&[("cached", "")]);
+        }
+        let timeout = match blocking {
+            Some(index) => {
+                let wait = self.config.wait;
+                request = request.query(&[("index", index.to_string()), ("wait", go_duration(wait))]);
+                // Consul adds up to wait/16 of jitter; allow that plus slack.
+                wait + wait / 16 + Duration::from_secs(5)
+            }
+            None => self.config.request_timeout,
+        };
+        let (status, index, body) = self.send(request, timeout).await?;
+        if !status.is_success() {
+            return Err(status_error(status, &body));
+        }
+        let entries: Vec<HealthEntry> =
+            serde_json::from_slice(&body).map_err(|e| Error::Malformed {
+                registry: REGISTRY,
+                source: e.into(),
+            })?;
+        let mut instances: Vec<ServiceInstance> = entries
+            .into_iter()
+            .filter_map(|entry| entry.into_instance(&self.mapping))
+            // Consul filtered already; this keeps every backend's semantics identical.
+            .filter(|instance| query.matches(instance))
+            .collect();
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((instances, index))
+    }
+}
+
+/// Metadata filters as a Consul filter expression: `Service.Meta["k"] == "v" and ...`.
+fn meta_filter(query: &ServiceQuery) -> Option<String> {
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let terms: Vec<String> = query
+        .metadata
+        .iter()
+        .map(|(key, value)| format!("Service.Meta[{}] == {}", quote(key), quote(value)))
+        .collect();
+    (!terms.is_empty()).then(|| terms.join(" and "))
+}
+
+fn transport(error: reqwest::Error, timeout: Duration) -> Error {
+    if error.is_timeout() {
+        Error::Timeout {
+            registry: REGISTRY,
+            source: crate::error::Elapsed(timeout),
+        }
+    } else {
+        Error::Unreachable {
+            registry: REGISTRY,
+            source: Box::new(error.without_url()),
+        }
+    }
+}
+
+fn status_error(status: StatusCode, body: &[u8]) -> Error {
+    let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_BYTES)]);
+    let message = match status.as_u16() {
+        403 => format!("ACL denied: {}", text.trim()),
+        429 => format!("rate limited: {}", text.trim()),
+        _ => text.trim().to_owned(),
+    };
+    Error::Status {
+        registry: REGISTRY,
+        status: status.as_u16(),
+        source: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_becomes_a_quoted_filter_expression() {
+        let query = ServiceQuery::new("svc")
+            .with_metadata("version", "2")
+            .with_metadata("odd \"key\"", "a b");
+        assert_eq!(
+            meta_filter(&query).unwrap(),
+            r#"Service.Meta["odd \"key\""] == "a b" and Service.Meta["version"] == "2""#
+        );
+        assert_eq!(meta_filter(&ServiceQuery::new("svc")), None);
+    }
+}

@@ -1,0 +1,123 @@
+//! [`ConsulRegistry`]: Consul's HTTP API (agent registration, health queries, blocking
+//! queries), over reqwest with rustls and the ring provider.
+//!
+//! ```no_run
+//! use tower_sd::registry::consul::ConsulRegistry;
+//! use tower_sd::{ServiceRegistry, ServiceQuery};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_sd::Error> {
+//! // CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN apply, as with Consul's own tools.
+//! let consul = ConsulRegistry::builder().from_env().datacenter("dc1").build()?;
+//! let healthy = consul.discover(&ServiceQuery::new("greeter").with_tag("v2")).await?;
+//! # drop(healthy);
+//! # Ok(())
+//! # }
+//! ```
+
+mod api;
+mod client;
+mod config;
+mod watch;
+
+pub use config::{ConsulBuilder, HealthCheck, HealthCheckKind};
+
+use std::fmt;
+use std::sync::Arc;
+
+use futures_core::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+
+use super::{ServiceRegistry, WatchStream};
+use crate::error::Result;
+use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
+use client::Client;
+
+/// A [`ServiceRegistry`] over a Consul agent's HTTP API.
+///
+/// - `register` uses the agent API with `replace-existing-checks=true` and one health check
+///   built from the [`HealthCheck`] template, with an explicit `CheckID` of
+///   `service:<id>`.
+/// - `discover` and `watch` read `/v1/health/service/:name`, pushing every [`ServiceQuery`]
+///   filter to Consul (`tag`, `dc`, `ns`, and metadata as a `filter` expression). Instances with
+///   a critical check are left out; warning ones stay, at their `Weights.Warning` weight.
+/// - `watch` runs blocking queries and follows Consul's index rules (see
+///   [`ConsulBuilder::wait`]).
+/// - `health` reads `/v1/agent/health/service/id/:id`.
+///
+/// The ACL token is sent as `X-Consul-Token` and never appears in `Debug` output, logs or
+/// errors.
+#[derive(Clone)]
+pub struct ConsulRegistry {
+    client: Arc<Client>,
+}
+
+impl ConsulRegistry {
+    /// A builder, with Consul's defaults (`http://127.0.0.1:8500`).
+    pub fn builder() -> ConsulBuilder {
+        ConsulBuilder::default()
+    }
+
+    /// Puts an instance in maintenance mode (it leaves discovery) or takes it out.
+    ///
+    /// # Errors
+    ///
+    /// The agent's errors.
+    pub async fn set_maintenance(&self, id: &str, enable: bool, reason: &str) -> Result<()> {
+        self.client.maintenance(id, enable, reason).await
+    }
+}
+
+impl fmt::Debug for ConsulRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsulRegistry")
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+impl ServiceRegistry for ConsulRegistry {
+    fn kind(&self) -> &'static str {
+        "consul"
+    }
+
+    fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, Result<()>> {
+        async move {
+            instance.validate()?;
+            self.client.register(&instance).await
+        }
+        .boxed()
+    }
+
+    fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
+        self.client.deregister(id).boxed()
+    }
+
+    fn discover<'a>(
+        &'a self,
+        query: &'a ServiceQuery,
+    ) -> BoxFuture<'a, Result<Vec<ServiceInstance>>> {
+        async move { Ok(self.client.health_service(query, None).await?.0) }.boxed()
+    }
+
+    fn watch(&self, query: &ServiceQuery) -> WatchStream {
+        watch::stream(Arc::clone(&self.client), query.clone()).boxed()
+    }
+
+    fn health<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<HealthStatus>> {
+        self.client.agent_health(id).boxed()
+    }
+
+    fn heartbeat<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
+        self.client.pass_ttl(id).boxed()
+    }
+
+    fn set_maintenance<'a>(
+        &'a self,
+        id: &'a str,
+        enable: bool,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        self.client.maintenance(id, enable, reason).boxed()
+    }
+}

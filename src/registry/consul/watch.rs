@@ -1,0 +1,154 @@
+//! The blocking-query watch loop, following Consul's rules
+//! (`website/content/api-docs/features/blocking.mdx`):
+//!
+//! - send the last `X-Consul-Index` as `index`, with `wait`;
+//! - an index lower than the last one means the data was reset: start again from 0;
+//! - an index of 0, or none, is treated as 1, so the next query blocks instead of spinning;
+//! - a return is no proof of change: sets are compared before one is emitted;
+//! - queries are rate limited (token bucket), so an index that churns cannot make the loop
+//!   spin, and errors back off exponentially with full jitter (each error is yielded; the
+//!   stream goes on).
+//!
+//! Each watch follows one query, hence one datacenter, with its own index.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::stream;
+use tokio::time::{Instant, sleep, sleep_until};
+use tracing::{debug, warn};
+
+use super::client::Client;
+use crate::backoff::Backoff;
+use crate::error::Result;
+use crate::instance::{ServiceInstance, ServiceQuery};
+
+/// The index to send next, given the last one and the one Consul returned.
+pub(crate) fn next_index(last: u64, returned: Option<u64>) -> u64 {
+    match returned {
+        None | Some(0) => 1,
+        Some(index) if index < last => 0,
+        Some(index) => index,
+    }
+}
+
+/// A token bucket: `burst` requests at once, `rate` per second on average.
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    rate: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(rate: f64) -> Self {
+        let burst = rate.max(1.0);
+        Self {
+            tokens: burst,
+            burst,
+            rate,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Waits until a request may be sent, and takes its token.
+    pub(crate) async fn take(&mut self) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            let wait = Duration::from_secs_f64((1.0 - self.tokens) / self.rate);
+            sleep_until(now + wait).await;
+            self.tokens = 1.0;
+            self.refilled = now + wait;
+        }
+        self.tokens -= 1.0;
+    }
+}
+
+struct State {
+    client: Arc<Client>,
+    query: ServiceQuery,
+    index: u64,
+    last: Option<Vec<ServiceInstance>>,
+    bucket: TokenBucket,
+    backoff: Backoff,
+    /// Set after an error: wait this long before the next query.
+    pause: Option<Duration>,
+}
+
+pub(crate) fn stream(
+    client: Arc<Client>,
+    query: ServiceQuery,
+) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
+    let config = &client.config;
+    let state = State {
+        bucket: TokenBucket::new(config.requests_per_second),
+        backoff: Backoff::new(config.retry_base, config.retry_max),
+        client: Arc::clone(&client),
+        query,
+        index: 0,
+        last: None,
+        pause: None,
+    };
+    stream::unfold(state, State::next)
+}
+
+impl State {
+    async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
+        loop {
+            if let Some(pause) = self.pause.take() {
+                sleep(pause).await;
+            }
+            self.bucket.take().await;
+            match self.client.health_service(&self.query, Some(self.index)).await {
+                Ok((set, returned)) => {
+                    self.backoff.reset();
+                    let next = next_index(self.index, returned);
+                    if next == 0 {
+                        debug!(service = %self.query.name, last = self.index, ?returned, "Consul index went backwards; resetting");
+                    }
+                    self.index = next;
+                    if self.last.as_ref() != Some(&set) {
+                        self.last = Some(set.clone());
+                        return Some((Ok(set), self));
+                    }
+                }
+                Err(error) => {
+                    let pause = self.backoff.next_delay();
+                    warn!(service = %self.query.name, %error, ?pause, "Consul watch failed; retrying");
+                    self.pause = Some(pause);
+                    return Some((Err(error), self));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_rules() {
+        assert_eq!(next_index(0, None), 1, "missing");
+        assert_eq!(next_index(5, Some(0)), 1, "zero");
+        assert_eq!(next_index(10, Some(7)), 0, "went backwards: reset");
+        assert_eq!(next_index(10, Some(10)), 10, "unchanged");
+        assert_eq!(next_index(10, Some(12)), 12);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_bounds_the_rate() {
+        let mut bucket = TokenBucket::new(5.0);
+        let start = Instant::now();
+        for _ in 0..55 {
+            bucket.take().await;
+        }
+        // A burst of 5, then 5 per second: 50 more take 10 s.
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+    }
+}
