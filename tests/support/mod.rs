@@ -2,6 +2,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod fake_consul;
 pub mod servers;
 
 use tower_sd::ServiceInstance;

@@ -190,7 +190,12 @@ mod tests {
             zone_key: "zone".into(),
             tagged_address: None,
         };
-        let instance = entries.into_iter().next().unwrap().into_instance(&mapping).unwrap();
+        let instance = entries
+            .into_iter()
+            .next()
+            .unwrap()
+            .into_instance(&mapping)
+            .unwrap();
         assert_eq!(instance.address, "10.1.10.12", "falls back to Node.Address");
         assert_eq!(instance.port, 8000);
         assert_eq!(instance.weight, 1, "a warning check uses Weights.Warning");
@@ -202,8 +207,16 @@ mod tests {
             zone_key: "zone".into(),
             tagged_address: Some("wan".into()),
         };
-        let instance = entries.into_iter().next().unwrap().into_instance(&wan).unwrap();
-        assert_eq!((instance.address.as_str(), instance.port), ("198.18.1.1", 80));
+        let instance = entries
+            .into_iter()
+            .next()
+            .unwrap()
+            .into_instance(&wan)
+            .unwrap();
+        assert_eq!(
+            (instance.address.as_str(), instance.port),
+            ("198.18.1.1", 80)
+        );
     }
 
     #[test]
@@ -214,6 +227,13 @@ mod tests {
             zone_key: "zone".into(),
             tagged_address: None,
         };
-        assert!(entries.into_iter().next().unwrap().into_instance(&mapping).is_none());
+        assert!(
+            entries
+                .into_iter()
+                .next()
+                .unwrap()
+                .into_instance(&mapping)
+                .is_none()
+        );
     }
 }

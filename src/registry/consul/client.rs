@@ -42,8 +42,9 @@ fn invalid(key: &str, source: impl Into<BoxError>) -> Error {
     }
 }
 
-/// A rustls configuration with the ring provider: the configured CA, or the platform's roots.
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig> {
+/// A rustls configuration with the ring provider: the configured CA, else the platform's
+/// roots for `https`, else none (plain `http` never uses them).
+fn tls_config(ca_file: Option<&std::path::Path>, https: bool) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -59,6 +60,9 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig>
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
+        None if !https => builder
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
         None => {
             use rustls_platform_verifier::BuilderVerifierExt;
             builder
@@ -81,14 +85,19 @@ impl Client {
         if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
             return Err(invalid(
                 "address",
-                format!("`{}`: expected http(s)://host:port or host:port", config.address),
+                format!(
+                    "`{}`: expected http(s)://host:port or host:port",
+                    config.address
+                ),
             ));
         }
-        let mut http = reqwest::Client::builder();
-        if base.scheme() == "https" || config.ca_file.is_some() {
-            http = http.tls_backend_preconfigured(tls_config(config.ca_file.as_deref())?);
-        }
-        let http = http.build().map_err(|e| invalid("address", e))?;
+        // reqwest is built without a crypto provider and the library never installs a
+        // process-wide one, so it always gets a preconfigured rustls with ring.
+        let tls = tls_config(config.ca_file.as_deref(), base.scheme() == "https")?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .map_err(|e| invalid("address", e))?;
         let mapping = Mapping {
             zone_key: config.zone_key.clone(),
             tagged_address: config.tagged_address.clone(),
@@ -225,9 +234,10 @@ impl Client {
 
     pub(crate) async fn maintenance(&self, id: &str, enable: bool, reason: &str) -> Result<()> {
         let url = self.url(&["v1", "agent", "service", "maintenance", id]);
-        let request = self
-            .request(Method::PUT, url)
-            .query(&[("enable", if enable { "true" } else { "false" }), ("reason", reason)]);
+        let request = self.request(Method::PUT, url).query(&[
+            ("enable", if enable { "true" } else { "false" }),
+            ("reason", reason),
+        ]);
         self.expect_ok(request).await.map(drop)
     }
 
@@ -271,7 +281,11 @@ impl Client {
         for tag in &query.tags {
             request = request.query(&[("tag", tag)]);
         }
-        if let Some(dc) = query.datacenter.as_ref().or(self.config.datacenter.as_ref()) {
+        if let Some(dc) = query
+            .datacenter
+            .as_ref()
+            .or(self.config.datacenter.as_ref())
+        {
             request = request.query(&[("dc", dc)]);
         }
         if let (Some(ns), None) = (&query.namespace, &self.config.namespace) {
@@ -289,7 +303,8 @@ impl Client {
         let timeout = match blocking {
             Some(index) => {
                 let wait = self.config.wait;
-                request = request.query(&[("index", index.to_string()), ("wait", go_duration(wait))]);
+                request =
+                    request.query(&[("index", index.to_string()), ("wait", go_duration(wait))]);
                 // Consul adds up to wait/16 of jitter; allow that plus slack.
                 wait + wait / 16 + Duration::from_secs(5)
             }

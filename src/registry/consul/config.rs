@@ -267,7 +267,7 @@ impl ConsulBuilder {
                 "Consul's minimum DeregisterCriticalServiceAfter is 1m; the agent will raise it"
             );
         }
-        if !(self.requests_per_second > 0.0) {
+        if self.requests_per_second.is_nan() || self.requests_per_second <= 0.0 {
             return Err(Error::InvalidConfig {
                 key: "consul.requests_per_second".to_owned(),
                 source: "must be greater than zero".into(),

@@ -104,7 +104,11 @@ impl State {
                 sleep(pause).await;
             }
             self.bucket.take().await;
-            match self.client.health_service(&self.query, Some(self.index)).await {
+            match self
+                .client
+                .health_service(&self.query, Some(self.index))
+                .await
+            {
                 Ok((set, returned)) => {
                     self.backoff.reset();
                     let next = next_index(self.index, returned);

@@ -1,0 +1,380 @@
+//! `ConsulRegistry` against the in-repo fake agent (real HTTP on 127.0.0.1), and the same
+//! scenario against a real agent when `CONSUL_HTTP_ADDR` is set.
+#![cfg(feature = "consul")]
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use support::fake_consul::{FakeConsul, Fault};
+use tokio::time::{Instant, timeout};
+use tower_sd::registry::WatchStream;
+use tower_sd::registry::consul::{ConsulRegistry, HealthCheck, HealthCheckKind};
+use tower_sd::{Error, HealthStatus, ServiceInstance, ServiceQuery, ServiceRegistry};
+
+fn registry(fake: &FakeConsul) -> ConsulRegistry {
+    ConsulRegistry::builder()
+        .address(fake.url())
+        .wait(Duration::from_secs(2))
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .requests_per_second(50.0)
+        .build()
+        .unwrap()
+}
+
+fn ids(set: &[ServiceInstance]) -> Vec<&str> {
+    set.iter().map(|i| i.id.as_str()).collect()
+}
+
+/// The next set the watch yields within `limit` (errors skipped).
+async fn next_set(watch: &mut WatchStream, limit: Duration) -> Vec<ServiceInstance> {
+    timeout(limit, async {
+        loop {
+            if let Some(Ok(set)) = watch.next().await {
+                return set;
+            }
+        }
+    })
+    .await
+    .expect("a set within the limit")
+}
+
+/// Register, discover, watch, go critical, deregister: what every Consul must do. Uses TTL
+/// checks and heartbeats, so it passes against a real agent too.
+async fn scenario(consul: ConsulRegistry, service: &str) {
+    let ttl = HealthCheck::new(HealthCheckKind::Ttl(Duration::from_secs(30)));
+    let _ = ttl; // the registry below was built with it
+    let mut watch = consul.watch(&service.into());
+    assert!(
+        next_set(&mut watch, Duration::from_secs(5))
+            .await
+            .is_empty()
+    );
+
+    let instance = ServiceInstance::new(format!("{service}-1"), service, "127.0.0.1", 18080)
+        .with_tag("v2")
+        .with_metadata("version", "2");
+    consul.register(instance.clone()).await.unwrap();
+    // A TTL check starts critical: not discovered until the first heartbeat.
+    assert!(consul.discover(&service.into()).await.unwrap().is_empty());
+    let started = Instant::now();
+    consul.heartbeat(&instance.id).await.unwrap();
+    let set = next_set(&mut watch, Duration::from_secs(5)).await;
+    assert_eq!(ids(&set), [instance.id.as_str()]);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(set[0].address, "127.0.0.1");
+    assert_eq!(set[0].tags, ["v2"]);
+    assert_eq!(
+        consul.health(&instance.id).await.unwrap(),
+        HealthStatus::Passing
+    );
+
+    let filtered = ServiceQuery::new(service)
+        .with_tag("v2")
+        .with_metadata("version", "2");
+    assert_eq!(consul.discover(&filtered).await.unwrap().len(), 1);
+    let other = ServiceQuery::new(service).with_metadata("version", "3");
+    assert!(consul.discover(&other).await.unwrap().is_empty());
+
+    consul
+        .set_maintenance(&instance.id, true, "drain")
+        .await
+        .unwrap();
+    assert!(
+        next_set(&mut watch, Duration::from_secs(5))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        consul.health(&instance.id).await.unwrap(),
+        HealthStatus::Maintenance
+    );
+    consul
+        .set_maintenance(&instance.id, false, "")
+        .await
+        .unwrap();
+    assert_eq!(next_set(&mut watch, Duration::from_secs(5)).await.len(), 1);
+
+    consul.deregister(&instance.id).await.unwrap();
+    consul.deregister(&instance.id).await.unwrap();
+    assert!(
+        next_set(&mut watch, Duration::from_secs(5))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        consul.health(&instance.id).await.unwrap(),
+        HealthStatus::Unknown
+    );
+}
+
+fn ttl_registry(address: &str) -> ConsulRegistry {
+    ConsulRegistry::builder()
+        .address(address)
+        .wait(Duration::from_secs(2))
+        .health_check(HealthCheck::new(HealthCheckKind::Ttl(Duration::from_secs(
+            30,
+        ))))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn scenario_against_the_fake_agent() {
+    let fake = FakeConsul::start(None).await;
+    scenario(ttl_registry(&fake.url()), "greeter").await;
+    // The registration followed the agent API: explicit CheckID, replace-existing-checks.
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|r| r.contains("replace-existing-checks"))
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Consul agent: CONSUL_HTTP_ADDR=127.0.0.1:8500 cargo test --features consul --test consul -- --ignored"]
+async fn scenario_against_a_real_agent() {
+    let address = std::env::var("CONSUL_HTTP_ADDR").expect("CONSUL_HTTP_ADDR");
+    let mut builder = ConsulRegistry::builder()
+        .from_env()
+        .address(address)
+        .health_check(HealthCheck::new(HealthCheckKind::Ttl(Duration::from_secs(
+            30,
+        ))));
+    builder = builder.wait(Duration::from_secs(2));
+    scenario(builder.build().unwrap(), "tower-sd-test").await;
+}
+
+#[tokio::test]
+async fn registration_body_and_http_check_template() {
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    let instance = ServiceInstance::new("web-1", "web", "10.0.0.7", 8080).with_weight(3);
+    consul.register(instance).await.unwrap();
+    let body = fake.registration("web-1").unwrap();
+    assert_eq!(body["Name"], "web");
+    assert_eq!(body["Weights"]["Passing"], 3);
+    assert_eq!(body["Check"]["CheckID"], "service:web-1");
+    assert_eq!(body["Check"]["HTTP"], "http://10.0.0.7:8080/healthz");
+    assert_eq!(body["Check"]["Interval"], "10s");
+    assert_eq!(body["Check"]["Timeout"], "3s");
+    assert_eq!(body["Check"]["DeregisterCriticalServiceAfter"], "60s");
+
+    // Invalid instances never reach the agent.
+    let bad = ServiceInstance::new("", "web", "10.0.0.7", 8080);
+    assert!(matches!(
+        consul.register(bad).await,
+        Err(Error::InvalidInstance { field: "id", .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_critical_check_removes_the_instance_and_warning_lowers_its_weight() {
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    let mut watch = consul.watch(&"web".into());
+    assert!(
+        next_set(&mut watch, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
+    consul
+        .register(ServiceInstance::new("web-1", "web", "", 8080).with_weight(10))
+        .await
+        .unwrap_err(); // empty address: rejected
+    consul
+        .register(ServiceInstance::new("web-1", "web", "10.0.0.1", 8080).with_weight(10))
+        .await
+        .unwrap();
+    let set = next_set(&mut watch, Duration::from_millis(500)).await;
+    assert_eq!(set[0].weight, 10);
+
+    fake.set_status("web-1", "warning");
+    let set = next_set(&mut watch, Duration::from_millis(500)).await;
+    assert_eq!(set[0].weight, 1, "Weights.Warning");
+    assert_eq!(consul.health("web-1").await.unwrap(), HealthStatus::Warning);
+
+    fake.set_status("web-1", "critical");
+    assert!(
+        next_set(&mut watch, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        consul.health("web-1").await.unwrap(),
+        HealthStatus::Critical
+    );
+}
+
+#[tokio::test]
+async fn ttl_expiry_turns_critical_and_the_agent_reaps_it() {
+    let fake = FakeConsul::start(None).await;
+    let consul = ConsulRegistry::builder()
+        .address(fake.url())
+        .wait(Duration::from_secs(2))
+        .health_check(
+            HealthCheck::new(HealthCheckKind::Ttl(Duration::from_millis(200)))
+                .deregister_after(Duration::from_millis(300)),
+        )
+        .build()
+        .unwrap();
+    let mut watch = consul.watch(&"ttl".into());
+    assert!(
+        next_set(&mut watch, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
+    consul
+        .register(ServiceInstance::new("ttl-1", "ttl", "10.0.0.1", 1))
+        .await
+        .unwrap();
+    consul.heartbeat("ttl-1").await.unwrap();
+    assert_eq!(next_set(&mut watch, Duration::from_secs(1)).await.len(), 1);
+    // No more heartbeats: critical after the TTL, then deregistered by the agent.
+    assert!(
+        next_set(&mut watch, Duration::from_secs(1))
+            .await
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(consul.health("ttl-1").await.unwrap(), HealthStatus::Unknown);
+}
+
+#[tokio::test]
+async fn the_index_resets_to_zero_when_it_goes_backwards() {
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    consul
+        .register(ServiceInstance::new("a", "idx", "10.0.0.1", 1))
+        .await
+        .unwrap();
+    let mut watch = consul.watch(&"idx".into());
+    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 1);
+
+    // The next answer carries an index lower than before: the one after must start from 0.
+    fake.inject(Fault::IndexBackwards);
+    consul
+        .register(ServiceInstance::new("b", "idx", "10.0.0.2", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 2);
+    consul
+        .register(ServiceInstance::new("c", "idx", "10.0.0.3", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 3);
+
+    let indexes: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET health/service/idx"))
+        .filter_map(|r| {
+            r.split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("index=").map(str::to_owned))
+        })
+        .collect();
+    assert_eq!(indexes[0], "0", "the first query does not block");
+    assert!(
+        indexes[1..].contains(&"0".to_owned()),
+        "reset to 0 after the index went backwards: {indexes:?}"
+    );
+}
+
+#[tokio::test]
+async fn faults_yield_typed_errors_and_the_watch_recovers() {
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    consul
+        .register(ServiceInstance::new("a", "f", "10.0.0.1", 1))
+        .await
+        .unwrap();
+    let mut watch = consul.watch(&"f".into());
+    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 1);
+
+    for (fault, check) in [
+        (Fault::Status(500), "status 500"),
+        (Fault::Status(429), "status 429"),
+        (Fault::MalformedJson, "malformed"),
+    ] {
+        fake.inject(fault);
+        consul
+            .register(ServiceInstance::new("b", "f", "10.0.0.2", 1))
+            .await
+            .unwrap();
+        let error = timeout(Duration::from_secs(2), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains(check.split(' ').next().unwrap())
+                || error.to_string().contains(check),
+            "{check}: {error}"
+        );
+        match (&error, check) {
+            (Error::Status { status: 500, .. }, "status 500")
+            | (Error::Status { status: 429, .. }, "status 429") => {
+                assert!(error.is_transient());
+            }
+            (Error::Malformed { .. }, "malformed") => {}
+            other => panic!("{check}: unexpected {other:?}"),
+        }
+        // The stream goes on and delivers the change.
+        assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 2);
+        consul.deregister("b").await.unwrap();
+        assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 1);
+    }
+
+    // A slow answer is only slow.
+    fake.inject(Fault::Slow(Duration::from_millis(300)));
+    assert_eq!(consul.discover(&"f".into()).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failing_agent_gets_bounded_retries() {
+    let fake = FakeConsul::start(None).await;
+    let consul = ConsulRegistry::builder()
+        .address(fake.url())
+        .retry_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .requests_per_second(5.0)
+        .build()
+        .unwrap();
+    for _ in 0..10_000 {
+        fake.inject(Fault::Status(500));
+    }
+    let mut watch = consul.watch(&"down".into());
+    let run = async {
+        let mut errors = 0;
+        while let Some(Err(_)) = watch.next().await {
+            errors += 1;
+        }
+        errors
+    };
+    let _ = timeout(Duration::from_secs(2), run).await;
+    let queries = fake.health_queries();
+    // Burst of 5 plus 5/s for 2 s, further limited by the backoff: far from a hot loop.
+    assert!((3..=15).contains(&queries), "{queries} queries in 2 s");
+}
+
+#[tokio::test]
+async fn configuration_errors_name_the_key() {
+    for (address, _) in [("ftp://consul:8500", "scheme"), ("http://", "host")] {
+        match ConsulRegistry::builder().address(address).build() {
+            Err(Error::InvalidConfig { key, .. }) => assert_eq!(key, "consul.address"),
+            other => panic!("{address}: {other:?}"),
+        }
+    }
+    match ConsulRegistry::builder()
+        .ca_file("/nonexistent/ca.pem")
+        .address("https://127.0.0.1:8501")
+        .build()
+    {
+        Err(Error::InvalidConfig { key, .. }) => assert_eq!(key, "consul.ca_file"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,83 @@
+//! The Consul ACL token: sent, checked by the agent, and never shown in `Debug` output,
+//! errors or logs. Alone in its binary so it can own the global log subscriber.
+#![cfg(feature = "consul")]
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use support::fake_consul::{FakeConsul, Fault};
+use tower_sd::registry::consul::ConsulRegistry;
+use tower_sd::{Error, ServiceInstance, ServiceRegistry};
+
+#[tokio::test]
+async fn acl_tokens_are_sent_checked_and_never_shown() {
+    const TOKEN: &str = "s3cr3t-acl-token-6f1e";
+    let fake = FakeConsul::start(Some(TOKEN)).await;
+
+    let wrong = ConsulRegistry::builder()
+        .address(fake.url())
+        .token("wrong")
+        .build()
+        .unwrap();
+    match wrong.discover(&"svc".into()).await {
+        Err(error @ Error::Status { status: 403, .. }) => {
+            assert!(!format!("{error:?}").contains("wrong"));
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+
+    // Capture every log line while the right token is used, including failures.
+    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let logs = Arc::clone(&logs);
+        move || CaptureWriter(Arc::clone(&logs))
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(writer)
+        .finish();
+    // The only test in this binary, so a global subscriber sees every thread's events.
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let right = ConsulRegistry::builder()
+        .address(fake.url())
+        .token(TOKEN)
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(20))
+        .build()
+        .unwrap();
+    right
+        .register(ServiceInstance::new("a", "svc", "10.0.0.1", 1))
+        .await
+        .unwrap();
+    assert_eq!(right.discover(&"svc".into()).await.unwrap().len(), 1);
+    fake.inject(Fault::Status(500));
+    let mut watch = right.watch(&"svc".into());
+    let first = watch.next().await.unwrap();
+    assert!(first.is_err());
+    let debug = format!("{right:?}");
+    assert!(
+        debug.contains("redacted") && !debug.contains(TOKEN),
+        "{debug}"
+    );
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("Consul watch failed"),
+        "logs were captured: {logs}"
+    );
+    assert!(!logs.contains(TOKEN), "the token leaked into logs");
+}
+
+struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
