@@ -56,6 +56,7 @@ mod error;
 #[cfg(feature = "http")]
 pub mod http;
 mod instance;
+pub mod registration;
 pub mod registry;
 #[cfg(feature = "tonic")]
 pub mod tonic;

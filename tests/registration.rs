@@ -1,0 +1,215 @@
+//! `Registration`: retries, TTL heartbeats, and the graceful drain, on the in-memory registry
+//! (paused time) and on the fake Consul agent.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_core::future::BoxFuture;
+use tokio::time::advance;
+use tower_sd::registration::Registration;
+use tower_sd::registry::WatchStream;
+use tower_sd::{
+    Error, HealthStatus, MemoryRegistry, ServiceInstance, ServiceQuery, ServiceRegistry,
+};
+
+/// A memory registry whose first `failures` registrations fail as unreachable.
+#[derive(Debug)]
+struct Flaky {
+    inner: MemoryRegistry,
+    failures: AtomicUsize,
+    attempts: AtomicUsize,
+}
+
+impl ServiceRegistry for Flaky {
+    fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, tower_sd::Result<()>> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Box::pin(async {
+                Err(Error::Unreachable {
+                    registry: "flaky",
+                    source: "connection refused".into(),
+                })
+            });
+        }
+        self.inner.register(instance)
+    }
+    fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<()>> {
+        self.inner.deregister(id)
+    }
+    fn discover<'a>(
+        &'a self,
+        q: &'a ServiceQuery,
+    ) -> BoxFuture<'a, tower_sd::Result<Vec<ServiceInstance>>> {
+        self.inner.discover(q)
+    }
+    fn watch(&self, q: &ServiceQuery) -> WatchStream {
+        self.inner.watch(q)
+    }
+    fn health<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<HealthStatus>> {
+        self.inner.health(id)
+    }
+    fn heartbeat<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<()>> {
+        self.inner.heartbeat(id)
+    }
+    fn set_maintenance<'a>(
+        &'a self,
+        id: &'a str,
+        on: bool,
+        why: &'a str,
+    ) -> BoxFuture<'a, tower_sd::Result<()>> {
+        self.inner.set_maintenance(id, on, why)
+    }
+}
+
+fn instance() -> ServiceInstance {
+    ServiceInstance::new("api-1", "api", "127.0.0.1", 8080)
+}
+
+#[tokio::test(start_paused = true)]
+async fn registration_retries_with_backoff_until_accepted() {
+    let registry = Arc::new(Flaky {
+        inner: MemoryRegistry::new(),
+        failures: AtomicUsize::new(4),
+        attempts: AtomicUsize::new(0),
+    });
+    let registration = Registration::builder(registry.clone(), instance())
+        .retry_backoff(Duration::from_millis(100), Duration::from_secs(2))
+        .start();
+    registration
+        .registered(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(registry.attempts.load(Ordering::SeqCst), 5);
+    assert_eq!(registry.discover(&"api".into()).await.unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_keep_a_ttl_instance_passing_and_shutdown_drains() {
+    let registry = Arc::new(
+        MemoryRegistry::builder()
+            .ttl(Duration::from_secs(3))
+            .build(),
+    );
+    let registration = Registration::builder(registry.clone(), instance())
+        .heartbeat(Duration::from_secs(1))
+        .drain_delay(Duration::from_secs(10))
+        .start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            registry.health("api-1").await.unwrap(),
+            HealthStatus::Passing
+        );
+    }
+
+    let probe = registration.health();
+    assert!(probe.is_serving());
+    let shutdown = tokio::spawn(registration.shutdown());
+    tokio::task::yield_now().await;
+    advance(Duration::from_millis(10)).await;
+    // Draining: the health check fails and the instance is in maintenance, out of discovery,
+    // but still registered.
+    assert!(!probe.is_serving());
+    assert_eq!(
+        registry.health("api-1").await.unwrap(),
+        HealthStatus::Maintenance
+    );
+    assert!(registry.discover(&"api".into()).await.unwrap().is_empty());
+    advance(Duration::from_secs(10)).await;
+    shutdown.await.unwrap().unwrap();
+    assert_eq!(
+        registry.health("api-1").await.unwrap(),
+        HealthStatus::Unknown
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_instance_is_not_retried() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let bad = ServiceInstance::new("x", "api", "not a host", 80);
+    let registration = Registration::builder(registry, bad).start();
+    assert!(matches!(
+        registration.registered(Duration::from_secs(5)).await,
+        Err(Error::Timeout { .. })
+    ));
+}
+
+#[cfg(feature = "consul")]
+#[tokio::test]
+async fn consul_ttl_heartbeats_and_drain() {
+    use support::fake_consul::FakeConsul;
+    use tower_sd::registry::consul::{ConsulRegistry, HealthCheck, HealthCheckKind};
+
+    let fake = FakeConsul::start(None).await;
+    let consul: Arc<dyn ServiceRegistry> = Arc::new(
+        ConsulRegistry::builder()
+            .address(fake.url())
+            .health_check(HealthCheck::new(HealthCheckKind::Ttl(
+                Duration::from_millis(300),
+            )))
+            .build()
+            .unwrap(),
+    );
+    let registration = Registration::builder(Arc::clone(&consul), instance())
+        .heartbeat(Duration::from_millis(100))
+        .drain_delay(Duration::from_millis(200))
+        .start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            consul.discover(&"api".into()).await.unwrap().len(),
+            1,
+            "kept passing"
+        );
+    }
+    let shutdown = tokio::spawn(registration.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        consul.health("api-1").await.unwrap(),
+        HealthStatus::Maintenance
+    );
+    assert!(consul.discover(&"api".into()).await.unwrap().is_empty());
+    shutdown.await.unwrap().unwrap();
+    assert_eq!(consul.health("api-1").await.unwrap(), HealthStatus::Unknown);
+}
+
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn the_health_endpoint_turns_503_when_draining() {
+    use tower::ServiceExt;
+
+    let registry = Arc::new(MemoryRegistry::new());
+    let registration = Registration::builder(registry, instance())
+        .drain_delay(Duration::from_millis(50))
+        .start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let app = axum::Router::new().route_service("/healthz", registration.health());
+    let get = || {
+        http::Request::get("/healthz")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), 200);
+    let shutdown = tokio::spawn(registration.shutdown());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), 503);
+    shutdown.await.unwrap().unwrap();
+}
