@@ -6,6 +6,13 @@
 //!
 //! With no arguments it runs a self-contained demo on the in-memory registry: it registers
 //! three instances, marks one critical, deregisters one, and prints every set it sees.
+//!
+//! `--consul ADDRESS SERVICE` watches a service in Consul (feature `consul`; `-` as the
+//! address means `CONSUL_HTTP_ADDR` or the default) until interrupted:
+//!
+//! ```text
+//! cargo run --example watch --features consul -- --consul 127.0.0.1:8500 web
+//! ```
 //! Logs go to stderr (`RUST_LOG=debug` for more); stdout carries only the JSON lines.
 
 use std::process::ExitCode;
@@ -15,7 +22,8 @@ use serde_json::json;
 use tower_sd::registry::WatchStream;
 use tower_sd::{BoxError, HealthStatus, MemoryRegistry, ServiceInstance, ServiceRegistry};
 
-const USAGE: &str = "usage: watch            (demo on the in-memory registry)";
+const USAGE: &str = "usage: watch                            (demo on the in-memory registry)
+       watch --consul ADDRESS SERVICE    (feature consul; ADDRESS `-` for CONSUL_HTTP_ADDR)";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -26,11 +34,16 @@ async fn main() -> ExitCode {
         )
         .init();
 
-    if std::env::args().len() > 1 {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    }
-    match demo().await {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.as_slice() {
+        [] => demo().await,
+        [flag, address, service] if flag == "--consul" => consul(address, service).await,
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
@@ -67,6 +80,24 @@ async fn print_next(service: &str, watch: &mut WatchStream) -> Result<(), BoxErr
             None => return Err("the registry's watch ended".into()),
         }
     }
+}
+
+#[cfg(feature = "consul")]
+async fn consul(address: &str, service: &str) -> Result<(), BoxError> {
+    let mut builder = tower_sd::registry::consul::ConsulRegistry::builder().from_env();
+    if address != "-" {
+        builder = builder.address(address);
+    }
+    let registry = builder.build()?;
+    let mut watch = registry.watch(&service.into());
+    loop {
+        print_next(service, &mut watch).await?;
+    }
+}
+
+#[cfg(not(feature = "consul"))]
+async fn consul(_address: &str, _service: &str) -> Result<(), BoxError> {
+    Err("watching Consul needs the `consul` cargo feature: cargo run --example watch --features consul -- --consul ADDRESS SERVICE".into())
 }
 
 async fn demo() -> Result<(), BoxError> {

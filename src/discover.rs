@@ -173,6 +173,7 @@ where
             match ready!(this.watch.poll_next_unpin(cx)) {
                 Some(Ok(set)) => this.apply(set),
                 Some(Err(error)) => {
+                    let error = crate::error::Chain(&error);
                     warn!(service = %this.service, %error, "registry watch failed; keeping the last set");
                 }
                 None => {

@@ -34,13 +34,21 @@
 //!   default, with health states and TTL checks) and [`StaticRegistry`] (a fixed list) need
 //!   no feature.
 //! - [`RegistryDiscover`]: registry watch to tower `Discover`.
+//! - [`balance::Balance`]: a lock-free power-of-two-choices balancer shared by clones, with
+//!   outlier ejection, panic mode, slow start and zone preference.
+//! - [`registration::Registration`]: the server side (register, heartbeat, drain).
 //! - [`Error`]: one error type, one variant per cause.
 //!
 //! # Feature Flags
 //!
-//! The core (types, in-memory and static registries, the discover adapter) needs no feature.
-//! Backends and integrations are added behind one feature each as they land; `full` enables
-//! all of them.
+//! The core (types, in-memory and static registries, the discover adapter, the balancer,
+//! registration) needs no feature.
+//!
+//! - `tonic`: [`tonic::LoadBalancedChannel`](crate::tonic) for generated gRPC clients.
+//! - `http`: [`http::DiscoveryLayer`](crate::http) for hyper-util and axum HTTP clients.
+//! - `consul`: [`registry::consul::ConsulRegistry`](crate::registry) over Consul's HTTP API.
+//! - `metrics`: balancer counters and gauges through the `metrics` facade.
+//! - `full`: all of the above.
 //!
 //! # Minimum supported Rust version
 //!
@@ -65,7 +73,7 @@ pub use backoff::Backoff;
 pub use discover::RegistryDiscover;
 
 /// The README's code blocks, compiled as doctests so they stay true.
-#[cfg(all(doctest, feature = "tonic", feature = "http"))]
+#[cfg(all(doctest, feature = "tonic", feature = "http", feature = "consul"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 pub use error::{BoxError, Elapsed, Error, InvalidValue, Result};

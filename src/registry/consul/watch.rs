@@ -123,7 +123,8 @@ impl State {
                 }
                 Err(error) => {
                     let pause = self.backoff.next_delay();
-                    warn!(service = %self.query.name, %error, ?pause, "Consul watch failed; retrying");
+                    let cause = crate::error::Chain(&error);
+                    warn!(service = %self.query.name, error = %cause, ?pause, "Consul watch failed; retrying");
                     self.pause = Some(pause);
                     return Some((Err(error), self));
                 }
