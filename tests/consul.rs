@@ -378,3 +378,68 @@ async fn configuration_errors_name_the_key() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn tls_with_a_private_ca() {
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let fake = FakeConsul::start_tls(&key.cert.pem(), &key.signing_key.serialize_pem()).await;
+    let dir = std::env::temp_dir().join(format!("tower-sd-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, key.cert.pem()).unwrap();
+
+    let consul = ConsulRegistry::builder()
+        .address(fake.https_url())
+        .ca_file(&ca)
+        .build()
+        .unwrap();
+    consul
+        .register(ServiceInstance::new("a", "tls", "10.0.0.1", 1))
+        .await
+        .unwrap();
+    assert_eq!(consul.discover(&"tls".into()).await.unwrap().len(), 1);
+
+    // Without the CA, the certificate is not trusted (the platform's roots are used; a
+    // machine without any fails to build the client instead).
+    match ConsulRegistry::builder().address(fake.https_url()).build() {
+        Ok(untrusted) => assert!(matches!(
+            untrusted.discover(&"tls".into()).await,
+            Err(Error::Unreachable { .. })
+        )),
+        Err(error) => assert!(matches!(error, Error::InvalidConfig { .. }), "{error:?}"),
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn an_index_of_zero_is_sent_back_as_one() {
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    let mut watch = consul.watch(&"zero".into());
+    assert!(
+        next_set(&mut watch, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
+    fake.inject(Fault::IndexZero);
+    consul
+        .register(ServiceInstance::new("a", "zero", "10.0.0.1", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 1);
+    consul
+        .register(ServiceInstance::new("b", "zero", "10.0.0.2", 1))
+        .await
+        .unwrap();
+    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 2);
+    let after_zero: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET health/service/zero"))
+        .filter_map(|r| {
+            r.split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("index=").map(str::to_owned))
+        })
+        .collect();
+    assert!(after_zero.contains(&"1".to_owned()), "{after_zero:?}");
+}

@@ -33,6 +33,8 @@ pub enum Fault {
     MalformedJson,
     /// Answer normally, but with an `X-Consul-Index` lower than any before.
     IndexBackwards,
+    /// Answer normally, with `X-Consul-Index: 0`.
+    IndexZero,
 }
 
 struct Service {
@@ -67,6 +69,32 @@ type Shared = Arc<FakeConsul>;
 impl FakeConsul {
     /// Starts an agent; with `token`, every request must carry it as `X-Consul-Token`.
     pub async fn start(token: Option<&str>) -> Shared {
+        Self::start_with(token, None).await
+    }
+
+    /// Starts an agent serving HTTPS with this certificate chain and key (PEM).
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> Shared {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Self::start_with(
+            None,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn start_with(token: Option<&str>, tls: Option<tokio_rustls::TlsAcceptor>) -> Shared {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let fake = Arc::new(FakeConsul {
             addr: listener.local_addr().unwrap(),
@@ -86,15 +114,43 @@ impl FakeConsul {
             .route("/v1/agent/health/service/id/{id}", get(agent_health))
             .route("/v1/health/service/{name}", get(health_service))
             .with_state(Arc::clone(&fake));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let task = match tls {
+            None => tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }),
+            Some(acceptor) => tokio::spawn(async move {
+                let mut connections = tokio::task::JoinSet::new();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (acceptor, app) = (acceptor.clone(), app.clone());
+                    connections.spawn(async move {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let service = hyper_util::service::TowerToHyperService::new(app);
+                        let builder = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        );
+                        let _ = builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            }),
+        };
         *fake.task.lock().unwrap() = Some(task);
         fake
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The HTTPS URL, with the host name the test certificate names.
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
     }
 
     pub fn stop(&self) {
@@ -487,6 +543,7 @@ async fn health_service(
         .collect();
     let index = match fault {
         Some(Fault::IndexBackwards) => 1,
+        Some(Fault::IndexZero) => 0,
         _ => inner.index,
     };
     let body = match fault {
