@@ -48,6 +48,7 @@
 //! - `http`: [`http::DiscoveryLayer`](crate::http) for hyper-util and axum HTTP clients.
 //! - `consul`: [`registry::consul::ConsulRegistry`](crate::registry) over Consul's HTTP API.
 //! - `metrics`: balancer counters and gauges through the `metrics` facade.
+//! - `config`: [`config::RegistryConfig`](crate::config): YAML/TOML and the registry factory.
 //! - `full`: all of the above.
 //!
 //! # Minimum supported Rust version
@@ -59,6 +60,8 @@
 
 mod backoff;
 pub mod balance;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod discover;
 mod error;
 #[cfg(feature = "http")]

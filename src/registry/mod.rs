@@ -13,13 +13,19 @@
 //!   [`Error::Unsupported`], never a silent success.
 //!
 //! Always available: [`MemoryRegistry`] (the embedded default, with health states and TTL
-//! checks) and [`StaticRegistry`] (a fixed list).
+//! checks), [`StaticRegistry`] (a fixed list), and two wrappers that are registries
+//! themselves: [`CachedRegistry`] (last known good sets) and [`FallbackRegistry`] (an ordered
+//! chain).
 
+mod cached;
 #[cfg(feature = "consul")]
 pub mod consul;
+mod fallback;
 mod memory;
 mod static_list;
 
+pub use cached::{CacheStats, CachedRegistry, CachedRegistryBuilder};
+pub use fallback::FallbackRegistry;
 pub use memory::{MemoryRegistry, MemoryRegistryBuilder};
 pub use static_list::StaticRegistry;
 

@@ -1,0 +1,188 @@
+//! The configuration file and the registry factory.
+#![cfg(feature = "config")]
+
+use std::time::Duration;
+
+use tower_sd::Error;
+use tower_sd::config::RegistryConfig;
+
+/// The decision record's YAML, exactly as written there.
+const DECISION_RECORD: &str = r#"
+registry:
+  type: consul            # consul | kubernetes | etcd | dns | static | memory
+  consul:
+    address: "localhost:8500"
+    datacenter: "dc1"
+    scheme: "http"
+    health_check: { interval: "10s", timeout: "3s", deregister_after: "1m" }
+  kubernetes:
+    namespace: "default"
+    in_cluster: true
+"#;
+
+/// The key and message of an `InvalidConfig`.
+fn invalid(result: tower_sd::Result<impl std::fmt::Debug>) -> (String, String) {
+    match result {
+        Err(Error::InvalidConfig { key, source }) => (key, source.to_string()),
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_decision_record_parses_to_the_expected_values() {
+    let config = RegistryConfig::from_yaml_str(DECISION_RECORD).unwrap();
+    let registry = &config.registry;
+    assert_eq!(registry.kind, "consul");
+    let consul = registry.consul.as_ref().unwrap();
+    assert_eq!(consul.address.as_deref(), Some("localhost:8500"));
+    assert_eq!(consul.datacenter.as_deref(), Some("dc1"));
+    assert_eq!(consul.scheme.as_deref(), Some("http"));
+    let check = consul.health_check.as_ref().unwrap();
+    assert_eq!(check.interval, Some(Duration::from_secs(10)));
+    assert_eq!(check.timeout, Some(Duration::from_secs(3)));
+    assert_eq!(check.deregister_after, Some(Duration::from_secs(60)));
+    let kubernetes = registry.kubernetes.as_ref().unwrap();
+    assert_eq!(kubernetes.namespace.as_deref(), Some("default"));
+    assert_eq!(kubernetes.in_cluster, Some(true));
+}
+
+#[cfg(feature = "consul")]
+#[test]
+fn the_decision_record_builds_a_consul_registry() {
+    let config = RegistryConfig::from_yaml_str(DECISION_RECORD).unwrap();
+    assert_eq!(config.build().unwrap().kind(), "consul");
+}
+
+#[test]
+fn toml_is_accepted_too() {
+    let config = RegistryConfig::from_toml_str(
+        r#"
+        [registry]
+        type = "static"
+        [[registry.static.instances]]
+        id = "a"
+        name = "api"
+        address = "10.0.0.1"
+        port = 80
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.build().unwrap().kind(), "static");
+}
+
+#[test]
+fn every_invalid_configuration_names_its_key() {
+    let (key, message) = invalid(
+        RegistryConfig::from_yaml_str("registry:\n  type: zookeeper\n")
+            .unwrap()
+            .build(),
+    );
+    assert_eq!(key, "registry.type");
+    assert!(
+        message.contains("zookeeper")
+            && message.contains("consul, kubernetes, etcd, dns, static, memory"),
+        "{message}"
+    );
+
+    let (key, message) = invalid(
+        RegistryConfig::from_yaml_str("registry:\n  type: kubernetes\n")
+            .unwrap()
+            .build(),
+    );
+    assert_eq!(key, "registry.type");
+    assert!(message.contains("cargo feature `kubernetes`"), "{message}");
+
+    let (key, message) = invalid(RegistryConfig::from_yaml_str(
+        "registry:\n  type: consul\n  consul:\n    health_check: { interval: \"10 parsecs\" }\n",
+    ));
+    assert_eq!(key, "registry.consul.health_check.interval");
+    assert!(message.contains("10 parsecs"), "{message}");
+
+    let (key, message) = invalid(RegistryConfig::from_yaml_str(
+        "registry:\n  type: consul\n  consul:\n    adress: x\n",
+    ));
+    assert_eq!(key, "registry.consul.adress");
+    assert!(message.contains("unknown field `adress`"), "{message}");
+
+    let (key, _) = invalid(RegistryConfig::from_yaml_str(
+        "registry:\n  type: memory\n  extra: 1\n",
+    ));
+    assert_eq!(key, "registry.extra");
+
+    let (key, _) = invalid(RegistryConfig::from_yaml_str("registry: [unclosed\n"));
+    assert_eq!(key, "(document)");
+
+    let (key, _) = invalid(RegistryConfig::from_path("/nonexistent/registry.yaml"));
+    assert_eq!(key, "(file)");
+}
+
+#[cfg(feature = "consul")]
+#[test]
+fn a_consul_address_without_a_port_is_rejected() {
+    let config = RegistryConfig::from_yaml_str(
+        "registry:\n  type: consul\n  consul:\n    address: localhost\n",
+    )
+    .unwrap();
+    let (key, message) = invalid(config.with_env(|_| None).build());
+    assert_eq!(key, "registry.consul.address");
+    assert!(message.contains("no port"), "{message}");
+}
+
+#[test]
+fn the_environment_overrides_the_file() {
+    let config = RegistryConfig::from_yaml_str(DECISION_RECORD)
+        .unwrap()
+        .with_env(|name| match name {
+            "CONSUL_HTTP_ADDR" => Some("consul.internal:8501".to_owned()),
+            "CONSUL_HTTP_TOKEN" => Some("from-env".to_owned()),
+            _ => None,
+        });
+    let consul = config.registry.consul.as_ref().unwrap();
+    assert_eq!(consul.address.as_deref(), Some("consul.internal:8501"));
+    assert_eq!(consul.token.as_deref(), Some("from-env"));
+    assert!(
+        !format!("{consul:?}").contains("from-env"),
+        "the token is redacted"
+    );
+}
+
+#[test]
+fn cache_and_fallback_wrap_the_registry() {
+    let config = RegistryConfig::from_yaml_str(
+        r#"
+registry:
+  type: memory
+  cache: { max_stale: "5m" }
+  failover_after: "10s"
+  fallback:
+    - type: static
+      static:
+        instances:
+          - { id: "a", name: "api", address: "10.0.0.1", port: 80 }
+"#,
+    )
+    .unwrap();
+    let registry = config.build().unwrap();
+    assert_eq!(registry.kind(), "fallback");
+
+    let (key, _) = invalid(
+        RegistryConfig::from_yaml_str(
+            "registry:\n  type: memory\n  fallback:\n    - type: static\n      static:\n        instances:\n          - { id: a, name: api, address: 10.0.0.1, port: 0 }\n",
+        )
+        .unwrap()
+        .build(),
+    );
+    assert_eq!(key, "registry.fallback[0].static.instances");
+}
+
+#[test]
+fn the_example_configuration_files_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        RegistryConfig::from_path(&path).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        seen += 1;
+    }
+    assert!(seen >= 5, "one file per backend");
+}
