@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --example quickstart
+//! cargo run --example quickstart --features config -- --config examples/config/memory.yaml
 //! ```
 //!
 //! It starts three hyper backends on 127.0.0.1, registers them, and sends requests from
@@ -116,7 +117,10 @@ async fn phase(balance: &Balance<Endpoint>) -> Result<Served, BoxError> {
 
 /// Waits (briefly) until the balancer's endpoints are the registry's healthy set, so each
 /// phase starts from the new set.
-async fn settle(registry: &MemoryRegistry, balance: &Balance<Endpoint>) -> Result<(), BoxError> {
+async fn settle(
+    registry: &dyn ServiceRegistry,
+    balance: &Balance<Endpoint>,
+) -> Result<(), BoxError> {
     let want: Vec<String> = registry
         .discover(&SERVICE.into())
         .await?
@@ -135,6 +139,16 @@ async fn settle(registry: &MemoryRegistry, balance: &Balance<Endpoint>) -> Resul
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+#[cfg(feature = "config")]
+fn from_config(file: &str) -> Result<Arc<dyn ServiceRegistry>, BoxError> {
+    Ok(tower_sd::config::RegistryConfig::from_path(file)?.build()?)
+}
+
+#[cfg(not(feature = "config"))]
+fn from_config(_file: &str) -> Result<Arc<dyn ServiceRegistry>, BoxError> {
+    Err("--config needs the `config` cargo feature: cargo run --example quickstart --features config -- --config FILE".into())
 }
 
 fn print_table(title: &str, served: &Served) {
@@ -166,7 +180,16 @@ async fn main() -> Result<(), BoxError> {
         )
         .init();
 
-    let registry = MemoryRegistry::new();
+    // The embedded registry by default; `--config FILE` uses any configured registry that
+    // takes registrations (the backends register themselves in it).
+    let memory = MemoryRegistry::new();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let embedded = args.is_empty();
+    let registry: Arc<dyn ServiceRegistry> = match args.as_slice() {
+        [] => Arc::new(memory.clone()),
+        [flag, file] if flag == "--config" => from_config(file)?,
+        _ => return Err("usage: quickstart [--config FILE]".into()),
+    };
     let mut servers = Vec::new();
     for n in 1..=3 {
         let name = format!("backend-{n}");
@@ -180,11 +203,11 @@ async fn main() -> Result<(), BoxError> {
     let client = Client::builder(TokioExecutor::new()).build_http();
     let balance = Balance::builder()
         .wait_for_endpoints(Duration::from_secs(2))
-        .from_registry(&registry, SERVICE, move |instance| {
+        .from_registry(&*registry, SERVICE, move |instance| {
             Ok::<_, Infallible>(endpoint(&client, instance))
         });
 
-    settle(&registry, &balance).await?;
+    settle(&*registry, &balance).await?;
     print_table("three backends", &phase(&balance).await?);
 
     let (port, task) = start_backend("backend-4".to_owned()).await?;
@@ -197,15 +220,22 @@ async fn main() -> Result<(), BoxError> {
         ))
         .await?;
     servers.push(task);
-    settle(&registry, &balance).await?;
+    settle(&*registry, &balance).await?;
     print_table("backend-4 registered", &phase(&balance).await?);
 
     registry.deregister("backend-1").await?;
-    settle(&registry, &balance).await?;
+    settle(&*registry, &balance).await?;
     print_table("backend-1 deregistered", &phase(&balance).await?);
 
-    registry.set_health("backend-2", HealthStatus::Critical)?;
-    settle(&registry, &balance).await?;
+    if embedded {
+        memory.set_health("backend-2", HealthStatus::Critical)?;
+    } else {
+        // Other registries have no "mark critical" call; maintenance takes it out the same way.
+        registry
+            .set_maintenance("backend-2", true, "quickstart")
+            .await?;
+    }
+    settle(&*registry, &balance).await?;
     print_table("backend-2 marked critical", &phase(&balance).await?);
 
     for server in servers {

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --example tonic_client --features tonic
+//! cargo run --example tonic_client --features tonic,config -- --config examples/config/memory.yaml
 //! ```
 //!
 //! The servers run the standard `grpc.health.v1.Health` service, so the client is ordinary
@@ -22,9 +23,26 @@ use tonic_health::pb::health_client::HealthClient;
 use tower_sd::tonic::LoadBalancedChannel;
 use tower_sd::{MemoryRegistry, ServiceRegistry};
 
+#[cfg(feature = "config")]
+fn from_config(file: &str) -> Result<Arc<dyn ServiceRegistry>, Box<dyn std::error::Error>> {
+    Ok(tower_sd::config::RegistryConfig::from_path(file)?.build()?)
+}
+
+#[cfg(not(feature = "config"))]
+fn from_config(_file: &str) -> Result<Arc<dyn ServiceRegistry>, Box<dyn std::error::Error>> {
+    Err("--config needs the `config` cargo feature".into())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let registry = Arc::new(MemoryRegistry::new());
+    // The embedded registry, or `--config FILE` for any configured registry that takes
+    // registrations.
+    let registry: Arc<dyn ServiceRegistry> =
+        match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
+            [] => Arc::new(MemoryRegistry::new()),
+            [flag, file] if flag == "--config" => from_config(file)?,
+            _ => return Err("usage: tonic_client [--config FILE]".into()),
+        };
     let mut servers = Vec::new();
     for n in 1..=3 {
         let server = TestServer::grpc(&format!("health-{n}")).await;

@@ -7,7 +7,8 @@
 //! With no arguments it runs a self-contained demo on the in-memory registry: it registers
 //! three instances, marks one critical, deregisters one, and prints every set it sees.
 //!
-//! `--consul ADDRESS SERVICE` watches a service in Consul (feature `consul`; `-` as the
+//! `--config FILE SERVICE` watches a service in any configured registry (feature `config`;
+//! files in `examples/config/`), and `--consul ADDRESS SERVICE` watches a service in Consul (feature `consul`; `-` as the
 //! address means `CONSUL_HTTP_ADDR` or the default) until interrupted:
 //!
 //! ```text
@@ -23,6 +24,7 @@ use tower_sd::registry::WatchStream;
 use tower_sd::{BoxError, HealthStatus, MemoryRegistry, ServiceInstance, ServiceRegistry};
 
 const USAGE: &str = "usage: watch                            (demo on the in-memory registry)
+       watch --config FILE SERVICE       (feature config; any configured registry)
        watch --consul ADDRESS SERVICE    (feature consul; ADDRESS `-` for CONSUL_HTTP_ADDR)";
 
 #[tokio::main]
@@ -38,6 +40,7 @@ async fn main() -> ExitCode {
     let result = match args.as_slice() {
         [] => demo().await,
         [flag, address, service] if flag == "--consul" => consul(address, service).await,
+        [flag, file, service] if flag == "--config" => configured(file, service).await,
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -46,7 +49,14 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error}");
+            // The error and its causes: `invalid configuration at `registry.type`: ...`.
+            let mut message = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
@@ -80,6 +90,20 @@ async fn print_next(service: &str, watch: &mut WatchStream) -> Result<(), BoxErr
             None => return Err("the registry's watch ended".into()),
         }
     }
+}
+
+#[cfg(feature = "config")]
+async fn configured(file: &str, service: &str) -> Result<(), BoxError> {
+    let registry = tower_sd::config::RegistryConfig::from_path(file)?.build()?;
+    let mut watch = registry.watch(&service.into());
+    loop {
+        print_next(service, &mut watch).await?;
+    }
+}
+
+#[cfg(not(feature = "config"))]
+async fn configured(_file: &str, _service: &str) -> Result<(), BoxError> {
+    Err("--config needs the `config` cargo feature: cargo run --example watch --features config -- --config FILE SERVICE".into())
 }
 
 #[cfg(feature = "consul")]

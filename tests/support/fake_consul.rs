@@ -171,6 +171,11 @@ impl FakeConsul {
         self.inner.lock().unwrap().faults.push_back(fault);
     }
 
+    /// Drops every fault not yet served: the agent recovers.
+    pub fn clear_faults(&self) {
+        self.inner.lock().unwrap().faults.clear();
+    }
+
     /// Health queries answered so far.
     pub fn health_queries(&self) -> u64 {
         self.inner.lock().unwrap().health_queries

@@ -1,0 +1,292 @@
+//! Registry resilience: the last-known-good cache (with persistence), the fallback chain, and
+//! a Consul outage while a balancer serves requests.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_core::future::BoxFuture;
+use futures_util::StreamExt;
+use tower_sd::registry::{CachedRegistry, FallbackRegistry, WatchStream};
+use tower_sd::{
+    Error, HealthStatus, MemoryRegistry, ServiceInstance, ServiceQuery, ServiceRegistry,
+    StaticRegistry,
+};
+
+/// A memory registry that can be switched off: while down, every read fails.
+#[derive(Debug, Default)]
+struct Switch {
+    inner: MemoryRegistry,
+    down: AtomicBool,
+}
+
+impl Switch {
+    fn unreachable() -> Error {
+        Error::Unreachable {
+            registry: "switch",
+            source: "switched off".into(),
+        }
+    }
+}
+
+impl ServiceRegistry for Switch {
+    fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, tower_sd::Result<()>> {
+        self.inner.register(instance)
+    }
+    fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<()>> {
+        self.inner.deregister(id)
+    }
+    fn discover<'a>(
+        &'a self,
+        q: &'a ServiceQuery,
+    ) -> BoxFuture<'a, tower_sd::Result<Vec<ServiceInstance>>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(Self::unreachable()) });
+        }
+        self.inner.discover(q)
+    }
+    fn watch(&self, q: &ServiceQuery) -> WatchStream {
+        if self.down.load(Ordering::SeqCst) {
+            return futures_util::stream::iter([Err(Self::unreachable())])
+                .chain(futures_util::stream::pending())
+                .boxed();
+        }
+        self.inner.watch(q)
+    }
+    fn health<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<HealthStatus>> {
+        self.inner.health(id)
+    }
+}
+
+fn instance(id: &str) -> ServiceInstance {
+    ServiceInstance::new(id, "api", "10.0.0.1", 80)
+}
+
+#[tokio::test]
+async fn the_cache_serves_the_last_good_set_until_max_stale() {
+    let switch = Arc::new(Switch::default());
+    switch.register(instance("a")).await.unwrap();
+    let cached = CachedRegistry::builder(switch.clone())
+        .max_stale(Duration::from_millis(200))
+        .build();
+    assert_eq!(cached.discover(&"api".into()).await.unwrap().len(), 1);
+
+    switch.down.store(true, Ordering::SeqCst);
+    assert_eq!(
+        cached.discover(&"api".into()).await.unwrap().len(),
+        1,
+        "served from the cache"
+    );
+    assert!(cached.stats()[0].stale);
+    // Never asked before: nothing to serve.
+    assert!(cached.discover(&"other".into()).await.is_err());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        matches!(
+            cached.discover(&"api".into()).await,
+            Err(Error::Unreachable { .. })
+        ),
+        "past max_stale"
+    );
+}
+
+#[tokio::test]
+async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
+    let dir = std::env::temp_dir().join(format!("tower-sd-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cache.json");
+
+    let up = Arc::new(Switch::default());
+    up.register(instance("a")).await.unwrap();
+    up.register(instance("b")).await.unwrap();
+    let cached = CachedRegistry::builder(up).persist_to(&file).build();
+    assert_eq!(cached.discover(&"api".into()).await.unwrap().len(), 2);
+    assert!(file.exists());
+
+    // A new process, the registry down.
+    let down = Arc::new(Switch::default());
+    down.down.store(true, Ordering::SeqCst);
+    let seeded = CachedRegistry::builder(down).persist_to(&file).build();
+    assert_eq!(seeded.discover(&"api".into()).await.unwrap().len(), 2);
+    let mut watch = seeded.watch(&"api".into());
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().len(),
+        2,
+        "the seed comes first"
+    );
+    assert!(
+        watch.next().await.unwrap().is_err(),
+        "then the registry's error, not an empty set"
+    );
+
+    // A corrupt file is ignored, not fatal.
+    std::fs::write(&file, b"{ not json").unwrap();
+    let fresh = CachedRegistry::builder(Arc::new(Switch::default()))
+        .persist_to(&file)
+        .build();
+    assert!(fresh.stats().is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn fallback_discover_asks_down_the_chain() {
+    let primary = Arc::new(Switch::default());
+    primary.register(instance("primary")).await.unwrap();
+    let backup = StaticRegistry::new(vec![instance("backup")]).unwrap();
+    let chain = FallbackRegistry::new(vec![primary.clone(), Arc::new(backup)]).unwrap();
+    assert_eq!(
+        chain.discover(&"api".into()).await.unwrap()[0].id,
+        "primary"
+    );
+    primary.down.store(true, Ordering::SeqCst);
+    assert_eq!(chain.discover(&"api".into()).await.unwrap()[0].id, "backup");
+    // Registration goes to the primary.
+    chain.register(instance("new")).await.unwrap();
+    assert_eq!(
+        primary.inner.discover(&"api".into()).await.unwrap().len(),
+        2
+    );
+    assert!(FallbackRegistry::new(Vec::new()).is_err());
+}
+
+#[cfg(feature = "consul")]
+mod with_consul {
+    use super::*;
+    use support::fake_consul::{FakeConsul, Fault};
+    use tokio::time::timeout;
+    use tower::ServiceExt;
+    use tower_sd::balance::Balance;
+    use tower_sd::registry::consul::ConsulRegistry;
+
+    fn consul(fake: &FakeConsul) -> Arc<dyn ServiceRegistry> {
+        Arc::new(
+            ConsulRegistry::builder()
+                .address(fake.url())
+                .wait(Duration::from_secs(1))
+                .retry_backoff(Duration::from_millis(20), Duration::from_millis(200))
+                .requests_per_second(5.0)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    fn ids(set: &[ServiceInstance]) -> Vec<String> {
+        set.iter().map(|i| i.id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn the_watch_fails_over_and_back_without_an_empty_set() {
+        let fake = FakeConsul::start(None).await;
+        let primary = consul(&fake);
+        primary.register(instance("from-consul")).await.unwrap();
+        let backup = StaticRegistry::new(vec![instance("from-static")]).unwrap();
+        let chain = FallbackRegistry::new(vec![primary.clone(), Arc::new(backup)])
+            .unwrap()
+            .failover_after(Duration::from_millis(300));
+        let mut watch = chain.watch(&"api".into());
+        let mut sets = Vec::new();
+        let next = async |watch: &mut WatchStream, sets: &mut Vec<Vec<String>>| loop {
+            match timeout(Duration::from_secs(5), watch.next())
+                .await
+                .expect("a set in time")
+            {
+                Some(Ok(set)) => {
+                    sets.push(ids(&set));
+                    return ids(&set);
+                }
+                Some(Err(_)) => {}
+                None => panic!("the watch ended"),
+            }
+        };
+        assert_eq!(next(&mut watch, &mut sets).await, ["from-consul"]);
+
+        for _ in 0..10_000 {
+            fake.inject(Fault::Status(500));
+        }
+        // The blocking query in flight returns on the next change.
+        primary.register(instance("from-consul-2")).await.unwrap();
+        assert_eq!(
+            next(&mut watch, &mut sets).await,
+            ["from-static"],
+            "failed over"
+        );
+
+        fake.clear_faults();
+        assert_eq!(
+            next(&mut watch, &mut sets).await,
+            ["from-consul", "from-consul-2"],
+            "switched back"
+        );
+        assert!(
+            sets.iter().all(|set| !set.is_empty()),
+            "never an empty set: {sets:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_fails_no_request_and_sees_only_bounded_retries() {
+        let fake = FakeConsul::start(None).await;
+        let cached: Arc<dyn ServiceRegistry> =
+            Arc::new(CachedRegistry::builder(consul(&fake)).build());
+        cached.register(instance("a")).await.unwrap();
+        let balance = Balance::builder()
+            .wait_for_endpoints(Duration::from_millis(100))
+            .from_registry(&*cached, "api", |i| {
+                let id = i.id.clone();
+                Ok::<_, std::convert::Infallible>(tower::service_fn(move |()| {
+                    let id = id.clone();
+                    async move { Ok::<_, std::convert::Infallible>(id) }
+                }))
+            });
+        balance
+            .await_endpoints(Duration::from_secs(5))
+            .await
+            .unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (balance, stop) = (balance.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0usize, 0usize);
+                while !stop.load(Ordering::SeqCst) {
+                    match balance.clone().oneshot(()).await {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                    tokio::task::yield_now().await;
+                }
+                (ok, failed)
+            })
+        };
+
+        // The outage: every query fails for 2 s (scaled down from a minute: backoff 20-200 ms
+        // and 5 queries/s keep the same shape).
+        for _ in 0..100_000 {
+            fake.inject(Fault::Status(500));
+        }
+        cached.register(instance("poke")).await.unwrap(); // ends the blocking query in flight
+        let before = fake.health_queries();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let during = fake.health_queries() - before;
+        assert!(during <= 15, "{during} queries in a 2 s outage");
+
+        // Recovery: the next query sees the change.
+        fake.clear_faults();
+        cached.register(instance("b")).await.unwrap();
+        let recovered = timeout(Duration::from_secs(2), async {
+            while !balance.endpoints().iter().any(|e| e.key == "b") {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(recovered.is_ok(), "the set updated after recovery");
+
+        stop.store(true, Ordering::SeqCst);
+        let (ok, failed) = sender.await.unwrap();
+        assert!(ok > 100, "{ok} requests");
+        assert_eq!(failed, 0, "no request failed for lack of endpoints");
+    }
+}
