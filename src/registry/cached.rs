@@ -35,7 +35,7 @@ use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use tower_sd::registry::CachedRegistry;
-/// use tower_sd::{MemoryRegistry, ServiceRegistry};
+/// use tower_sd::MemoryRegistry;
 ///
 /// let cached = CachedRegistry::builder(Arc::new(MemoryRegistry::new()))
 ///     .max_stale(Duration::from_secs(600))
