@@ -23,6 +23,19 @@ fn registry(fake: &FakeConsul) -> ConsulRegistry {
         .unwrap()
 }
 
+/// The `index` of every health query the fake agent saw for `service`, in order.
+fn sent_indexes(fake: &FakeConsul, service: &str) -> Vec<String> {
+    let prefix = format!("GET health/service/{service}?");
+    fake.requests()
+        .into_iter()
+        .filter(|r| r.starts_with(&prefix))
+        .filter_map(|r| {
+            r.split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("index=").map(str::to_owned))
+        })
+        .collect()
+}
+
 fn ids(set: &[ServiceInstance]) -> Vec<&str> {
     set.iter().map(|i| i.id.as_str()).collect()
 }
@@ -269,15 +282,7 @@ async fn the_index_resets_to_zero_when_it_goes_backwards() {
         .unwrap();
     assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 3);
 
-    let indexes: Vec<String> = fake
-        .requests()
-        .into_iter()
-        .filter(|r| r.starts_with("GET health/service/idx"))
-        .filter_map(|r| {
-            r.split(['?', '&'])
-                .find_map(|kv| kv.strip_prefix("index=").map(str::to_owned))
-        })
-        .collect();
+    let indexes = sent_indexes(&fake, "idx");
     assert_eq!(indexes[0], "0", "the first query does not block");
     assert!(
         indexes[1..].contains(&"0".to_owned()),
@@ -432,14 +437,6 @@ async fn an_index_of_zero_is_sent_back_as_one() {
         .await
         .unwrap();
     assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 2);
-    let after_zero: Vec<String> = fake
-        .requests()
-        .into_iter()
-        .filter(|r| r.starts_with("GET health/service/zero"))
-        .filter_map(|r| {
-            r.split(['?', '&'])
-                .find_map(|kv| kv.strip_prefix("index=").map(str::to_owned))
-        })
-        .collect();
+    let after_zero = sent_indexes(&fake, "zero");
     assert!(after_zero.contains(&"1".to_owned()), "{after_zero:?}");
 }

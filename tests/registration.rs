@@ -4,69 +4,13 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_core::future::BoxFuture;
+use support::unreliable::Unreliable;
 use tokio::time::advance;
 use tower_sd::registration::Registration;
-use tower_sd::registry::WatchStream;
-use tower_sd::{
-    Error, HealthStatus, MemoryRegistry, ServiceInstance, ServiceQuery, ServiceRegistry,
-};
-
-/// A memory registry whose first `failures` registrations fail as unreachable.
-#[derive(Debug)]
-struct Flaky {
-    inner: MemoryRegistry,
-    failures: AtomicUsize,
-    attempts: AtomicUsize,
-}
-
-impl ServiceRegistry for Flaky {
-    fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, tower_sd::Result<()>> {
-        self.attempts.fetch_add(1, Ordering::SeqCst);
-        if self
-            .failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Box::pin(async {
-                Err(Error::Unreachable {
-                    registry: "flaky",
-                    source: "connection refused".into(),
-                })
-            });
-        }
-        self.inner.register(instance)
-    }
-    fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<()>> {
-        self.inner.deregister(id)
-    }
-    fn discover<'a>(
-        &'a self,
-        q: &'a ServiceQuery,
-    ) -> BoxFuture<'a, tower_sd::Result<Vec<ServiceInstance>>> {
-        self.inner.discover(q)
-    }
-    fn watch(&self, q: &ServiceQuery) -> WatchStream {
-        self.inner.watch(q)
-    }
-    fn health<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<HealthStatus>> {
-        self.inner.health(id)
-    }
-    fn heartbeat<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<()>> {
-        self.inner.heartbeat(id)
-    }
-    fn set_maintenance<'a>(
-        &'a self,
-        id: &'a str,
-        on: bool,
-        why: &'a str,
-    ) -> BoxFuture<'a, tower_sd::Result<()>> {
-        self.inner.set_maintenance(id, on, why)
-    }
-}
+use tower_sd::{Error, HealthStatus, MemoryRegistry, ServiceInstance, ServiceRegistry};
 
 fn instance() -> ServiceInstance {
     ServiceInstance::new("api-1", "api", "127.0.0.1", 8080)
@@ -74,11 +18,8 @@ fn instance() -> ServiceInstance {
 
 #[tokio::test(start_paused = true)]
 async fn registration_retries_with_backoff_until_accepted() {
-    let registry = Arc::new(Flaky {
-        inner: MemoryRegistry::new(),
-        failures: AtomicUsize::new(4),
-        attempts: AtomicUsize::new(0),
-    });
+    let registry = Arc::new(Unreliable::default());
+    registry.register_failures.store(4, Ordering::SeqCst);
     let registration = Registration::builder(registry.clone(), instance())
         .retry_backoff(Duration::from_millis(100), Duration::from_secs(2))
         .start();
@@ -86,7 +27,7 @@ async fn registration_retries_with_backoff_until_accepted() {
         .registered(Duration::from_secs(60))
         .await
         .unwrap();
-    assert_eq!(registry.attempts.load(Ordering::SeqCst), 5);
+    assert_eq!(registry.register_attempts.load(Ordering::SeqCst), 5);
     assert_eq!(registry.discover(&"api".into()).await.unwrap().len(), 1);
 }
 

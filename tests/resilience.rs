@@ -7,58 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_core::future::BoxFuture;
 use futures_util::StreamExt;
+use support::unreliable::Unreliable;
 use tower_sd::registry::{CachedRegistry, FallbackRegistry, WatchStream};
-use tower_sd::{
-    Error, HealthStatus, MemoryRegistry, ServiceInstance, ServiceQuery, ServiceRegistry,
-    StaticRegistry,
-};
-
-/// A memory registry that can be switched off: while down, every read fails.
-#[derive(Debug, Default)]
-struct Switch {
-    inner: MemoryRegistry,
-    down: AtomicBool,
-}
-
-impl Switch {
-    fn unreachable() -> Error {
-        Error::Unreachable {
-            registry: "switch",
-            source: "switched off".into(),
-        }
-    }
-}
-
-impl ServiceRegistry for Switch {
-    fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, tower_sd::Result<()>> {
-        self.inner.register(instance)
-    }
-    fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<()>> {
-        self.inner.deregister(id)
-    }
-    fn discover<'a>(
-        &'a self,
-        q: &'a ServiceQuery,
-    ) -> BoxFuture<'a, tower_sd::Result<Vec<ServiceInstance>>> {
-        if self.down.load(Ordering::SeqCst) {
-            return Box::pin(async { Err(Self::unreachable()) });
-        }
-        self.inner.discover(q)
-    }
-    fn watch(&self, q: &ServiceQuery) -> WatchStream {
-        if self.down.load(Ordering::SeqCst) {
-            return futures_util::stream::iter([Err(Self::unreachable())])
-                .chain(futures_util::stream::pending())
-                .boxed();
-        }
-        self.inner.watch(q)
-    }
-    fn health<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<HealthStatus>> {
-        self.inner.health(id)
-    }
-}
+use tower_sd::{Error, ServiceInstance, ServiceRegistry, StaticRegistry};
 
 fn instance(id: &str) -> ServiceInstance {
     ServiceInstance::new(id, "api", "10.0.0.1", 80)
@@ -66,7 +18,7 @@ fn instance(id: &str) -> ServiceInstance {
 
 #[tokio::test]
 async fn the_cache_serves_the_last_good_set_until_max_stale() {
-    let switch = Arc::new(Switch::default());
+    let switch = Arc::new(Unreliable::default());
     switch.register(instance("a")).await.unwrap();
     let cached = CachedRegistry::builder(switch.clone())
         .max_stale(Duration::from_millis(200))
@@ -99,7 +51,7 @@ async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("cache.json");
 
-    let up = Arc::new(Switch::default());
+    let up = Arc::new(Unreliable::default());
     up.register(instance("a")).await.unwrap();
     up.register(instance("b")).await.unwrap();
     let cached = CachedRegistry::builder(up).persist_to(&file).build();
@@ -107,7 +59,7 @@ async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
     assert!(file.exists());
 
     // A new process, the registry down.
-    let down = Arc::new(Switch::default());
+    let down = Arc::new(Unreliable::default());
     down.down.store(true, Ordering::SeqCst);
     let seeded = CachedRegistry::builder(down).persist_to(&file).build();
     assert_eq!(seeded.discover(&"api".into()).await.unwrap().len(), 2);
@@ -124,7 +76,7 @@ async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
 
     // A corrupt file is ignored, not fatal.
     std::fs::write(&file, b"{ not json").unwrap();
-    let fresh = CachedRegistry::builder(Arc::new(Switch::default()))
+    let fresh = CachedRegistry::builder(Arc::new(Unreliable::default()))
         .persist_to(&file)
         .build();
     assert!(fresh.stats().is_empty());
@@ -133,7 +85,7 @@ async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
 
 #[tokio::test]
 async fn fallback_discover_asks_down_the_chain() {
-    let primary = Arc::new(Switch::default());
+    let primary = Arc::new(Unreliable::default());
     primary.register(instance("primary")).await.unwrap();
     let backup = StaticRegistry::new(vec![instance("backup")]).unwrap();
     let chain = FallbackRegistry::new(vec![primary.clone(), Arc::new(backup)]).unwrap();

@@ -4,6 +4,7 @@
 
 pub mod fake_consul;
 pub mod servers;
+pub mod unreliable;
 
 use tower_sd::ServiceInstance;
 
