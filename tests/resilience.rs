@@ -4,12 +4,12 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use support::unreliable::Unreliable;
-use tower_sd::registry::{CachedRegistry, FallbackRegistry, WatchStream};
+use tower_sd::registry::{CachedRegistry, FallbackRegistry};
 use tower_sd::{Error, ServiceInstance, ServiceRegistry, StaticRegistry};
 
 fn instance(id: &str) -> ServiceInstance {
@@ -107,10 +107,12 @@ async fn fallback_discover_asks_down_the_chain() {
 #[cfg(feature = "consul")]
 mod with_consul {
     use super::*;
+    use std::sync::atomic::AtomicBool;
     use support::fake_consul::{FakeConsul, Fault};
     use tokio::time::timeout;
     use tower::ServiceExt;
     use tower_sd::balance::Balance;
+    use tower_sd::registry::WatchStream;
     use tower_sd::registry::consul::ConsulRegistry;
 
     fn consul(fake: &FakeConsul) -> Arc<dyn ServiceRegistry> {
