@@ -88,7 +88,9 @@ impl LoadBalancedChannel {
     pub fn builder(registry: Arc<dyn ServiceRegistry>, query: impl Into<ServiceQuery>) -> Builder {
         let query = query.into();
         Builder {
-            balance: Balance::builder().service_name(query.name.clone()),
+            balance: Balance::builder()
+                .service_name(query.name.clone())
+                .keep_clones(16),
             registry,
             query,
             settings: Settings::default(),

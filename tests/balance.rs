@@ -566,3 +566,28 @@ async fn stress_churn() {
     assert!(churns > 100, "the set churned {churns} times");
     assert!(balance.endpoints().iter().all(|e| e.in_flight == 0));
 }
+
+#[tokio::test]
+async fn kept_clones_are_reused_and_released_with_the_snapshot() {
+    let probe = Probe::new(1);
+    let (feed, mut balance) = fed(Balance::builder().keep_clones(4));
+    insert(&feed, &probe);
+    published(&balance, 1).await;
+    for _ in 0..10 {
+        assert_eq!((&mut balance).oneshot(()).await.unwrap(), 1);
+    }
+    // The balancer's own copy plus the one clone this handle keeps and reuses.
+    assert_eq!(probe.clones.load(Ordering::SeqCst), 2);
+
+    feed.send(Ok(Change::Remove(1))).unwrap();
+    insert(&feed, &Probe::new(2));
+    while !balance.endpoints().iter().any(|e| e.key == 2) {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!((&mut balance).oneshot(()).await.unwrap(), 2);
+    assert_eq!(
+        probe.clones.load(Ordering::SeqCst),
+        0,
+        "released with the old snapshot"
+    );
+}

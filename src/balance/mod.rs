@@ -152,6 +152,7 @@ impl Default for Builder {
                 panic_mode: PanicMode::default(),
                 slow_start: None,
                 zone: None,
+                keep_clones: 0,
             },
         }
     }
@@ -208,6 +209,16 @@ impl Builder {
     #[must_use]
     pub fn zone_preference(mut self, zone: ZonePreference) -> Self {
         self.config.zone = Some(zone);
+        self
+    }
+
+    /// Let each handle keep up to `clones` endpoint-service clones for reuse (default 0:
+    /// clone per request). Worth it when cloning costs: a tonic `Channel` clone allocates
+    /// and touches a counter shared by all callers, so `LoadBalancedChannel` keeps 16. Kept
+    /// clones are dropped when the handle sees a new snapshot.
+    #[must_use]
+    pub fn keep_clones(mut self, clones: usize) -> Self {
+        self.config.keep_clones = clones;
         self
     }
 

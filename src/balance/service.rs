@@ -79,6 +79,9 @@ pub struct Balance<S, K = String, C = ErrorsOnly> {
     classify: C,
     /// The snapshot this handle last picked from, with its generation.
     view: Option<(u64, Arc<Snapshot<S, K>>)>,
+    /// Clones of endpoint services kept for reuse (see `Builder::keep_clones`), keyed by
+    /// endpoint; cleared with the view.
+    clones: Vec<(usize, S)>,
     chosen: Option<Chosen<S, K>>,
     /// While the set is empty: resolves when endpoints arrive (`true`) or the wait times out.
     waiting: Option<Pin<Box<dyn Future<Output = bool> + Send + Sync>>>,
@@ -126,6 +129,7 @@ where
             shared,
             classify: ErrorsOnly,
             view: None,
+            clones: Vec::new(),
             chosen: None,
             waiting: None,
             next_publish: None,
@@ -141,6 +145,7 @@ impl<S, K, C> Balance<S, K, C> {
             shared: self.shared,
             classify,
             view: self.view,
+            clones: self.clones,
             chosen: self.chosen,
             waiting: self.waiting,
             next_publish: self.next_publish,
@@ -243,14 +248,22 @@ impl<S, K, C> Balance<S, K, C> {
 /// case is one shared read, with no reference count touched.
 fn view<'a, S, K>(
     view: &'a mut Option<(u64, Arc<Snapshot<S, K>>)>,
+    clones: &mut Vec<(usize, S)>,
     shared: &Shared<S, K>,
 ) -> &'a Snapshot<S, K> {
     let generation = shared.updates.load(Ordering::Acquire);
     if view.as_ref().is_none_or(|(seen, _)| *seen != generation) {
         *view = Some((generation, shared.snapshot.load_full()));
+        // Kept clones belong to the old snapshot's endpoints: drop them with it.
+        clones.clear();
     }
     let (_, snapshot) = view.as_ref().expect("just set");
     snapshot
+}
+
+/// Identifies an endpoint of the current view (its address; stable while the view holds it).
+fn endpoint_key<S, K>(endpoint: &Arc<Endpoint<S, K>>) -> usize {
+    Arc::as_ptr(endpoint).cast::<()>() as usize
 }
 
 /// The local zone's endpoints while it has enough usable ones, else all.
@@ -302,7 +315,7 @@ where
                 None => {
                     let cost = self.cost();
                     let shared = &*self.shared;
-                    let snapshot = view(&mut self.view, shared);
+                    let snapshot = view(&mut self.view, &mut self.clones, shared);
                     let rules = Rules {
                         detector: shared.detector.as_deref(),
                         panic_threshold: shared.config.panic_threshold,
@@ -337,9 +350,14 @@ where
                         }
                     };
                     let endpoint = &snapshot.endpoints[index];
+                    let key = endpoint_key(endpoint);
+                    let service = match self.clones.iter().position(|(k, _)| *k == key) {
+                        Some(i) => self.clones.swap_remove(i).1,
+                        None => endpoint.service.clone(),
+                    };
                     let chosen = Chosen {
                         endpoint: Arc::clone(endpoint),
-                        service: endpoint.service.clone(),
+                        service,
                     };
                     self.waiting = None;
                     self.chosen.insert(chosen)
@@ -398,8 +416,17 @@ where
             .chosen
             .take()
             .expect("Balance::call without poll_ready returning Ready(Ok)");
+        let key = endpoint_key(&endpoint);
         let in_flight = InFlight::start(endpoint);
-        ResponseFuture::new(service.call(request), in_flight, self.classify.clone())
+        let future = service.call(request);
+        let keep = self.shared.config.keep_clones;
+        if keep > 0 {
+            if self.clones.len() >= keep {
+                self.clones.swap_remove(0);
+            }
+            self.clones.push((key, service));
+        }
+        ResponseFuture::new(future, in_flight, self.classify.clone())
     }
 }
 
@@ -410,6 +437,7 @@ impl<S, K, C: Clone> Clone for Balance<S, K, C> {
             shared: Arc::clone(&self.shared),
             classify: self.classify.clone(),
             view: None,
+            clones: Vec::new(),
             chosen: None,
             waiting: None,
             next_publish: None,

@@ -52,6 +52,8 @@ pub(crate) struct Config {
     pub(crate) panic_mode: PanicMode,
     pub(crate) slow_start: Option<Duration>,
     pub(crate) zone: Option<ZonePreference>,
+    /// Service clones each handle keeps for reuse.
+    pub(crate) keep_clones: usize,
 }
 
 /// What all clones of one `Balance` share.
