@@ -350,11 +350,14 @@ where
                         }
                     };
                     let endpoint = &snapshot.endpoints[index];
-                    let key = endpoint_key(endpoint);
-                    let service = match self.clones.iter().position(|(k, _)| *k == key) {
-                        Some(i) => self.clones.swap_remove(i).1,
-                        None => endpoint.service.clone(),
+                    let kept = if self.clones.is_empty() {
+                        None
+                    } else {
+                        let key = endpoint_key(endpoint);
+                        let found = self.clones.iter().position(|(k, _)| *k == key);
+                        found.map(|i| self.clones.swap_remove(i).1)
                     };
+                    let service = kept.unwrap_or_else(|| endpoint.service.clone());
                     let chosen = Chosen {
                         endpoint: Arc::clone(endpoint),
                         service,
@@ -408,6 +411,7 @@ where
         }
     }
 
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         let Chosen {
             endpoint,
@@ -416,16 +420,15 @@ where
             .chosen
             .take()
             .expect("Balance::call without poll_ready returning Ready(Ok)");
-        let key = endpoint_key(&endpoint);
-        let in_flight = InFlight::start(endpoint);
         let future = service.call(request);
         let keep = self.shared.config.keep_clones;
         if keep > 0 {
             if self.clones.len() >= keep {
                 self.clones.swap_remove(0);
             }
-            self.clones.push((key, service));
+            self.clones.push((endpoint_key(&endpoint), service));
         }
+        let in_flight = InFlight::start(endpoint);
         ResponseFuture::new(future, in_flight, self.classify.clone())
     }
 }
