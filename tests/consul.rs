@@ -36,6 +36,24 @@ fn sent_indexes(fake: &FakeConsul, service: &str) -> Vec<String> {
         .collect()
 }
 
+/// Registers an instance and waits for the watch to show `expected` instances.
+async fn register_and_see(
+    consul: &ConsulRegistry,
+    watch: &mut WatchStream,
+    id: &str,
+    service: &str,
+    expected: usize,
+) {
+    consul
+        .register(ServiceInstance::new(id, service, "10.0.0.1", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_set(watch, Duration::from_secs(2)).await.len(),
+        expected
+    );
+}
+
 fn ids(set: &[ServiceInstance]) -> Vec<&str> {
     set.iter().map(|i| i.id.as_str()).collect()
 }
@@ -271,16 +289,8 @@ async fn the_index_resets_to_zero_when_it_goes_backwards() {
 
     // The next answer carries an index lower than before: the one after must start from 0.
     fake.inject(Fault::IndexBackwards);
-    consul
-        .register(ServiceInstance::new("b", "idx", "10.0.0.2", 1))
-        .await
-        .unwrap();
-    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 2);
-    consul
-        .register(ServiceInstance::new("c", "idx", "10.0.0.3", 1))
-        .await
-        .unwrap();
-    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 3);
+    register_and_see(&consul, &mut watch, "b", "idx", 2).await;
+    register_and_see(&consul, &mut watch, "c", "idx", 3).await;
 
     let indexes = sent_indexes(&fake, "idx");
     assert_eq!(indexes[0], "0", "the first query does not block");
@@ -427,16 +437,8 @@ async fn an_index_of_zero_is_sent_back_as_one() {
             .is_empty()
     );
     fake.inject(Fault::IndexZero);
-    consul
-        .register(ServiceInstance::new("a", "zero", "10.0.0.1", 1))
-        .await
-        .unwrap();
-    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 1);
-    consul
-        .register(ServiceInstance::new("b", "zero", "10.0.0.2", 1))
-        .await
-        .unwrap();
-    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 2);
+    register_and_see(&consul, &mut watch, "a", "zero", 1).await;
+    register_and_see(&consul, &mut watch, "b", "zero", 2).await;
     let after_zero = sent_indexes(&fake, "zero");
     assert!(after_zero.contains(&"1".to_owned()), "{after_zero:?}");
 }

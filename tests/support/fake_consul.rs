@@ -113,6 +113,8 @@ impl FakeConsul {
             .route("/v1/agent/check/update/{check}", put(update_check))
             .route("/v1/agent/health/service/id/{id}", get(agent_health))
             .route("/v1/health/service/{name}", get(health_service))
+            // Every endpoint checks the ACL token first, as the agent does.
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&fake), acl))
             .with_state(Arc::clone(&fake));
         let task = match tls {
             None => tokio::spawn(async move {
@@ -263,6 +265,18 @@ impl Drop for FakeConsul {
     }
 }
 
+/// Answers 403 when a token is required and the request does not carry it.
+async fn acl(
+    State(fake): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match fake.denied(request.headers()) {
+        Some(denied) => denied,
+        None => next.run(request).await,
+    }
+}
+
 fn set_status(service: &mut Service, status: &str) {
     if status == "critical" && service.status != "critical" {
         service.critical_since = Some(Instant::now());
@@ -301,13 +315,9 @@ fn parse_go_duration(text: &str) -> Option<Duration> {
 
 async fn register(
     State(fake): State<Shared>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Some(denied) = fake.denied(&headers) {
-        return denied;
-    }
     fake.log(format!("PUT register {q:?}"));
     let Some(id) = body["ID"].as_str().map(str::to_owned) else {
         return (StatusCode::BAD_REQUEST, "missing ID").into_response();
@@ -337,14 +347,7 @@ async fn register(
     StatusCode::OK.into_response()
 }
 
-async fn deregister(
-    State(fake): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(denied) = fake.denied(&headers) {
-        return denied;
-    }
+async fn deregister(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
     let mut inner = fake.inner.lock().unwrap();
     if inner.services.remove(&id).is_none() {
         return (StatusCode::NOT_FOUND, format!("Unknown service ID {id:?}")).into_response();
@@ -355,13 +358,9 @@ async fn deregister(
 
 async fn maintenance(
     State(fake): State<Shared>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(denied) = fake.denied(&headers) {
-        return denied;
-    }
     let mut inner = fake.inner.lock().unwrap();
     let Some(service) = inner.services.get_mut(&id) else {
         return (StatusCode::NOT_FOUND, "Unknown service").into_response();
@@ -373,13 +372,9 @@ async fn maintenance(
 
 async fn update_check(
     State(fake): State<Shared>,
-    headers: HeaderMap,
     Path(check): Path<String>,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Some(denied) = fake.denied(&headers) {
-        return denied;
-    }
     let id = check.strip_prefix("service:").unwrap_or(&check).to_owned();
     let mut inner = fake.inner.lock().unwrap();
     let Some(service) = inner.services.get_mut(&id) else {
@@ -406,14 +401,7 @@ fn effective_status(service: &Service) -> &str {
     }
 }
 
-async fn agent_health(
-    State(fake): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(denied) = fake.denied(&headers) {
-        return denied;
-    }
+async fn agent_health(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
     let mut inner = fake.inner.lock().unwrap();
     fake.refresh(&mut inner);
     let Some(service) = inner.services.get(&id) else {
@@ -458,13 +446,9 @@ fn filter_matches(filter: &str, meta: &Value) -> bool {
 
 async fn health_service(
     State(fake): State<Shared>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    if let Some(denied) = fake.denied(&headers) {
-        return denied;
-    }
     let raw = raw.unwrap_or_default();
     fake.log(format!("GET health/service/{name}?{raw}"));
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&raw).unwrap_or_default();
