@@ -188,12 +188,10 @@ impl State {
                 stale: false,
             },
         );
-        if changed {
-            if let Some(path) = &self.persist {
-                let snapshot: Vec<&Entry> = entries.values().collect();
-                if let Err(error) = write_atomically(path, &snapshot) {
-                    warn!(path = %path.display(), %error, "cannot write the registry cache file");
-                }
+        if changed && let Some(path) = &self.persist {
+            let snapshot: Vec<&Entry> = entries.values().collect();
+            if let Err(error) = write_atomically(path, &snapshot) {
+                warn!(path = %path.display(), %error, "cannot write the registry cache file");
             }
         }
     }

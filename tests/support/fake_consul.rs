@@ -211,12 +211,13 @@ impl FakeConsul {
         let now = Instant::now();
         let mut changed = false;
         for service in inner.services.values_mut() {
-            if let Some(deadline) = service.ttl_deadline {
-                if deadline <= now && service.status != "critical" {
-                    set_status(service, "critical");
-                    service.critical_since = Some(deadline);
-                    changed = true;
-                }
+            if let Some(deadline) = service.ttl_deadline
+                && deadline <= now
+                && service.status != "critical"
+            {
+                set_status(service, "critical");
+                service.critical_since = Some(deadline);
+                changed = true;
             }
         }
         let before = inner.services.len();

@@ -145,15 +145,15 @@ impl Default for ConsulBuilder {
 impl ConsulBuilder {
     /// Reads `CONSUL_HTTP_ADDR` and `CONSUL_HTTP_TOKEN` when set, as Consul's own tools do.
     pub fn from_env(mut self) -> Self {
-        if let Ok(address) = std::env::var("CONSUL_HTTP_ADDR") {
-            if !address.is_empty() {
-                self.address = address;
-            }
+        if let Ok(address) = std::env::var("CONSUL_HTTP_ADDR")
+            && !address.is_empty()
+        {
+            self.address = address;
         }
-        if let Ok(token) = std::env::var("CONSUL_HTTP_TOKEN") {
-            if !token.is_empty() {
-                self.token = Some(Secret(token));
-            }
+        if let Ok(token) = std::env::var("CONSUL_HTTP_TOKEN")
+            && !token.is_empty()
+        {
+            self.token = Some(Secret(token));
         }
         self
     }
