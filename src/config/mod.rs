@@ -25,8 +25,8 @@
 //! Durations are human-readable (`500ms`, `10s`, `1m`, `1m30s`, `2h`). Unknown keys are
 //! rejected with their path; an unknown `type` lists the valid ones; a backend that is not
 //! compiled in names its cargo feature. `CONSUL_HTTP_ADDR` and `CONSUL_HTTP_TOKEN` override
-//! the file. Optional wrappers: `cache` (see [`CachedRegistry`]) and `fallback`, a list of
-//! further registry sections followed when this one fails (see [`FallbackRegistry`]).
+//! the file. Optional wrappers: `cache` (see [`CachedRegistry`](crate::registry::CachedRegistry)) and `fallback`, a list of
+//! further registry sections followed when this one fails (see [`FallbackRegistry`](crate::registry::FallbackRegistry)).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -35,11 +35,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod build;
+
 use crate::error::{BoxError, Error, Result};
 use crate::instance::ServiceInstance;
-use crate::registry::{
-    CachedRegistry, FallbackRegistry, MemoryRegistry, ServiceRegistry, StaticRegistry,
-};
+use crate::registry::ServiceRegistry;
 
 /// The registry types, as `registry.type` names them.
 pub const REGISTRY_TYPES: [&str; 6] = ["consul", "kubernetes", "etcd", "dns", "static", "memory"];
@@ -393,172 +393,8 @@ impl RegistryConfig {
     /// a port, invalid instances.
     pub fn build(&self) -> Result<Arc<dyn ServiceRegistry>> {
         let config = self.clone().with_env(|name| std::env::var(name).ok());
-        build_section(&config.registry, "registry")
+        build::build(&config.registry, "registry")
     }
-}
-
-fn build_section(section: &RegistrySection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
-    let registry: Arc<dyn ServiceRegistry> = match section.kind.as_str() {
-        "memory" => {
-            let memory = section.memory.clone().unwrap_or_default();
-            let mut builder = MemoryRegistry::builder();
-            if let Some(dc) = memory.datacenter {
-                builder = builder.datacenter(dc);
-            }
-            if let Some(ns) = memory.namespace {
-                builder = builder.namespace(ns);
-            }
-            if let Some(ttl) = memory.ttl {
-                builder = builder.ttl(ttl);
-            }
-            if let Some(after) = memory.deregister_after {
-                builder = builder.deregister_critical_after(after);
-            }
-            Arc::new(builder.build())
-        }
-        "static" => {
-            let instances = section.static_list.clone().unwrap_or_default().instances;
-            Arc::new(
-                StaticRegistry::new(instances)
-                    .map_err(|e| invalid(format!("{path}.static.instances"), e))?,
-            )
-        }
-        "consul" => consul(
-            section.consul.clone().unwrap_or_default(),
-            &format!("{path}.consul"),
-        )?,
-        kind @ ("kubernetes" | "etcd" | "dns") => {
-            return Err(invalid(
-                format!("{path}.type"),
-                format!(
-                    "registry type `{kind}` is not available in this build: the `{kind}` backend (cargo feature `{kind}`) is not compiled in"
-                ),
-            ));
-        }
-        other => {
-            return Err(invalid(
-                format!("{path}.type"),
-                format!(
-                    "unknown registry type `{other}`; valid types: {}",
-                    REGISTRY_TYPES.join(", ")
-                ),
-            ));
-        }
-    };
-    let registry: Arc<dyn ServiceRegistry> = match &section.cache {
-        Some(cache) => {
-            let mut builder = CachedRegistry::builder(registry);
-            if let Some(max) = cache.max_stale {
-                builder = builder.max_stale(max);
-            }
-            if let Some(file) = &cache.persist {
-                builder = builder.persist_to(file);
-            }
-            Arc::new(builder.build())
-        }
-        None => registry,
-    };
-    if section.fallback.is_empty() {
-        return Ok(registry);
-    }
-    let mut chain = vec![registry];
-    for (i, fallback) in section.fallback.iter().enumerate() {
-        chain.push(build_section(fallback, &format!("{path}.fallback[{i}]"))?);
-    }
-    let mut fallback = FallbackRegistry::new(chain)?;
-    if let Some(after) = section.failover_after {
-        fallback = fallback.failover_after(after);
-    }
-    Ok(Arc::new(fallback))
-}
-
-#[cfg(feature = "consul")]
-fn consul(section: ConsulSection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
-    use crate::registry::consul::{ConsulRegistry, HealthCheck, HealthCheckKind};
-
-    let mut builder = ConsulRegistry::builder();
-    if let Some(address) = &section.address {
-        let (scheme, rest) = match address.split_once("://") {
-            Some((scheme, rest)) => (scheme.to_owned(), rest),
-            None => (
-                section.scheme.clone().unwrap_or_else(|| "http".to_owned()),
-                address.as_str(),
-            ),
-        };
-        let host_port = rest.split('/').next().unwrap_or_default();
-        let has_port = host_port
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !has_port {
-            return Err(invalid(
-                format!("{path}.address"),
-                format!("`{address}` has no port; expected host:port, e.g. localhost:8500"),
-            ));
-        }
-        builder = builder.address(format!("{scheme}://{rest}"));
-    }
-    if let Some(dc) = section.datacenter {
-        builder = builder.datacenter(dc);
-    }
-    if let Some(ns) = section.namespace {
-        builder = builder.namespace(ns);
-    }
-    if let Some(token) = section.token {
-        builder = builder.token(token);
-    }
-    if let Some(ca) = section.ca_file {
-        builder = builder.ca_file(ca);
-    }
-    if let Some(wait) = section.wait {
-        builder = builder.wait(wait);
-    }
-    if let Some(timeout) = section.request_timeout {
-        builder = builder.request_timeout(timeout);
-    }
-    if let Some(key) = section.zone_key {
-        builder = builder.zone_key(key);
-    }
-    builder = builder.stale(section.stale).cached(section.cached);
-    if let Some(check) = section.health_check {
-        let kind = match check.kind.as_deref().unwrap_or("http") {
-            "http" => HealthCheckKind::Http(check.http),
-            "tcp" => HealthCheckKind::Tcp,
-            "grpc" => HealthCheckKind::Grpc,
-            "ttl" => HealthCheckKind::Ttl(check.ttl.ok_or_else(|| {
-                invalid(
-                    format!("{path}.health_check.ttl"),
-                    "a ttl check needs `ttl`",
-                )
-            })?),
-            other => {
-                return Err(invalid(
-                    format!("{path}.health_check.kind"),
-                    format!("unknown check kind `{other}`; valid kinds: http, tcp, grpc, ttl"),
-                ));
-            }
-        };
-        let mut template = HealthCheck::new(kind);
-        if let Some(interval) = check.interval {
-            template = template.interval(interval);
-        }
-        if let Some(timeout) = check.timeout {
-            template = template.timeout(timeout);
-        }
-        if let Some(after) = check.deregister_after {
-            template = template.deregister_after(after);
-        }
-        builder = builder.health_check(template);
-    }
-    Ok(Arc::new(builder.build()?))
-}
-
-#[cfg(not(feature = "consul"))]
-fn consul(_section: ConsulSection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
-    let _ = path;
-    Err(invalid(
-        "registry.type",
-        "registry type `consul` needs the `consul` cargo feature, which this build does not have",
-    ))
 }
 
 #[cfg(test)]
