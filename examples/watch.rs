@@ -8,11 +8,15 @@
 //! three instances, marks one critical, deregisters one, and prints every set it sees.
 //!
 //! `--config FILE SERVICE` watches a service in any configured registry (feature `config`;
-//! files in `examples/config/`), and `--consul ADDRESS SERVICE` watches a service in Consul (feature `consul`; `-` as the
-//! address means `CONSUL_HTTP_ADDR` or the default) until interrupted:
+//! files in `examples/config/`), `--consul ADDRESS SERVICE` watches a service in Consul
+//! (feature `consul`; `-` as the address means `CONSUL_HTTP_ADDR` or the default), and
+//! `--kubernetes NAMESPACE SERVICE [PORT_NAME]` watches a Kubernetes Service's EndpointSlices
+//! (feature `kubernetes`; the KUBECONFIG or in-cluster client; `-` as the namespace means the
+//! client's), each until interrupted:
 //!
 //! ```text
 //! cargo run --example watch --features consul -- --consul 127.0.0.1:8500 web
+//! cargo run --example watch --features kubernetes -- --kubernetes default greeter grpc
 //! ```
 //! Logs go to stderr (`RUST_LOG=debug` for more); stdout carries only the JSON lines.
 
@@ -25,7 +29,9 @@ use tower_sd::{BoxError, HealthStatus, MemoryRegistry, ServiceInstance, ServiceR
 
 const USAGE: &str = "usage: watch                            (demo on the in-memory registry)
        watch --config FILE SERVICE       (feature config; any configured registry)
-       watch --consul ADDRESS SERVICE    (feature consul; ADDRESS `-` for CONSUL_HTTP_ADDR)";
+       watch --consul ADDRESS SERVICE    (feature consul; ADDRESS `-` for CONSUL_HTTP_ADDR)
+       watch --kubernetes NAMESPACE SERVICE [PORT_NAME]
+                                         (feature kubernetes; NAMESPACE `-` for the client's)";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -41,6 +47,11 @@ async fn main() -> ExitCode {
         [] => demo().await,
         [flag, address, service] if flag == "--consul" => consul(address, service).await,
         [flag, file, service] if flag == "--config" => configured(file, service).await,
+        [flag, namespace, service, port_name @ ..]
+            if flag == "--kubernetes" && port_name.len() <= 1 =>
+        {
+            kubernetes(namespace, service, port_name.first()).await
+        }
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -92,13 +103,19 @@ async fn print_next(service: &str, watch: &mut WatchStream) -> Result<(), BoxErr
     }
 }
 
-#[cfg(feature = "config")]
-async fn configured(file: &str, service: &str) -> Result<(), BoxError> {
-    let registry = tower_sd::config::RegistryConfig::from_path(file)?.build()?;
+/// Prints every set of `service` until the watch ends or the process is interrupted.
+#[allow(dead_code)] // unused when no backend feature is enabled
+async fn follow(registry: &dyn ServiceRegistry, service: &str) -> Result<(), BoxError> {
     let mut watch = registry.watch(&service.into());
     loop {
         print_next(service, &mut watch).await?;
     }
+}
+
+#[cfg(feature = "config")]
+async fn configured(file: &str, service: &str) -> Result<(), BoxError> {
+    let registry = tower_sd::config::RegistryConfig::from_path(file)?.build()?;
+    follow(&*registry, service).await
 }
 
 #[cfg(not(feature = "config"))]
@@ -112,16 +129,37 @@ async fn consul(address: &str, service: &str) -> Result<(), BoxError> {
     if address != "-" {
         builder = builder.address(address);
     }
-    let registry = builder.build()?;
-    let mut watch = registry.watch(&service.into());
-    loop {
-        print_next(service, &mut watch).await?;
-    }
+    follow(&builder.build()?, service).await
 }
 
 #[cfg(not(feature = "consul"))]
 async fn consul(_address: &str, _service: &str) -> Result<(), BoxError> {
     Err("watching Consul needs the `consul` cargo feature: cargo run --example watch --features consul -- --consul ADDRESS SERVICE".into())
+}
+
+#[cfg(feature = "kubernetes")]
+async fn kubernetes(
+    namespace: &str,
+    service: &str,
+    port_name: Option<&String>,
+) -> Result<(), BoxError> {
+    let mut builder = tower_sd::registry::kubernetes::KubernetesRegistry::builder();
+    if namespace != "-" {
+        builder = builder.namespace(namespace);
+    }
+    if let Some(name) = port_name {
+        builder = builder.port_name(name);
+    }
+    follow(&builder.build(), service).await
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn kubernetes(
+    _namespace: &str,
+    _service: &str,
+    _port_name: Option<&String>,
+) -> Result<(), BoxError> {
+    Err("watching Kubernetes needs the `kubernetes` cargo feature: cargo run --example watch --features kubernetes -- --kubernetes NAMESPACE SERVICE".into())
 }
 
 async fn demo() -> Result<(), BoxError> {

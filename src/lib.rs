@@ -47,13 +47,16 @@
 //! - `tonic`: [`tonic::LoadBalancedChannel`](crate::tonic) for generated gRPC clients.
 //! - `http`: [`http::DiscoveryLayer`](crate::http) for hyper-util and axum HTTP clients.
 //! - `consul`: [`registry::consul::ConsulRegistry`](crate::registry) over Consul's HTTP API.
+//! - `kubernetes`: [`registry::kubernetes::KubernetesRegistry`](crate::registry) over
+//!   EndpointSlices (kube, kube-runtime). As with kube, the application picks the Kubernetes
+//!   version with a `k8s-openapi` version feature.
 //! - `metrics`: balancer counters and gauges through the `metrics` facade.
 //! - `config`: [`config::RegistryConfig`](crate::config): YAML/TOML and the registry factory.
 //! - `full`: all of the above.
 //!
 //! # Minimum supported Rust version
 //!
-//! Rust 1.85 (edition 2024). Raising it is a minor version bump.
+//! Rust 1.89 (edition 2024; kube 5 needs it). Raising it is a minor version bump.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms))))]
@@ -76,7 +79,13 @@ pub use backoff::Backoff;
 pub use discover::RegistryDiscover;
 
 /// The README's code blocks, compiled as doctests so they stay true.
-#[cfg(all(doctest, feature = "tonic", feature = "http", feature = "consul"))]
+#[cfg(all(
+    doctest,
+    feature = "tonic",
+    feature = "http",
+    feature = "consul",
+    feature = "kubernetes"
+))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 pub use error::{BoxError, Elapsed, Error, InvalidValue, Result};

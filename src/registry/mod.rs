@@ -21,6 +21,8 @@ mod cached;
 #[cfg(feature = "consul")]
 pub mod consul;
 mod fallback;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 mod memory;
 mod static_list;
 

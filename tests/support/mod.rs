@@ -3,6 +3,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_consul;
+#[cfg(feature = "kubernetes")]
+pub mod fake_kube;
 pub mod servers;
 pub mod unreliable;
 

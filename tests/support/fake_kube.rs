@@ -1,0 +1,462 @@
+//! A fake Kubernetes API server on 127.0.0.1 that serves EndpointSlices
+//! (`discovery.k8s.io/v1`) the way kube-apiserver does:
+//!
+//! - list: `GET /apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices?labelSelector=...`
+//!   answers an `EndpointSliceList` whose `metadata.resourceVersion` is the store's;
+//! - watch: the same path with `watch=true&resourceVersion=N` streams one JSON event a line
+//!   (`ADDED`, `MODIFIED`, `DELETED` with the object's new `resourceVersion`, `BOOKMARK` when
+//!   `allowWatchBookmarks=true`), replaying every event after `N`; a `resourceVersion` older
+//!   than the compaction point answers an `ERROR` event carrying a 410 `Expired` `Status`
+//!   and ends the stream, as does [`FakeKube::expire_watches`] on a live watch;
+//!   `timeoutSeconds` ends a stream, and so does [`FakeKube::close_watches`];
+//! - errors are `Status` objects with the HTTP code (`403 Forbidden` from
+//!   [`FakeKube::forbid`]).
+//!
+//! Label selectors support `k=v`, `k==v`, `k!=v` and `k` (exists), comma-separated.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+const PATH: &str = "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices";
+
+struct Event {
+    version: u64,
+    namespace: String,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (namespace, name) -> object, with its `metadata.resourceVersion`.
+    objects: BTreeMap<(String, String), Value>,
+    version: u64,
+    events: Vec<Event>,
+    /// Watches from a version below this are answered with 410.
+    compacted: u64,
+    /// Bumped to end live watches with a 410 (`expired`) or cleanly (`closed`).
+    expired: u64,
+    closed: u64,
+    bookmarks: u64,
+    forbidden: bool,
+    requests: Vec<String>,
+}
+
+pub struct FakeKube {
+    pub addr: SocketAddr,
+    inner: Mutex<Inner>,
+    changed: watch::Sender<u64>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+type Shared = Arc<FakeKube>;
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Params {
+    label_selector: Option<String>,
+    watch: Option<bool>,
+    resource_version: Option<String>,
+    timeout_seconds: Option<u64>,
+    allow_watch_bookmarks: Option<bool>,
+}
+
+impl FakeKube {
+    pub async fn start() -> Shared {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = Arc::new(FakeKube {
+            addr: listener.local_addr().unwrap(),
+            inner: Mutex::new(Inner {
+                version: 100,
+                ..Inner::default()
+            }),
+            changed: watch::Sender::new(0),
+            task: Mutex::new(None),
+        });
+        let app = axum::Router::new()
+            .route(PATH, get(endpoint_slices))
+            .with_state(Arc::clone(&fake));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        *fake.task.lock().unwrap() = Some(task);
+        fake
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kube client for this server, with `default` as its namespace.
+    pub fn client(&self) -> kube::Client {
+        let mut config = kube::Config::new(self.url().parse().unwrap());
+        config.read_timeout = Some(Duration::from_secs(30));
+        kube::Client::try_from(config).unwrap()
+    }
+
+    pub fn stop(&self) {
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+
+    /// Creates or replaces a slice (`metadata.namespace` defaults to `default`).
+    pub fn apply(&self, mut slice: Value) {
+        let mut inner = self.inner.lock().unwrap();
+        let namespace = slice["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        let name = slice["metadata"]["name"].as_str().unwrap().to_owned();
+        inner.version += 1;
+        let version = inner.version;
+        slice["metadata"]["namespace"] = json!(namespace);
+        slice["metadata"]["resourceVersion"] = json!(version.to_string());
+        let kind = match inner
+            .objects
+            .insert((namespace.clone(), name), slice.clone())
+        {
+            Some(_) => "MODIFIED",
+            None => "ADDED",
+        };
+        inner.events.push(Event {
+            version,
+            namespace,
+            kind,
+            object: slice,
+        });
+        self.bump(&inner);
+    }
+
+    pub fn delete(&self, namespace: &str, name: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(mut object) = inner
+            .objects
+            .remove(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return;
+        };
+        inner.version += 1;
+        object["metadata"]["resourceVersion"] = json!(inner.version.to_string());
+        let version = inner.version;
+        inner.events.push(Event {
+            version,
+            namespace: namespace.to_owned(),
+            kind: "DELETED",
+            object,
+        });
+        self.bump(&inner);
+    }
+
+    /// Compacts history: every version up to now is too old to watch from, and live watches
+    /// receive a 410 `ERROR` event (before any change made after this call) and end.
+    pub fn expire_watches(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.compacted = inner.version;
+        inner.expired += 1;
+        self.bump(&inner);
+    }
+
+    /// Ends live watch streams cleanly, as `timeoutSeconds` would.
+    pub fn close_watches(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.closed += 1;
+        self.bump(&inner);
+    }
+
+    /// Sends a `BOOKMARK` on live watches that asked for them.
+    pub fn bookmark(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.bookmarks += 1;
+        self.bump(&inner);
+    }
+
+    /// Answers every request with 403 Forbidden while `true`, as RBAC would.
+    pub fn forbid(&self, forbidden: bool) {
+        self.inner.lock().unwrap().forbidden = forbidden;
+    }
+
+    /// Requests seen, as `list` or `watch rv=N`, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+
+    /// Waits until `n` watch requests have arrived (the last one is then live).
+    pub async fn watching(&self, n: usize) {
+        let watches = || {
+            self.requests()
+                .iter()
+                .filter(|r| r.starts_with("watch"))
+                .count()
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while watches() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the client watches");
+    }
+
+    pub fn lists(&self) -> usize {
+        self.requests().iter().filter(|r| *r == "list").count()
+    }
+
+    fn bump(&self, inner: &Inner) {
+        self.changed
+            .send_replace(inner.version + inner.expired + inner.closed + inner.bookmarks);
+    }
+}
+
+async fn endpoint_slices(
+    State(fake): State<Shared>,
+    Path(namespace): Path<String>,
+    Query(params): Query<Params>,
+) -> Response {
+    let selector = match Selector::parse(params.label_selector.as_deref().unwrap_or("")) {
+        Ok(selector) => selector,
+        Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
+    };
+    let watch = params.watch.unwrap_or(false);
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        let line = match (&params.resource_version, watch) {
+            (Some(rv), true) => format!("watch rv={rv}"),
+            (None, true) => "watch".to_owned(),
+            (_, false) => "list".to_owned(),
+        };
+        inner.requests.push(line);
+        if inner.forbidden {
+            let message = format!(
+                "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:{namespace}:client\" cannot {verb} resource \"endpointslices\" in API group \"discovery.k8s.io\" in the namespace \"{namespace}\"",
+                verb = if watch { "watch" } else { "list" },
+            );
+            return status(StatusCode::FORBIDDEN, "Forbidden", &message);
+        }
+    }
+    if watch {
+        let from = params
+            .resource_version
+            .as_deref()
+            .and_then(|rv| rv.parse().ok())
+            .unwrap_or(0);
+        let timeout = Duration::from_secs(params.timeout_seconds.unwrap_or(1800));
+        let bookmarks = params.allow_watch_bookmarks.unwrap_or(false);
+        return watch_stream(fake, namespace, selector, from, timeout, bookmarks);
+    }
+    let inner = fake.inner.lock().unwrap();
+    let items: Vec<Value> = inner
+        .objects
+        .iter()
+        .filter(|((ns, _), object)| *ns == namespace && selector.matches(object))
+        .map(|(_, object)| {
+            let mut item = object.clone();
+            // Items of a typed list carry no kind or apiVersion.
+            if let Some(map) = item.as_object_mut() {
+                map.remove("kind");
+                map.remove("apiVersion");
+            }
+            item
+        })
+        .collect();
+    axum::Json(json!({
+        "kind": "EndpointSliceList",
+        "apiVersion": "discovery.k8s.io/v1",
+        "metadata": { "resourceVersion": inner.version.to_string() },
+        "items": items,
+    }))
+    .into_response()
+}
+
+/// A `Status` error response, as kube-apiserver sends it.
+fn status(code: StatusCode, reason: &str, message: &str) -> Response {
+    (
+        code,
+        axum::Json(status_object(code.as_u16(), reason, message)),
+    )
+        .into_response()
+}
+
+fn status_object(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+struct WatchState {
+    fake: Shared,
+    namespace: String,
+    selector: Selector,
+    sent: u64,
+    expired: u64,
+    closed: u64,
+    bookmarks: u64,
+    allow_bookmarks: bool,
+    deadline: tokio::time::Instant,
+    changed: watch::Receiver<u64>,
+    done: bool,
+}
+
+fn watch_stream(
+    fake: Shared,
+    namespace: String,
+    selector: Selector,
+    from: u64,
+    timeout: Duration,
+    allow_bookmarks: bool,
+) -> Response {
+    let (expired, closed, bookmarks) = {
+        let inner = fake.inner.lock().unwrap();
+        (inner.expired, inner.closed, inner.bookmarks)
+    };
+    let state = WatchState {
+        changed: fake.changed.subscribe(),
+        fake,
+        namespace,
+        selector,
+        sent: from,
+        expired,
+        closed,
+        bookmarks,
+        allow_bookmarks,
+        deadline: tokio::time::Instant::now() + timeout,
+        done: false,
+    };
+    let lines = futures_util::stream::unfold(state, |mut state| async move {
+        if state.done {
+            return None;
+        }
+        loop {
+            state.changed.mark_unchanged();
+            if let Some(line) = state.next_line() {
+                let mut bytes = serde_json::to_vec(&line).unwrap();
+                bytes.push(b'\n');
+                return Some((Ok::<_, Infallible>(Bytes::from(bytes)), state));
+            }
+            if state.done {
+                return None;
+            }
+            let wait = tokio::time::timeout_at(state.deadline, state.changed.changed()).await;
+            if !matches!(wait, Ok(Ok(()))) {
+                return None;
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(lines))
+        .unwrap()
+}
+
+impl WatchState {
+    /// The next event line to send, if any; sets `done` when the stream must end.
+    fn next_line(&mut self) -> Option<Value> {
+        let inner = self.fake.inner.lock().unwrap();
+        if self.sent < inner.compacted || inner.expired != self.expired {
+            self.done = true;
+            let message = format!(
+                "too old resource version: {} ({})",
+                self.sent, inner.compacted
+            );
+            return Some(json!({
+                "type": "ERROR",
+                "object": status_object(410, "Expired", &message),
+            }));
+        }
+        if inner.closed != self.closed {
+            self.done = true;
+            return None;
+        }
+        if let Some(event) = inner.events.iter().find(|e| {
+            e.version > self.sent
+                && e.namespace == self.namespace
+                && self.selector.matches(&e.object)
+        }) {
+            self.sent = event.version;
+            let mut object = event.object.clone();
+            object["kind"] = json!("EndpointSlice");
+            object["apiVersion"] = json!("discovery.k8s.io/v1");
+            return Some(json!({ "type": event.kind, "object": object }));
+        }
+        if inner.bookmarks != self.bookmarks {
+            self.bookmarks = inner.bookmarks;
+            if self.allow_bookmarks {
+                self.sent = self.sent.max(inner.version);
+                return Some(json!({
+                    "type": "BOOKMARK",
+                    "object": {
+                        "kind": "EndpointSlice",
+                        "apiVersion": "discovery.k8s.io/v1",
+                        "metadata": { "resourceVersion": self.sent.to_string() },
+                    },
+                }));
+            }
+        }
+        None
+    }
+}
+
+/// A parsed label selector.
+#[derive(Debug, Default)]
+struct Selector(Vec<(String, Requirement)>);
+
+#[derive(Debug)]
+enum Requirement {
+    Equals(String),
+    NotEquals(String),
+    Exists,
+}
+
+impl Selector {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut requirements = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let requirement = if let Some((key, value)) = part.split_once("!=") {
+                (key, Requirement::NotEquals(value.trim().to_owned()))
+            } else if let Some((key, value)) = part.split_once("==") {
+                (key, Requirement::Equals(value.trim().to_owned()))
+            } else if let Some((key, value)) = part.split_once('=') {
+                (key, Requirement::Equals(value.trim().to_owned()))
+            } else {
+                (part, Requirement::Exists)
+            };
+            let key = requirement.0.trim();
+            if key.is_empty() || key.contains(' ') {
+                return Err(format!("unable to parse requirement: {part:?}"));
+            }
+            requirements.push((key.to_owned(), requirement.1));
+        }
+        Ok(Self(requirements))
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let labels = &object["metadata"]["labels"];
+        self.0.iter().all(|(key, requirement)| {
+            let value = labels.get(key).and_then(Value::as_str);
+            match requirement {
+                Requirement::Equals(wanted) => value == Some(wanted.as_str()),
+                Requirement::NotEquals(unwanted) => value != Some(unwanted.as_str()),
+                Requirement::Exists => value.is_some(),
+            }
+        })
+    }
+}
