@@ -12,11 +12,15 @@
 //! (feature `consul`; `-` as the address means `CONSUL_HTTP_ADDR` or the default), and
 //! `--kubernetes NAMESPACE SERVICE [PORT_NAME]` watches a Kubernetes Service's EndpointSlices
 //! (feature `kubernetes`; the KUBECONFIG or in-cluster client; `-` as the namespace means the
-//! client's), each until interrupted:
+//! client's), `--etcd ENDPOINT SERVICE` watches a service in etcd (feature `etcd`), and
+//! `--dns NAME [NAMESERVER]` watches a DNS name (feature `dns`; SRV, or A/AAAA for
+//! `host:port`; the system's name servers by default), each until interrupted:
 //!
 //! ```text
 //! cargo run --example watch --features consul -- --consul 127.0.0.1:8500 web
 //! cargo run --example watch --features kubernetes -- --kubernetes default greeter grpc
+//! cargo run --example watch --features etcd -- --etcd http://127.0.0.1:2379 greeter
+//! cargo run --example watch --features dns -- --dns _grpc._tcp.greeter.example.com
 //! ```
 //! Logs go to stderr (`RUST_LOG=debug` for more); stdout carries only the JSON lines.
 
@@ -31,7 +35,9 @@ const USAGE: &str = "usage: watch                            (demo on the in-mem
        watch --config FILE SERVICE       (feature config; any configured registry)
        watch --consul ADDRESS SERVICE    (feature consul; ADDRESS `-` for CONSUL_HTTP_ADDR)
        watch --kubernetes NAMESPACE SERVICE [PORT_NAME]
-                                         (feature kubernetes; NAMESPACE `-` for the client's)";
+                                         (feature kubernetes; NAMESPACE `-` for the client's)
+       watch --etcd ENDPOINT SERVICE     (feature etcd; ENDPOINT like http://127.0.0.1:2379)
+       watch --dns NAME [NAMESERVER]     (feature dns; NAME `_grpc._tcp.host` or `host:port`)";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -47,6 +53,10 @@ async fn main() -> ExitCode {
         [] => demo().await,
         [flag, address, service] if flag == "--consul" => consul(address, service).await,
         [flag, file, service] if flag == "--config" => configured(file, service).await,
+        [flag, endpoint, service] if flag == "--etcd" => etcd(endpoint, service).await,
+        [flag, name, server @ ..] if flag == "--dns" && server.len() <= 1 => {
+            dns(name, server.first()).await
+        }
         [flag, namespace, service, port_name @ ..]
             if flag == "--kubernetes" && port_name.len() <= 1 =>
         {
@@ -160,6 +170,31 @@ async fn kubernetes(
     _port_name: Option<&String>,
 ) -> Result<(), BoxError> {
     Err("watching Kubernetes needs the `kubernetes` cargo feature: cargo run --example watch --features kubernetes -- --kubernetes NAMESPACE SERVICE".into())
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd(endpoint: &str, service: &str) -> Result<(), BoxError> {
+    let registry = tower_sd::registry::etcd::EtcdRegistry::builder([endpoint]).build()?;
+    follow(&registry, service).await
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd(_endpoint: &str, _service: &str) -> Result<(), BoxError> {
+    Err("watching etcd needs the `etcd` cargo feature: cargo run --example watch --features etcd -- --etcd ENDPOINT SERVICE".into())
+}
+
+#[cfg(feature = "dns")]
+async fn dns(name: &str, server: Option<&String>) -> Result<(), BoxError> {
+    let mut builder = tower_sd::registry::dns::DnsRegistry::builder();
+    if let Some(server) = server {
+        builder = builder.nameservers([server.parse()?]);
+    }
+    follow(&builder.build()?, name).await
+}
+
+#[cfg(not(feature = "dns"))]
+async fn dns(_name: &str, _server: Option<&String>) -> Result<(), BoxError> {
+    Err("watching DNS needs the `dns` cargo feature: cargo run --example watch --features dns -- --dns NAME [NAMESERVER]".into())
 }
 
 async fn demo() -> Result<(), BoxError> {

@@ -162,6 +162,14 @@ pub enum InvalidValue {
     /// Another instance already uses this id.
     #[error("id `{0}` is used twice")]
     Duplicate(String),
+    /// The value contains a character the registry reserves (e.g. `/` in etcd keys).
+    #[error("`{value}` contains `{character}`, which this registry reserves")]
+    Reserved {
+        /// The offending value.
+        value: String,
+        /// The reserved character.
+        character: char,
+    },
 }
 
 /// A time limit passed; the source of [`Error::NoEndpoints`] and [`Error::Timeout`].

@@ -50,6 +50,10 @@
 //! - `kubernetes`: [`registry::kubernetes::KubernetesRegistry`](crate::registry) over
 //!   EndpointSlices (kube, kube-runtime). As with kube, the application picks the Kubernetes
 //!   version with a `k8s-openapi` version feature.
+//! - `etcd`: [`registry::etcd::EtcdRegistry`](crate::registry): instances on leases, prefix
+//!   watches (etcd-client; its build needs `protoc`).
+//! - `dns`: [`registry::dns::DnsRegistry`](crate::registry): SRV, A and AAAA records
+//!   re-resolved on their TTL (hickory-resolver).
 //! - `metrics`: balancer counters and gauges through the `metrics` facade.
 //! - `config`: [`config::RegistryConfig`](crate::config): YAML/TOML and the registry factory.
 //! - `full`: all of the above.
@@ -84,7 +88,9 @@ pub use discover::RegistryDiscover;
     feature = "tonic",
     feature = "http",
     feature = "consul",
-    feature = "kubernetes"
+    feature = "kubernetes",
+    feature = "etcd",
+    feature = "dns"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

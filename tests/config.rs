@@ -207,3 +207,78 @@ fn the_kubernetes_section_builds_a_kubernetes_registry() {
         "{debug}"
     );
 }
+
+#[cfg(feature = "etcd")]
+#[test]
+fn the_etcd_section_builds_an_etcd_registry() {
+    let config = RegistryConfig::from_path(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/etcd.yaml"),
+    )
+    .unwrap();
+    assert_eq!(config.build().unwrap().kind(), "etcd");
+
+    let with_password = RegistryConfig::from_yaml_str(
+        "registry:\n  type: etcd\n  etcd:\n    endpoints: [\"http://127.0.0.1:2379\"]\n    username: root\n    password: hunter2\n",
+    )
+    .unwrap();
+    let debug = format!("{with_password:?} {:?}", with_password.build().unwrap());
+    assert!(!debug.contains("hunter2"), "{debug}");
+
+    let (key, _) = invalid(
+        RegistryConfig::from_yaml_str(
+            "registry:\n  type: etcd\n  etcd:\n    endpoints: [\"127.0.0.1:2379\"]\n",
+        )
+        .unwrap()
+        .build(),
+    );
+    assert_eq!(key, "registry.etcd.endpoints");
+    let (key, _) = invalid(
+        RegistryConfig::from_yaml_str("registry:\n  type: etcd\n  etcd:\n    endpoints: [\"http://e:2379\"]\n    username: root\n")
+            .unwrap()
+            .build(),
+    );
+    assert_eq!(key, "registry.etcd.password");
+    let (key, _) = invalid(
+        RegistryConfig::from_yaml_str(
+            "registry:\n  type: memory\n  fallback:\n    - type: etcd\n      etcd: { endpoints: [\"http://e:2379\"], prefix: \"services\" }\n",
+        )
+        .unwrap()
+        .build(),
+    );
+    assert_eq!(key, "registry.fallback[0].etcd.prefix");
+}
+
+#[cfg(feature = "dns")]
+#[test]
+fn the_dns_section_builds_a_dns_registry() {
+    let config = RegistryConfig::from_path(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/dns.yaml"),
+    )
+    .unwrap();
+    assert_eq!(config.build().unwrap().kind(), "dns");
+
+    let (key, message) = invalid(
+        RegistryConfig::from_yaml_str(
+            "registry:\n  type: dns\n  dns:\n    nameservers: [\"127.0.0.1:53\", \"localhost\"]\n",
+        )
+        .unwrap()
+        .build(),
+    );
+    assert_eq!(key, "registry.dns.nameservers[1]");
+    assert!(message.contains("localhost"), "{message}");
+    let (key, message) = invalid(
+        RegistryConfig::from_yaml_str("registry:\n  type: dns\n  dns:\n    record: mx\n")
+            .unwrap()
+            .build(),
+    );
+    assert_eq!(key, "registry.dns.record");
+    assert!(message.contains("srv, a, aaaa, ip"), "{message}");
+    let (key, _) = invalid(
+        RegistryConfig::from_yaml_str(
+            "registry:\n  type: dns\n  dns:\n    min_ttl: 10m\n    max_ttl: 1m\n",
+        )
+        .unwrap()
+        .build(),
+    );
+    assert_eq!(key, "registry.dns.min_ttl");
+}

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use super::{ConsulSection, KubernetesSection, REGISTRY_TYPES, RegistrySection, invalid};
+use super::{
+    ConsulSection, DnsSection, EtcdSection, KubernetesSection, REGISTRY_TYPES, RegistrySection,
+    invalid,
+};
 use crate::error::{Error, Result};
 use crate::registry::{
     CachedRegistry, FallbackRegistry, MemoryRegistry, ServiceRegistry, StaticRegistry,
@@ -37,7 +40,8 @@ pub(super) fn build(section: &RegistrySection, path: &str) -> Result<Arc<dyn Ser
         }
         "consul" => consul(section.consul.clone().unwrap_or_default(), path)?,
         "kubernetes" => kubernetes(section.kubernetes.clone().unwrap_or_default(), path)?,
-        kind @ ("etcd" | "dns") => return Err(not_compiled_in(kind, path)),
+        "etcd" => etcd(section.etcd.clone().unwrap_or_default(), path)?,
+        "dns" => dns(section.dns.clone().unwrap_or_default(), path)?,
         other => {
             return Err(invalid(
                 format!("{path}.type"),
@@ -185,7 +189,103 @@ fn kubernetes(_section: KubernetesSection, path: &str) -> Result<Arc<dyn Service
     Err(not_compiled_in("kubernetes", path))
 }
 
+#[cfg(feature = "etcd")]
+fn etcd(section: EtcdSection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
+    use crate::registry::etcd::EtcdRegistry;
+
+    let mut builder = EtcdRegistry::builder(section.endpoints);
+    if let Some(prefix) = section.prefix {
+        builder = builder.prefix(prefix);
+    }
+    if let Some(ttl) = section.lease_ttl {
+        builder = builder.lease_ttl(ttl);
+    }
+    match (section.username, section.password) {
+        (Some(user), Some(password)) => builder = builder.credentials(user, password),
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("{path}.etcd.password"),
+                "a username needs a password",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{path}.etcd.username"),
+                "a password needs a username",
+            ));
+        }
+    }
+    if let Some(ca_file) = section.ca_file {
+        builder = builder.ca_file(ca_file);
+    }
+    Ok(Arc::new(builder.build().map_err(|e| at(e, path))?))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd(_section: EtcdSection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
+    Err(not_compiled_in("etcd", path))
+}
+
+#[cfg(feature = "dns")]
+fn dns(section: DnsSection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
+    use crate::registry::dns::{DnsRegistry, RecordKind};
+
+    let mut builder = DnsRegistry::builder();
+    let mut servers = Vec::with_capacity(section.nameservers.len());
+    for (i, server) in section.nameservers.iter().enumerate() {
+        let addr = server.parse::<std::net::SocketAddr>().map_err(|e| {
+            invalid(
+                format!("{path}.dns.nameservers[{i}]"),
+                format!("`{server}` is not `ip:port`: {e}"),
+            )
+        })?;
+        servers.push(addr);
+    }
+    builder = builder.nameservers(servers);
+    if let Some(min) = section.min_ttl {
+        builder = builder.min_ttl(min);
+    }
+    if let Some(max) = section.max_ttl {
+        builder = builder.max_ttl(max);
+    }
+    if let Some(record) = section.record {
+        builder = builder.record(record.parse::<RecordKind>().map_err(|e| at(e, path))?);
+    }
+    if let Some(port) = section.port {
+        builder = builder.port(port);
+    }
+    Ok(Arc::new(builder.build().map_err(|e| at(e, path))?))
+}
+
+#[cfg(not(feature = "dns"))]
+fn dns(_section: DnsSection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
+    Err(not_compiled_in("dns", path))
+}
+
+/// A backend's configuration error (keyed `registry.<backend>.<key>`), re-rooted at `path`
+/// (e.g. `registry.fallback[0]`).
+#[cfg(any(feature = "etcd", feature = "dns"))]
+fn at(error: Error, path: &str) -> Error {
+    match error {
+        Error::InvalidConfig { key, source } => Error::InvalidConfig {
+            key: match key.strip_prefix("registry") {
+                Some(rest) => format!("{path}{rest}"),
+                None => key,
+            },
+            source,
+        },
+        other => other,
+    }
+}
+
 /// A registry type whose backend this build leaves out.
+#[cfg(not(all(
+    feature = "consul",
+    feature = "kubernetes",
+    feature = "etcd",
+    feature = "dns"
+)))]
 fn not_compiled_in(kind: &str, path: &str) -> Error {
     invalid(
         format!("{path}.type"),

@@ -191,6 +191,8 @@ pub struct EtcdSection {
     pub username: Option<String>,
     /// Password (never shown in `Debug`).
     pub password: Option<String>,
+    /// CA certificate (PEM file) to trust for `https://` endpoints.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for EtcdSection {
@@ -200,6 +202,7 @@ impl fmt::Debug for EtcdSection {
             .field("prefix", &self.prefix)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
@@ -218,8 +221,10 @@ pub struct DnsSection {
     /// Re-resolve no later than this.
     #[serde(default, deserialize_with = "duration_opt")]
     pub max_ttl: Option<Duration>,
-    /// `srv` (default), `a` or `aaaa`.
+    /// `srv` (default), `a`, `aaaa` or `ip` (A and AAAA).
     pub record: Option<String>,
+    /// Port of A/AAAA instances whose query name has none.
+    pub port: Option<u16>,
 }
 
 /// `registry.static`.

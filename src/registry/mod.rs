@@ -20,6 +20,10 @@
 mod cached;
 #[cfg(feature = "consul")]
 pub mod consul;
+#[cfg(feature = "dns")]
+pub mod dns;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod fallback;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
@@ -207,4 +211,16 @@ pub(crate) fn validate_all(instances: &[ServiceInstance]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A credential (ACL token, password) that never shows in `Debug` output.
+#[cfg(any(feature = "consul", feature = "etcd"))]
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(pub(crate) String);
+
+#[cfg(any(feature = "consul", feature = "etcd"))]
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }

@@ -2,9 +2,15 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "dns")]
+pub mod dnsmasq;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod fake_consul;
 #[cfg(feature = "kubernetes")]
 pub mod fake_kube;
+pub mod process;
+pub mod proxy;
 pub mod servers;
 pub mod unreliable;
 

@@ -8,9 +8,10 @@ use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde_json::json;
 
 use super::api::{HealthEntry, Mapping, Registration, Weights};
-use super::config::{ConsulBuilder, HealthCheckKind, Secret, go_duration};
+use super::config::{ConsulBuilder, HealthCheckKind, go_duration};
 use crate::error::{BoxError, Error, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
+use crate::registry::Secret;
 
 const REGISTRY: &str = "consul";
 /// How much of an error body goes into an error (never credentials: Consul does not echo

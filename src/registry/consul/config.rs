@@ -1,6 +1,5 @@
 //! Configuration of [`ConsulRegistry`](super::ConsulRegistry).
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +9,7 @@ use tracing::warn;
 use super::ConsulRegistry;
 use super::client::Client;
 use crate::error::{Error, Result};
+use crate::registry::Secret;
 
 /// Consul raises a `DeregisterCriticalServiceAfter` below this to it, with a warning.
 const CONSUL_MIN_DEREGISTER: Duration = Duration::from_secs(60);
@@ -84,16 +84,6 @@ impl HealthCheck {
     pub fn deregister_after(mut self, after: Duration) -> Self {
         self.deregister_after = after;
         self
-    }
-}
-
-/// A secret that never shows in `Debug` output.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) struct Secret(pub(crate) String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
     }
 }
 

@@ -1,0 +1,222 @@
+//! One resolution: a query name to instances, with the TTL to re-resolve at.
+//!
+//! - SRV (RFC 2782): only the records of the lowest priority are used (a client "MUST
+//!   attempt to contact the target host with the lowest-numbered priority it can reach");
+//!   weight 0 counts as 1 (the balancer has no "rarely" weight). Each target is resolved to
+//!   its addresses (from the answer's additional section when the server sent them), one
+//!   instance per address; a target that does not resolve is kept by name.
+//! - A, AAAA (or both): one instance per address, on the fixed port.
+//!
+//! The TTL is the lowest of the records used. "No such name" and "no records" are one
+//! outcome, [`Outcome::Missing`], so the watch can tell them from failures.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::net::NetError;
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+use tracing::debug;
+
+use super::{REGISTRY, RecordKind};
+use crate::error::{Error, Result};
+use crate::instance::ServiceInstance;
+
+/// What a query name asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Target {
+    Srv(String),
+    Addresses {
+        host: String,
+        port: u16,
+        kind: RecordKind,
+    },
+}
+
+pub(super) enum Outcome {
+    Found {
+        instances: Vec<ServiceInstance>,
+        ttl: Duration,
+    },
+    /// NXDOMAIN, or the name exists without records of the type.
+    Missing,
+}
+
+/// Metadata keys of SRV instances.
+pub(super) const META_TARGET: &str = "srv_target";
+pub(super) const META_PRIORITY: &str = "srv_priority";
+
+pub(super) async fn resolve(
+    resolver: &TokioResolver,
+    target: &Target,
+    service: &str,
+) -> Result<Outcome> {
+    match target {
+        Target::Srv(name) => srv(resolver, name, service).await,
+        Target::Addresses { host, port, kind } => {
+            let types: &[RecordType] = match kind {
+                RecordKind::A => &[RecordType::A],
+                RecordKind::Aaaa => &[RecordType::AAAA],
+                RecordKind::Srv | RecordKind::Ip => &[RecordType::A, RecordType::AAAA],
+            };
+            let mut found = Found::default();
+            let mut missing = 0;
+            for &record_type in types {
+                match records(resolver, host, record_type).await? {
+                    Some(answers) => found.addresses(&answers),
+                    None => missing += 1,
+                }
+            }
+            if missing == types.len() {
+                return Ok(Outcome::Missing);
+            }
+            let instances = found
+                .ips
+                .iter()
+                .map(|ip| instance(service, &ip.to_string(), *port, 1))
+                .collect();
+            Ok(found.outcome(instances))
+        }
+    }
+}
+
+async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outcome> {
+    let lookup = match resolver.srv_lookup(name).await {
+        Ok(lookup) => lookup,
+        Err(error) if error.is_no_records_found() => return Ok(Outcome::Missing),
+        Err(error) => return Err(dns_error(error)),
+    };
+    let srvs: Vec<(&Record, &hickory_resolver::proto::rr::rdata::SRV)> = lookup
+        .answers()
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(srv) => Some((r, srv)),
+            _ => None,
+        })
+        .collect();
+    let Some(lowest) = srvs.iter().map(|(_, srv)| srv.priority).min() else {
+        return Ok(Outcome::Missing);
+    };
+    let mut found = Found::default();
+    let mut instances = Vec::new();
+    for (record, srv) in srvs.into_iter().filter(|(_, srv)| srv.priority == lowest) {
+        found.ttl(record.ttl);
+        let weight = u32::from(srv.weight.max(1));
+        // Addresses the server sent along, else a lookup of our own.
+        let mut target = Found::default();
+        target.addresses_of(&srv.target, lookup.additionals());
+        if target.ips.is_empty() {
+            for record_type in [RecordType::A, RecordType::AAAA] {
+                match records(resolver, &srv.target.to_ascii(), record_type).await {
+                    Ok(Some(answers)) => target.addresses(&answers),
+                    Ok(None) => {}
+                    Err(error) => {
+                        debug!(target = %srv.target, %error, "SRV target did not resolve")
+                    }
+                }
+            }
+        }
+        let name = srv.target.to_ascii();
+        let host = name.trim_end_matches('.');
+        let addresses: Vec<String> = if target.ips.is_empty() {
+            vec![host.to_owned()]
+        } else {
+            target.ips.iter().map(ToString::to_string).collect()
+        };
+        if let Some(ttl) = target.min_ttl {
+            found.ttl(ttl);
+        }
+        for address in addresses {
+            let mut instance = instance(service, &address, srv.port, weight);
+            instance
+                .metadata
+                .insert(META_TARGET.into(), host.to_owned());
+            instance
+                .metadata
+                .insert(META_PRIORITY.into(), srv.priority.to_string());
+            instances.push(instance);
+        }
+    }
+    Ok(found.outcome(instances))
+}
+
+/// The answers of one type; `None` when there are none.
+async fn records(
+    resolver: &TokioResolver,
+    host: &str,
+    record_type: RecordType,
+) -> Result<Option<Vec<Record>>> {
+    match resolver.lookup(host, record_type).await {
+        Ok(lookup) => Ok(Some(lookup.answers().to_vec())),
+        Err(error) if error.is_no_records_found() => Ok(None),
+        Err(error) => Err(dns_error(error)),
+    }
+}
+
+/// Addresses and the lowest TTL seen.
+#[derive(Default)]
+struct Found {
+    ips: Vec<IpAddr>,
+    min_ttl: Option<u32>,
+}
+
+impl Found {
+    fn ttl(&mut self, ttl: u32) {
+        self.min_ttl = Some(self.min_ttl.map_or(ttl, |t| t.min(ttl)));
+    }
+
+    fn addresses(&mut self, records: &[Record]) {
+        for record in records {
+            let ip = match &record.data {
+                RData::A(a) => IpAddr::V4(a.0),
+                RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+                _ => continue,
+            };
+            self.ttl(record.ttl);
+            if !self.ips.contains(&ip) {
+                self.ips.push(ip);
+            }
+        }
+    }
+
+    fn addresses_of(&mut self, name: &Name, additionals: &[Record]) {
+        let of_name: Vec<Record> = additionals
+            .iter()
+            .filter(|r| r.name.eq_case(name))
+            .cloned()
+            .collect();
+        self.addresses(&of_name);
+    }
+
+    /// The instances, deduplicated by id and sorted, with the lowest TTL.
+    fn outcome(self, instances: Vec<ServiceInstance>) -> Outcome {
+        let unique: BTreeMap<String, ServiceInstance> = instances
+            .into_iter()
+            .map(|instance| (instance.id.clone(), instance))
+            .collect();
+        Outcome::Found {
+            instances: unique.into_values().collect(),
+            ttl: Duration::from_secs(self.min_ttl.unwrap_or(0).into()),
+        }
+    }
+}
+
+fn instance(service: &str, address: &str, port: u16, weight: u32) -> ServiceInstance {
+    let mut instance = ServiceInstance::new("", service, address, port).with_weight(weight);
+    instance.id = instance.authority();
+    instance
+}
+
+fn dns_error(error: NetError) -> Error {
+    match error {
+        NetError::Proto(_) => Error::Malformed {
+            registry: REGISTRY,
+            source: error.into(),
+        },
+        other => Error::Unreachable {
+            registry: REGISTRY,
+            source: other.into(),
+        },
+    }
+}

@@ -1,0 +1,172 @@
+//! The etcd watch: a prefix get, then a watch from the revision after it.
+//!
+//! - PUT and DELETE events update the set; a set is emitted after each watch response that
+//!   changes it (the first get is always emitted, even empty).
+//! - A broken or closed stream is reopened from the revision after the last one seen, so
+//!   nothing is missed and nothing is read twice.
+//! - A watch whose start revision was compacted (etcd cancels it and reports the compact
+//!   revision) gets the prefix again and watches from there: the set is replaced whole,
+//!   never emitted half-updated.
+//! - Errors are yielded, and the next attempt waits out a full-jitter backoff.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions, WatchResponse, WatchStream as EtcdWatch};
+use futures_core::Stream;
+use futures_util::stream;
+use tokio::time::sleep;
+use tracing::{debug, warn};
+
+use super::{Inner, decode, etcd_error};
+use crate::backoff::Backoff;
+use crate::error::{Chain, Result};
+use crate::instance::{ServiceInstance, ServiceQuery};
+
+struct State {
+    inner: Arc<Inner>,
+    query: ServiceQuery,
+    /// Key -> instance, as of `revision`.
+    set: BTreeMap<String, ServiceInstance>,
+    /// The revision `set` reflects; `None` until the first get (or after a compaction).
+    revision: Option<i64>,
+    events: Option<EtcdWatch>,
+    last: Option<Vec<ServiceInstance>>,
+    backoff: Backoff,
+    pause: Option<Duration>,
+}
+
+pub(super) fn stream(
+    inner: Arc<Inner>,
+    query: ServiceQuery,
+) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
+    let state = State {
+        backoff: Backoff::new(inner.config.retry_base, inner.config.retry_max),
+        inner,
+        query,
+        set: BTreeMap::new(),
+        revision: None,
+        events: None,
+        last: None,
+        pause: None,
+    };
+    stream::unfold(state, State::next)
+}
+
+impl State {
+    async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
+        loop {
+            if let Some(pause) = self.pause.take() {
+                sleep(pause).await;
+            }
+            let Some(revision) = self.revision else {
+                match self.inner.get_service(&self.query.name).await {
+                    Ok((instances, revision)) => {
+                        self.set = instances.into_iter().collect();
+                        self.revision = Some(revision);
+                        self.events = None;
+                        if let Some(set) = self.changed() {
+                            return Some((Ok(set), self));
+                        }
+                        continue;
+                    }
+                    Err(error) => return Some(self.failed(error)),
+                }
+            };
+            let events = match &mut self.events {
+                Some(events) => events,
+                None => match self.open(revision + 1).await {
+                    Ok(events) => self.events.insert(events),
+                    Err(error) => return Some(self.failed(error)),
+                },
+            };
+            match events.message().await {
+                Ok(Some(response)) => {
+                    self.backoff.reset();
+                    if response.compact_revision() > 0 || response.canceled() {
+                        debug!(
+                            service = %self.query.name,
+                            from = revision + 1,
+                            compacted = response.compact_revision(),
+                            reason = response.cancel_reason(),
+                            "etcd watch canceled; getting the service again"
+                        );
+                        self.revision = None;
+                        self.pause = Some(self.backoff.next_delay());
+                        continue;
+                    }
+                    self.apply(&response);
+                    if let Some(set) = self.changed() {
+                        return Some((Ok(set), self));
+                    }
+                }
+                Ok(None) => {
+                    let closed = crate::Error::Unreachable {
+                        registry: super::REGISTRY,
+                        source: "the watch stream closed".into(),
+                    };
+                    return Some(self.failed(closed));
+                }
+                Err(error) => return Some(self.failed(etcd_error(error))),
+            }
+        }
+    }
+
+    async fn open(&self, from: i64) -> Result<EtcdWatch> {
+        let mut client = self.inner.client().await?;
+        let dir = self.inner.service_dir(&self.query.name);
+        let options = WatchOptions::new().with_prefix().with_start_revision(from);
+        // Opening waits for etcd's answer; only the stream that follows is long-lived.
+        self.inner.timed(client.watch(dir, Some(options))).await
+    }
+
+    fn apply(&mut self, response: &WatchResponse) {
+        let mut revision = self.revision.unwrap_or(0);
+        if let Some(header) = response.header() {
+            revision = revision.max(header.revision());
+        }
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            revision = revision.max(kv.mod_revision());
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match event.event_type() {
+                EventType::Put => match decode(kv, &self.query.name) {
+                    Some((key, instance)) => {
+                        self.set.insert(key, instance);
+                    }
+                    None => {
+                        self.set.remove(&key);
+                    }
+                },
+                EventType::Delete => {
+                    self.set.remove(&key);
+                }
+            }
+        }
+        self.revision = Some(revision);
+    }
+
+    /// The current set, when it differs from the last one emitted.
+    fn changed(&mut self) -> Option<Vec<ServiceInstance>> {
+        let set: Vec<ServiceInstance> = self
+            .set
+            .values()
+            .filter(|instance| self.query.matches(instance))
+            .cloned()
+            .collect();
+        if self.last.as_ref() == Some(&set) {
+            return None;
+        }
+        self.last = Some(set.clone());
+        Some(set)
+    }
+
+    fn failed(mut self, error: crate::Error) -> (Result<Vec<ServiceInstance>>, Self) {
+        self.events = None;
+        let pause = self.backoff.next_delay();
+        warn!(service = %self.query.name, error = %Chain(&error), ?pause, "etcd watch failed; retrying");
+        self.pause = Some(pause);
+        (Err(error), self)
+    }
+}

@@ -1,0 +1,248 @@
+//! `DnsRegistry` against a real DNS server: dnsmasq on a free loopback port
+//! (`dnsmasq-base`; the tests say what to install when it is missing, and `.ci/run` installs
+//! it), with records changed mid-test through its `hostsdir`.
+#![cfg(feature = "dns")]
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use support::dnsmasq::Dnsmasq;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tower_sd::registry::dns::{DnsBuilder, DnsRegistry, RecordKind};
+use tower_sd::{Error, ServiceInstance, ServiceQuery, ServiceRegistry};
+
+const GREETER: &[&str] = &[
+    "srv-host=_grpc._tcp.greeter.test,a.greeter.test,50051,0,10",
+    "srv-host=_grpc._tcp.greeter.test,b.greeter.test,50052,0,30",
+    // A backup at a higher priority number: not used while priority 0 has targets.
+    "srv-host=_grpc._tcp.greeter.test,c.greeter.test,50053,1,10",
+    "host-record=a.greeter.test,10.0.0.1",
+    "host-record=c.greeter.test,10.0.0.3",
+    "host-record=web.test,10.0.1.1,fd00::1",
+];
+
+fn builder(dns: &Dnsmasq) -> DnsBuilder {
+    DnsRegistry::builder()
+        .nameservers([dns.addr])
+        .min_ttl(Duration::from_millis(100))
+        .max_ttl(Duration::from_millis(300))
+        .timeout(Duration::from_secs(2))
+        .retry_backoff(Duration::from_millis(20), Duration::from_millis(200))
+}
+
+fn authorities(set: &[ServiceInstance]) -> Vec<String> {
+    set.iter().map(ServiceInstance::authority).collect()
+}
+
+type Watch = mpsc::Receiver<tower_sd::Result<Vec<ServiceInstance>>>;
+
+fn follow(registry: &DnsRegistry, name: &str) -> Watch {
+    let mut stream = registry.watch(&ServiceQuery::new(name));
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn next_set(watch: &mut Watch) -> Vec<String> {
+    let item = timeout(Duration::from_secs(10), watch.recv())
+        .await
+        .expect("the watch yields in time")
+        .expect("the watch never ends");
+    authorities(&item.expect("a set, not an error"))
+}
+
+#[tokio::test]
+async fn srv_records_give_targets_ports_and_weights() {
+    support::trace_init();
+    let Some(dns) = Dnsmasq::start(GREETER, 1).await else {
+        return;
+    };
+    dns.hosts("b", &["10.0.0.2 b.greeter.test"]);
+    let registry = builder(&dns).build().unwrap();
+    let set = registry
+        .discover(&ServiceQuery::new("_grpc._tcp.greeter.test"))
+        .await
+        .unwrap();
+    assert_eq!(
+        authorities(&set),
+        ["10.0.0.1:50051", "10.0.0.2:50052"],
+        "lowest priority only"
+    );
+    assert_eq!(set[0].weight, 10);
+    assert_eq!(set[1].weight, 30);
+    assert_eq!(set[0].id, "10.0.0.1:50051");
+    assert_eq!(set[0].name, "_grpc._tcp.greeter.test");
+    assert_eq!(set[0].metadata["srv_target"], "a.greeter.test");
+    assert_eq!(set[0].metadata["srv_priority"], "0");
+}
+
+#[tokio::test]
+async fn a_and_aaaa_records_on_a_fixed_port() {
+    support::trace_init();
+    let Some(dns) = Dnsmasq::start(GREETER, 1).await else {
+        return;
+    };
+    let both = builder(&dns).build().unwrap();
+    let set = both
+        .discover(&ServiceQuery::new("web.test:8080"))
+        .await
+        .unwrap();
+    assert_eq!(authorities(&set), ["10.0.1.1:8080", "[fd00::1]:8080"]);
+
+    let v4 = builder(&dns)
+        .record(RecordKind::A)
+        .port(8080)
+        .build()
+        .unwrap();
+    let set = v4.discover(&ServiceQuery::new("web.test")).await.unwrap();
+    assert_eq!(authorities(&set), ["10.0.1.1:8080"]);
+    let v6 = builder(&dns).record(RecordKind::Aaaa).build().unwrap();
+    let set = v6
+        .discover(&ServiceQuery::new("web.test:9090"))
+        .await
+        .unwrap();
+    assert_eq!(authorities(&set), ["[fd00::1]:9090"]);
+
+    let error = v6
+        .discover(&ServiceQuery::new("web.test"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidConfig { .. }),
+        "no port: {error:?}"
+    );
+}
+
+#[tokio::test]
+async fn records_changed_mid_test_reach_the_watch() {
+    support::trace_init();
+    let Some(dns) = Dnsmasq::start(GREETER, 1).await else {
+        return;
+    };
+    dns.hosts("b", &["10.0.0.2 b.greeter.test"]);
+    dns.hosts("api", &["10.0.2.1 api.test"]);
+    let registry = builder(&dns).build().unwrap();
+
+    let mut api = follow(&registry, "api.test:8080");
+    assert_eq!(next_set(&mut api).await, ["10.0.2.1:8080"]);
+    dns.hosts("api", &["10.0.2.1 api.test", "10.0.2.2 api.test"]);
+    // The 1 s TTL is above the 300 ms ceiling: the change shows within the ceiling.
+    let changed = Instant::now();
+    assert_eq!(next_set(&mut api).await, ["10.0.2.1:8080", "10.0.2.2:8080"]);
+    assert!(changed.elapsed() < Duration::from_secs(3));
+
+    let mut srv = follow(&registry, "_grpc._tcp.greeter.test");
+    assert_eq!(
+        next_set(&mut srv).await,
+        ["10.0.0.1:50051", "10.0.0.2:50052"]
+    );
+    dns.hosts("b", &["10.0.0.22 b.greeter.test"]);
+    assert_eq!(
+        next_set(&mut srv).await,
+        ["10.0.0.1:50051", "10.0.0.22:50052"],
+        "a target moved"
+    );
+}
+
+#[tokio::test]
+async fn nxdomain_empties_the_set_only_when_it_repeats() {
+    support::trace_init();
+    let Some(dns) = Dnsmasq::start(&[], 0).await else {
+        return;
+    };
+    dns.hosts("api", &["10.0.3.1 gone.test"]);
+    let floor = Duration::from_millis(300);
+    let registry = builder(&dns)
+        .min_ttl(floor)
+        .max_ttl(Duration::from_secs(1))
+        .empty_after(3)
+        .build()
+        .unwrap();
+    assert!(
+        registry
+            .discover(&ServiceQuery::new("nothing.test:80"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let mut watch = follow(&registry, "gone.test:80");
+    assert_eq!(next_set(&mut watch).await, ["10.0.3.1:80"]);
+    dns.hosts("api", &[]);
+    let removed = Instant::now();
+    assert!(next_set(&mut watch).await.is_empty());
+    // Three missing answers in a row, each at least the floor apart (the first may come at
+    // once): a lost answer alone never empties the set.
+    let after = removed.elapsed();
+    assert!(after >= floor * 2, "emptied after {after:?}");
+
+    dns.hosts("api", &["10.0.3.2 gone.test"]);
+    assert_eq!(next_set(&mut watch).await, ["10.0.3.2:80"]);
+}
+
+#[tokio::test]
+async fn an_unanswering_server_is_a_transient_error_and_the_watch_goes_on() {
+    support::trace_init();
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let registry = DnsRegistry::builder()
+        .nameservers([silent.local_addr().unwrap()])
+        .timeout(Duration::from_millis(200))
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let error = registry
+        .discover(&ServiceQuery::new("x.test:80"))
+        .await
+        .unwrap_err();
+    assert!(error.is_transient(), "{error:?}");
+    let mut watch = follow(&registry, "x.test:80");
+    for _ in 0..2 {
+        let item = timeout(Duration::from_secs(10), watch.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(item.unwrap_err().is_transient());
+    }
+}
+
+#[test]
+fn registration_and_bad_settings_are_typed_errors() {
+    let registry = DnsRegistry::builder()
+        .nameservers(["127.0.0.1:53".parse().unwrap()])
+        .build()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let error = runtime
+        .block_on(registry.register(ServiceInstance::new("a", "b", "10.0.0.1", 1)))
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        Error::Unsupported {
+            operation: "register",
+            registry: "dns",
+            ..
+        }
+    ));
+    assert!(runtime.block_on(registry.health("a")).is_err());
+
+    let error = DnsRegistry::builder()
+        .min_ttl(Duration::from_secs(10))
+        .max_ttl(Duration::from_secs(1))
+        .build()
+        .unwrap_err();
+    assert!(matches!(error, Error::InvalidConfig { ref key, .. } if key == "registry.dns.min_ttl"));
+    assert!("mx".parse::<RecordKind>().is_err());
+    assert_eq!("AAAA".parse::<RecordKind>().unwrap(), RecordKind::Aaaa);
+}

@@ -1,0 +1,462 @@
+//! `EtcdRegistry` against a real etcd started on free loopback ports (`etcd-server`; the
+//! tests say what to install when it is missing, and `.ci/run` installs it).
+#![cfg(feature = "etcd")]
+
+mod support;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use etcd_client::{DeleteOptions, GetOptions};
+use futures_util::StreamExt;
+use support::etcd::Etcd;
+use support::proxy::Proxy;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tower_sd::registry::etcd::{EtcdBuilder, EtcdRegistry};
+use tower_sd::{Error, HealthStatus, InvalidValue, ServiceInstance, ServiceQuery, ServiceRegistry};
+
+fn builder(url: &str) -> EtcdBuilder {
+    EtcdRegistry::builder([url])
+        .lease_ttl(Duration::from_secs(2))
+        .retry_backoff(Duration::from_millis(20), Duration::from_millis(200))
+}
+
+fn instance(id: &str, port: u16) -> ServiceInstance {
+    ServiceInstance::new(id, "greeter", "127.0.0.1", port)
+}
+
+type Watch = mpsc::Receiver<tower_sd::Result<Vec<ServiceInstance>>>;
+
+/// Follows a watch from a task of its own, as a balancer does.
+fn follow(registry: &EtcdRegistry, service: &str) -> Watch {
+    let mut stream = registry.watch(&ServiceQuery::new(service));
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The ids of the next set, skipping errors (a restart or cut yields some).
+async fn next_ids(watch: &mut Watch) -> Vec<String> {
+    loop {
+        let item = timeout(Duration::from_secs(30), watch.recv())
+            .await
+            .expect("the watch yields in time")
+            .expect("the watch never ends");
+        match item {
+            Ok(set) => return set.into_iter().map(|i| i.id).collect(),
+            Err(error) => eprintln!("watch error (expected while etcd is away): {error}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn register_discover_and_deregister() {
+    support::trace_init();
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let registry = builder(&etcd.url()).build().unwrap();
+    registry
+        .register(instance("greeter-1", 50051).with_metadata("version", "2"))
+        .await
+        .unwrap();
+    registry
+        .register(instance("greeter-2", 50052))
+        .await
+        .unwrap();
+
+    // The key layout and value others read: {prefix}/{service}/{id}, JSON, on a lease.
+    let mut direct = etcd.client().await;
+    let got = direct
+        .get("/services/greeter/greeter-1", None)
+        .await
+        .unwrap();
+    let kv = &got.kvs()[0];
+    assert_ne!(kv.lease(), 0, "attached to a lease");
+    let stored: ServiceInstance = serde_json::from_slice(kv.value()).unwrap();
+    assert_eq!(stored.metadata["version"], "2");
+
+    let all = registry
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap();
+    assert_eq!(support::ids(&all), ["greeter-1", "greeter-2"]);
+    let v2 = ServiceQuery::new("greeter").with_metadata("version", "2");
+    assert_eq!(
+        support::ids(&registry.discover(&v2).await.unwrap()),
+        ["greeter-1"]
+    );
+    assert_eq!(
+        registry.health("greeter-1").await.unwrap(),
+        HealthStatus::Passing
+    );
+
+    let lease = kv.lease();
+    registry.deregister("greeter-1").await.unwrap();
+    let left = registry
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap();
+    assert_eq!(support::ids(&left), ["greeter-2"]);
+    let ttl = direct.lease_time_to_live(lease, None).await.unwrap().ttl();
+    assert_eq!(ttl, -1, "the lease is revoked");
+    assert_eq!(
+        registry.health("greeter-1").await.unwrap(),
+        HealthStatus::Unknown
+    );
+    registry.deregister("greeter-1").await.unwrap();
+    registry.deregister("never-registered").await.unwrap();
+
+    // An instance registered by another process is deregistered by id too.
+    let other = builder(&etcd.url()).build().unwrap();
+    other.register(instance("greeter-3", 50053)).await.unwrap();
+    registry.deregister("greeter-3").await.unwrap();
+    let left = registry
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap();
+    assert_eq!(support::ids(&left), ["greeter-2"]);
+}
+
+#[tokio::test]
+async fn the_watch_sees_a_change_within_100_ms() {
+    support::trace_init();
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let registry = builder(&etcd.url()).build().unwrap();
+    registry
+        .register(instance("greeter-1", 50051))
+        .await
+        .unwrap();
+    let mut watch = follow(&registry, "greeter");
+    assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
+
+    let mut worst = Duration::ZERO;
+    for n in 2..=6u16 {
+        let start = Instant::now();
+        registry
+            .register(instance(&format!("greeter-{n}"), 50050 + n))
+            .await
+            .unwrap();
+        assert_eq!(next_ids(&mut watch).await.len(), usize::from(n));
+        worst = worst.max(start.elapsed());
+    }
+    let start = Instant::now();
+    registry.deregister("greeter-1").await.unwrap();
+    assert_eq!(next_ids(&mut watch).await.len(), 5);
+    worst = worst.max(start.elapsed());
+    eprintln!("slowest change seen after {worst:?}");
+    assert!(worst < Duration::from_millis(100), "{worst:?}");
+}
+
+/// Run as a separate process by `a_killed_registering_process_disappears_after_its_ttl`:
+/// registers, says so, and waits to be killed.
+#[tokio::test]
+#[ignore = "helper process for a_killed_registering_process_disappears_after_its_ttl"]
+async fn registering_process() {
+    let Ok(url) = std::env::var("TOWER_SD_ETCD_URL") else {
+        return;
+    };
+    let registry = builder(&url).build().unwrap();
+    registry.register(instance("child-1", 50051)).await.unwrap();
+    println!("REGISTERED");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+}
+
+#[tokio::test]
+async fn a_killed_registering_process_disappears_after_its_ttl() {
+    support::trace_init();
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["registering_process", "--exact", "--ignored", "--nocapture"])
+        .env("TOWER_SD_ETCD_URL", etcd.url())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let registered = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .any(|line| line.is_ok_and(|l| l.contains("REGISTERED")))
+    });
+    assert!(
+        timeout(Duration::from_secs(30), registered)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+
+    let registry = builder(&etcd.url()).build().unwrap();
+    let mut watch = follow(&registry, "greeter");
+    assert_eq!(next_ids(&mut watch).await, ["child-1"]);
+    // Alive past its 2 s TTL: the child keeps the lease alive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        registry.health("child-1").await.unwrap(),
+        HealthStatus::Passing
+    );
+
+    child.kill().unwrap(); // SIGKILL: no deregistration, no revoke
+    child.wait().unwrap();
+    let killed = Instant::now();
+    assert!(next_ids(&mut watch).await.is_empty());
+    let gone_after = killed.elapsed();
+    eprintln!("the killed process's instance left after {gone_after:?}");
+    assert!(gone_after <= Duration::from_secs(4), "{gone_after:?}");
+}
+
+#[tokio::test]
+async fn compaction_mid_watch_gets_the_whole_set_again() {
+    support::trace_init();
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse().unwrap()).await;
+    let registry = builder(&proxy.url()).build().unwrap();
+    let mut direct = etcd.client().await;
+    let put = |id: &str, port: u16| {
+        (
+            format!("/services/greeter/{id}"),
+            serde_json::to_vec(&instance(id, port)).unwrap(),
+        )
+    };
+    let (key, value) = put("a", 1);
+    direct.put(key, value, None).await.unwrap();
+    let mut watch = follow(&registry, "greeter");
+    assert_eq!(next_ids(&mut watch).await, ["a"]);
+
+    // The watch is cut; meanwhile the service changes and history is compacted past it.
+    proxy.block();
+    for (id, port) in [("b", 2), ("c", 3)] {
+        let (key, value) = put(id, port);
+        direct.put(key, value, None).await.unwrap();
+    }
+    direct
+        .delete("/services/greeter/a", None::<DeleteOptions>)
+        .await
+        .unwrap();
+    let revision = direct
+        .get("/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    direct.compact(revision, None).await.unwrap();
+    proxy.unblock();
+
+    assert_eq!(
+        next_ids(&mut watch).await,
+        ["b", "c"],
+        "after the compaction, the whole new set at once"
+    );
+    let (key, value) = put("d", 4);
+    direct.put(key, value, None).await.unwrap();
+    assert_eq!(
+        next_ids(&mut watch).await,
+        ["b", "c", "d"],
+        "and watching again"
+    );
+}
+
+#[tokio::test]
+async fn etcd_restarted_mid_watch() {
+    support::trace_init();
+    let Some(mut etcd) = Etcd::start().await else {
+        return;
+    };
+    let registry = builder(&etcd.url()).build().unwrap();
+    registry
+        .register(instance("greeter-1", 50051))
+        .await
+        .unwrap();
+    let mut watch = follow(&registry, "greeter");
+    assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
+
+    etcd.restart().await;
+    let other = builder(&etcd.url()).build().unwrap();
+    other.register(instance("greeter-2", 50052)).await.unwrap();
+    assert_eq!(next_ids(&mut watch).await, ["greeter-1", "greeter-2"]);
+    // Past the TTL, the first instance is still kept alive over the new connection.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        registry.health("greeter-1").await.unwrap(),
+        HealthStatus::Passing
+    );
+    let all = registry
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap();
+    assert_eq!(support::ids(&all), ["greeter-1", "greeter-2"]);
+}
+
+#[tokio::test]
+async fn keys_that_are_not_instances_are_skipped() {
+    support::trace_init();
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let registry = builder(&etcd.url()).build().unwrap();
+    let mut direct = etcd.client().await;
+    direct
+        .put("/services/greeter/junk", "not json", None)
+        .await
+        .unwrap();
+    let wrong_service =
+        serde_json::to_vec(&ServiceInstance::new("x", "other", "10.0.0.1", 1)).unwrap();
+    direct
+        .put("/services/greeter/x", wrong_service, None)
+        .await
+        .unwrap();
+    registry
+        .register(instance("greeter-1", 50051))
+        .await
+        .unwrap();
+    let all = registry
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap();
+    assert_eq!(support::ids(&all), ["greeter-1"]);
+    let mut watch = follow(&registry, "greeter");
+    assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
+    direct
+        .put("/services/greeter/junk2", "{}", None)
+        .await
+        .unwrap();
+    registry
+        .register(instance("greeter-2", 50052))
+        .await
+        .unwrap();
+    assert_eq!(next_ids(&mut watch).await, ["greeter-1", "greeter-2"]);
+}
+
+#[tokio::test]
+async fn user_and_password_authentication() {
+    support::trace_init();
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let mut admin = etcd.client().await;
+    admin.user_add("root", "root-secret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let with_password = builder(&etcd.url())
+        .credentials("root", "root-secret")
+        .build()
+        .unwrap();
+    let debug = format!("{with_password:?}");
+    assert!(
+        !debug.contains("root-secret") && debug.contains("<redacted>"),
+        "{debug}"
+    );
+    with_password
+        .register(instance("greeter-1", 50051))
+        .await
+        .unwrap();
+    let all = with_password
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap();
+    assert_eq!(support::ids(&all), ["greeter-1"]);
+
+    let anonymous = builder(&etcd.url()).build().unwrap();
+    let error = anonymous
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Status {
+                registry: "etcd",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(!format!("{error:?}").contains("root-secret"));
+    let wrong = builder(&etcd.url())
+        .credentials("root", "wrong")
+        .build()
+        .unwrap();
+    let error = wrong
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap_err();
+    assert!(
+        !format!("{error:?} {error}").contains("wrong\""),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_is_a_transient_error() {
+    let registry = EtcdRegistry::builder([format!(
+        "http://127.0.0.1:{}",
+        support::process::free_port()
+    )])
+    .connect_timeout(Duration::from_millis(500))
+    .build()
+    .unwrap();
+    let error = registry
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap_err();
+    assert!(error.is_transient(), "{error:?}");
+}
+
+#[test]
+fn invalid_configuration_and_instances_are_typed_errors() {
+    let key = |builder: EtcdBuilder| match builder.build().unwrap_err() {
+        Error::InvalidConfig { key, .. } => key,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        key(EtcdRegistry::builder(Vec::<String>::new())),
+        "registry.etcd.endpoints"
+    );
+    assert_eq!(
+        key(EtcdRegistry::builder(["127.0.0.1:2379"])),
+        "registry.etcd.endpoints"
+    );
+    assert_eq!(
+        key(EtcdRegistry::builder(["https://etcd:2379"])),
+        "registry.etcd.endpoints"
+    );
+    assert_eq!(
+        key(builder("http://e:2379").prefix("services")),
+        "registry.etcd.prefix"
+    );
+    assert_eq!(
+        key(builder("http://e:2379").lease_ttl(Duration::from_millis(500))),
+        "registry.etcd.lease_ttl"
+    );
+
+    let registry = builder("http://127.0.0.1:1").build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let error = runtime
+        .block_on(registry.register(ServiceInstance::new("a/b", "greeter", "10.0.0.1", 1)))
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        Error::InvalidInstance {
+            field: "id",
+            source: InvalidValue::Reserved { character: '/', .. }
+        }
+    ));
+}
