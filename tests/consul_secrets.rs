@@ -64,7 +64,7 @@ async fn acl_tokens_are_sent_checked_and_never_shown() {
     );
     let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
     assert!(
-        logs.contains("Consul watch failed"),
+        logs.contains("consul watch failed"),
         "logs were captured: {logs}"
     );
     assert!(!logs.contains(TOKEN), "the token leaked into logs");

@@ -7,9 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use support::dnsmasq::Dnsmasq;
-use tokio::sync::mpsc;
+use support::{Watch, follow};
 use tokio::time::{Instant, timeout};
 use tower_sd::registry::dns::{DnsBuilder, DnsRegistry, RecordKind};
 use tower_sd::{Error, ServiceInstance, ServiceQuery, ServiceRegistry};
@@ -37,27 +36,12 @@ fn authorities(set: &[ServiceInstance]) -> Vec<String> {
     set.iter().map(ServiceInstance::authority).collect()
 }
 
-type Watch = mpsc::Receiver<tower_sd::Result<Vec<ServiceInstance>>>;
-
-fn follow(registry: &DnsRegistry, name: &str) -> Watch {
-    let mut stream = registry.watch(&ServiceQuery::new(name));
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        while let Some(item) = stream.next().await {
-            if tx.send(item).await.is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 async fn next_set(watch: &mut Watch) -> Vec<String> {
-    let item = timeout(Duration::from_secs(10), watch.recv())
-        .await
-        .expect("the watch yields in time")
-        .expect("the watch never ends");
-    authorities(&item.expect("a set, not an error"))
+    authorities(
+        &support::next_item(watch)
+            .await
+            .expect("a set, not an error"),
+    )
 }
 
 #[tokio::test]

@@ -9,10 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use etcd_client::{DeleteOptions, GetOptions};
-use futures_util::StreamExt;
 use support::etcd::Etcd;
 use support::proxy::Proxy;
-use tokio::sync::mpsc;
+use support::{Watch, follow};
 use tokio::time::{Instant, timeout};
 use tower_sd::registry::etcd::{EtcdBuilder, EtcdRegistry};
 use tower_sd::{Error, HealthStatus, InvalidValue, ServiceInstance, ServiceQuery, ServiceRegistry};
@@ -27,30 +26,10 @@ fn instance(id: &str, port: u16) -> ServiceInstance {
     ServiceInstance::new(id, "greeter", "127.0.0.1", port)
 }
 
-type Watch = mpsc::Receiver<tower_sd::Result<Vec<ServiceInstance>>>;
-
-/// Follows a watch from a task of its own, as a balancer does.
-fn follow(registry: &EtcdRegistry, service: &str) -> Watch {
-    let mut stream = registry.watch(&ServiceQuery::new(service));
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        while let Some(item) = stream.next().await {
-            if tx.send(item).await.is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 /// The ids of the next set, skipping errors (a restart or cut yields some).
 async fn next_ids(watch: &mut Watch) -> Vec<String> {
     loop {
-        let item = timeout(Duration::from_secs(30), watch.recv())
-            .await
-            .expect("the watch yields in time")
-            .expect("the watch never ends");
-        match item {
+        match support::next_item(watch).await {
             Ok(set) => return set.into_iter().map(|i| i.id).collect(),
             Err(error) => eprintln!("watch error (expected while etcd is away): {error}"),
         }

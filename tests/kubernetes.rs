@@ -8,12 +8,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use support::fake_kube::FakeKube;
-use tokio::sync::mpsc;
-use tokio::time::timeout;
-use tower_sd::registry::WatchStream;
+use support::{Watch, follow};
 use tower_sd::registry::kubernetes::{KubernetesBuilder, KubernetesRegistry};
 use tower_sd::{Error, HealthStatus, ServiceInstance, ServiceQuery, ServiceRegistry};
 
@@ -162,28 +159,8 @@ fn authorities(set: &[ServiceInstance]) -> Vec<String> {
     all
 }
 
-type Watch = mpsc::Receiver<tower_sd::Result<Vec<ServiceInstance>>>;
-
-/// Follows a watch from a task of its own, as a balancer does, so the watch keeps running
-/// while a test changes the cluster.
-fn follow(registry: &KubernetesRegistry, query: &ServiceQuery) -> Watch {
-    let mut stream: WatchStream = registry.watch(query);
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        while let Some(item) = stream.next().await {
-            if tx.send(item).await.is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 async fn next(watch: &mut Watch) -> tower_sd::Result<Vec<ServiceInstance>> {
-    timeout(Duration::from_secs(20), watch.recv())
-        .await
-        .expect("the watch yields in time")
-        .expect("the watch never ends")
+    support::next_item(watch).await
 }
 
 /// The next set, failing on an error.
@@ -225,7 +202,7 @@ async fn union_of_slices(cluster: &Cluster) {
         format!("{}/{service}/10.0.0.1:50051", cluster.namespace())
     );
 
-    let mut watch = follow(&registry, &query);
+    let mut watch = follow(&registry, query.clone());
     assert_eq!(
         next_set(&mut watch).await.len(),
         3,
@@ -265,7 +242,7 @@ async fn same_address_in_two_slices(cluster: &Cluster) {
             ],
         ))
         .await;
-    let mut watch = follow(&registry, &ServiceQuery::new(&service));
+    let mut watch = follow(&registry, ServiceQuery::new(&service));
     assert_eq!(
         next_set(&mut watch).await,
         ["10.0.1.1:50051", "10.0.1.2:50051", "10.0.1.3:50051"],
@@ -292,7 +269,7 @@ async fn slice_deleted(cluster: &Cluster) {
             vec![ready("10.0.2.2")],
         ))
         .await;
-    let mut watch = follow(&registry, &ServiceQuery::new(&service));
+    let mut watch = follow(&registry, ServiceQuery::new(&service));
     assert_eq!(next_set(&mut watch).await.len(), 2);
     cluster.delete(&format!("{service}-b")).await;
     assert_eq!(next_set(&mut watch).await, ["10.0.2.1:50051"]);
@@ -306,7 +283,7 @@ async fn endpoints_turn_unready_and_terminating(cluster: &Cluster) {
     cluster
         .apply(slice(&name, &service, grpc(), all_ready))
         .await;
-    let mut watch = follow(&registry, &ServiceQuery::new(&service));
+    let mut watch = follow(&registry, ServiceQuery::new(&service));
     assert_eq!(next_set(&mut watch).await.len(), 3);
     let changed = vec![
         ready("10.0.3.1"),
@@ -334,7 +311,7 @@ async fn terminating_endpoints_are_the_last_resort(cluster: &Cluster) {
     cluster
         .apply(slice(&name, &service, grpc(), none_ready))
         .await;
-    let mut watch = follow(&registry, &ServiceQuery::new(&service));
+    let mut watch = follow(&registry, ServiceQuery::new(&service));
     assert_eq!(
         next_set(&mut watch).await,
         ["10.0.4.1:50051", "10.0.4.2:50051"],
@@ -387,7 +364,7 @@ async fn port_chosen_by_name(cluster: &Cluster) {
         authorities(&by_name.discover(&query).await.unwrap()),
         ["10.0.5.1:50051", "10.0.5.2:50052"]
     );
-    let mut watch = follow(&by_name, &query);
+    let mut watch = follow(&by_name, query.clone());
     assert_eq!(
         next_set(&mut watch).await,
         ["10.0.5.1:50051", "10.0.5.2:50052"]
@@ -404,7 +381,7 @@ async fn port_chosen_by_name(cluster: &Cluster) {
         message.contains("http, grpc") || message.contains("grpc, http"),
         "{message}"
     );
-    let mut watch = follow(&unnamed, &query);
+    let mut watch = follow(&unnamed, query.clone());
     assert!(matches!(
         next(&mut watch).await,
         Err(Error::InvalidConfig { .. })
@@ -438,7 +415,7 @@ async fn ipv6_slices_work_and_fqdn_slices_are_skipped(cluster: &Cluster) {
             vec![ready("10.0.6.1")],
         ))
         .await;
-    let mut watch = follow(&registry, &ServiceQuery::new(&service));
+    let mut watch = follow(&registry, ServiceQuery::new(&service));
     assert_eq!(
         next_set(&mut watch).await,
         ["10.0.6.1:50051", "[fd00::1]:50051"]
@@ -534,7 +511,7 @@ async fn label_selector_filters(cluster: &Cluster) {
         authorities(&registry.discover(&query).await.unwrap()),
         ["10.0.9.1:50051"]
     );
-    let mut watch = follow(&registry, &query);
+    let mut watch = follow(&registry, query.clone());
     assert_eq!(next_set(&mut watch).await, ["10.0.9.1:50051"]);
 }
 
@@ -580,7 +557,7 @@ async fn a_410_mid_watch_relists_and_the_set_stays_whole() {
     let (fake, registry) = fake().await;
     fake.apply(slice("a", "relist", grpc(), vec![ready("10.1.0.1")]));
     fake.apply(slice("b", "relist", grpc(), vec![ready("10.1.0.2")]));
-    let mut watch = follow(&registry, &ServiceQuery::new("relist"));
+    let mut watch = follow(&registry, ServiceQuery::new("relist"));
     assert_eq!(next_set(&mut watch).await.len(), 2);
 
     // History is compacted under the live watch; the change below is only visible
@@ -617,7 +594,7 @@ async fn a_403_is_yielded_and_the_watch_goes_on() {
         "{error:?}"
     );
     assert!(!error.is_transient());
-    let mut watch = follow(&registry, &query);
+    let mut watch = follow(&registry, query.clone());
     for _ in 0..2 {
         let error = next(&mut watch).await.unwrap_err();
         assert!(
@@ -638,7 +615,7 @@ async fn a_403_is_yielded_and_the_watch_goes_on() {
 async fn a_closed_watch_resumes_from_its_version_without_a_relist() {
     let (fake, registry) = fake().await;
     fake.apply(slice("a", "resume", grpc(), vec![ready("10.3.0.1")]));
-    let mut watch = follow(&registry, &ServiceQuery::new("resume"));
+    let mut watch = follow(&registry, ServiceQuery::new("resume"));
     assert_eq!(next_set(&mut watch).await.len(), 1);
     fake.watching(1).await;
     fake.close_watches();
@@ -662,7 +639,7 @@ async fn a_closed_watch_resumes_from_its_version_without_a_relist() {
 async fn bookmarks_and_unrelated_changes_emit_nothing() {
     let (fake, registry) = fake().await;
     fake.apply(slice("a", "quiet", grpc(), vec![ready("10.4.0.1")]));
-    let mut watch = follow(&registry, &ServiceQuery::new("quiet"));
+    let mut watch = follow(&registry, ServiceQuery::new("quiet"));
     assert_eq!(next_set(&mut watch).await.len(), 1);
     fake.watching(1).await;
     fake.bookmark();
@@ -687,7 +664,7 @@ async fn bookmarks_and_unrelated_changes_emit_nothing() {
 #[tokio::test]
 async fn an_empty_service_is_an_empty_first_set() {
     let (_fake, registry) = fake().await;
-    let mut watch = follow(&registry, &ServiceQuery::new("nobody"));
+    let mut watch = follow(&registry, ServiceQuery::new("nobody"));
     assert!(next_set(&mut watch).await.is_empty());
 }
 

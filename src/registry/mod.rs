@@ -28,6 +28,13 @@ mod fallback;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 mod memory;
+#[cfg(any(
+    feature = "consul",
+    feature = "kubernetes",
+    feature = "etcd",
+    feature = "dns"
+))]
+mod pace;
 mod static_list;
 
 pub use cached::{CacheStats, CachedRegistry, CachedRegistryBuilder};

@@ -36,3 +36,33 @@ pub fn instance(id: &str, name: &str, port: u16) -> ServiceInstance {
 pub fn ids(set: &[ServiceInstance]) -> Vec<&str> {
     set.iter().map(|instance| instance.id.as_str()).collect()
 }
+
+/// A watch followed from a task of its own, as a balancer follows one, so it keeps running
+/// while a test changes the registry.
+pub type Watch = tokio::sync::mpsc::Receiver<tower_sd::Result<Vec<ServiceInstance>>>;
+
+/// Follows `registry`'s watch of `query`.
+pub fn follow(
+    registry: &dyn tower_sd::ServiceRegistry,
+    query: impl Into<tower_sd::ServiceQuery>,
+) -> Watch {
+    use futures_util::StreamExt;
+    let mut stream = registry.watch(&query.into());
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The watch's next item, within 20 s.
+pub async fn next_item(watch: &mut Watch) -> tower_sd::Result<Vec<ServiceInstance>> {
+    tokio::time::timeout(std::time::Duration::from_secs(20), watch.recv())
+        .await
+        .expect("the watch yields in time")
+        .expect("the watch never ends")
+}

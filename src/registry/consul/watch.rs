@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::stream;
-use tokio::time::{Instant, sleep, sleep_until};
-use tracing::{debug, warn};
+use tokio::time::{Instant, sleep_until};
+use tracing::debug;
 
 use super::client::Client;
-use crate::backoff::Backoff;
 use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
+use crate::registry::pace::Pace;
 
 /// The index to send next, given the last one and the one Consul returned.
 pub(crate) fn next_index(last: u64, returned: Option<u64>) -> u64 {
@@ -73,11 +73,8 @@ struct State {
     client: Arc<Client>,
     query: ServiceQuery,
     index: u64,
-    last: Option<Vec<ServiceInstance>>,
     bucket: TokenBucket,
-    backoff: Backoff,
-    /// Set after an error: wait this long before the next query.
-    pause: Option<Duration>,
+    pace: Pace,
 }
 
 pub(crate) fn stream(
@@ -87,12 +84,10 @@ pub(crate) fn stream(
     let config = &client.config;
     let state = State {
         bucket: TokenBucket::new(config.requests_per_second),
-        backoff: Backoff::new(config.retry_base, config.retry_max),
+        pace: Pace::new("consul", config.retry_base, config.retry_max),
         client: Arc::clone(&client),
         query,
         index: 0,
-        last: None,
-        pause: None,
     };
     stream::unfold(state, State::next)
 }
@@ -100,9 +95,7 @@ pub(crate) fn stream(
 impl State {
     async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
         loop {
-            if let Some(pause) = self.pause.take() {
-                sleep(pause).await;
-            }
+            self.pace.wait().await;
             self.bucket.take().await;
             match self
                 .client
@@ -110,23 +103,19 @@ impl State {
                 .await
             {
                 Ok((set, returned)) => {
-                    self.backoff.reset();
+                    self.pace.succeeded();
                     let next = next_index(self.index, returned);
                     if next == 0 {
                         debug!(service = %self.query.name, last = self.index, ?returned, "Consul index went backwards; resetting");
                     }
                     self.index = next;
-                    if self.last.as_ref() != Some(&set) {
-                        self.last = Some(set.clone());
+                    if let Some(set) = self.pace.changed(set) {
                         return Some((Ok(set), self));
                     }
                 }
                 Err(error) => {
-                    let pause = self.backoff.next_delay();
-                    let cause = crate::error::Chain(&error);
-                    warn!(service = %self.query.name, error = %cause, ?pause, "Consul watch failed; retrying");
-                    self.pause = Some(pause);
-                    return Some((Err(error), self));
+                    let failed = self.pace.failed(&self.query, error);
+                    return Some((failed, self));
                 }
             }
         }

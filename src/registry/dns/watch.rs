@@ -6,27 +6,23 @@
 //! backoff; the last set stays.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::stream;
-use tokio::time::sleep;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::Inner;
 use super::lookup::{self, Outcome};
-use crate::backoff::Backoff;
-use crate::error::{Chain, Result};
+use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
+use crate::registry::pace::Pace;
 
 struct State {
     inner: Arc<Inner>,
     query: ServiceQuery,
-    last: Option<Vec<ServiceInstance>>,
     /// Missing answers in a row.
     misses: u32,
-    backoff: Backoff,
-    wait: Option<Duration>,
+    pace: Pace,
 }
 
 pub(super) fn stream(
@@ -34,12 +30,14 @@ pub(super) fn stream(
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
     let state = State {
-        backoff: Backoff::new(inner.config.retry_base, inner.config.retry_max),
+        pace: Pace::new(
+            super::REGISTRY,
+            inner.config.retry_base,
+            inner.config.retry_max,
+        ),
         inner,
         query,
-        last: None,
         misses: 0,
-        wait: None,
     };
     stream::unfold(state, State::next)
 }
@@ -47,9 +45,7 @@ pub(super) fn stream(
 impl State {
     async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
         loop {
-            if let Some(wait) = self.wait.take() {
-                sleep(wait).await;
-            }
+            self.pace.wait().await;
             let resolved = match self.inner.target(&self.query.name) {
                 Ok(target) => {
                     lookup::resolve(&self.inner.resolver, &target, &self.query.name).await
@@ -59,15 +55,15 @@ impl State {
             let set = match resolved {
                 Ok(Outcome::Found { mut instances, ttl }) => {
                     self.misses = 0;
-                    self.backoff.reset();
-                    self.wait = Some(self.inner.clamp(ttl));
+                    self.pace.succeeded();
+                    self.pace.after(self.inner.clamp(ttl));
                     instances.retain(|instance| self.query.matches(instance));
                     instances
                 }
                 Ok(Outcome::Missing) => {
                     self.misses += 1;
-                    self.backoff.reset();
-                    self.wait = Some(self.inner.config.min_ttl);
+                    self.pace.succeeded();
+                    self.pace.after(self.inner.config.min_ttl);
                     if self.misses < self.inner.config.empty_after {
                         debug!(name = %self.query.name, misses = self.misses, "no records; keeping the last set until it repeats");
                         continue;
@@ -75,14 +71,11 @@ impl State {
                     Vec::new()
                 }
                 Err(error) => {
-                    let pause = self.backoff.next_delay();
-                    warn!(name = %self.query.name, error = %Chain(&error), ?pause, "DNS lookup failed; retrying");
-                    self.wait = Some(pause);
-                    return Some((Err(error), self));
+                    let failed = self.pace.failed(&self.query, error);
+                    return Some((failed, self));
                 }
             };
-            if self.last.as_ref() != Some(&set) {
-                self.last = Some(set.clone());
+            if let Some(set) = self.pace.changed(set) {
                 return Some((Ok(set), self));
             }
         }

@@ -378,11 +378,16 @@ impl ServiceRegistry for EtcdRegistry {
                 source: e.into(),
             })?;
             let registered = lease::register(inner, key, value).await?;
-            inner
+            let raced = inner
                 .leases
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(instance.id, registered);
+            // A concurrent registration of the same id lost: stop keeping its lease alive
+            // (the key is ours now; its lease expires).
+            if let Some(raced) = raced {
+                raced.task.abort();
+            }
             Ok(())
         }
         .boxed()

@@ -11,18 +11,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions, WatchResponse, WatchStream as EtcdWatch};
 use futures_core::Stream;
 use futures_util::stream;
-use tokio::time::sleep;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{Inner, decode, etcd_error};
-use crate::backoff::Backoff;
-use crate::error::{Chain, Result};
+use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
+use crate::registry::pace::Pace;
 
 struct State {
     inner: Arc<Inner>,
@@ -32,9 +30,7 @@ struct State {
     /// The revision `set` reflects; `None` until the first get (or after a compaction).
     revision: Option<i64>,
     events: Option<EtcdWatch>,
-    last: Option<Vec<ServiceInstance>>,
-    backoff: Backoff,
-    pause: Option<Duration>,
+    pace: Pace,
 }
 
 pub(super) fn stream(
@@ -42,14 +38,16 @@ pub(super) fn stream(
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
     let state = State {
-        backoff: Backoff::new(inner.config.retry_base, inner.config.retry_max),
+        pace: Pace::new(
+            super::REGISTRY,
+            inner.config.retry_base,
+            inner.config.retry_max,
+        ),
         inner,
         query,
         set: BTreeMap::new(),
         revision: None,
         events: None,
-        last: None,
-        pause: None,
     };
     stream::unfold(state, State::next)
 }
@@ -57,9 +55,7 @@ pub(super) fn stream(
 impl State {
     async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
         loop {
-            if let Some(pause) = self.pause.take() {
-                sleep(pause).await;
-            }
+            self.pace.wait().await;
             let Some(revision) = self.revision else {
                 match self.inner.get_service(&self.query.name).await {
                     Ok((instances, revision)) => {
@@ -83,7 +79,7 @@ impl State {
             };
             match events.message().await {
                 Ok(Some(response)) => {
-                    self.backoff.reset();
+                    self.pace.succeeded();
                     if response.compact_revision() > 0 || response.canceled() {
                         debug!(
                             service = %self.query.name,
@@ -93,7 +89,7 @@ impl State {
                             "etcd watch canceled; getting the service again"
                         );
                         self.revision = None;
-                        self.pause = Some(self.backoff.next_delay());
+                        self.pace.back_off();
                         continue;
                     }
                     self.apply(&response);
@@ -155,18 +151,12 @@ impl State {
             .filter(|instance| self.query.matches(instance))
             .cloned()
             .collect();
-        if self.last.as_ref() == Some(&set) {
-            return None;
-        }
-        self.last = Some(set.clone());
-        Some(set)
+        self.pace.changed(set)
     }
 
     fn failed(mut self, error: crate::Error) -> (Result<Vec<ServiceInstance>>, Self) {
         self.events = None;
-        let pause = self.backoff.next_delay();
-        warn!(service = %self.query.name, error = %Chain(&error), ?pause, "etcd watch failed; retrying");
-        self.pause = Some(pause);
-        (Err(error), self)
+        let failed = self.pace.failed(&self.query, error);
+        (failed, self)
     }
 }

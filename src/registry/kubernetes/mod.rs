@@ -82,6 +82,12 @@ pub struct KubernetesRegistry {
 
 struct Inner {
     client: OnceCell<Client>,
+    settings: Settings,
+}
+
+/// Everything but the client, as configured.
+#[derive(Clone, Debug)]
+struct Settings {
     connect: Connect,
     namespace: Option<String>,
     port_name: Option<String>,
@@ -102,12 +108,7 @@ enum Connect {
 #[must_use]
 pub struct KubernetesBuilder {
     client: Option<Client>,
-    connect: Connect,
-    namespace: Option<String>,
-    port_name: Option<String>,
-    label_selector: Option<String>,
-    retry_base: Duration,
-    retry_max: Duration,
+    settings: Settings,
 }
 
 // ===== impl KubernetesBuilder =====
@@ -122,7 +123,7 @@ impl KubernetesBuilder {
     /// Uses the in-cluster configuration (the pod's service account) when `true`; the default,
     /// `false`, reads `KUBECONFIG` or `~/.kube/config` and falls back to in-cluster.
     pub fn in_cluster(mut self, in_cluster: bool) -> Self {
-        self.connect = if in_cluster {
+        self.settings.connect = if in_cluster {
             Connect::InCluster
         } else {
             Connect::Infer
@@ -133,43 +134,42 @@ impl KubernetesBuilder {
     /// The namespace of the services (default: the client's, e.g. the pod's own namespace or
     /// the kubeconfig context's). A query's namespace overrides it.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
-        self.namespace = Some(namespace.into());
+        self.settings.namespace = Some(namespace.into());
         self
     }
 
     /// The name of the Service port to dial. Without it, a service must have exactly one port;
     /// a service with several yields an error naming them.
     pub fn port_name(mut self, name: impl Into<String>) -> Self {
-        self.port_name = Some(name.into());
+        self.settings.port_name = Some(name.into());
         self
     }
 
     /// An extra label selector (e.g. `tier=backend`), added to the service-name label.
     pub fn label_selector(mut self, selector: impl Into<String>) -> Self {
-        self.label_selector = Some(selector.into());
+        self.settings.label_selector = Some(selector.into());
         self
     }
 
     /// Backoff between watch errors: full jitter from `base`, doubling up to `max`
     /// (default 100 ms to 30 s).
     pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.retry_base = base;
-        self.retry_max = max;
+        self.settings.retry_base = base;
+        self.settings.retry_max = max;
         self
     }
 
     /// Builds the registry. The client is created on first use (so the factory needs no
     /// runtime), and errors creating it are returned by the operation that needed it.
     pub fn build(self) -> KubernetesRegistry {
+        let mut settings = self.settings;
+        settings.namespace = settings.namespace.filter(|ns| !ns.is_empty());
+        settings.port_name = settings.port_name.filter(|name| !name.is_empty());
+        settings.label_selector = settings.label_selector.filter(|s| !s.trim().is_empty());
         KubernetesRegistry {
             inner: Arc::new(Inner {
                 client: OnceCell::new_with(self.client),
-                connect: self.connect,
-                namespace: self.namespace.filter(|ns| !ns.is_empty()),
-                port_name: self.port_name.filter(|name| !name.is_empty()),
-                label_selector: self.label_selector.filter(|s| !s.trim().is_empty()),
-                retry_base: self.retry_base,
-                retry_max: self.retry_max,
+                settings,
             }),
         }
     }
@@ -179,11 +179,8 @@ impl fmt::Debug for KubernetesBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KubernetesBuilder")
             .field("client", &self.client.as_ref().map(|_| "<given>"))
-            .field("connect", &self.connect)
-            .field("namespace", &self.namespace)
-            .field("port_name", &self.port_name)
-            .field("label_selector", &self.label_selector)
-            .finish_non_exhaustive()
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 
@@ -191,12 +188,14 @@ impl Default for KubernetesBuilder {
     fn default() -> Self {
         Self {
             client: None,
-            connect: Connect::Infer,
-            namespace: None,
-            port_name: None,
-            label_selector: None,
-            retry_base: Duration::from_millis(100),
-            retry_max: Duration::from_secs(30),
+            settings: Settings {
+                connect: Connect::Infer,
+                namespace: None,
+                port_name: None,
+                label_selector: None,
+                retry_base: Duration::from_millis(100),
+                retry_max: Duration::from_secs(30),
+            },
         }
     }
 }
@@ -219,7 +218,7 @@ impl Inner {
     async fn client(&self) -> Result<&Client> {
         self.client
             .get_or_try_init(|| async {
-                let config = match self.connect {
+                let config = match self.settings.connect {
                     Connect::InCluster => {
                         Config::incluster().map_err(|e| Error::InvalidConfig {
                             key: "registry.kubernetes.in_cluster".into(),
@@ -240,14 +239,14 @@ impl Inner {
     async fn slices(&self, namespace: Option<&str>) -> Result<(Api<EndpointSlice>, String)> {
         let client = self.client().await?;
         let namespace = namespace
-            .or(self.namespace.as_deref())
+            .or(self.settings.namespace.as_deref())
             .unwrap_or_else(|| client.default_namespace())
             .to_owned();
         Ok((Api::namespaced(client.clone(), &namespace), namespace))
     }
 
     fn selector(&self, service: &str) -> String {
-        match &self.label_selector {
+        match &self.settings.label_selector {
             Some(extra) => format!("{SERVICE_NAME_LABEL}={service},{extra}"),
             None => format!("{SERVICE_NAME_LABEL}={service}"),
         }
@@ -268,8 +267,13 @@ impl Inner {
             .items
             .iter()
             .map(|slice| {
-                slices::endpoints_of(slice, &namespace, service, self.port_name.as_deref())
-                    .map_err(port_error)
+                slices::endpoints_of(
+                    slice,
+                    &namespace,
+                    service,
+                    self.settings.port_name.as_deref(),
+                )
+                .map_err(port_error)
             })
             .collect::<Result<_>>()?;
         Ok((endpoints, namespace))
@@ -279,10 +283,7 @@ impl Inner {
 impl fmt::Debug for KubernetesRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KubernetesRegistry")
-            .field("connect", &self.inner.connect)
-            .field("namespace", &self.inner.namespace)
-            .field("port_name", &self.inner.port_name)
-            .field("label_selector", &self.inner.label_selector)
+            .field("settings", &self.inner.settings)
             .finish_non_exhaustive()
     }
 }

@@ -14,21 +14,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
-use tokio::time::sleep;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::slices::{self, PortError, SliceEndpoint};
 use super::{Inner, port_error, watcher_error};
-use crate::backoff::Backoff;
-use crate::error::{Chain, Result};
+use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
+use crate::registry::pace::Pace;
 
 type Events = BoxStream<'static, Result<Event<EndpointSlice>, watcher::Error>>;
 type Slices = BTreeMap<String, Result<Vec<SliceEndpoint>, PortError>>;
@@ -44,9 +42,7 @@ struct State {
     current: Slices,
     /// Slices of a (re)list in progress.
     listing: Option<Slices>,
-    last: Option<Vec<ServiceInstance>>,
-    backoff: Backoff,
-    pause: Option<Duration>,
+    pace: Pace,
 }
 
 pub(super) fn stream(
@@ -54,15 +50,17 @@ pub(super) fn stream(
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
     let state = State {
-        backoff: Backoff::new(inner.retry_base, inner.retry_max),
+        pace: Pace::new(
+            super::REGISTRY,
+            inner.settings.retry_base,
+            inner.settings.retry_max,
+        ),
         inner,
         query,
         events: None,
         namespace: String::new(),
         current: Slices::new(),
         listing: None,
-        last: None,
-        pause: None,
     };
     stream::unfold(state, State::next)
 }
@@ -70,9 +68,7 @@ pub(super) fn stream(
 impl State {
     async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
         loop {
-            if let Some(pause) = self.pause.take() {
-                sleep(pause).await;
-            }
+            self.pace.wait().await;
             let events = match &mut self.events {
                 Some(events) => events,
                 None => match self.start().await {
@@ -89,13 +85,13 @@ impl State {
                     continue;
                 }
             };
-            self.backoff.reset();
+            self.pace.succeeded();
             let map = |slice: &EndpointSlice| {
                 slices::endpoints_of(
                     slice,
                     &self.namespace,
                     &self.query.name,
-                    self.inner.port_name.as_deref(),
+                    self.inner.settings.port_name.as_deref(),
                 )
             };
             match event {
@@ -139,10 +135,8 @@ impl State {
     }
 
     fn failed(mut self, error: crate::Error) -> (Result<Vec<ServiceInstance>>, Self) {
-        let pause = self.backoff.next_delay();
-        warn!(service = %self.query.name, error = %Chain(&error), ?pause, "Kubernetes watch failed; retrying");
-        self.pause = Some(pause);
-        (Err(error), self)
+        let failed = self.pace.failed(&self.query, error);
+        (failed, self)
     }
 
     /// The union of the current slices, when it differs from the last one emitted.
@@ -156,11 +150,7 @@ impl State {
         }
         let mut set = slices::union(endpoints);
         set.retain(|instance| self.query.matches(instance));
-        if self.last.as_ref() == Some(&set) {
-            return None;
-        }
-        self.last = Some(set.clone());
-        Some(Ok(set))
+        self.pace.changed(set).map(Ok)
     }
 }
 
