@@ -439,3 +439,43 @@ fn invalid_configuration_and_instances_are_typed_errors() {
         }
     ));
 }
+
+#[tokio::test]
+async fn tls_with_a_private_ca() {
+    support::trace_init();
+    let Some(etcd) = Etcd::start_tls().await else {
+        return;
+    };
+    let registry = builder(&etcd.url())
+        .ca_file(etcd.ca_file())
+        .build()
+        .unwrap();
+    registry
+        .register(instance("greeter-1", 50051))
+        .await
+        .unwrap();
+    let all = registry
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap();
+    assert_eq!(support::ids(&all), ["greeter-1"]);
+    let mut watch = follow(&registry, "greeter");
+    assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
+
+    // Trusting another CA fails the handshake: an error, not a hang or a panic.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let other_ca = support::process::scratch_dir("other-ca").join("ca.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    let untrusting = builder(&etcd.url())
+        .ca_file(&other_ca)
+        .connect_timeout(Duration::from_secs(2))
+        .request_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert!(
+        untrusting
+            .discover(&ServiceQuery::new("greeter"))
+            .await
+            .is_err()
+    );
+}

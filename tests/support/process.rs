@@ -55,12 +55,17 @@ pub struct Server {
 
 impl Server {
     pub fn spawn(command: &mut Command, dir: &Path) -> Self {
-        let mut server = Self {
-            child: None,
-            dir: dir.to_owned(),
-        };
+        let mut server = Self::stopped(dir);
         server.respawn(command);
         server
+    }
+
+    /// A server not started yet, owning `dir`.
+    pub fn stopped(dir: &Path) -> Self {
+        Self {
+            child: None,
+            dir: dir.to_owned(),
+        }
     }
 
     /// Kills the process, if running, and starts `command` in its place (same directory; the
