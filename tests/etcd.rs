@@ -323,7 +323,9 @@ async fn keys_that_are_not_instances_are_skipped() {
 #[tokio::test]
 async fn user_and_password_authentication() {
     support::trace_init();
-    let Some(etcd) = Etcd::start().await else {
+    // Auth tokens that expire after a second, so the test sees one expire.
+    let Some(etcd) = Etcd::start_with_flags(&["--auth-token=simple", "--auth-token-ttl=1"]).await
+    else {
         return;
     };
     let mut admin = etcd.client().await;
@@ -349,6 +351,19 @@ async fn user_and_password_authentication() {
         .await
         .unwrap();
     assert_eq!(support::ids(&all), ["greeter-1"]);
+
+    // Past the token's TTL, the registry authenticates again by itself.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let all = with_password
+        .discover(&ServiceQuery::new("greeter"))
+        .await
+        .unwrap();
+    assert_eq!(support::ids(&all), ["greeter-1"]);
+    assert_eq!(
+        with_password.health("greeter-1").await.unwrap(),
+        HealthStatus::Passing,
+        "and the lease is still kept alive"
+    );
 
     let anonymous = builder(&etcd.url()).build().unwrap();
     let error = anonymous

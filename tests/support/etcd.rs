@@ -11,21 +11,28 @@ pub struct Etcd {
     server: Server,
     /// With TLS: the CA (here, the self-signed server certificate) clients must trust.
     ca: Option<String>,
+    /// More command-line flags.
+    flags: Vec<String>,
 }
 
 impl Etcd {
     /// Starts etcd, or returns `None` (after saying why) when it is not installed.
     pub async fn start() -> Option<Self> {
-        Self::start_with(None).await
+        Self::start_with(None, &[]).await
+    }
+
+    /// Starts etcd with more command-line flags.
+    pub async fn start_with_flags(flags: &[&str]) -> Option<Self> {
+        Self::start_with(None, flags).await
     }
 
     /// Starts etcd serving clients over TLS, with a self-signed certificate for 127.0.0.1.
     pub async fn start_tls() -> Option<Self> {
         let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-        Self::start_with(Some((key.cert.pem(), key.signing_key.serialize_pem()))).await
+        Self::start_with(Some((key.cert.pem(), key.signing_key.serialize_pem())), &[]).await
     }
 
-    async fn start_with(tls: Option<(String, String)>) -> Option<Self> {
+    async fn start_with(tls: Option<(String, String)>, flags: &[&str]) -> Option<Self> {
         if !have("etcd", "etcd-server") {
             return None;
         }
@@ -39,6 +46,7 @@ impl Etcd {
             peer_port: free_port(),
             server: Server::stopped(&dir),
             ca: tls.map(|(cert, _)| cert),
+            flags: flags.iter().map(|f| (*f).to_owned()).collect(),
         };
         etcd.restart().await; // the first start
         Some(etcd)
@@ -81,8 +89,8 @@ impl Etcd {
     pub async fn restart(&mut self) {
         let dir = self.server.dir.clone();
         let tls = self.ca.is_some();
-        self.server
-            .respawn(&mut command(&dir, self.client_port, self.peer_port, tls));
+        let mut command = command(&dir, self.client_port, self.peer_port, tls);
+        self.server.respawn(command.args(&self.flags));
         self.ready().await;
     }
 

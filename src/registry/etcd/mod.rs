@@ -236,7 +236,10 @@ impl Inner {
                     .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
                     .with_keep_alive_while_idle(true);
                 if let (Some(user), Some(Secret(password))) = (&config.username, &config.password) {
-                    options = options.with_user(user, password);
+                    // etcd's auth tokens expire (5 min by default): get a new one when they do.
+                    options = options
+                        .with_user(user, password)
+                        .with_auto_token_refresh(true);
                 }
                 if let Some(ca_file) = &config.ca_file {
                     let pem = std::fs::read(ca_file).map_err(|e| Error::InvalidConfig {
@@ -283,13 +286,13 @@ impl Inner {
         Ok((instances, revision))
     }
 
-    /// The keys of instances with this id under any service (ids are unique per registry).
+    /// The keys of instances with this id under any service (ids are unique per registry),
+    /// without their values.
     async fn keys_of(&self, id: &str) -> Result<Vec<KeyValue>> {
         let mut client = self.client().await?;
         let all = format!("{}/", self.config.prefix);
-        let response = self
-            .timed(client.get(all.as_str(), Some(GetOptions::new().with_prefix())))
-            .await?;
+        let options = GetOptions::new().with_prefix().with_keys_only();
+        let response = self.timed(client.get(all.as_str(), Some(options))).await?;
         let suffix = format!("/{id}");
         Ok(response
             .kvs()
