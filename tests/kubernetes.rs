@@ -711,6 +711,31 @@ async fn registration_belongs_to_kubernetes() {
 }
 
 #[tokio::test]
+async fn a_list_that_never_answers_times_out() {
+    let (fake, _) = fake().await;
+    fake.stall(true);
+    let registry = Cluster::Fake(Arc::clone(&fake))
+        .builder()
+        .request_timeout(Duration::from_millis(200))
+        .build();
+    let error = registry
+        .discover(&ServiceQuery::new("slow"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Timeout {
+                registry: "kubernetes",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.is_transient());
+}
+
+#[tokio::test]
 async fn an_unreachable_api_server_is_a_transient_error() {
     let fake = FakeKube::start().await;
     let client = fake.client();

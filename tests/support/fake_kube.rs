@@ -10,7 +10,7 @@
 //!   and ends the stream, as does [`FakeKube::expire_watches`] on a live watch;
 //!   `timeoutSeconds` ends a stream, and so does [`FakeKube::close_watches`];
 //! - errors are `Status` objects with the HTTP code (`403 Forbidden` from
-//!   [`FakeKube::forbid`]).
+//!   [`FakeKube::forbid`]); [`FakeKube::stall`] leaves lists unanswered.
 //!
 //! Label selectors support `k=v`, `k==v`, `k!=v` and `k` (exists), comma-separated.
 
@@ -52,6 +52,7 @@ struct Inner {
     closed: u64,
     bookmarks: u64,
     forbidden: bool,
+    stalled: bool,
     requests: Vec<String>,
 }
 
@@ -184,6 +185,11 @@ impl FakeKube {
         self.bump(&inner);
     }
 
+    /// Never answers list requests while `true`, as an overloaded API server might.
+    pub fn stall(&self, stalled: bool) {
+        self.inner.lock().unwrap().stalled = stalled;
+    }
+
     /// Answers every request with 403 Forbidden while `true`, as RBAC would.
     pub fn forbid(&self, forbidden: bool) {
         self.inner.lock().unwrap().forbidden = forbidden;
@@ -231,7 +237,7 @@ async fn endpoint_slices(
         Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
     };
     let watch = params.watch.unwrap_or(false);
-    {
+    let stalled = {
         let mut inner = fake.inner.lock().unwrap();
         let line = match (&params.resource_version, watch) {
             (Some(rv), true) => format!("watch rv={rv}"),
@@ -246,6 +252,10 @@ async fn endpoint_slices(
             );
             return status(StatusCode::FORBIDDEN, "Forbidden", &message);
         }
+        inner.stalled && !watch
+    };
+    if stalled {
+        std::future::pending::<()>().await;
     }
     if watch {
         let from = params

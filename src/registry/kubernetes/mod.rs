@@ -46,7 +46,7 @@ use kube::{Client, Config};
 use tokio::sync::OnceCell;
 
 use super::{ServiceRegistry, WatchStream};
-use crate::error::{BoxError, Error, Result};
+use crate::error::{BoxError, Elapsed, Error, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
 
 const REGISTRY: &str = "kubernetes";
@@ -94,6 +94,7 @@ struct Settings {
     label_selector: Option<String>,
     retry_base: Duration,
     retry_max: Duration,
+    request_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -159,6 +160,13 @@ impl KubernetesBuilder {
         self
     }
 
+    /// The limit on each list request (`discover`, `health`; default 10 s). Watches are
+    /// long-lived and guarded by kube-runtime's own timeouts.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.request_timeout = timeout;
+        self
+    }
+
     /// Builds the registry. The client is created on first use (so the factory needs no
     /// runtime), and errors creating it are returned by the operation that needed it.
     pub fn build(self) -> KubernetesRegistry {
@@ -195,6 +203,7 @@ impl Default for KubernetesBuilder {
                 label_selector: None,
                 retry_base: Duration::from_millis(100),
                 retry_max: Duration::from_secs(30),
+                request_timeout: Duration::from_secs(10),
             },
         }
     }
@@ -259,9 +268,14 @@ impl Inner {
         service: &str,
     ) -> Result<(Vec<Vec<slices::SliceEndpoint>>, String)> {
         let (api, namespace) = self.slices(namespace).await?;
-        let list = api
-            .list(&ListParams::default().labels(&self.selector(service)))
+        let limit = self.settings.request_timeout;
+        let params = ListParams::default().labels(&self.selector(service));
+        let list = tokio::time::timeout(limit, api.list(&params))
             .await
+            .map_err(|_| Error::Timeout {
+                registry: REGISTRY,
+                source: Elapsed(limit),
+            })?
             .map_err(kube_error)?;
         let endpoints = list
             .items
