@@ -230,3 +230,52 @@ fn registration_and_bad_settings_are_typed_errors() {
     assert!("mx".parse::<RecordKind>().is_err());
     assert_eq!("AAAA".parse::<RecordKind>().unwrap(), RecordKind::Aaaa);
 }
+
+#[cfg(feature = "tonic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tonic_client_follows_srv_records_to_real_servers() {
+    use std::sync::Arc;
+
+    use support::grpc::{checks, until_endpoints};
+    use support::servers::{TestServer, assert_even_spread};
+    use tower_sd::tonic::LoadBalancedChannel;
+
+    support::trace_init();
+    let mut servers = Vec::new();
+    for n in 0..3 {
+        servers.push(TestServer::grpc(&format!("s{n}")).await);
+    }
+    let lines: Vec<String> = servers
+        .iter()
+        .enumerate()
+        .flat_map(|(n, server)| {
+            [
+                format!(
+                    "srv-host=_grpc._tcp.health.test,s{n}.health.test,{},0,10",
+                    server.port
+                ),
+                format!("host-record=s{n}.health.test,127.0.0.1"),
+            ]
+        })
+        .collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let Some(dns) = Dnsmasq::start(&lines, 1).await else {
+        return;
+    };
+    let registry = builder(&dns).build().unwrap();
+    let channel = LoadBalancedChannel::builder(Arc::new(registry), "_grpc._tcp.health.test")
+        .connect(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let ids: Vec<String> = servers
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    until_endpoints(
+        &channel,
+        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    checks(&channel, 6, 500).await;
+    assert_even_spread(&servers, 3_000);
+}

@@ -494,3 +494,48 @@ async fn tls_with_a_private_ca() {
             .is_err()
     );
 }
+
+#[cfg(feature = "tonic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_registered_in_etcd_serve_a_tonic_client() {
+    use std::sync::Arc;
+
+    use support::grpc::{checks, until_endpoints};
+    use support::servers::{TestServer, assert_even_spread};
+    use tower_sd::tonic::LoadBalancedChannel;
+
+    support::trace_init();
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    // The servers' side: each registers itself (one process's registry).
+    let servers_registry = builder(&etcd.url()).build().unwrap();
+    let mut servers = Vec::new();
+    for n in 0..3 {
+        let server = TestServer::grpc(&format!("s{n}")).await;
+        servers_registry
+            .register(server.instance("health"))
+            .await
+            .unwrap();
+        servers.push(server);
+    }
+    // The client's side: its own registry, watching.
+    let client_registry = builder(&etcd.url()).build().unwrap();
+    let channel = LoadBalancedChannel::builder(Arc::new(client_registry), "health")
+        .connect(Duration::from_secs(10))
+        .await
+        .unwrap();
+    until_endpoints(&channel, &["s0", "s1", "s2"]).await;
+    checks(&channel, 6, 500).await;
+    assert_even_spread(&servers, 3_000);
+
+    servers_registry.deregister("s1").await.unwrap();
+    until_endpoints(&channel, &["s0", "s2"]).await;
+    let before = servers[1].served();
+    checks(&channel, 6, 200).await;
+    assert_eq!(
+        servers[1].served(),
+        before,
+        "no request reaches a deregistered server"
+    );
+}

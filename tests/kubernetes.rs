@@ -777,3 +777,59 @@ async fn real_cluster() {
     label_selector_filters(&cluster).await;
     cluster.clean_up().await;
 }
+
+// ===== end to end: a generated gRPC client over EndpointSlices =====
+
+#[cfg(feature = "tonic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tonic_client_follows_endpoint_slices_to_real_servers() {
+    use support::grpc::{checks, until_endpoints};
+    use support::servers::{TestServer, assert_even_spread};
+    use tower_sd::tonic::LoadBalancedChannel;
+
+    let (fake, registry) = fake().await;
+    let mut servers = Vec::new();
+    for n in 0..3 {
+        let server = TestServer::grpc(&format!("pod-{n}")).await;
+        // One slice per pod: a slice's endpoints share its port, and each test server has
+        // its own port on 127.0.0.1.
+        let ports = json!([{ "name": "grpc", "port": server.port }]);
+        fake.apply(slice(
+            &format!("health-{n}"),
+            "health",
+            ports,
+            vec![ready("127.0.0.1")],
+        ));
+        servers.push(server);
+    }
+    let channel = LoadBalancedChannel::builder(Arc::new(registry), "health")
+        .connect(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let id = |server: &TestServer| format!("default/health/127.0.0.1:{}", server.port);
+    let all: Vec<String> = servers.iter().map(id).collect();
+    until_endpoints(
+        &channel,
+        &all.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    checks(&channel, 6, 500).await;
+    assert_even_spread(&servers, 3_000);
+
+    // pod-2 starts terminating: it leaves the set while the others are ready.
+    let ports = json!([{ "name": "grpc", "port": servers[2].port }]);
+    fake.apply(slice(
+        "health-2",
+        "health",
+        ports,
+        vec![draining("127.0.0.1")],
+    ));
+    until_endpoints(&channel, &[all[0].as_str(), all[1].as_str()]).await;
+    let before = servers[2].served();
+    checks(&channel, 6, 200).await;
+    assert_eq!(
+        servers[2].served(),
+        before,
+        "no request reaches a terminating pod"
+    );
+}

@@ -4,42 +4,17 @@
 
 mod support;
 
+use support::grpc::{check, checks, until_endpoints};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::servers::TestServer;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tower_sd::tonic::LoadBalancedChannel;
 use tower_sd::{MemoryRegistry, ServiceRegistry};
 
 const SERVICE: &str = "health";
-
-async fn check(client: &mut HealthClient<LoadBalancedChannel>) -> Result<(), tonic::Status> {
-    client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .map(drop)
-}
-
-/// `tasks` concurrent clients, each making `each` successful checks.
-async fn checks(channel: &LoadBalancedChannel, tasks: usize, each: usize) {
-    let tasks: Vec<_> = (0..tasks)
-        .map(|_| {
-            let mut client = HealthClient::new(channel.clone());
-            tokio::spawn(async move {
-                for _ in 0..each {
-                    check(&mut client).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spreads_requests_over_four_servers() {
@@ -69,26 +44,6 @@ async fn start(registry: &MemoryRegistry, prefix: &str, n: usize) -> Vec<TestSer
         servers.push(server);
     }
     servers
-}
-
-/// Waits until the channel's balancer lists exactly the instances with these names.
-async fn until_endpoints(channel: &LoadBalancedChannel, names: &[&str]) {
-    let mut want: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-    want.sort();
-    for _ in 0..5_000 {
-        let mut have: Vec<String> = channel
-            .balance()
-            .endpoints()
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
-        have.sort();
-        if have == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    panic!("balancer never listed {want:?}");
 }
 
 /// Callers sending continuously until told to stop; returns (ok, failed) counts.

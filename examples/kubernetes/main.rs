@@ -13,7 +13,8 @@
 //!   then terminating, while it keeps answering calls for the grace period.
 //! - `kubernetes client SERVICE` runs the generated `HealthClient` on a `LoadBalancedChannel`
 //!   over `KubernetesRegistry` (in-cluster credentials, the pod's namespace, the `grpc` port)
-//!   and prints the reply and the set of ready pods each second, as pods come and go.
+//!   and prints the reply and the endpoints it balances over each second, as pods come and
+//!   go.
 //!
 //! The client's service account needs get, list and watch on `endpointslices`: `rbac.yaml`.
 
@@ -23,9 +24,9 @@ use std::time::Duration;
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+use tower_sd::ServiceRegistry;
 use tower_sd::registry::kubernetes::KubernetesRegistry;
 use tower_sd::tonic::LoadBalancedChannel;
-use tower_sd::{ServiceQuery, ServiceRegistry};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -78,33 +79,25 @@ async fn client(service: &str) -> Result<(), BoxError> {
             .port_name("grpc")
             .build(),
     );
-    let channel = LoadBalancedChannel::builder(Arc::clone(&registry), service)
+    let channel = LoadBalancedChannel::builder(registry, service)
         .connect(Duration::from_secs(60))
         .await?;
-    let mut health = HealthClient::new(channel);
-    let query = ServiceQuery::new(service);
+    let mut health = HealthClient::new(channel.clone());
     loop {
         let reply = health
             .check(HealthCheckRequest {
                 service: String::new(),
             })
             .await;
-        let pods: Vec<String> = registry
-            .discover(&query)
-            .await
-            .map(|set| {
-                set.iter()
-                    .map(|i| {
-                        i.metadata
-                            .get("pod")
-                            .cloned()
-                            .unwrap_or_else(|| i.authority())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        // The balancer's endpoints: instance ids `namespace/service/address:port`.
+        let pods: Vec<String> = channel
+            .balance()
+            .endpoints()
+            .into_iter()
+            .map(|endpoint| endpoint.key)
+            .collect();
         match reply {
-            Ok(reply) => println!("{:?} from one of {pods:?}", reply.into_inner().status()),
+            Ok(reply) => println!("{:?}; balancing over {pods:?}", reply.into_inner().status()),
             Err(status) => println!("call failed: {status}"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -9,6 +9,8 @@ pub mod etcd;
 pub mod fake_consul;
 #[cfg(feature = "kubernetes")]
 pub mod fake_kube;
+#[cfg(feature = "tonic")]
+pub mod grpc;
 pub mod process;
 pub mod proxy;
 pub mod servers;
