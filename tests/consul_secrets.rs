@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -30,17 +29,7 @@ async fn acl_tokens_are_sent_checked_and_never_shown() {
     }
 
     // Capture every log line while the right token is used, including failures.
-    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let writer = {
-        let logs = Arc::clone(&logs);
-        move || CaptureWriter(Arc::clone(&logs))
-    };
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(writer)
-        .finish();
-    // The only test in this binary, so a global subscriber sees every thread's events.
-    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let logs = support::logs::Logs::capture();
 
     let right = ConsulRegistry::builder()
         .address(fake.url())
@@ -62,22 +51,10 @@ async fn acl_tokens_are_sent_checked_and_never_shown() {
         debug.contains("redacted") && !debug.contains(TOKEN),
         "{debug}"
     );
-    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(
         logs.contains("consul watch failed"),
         "logs were captured: {logs}"
     );
     assert!(!logs.contains(TOKEN), "the token leaked into logs");
-}
-
-struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for CaptureWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }

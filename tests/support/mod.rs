@@ -11,6 +11,7 @@ pub mod fake_consul;
 pub mod fake_kube;
 #[cfg(feature = "tonic")]
 pub mod grpc;
+pub mod logs;
 pub mod process;
 pub mod proxy;
 pub mod servers;
