@@ -29,7 +29,7 @@ use crate::instance::{ServiceInstance, ServiceQuery};
 use crate::registry::pace::Pace;
 
 type Events = BoxStream<'static, Result<Event<EndpointSlice>, watcher::Error>>;
-type Slices = BTreeMap<String, Result<Vec<SliceEndpoint>, PortError>>;
+type Slices = BTreeMap<String, Mapped>;
 
 struct State {
     inner: Arc<Inner>,
@@ -38,10 +38,7 @@ struct State {
     events: Option<Events>,
     /// The namespace watched, known once started.
     namespace: String,
-    /// The slices of the last complete list, kept up to date by later events.
-    current: Slices,
-    /// Slices of a (re)list in progress.
-    listing: Option<Slices>,
+    fold: Fold,
     pace: Pace,
 }
 
@@ -59,8 +56,7 @@ pub(super) fn stream(
         query,
         events: None,
         namespace: String::new(),
-        current: Slices::new(),
-        listing: None,
+        fold: Fold::default(),
     };
     stream::unfold(state, State::next)
 }
@@ -86,43 +82,46 @@ impl State {
                 }
             };
             self.pace.succeeded();
-            let map = |slice: &EndpointSlice| {
-                slices::endpoints_of(
-                    slice,
-                    &self.namespace,
-                    &self.query.name,
-                    self.inner.settings.port_name.as_deref(),
-                )
-            };
-            match event {
-                Event::Init => self.listing = Some(Slices::new()),
-                Event::InitApply(slice) => {
-                    let mapped = map(&slice);
-                    self.listing
-                        .get_or_insert_with(Slices::new)
-                        .insert(key(&slice), mapped);
-                }
-                Event::InitDone => {
-                    self.current = self.listing.take().unwrap_or_default();
-                    debug!(service = %self.query.name, slices = self.current.len(), "EndpointSlices listed");
-                    if let Some(item) = self.emit() {
-                        return Some((item, self));
+            let step = self.step(event);
+            if self.fold.apply(step) {
+                match self.fold.set(&self.query) {
+                    Ok(set) => {
+                        if let Some(set) = self.pace.changed(set) {
+                            return Some((Ok(set), self));
+                        }
                     }
-                }
-                Event::Apply(slice) => {
-                    let mapped = map(&slice);
-                    self.current.insert(key(&slice), mapped);
-                    if let Some(item) = self.emit() {
-                        return Some((item, self));
-                    }
-                }
-                Event::Delete(slice) => {
-                    self.current.remove(&key(&slice));
-                    if let Some(item) = self.emit() {
-                        return Some((item, self));
-                    }
+                    Err(error) => return Some((Err(error), self)),
                 }
             }
+        }
+    }
+
+    /// The watcher's event, its slice mapped to endpoints.
+    fn step(&self, event: Event<EndpointSlice>) -> Step {
+        let map = |slice: &EndpointSlice| {
+            let mapped = slices::endpoints_of(
+                slice,
+                &self.namespace,
+                &self.query.name,
+                self.inner.settings.port_name.as_deref(),
+            );
+            (key(slice), mapped)
+        };
+        match event {
+            Event::Init => Step::Init,
+            Event::InitApply(slice) => {
+                let (key, mapped) = map(&slice);
+                Step::InitApply(key, mapped)
+            }
+            Event::InitDone => {
+                debug!(service = %self.query.name, "EndpointSlices listed");
+                Step::InitDone
+            }
+            Event::Apply(slice) => {
+                let (key, mapped) = map(&slice);
+                Step::Apply(key, mapped)
+            }
+            Event::Delete(slice) => Step::Delete(key(&slice)),
         }
     }
 
@@ -138,22 +137,188 @@ impl State {
         let failed = self.pace.failed(&self.query, error);
         (failed, self)
     }
-
-    /// The union of the current slices, when it differs from the last one emitted.
-    fn emit(&mut self) -> Option<Result<Vec<ServiceInstance>>> {
-        let mut endpoints = Vec::with_capacity(self.current.len());
-        for mapped in self.current.values() {
-            match mapped {
-                Ok(list) => endpoints.push(list.as_slice()),
-                Err(error) => return Some(Err(port_error(error.clone()))),
-            }
-        }
-        let mut set = slices::union(endpoints);
-        set.retain(|instance| self.query.matches(instance));
-        self.pace.changed(set).map(Ok)
-    }
 }
 
 fn key(slice: &EndpointSlice) -> String {
     slice.metadata.name.clone().unwrap_or_default()
+}
+
+type Mapped = std::result::Result<Vec<SliceEndpoint>, PortError>;
+
+/// A watcher event, with its slice already mapped.
+#[derive(Debug)]
+enum Step {
+    Init,
+    InitApply(String, Mapped),
+    InitDone,
+    Apply(String, Mapped),
+    Delete(String),
+}
+
+/// A service's slices, folded from watcher events.
+#[derive(Debug, Default)]
+struct Fold {
+    /// The slices of the last complete list, kept up to date by later events.
+    current: Slices,
+    /// Slices of a (re)list in progress.
+    listing: Option<Slices>,
+}
+
+impl Fold {
+    /// Applies one step; `true` when the current slices may have changed (never while a
+    /// list is in progress: a list replaces them whole at its end).
+    fn apply(&mut self, step: Step) -> bool {
+        match step {
+            Step::Init => {
+                self.listing = Some(Slices::new());
+                false
+            }
+            Step::InitApply(key, mapped) => {
+                self.listing
+                    .get_or_insert_with(Slices::new)
+                    .insert(key, mapped);
+                false
+            }
+            Step::InitDone => {
+                self.current = self.listing.take().unwrap_or_default();
+                true
+            }
+            Step::Apply(key, mapped) => {
+                self.current.insert(key, mapped);
+                true
+            }
+            Step::Delete(key) => self.current.remove(&key).is_some(),
+        }
+    }
+
+    /// The union of the current slices that `query` matches, or the first slice's port
+    /// error.
+    fn set(&self, query: &ServiceQuery) -> Result<Vec<ServiceInstance>> {
+        let mut endpoints = Vec::with_capacity(self.current.len());
+        for mapped in self.current.values() {
+            match mapped {
+                Ok(list) => endpoints.push(list.as_slice()),
+                Err(error) => return Err(port_error(error.clone())),
+            }
+        }
+        let mut set = slices::union(endpoints);
+        set.retain(|instance| query.matches(instance));
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::registry::kubernetes::slices::{Conditions, instance_id};
+
+    /// A slice's endpoints: hosts from a small pool, so slices overlap.
+    fn endpoints() -> impl Strategy<Value = Vec<SliceEndpoint>> {
+        prop::collection::vec((0u8..5, any::<bool>()), 0..4).prop_map(|hosts| {
+            hosts
+                .into_iter()
+                .map(|(host, ready)| {
+                    let address = format!("10.0.0.{host}");
+                    let mut instance = ServiceInstance::new("", "svc", address.as_str(), 80);
+                    instance.id = instance_id("ns", "svc", &instance.authority());
+                    SliceEndpoint {
+                        instance,
+                        conditions: Conditions {
+                            ready,
+                            serving: true,
+                            terminating: !ready,
+                        },
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// What happens on the API server, and what the watcher makes of it.
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A slice is created or changed, and the watch delivers it.
+        Put(u8, Vec<SliceEndpoint>),
+        /// A slice is deleted, and the watch delivers it.
+        Delete(u8),
+        /// A slice changes while the watch is down: only a relist shows it.
+        Missed(u8, Option<Vec<SliceEndpoint>>),
+        /// A relist (after a 410), cut short `cut` times before it completes.
+        Relist { cut: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u8..4, endpoints()).prop_map(|(n, e)| Op::Put(n, e)),
+            1 => (0u8..4).prop_map(Op::Delete),
+            1 => (0u8..4, prop::option::of(endpoints())).prop_map(|(n, e)| Op::Missed(n, e)),
+            1 => (0u8..3).prop_map(|cut| Op::Relist { cut }),
+        ]
+    }
+
+    fn union_of(store: &BTreeMap<String, Vec<SliceEndpoint>>) -> Vec<ServiceInstance> {
+        slices::union(store.values().map(Vec::as_slice))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Sets are emitted only when whole: after a list completes the set is exactly the
+        /// server's; while a relist runs nothing is emitted and the set stays as it was.
+        #[test]
+        fn sets_are_whole_across_relists(ops in prop::collection::vec(op(), 1..40)) {
+            let query = ServiceQuery::new("svc");
+            let mut server: BTreeMap<String, Vec<SliceEndpoint>> = BTreeMap::new();
+            let mut seen: BTreeMap<String, Vec<SliceEndpoint>> = BTreeMap::new();
+            let mut fold = Fold::default();
+            // The first list.
+            prop_assert!(!fold.apply(Step::Init));
+            prop_assert!(fold.apply(Step::InitDone));
+            prop_assert!(fold.set(&query).unwrap().is_empty());
+            for op in ops {
+                let before = fold.set(&query).unwrap();
+                match op {
+                    Op::Put(n, endpoints) => {
+                        let key = format!("s{n}");
+                        server.insert(key.clone(), endpoints.clone());
+                        seen.insert(key.clone(), endpoints.clone());
+                        prop_assert!(fold.apply(Step::Apply(key, Ok(endpoints))));
+                    }
+                    Op::Delete(n) => {
+                        let key = format!("s{n}");
+                        server.remove(&key);
+                        seen.remove(&key);
+                        fold.apply(Step::Delete(key));
+                    }
+                    Op::Missed(n, endpoints) => {
+                        let key = format!("s{n}");
+                        match endpoints {
+                            Some(endpoints) => server.insert(key, endpoints),
+                            None => server.remove(&key),
+                        };
+                    }
+                    Op::Relist { cut } => {
+                        for attempt in 0..=cut {
+                            prop_assert!(!fold.apply(Step::Init));
+                            let listed: Vec<_> = server.iter().collect();
+                            // A cut-short list delivers only part of the slices.
+                            let take = if attempt < cut { listed.len() / 2 } else { listed.len() };
+                            for (key, endpoints) in listed.into_iter().take(take) {
+                                let step = Step::InitApply(key.clone(), Ok(endpoints.clone()));
+                                prop_assert!(!fold.apply(step));
+                                prop_assert_eq!(&fold.set(&query).unwrap(), &before, "unchanged while listing");
+                            }
+                        }
+                        prop_assert!(fold.apply(Step::InitDone));
+                        seen = server.clone();
+                    }
+                }
+                prop_assert_eq!(fold.set(&query).unwrap(), union_of(&seen));
+            }
+        }
+    }
 }
