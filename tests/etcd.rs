@@ -517,3 +517,37 @@ async fn servers_registered_in_etcd_serve_a_tonic_client() {
         "no request reaches a deregistered server"
     );
 }
+
+#[tokio::test]
+async fn a_lost_lease_is_granted_again_and_the_key_put_back() {
+    support::trace_init();
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let registry = builder(&etcd.url()).build().unwrap();
+    registry
+        .register(instance("greeter-1", 50051))
+        .await
+        .unwrap();
+    let mut watch = follow(&registry, "greeter");
+    assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
+
+    // etcd forgets the lease (an operator revokes it, or a restore from backup): the key
+    // goes with it, and the registering side notices at its next keep-alive.
+    let mut direct = etcd.client().await;
+    let key = "/services/greeter/greeter-1";
+    let lease = direct.get(key, None).await.unwrap().kvs()[0].lease();
+    direct.lease_revoke(lease).await.unwrap();
+    assert!(next_ids(&mut watch).await.is_empty());
+    assert_eq!(
+        next_ids(&mut watch).await,
+        ["greeter-1"],
+        "registered again"
+    );
+    let again = direct.get(key, None).await.unwrap().kvs()[0].lease();
+    assert_ne!(again, lease, "on a new lease");
+    assert_eq!(
+        registry.health("greeter-1").await.unwrap(),
+        HealthStatus::Passing
+    );
+}

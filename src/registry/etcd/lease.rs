@@ -86,10 +86,10 @@ impl Keeper {
             match self.keep_alive(every).await {
                 Lost::Lease => match self.grant_and_put().await {
                     Ok(lease) => {
+                        // Keep the new lease alive after a short pause (not at once: a
+                        // lease that keeps vanishing must not spin).
                         info!(key = %self.key, lease, "lease expired; registered again on a new lease");
                         self.lease.store(lease, Ordering::Release);
-                        self.backoff.reset();
-                        continue;
                     }
                     Err(error) => {
                         warn!(key = %self.key, error = %Chain(&error), "registering again failed");
@@ -106,9 +106,10 @@ impl Keeper {
     /// Runs one keep-alive stream until it fails.
     async fn keep_alive(&mut self, every: Duration) -> Lost {
         let lease = self.lease.load(Ordering::Acquire);
-        let (mut keeper, mut responses) = match self.client.lease_keep_alive(lease).await {
+        let open = self.client.lease_keep_alive(lease);
+        let (mut keeper, mut responses) = match timed(self.request_timeout, open).await {
             Ok(stream) => stream,
-            Err(error) => return Lost::Stream(super::etcd_error(error)),
+            Err(error) => return Lost::Stream(error),
         };
         loop {
             if let Err(error) = keeper.keep_alive().await {
