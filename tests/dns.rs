@@ -21,6 +21,8 @@ const GREETER: &[&str] = &[
     "host-record=a.greeter.test,10.0.0.1",
     "host-record=c.greeter.test,10.0.0.3",
     "host-record=web.test,10.0.1.1,fd00::1",
+    // A target with no address record: dialled by name.
+    "srv-host=_http._tcp.named.test,nowhere.test,8080,0,0",
 ];
 
 fn builder(dns: &Dnsmasq) -> DnsBuilder {
@@ -67,6 +69,13 @@ async fn srv_records_give_targets_ports_and_weights() {
     assert_eq!(set[0].name, "_grpc._tcp.greeter.test");
     assert_eq!(set[0].metadata["srv_target"], "a.greeter.test");
     assert_eq!(set[0].metadata["srv_priority"], "0");
+
+    let named = registry
+        .discover(&ServiceQuery::new("_http._tcp.named.test"))
+        .await
+        .unwrap();
+    assert_eq!(authorities(&named), ["nowhere.test:8080"]);
+    assert_eq!(named[0].weight, 1, "weight 0 counts as 1");
 }
 
 #[tokio::test]

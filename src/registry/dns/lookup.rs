@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
@@ -98,25 +99,24 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
     let Some(lowest) = srvs.iter().map(|(_, srv)| srv.priority).min() else {
         return Ok(Outcome::Missing);
     };
+    let used: Vec<_> = srvs
+        .into_iter()
+        .filter(|(_, srv)| srv.priority == lowest)
+        .collect();
+    // Every target at once: a service may have many.
+    let targets = join_all(
+        used.iter()
+            .map(|(_, srv)| target_addresses(resolver, &srv.target, lookup.additionals())),
+    )
+    .await;
     let mut found = Found::default();
     let mut instances = Vec::new();
-    for (record, srv) in srvs.into_iter().filter(|(_, srv)| srv.priority == lowest) {
+    for ((record, srv), target) in used.into_iter().zip(targets) {
         found.ttl(record.ttl);
-        let weight = u32::from(srv.weight.max(1));
-        // Addresses the server sent along, else a lookup of our own.
-        let mut target = Found::default();
-        target.addresses_of(&srv.target, lookup.additionals());
-        if target.ips.is_empty() {
-            for record_type in [RecordType::A, RecordType::AAAA] {
-                match records(resolver, &srv.target.to_ascii(), record_type).await {
-                    Ok(Some(answers)) => target.addresses(&answers),
-                    Ok(None) => {}
-                    Err(error) => {
-                        debug!(target = %srv.target, %error, "SRV target did not resolve")
-                    }
-                }
-            }
+        if let Some(ttl) = target.min_ttl {
+            found.ttl(ttl);
         }
+        let weight = u32::from(srv.weight.max(1));
         let name = srv.target.to_ascii();
         let host = name.trim_end_matches('.');
         let addresses: Vec<String> = if target.ips.is_empty() {
@@ -124,9 +124,6 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
         } else {
             target.ips.iter().map(ToString::to_string).collect()
         };
-        if let Some(ttl) = target.min_ttl {
-            found.ttl(ttl);
-        }
         for address in addresses {
             let mut instance = instance(service, &address, srv.port, weight);
             instance
@@ -139,6 +136,33 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
         }
     }
     Ok(found.outcome(instances))
+}
+
+/// A SRV target's addresses: those the server sent along, else a lookup of our own. A
+/// target that does not resolve has none (and is then used by name).
+async fn target_addresses(
+    resolver: &TokioResolver,
+    target: &Name,
+    additionals: &[Record],
+) -> Found {
+    let mut found = Found::default();
+    found.addresses_of(target, additionals);
+    if !found.ips.is_empty() {
+        return found;
+    }
+    let host = target.to_ascii();
+    let (a, aaaa) = futures_util::join!(
+        records(resolver, &host, RecordType::A),
+        records(resolver, &host, RecordType::AAAA)
+    );
+    for answer in [a, aaaa] {
+        match answer {
+            Ok(Some(answers)) => found.addresses(&answers),
+            Ok(None) => {}
+            Err(error) => debug!(%target, %error, "SRV target did not resolve"),
+        }
+    }
+    found
 }
 
 /// The answers of one type; `None` when there are none.

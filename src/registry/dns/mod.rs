@@ -175,6 +175,42 @@ impl DnsBuilder {
         self
     }
 
+    /// What a query's name asks for.
+    fn target(&self, name: &str) -> Result<Target> {
+        let invalid = |why: String| Error::InvalidConfig {
+            key: "query".into(),
+            source: why.into(),
+        };
+        let (host, port) = match name.rsplit_once(':') {
+            // `host:port`, but not a bare IPv6 address.
+            Some((host, port)) if !host.contains(':') => {
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| invalid(format!("`{name}`: `{port}` is not a port")))?;
+                (host, Some(port))
+            }
+            _ => (name, None),
+        };
+        match (self.record, port.or(self.port)) {
+            (RecordKind::Srv, None) => Ok(Target::Srv(host.to_owned())),
+            (RecordKind::Srv, Some(port)) => Ok(Target::Addresses {
+                host: host.to_owned(),
+                port,
+                kind: RecordKind::Ip,
+            }),
+            (kind, Some(port)) => Ok(Target::Addresses {
+                host: host.to_owned(),
+                port,
+                kind,
+            }),
+            (kind, None) => Err(invalid(format!(
+                "`{name}`: {kind:?} records carry no port; query `host:port` or set a port"
+            ))),
+        }
+    }
+
     /// Builds the registry.
     ///
     /// # Errors
@@ -249,40 +285,8 @@ impl DnsRegistry {
 }
 
 impl Inner {
-    /// What a query's name asks for.
     fn target(&self, name: &str) -> Result<Target> {
-        let invalid = |why: String| Error::InvalidConfig {
-            key: "query".into(),
-            source: why.into(),
-        };
-        let (host, port) = match name.rsplit_once(':') {
-            // `host:port`, but not a bare IPv6 address.
-            Some((host, port)) if !host.contains(':') => {
-                let port = port
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|&p| p != 0)
-                    .ok_or_else(|| invalid(format!("`{name}`: `{port}` is not a port")))?;
-                (host, Some(port))
-            }
-            _ => (name, None),
-        };
-        match (self.config.record, port.or(self.config.port)) {
-            (RecordKind::Srv, None) => Ok(Target::Srv(host.to_owned())),
-            (RecordKind::Srv, Some(port)) => Ok(Target::Addresses {
-                host: host.to_owned(),
-                port,
-                kind: RecordKind::Ip,
-            }),
-            (kind, Some(port)) => Ok(Target::Addresses {
-                host: host.to_owned(),
-                port,
-                kind,
-            }),
-            (kind, None) => Err(invalid(format!(
-                "`{name}`: {kind:?} records carry no port; query `host:port` or set a port"
-            ))),
-        }
+        self.config.target(name)
     }
 
     /// The re-resolve delay for a TTL.
@@ -343,5 +347,45 @@ impl ServiceRegistry for DnsRegistry {
 
     fn health<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<HealthStatus>> {
         async { Err(unsupported("health")) }.boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_names_choose_the_records() {
+        let srv = DnsRegistry::builder();
+        assert_eq!(
+            srv.target("_grpc._tcp.greeter.example.com").unwrap(),
+            Target::Srv("_grpc._tcp.greeter.example.com".into())
+        );
+        let addresses = |host: &str, port, kind| Target::Addresses {
+            host: host.into(),
+            port,
+            kind,
+        };
+        assert_eq!(
+            srv.target("greeter.example.com:50051").unwrap(),
+            addresses("greeter.example.com", 50051, RecordKind::Ip)
+        );
+        let a = DnsRegistry::builder().record(RecordKind::A).port(8080);
+        assert_eq!(
+            a.target("web").unwrap(),
+            addresses("web", 8080, RecordKind::A)
+        );
+        assert_eq!(
+            a.target("web:9090").unwrap(),
+            addresses("web", 9090, RecordKind::A)
+        );
+        for bad in ["web:0", "web:http", "web:70000"] {
+            assert!(
+                matches!(srv.target(bad), Err(Error::InvalidConfig { .. })),
+                "{bad}"
+            );
+        }
+        let aaaa = DnsRegistry::builder().record(RecordKind::Aaaa);
+        assert!(aaaa.target("web").is_err(), "no port anywhere");
     }
 }
