@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use support::dnsmasq::Dnsmasq;
-use support::{Watch, follow};
+use support::{authorities, follow, next_set};
 use tokio::time::{Instant, timeout};
 use tower_sd::registry::dns::{DnsBuilder, DnsRegistry, RecordKind};
 use tower_sd::{Error, ServiceInstance, ServiceQuery, ServiceRegistry};
@@ -32,18 +32,6 @@ fn builder(dns: &Dnsmasq) -> DnsBuilder {
         .max_ttl(Duration::from_millis(300))
         .timeout(Duration::from_secs(2))
         .retry_backoff(Duration::from_millis(20), Duration::from_millis(200))
-}
-
-fn authorities(set: &[ServiceInstance]) -> Vec<String> {
-    set.iter().map(ServiceInstance::authority).collect()
-}
-
-async fn next_set(watch: &mut Watch) -> Vec<String> {
-    authorities(
-        &support::next_item(watch)
-            .await
-            .expect("a set, not an error"),
-    )
 }
 
 #[tokio::test]

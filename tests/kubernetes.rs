@@ -1,6 +1,6 @@
-//! `KubernetesRegistry` against the in-repo fake API server (real HTTP on 127.0.0.1), and the
-//! same scenarios against a real cluster when `KUBECONFIG` is set (`real_cluster`, ignored
-//! otherwise). The faults (410 mid-watch, 403, closed streams, bookmarks) need the fake.
+//! `KubernetesRegistry` scenarios, run against the in-repo fake API server (real HTTP on
+//! 127.0.0.1) and against a real cluster when `KUBECONFIG` is set (`real_cluster`, ignored
+//! otherwise). The faults only the fake can stage are in `kubernetes_faults.rs`.
 #![cfg(feature = "kubernetes")]
 
 mod support;
@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::endpoint_slices::{conditions, draining, grpc, ready, slice};
 use support::fake_kube::FakeKube;
-use support::{Watch, follow};
+use support::{authorities, follow, next_item as next, next_set};
 use tower_sd::registry::kubernetes::{KubernetesBuilder, KubernetesRegistry};
-use tower_sd::{Error, HealthStatus, ServiceInstance, ServiceQuery, ServiceRegistry};
+use tower_sd::{Error, HealthStatus, ServiceQuery, ServiceRegistry};
 
 // ===== where the slices live =====
 
@@ -38,14 +39,13 @@ impl Cluster {
     }
 
     fn builder(&self) -> KubernetesBuilder {
-        let client = match self {
-            Self::Fake(fake) => fake.client(),
-            Self::Real { client, .. } => client.clone(),
-        };
-        KubernetesRegistry::builder()
-            .client(client)
-            .namespace(self.namespace())
-            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        match self {
+            Self::Fake(fake) => fake.registry(),
+            Self::Real { client, namespace } => KubernetesRegistry::builder()
+                .client(client.clone())
+                .namespace(namespace)
+                .retry_backoff(Duration::from_millis(10), Duration::from_millis(50)),
+        }
     }
 
     fn registry(&self) -> KubernetesRegistry {
@@ -112,60 +112,6 @@ impl Cluster {
             }
         }
     }
-}
-
-// ===== slices =====
-
-fn slice(name: &str, service: &str, ports: Value, endpoints: Vec<Value>) -> Value {
-    json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "labels": {
-                "kubernetes.io/service-name": service,
-                "endpointslice.kubernetes.io/managed-by": "tower-sd-tests",
-            },
-        },
-        "addressType": "IPv4",
-        "ports": ports,
-        "endpoints": endpoints,
-    })
-}
-
-fn grpc() -> Value {
-    json!([{ "name": "grpc", "port": 50051, "protocol": "TCP" }])
-}
-
-fn conditions(address: &str, ready: bool, serving: bool, terminating: bool) -> Value {
-    json!({
-        "addresses": [address],
-        "conditions": { "ready": ready, "serving": serving, "terminating": terminating },
-    })
-}
-
-fn ready(address: &str) -> Value {
-    conditions(address, true, true, false)
-}
-
-/// Terminating, still serving: used only when nothing is ready.
-fn draining(address: &str) -> Value {
-    conditions(address, false, true, true)
-}
-
-fn authorities(set: &[ServiceInstance]) -> Vec<String> {
-    let mut all: Vec<String> = set.iter().map(ServiceInstance::authority).collect();
-    all.sort();
-    all
-}
-
-async fn next(watch: &mut Watch) -> tower_sd::Result<Vec<ServiceInstance>> {
-    support::next_item(watch).await
-}
-
-/// The next set, failing on an error.
-async fn next_set(watch: &mut Watch) -> Vec<String> {
-    authorities(&next(watch).await.expect("a set, not an error"))
 }
 
 // ===== scenarios shared by the fake and a real cluster =====
@@ -544,211 +490,6 @@ mod fake {
 }
 
 /// The fake behind a `Cluster`, for the fault tests.
-async fn fake() -> (Arc<FakeKube>, KubernetesRegistry) {
-    let Cluster::Fake(fake) = Cluster::fake().await else {
-        unreachable!()
-    };
-    let registry = Cluster::Fake(Arc::clone(&fake)).registry();
-    (fake, registry)
-}
-
-#[tokio::test]
-async fn a_410_mid_watch_relists_and_the_set_stays_whole() {
-    let (fake, registry) = fake().await;
-    fake.apply(slice("a", "relist", grpc(), vec![ready("10.1.0.1")]));
-    fake.apply(slice("b", "relist", grpc(), vec![ready("10.1.0.2")]));
-    let mut watch = follow(&registry, ServiceQuery::new("relist"));
-    assert_eq!(next_set(&mut watch).await.len(), 2);
-
-    // History is compacted under the live watch; the change below is only visible
-    // through a new list.
-    fake.watching(1).await;
-    fake.expire_watches();
-    fake.apply(slice("c", "relist", grpc(), vec![ready("10.1.0.3")]));
-    loop {
-        match next(&mut watch).await {
-            Ok(set) => {
-                assert_eq!(
-                    authorities(&set),
-                    ["10.1.0.1:50051", "10.1.0.2:50051", "10.1.0.3:50051"],
-                    "after the relist, the whole set, never a part of it"
-                );
-                break;
-            }
-            Err(Error::Status { status: 410, .. }) => {}
-            Err(other) => panic!("unexpected error {other:?}"),
-        }
-    }
-    assert_eq!(fake.lists(), 2, "one list, and one relist after the 410");
-}
-
-#[tokio::test]
-async fn a_403_is_yielded_and_the_watch_goes_on() {
-    let (fake, registry) = fake().await;
-    fake.apply(slice("a", "rbac", grpc(), vec![ready("10.2.0.1")]));
-    fake.forbid(true);
-    let query = ServiceQuery::new("rbac");
-    let error = registry.discover(&query).await.unwrap_err();
-    assert!(
-        matches!(error, Error::Status { status: 403, .. }),
-        "{error:?}"
-    );
-    assert!(!error.is_transient());
-    let mut watch = follow(&registry, query.clone());
-    for _ in 0..2 {
-        let error = next(&mut watch).await.unwrap_err();
-        assert!(
-            matches!(error, Error::Status { status: 403, .. }),
-            "{error:?}"
-        );
-    }
-    fake.forbid(false);
-    let set = loop {
-        if let Ok(set) = next(&mut watch).await {
-            break set;
-        }
-    };
-    assert_eq!(authorities(&set), ["10.2.0.1:50051"]);
-}
-
-#[tokio::test]
-async fn a_closed_watch_resumes_from_its_version_without_a_relist() {
-    let (fake, registry) = fake().await;
-    fake.apply(slice("a", "resume", grpc(), vec![ready("10.3.0.1")]));
-    let mut watch = follow(&registry, ServiceQuery::new("resume"));
-    assert_eq!(next_set(&mut watch).await.len(), 1);
-    fake.watching(1).await;
-    fake.close_watches();
-    fake.apply(slice(
-        "a",
-        "resume",
-        grpc(),
-        vec![ready("10.3.0.1"), ready("10.3.0.2")],
-    ));
-    assert_eq!(next_set(&mut watch).await.len(), 2);
-    assert_eq!(fake.lists(), 1);
-    let watches = fake
-        .requests()
-        .iter()
-        .filter(|r| r.starts_with("watch"))
-        .count();
-    assert!(watches >= 2, "{:?}", fake.requests());
-}
-
-#[tokio::test]
-async fn bookmarks_and_unrelated_changes_emit_nothing() {
-    let (fake, registry) = fake().await;
-    fake.apply(slice("a", "quiet", grpc(), vec![ready("10.4.0.1")]));
-    let mut watch = follow(&registry, ServiceQuery::new("quiet"));
-    assert_eq!(next_set(&mut watch).await.len(), 1);
-    fake.watching(1).await;
-    fake.bookmark();
-    // A slice update that changes nothing the balancer sees.
-    let mut relabelled = slice("a", "quiet", grpc(), vec![ready("10.4.0.1")]);
-    relabelled["metadata"]["labels"]["release"] = json!("2");
-    fake.apply(relabelled);
-    fake.apply(slice("other", "elsewhere", grpc(), vec![ready("10.4.9.9")]));
-    fake.apply(slice(
-        "a",
-        "quiet",
-        grpc(),
-        vec![ready("10.4.0.1"), ready("10.4.0.2")],
-    ));
-    assert_eq!(
-        next_set(&mut watch).await.len(),
-        2,
-        "the next set is the real change, not a repeat"
-    );
-}
-
-#[tokio::test]
-async fn an_empty_service_is_an_empty_first_set() {
-    let (_fake, registry) = fake().await;
-    let mut watch = follow(&registry, ServiceQuery::new("nobody"));
-    assert!(next_set(&mut watch).await.is_empty());
-}
-
-#[tokio::test]
-async fn a_query_namespace_overrides_the_registry_namespace() {
-    let (fake, registry) = fake().await;
-    let mut other = slice("a", "greeter", grpc(), vec![ready("10.5.0.1")]);
-    other["metadata"]["namespace"] = json!("payments");
-    fake.apply(other);
-    let query = ServiceQuery::new("greeter");
-    assert!(registry.discover(&query).await.unwrap().is_empty());
-    let found = registry
-        .discover(&query.clone().with_namespace("payments"))
-        .await
-        .unwrap();
-    assert_eq!(found[0].id, "payments/greeter/10.5.0.1:50051");
-}
-
-#[tokio::test]
-async fn registration_belongs_to_kubernetes() {
-    let (_fake, registry) = fake().await;
-    let error = registry
-        .register(ServiceInstance::new("x", "greeter", "10.0.0.1", 80))
-        .await
-        .unwrap_err();
-    assert!(matches!(
-        error,
-        Error::Unsupported {
-            operation: "register",
-            registry: "kubernetes",
-            ..
-        }
-    ));
-    let reason = std::error::Error::source(&error).unwrap().to_string();
-    assert!(reason.contains("Kubernetes owns"), "{reason}");
-    let error = registry.deregister("x").await.unwrap_err();
-    assert!(matches!(
-        error,
-        Error::Unsupported {
-            operation: "deregister",
-            ..
-        }
-    ));
-}
-
-#[tokio::test]
-async fn a_list_that_never_answers_times_out() {
-    let (fake, _) = fake().await;
-    fake.stall(true);
-    let registry = Cluster::Fake(Arc::clone(&fake))
-        .builder()
-        .request_timeout(Duration::from_millis(200))
-        .build();
-    let error = registry
-        .discover(&ServiceQuery::new("slow"))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            error,
-            Error::Timeout {
-                registry: "kubernetes",
-                ..
-            }
-        ),
-        "{error:?}"
-    );
-    assert!(error.is_transient());
-}
-
-#[tokio::test]
-async fn an_unreachable_api_server_is_a_transient_error() {
-    let fake = FakeKube::start().await;
-    let client = fake.client();
-    fake.stop();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let registry = KubernetesRegistry::new(client);
-    let error = registry
-        .discover(&ServiceQuery::new("x"))
-        .await
-        .unwrap_err();
-    assert!(error.is_transient(), "{error:?}");
-}
-
 // ===== against a real cluster =====
 
 #[tokio::test]
@@ -776,60 +517,4 @@ async fn real_cluster() {
     health_reports_conditions(&cluster).await;
     label_selector_filters(&cluster).await;
     cluster.clean_up().await;
-}
-
-// ===== end to end: a generated gRPC client over EndpointSlices =====
-
-#[cfg(feature = "tonic")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tonic_client_follows_endpoint_slices_to_real_servers() {
-    use support::grpc::{checks, until_endpoints};
-    use support::servers::{TestServer, assert_even_spread};
-    use tower_sd::tonic::LoadBalancedChannel;
-
-    let (fake, registry) = fake().await;
-    let mut servers = Vec::new();
-    for n in 0..3 {
-        let server = TestServer::grpc(&format!("pod-{n}")).await;
-        // One slice per pod: a slice's endpoints share its port, and each test server has
-        // its own port on 127.0.0.1.
-        let ports = json!([{ "name": "grpc", "port": server.port }]);
-        fake.apply(slice(
-            &format!("health-{n}"),
-            "health",
-            ports,
-            vec![ready("127.0.0.1")],
-        ));
-        servers.push(server);
-    }
-    let channel = LoadBalancedChannel::builder(Arc::new(registry), "health")
-        .connect(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let id = |server: &TestServer| format!("default/health/127.0.0.1:{}", server.port);
-    let all: Vec<String> = servers.iter().map(id).collect();
-    until_endpoints(
-        &channel,
-        &all.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
-    checks(&channel, 6, 500).await;
-    assert_even_spread(&servers, 3_000);
-
-    // pod-2 starts terminating: it leaves the set while the others are ready.
-    let ports = json!([{ "name": "grpc", "port": servers[2].port }]);
-    fake.apply(slice(
-        "health-2",
-        "health",
-        ports,
-        vec![draining("127.0.0.1")],
-    ));
-    until_endpoints(&channel, &[all[0].as_str(), all[1].as_str()]).await;
-    let before = servers[2].served();
-    checks(&channel, 6, 200).await;
-    assert_eq!(
-        servers[2].served(),
-        before,
-        "no request reaches a terminating pod"
-    );
 }

@@ -108,6 +108,14 @@ impl FakeKube {
         kube::Client::try_from(config).unwrap()
     }
 
+    /// A registry builder over this server: namespace `default`, quick retries.
+    pub fn registry(&self) -> tower_sd::registry::kubernetes::KubernetesBuilder {
+        tower_sd::registry::kubernetes::KubernetesRegistry::builder()
+            .client(self.client())
+            .namespace("default")
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+    }
+
     pub fn stop(&self) {
         if let Some(task) = self.task.lock().unwrap().take() {
             task.abort();

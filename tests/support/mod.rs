@@ -4,6 +4,8 @@
 
 #[cfg(feature = "dns")]
 pub mod dnsmasq;
+#[cfg(feature = "kubernetes")]
+pub mod endpoint_slices;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod fake_consul;
@@ -68,4 +70,16 @@ pub async fn next_item(watch: &mut Watch) -> tower_sd::Result<Vec<ServiceInstanc
         .await
         .expect("the watch yields in time")
         .expect("the watch never ends")
+}
+
+/// The `host:port` of each instance, sorted.
+pub fn authorities(set: &[ServiceInstance]) -> Vec<String> {
+    let mut all: Vec<String> = set.iter().map(ServiceInstance::authority).collect();
+    all.sort();
+    all
+}
+
+/// The authorities of the watch's next set, failing on an error.
+pub async fn next_set(watch: &mut Watch) -> Vec<String> {
+    authorities(&next_item(watch).await.expect("a set, not an error"))
 }

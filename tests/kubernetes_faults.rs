@@ -1,0 +1,278 @@
+//! `KubernetesRegistry` against the in-repo fake API server, in what only a fake can stage:
+//! a 410 mid-watch, a 403, closed streams, bookmarks, stalled lists; and end to end, a tonic
+//! client following slices to real servers.
+#![cfg(feature = "kubernetes")]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use support::endpoint_slices::{grpc, ready, slice};
+use support::fake_kube::FakeKube;
+use support::{authorities, follow, next_item as next, next_set};
+use tower_sd::registry::kubernetes::KubernetesRegistry;
+use tower_sd::{Error, ServiceInstance, ServiceQuery, ServiceRegistry};
+
+/// A fake API server and a registry over it.
+async fn fake() -> (Arc<FakeKube>, KubernetesRegistry) {
+    support::trace_init();
+    let fake = FakeKube::start().await;
+    let registry = fake.registry().build();
+    (fake, registry)
+}
+
+#[tokio::test]
+async fn a_410_mid_watch_relists_and_the_set_stays_whole() {
+    let (fake, registry) = fake().await;
+    fake.apply(slice("a", "relist", grpc(), vec![ready("10.1.0.1")]));
+    fake.apply(slice("b", "relist", grpc(), vec![ready("10.1.0.2")]));
+    let mut watch = follow(&registry, ServiceQuery::new("relist"));
+    assert_eq!(next_set(&mut watch).await.len(), 2);
+
+    // History is compacted under the live watch; the change below is only visible
+    // through a new list.
+    fake.watching(1).await;
+    fake.expire_watches();
+    fake.apply(slice("c", "relist", grpc(), vec![ready("10.1.0.3")]));
+    loop {
+        match next(&mut watch).await {
+            Ok(set) => {
+                assert_eq!(
+                    authorities(&set),
+                    ["10.1.0.1:50051", "10.1.0.2:50051", "10.1.0.3:50051"],
+                    "after the relist, the whole set, never a part of it"
+                );
+                break;
+            }
+            Err(Error::Status { status: 410, .. }) => {}
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(fake.lists(), 2, "one list, and one relist after the 410");
+}
+
+#[tokio::test]
+async fn a_403_is_yielded_and_the_watch_goes_on() {
+    let (fake, registry) = fake().await;
+    fake.apply(slice("a", "rbac", grpc(), vec![ready("10.2.0.1")]));
+    fake.forbid(true);
+    let query = ServiceQuery::new("rbac");
+    let error = registry.discover(&query).await.unwrap_err();
+    assert!(
+        matches!(error, Error::Status { status: 403, .. }),
+        "{error:?}"
+    );
+    assert!(!error.is_transient());
+    let mut watch = follow(&registry, query.clone());
+    for _ in 0..2 {
+        let error = next(&mut watch).await.unwrap_err();
+        assert!(
+            matches!(error, Error::Status { status: 403, .. }),
+            "{error:?}"
+        );
+    }
+    fake.forbid(false);
+    let set = loop {
+        if let Ok(set) = next(&mut watch).await {
+            break set;
+        }
+    };
+    assert_eq!(authorities(&set), ["10.2.0.1:50051"]);
+}
+
+#[tokio::test]
+async fn a_closed_watch_resumes_from_its_version_without_a_relist() {
+    let (fake, registry) = fake().await;
+    fake.apply(slice("a", "resume", grpc(), vec![ready("10.3.0.1")]));
+    let mut watch = follow(&registry, ServiceQuery::new("resume"));
+    assert_eq!(next_set(&mut watch).await.len(), 1);
+    fake.watching(1).await;
+    fake.close_watches();
+    fake.apply(slice(
+        "a",
+        "resume",
+        grpc(),
+        vec![ready("10.3.0.1"), ready("10.3.0.2")],
+    ));
+    assert_eq!(next_set(&mut watch).await.len(), 2);
+    assert_eq!(fake.lists(), 1);
+    let watches = fake
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("watch"))
+        .count();
+    assert!(watches >= 2, "{:?}", fake.requests());
+}
+
+#[tokio::test]
+async fn bookmarks_and_unrelated_changes_emit_nothing() {
+    let (fake, registry) = fake().await;
+    fake.apply(slice("a", "quiet", grpc(), vec![ready("10.4.0.1")]));
+    let mut watch = follow(&registry, ServiceQuery::new("quiet"));
+    assert_eq!(next_set(&mut watch).await.len(), 1);
+    fake.watching(1).await;
+    fake.bookmark();
+    // A slice update that changes nothing the balancer sees.
+    let mut relabelled = slice("a", "quiet", grpc(), vec![ready("10.4.0.1")]);
+    relabelled["metadata"]["labels"]["release"] = json!("2");
+    fake.apply(relabelled);
+    fake.apply(slice("other", "elsewhere", grpc(), vec![ready("10.4.9.9")]));
+    fake.apply(slice(
+        "a",
+        "quiet",
+        grpc(),
+        vec![ready("10.4.0.1"), ready("10.4.0.2")],
+    ));
+    assert_eq!(
+        next_set(&mut watch).await.len(),
+        2,
+        "the next set is the real change, not a repeat"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_service_is_an_empty_first_set() {
+    let (_fake, registry) = fake().await;
+    let mut watch = follow(&registry, ServiceQuery::new("nobody"));
+    assert!(next_set(&mut watch).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_query_namespace_overrides_the_registry_namespace() {
+    let (fake, registry) = fake().await;
+    let mut other = slice("a", "greeter", grpc(), vec![ready("10.5.0.1")]);
+    other["metadata"]["namespace"] = json!("payments");
+    fake.apply(other);
+    let query = ServiceQuery::new("greeter");
+    assert!(registry.discover(&query).await.unwrap().is_empty());
+    let found = registry
+        .discover(&query.clone().with_namespace("payments"))
+        .await
+        .unwrap();
+    assert_eq!(found[0].id, "payments/greeter/10.5.0.1:50051");
+}
+
+#[tokio::test]
+async fn registration_belongs_to_kubernetes() {
+    let (_fake, registry) = fake().await;
+    let error = registry
+        .register(ServiceInstance::new("x", "greeter", "10.0.0.1", 80))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        Error::Unsupported {
+            operation: "register",
+            registry: "kubernetes",
+            ..
+        }
+    ));
+    let reason = std::error::Error::source(&error).unwrap().to_string();
+    assert!(reason.contains("Kubernetes owns"), "{reason}");
+    let error = registry.deregister("x").await.unwrap_err();
+    assert!(matches!(
+        error,
+        Error::Unsupported {
+            operation: "deregister",
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn a_list_that_never_answers_times_out() {
+    let (fake, _) = fake().await;
+    fake.stall(true);
+    let registry = fake
+        .registry()
+        .request_timeout(Duration::from_millis(200))
+        .build();
+    let error = registry
+        .discover(&ServiceQuery::new("slow"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Timeout {
+                registry: "kubernetes",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.is_transient());
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_a_transient_error() {
+    let fake = FakeKube::start().await;
+    let client = fake.client();
+    fake.stop();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let registry = KubernetesRegistry::new(client);
+    let error = registry
+        .discover(&ServiceQuery::new("x"))
+        .await
+        .unwrap_err();
+    assert!(error.is_transient(), "{error:?}");
+}
+
+// ===== end to end: a generated gRPC client over EndpointSlices =====
+
+#[cfg(feature = "tonic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tonic_client_follows_endpoint_slices_to_real_servers() {
+    use support::endpoint_slices::draining;
+    use support::grpc::{checks, until_endpoints};
+    use support::servers::{TestServer, assert_even_spread};
+    use tower_sd::tonic::LoadBalancedChannel;
+
+    let (fake, registry) = fake().await;
+    let mut servers = Vec::new();
+    for n in 0..3 {
+        let server = TestServer::grpc(&format!("pod-{n}")).await;
+        // One slice per pod: a slice's endpoints share its port, and each test server has
+        // its own port on 127.0.0.1.
+        let ports = json!([{ "name": "grpc", "port": server.port }]);
+        fake.apply(slice(
+            &format!("health-{n}"),
+            "health",
+            ports,
+            vec![ready("127.0.0.1")],
+        ));
+        servers.push(server);
+    }
+    let channel = LoadBalancedChannel::builder(Arc::new(registry), "health")
+        .connect(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let id = |server: &TestServer| format!("default/health/127.0.0.1:{}", server.port);
+    let all: Vec<String> = servers.iter().map(id).collect();
+    until_endpoints(
+        &channel,
+        &all.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    checks(&channel, 6, 500).await;
+    assert_even_spread(&servers, 3_000);
+
+    // pod-2 starts terminating: it leaves the set while the others are ready.
+    let ports = json!([{ "name": "grpc", "port": servers[2].port }]);
+    fake.apply(slice(
+        "health-2",
+        "health",
+        ports,
+        vec![draining("127.0.0.1")],
+    ));
+    until_endpoints(&channel, &[all[0].as_str(), all[1].as_str()]).await;
+    let before = servers[2].served();
+    checks(&channel, 6, 200).await;
+    assert_eq!(
+        servers[2].served(),
+        before,
+        "no request reaches a terminating pod"
+    );
+}
