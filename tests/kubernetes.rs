@@ -85,6 +85,12 @@ impl Cluster {
         }
     }
 
+    /// Applies slice `{service}-{suffix}` of `service`, with the `grpc` port.
+    async fn put(&self, service: &str, suffix: &str, endpoints: Vec<Value>) {
+        let name = format!("{service}-{suffix}");
+        self.apply(slice(&name, service, grpc(), endpoints)).await;
+    }
+
     /// Deletes every slice the scenarios made (a real cluster keeps them otherwise).
     async fn clean_up(&self) {
         if let Self::Real { client, namespace } = self {
@@ -120,21 +126,9 @@ async fn union_of_slices(cluster: &Cluster) {
     let service = cluster.service("union");
     let registry = cluster.registry();
     cluster
-        .apply(slice(
-            &format!("{service}-a"),
-            &service,
-            grpc(),
-            vec![ready("10.0.0.1"), ready("10.0.0.2")],
-        ))
+        .put(&service, "a", vec![ready("10.0.0.1"), ready("10.0.0.2")])
         .await;
-    cluster
-        .apply(slice(
-            &format!("{service}-b"),
-            &service,
-            grpc(),
-            vec![ready("10.0.0.3")],
-        ))
-        .await;
+    cluster.put(&service, "b", vec![ready("10.0.0.3")]).await;
     let query = ServiceQuery::new(&service);
     let found = registry.discover(&query).await.unwrap();
     assert_eq!(
@@ -154,14 +148,7 @@ async fn union_of_slices(cluster: &Cluster) {
         3,
         "the first set is the whole list"
     );
-    cluster
-        .apply(slice(
-            &format!("{service}-c"),
-            &service,
-            grpc(),
-            vec![ready("10.0.0.4")],
-        ))
-        .await;
+    cluster.put(&service, "c", vec![ready("10.0.0.4")]).await;
     assert_eq!(next_set(&mut watch).await.len(), 4);
 }
 
@@ -169,24 +156,18 @@ async fn same_address_in_two_slices(cluster: &Cluster) {
     let service = cluster.service("dedup");
     let registry = cluster.registry();
     cluster
-        .apply(slice(
-            &format!("{service}-a"),
-            &service,
-            grpc(),
-            vec![ready("10.0.1.1"), ready("10.0.1.2")],
-        ))
+        .put(&service, "a", vec![ready("10.0.1.1"), ready("10.0.1.2")])
         .await;
     // Mid-migration, the same pod is in a second slice, not yet ready there.
     cluster
-        .apply(slice(
-            &format!("{service}-b"),
+        .put(
             &service,
-            grpc(),
+            "b",
             vec![
                 conditions("10.0.1.1", false, false, false),
                 ready("10.0.1.3"),
             ],
-        ))
+        )
         .await;
     let mut watch = follow(&registry, ServiceQuery::new(&service));
     assert_eq!(
@@ -199,22 +180,8 @@ async fn same_address_in_two_slices(cluster: &Cluster) {
 async fn slice_deleted(cluster: &Cluster) {
     let service = cluster.service("deleted");
     let registry = cluster.registry();
-    cluster
-        .apply(slice(
-            &format!("{service}-a"),
-            &service,
-            grpc(),
-            vec![ready("10.0.2.1")],
-        ))
-        .await;
-    cluster
-        .apply(slice(
-            &format!("{service}-b"),
-            &service,
-            grpc(),
-            vec![ready("10.0.2.2")],
-        ))
-        .await;
+    cluster.put(&service, "a", vec![ready("10.0.2.1")]).await;
+    cluster.put(&service, "b", vec![ready("10.0.2.2")]).await;
     let mut watch = follow(&registry, ServiceQuery::new(&service));
     assert_eq!(next_set(&mut watch).await.len(), 2);
     cluster.delete(&format!("{service}-b")).await;
@@ -353,14 +320,7 @@ async fn ipv6_slices_work_and_fqdn_slices_are_skipped(cluster: &Cluster) {
     fqdn["addressType"] = json!("FQDN");
     cluster.apply(v6).await;
     cluster.apply(fqdn).await;
-    cluster
-        .apply(slice(
-            &format!("{service}-v4"),
-            &service,
-            grpc(),
-            vec![ready("10.0.6.1")],
-        ))
-        .await;
+    cluster.put(&service, "v4", vec![ready("10.0.6.1")]).await;
     let mut watch = follow(&registry, ServiceQuery::new(&service));
     assert_eq!(
         next_set(&mut watch).await,
@@ -443,14 +403,7 @@ async fn label_selector_filters(cluster: &Cluster) {
     );
     backend["metadata"]["labels"]["tier"] = json!("backend");
     cluster.apply(backend).await;
-    cluster
-        .apply(slice(
-            &format!("{service}-b"),
-            &service,
-            grpc(),
-            vec![ready("10.0.9.2")],
-        ))
-        .await;
+    cluster.put(&service, "b", vec![ready("10.0.9.2")]).await;
     let registry = cluster.builder().label_selector("tier=backend").build();
     let query = ServiceQuery::new(&service);
     assert_eq!(

@@ -248,6 +248,27 @@ pub(crate) fn union<'a>(
         .collect()
 }
 
+/// Endpoint `10.0.0.{host}:80` of service `svc` in namespace `ns`, for tests.
+#[cfg(test)]
+pub(crate) fn test_endpoint(
+    host: u8,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+) -> SliceEndpoint {
+    let address = format!("10.0.0.{host}");
+    let mut instance = ServiceInstance::new("", "svc", address.as_str(), 80);
+    instance.id = instance_id("ns", "svc", &instance.authority());
+    SliceEndpoint {
+        instance,
+        conditions: Conditions {
+            ready,
+            serving,
+            terminating,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::discovery::v1::EndpointConditions;
@@ -318,17 +339,7 @@ mod tests {
             // A small address pool, so addresses repeat across slices.
             (0u8..6, any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
                 |(host, ready, serving, terminating)| {
-                    let address = format!("10.0.0.{host}");
-                    let mut instance = ServiceInstance::new("", "svc", address.as_str(), 80);
-                    instance.id = instance_id("ns", "svc", &instance.authority());
-                    SliceEndpoint {
-                        instance,
-                        conditions: Conditions {
-                            ready,
-                            serving: serving || ready,
-                            terminating,
-                        },
-                    }
+                    test_endpoint(host, ready, serving || ready, terminating)
                 },
             )
         }

@@ -214,26 +214,14 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::registry::kubernetes::slices::{Conditions, instance_id};
+    use crate::registry::kubernetes::slices::test_endpoint;
 
     /// A slice's endpoints: hosts from a small pool, so slices overlap.
     fn endpoints() -> impl Strategy<Value = Vec<SliceEndpoint>> {
         prop::collection::vec((0u8..5, any::<bool>()), 0..4).prop_map(|hosts| {
             hosts
                 .into_iter()
-                .map(|(host, ready)| {
-                    let address = format!("10.0.0.{host}");
-                    let mut instance = ServiceInstance::new("", "svc", address.as_str(), 80);
-                    instance.id = instance_id("ns", "svc", &instance.authority());
-                    SliceEndpoint {
-                        instance,
-                        conditions: Conditions {
-                            ready,
-                            serving: true,
-                            terminating: !ready,
-                        },
-                    }
-                })
+                .map(|(host, ready)| test_endpoint(host, ready, true, !ready))
                 .collect()
         })
     }
