@@ -26,6 +26,18 @@ fn instance(id: &str, port: u16) -> ServiceInstance {
     ServiceInstance::new(id, "greeter", "127.0.0.1", port)
 }
 
+/// A registry with `greeter-1` registered, and a watch that has seen it.
+async fn registered_and_watched(etcd: &Etcd) -> (EtcdRegistry, Watch) {
+    let registry = builder(&etcd.url()).build().unwrap();
+    registry
+        .register(instance("greeter-1", 50051))
+        .await
+        .unwrap();
+    let mut watch = follow(&registry, "greeter");
+    assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
+    (registry, watch)
+}
+
 /// The ids of the `greeter` instances `registry` discovers.
 async fn greeters(registry: &EtcdRegistry) -> Vec<String> {
     let found = registry
@@ -108,13 +120,7 @@ async fn the_watch_sees_a_change_within_100_ms() {
     let Some(etcd) = Etcd::start().await else {
         return;
     };
-    let registry = builder(&etcd.url()).build().unwrap();
-    registry
-        .register(instance("greeter-1", 50051))
-        .await
-        .unwrap();
-    let mut watch = follow(&registry, "greeter");
-    assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
+    let (registry, mut watch) = registered_and_watched(&etcd).await;
 
     let mut worst = Duration::ZERO;
     for n in 2..=6u16 {
@@ -252,13 +258,7 @@ async fn etcd_restarted_mid_watch() {
     let Some(mut etcd) = Etcd::start().await else {
         return;
     };
-    let registry = builder(&etcd.url()).build().unwrap();
-    registry
-        .register(instance("greeter-1", 50051))
-        .await
-        .unwrap();
-    let mut watch = follow(&registry, "greeter");
-    assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
+    let (registry, mut watch) = registered_and_watched(&etcd).await;
 
     etcd.restart().await;
     let other = builder(&etcd.url()).build().unwrap();
@@ -524,13 +524,7 @@ async fn a_lost_lease_is_granted_again_and_the_key_put_back() {
     let Some(etcd) = Etcd::start().await else {
         return;
     };
-    let registry = builder(&etcd.url()).build().unwrap();
-    registry
-        .register(instance("greeter-1", 50051))
-        .await
-        .unwrap();
-    let mut watch = follow(&registry, "greeter");
-    assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
+    let (registry, mut watch) = registered_and_watched(&etcd).await;
 
     // etcd forgets the lease (an operator revokes it, or a restore from backup): the key
     // goes with it, and the registering side notices at its next keep-alive.
