@@ -51,7 +51,7 @@
 //!   EndpointSlices (kube, kube-runtime). As with kube, the application picks the Kubernetes
 //!   version with a `k8s-openapi` version feature.
 //! - `etcd`: [`registry::etcd::EtcdRegistry`](crate::registry): instances on leases, prefix
-//!   watches (etcd-client; its build needs `protoc`).
+//!   watches (etcd's gRPC API through tonic; the generated code is checked in, so no `protoc`).
 //! - `dns`: [`registry::dns::DnsRegistry`](crate::registry): SRV, A and AAAA records
 //!   re-resolved on their TTL (hickory-resolver).
 //! - `metrics`: balancer counters and gauges through the `metrics` facade.

@@ -8,7 +8,6 @@ use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use etcd_client::{DeleteOptions, GetOptions};
 use support::etcd::Etcd;
 use support::proxy::Proxy;
 use support::{Watch, follow};
@@ -74,14 +73,10 @@ async fn register_discover_and_deregister() {
         .unwrap();
 
     // The key layout and value others read: {prefix}/{service}/{id}, JSON, on a lease.
-    let mut direct = etcd.client().await;
-    let got = direct
-        .get("/services/greeter/greeter-1", None)
-        .await
-        .unwrap();
-    let kv = &got.kvs()[0];
-    assert_ne!(kv.lease(), 0, "attached to a lease");
-    let stored: ServiceInstance = serde_json::from_slice(kv.value()).unwrap();
+    let key = "/services/greeter/greeter-1";
+    let lease = etcd.lease_of(key).await;
+    assert_ne!(lease, 0, "attached to a lease");
+    let stored: ServiceInstance = serde_json::from_slice(&etcd.value_of(key).await).unwrap();
     assert_eq!(stored.metadata["version"], "2");
 
     assert_eq!(greeters(&registry).await, ["greeter-1", "greeter-2"]);
@@ -95,11 +90,9 @@ async fn register_discover_and_deregister() {
         HealthStatus::Passing
     );
 
-    let lease = kv.lease();
     registry.deregister("greeter-1").await.unwrap();
     assert_eq!(greeters(&registry).await, ["greeter-2"]);
-    let ttl = direct.lease_time_to_live(lease, None).await.unwrap().ttl();
-    assert_eq!(ttl, -1, "the lease is revoked");
+    assert_eq!(etcd.lease_ttl(lease).await, -1, "the lease is revoked");
     assert_eq!(
         registry.health("greeter-1").await.unwrap(),
         HealthStatus::Unknown
@@ -206,36 +199,21 @@ async fn compaction_mid_watch_gets_the_whole_set_again() {
     };
     let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse().unwrap()).await;
     let registry = builder(&proxy.url()).build().unwrap();
-    let mut direct = etcd.client().await;
-    let put = |id: &str, port: u16| {
-        (
-            format!("/services/greeter/{id}"),
-            serde_json::to_vec(&instance(id, port)).unwrap(),
-        )
+    let put = async |id: &str, port: u16| {
+        let value = serde_json::to_vec(&instance(id, port)).unwrap();
+        etcd.put(&format!("/services/greeter/{id}"), &value).await;
     };
-    let (key, value) = put("a", 1);
-    direct.put(key, value, None).await.unwrap();
+    put("a", 1).await;
     let mut watch = follow(&registry, "greeter");
     assert_eq!(next_ids(&mut watch).await, ["a"]);
 
     // The watch is cut; meanwhile the service changes and history is compacted past it.
     proxy.block();
     for (id, port) in [("b", 2), ("c", 3)] {
-        let (key, value) = put(id, port);
-        direct.put(key, value, None).await.unwrap();
+        put(id, port).await;
     }
-    direct
-        .delete("/services/greeter/a", None::<DeleteOptions>)
-        .await
-        .unwrap();
-    let revision = direct
-        .get("/", Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    direct.compact(revision, None).await.unwrap();
+    etcd.delete("/services/greeter/a").await;
+    etcd.compact(etcd.revision().await).await;
     proxy.unblock();
 
     assert_eq!(
@@ -243,8 +221,7 @@ async fn compaction_mid_watch_gets_the_whole_set_again() {
         ["b", "c"],
         "after the compaction, the whole new set at once"
     );
-    let (key, value) = put("d", 4);
-    direct.put(key, value, None).await.unwrap();
+    put("d", 4).await;
     assert_eq!(
         next_ids(&mut watch).await,
         ["b", "c", "d"],
@@ -280,17 +257,10 @@ async fn keys_that_are_not_instances_are_skipped() {
         return;
     };
     let registry = builder(&etcd.url()).build().unwrap();
-    let mut direct = etcd.client().await;
-    direct
-        .put("/services/greeter/junk", "not json", None)
-        .await
-        .unwrap();
+    etcd.put("/services/greeter/junk", b"not json").await;
     let wrong_service =
         serde_json::to_vec(&ServiceInstance::new("x", "other", "10.0.0.1", 1)).unwrap();
-    direct
-        .put("/services/greeter/x", wrong_service, None)
-        .await
-        .unwrap();
+    etcd.put("/services/greeter/x", &wrong_service).await;
     registry
         .register(instance("greeter-1", 50051))
         .await
@@ -298,10 +268,7 @@ async fn keys_that_are_not_instances_are_skipped() {
     assert_eq!(greeters(&registry).await, ["greeter-1"]);
     let mut watch = follow(&registry, "greeter");
     assert_eq!(next_ids(&mut watch).await, ["greeter-1"]);
-    direct
-        .put("/services/greeter/junk2", "{}", None)
-        .await
-        .unwrap();
+    etcd.put("/services/greeter/junk2", b"{}").await;
     registry
         .register(instance("greeter-2", 50052))
         .await
@@ -317,10 +284,7 @@ async fn user_and_password_authentication() {
     else {
         return;
     };
-    let mut admin = etcd.client().await;
-    admin.user_add("root", "root-secret", None).await.unwrap();
-    admin.user_grant_role("root", "root").await.unwrap();
-    admin.auth_enable().await.unwrap();
+    etcd.enable_auth("root-secret").await;
 
     let with_password = builder(&etcd.url())
         .credentials("root", "root-secret")
@@ -528,17 +492,16 @@ async fn a_lost_lease_is_granted_again_and_the_key_put_back() {
 
     // etcd forgets the lease (an operator revokes it, or a restore from backup): the key
     // goes with it, and the registering side notices at its next keep-alive.
-    let mut direct = etcd.client().await;
     let key = "/services/greeter/greeter-1";
-    let lease = direct.get(key, None).await.unwrap().kvs()[0].lease();
-    direct.lease_revoke(lease).await.unwrap();
+    let lease = etcd.lease_of(key).await;
+    etcd.revoke(lease).await;
     assert!(next_ids(&mut watch).await.is_empty());
     assert_eq!(
         next_ids(&mut watch).await,
         ["greeter-1"],
         "registered again"
     );
-    let again = direct.get(key, None).await.unwrap().kvs()[0].lease();
+    let again = etcd.lease_of(key).await;
     assert_ne!(again, lease, "on a new lease");
     assert_eq!(
         registry.health("greeter-1").await.unwrap(),

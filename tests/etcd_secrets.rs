@@ -17,10 +17,7 @@ async fn passwords_are_never_shown() {
     let Some(etcd) = Etcd::start().await else {
         return;
     };
-    let mut admin = etcd.client().await;
-    admin.user_add("root", PASSWORD, None).await.unwrap();
-    admin.user_grant_role("root", "root").await.unwrap();
-    admin.auth_enable().await.unwrap();
+    etcd.enable_auth(PASSWORD).await;
     let logs = support::logs::Logs::capture();
 
     let right = EtcdRegistry::builder([etcd.url()])

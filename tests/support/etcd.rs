@@ -33,7 +33,7 @@ impl Etcd {
     }
 
     async fn start_with(tls: Option<(String, String)>, flags: &[&str]) -> Option<Self> {
-        if !have("etcd", "etcd-server") {
+        if !have("etcd", "etcd-server") || !have("etcdctl", "etcd-client") {
             return None;
         }
         let dir = scratch_dir("etcd");
@@ -62,22 +62,100 @@ impl Etcd {
         self.server.dir.join("cert.pem")
     }
 
-    /// A client of its own, for the test's direct writes.
-    pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.url()], Some(self.options()))
-            .await
-            .unwrap()
+    /// Runs `etcdctl` against this etcd (the tests' independent client) and returns its
+    /// output, failing the test when it fails or takes longer than 20 s.
+    pub async fn ctl(&self, args: &[&str]) -> String {
+        let output = tokio::time::timeout(
+            Duration::from_secs(20),
+            self.etcdctl("10s").args(args).output(),
+        )
+        .await
+        .expect("etcdctl answers within 20 s")
+        .expect("etcdctl runs");
+        assert!(
+            output.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
     }
 
-    fn options(&self) -> etcd_client::ConnectOptions {
-        let options = etcd_client::ConnectOptions::new();
-        match &self.ca {
-            Some(ca) => options.with_tls(
-                etcd_client::TlsOptions::new()
-                    .ca_certificate(etcd_client::Certificate::from_pem(ca)),
-            ),
-            None => options,
+    fn etcdctl(&self, timeout: &str) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("etcdctl");
+        command
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.url()))
+            .arg(format!("--dial-timeout={timeout}"))
+            .arg(format!("--command-timeout={timeout}"))
+            .kill_on_drop(true);
+        if self.ca.is_some() {
+            command.arg(format!("--cacert={}", self.ca_file().display()));
         }
+        command
+    }
+
+    /// `etcdctl ... -w json`, parsed.
+    pub async fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.extend(["-w", "json"]);
+        serde_json::from_str(&self.ctl(&args).await).unwrap()
+    }
+
+    /// Puts `value` at `key`, without a lease.
+    pub async fn put(&self, key: &str, value: &[u8]) {
+        self.ctl(&["put", key, std::str::from_utf8(value).unwrap()])
+            .await;
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: &str) {
+        self.ctl(&["del", key]).await;
+    }
+
+    /// The lease `key` is attached to (0 for none).
+    pub async fn lease_of(&self, key: &str) -> i64 {
+        let got = self.ctl_json(&["get", key]).await;
+        got["kvs"][0]["lease"].as_i64().unwrap_or(0)
+    }
+
+    /// The value at `key`.
+    pub async fn value_of(&self, key: &str) -> Vec<u8> {
+        let got = self.ctl(&["get", key, "--print-value-only"]).await;
+        got.trim_end_matches('\n').as_bytes().to_vec()
+    }
+
+    /// The store's current revision.
+    pub async fn revision(&self) -> i64 {
+        let got = self
+            .ctl_json(&["get", "/", "--prefix", "--keys-only"])
+            .await;
+        got["header"]["revision"].as_i64().unwrap()
+    }
+
+    /// Compacts history up to `revision`.
+    pub async fn compact(&self, revision: i64) {
+        self.ctl(&["compaction", &revision.to_string()]).await;
+    }
+
+    /// Revokes a lease (its keys go with it).
+    pub async fn revoke(&self, lease: i64) {
+        self.ctl(&["lease", "revoke", &format!("{lease:x}")]).await;
+    }
+
+    /// The seconds the lease has left; -1 when etcd does not know it.
+    pub async fn lease_ttl(&self, lease: i64) -> i64 {
+        let got = self
+            .ctl_json(&["lease", "timetolive", &format!("{lease:x}")])
+            .await;
+        got["ttl"].as_i64().unwrap()
+    }
+
+    /// Creates `root` with this password and turns authentication on.
+    pub async fn enable_auth(&self, password: &str) {
+        self.ctl(&["user", "add", &format!("root:{password}")])
+            .await;
+        self.ctl(&["user", "grant-role", "root", "root"]).await;
+        self.ctl(&["auth", "enable"]).await;
     }
 
     /// Kills etcd (SIGKILL: no goodbye to clients).
@@ -98,12 +176,15 @@ impl Etcd {
     async fn ready(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let options = self
-                .options()
-                .with_connect_timeout(Duration::from_millis(200))
-                .with_timeout(Duration::from_millis(500));
-            if let Ok(mut client) = etcd_client::Client::connect([self.url()], Some(options)).await
-                && client.get("ready", None).await.is_ok()
+            let answered = self
+                .etcdctl("500ms")
+                .args(["endpoint", "health"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            if tokio::time::timeout(Duration::from_secs(5), answered)
+                .await
+                .is_ok_and(|status| status.is_ok_and(|s| s.success()))
             {
                 return;
             }

@@ -5,11 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, DeleteOptions, PutOptions};
+use futures_util::stream;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::sleep;
 use tracing::{debug, info, warn};
 
+use super::rpc::Etcd;
+use super::rpc::proto::etcdserverpb::{LeaseKeepAliveRequest, PutRequest};
 use super::{Inner, timed};
 use crate::backoff::Backoff;
 use crate::error::{Chain, Result};
@@ -48,14 +51,12 @@ impl Registered {
     /// Stops keeping the lease alive, deletes the key and revokes the lease.
     pub(super) async fn stop(self, inner: &Inner) -> Result<()> {
         self.task.abort();
-        let mut client = inner.client().await?;
-        inner
-            .timed(client.delete(self.key.as_str(), None::<DeleteOptions>))
-            .await?;
+        let client = inner.client().await?;
+        inner.timed(client.delete(self.key.into_bytes())).await?;
         let lease = self.lease.load(Ordering::Acquire);
-        if let Err(error) = inner.timed(client.lease_revoke(lease)).await {
+        if let Err(error) = inner.timed(client.revoke(lease)).await {
             // The key is gone; a lease left behind expires on its own.
-            debug!(key = %self.key, error = %Chain(&error), "revoking the lease failed");
+            debug!(lease, error = %Chain(&error), "revoking the lease failed");
         }
         Ok(())
     }
@@ -67,7 +68,7 @@ fn ttl_seconds(ttl: Duration) -> i64 {
 }
 
 struct Keeper {
-    client: Client,
+    client: Etcd,
     key: String,
     value: Vec<u8>,
     ttl: i64,
@@ -105,36 +106,43 @@ impl Keeper {
 
     /// Runs one keep-alive stream until it fails.
     async fn keep_alive(&mut self, every: Duration) -> Lost {
-        let lease = self.lease.load(Ordering::Acquire);
-        let open = self.client.lease_keep_alive(lease);
-        let (mut keeper, mut responses) = match timed(self.request_timeout, open).await {
-            Ok(stream) => stream,
+        let id = self.lease.load(Ordering::Acquire);
+        let (renew, renewals) = mpsc::channel(1);
+        // The first renewal goes out with the stream: etcd answers (and so sends the
+        // response headers the open waits for) only once it has a request.
+        let _ = renew.try_send(LeaseKeepAliveRequest { id });
+        let renewals = stream::unfold(renewals, |mut renewals| async move {
+            renewals.recv().await.map(|renewal| (renewal, renewals))
+        });
+        let open = self.client.keep_alive(renewals);
+        let mut answers = match timed(self.request_timeout, open).await {
+            Ok(answers) => answers,
             Err(error) => return Lost::Stream(error),
         };
         loop {
-            if let Err(error) = keeper.keep_alive().await {
-                return Lost::Stream(super::etcd_error(error));
-            }
-            match timed(self.request_timeout, responses.message()).await {
-                Ok(Some(response)) if response.ttl() > 0 => self.backoff.reset(),
+            match timed(self.request_timeout, answers.message()).await {
+                Ok(Some(answer)) if answer.ttl > 0 => self.backoff.reset(),
                 Ok(Some(_)) => return Lost::Lease,
                 Ok(None) => return Lost::Stream(closed()),
                 Err(error) => return Lost::Stream(error),
             }
             sleep(every).await;
+            if renew.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                return Lost::Stream(closed());
+            }
         }
     }
 
     /// Grants a new lease and puts the key on it.
     async fn grant_and_put(&mut self) -> Result<i64> {
         let limit = self.request_timeout;
-        let lease = timed(limit, self.client.lease_grant(self.ttl, None))
-            .await?
-            .id();
-        let options = PutOptions::new().with_lease(lease);
-        let put = self
-            .client
-            .put(self.key.as_str(), self.value.as_slice(), Some(options));
+        let lease = timed(limit, self.client.grant(self.ttl)).await?;
+        let put = self.client.put(PutRequest {
+            key: self.key.clone().into_bytes(),
+            value: self.value.clone(),
+            lease,
+            ..Default::default()
+        });
         timed(limit, put).await?;
         Ok(lease)
     }

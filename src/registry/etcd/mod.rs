@@ -20,6 +20,7 @@
 //! ```
 
 mod lease;
+mod rpc;
 mod watch;
 
 use std::collections::HashMap;
@@ -29,15 +30,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, DeleteOptions, GetOptions, KeyValue};
 use futures_core::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::OnceCell;
 use tracing::warn;
 
 use super::{Secret, ServiceRegistry, WatchStream};
-use crate::error::{BoxError, Chain, Elapsed, Error, InvalidValue, Result};
+use crate::error::{Chain, Elapsed, Error, InvalidValue, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
+use rpc::proto::etcdserverpb::RangeRequest;
+use rpc::proto::mvccpb::KeyValue;
+use rpc::{Etcd, prefix_end};
 
 const REGISTRY: &str = "etcd";
 
@@ -66,7 +69,7 @@ pub struct EtcdRegistry {
 }
 
 struct Inner {
-    client: OnceCell<Client>,
+    client: OnceCell<Etcd>,
     config: EtcdBuilder,
     /// Instances this process registered: id -> their lease and keep-alive task.
     leases: Mutex<HashMap<String, lease::Registered>>,
@@ -163,6 +166,12 @@ impl EtcdBuilder {
                     format!("`{endpoint}` is not an http:// or https:// URL"),
                 ));
             }
+            if let Err(error) = tonic::transport::Endpoint::from_shared(endpoint.clone()) {
+                return Err(invalid(
+                    "endpoints",
+                    format!("`{endpoint}` is not a valid URL: {error}"),
+                ));
+            }
             if tls && self.ca_file.is_none() {
                 return Err(invalid(
                     "endpoints",
@@ -225,43 +234,43 @@ impl EtcdRegistry {
 }
 
 impl Inner {
-    async fn client(&self) -> Result<Client> {
+    async fn client(&self) -> Result<Etcd> {
         let client = self
             .client
             .get_or_try_init(|| async {
                 let config = &self.config;
-                let mut options = ConnectOptions::new()
-                    .with_connect_timeout(config.connect_timeout)
-                    // Find dead connections under long-lived watches and keep-alives.
-                    .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-                    .with_keep_alive_while_idle(true);
-                if let (Some(user), Some(Secret(password))) = (&config.username, &config.password) {
-                    // etcd's auth tokens expire (5 min by default): get a new one when they do.
-                    options = options
-                        .with_user(user, password)
-                        .with_auto_token_refresh(true);
+                let ca = match &config.ca_file {
+                    Some(ca_file) => {
+                        Some(std::fs::read(ca_file).map_err(|e| Error::InvalidConfig {
+                            key: "registry.etcd.ca_file".into(),
+                            source: e.into(),
+                        })?)
+                    }
+                    None => None,
+                };
+                let credentials = config.username.clone().zip(config.password.clone());
+                let authenticate = credentials.is_some();
+                let etcd = Etcd::connect(rpc::Connect {
+                    endpoints: &config.endpoints,
+                    connect_timeout: config.connect_timeout,
+                    ca,
+                    credentials,
+                })
+                .map_err(|e| Error::InvalidConfig {
+                    key: "registry.etcd.endpoints".into(),
+                    source: e.into(),
+                })?;
+                if authenticate {
+                    self.timed(etcd.authenticate()).await?;
                 }
-                if let Some(ca_file) = &config.ca_file {
-                    let pem = std::fs::read(ca_file).map_err(|e| Error::InvalidConfig {
-                        key: "registry.etcd.ca_file".into(),
-                        source: e.into(),
-                    })?;
-                    let tls = etcd_client::TlsOptions::new()
-                        .ca_certificate(etcd_client::Certificate::from_pem(pem));
-                    options = options.with_tls(tls);
-                }
-                let connect = Client::connect(&config.endpoints, Some(options));
-                self.timed(connect).await
+                Ok::<_, Error>(etcd)
             })
             .await?;
         Ok(client.clone())
     }
 
     /// Runs a request under the request timeout, mapping its error.
-    async fn timed<T>(
-        &self,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
+    async fn timed<T>(&self, request: impl Future<Output = Result<T, tonic::Status>>) -> Result<T> {
         timed(self.config.request_timeout, request).await
     }
 
@@ -272,14 +281,17 @@ impl Inner {
 
     /// Reads the instances of a service at the current revision.
     async fn get_service(&self, service: &str) -> Result<(Vec<(String, ServiceInstance)>, i64)> {
-        let mut client = self.client().await?;
-        let dir = self.service_dir(service);
-        let response = self
-            .timed(client.get(dir.as_str(), Some(GetOptions::new().with_prefix())))
-            .await?;
-        let revision = response.header().map_or(0, |h| h.revision());
+        let client = self.client().await?;
+        let dir = self.service_dir(service).into_bytes();
+        let request = RangeRequest {
+            range_end: prefix_end(&dir),
+            key: dir,
+            ..Default::default()
+        };
+        let response = self.timed(client.range(request)).await?;
+        let revision = response.header.map_or(0, |h| h.revision);
         let instances = response
-            .kvs()
+            .kvs
             .iter()
             .filter_map(|kv| decode(kv, service))
             .collect();
@@ -289,16 +301,20 @@ impl Inner {
     /// The keys of instances with this id under any service (ids are unique per registry),
     /// without their values.
     async fn keys_of(&self, id: &str) -> Result<Vec<KeyValue>> {
-        let mut client = self.client().await?;
-        let all = format!("{}/", self.config.prefix);
-        let options = GetOptions::new().with_prefix().with_keys_only();
-        let response = self.timed(client.get(all.as_str(), Some(options))).await?;
+        let client = self.client().await?;
+        let all = format!("{}/", self.config.prefix).into_bytes();
+        let request = RangeRequest {
+            range_end: prefix_end(&all),
+            key: all,
+            keys_only: true,
+            ..Default::default()
+        };
+        let response = self.timed(client.range(request)).await?;
         let suffix = format!("/{id}");
         Ok(response
-            .kvs()
-            .iter()
-            .filter(|kv| kv.key().ends_with(suffix.as_bytes()))
-            .cloned()
+            .kvs
+            .into_iter()
+            .filter(|kv| kv.key.ends_with(suffix.as_bytes()))
             .collect())
     }
 }
@@ -318,8 +334,8 @@ impl Drop for Inner {
 
 /// Decodes one key's instance; a value that is not one is skipped with a warning.
 fn decode(kv: &KeyValue, service: &str) -> Option<(String, ServiceInstance)> {
-    let key = String::from_utf8_lossy(kv.key()).into_owned();
-    match serde_json::from_slice::<ServiceInstance>(kv.value()) {
+    let key = String::from_utf8_lossy(&kv.key).into_owned();
+    match serde_json::from_slice::<ServiceInstance>(&kv.value) {
         Ok(instance) if instance.name == service && instance.validate().is_ok() => {
             Some((key, instance))
         }
@@ -408,11 +424,9 @@ impl ServiceRegistry for EtcdRegistry {
                 return registered.stop(inner).await;
             }
             // Registered by another process (or before a restart): delete its key.
-            let mut client = inner.client().await?;
+            let client = inner.client().await?;
             for kv in inner.keys_of(id).await? {
-                inner
-                    .timed(client.delete(kv.key(), None::<DeleteOptions>))
-                    .await?;
+                inner.timed(client.delete(kv.key)).await?;
             }
             Ok(())
         }
@@ -444,14 +458,11 @@ impl ServiceRegistry for EtcdRegistry {
             let Some(kv) = inner.keys_of(id).await?.into_iter().next() else {
                 return Ok(HealthStatus::Unknown);
             };
-            if kv.lease() == 0 {
+            if kv.lease == 0 {
                 return Ok(HealthStatus::Passing);
             }
-            let mut client = inner.client().await?;
-            let ttl = inner
-                .timed(client.lease_time_to_live(kv.lease(), None))
-                .await?
-                .ttl();
+            let client = inner.client().await?;
+            let ttl = inner.timed(client.time_to_live(kv.lease)).await?;
             Ok(if ttl > 0 {
                 HealthStatus::Passing
             } else {
@@ -462,35 +473,21 @@ impl ServiceRegistry for EtcdRegistry {
     }
 }
 
-fn etcd_error(error: etcd_client::Error) -> Error {
-    use etcd_client::Error as E;
-    match error {
-        E::GRpcStatus(status) => match status.code() {
-            // tonic reports a broken connection as `Unknown`.
-            tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-            | tonic::Code::Unknown => Error::Unreachable {
-                registry: REGISTRY,
-                source: Box::new(status),
-            },
-            code => Error::Status {
-                registry: REGISTRY,
-                status: code as u16,
-                source: Box::new(status),
-            },
-        },
-        E::InvalidArgs(_) | E::InvalidUri(_) | E::EndpointError(_) => Error::InvalidConfig {
-            key: "registry.etcd.endpoints".into(),
-            source: Box::new(error),
-        },
-        E::Utf8Error(_) => Error::Malformed {
+fn etcd_error(status: tonic::Status) -> Error {
+    match status.code() {
+        // tonic reports a broken connection as `Unknown`, and transport errors as
+        // `Unavailable`.
+        tonic::Code::Unavailable
+        | tonic::Code::DeadlineExceeded
+        | tonic::Code::Cancelled
+        | tonic::Code::Unknown => Error::Unreachable {
             registry: REGISTRY,
-            source: Box::new(error),
+            source: Box::new(status),
         },
-        other => Error::Unreachable {
+        code => Error::Status {
             registry: REGISTRY,
-            source: BoxError::from(other),
+            status: code as u16,
+            source: Box::new(status),
         },
     }
 }
@@ -498,7 +495,7 @@ fn etcd_error(error: etcd_client::Error) -> Error {
 /// Runs a request under a time limit, mapping its error.
 async fn timed<T>(
     limit: Duration,
-    request: impl Future<Output = Result<T, etcd_client::Error>>,
+    request: impl Future<Output = Result<T, tonic::Status>>,
 ) -> Result<T> {
     match tokio::time::timeout(limit, request).await {
         Ok(result) => result.map_err(etcd_error),

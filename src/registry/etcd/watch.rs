@@ -12,11 +12,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use etcd_client::{EventType, WatchOptions, WatchResponse, WatchStream as EtcdWatch};
 use futures_core::Stream;
 use futures_util::stream;
 use tracing::debug;
 
+use super::rpc::proto::etcdserverpb::{WatchCreateRequest, WatchResponse};
+use super::rpc::proto::mvccpb::event::EventType;
+use super::rpc::{Answers, prefix_end};
 use super::{Inner, decode, etcd_error};
 use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
@@ -29,7 +31,7 @@ struct State {
     set: BTreeMap<String, ServiceInstance>,
     /// The revision `set` reflects; `None` until the first get (or after a compaction).
     revision: Option<i64>,
-    events: Option<EtcdWatch>,
+    events: Option<Answers<WatchResponse>>,
     pace: Pace,
 }
 
@@ -80,12 +82,12 @@ impl State {
             match events.message().await {
                 Ok(Some(response)) => {
                     self.pace.succeeded();
-                    if response.compact_revision() > 0 || response.canceled() {
+                    if response.compact_revision > 0 || response.canceled {
                         debug!(
                             service = %self.query.name,
                             from = revision + 1,
-                            compacted = response.compact_revision(),
-                            reason = response.cancel_reason(),
+                            compacted = response.compact_revision,
+                            reason = response.cancel_reason,
                             "etcd watch canceled; getting the service again"
                         );
                         self.revision = None;
@@ -104,29 +106,41 @@ impl State {
                     };
                     return Some(self.failed(closed));
                 }
-                Err(error) => return Some(self.failed(etcd_error(error))),
+                Err(status) => return Some(self.failed(etcd_error(status))),
             }
         }
     }
 
-    async fn open(&self, from: i64) -> Result<EtcdWatch> {
-        let mut client = self.inner.client().await?;
-        let dir = self.inner.service_dir(&self.query.name);
-        let options = WatchOptions::new().with_prefix().with_start_revision(from);
+    async fn open(&self, from: i64) -> Result<Answers<WatchResponse>> {
+        let client = self.inner.client().await?;
+        let dir = self.inner.service_dir(&self.query.name).into_bytes();
+        let create = WatchCreateRequest {
+            range_end: prefix_end(&dir),
+            key: dir,
+            start_revision: from,
+            // Progress notifications move the resume revision on while nothing changes.
+            progress_notify: true,
+            ..Default::default()
+        };
         // Opening waits for etcd's answer; only the stream that follows is long-lived.
-        self.inner.timed(client.watch(dir, Some(options))).await
+        self.inner.timed(client.watch(create)).await
     }
 
+    /// Applies one watch response. The resume revision moves only with what the response
+    /// proves was seen: its events' revisions, or the header of a progress notification. The
+    /// header of any other response (the "created" one in particular) is the store's
+    /// revision, which may be past events still to come on this stream.
     fn apply(&mut self, response: &WatchResponse) {
         let mut revision = self.revision.unwrap_or(0);
-        if let Some(header) = response.header() {
-            revision = revision.max(header.revision());
+        let progress = response.events.is_empty() && !response.created;
+        if let (true, Some(header)) = (progress, &response.header) {
+            revision = revision.max(header.revision);
         }
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            revision = revision.max(kv.mod_revision());
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            match event.event_type() {
+        for event in &response.events {
+            let Some(kv) = &event.kv else { continue };
+            revision = revision.max(kv.mod_revision);
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            match event.r#type() {
                 EventType::Put => match decode(kv, &self.query.name) {
                     Some((key, instance)) => {
                         self.set.insert(key, instance);
