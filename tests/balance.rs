@@ -32,16 +32,20 @@ where
     (tx, builder.build(discover))
 }
 
-/// Waits (in paused time, or briefly in real time) until the balancer has published `n`
-/// snapshots.
+/// Waits until the balancer has published `n` snapshots.
 async fn published<S, K>(balance: &Balance<S, K>, n: u64) {
-    for _ in 0..10_000 {
-        if balance.updates() >= n {
-            return;
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("the updater did not publish {n} snapshots");
+    support::until(&format!("{n} snapshots are published"), || {
+        balance.updates() >= n
+    })
+    .await;
+}
+
+/// Waits until the balancer lists an endpoint with this key.
+async fn listed<S, K: PartialEq + Clone>(balance: &Balance<S, K>, key: K) {
+    support::until("the endpoint is listed", || {
+        balance.endpoints().iter().any(|e| e.key == key)
+    })
+    .await;
 }
 
 /// A test endpoint: answers with its id, counts its live clones, and can be told to fail
@@ -124,6 +128,7 @@ fn insert(feed: &Feed<Counted>, probe: &Probe) {
 
 #[tokio::test(start_paused = true)]
 async fn empty_set_fails_after_wait_for_endpoints() {
+    let _limit = support::time_limit(60);
     let builder = Balance::builder()
         .service_name("greeter")
         .wait_for_endpoints(Duration::from_secs(2));
@@ -140,6 +145,7 @@ async fn empty_set_fails_after_wait_for_endpoints() {
 
 #[tokio::test(start_paused = true)]
 async fn zero_wait_fails_at_once() {
+    let _limit = support::time_limit(60);
     let builder = Balance::builder().wait_for_endpoints(Duration::ZERO);
     let (_feed, mut balance) = fed::<Counted>(builder);
     let mut task = tokio_test::task::spawn(());
@@ -153,6 +159,7 @@ async fn zero_wait_fails_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_caller_is_woken_when_an_endpoint_arrives() {
+    let _limit = support::time_limit(60);
     let builder = Balance::builder().wait_for_endpoints(Duration::from_secs(60));
     let (feed, mut balance) = fed::<Counted>(builder);
     let mut task = tokio_test::task::spawn(());
@@ -171,6 +178,7 @@ async fn a_waiting_caller_is_woken_when_an_endpoint_arrives() {
 
 #[tokio::test]
 async fn call_uses_the_endpoint_chosen_in_poll_ready() {
+    let _limit = support::time_limit(60);
     let (feed, mut balance) = fed(Balance::builder());
     insert(&feed, &Probe::new(1));
     published(&balance, 1).await;
@@ -186,6 +194,7 @@ async fn call_uses_the_endpoint_chosen_in_poll_ready() {
 
 #[tokio::test]
 async fn a_pending_endpoint_is_called_only_once_ready() {
+    let _limit = support::time_limit(60);
     let (mock, mut handle) = tower_test::mock::pair::<(), &'static str>();
     handle.allow(0);
     let (feed, mut balance) = fed(Balance::builder());
@@ -205,6 +214,7 @@ async fn a_pending_endpoint_is_called_only_once_ready() {
 
 #[tokio::test]
 async fn a_caller_waiting_on_a_pending_endpoint_moves_on_when_it_is_removed() {
+    let _limit = support::time_limit(60);
     let (stuck, mut stuck_handle) = tower_test::mock::pair::<(), &'static str>();
     stuck_handle.allow(0);
     let (feed, mut balance) = fed(Balance::builder());
@@ -217,9 +227,7 @@ async fn a_caller_waiting_on_a_pending_endpoint_moves_on_when_it_is_removed() {
     fresh_handle.allow(1);
     feed.send(Ok(Change::Remove(1))).unwrap();
     feed.send(Ok(Change::Insert(2, fresh))).unwrap();
-    while !balance.endpoints().iter().any(|e| e.key == 2) {
-        tokio::task::yield_now().await;
-    }
+    listed(&balance, 2).await;
     assert!(task.is_woken(), "the publish wakes the caller");
     assert_ready_ok!(task.enter(|cx, _| balance.poll_ready(cx)));
     let response = balance.call(());
@@ -234,6 +242,7 @@ async fn a_caller_waiting_on_a_pending_endpoint_moves_on_when_it_is_removed() {
 
 #[tokio::test]
 async fn an_idle_handle_releases_a_removed_service_at_its_next_use() {
+    let _limit = support::time_limit(60);
     let probe = Probe::new(1);
     let (feed, mut balance) = fed(Balance::builder());
     insert(&feed, &probe);
@@ -242,9 +251,7 @@ async fn an_idle_handle_releases_a_removed_service_at_its_next_use() {
 
     feed.send(Ok(Change::Remove(1))).unwrap();
     insert(&feed, &Probe::new(2));
-    while !balance.endpoints().iter().any(|e| e.key == 2) {
-        tokio::task::yield_now().await;
-    }
+    listed(&balance, 2).await;
     assert_eq!(
         probe.clones.load(Ordering::SeqCst),
         1,
@@ -260,6 +267,7 @@ async fn an_idle_handle_releases_a_removed_service_at_its_next_use() {
 
 #[tokio::test]
 async fn removal_drains_in_flight_requests_then_drops_the_service() {
+    let _limit = support::time_limit(60);
     let gate = Arc::new(Semaphore::new(0));
     let probe = Probe::gated(1, &gate);
     let (feed, balance) = fed(Balance::builder());
@@ -269,9 +277,10 @@ async fn removal_drains_in_flight_requests_then_drops_the_service() {
     let requests: Vec<_> = (0..3)
         .map(|_| tokio::spawn(balance.clone().oneshot(())))
         .collect();
-    while balance.endpoints().first().map(|e| e.in_flight) != Some(3) {
-        tokio::task::yield_now().await;
-    }
+    support::until("3 requests are in flight", || {
+        balance.endpoints().first().map(|e| e.in_flight) == Some(3)
+    })
+    .await;
     feed.send(Ok(Change::Remove(1))).unwrap();
     published(&balance, 2).await;
     assert!(balance.endpoints().is_empty());
@@ -290,6 +299,7 @@ async fn removal_drains_in_flight_requests_then_drops_the_service() {
 
 #[tokio::test]
 async fn an_endpoint_failing_poll_ready_is_not_picked() {
+    let _limit = support::time_limit(60);
     let (feed, balance) = fed(Balance::builder());
     let bad = Probe::new(1);
     bad.fail_ready.store(true, Ordering::SeqCst);
@@ -323,6 +333,7 @@ async fn an_endpoint_failing_poll_ready_is_not_picked() {
 
 #[tokio::test]
 async fn weights_scale_the_share_of_in_flight_requests() {
+    let _limit = support::time_limit(60);
     let gate = Arc::new(Semaphore::new(0));
     let registry = MemoryRegistry::new();
     registry
@@ -363,6 +374,7 @@ async fn weights_scale_the_share_of_in_flight_requests() {
 
 #[tokio::test(start_paused = true)]
 async fn peak_ewma_sends_less_to_a_slow_endpoint() {
+    let _limit = support::time_limit(60);
     let (tx, mut rx) = mpsc::unbounded_channel();
     for (id, latency_ms) in [(0usize, 1u64), (1, 1), (2, 1), (3, 10)] {
         let service = tower::service_fn(move |()| async move {
@@ -405,6 +417,7 @@ async fn peak_ewma_sends_less_to_a_slow_endpoint() {
 
 #[tokio::test]
 async fn updater_stops_when_the_last_handle_is_dropped() {
+    let _limit = support::time_limit(60);
     let (feed, balance) = fed::<Counted>(Balance::builder());
     let clone = balance.clone();
     drop(balance);
@@ -418,23 +431,17 @@ async fn updater_stops_when_the_last_handle_is_dropped() {
 
 #[tokio::test]
 async fn discovery_end_and_errors_keep_the_current_endpoints() {
+    let _limit = support::time_limit(60);
     let changes = vec![
         Ok(Change::Insert(1usize, Counted(Probe::new(1)))),
         Err("registry hiccup"),
         Ok(Change::Insert(2, Counted(Probe::new(2)))),
     ];
     let balance = Balance::builder().build(stream::iter(changes));
-    for _ in 0..10_000 {
-        if balance.endpoints().len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(
-        balance.endpoints().len(),
-        2,
-        "error skipped, later change applied"
-    );
+    support::until("the error is skipped and the later change applied", || {
+        balance.endpoints().len() == 2
+    })
+    .await;
     // The stream has ended; the balancer goes on with what it had.
     for _ in 0..10 {
         balance.clone().oneshot(()).await.unwrap();
@@ -446,6 +453,7 @@ async fn discovery_end_and_errors_keep_the_current_endpoints() {
 /// counters return to zero, and no endpoint service is dropped under a request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stress_churn() {
+    let _limit = support::time_limit(60);
     const TASKS: usize = 8;
     const REQUESTS: usize = 100_000;
     const IDS: usize = 32;
@@ -507,9 +515,10 @@ async fn stress_churn() {
     for id in 0..IDS / 2 {
         insert(id, &mut live);
     }
-    while balance.endpoints().len() < IDS / 2 {
-        tokio::task::yield_now().await;
-    }
+    support::until("half the endpoints are listed", || {
+        balance.endpoints().len() >= IDS / 2
+    })
+    .await;
 
     let callers: Vec<_> = (0..TASKS)
         .map(|_| {
@@ -536,26 +545,17 @@ async fn stress_churn() {
         if live[id] && live.iter().filter(|&&l| l).count() > 1 {
             live[id] = false;
             feed.send(Ok(Change::Remove(id))).unwrap();
-            while balance
-                .endpoints()
-                .iter()
-                .any(|endpoint| endpoint.key == id)
-            {
-                tokio::task::yield_now().await;
-            }
+            support::until("the removal is published", || {
+                !balance.endpoints().iter().any(|e| e.key == id)
+            })
+            .await;
             // Published: requests that start from now on must not reach it. (The removal is
             // stamped after publication, so requests racing it are allowed, as they must be.)
             removed_at[id].store(epoch.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
         } else if !live[id] {
             insert(id, &mut live);
             // Wait for it to be published, so a later removal is stamped only once it is out.
-            while !balance
-                .endpoints()
-                .iter()
-                .any(|endpoint| endpoint.key == id)
-            {
-                tokio::task::yield_now().await;
-            }
+            listed(&balance, id).await;
         }
         churns += 1;
         tokio::task::yield_now().await;
@@ -569,6 +569,7 @@ async fn stress_churn() {
 
 #[tokio::test]
 async fn kept_clones_are_reused_and_released_with_the_snapshot() {
+    let _limit = support::time_limit(60);
     let probe = Probe::new(1);
     let (feed, mut balance) = fed(Balance::builder().keep_clones(4));
     insert(&feed, &probe);
@@ -581,9 +582,7 @@ async fn kept_clones_are_reused_and_released_with_the_snapshot() {
 
     feed.send(Ok(Change::Remove(1))).unwrap();
     insert(&feed, &Probe::new(2));
-    while !balance.endpoints().iter().any(|e| e.key == 2) {
-        tokio::task::yield_now().await;
-    }
+    listed(&balance, 2).await;
     assert_eq!((&mut balance).oneshot(()).await.unwrap(), 2);
     assert_eq!(
         probe.clones.load(Ordering::SeqCst),

@@ -157,6 +157,7 @@ fn ttl_registry(address: &str) -> ConsulRegistry {
 
 #[tokio::test]
 async fn scenario_against_the_fake_agent() {
+    let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
     scenario(ttl_registry(&fake.url()), "greeter").await;
     // The registration followed the agent API: explicit CheckID, replace-existing-checks.
@@ -170,6 +171,7 @@ async fn scenario_against_the_fake_agent() {
 #[tokio::test]
 #[ignore = "needs a Consul agent: CONSUL_HTTP_ADDR=127.0.0.1:8500 cargo test --features consul --test consul -- --ignored"]
 async fn scenario_against_a_real_agent() {
+    let _limit = support::time_limit(60);
     let address = std::env::var("CONSUL_HTTP_ADDR").expect("CONSUL_HTTP_ADDR");
     let mut builder = ConsulRegistry::builder()
         .from_env()
@@ -183,6 +185,7 @@ async fn scenario_against_a_real_agent() {
 
 #[tokio::test]
 async fn registration_body_and_http_check_template() {
+    let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
     let consul = registry(&fake);
     let instance = ServiceInstance::new("web-1", "web", "10.0.0.7", 8080).with_weight(3);
@@ -206,6 +209,7 @@ async fn registration_body_and_http_check_template() {
 
 #[tokio::test]
 async fn a_critical_check_removes_the_instance_and_warning_lowers_its_weight() {
+    let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
     let consul = registry(&fake);
     let mut watch = consul.watch(&"web".into());
@@ -244,6 +248,7 @@ async fn a_critical_check_removes_the_instance_and_warning_lowers_its_weight() {
 
 #[tokio::test]
 async fn ttl_expiry_turns_critical_and_the_agent_reaps_it() {
+    let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
     let consul = ConsulRegistry::builder()
         .address(fake.url())
@@ -278,6 +283,7 @@ async fn ttl_expiry_turns_critical_and_the_agent_reaps_it() {
 
 #[tokio::test]
 async fn the_index_resets_to_zero_when_it_goes_backwards() {
+    let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
     let consul = registry(&fake);
     consul
@@ -302,6 +308,7 @@ async fn the_index_resets_to_zero_when_it_goes_backwards() {
 
 #[tokio::test]
 async fn faults_yield_typed_errors_and_the_watch_recovers() {
+    let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
     let consul = registry(&fake);
     consul
@@ -352,6 +359,7 @@ async fn faults_yield_typed_errors_and_the_watch_recovers() {
 
 #[tokio::test]
 async fn a_failing_agent_gets_bounded_retries() {
+    let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
     let consul = ConsulRegistry::builder()
         .address(fake.url())
@@ -378,6 +386,7 @@ async fn a_failing_agent_gets_bounded_retries() {
 
 #[tokio::test]
 async fn configuration_errors_name_the_key() {
+    let _limit = support::time_limit(60);
     for (address, _) in [("ftp://consul:8500", "scheme"), ("http://", "host")] {
         match ConsulRegistry::builder().address(address).build() {
             Err(Error::InvalidConfig { key, .. }) => assert_eq!(key, "consul.address"),
@@ -396,6 +405,7 @@ async fn configuration_errors_name_the_key() {
 
 #[tokio::test]
 async fn tls_with_a_private_ca() {
+    let _limit = support::time_limit(60);
     let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let fake = FakeConsul::start_tls(&key.cert.pem(), &key.signing_key.serialize_pem()).await;
     let dir = std::env::temp_dir().join(format!("tower-sd-ca-{}", std::process::id()));
@@ -428,6 +438,7 @@ async fn tls_with_a_private_ca() {
 
 #[tokio::test]
 async fn an_index_of_zero_is_sent_back_as_one() {
+    let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
     let consul = registry(&fake);
     let mut watch = consul.watch(&"zero".into());

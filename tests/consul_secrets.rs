@@ -13,6 +13,7 @@ use tower_sd::{Error, ServiceInstance, ServiceRegistry};
 
 #[tokio::test]
 async fn acl_tokens_are_sent_checked_and_never_shown() {
+    let _limit = support::time_limit(60);
     const TOKEN: &str = "s3cr3t-acl-token-6f1e";
     let fake = FakeConsul::start(Some(TOKEN)).await;
 

@@ -121,6 +121,7 @@ proptest! {
 
 #[tokio::test]
 async fn make_errors_skip_the_instance_and_watch_errors_remove_nothing() {
+    let _limit = support::time_limit(60);
     let (feed, mut discover) = fed_discover(|i| {
         if i.port == 13 {
             Err("unlucky port")
@@ -156,6 +157,7 @@ async fn make_errors_skip_the_instance_and_watch_errors_remove_nothing() {
 
 #[tokio::test]
 async fn end_of_watch_ends_the_stream_for_good() {
+    let _limit = support::time_limit(60);
     let (feed, mut discover) = fed_discover(|i| Ok(i.clone()));
     feed.send(Ok(vec![instance("a", "svc", 1)])).unwrap();
     drop(feed);
@@ -181,6 +183,7 @@ fn echo_id(
 
 #[tokio::test]
 async fn drives_tower_p2c_balance_through_registry_changes() {
+    let _limit = support::time_limit(60);
     support::trace_init();
     let registry = MemoryRegistry::new();
     registry.register(instance("a", "svc", 1)).await.unwrap();

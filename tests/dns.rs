@@ -36,6 +36,7 @@ fn builder(dns: &Dnsmasq) -> DnsBuilder {
 
 #[tokio::test]
 async fn srv_records_give_targets_ports_and_weights() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(dns) = Dnsmasq::start(GREETER, 1).await else {
         return;
@@ -68,6 +69,7 @@ async fn srv_records_give_targets_ports_and_weights() {
 
 #[tokio::test]
 async fn a_and_aaaa_records_on_a_fixed_port() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(dns) = Dnsmasq::start(GREETER, 1).await else {
         return;
@@ -105,6 +107,7 @@ async fn a_and_aaaa_records_on_a_fixed_port() {
 
 #[tokio::test]
 async fn records_changed_mid_test_reach_the_watch() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(dns) = Dnsmasq::start(GREETER, 1).await else {
         return;
@@ -136,6 +139,7 @@ async fn records_changed_mid_test_reach_the_watch() {
 
 #[tokio::test]
 async fn nxdomain_empties_the_set_only_when_it_repeats() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(dns) = Dnsmasq::start(&[], 0).await else {
         return;
@@ -172,6 +176,7 @@ async fn nxdomain_empties_the_set_only_when_it_repeats() {
 
 #[tokio::test]
 async fn an_unanswering_server_is_a_transient_error_and_the_watch_goes_on() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let registry = DnsRegistry::builder()
@@ -231,6 +236,7 @@ fn registration_and_bad_settings_are_typed_errors() {
 #[cfg(feature = "tonic")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tonic_client_follows_srv_records_to_real_servers() {
+    let _limit = support::time_limit(120);
     use std::sync::Arc;
 
     use support::grpc::{checks, until_endpoints};

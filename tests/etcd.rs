@@ -46,18 +46,17 @@ async fn greeters(registry: &EtcdRegistry) -> Vec<String> {
     found.into_iter().map(|i| i.id).collect()
 }
 
-/// The ids of the next set, skipping errors (a restart or cut yields some).
+/// The ids of the next set, skipping the transient errors of the next 30 s (a restart or a
+/// cut yields some).
 async fn next_ids(watch: &mut Watch) -> Vec<String> {
-    loop {
-        match support::next_item(watch).await {
-            Ok(set) => return set.into_iter().map(|i| i.id).collect(),
-            Err(error) => eprintln!("watch error (expected while etcd is away): {error}"),
-        }
-    }
+    let set =
+        support::next_set_after_errors(watch, Duration::from_secs(30), Error::is_transient).await;
+    set.into_iter().map(|i| i.id).collect()
 }
 
 #[tokio::test]
 async fn register_discover_and_deregister() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(etcd) = Etcd::start().await else {
         return;
@@ -109,6 +108,7 @@ async fn register_discover_and_deregister() {
 
 #[tokio::test]
 async fn the_watch_sees_a_change_within_100_ms() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(etcd) = Etcd::start().await else {
         return;
@@ -138,6 +138,7 @@ async fn the_watch_sees_a_change_within_100_ms() {
 #[tokio::test]
 #[ignore = "helper process for a_killed_registering_process_disappears_after_its_ttl"]
 async fn registering_process() {
+    let _limit = support::time_limit(120);
     let Ok(url) = std::env::var("TOWER_SD_ETCD_URL") else {
         return;
     };
@@ -149,6 +150,7 @@ async fn registering_process() {
 
 #[tokio::test]
 async fn a_killed_registering_process_disappears_after_its_ttl() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(etcd) = Etcd::start().await else {
         return;
@@ -193,6 +195,7 @@ async fn a_killed_registering_process_disappears_after_its_ttl() {
 
 #[tokio::test]
 async fn compaction_mid_watch_gets_the_whole_set_again() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(etcd) = Etcd::start().await else {
         return;
@@ -231,6 +234,7 @@ async fn compaction_mid_watch_gets_the_whole_set_again() {
 
 #[tokio::test]
 async fn etcd_restarted_mid_watch() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(mut etcd) = Etcd::start().await else {
         return;
@@ -252,6 +256,7 @@ async fn etcd_restarted_mid_watch() {
 
 #[tokio::test]
 async fn keys_that_are_not_instances_are_skipped() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(etcd) = Etcd::start().await else {
         return;
@@ -278,6 +283,7 @@ async fn keys_that_are_not_instances_are_skipped() {
 
 #[tokio::test]
 async fn user_and_password_authentication() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     // Auth tokens that expire after a second, so the test sees one expire.
     let Some(etcd) = Etcd::start_with_flags(&["--auth-token=simple", "--auth-token-ttl=1"]).await
@@ -343,13 +349,12 @@ async fn user_and_password_authentication() {
 
 #[tokio::test]
 async fn an_unreachable_etcd_is_a_transient_error() {
-    let registry = EtcdRegistry::builder([format!(
-        "http://127.0.0.1:{}",
-        support::process::free_port()
-    )])
-    .connect_timeout(Duration::from_millis(500))
-    .build()
-    .unwrap();
+    let _limit = support::time_limit(120);
+    let closed = support::process::ClosedPort::new();
+    let registry = EtcdRegistry::builder([format!("http://127.0.0.1:{}", closed.port)])
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
     let error = registry
         .discover(&ServiceQuery::new("greeter"))
         .await
@@ -403,6 +408,7 @@ fn invalid_configuration_and_instances_are_typed_errors() {
 
 #[tokio::test]
 async fn tls_with_a_private_ca() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(etcd) = Etcd::start_tls().await else {
         return;
@@ -440,6 +446,7 @@ async fn tls_with_a_private_ca() {
 #[cfg(feature = "tonic")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_registered_in_etcd_serve_a_tonic_client() {
+    let _limit = support::time_limit(120);
     use std::sync::Arc;
 
     use support::grpc::{checks, until_endpoints};
@@ -484,6 +491,7 @@ async fn servers_registered_in_etcd_serve_a_tonic_client() {
 
 #[tokio::test]
 async fn a_lost_lease_is_granted_again_and_the_key_put_back() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let Some(etcd) = Etcd::start().await else {
         return;

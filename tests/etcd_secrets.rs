@@ -13,6 +13,7 @@ use tower_sd::{ServiceQuery, ServiceRegistry};
 
 #[tokio::test]
 async fn passwords_are_never_shown() {
+    let _limit = support::time_limit(120);
     const PASSWORD: &str = "pa55-w0rd-91c2";
     let Some(etcd) = Etcd::start().await else {
         return;

@@ -51,6 +51,7 @@ async fn start(registry: &MemoryRegistry, prefix: &str, n: usize) -> Vec<TestSer
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spreads_requests_over_four_servers() {
+    let _limit = support::time_limit(120);
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "h", 4).await;
     let client = client(DiscoveryLayer::new(registry));
@@ -73,6 +74,7 @@ async fn spreads_requests_over_four_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_churn_under_load_fails_nothing() {
+    let _limit = support::time_limit(120);
     let registry = Arc::new(MemoryRegistry::new());
     let mut live = start(&registry, "a", 2).await;
     let client = client(DiscoveryLayer::new(registry.clone()));
@@ -127,6 +129,7 @@ async fn graceful_churn_under_load_fails_nothing() {
 
 #[tokio::test]
 async fn host_header_policy_and_unknown_hosts() {
+    let _limit = support::time_limit(120);
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "h", 1).await;
     let port = servers[0].port;
@@ -157,6 +160,7 @@ async fn host_header_policy_and_unknown_hosts() {
 
 #[tokio::test]
 async fn a_service_without_instances_fails_within_the_wait() {
+    let _limit = support::time_limit(120);
     let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
     let client =
         client(DiscoveryLayer::new(registry).wait_for_endpoints(Duration::from_millis(100)));
@@ -172,6 +176,7 @@ async fn a_service_without_instances_fails_within_the_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn idle_balancers_are_dropped() {
+    let _limit = support::time_limit(120);
     let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
     let client = client(
         DiscoveryLayer::new(registry)
@@ -187,6 +192,7 @@ async fn idle_balancers_are_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_axum_handler_calls_a_discovered_service() {
+    let _limit = support::time_limit(120);
     use axum::extract::State;
     use axum::routing::get as route_get;
 

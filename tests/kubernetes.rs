@@ -420,6 +420,7 @@ macro_rules! on_the_fake {
     ($($scenario:ident),* $(,)?) => {$(
         #[tokio::test]
         async fn $scenario() {
+            let _limit = crate::support::time_limit(60);
             super::$scenario(&Cluster::fake().await).await;
         }
     )*};
@@ -448,6 +449,7 @@ mod fake {
 #[tokio::test]
 #[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --features kubernetes --test kubernetes -- --ignored (namespace: TOWER_SD_TEST_NAMESPACE, default `default`; needs create, patch, delete, list and watch on endpointslices)"]
 async fn real_cluster() {
+    let _limit = support::time_limit(60);
     support::trace_init();
     assert!(
         std::env::var_os("KUBECONFIG").is_some(),

@@ -25,6 +25,7 @@ async fn fake() -> (Arc<FakeKube>, KubernetesRegistry) {
 
 #[tokio::test]
 async fn a_410_mid_watch_relists_and_the_set_stays_whole() {
+    let _limit = support::time_limit(60);
     let (fake, registry) = fake().await;
     fake.apply(slice("a", "relist", grpc(), vec![ready("10.1.0.1")]));
     fake.apply(slice("b", "relist", grpc(), vec![ready("10.1.0.2")]));
@@ -36,25 +37,21 @@ async fn a_410_mid_watch_relists_and_the_set_stays_whole() {
     fake.watching(1).await;
     fake.expire_watches();
     fake.apply(slice("c", "relist", grpc(), vec![ready("10.1.0.3")]));
-    loop {
-        match next(&mut watch).await {
-            Ok(set) => {
-                assert_eq!(
-                    authorities(&set),
-                    ["10.1.0.1:50051", "10.1.0.2:50051", "10.1.0.3:50051"],
-                    "after the relist, the whole set, never a part of it"
-                );
-                break;
-            }
-            Err(Error::Status { status: 410, .. }) => {}
-            Err(other) => panic!("unexpected error {other:?}"),
-        }
-    }
+    let set = support::next_set_after_errors(&mut watch, Duration::from_secs(20), |error| {
+        matches!(error, Error::Status { status: 410, .. })
+    })
+    .await;
+    assert_eq!(
+        authorities(&set),
+        ["10.1.0.1:50051", "10.1.0.2:50051", "10.1.0.3:50051"],
+        "after the relist, the whole set, never a part of it"
+    );
     assert_eq!(fake.lists(), 2, "one list, and one relist after the 410");
 }
 
 #[tokio::test]
 async fn a_403_is_yielded_and_the_watch_goes_on() {
+    let _limit = support::time_limit(60);
     let (fake, registry) = fake().await;
     fake.apply(slice("a", "rbac", grpc(), vec![ready("10.2.0.1")]));
     fake.forbid(true);
@@ -74,16 +71,16 @@ async fn a_403_is_yielded_and_the_watch_goes_on() {
         );
     }
     fake.forbid(false);
-    let set = loop {
-        if let Ok(set) = next(&mut watch).await {
-            break set;
-        }
-    };
+    let set = support::next_set_after_errors(&mut watch, Duration::from_secs(20), |error| {
+        matches!(error, Error::Status { status: 403, .. })
+    })
+    .await;
     assert_eq!(authorities(&set), ["10.2.0.1:50051"]);
 }
 
 #[tokio::test]
 async fn a_closed_watch_resumes_from_its_version_without_a_relist() {
+    let _limit = support::time_limit(60);
     let (fake, registry) = fake().await;
     fake.apply(slice("a", "resume", grpc(), vec![ready("10.3.0.1")]));
     let mut watch = follow(&registry, ServiceQuery::new("resume"));
@@ -108,6 +105,7 @@ async fn a_closed_watch_resumes_from_its_version_without_a_relist() {
 
 #[tokio::test]
 async fn bookmarks_and_unrelated_changes_emit_nothing() {
+    let _limit = support::time_limit(60);
     let (fake, registry) = fake().await;
     fake.apply(slice("a", "quiet", grpc(), vec![ready("10.4.0.1")]));
     let mut watch = follow(&registry, ServiceQuery::new("quiet"));
@@ -134,6 +132,7 @@ async fn bookmarks_and_unrelated_changes_emit_nothing() {
 
 #[tokio::test]
 async fn an_empty_service_is_an_empty_first_set() {
+    let _limit = support::time_limit(60);
     let (_fake, registry) = fake().await;
     let mut watch = follow(&registry, ServiceQuery::new("nobody"));
     assert!(next_set(&mut watch).await.is_empty());
@@ -141,6 +140,7 @@ async fn an_empty_service_is_an_empty_first_set() {
 
 #[tokio::test]
 async fn a_query_namespace_overrides_the_registry_namespace() {
+    let _limit = support::time_limit(60);
     let (fake, registry) = fake().await;
     let mut other = slice("a", "greeter", grpc(), vec![ready("10.5.0.1")]);
     other["metadata"]["namespace"] = json!("payments");
@@ -156,6 +156,7 @@ async fn a_query_namespace_overrides_the_registry_namespace() {
 
 #[tokio::test]
 async fn registration_belongs_to_kubernetes() {
+    let _limit = support::time_limit(60);
     let (_fake, registry) = fake().await;
     let error = registry
         .register(ServiceInstance::new("x", "greeter", "10.0.0.1", 80))
@@ -183,6 +184,7 @@ async fn registration_belongs_to_kubernetes() {
 
 #[tokio::test]
 async fn a_list_that_never_answers_times_out() {
+    let _limit = support::time_limit(60);
     let (fake, _) = fake().await;
     fake.stall(true);
     let registry = fake
@@ -208,6 +210,7 @@ async fn a_list_that_never_answers_times_out() {
 
 #[tokio::test]
 async fn an_unreachable_api_server_is_a_transient_error() {
+    let _limit = support::time_limit(60);
     let fake = FakeKube::start().await;
     let client = fake.client();
     fake.stop();
@@ -225,6 +228,7 @@ async fn an_unreachable_api_server_is_a_transient_error() {
 #[cfg(feature = "tonic")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tonic_client_follows_endpoint_slices_to_real_servers() {
+    let _limit = support::time_limit(60);
     use support::endpoint_slices::draining;
     use support::grpc::{checks, until_endpoints};
     use support::servers::{TestServer, assert_even_spread};

@@ -19,6 +19,7 @@ async fn is_quiet(watch: &mut tower_sd::registry::WatchStream) -> bool {
 
 #[tokio::test]
 async fn register_replaces_by_id_and_deregister_is_idempotent() {
+    let _limit = support::time_limit(60);
     let registry = MemoryRegistry::new();
     registry.register(instance("a", "svc", 1)).await.unwrap();
     registry.register(instance("a", "svc", 2)).await.unwrap();
@@ -34,6 +35,7 @@ async fn register_replaces_by_id_and_deregister_is_idempotent() {
 
 #[tokio::test]
 async fn register_rejects_invalid_instances_naming_the_field() {
+    let _limit = support::time_limit(60);
     let registry = MemoryRegistry::new();
     let cases = [
         (instance("", "svc", 1), "id"),
@@ -55,6 +57,7 @@ async fn register_rejects_invalid_instances_naming_the_field() {
 
 #[tokio::test]
 async fn discover_honours_every_filter() {
+    let _limit = support::time_limit(60);
     let registry = MemoryRegistry::builder()
         .datacenter("dc1")
         .namespace("prod")
@@ -125,6 +128,7 @@ async fn discover_honours_every_filter() {
 
 #[tokio::test(start_paused = true)]
 async fn watch_yields_current_set_then_each_change_once() {
+    let _limit = support::time_limit(60);
     let registry = MemoryRegistry::new();
     registry.register(instance("a", "svc", 1)).await.unwrap();
     let mut watch = registry.watch(&"svc".into());
@@ -145,6 +149,7 @@ async fn watch_yields_current_set_then_each_change_once() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_watcher_gets_the_latest_set_not_a_backlog() {
+    let _limit = support::time_limit(60);
     let registry = MemoryRegistry::new();
     let mut watch = registry.watch(&"svc".into());
     assert!(watch.next().await.unwrap().unwrap().is_empty());
@@ -164,6 +169,7 @@ async fn slow_watcher_gets_the_latest_set_not_a_backlog() {
 
 #[tokio::test(start_paused = true)]
 async fn set_health_moves_instances_out_of_and_back_into_the_set() {
+    let _limit = support::time_limit(60);
     let registry = MemoryRegistry::new();
     registry.register(instance("a", "svc", 1)).await.unwrap();
     registry.register(instance("b", "svc", 2)).await.unwrap();
@@ -196,6 +202,7 @@ async fn set_health_moves_instances_out_of_and_back_into_the_set() {
 
 #[tokio::test(start_paused = true)]
 async fn ttl_not_renewed_turns_critical_then_is_removed() {
+    let _limit = support::time_limit(60);
     let ttl = Duration::from_secs(10);
     let reap = Duration::from_secs(60);
     let registry = MemoryRegistry::builder()
@@ -239,6 +246,7 @@ async fn ttl_not_renewed_turns_critical_then_is_removed() {
 
 #[tokio::test(start_paused = true)]
 async fn per_instance_ttl_and_manual_critical_reaping() {
+    let _limit = support::time_limit(60);
     let registry = MemoryRegistry::builder()
         .deregister_critical_after(Duration::from_secs(60))
         .build();
@@ -259,6 +267,7 @@ async fn per_instance_ttl_and_manual_critical_reaping() {
 
 #[tokio::test]
 async fn watch_ends_when_the_registry_is_dropped() {
+    let _limit = support::time_limit(60);
     let registry = MemoryRegistry::new();
     let mut watch = registry.watch(&"svc".into());
     assert!(watch.next().await.unwrap().unwrap().is_empty());
@@ -268,6 +277,7 @@ async fn watch_ends_when_the_registry_is_dropped() {
 
 #[tokio::test]
 async fn works_as_a_trait_object() {
+    let _limit = support::time_limit(60);
     let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
     registry.register(instance("a", "svc", 1)).await.unwrap();
     assert_eq!(registry.kind(), "memory");
@@ -277,6 +287,7 @@ async fn works_as_a_trait_object() {
 
 #[tokio::test(start_paused = true)]
 async fn static_registry_is_read_only_and_filters() {
+    let _limit = support::time_limit(60);
     let registry = StaticRegistry::new(vec![
         instance("b", "svc", 2).with_tag("v2"),
         instance("a", "svc", 1),

@@ -1,6 +1,8 @@
 //! The balancer's metrics, captured with a debugging recorder.
 #![cfg(feature = "metrics")]
 
+mod support;
+
 use std::convert::Infallible;
 
 use futures_util::stream;
@@ -11,6 +13,7 @@ use tower_sd::balance::{Balance, OutlierDetection};
 
 #[test]
 fn requests_ejections_and_updates_are_counted() {
+    let _limit = support::time_limit(60);
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     metrics::with_local_recorder(&recorder, || {
@@ -36,9 +39,10 @@ fn requests_ejections_and_updates_are_counted() {
                 .service_name("metered")
                 .outlier_detection(Some(OutlierDetection::default().consecutive_failures(2)))
                 .build(stream::iter(changes));
-            while balance.endpoints().len() < 2 {
-                tokio::task::yield_now().await;
-            }
+            support::until("both endpoints are listed", || {
+                balance.endpoints().len() == 2
+            })
+            .await;
             for _ in 0..50 {
                 let _ = balance.clone().oneshot(()).await;
             }

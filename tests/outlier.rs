@@ -74,9 +74,10 @@ impl Fleet {
         self.feed
             .send(Ok(Change::Insert(id, Flaky { id, failing })))
             .unwrap();
-        while !self.balance.endpoints().iter().any(|e| e.key == id) {
-            tokio::task::yield_now().await;
-        }
+        support::until("the endpoint is listed", || {
+            self.balance.endpoints().iter().any(|e| e.key == id)
+        })
+        .await;
         id
     }
 
@@ -116,6 +117,7 @@ fn detection() -> OutlierDetection {
 
 #[tokio::test(start_paused = true)]
 async fn ejects_after_consecutive_failures_and_grows_then_caps_the_ejection() {
+    let _limit = support::time_limit(60);
     let fleet = Fleet::new(2, Balance::builder().outlier_detection(Some(detection()))).await;
     fleet.fail(0, true);
     let (served, failed) = fleet.send(200).await;
@@ -151,6 +153,7 @@ async fn ejects_after_consecutive_failures_and_grows_then_caps_the_ejection() {
 
 #[tokio::test(start_paused = true)]
 async fn a_successful_probe_returns_the_endpoint() {
+    let _limit = support::time_limit(60);
     let fleet = Fleet::new(2, Balance::builder().outlier_detection(Some(detection()))).await;
     fleet.fail(0, true);
     fleet.send(20).await;
@@ -180,6 +183,7 @@ async fn a_successful_probe_returns_the_endpoint() {
 
 #[tokio::test(start_paused = true)]
 async fn at_most_max_ejection_percent_are_ejected() {
+    let _limit = support::time_limit(60);
     let builder = Balance::builder()
         .outlier_detection(Some(detection().max_ejection_percent(50)))
         .panic_threshold(0);
@@ -196,6 +200,7 @@ async fn at_most_max_ejection_percent_are_ejected() {
 
 #[tokio::test(start_paused = true)]
 async fn panic_mode_balances_across_all_or_fails() {
+    let _limit = support::time_limit(60);
     let everything = detection().max_ejection_percent(100);
     let fleet = Fleet::new(4, Balance::builder().outlier_detection(Some(everything))).await;
     for id in 0..3 {
@@ -244,6 +249,7 @@ async fn panic_mode_balances_across_all_or_fails() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_start_ramps_a_new_endpoint_up() {
+    let _limit = support::time_limit(60);
     let builder = Balance::builder()
         .slow_start(Duration::from_secs(10))
         .outlier_detection(None);
@@ -270,6 +276,7 @@ async fn slow_start_ramps_a_new_endpoint_up() {
 
 #[tokio::test(start_paused = true)]
 async fn zone_preference_stays_local_then_falls_back() {
+    let _limit = support::time_limit(60);
     let registry = tower_sd::MemoryRegistry::new();
     let switches: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(false))).collect();
     for (id, zone) in ["a", "a", "b", "b"].into_iter().enumerate() {
@@ -291,9 +298,7 @@ async fn zone_preference_stays_local_then_falls_back() {
                 failing: Arc::clone(&make_switches[id]),
             })
         });
-    while balance.endpoints().len() < 4 {
-        tokio::task::yield_now().await;
-    }
+    support::until("4 endpoints are listed", || balance.endpoints().len() >= 4).await;
     let send = |n: usize| {
         let balance = balance.clone();
         async move {
@@ -347,6 +352,7 @@ impl tower::retry::Policy<(), usize, BoxError> for RetryFailures {
 
 #[tokio::test(start_paused = true)]
 async fn retries_with_a_budget_reach_another_endpoint() {
+    let _limit = support::time_limit(60);
     // With a single failure ejecting, a retried request cannot land on the endpoint that just
     // failed it: the retry's own pick sees that endpoint ejected.
     let once = OutlierDetection::default().consecutive_failures(1);

@@ -18,6 +18,7 @@ fn instance() -> ServiceInstance {
 
 #[tokio::test(start_paused = true)]
 async fn registration_retries_with_backoff_until_accepted() {
+    let _limit = support::time_limit(60);
     let registry = Arc::new(Unreliable::default());
     registry.register_failures.store(4, Ordering::SeqCst);
     let registration = Registration::builder(registry.clone(), instance())
@@ -33,6 +34,7 @@ async fn registration_retries_with_backoff_until_accepted() {
 
 #[tokio::test(start_paused = true)]
 async fn heartbeats_keep_a_ttl_instance_passing_and_shutdown_drains() {
+    let _limit = support::time_limit(60);
     let registry = Arc::new(
         MemoryRegistry::builder()
             .ttl(Duration::from_secs(3))
@@ -68,7 +70,11 @@ async fn heartbeats_keep_a_ttl_instance_passing_and_shutdown_drains() {
     );
     assert!(registry.discover(&"api".into()).await.unwrap().is_empty());
     advance(Duration::from_secs(10)).await;
-    shutdown.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), shutdown)
+        .await
+        .expect("shutdown ends")
+        .unwrap()
+        .unwrap();
     assert_eq!(
         registry.health("api-1").await.unwrap(),
         HealthStatus::Unknown
@@ -77,6 +83,7 @@ async fn heartbeats_keep_a_ttl_instance_passing_and_shutdown_drains() {
 
 #[tokio::test(start_paused = true)]
 async fn an_invalid_instance_is_not_retried() {
+    let _limit = support::time_limit(60);
     let registry = Arc::new(MemoryRegistry::new());
     let bad = ServiceInstance::new("x", "api", "not a host", 80);
     let registration = Registration::builder(registry, bad).start();
@@ -89,6 +96,7 @@ async fn an_invalid_instance_is_not_retried() {
 #[cfg(feature = "consul")]
 #[tokio::test]
 async fn consul_ttl_heartbeats_and_drain() {
+    let _limit = support::time_limit(60);
     use support::fake_consul::FakeConsul;
     use tower_sd::registry::consul::{ConsulRegistry, HealthCheck, HealthCheckKind};
 
@@ -125,13 +133,18 @@ async fn consul_ttl_heartbeats_and_drain() {
         HealthStatus::Maintenance
     );
     assert!(consul.discover(&"api".into()).await.unwrap().is_empty());
-    shutdown.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), shutdown)
+        .await
+        .expect("shutdown ends")
+        .unwrap()
+        .unwrap();
     assert_eq!(consul.health("api-1").await.unwrap(), HealthStatus::Unknown);
 }
 
 #[cfg(feature = "http")]
 #[tokio::test]
 async fn the_health_endpoint_turns_503_when_draining() {
+    let _limit = support::time_limit(60);
     use tower::ServiceExt;
 
     let registry = Arc::new(MemoryRegistry::new());
@@ -152,5 +165,9 @@ async fn the_health_endpoint_turns_503_when_draining() {
     let shutdown = tokio::spawn(registration.shutdown());
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(app.clone().oneshot(get()).await.unwrap().status(), 503);
-    shutdown.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), shutdown)
+        .await
+        .expect("shutdown ends")
+        .unwrap()
+        .unwrap();
 }

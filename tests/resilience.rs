@@ -18,6 +18,7 @@ fn instance(id: &str) -> ServiceInstance {
 
 #[tokio::test]
 async fn the_cache_serves_the_last_good_set_until_max_stale() {
+    let _limit = support::time_limit(60);
     let switch = Arc::new(Unreliable::default());
     switch.register(instance("a")).await.unwrap();
     let cached = CachedRegistry::builder(switch.clone())
@@ -47,6 +48,7 @@ async fn the_cache_serves_the_last_good_set_until_max_stale() {
 
 #[tokio::test]
 async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
+    let _limit = support::time_limit(60);
     let dir = std::env::temp_dir().join(format!("tower-sd-cache-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("cache.json");
@@ -85,6 +87,7 @@ async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
 
 #[tokio::test]
 async fn fallback_discover_asks_down_the_chain() {
+    let _limit = support::time_limit(60);
     let primary = Arc::new(Unreliable::default());
     primary.register(instance("primary")).await.unwrap();
     let backup = StaticRegistry::new(vec![instance("backup")]).unwrap();
@@ -133,6 +136,7 @@ mod with_consul {
 
     #[tokio::test]
     async fn the_watch_fails_over_and_back_without_an_empty_set() {
+        let _limit = support::time_limit(60);
         let fake = FakeConsul::start(None).await;
         let primary = consul(&fake);
         primary.register(instance("from-consul")).await.unwrap();
@@ -182,6 +186,7 @@ mod with_consul {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_outage_fails_no_request_and_sees_only_bounded_retries() {
+        let _limit = support::time_limit(60);
         let fake = FakeConsul::start(None).await;
         let cached: Arc<dyn ServiceRegistry> =
             Arc::new(CachedRegistry::builder(consul(&fake)).build());

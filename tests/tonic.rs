@@ -18,6 +18,7 @@ const SERVICE: &str = "health";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spreads_requests_over_four_servers() {
+    let _limit = support::time_limit(120);
     support::trace_init();
     let registry = Arc::new(MemoryRegistry::new());
     let mut servers = Vec::new();
@@ -72,6 +73,7 @@ fn callers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_churn_under_load_fails_nothing() {
+    let _limit = support::time_limit(120);
     let registry = Arc::new(MemoryRegistry::new());
     let mut live = start(&registry, "a", 2).await;
     let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
@@ -126,6 +128,7 @@ async fn graceful_churn_under_load_fails_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_server_fails_only_until_discovery_removes_it() {
+    let _limit = support::time_limit(120);
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "c", 4).await;
     let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
@@ -181,6 +184,7 @@ async fn a_crashed_server_fails_only_until_discovery_removes_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_steers_away_from_a_slow_server() {
+    let _limit = support::time_limit(120);
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "e", 4).await;
     for server in &servers {
@@ -205,6 +209,7 @@ async fn peak_ewma_steers_away_from_a_slow_server() {
 
 #[tokio::test]
 async fn no_instances_fails_unavailable_within_the_wait() {
+    let _limit = support::time_limit(120);
     let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
     let channel = LoadBalancedChannel::builder(registry, SERVICE)
         .wait_for_endpoints(Duration::from_millis(200))
@@ -222,6 +227,7 @@ async fn no_instances_fails_unavailable_within_the_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_channel_keeps_a_handed_over_registry_alive() {
+    let _limit = support::time_limit(120);
     let registry = MemoryRegistry::new();
     let server = TestServer::grpc("only").await;
     registry.register(server.instance(SERVICE)).await.unwrap();
@@ -235,6 +241,7 @@ async fn the_channel_keeps_a_handed_over_registry_alive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_checks_the_configured_server_name_not_the_dialled_ip() {
+    let _limit = support::time_limit(120);
     use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 
     let key = rcgen::generate_simple_self_signed(vec!["health.internal".to_owned()]).unwrap();
@@ -286,6 +293,7 @@ async fn tls_checks_the_configured_server_name_not_the_dialled_ip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_answering_unavailable_is_ejected() {
+    let _limit = support::time_limit(120);
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "u", 4).await;
     let detection = tower_sd::balance::OutlierDetection::default()

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use super::process::{Server, free_port, have, scratch_dir};
+use super::process::{START_ATTEMPTS, Server, free_port, have, scratch_dir};
 
 pub struct Dnsmasq {
     pub addr: SocketAddr,
@@ -22,35 +22,46 @@ impl Dnsmasq {
         }
         let dir = scratch_dir("dnsmasq");
         std::fs::create_dir_all(dir.join("hosts")).unwrap();
-        let port = free_port();
-        let mut config = vec![
-            format!("port={port}"),
-            "listen-address=127.0.0.1".into(),
-            "bind-interfaces".into(),
-            "no-resolv".into(),
-            "no-hosts".into(),
-            // Names under .test are answered from local data only: unknown ones get NXDOMAIN.
-            "local=/test/".into(),
-            format!("local-ttl={ttl}"),
-            format!("hostsdir={}", dir.join("hosts").display()),
-        ];
-        config.extend(lines.iter().map(|l| (*l).to_owned()));
-        let file = dir.join("dnsmasq.conf");
-        std::fs::write(&file, config.join("\n") + "\n").unwrap();
-        let server = Server::spawn(
-            Command::new("dnsmasq")
-                .arg("--keep-in-foreground")
-                .arg(format!("--conf-file={}", file.display()))
-                .arg("--pid-file=")
-                .arg("--log-facility=-"),
-            &dir,
-        );
-        let dnsmasq = Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            server,
-        };
-        dnsmasq.ready().await;
-        Some(dnsmasq)
+        let mut server = Server::stopped(&dir);
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let mut config = vec![
+                format!("port={port}"),
+                "listen-address=127.0.0.1".into(),
+                "bind-interfaces".into(),
+                "no-resolv".into(),
+                "no-hosts".into(),
+                // Names under .test are answered from local data only: unknown ones get
+                // NXDOMAIN.
+                "local=/test/".into(),
+                format!("local-ttl={ttl}"),
+                format!("hostsdir={}", dir.join("hosts").display()),
+            ];
+            config.extend(lines.iter().map(|l| (*l).to_owned()));
+            let file = dir.join("dnsmasq.conf");
+            std::fs::write(&file, config.join("\n") + "\n").unwrap();
+            server.respawn(
+                Command::new("dnsmasq")
+                    .arg("--keep-in-foreground")
+                    .arg(format!("--conf-file={}", file.display()))
+                    .arg("--pid-file=")
+                    .arg("--log-facility=-"),
+            );
+            let mut dnsmasq = Self {
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                server,
+            };
+            if dnsmasq.ready().await {
+                return Some(dnsmasq);
+            }
+            let log = dnsmasq.server.log();
+            assert!(
+                log.contains("Address already in use"),
+                "dnsmasq did not start:\n{log}"
+            );
+            server = dnsmasq.server;
+        }
+        panic!("dnsmasq found no free port in {START_ATTEMPTS} attempts");
     }
 
     /// Replaces the hosts file `name` in the hostsdir with these `ip name` lines (written
@@ -66,14 +77,19 @@ impl Dnsmasq {
         std::fs::rename(aside, path).unwrap();
     }
 
-    async fn ready(&self) {
-        for _ in 0..100 {
+    /// Waits until dnsmasq says it started; `false` when it exited (or never said so).
+    async fn ready(&mut self) -> bool {
+        for _ in 0..250 {
             if self.server.log().contains("started") {
+                // It logs before it serves: give it a moment to bind.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                return;
+                return !self.server.exited();
+            }
+            if self.server.exited() {
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("dnsmasq did not start:\n{}", self.server.log());
+        false
     }
 }

@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use super::process::{Server, free_port, have, scratch_dir};
+use super::process::{START_ATTEMPTS, Server, free_ports, have, scratch_dir};
 
 pub struct Etcd {
     pub client_port: u16,
@@ -41,15 +41,27 @@ impl Etcd {
             std::fs::write(dir.join("cert.pem"), cert).unwrap();
             std::fs::write(dir.join("key.pem"), key).unwrap();
         }
+        let [client_port, peer_port] = free_ports();
         let mut etcd = Self {
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port,
+            peer_port,
             server: Server::stopped(&dir),
             ca: tls.map(|(cert, _)| cert),
             flags: flags.iter().map(|f| (*f).to_owned()).collect(),
         };
-        etcd.restart().await; // the first start
-        Some(etcd)
+        for _ in 0..START_ATTEMPTS {
+            etcd.spawn();
+            if etcd.ready().await {
+                return Some(etcd);
+            }
+            let log = etcd.server.log();
+            assert!(
+                log.contains("address already in use"),
+                "etcd did not start:\n{log}"
+            );
+            [etcd.client_port, etcd.peer_port] = free_ports();
+        }
+        panic!("etcd found no free ports in {START_ATTEMPTS} attempts");
     }
 
     pub fn url(&self) -> String {
@@ -165,15 +177,24 @@ impl Etcd {
 
     /// Starts it again on the same ports and data.
     pub async fn restart(&mut self) {
+        self.spawn();
+        assert!(
+            self.ready().await,
+            "etcd did not start:\n{}",
+            self.server.log()
+        );
+    }
+
+    fn spawn(&mut self) {
         let dir = self.server.dir.clone();
         let tls = self.ca.is_some();
         let mut command = command(&dir, self.client_port, self.peer_port, tls);
         self.server.respawn(command.args(&self.flags));
-        self.ready().await;
     }
 
-    /// Waits until etcd answers (it takes about a quarter of a second).
-    async fn ready(&self) {
+    /// Waits until etcd answers (it takes about a quarter of a second); `false` when it
+    /// exited or did not answer within 20 s.
+    async fn ready(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let answered = self
@@ -186,13 +207,11 @@ impl Etcd {
                 .await
                 .is_ok_and(|status| status.is_ok_and(|s| s.success()))
             {
-                return;
+                return true;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "etcd did not start:\n{}",
-                self.server.log()
-            );
+            if self.server.exited() || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

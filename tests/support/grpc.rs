@@ -6,14 +6,15 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tower_sd::tonic::LoadBalancedChannel;
 
-/// One `grpc.health.v1` check.
+/// One `grpc.health.v1` check; a check that takes over 10 s fails as `DEADLINE_EXCEEDED`.
 pub async fn check(client: &mut HealthClient<LoadBalancedChannel>) -> Result<(), tonic::Status> {
-    client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .map(drop)
+    let request = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(Duration::from_secs(10), request).await {
+        Ok(answer) => answer.map(drop),
+        Err(_) => Err(tonic::Status::deadline_exceeded("no answer within 10 s")),
+    }
 }
 
 /// `tasks` concurrent clients, each making `each` successful checks.

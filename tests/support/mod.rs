@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 #[cfg(feature = "dns")]
 pub mod dnsmasq;
@@ -13,13 +13,28 @@ pub mod fake_consul;
 pub mod fake_kube;
 #[cfg(feature = "tonic")]
 pub mod grpc;
+pub mod limit;
 pub mod logs;
 pub mod process;
 pub mod proxy;
 pub mod servers;
 pub mod unreliable;
 
+pub use limit::time_limit;
 use tower_sd::ServiceInstance;
+
+/// Waits until `done()` holds, checking every millisecond of tokio time (which paused-time
+/// tests advance by themselves), and fails the test after 10 s of it, naming `what`.
+pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
 
 /// Installs a test-friendly tracing subscriber once; logs show with `--nocapture`.
 pub fn trace_init() {
@@ -70,6 +85,27 @@ pub async fn next_item(watch: &mut Watch) -> tower_sd::Result<Vec<ServiceInstanc
         .await
         .expect("the watch yields in time")
         .expect("the watch never ends")
+}
+
+/// The watch's next set, skipping the errors before it (each checked by `expected`) for at
+/// most `limit`: a registry that keeps failing fails the test instead of looping.
+pub async fn next_set_after_errors(
+    watch: &mut Watch,
+    limit: std::time::Duration,
+    mut expected: impl FnMut(&tower_sd::Error) -> bool,
+) -> Vec<ServiceInstance> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let item = tokio::time::timeout(left, watch.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no set within {limit:?}, only errors"))
+            .expect("the watch never ends");
+        match item {
+            Ok(set) => return set,
+            Err(error) => assert!(expected(&error), "unexpected error {error:?}"),
+        }
+    }
 }
 
 /// The `host:port` of each instance, sorted.

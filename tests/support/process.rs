@@ -4,38 +4,110 @@
 //! A missing binary skips the test with a message saying what to install, except under
 //! `TOWER_SD_REQUIRE_SERVERS=1` (set by `.ci/run`, which installs them), where it fails.
 
+use std::collections::HashSet;
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::{Mutex, PoisonError};
 
-/// Whether `binary` is on the PATH (or at this path). When it is not, prints how to install
-/// it and returns `false`, or panics when the environment requires the servers.
+/// Whether `binary` can be run. When it cannot, says on the terminal which test is skipped
+/// and what to install, and returns `false`; or panics when the environment requires the
+/// servers (`TOWER_SD_REQUIRE_SERVERS=1`, set by `.ci/run`, which installs them).
+///
+/// The line goes to the process's stderr directly, not through `eprintln!`, which the test
+/// harness captures and shows only for failing tests: a skip must be seen.
 pub fn have(binary: &str, package: &str) -> bool {
-    let found = Command::new(binary)
+    if installed(binary) {
+        return true;
+    }
+    let message = format!("`{binary}` is not installed (`apt-get install -y {package}`)");
+    if required() {
+        panic!("{message}, and TOWER_SD_REQUIRE_SERVERS=1");
+    }
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    let binary_name = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .and_then(|stem| stem.rsplit_once('-').map(|(name, _)| name.to_owned()))
+        .unwrap_or_default();
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {binary_name}::{test}: {message}"
+    );
+    false
+}
+
+/// Whether `binary` runs at all (`--version`).
+pub fn installed(binary: &str) -> bool {
+    Command::new(binary)
         .arg("--version")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .is_ok();
-    if !found {
-        let message =
-            format!("`{binary}` is not installed: `apt-get install -y {package}` to run this test");
-        if std::env::var_os("TOWER_SD_REQUIRE_SERVERS").is_some_and(|v| v == "1") {
-            panic!("{message} (TOWER_SD_REQUIRE_SERVERS=1)");
-        }
-        eprintln!("SKIPPED: {message}");
-    }
-    found
+        .is_ok()
 }
 
-/// A port no one listens on now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Whether this run must not skip server-backed tests.
+pub fn required() -> bool {
+    std::env::var_os("TOWER_SD_REQUIRE_SERVERS").is_some_and(|v| v == "1")
 }
+
+/// Processes the tests started and have not reaped, killed by [`kill_all`].
+static RUNNING: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
+
+fn running() -> std::sync::MutexGuard<'static, Option<HashSet<u32>>> {
+    RUNNING.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Kills (SIGKILL) every process the tests started that is still running: the time limit
+/// does this before it ends a test binary, since no destructor runs then.
+pub fn kill_all() {
+    let pids: Vec<String> = running()
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    if !pids.is_empty() {
+        let _ = Command::new("kill").arg("-9").args(pids).status();
+    }
+}
+
+/// A port no one listens on now. Another process may take it before the caller binds it,
+/// so servers started on one retry with new ports when theirs is taken.
+pub fn free_port() -> u16 {
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free ports (each held until all are chosen, so none is handed out twice).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
+/// A loopback port that refuses connections for as long as the value lives: bound, so no one
+/// else can take it, but not listening.
+pub struct ClosedPort {
+    pub port: u16,
+    _socket: tokio::net::TcpSocket,
+}
+
+impl ClosedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Self {
+            port: socket.local_addr().unwrap().port(),
+            _socket: socket,
+        }
+    }
+}
+
+/// Starting a server on ports of its own: a free port may be taken by another process before
+/// the server binds it, so a start that fails on a taken port is tried again on new ports.
+pub const START_ATTEMPTS: usize = 5;
 
 /// A fresh directory under the system's temporary directory.
 pub fn scratch_dir(name: &str) -> PathBuf {
@@ -82,6 +154,9 @@ impl Server {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        running()
+            .get_or_insert_with(HashSet::new)
+            .insert(child.id());
         self.child = Some(child);
     }
 
@@ -90,7 +165,22 @@ impl Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            if let Some(running) = running().as_mut() {
+                running.remove(&child.id());
+            }
         }
+    }
+
+    /// Whether the process has exited (reaped here; it is not running any more).
+    pub fn exited(&mut self) -> bool {
+        let exited = self
+            .child
+            .as_mut()
+            .is_none_or(|child| child.try_wait().is_ok_and(|status| status.is_some()));
+        if exited {
+            self.kill();
+        }
+        exited
     }
 
     /// The server's log so far, for failure messages.

@@ -1,0 +1,122 @@
+//! Runs last among the test binaries (they run in name order, hence the name): says which
+//! server-backed tests this run skipped, and checks rules the whole suite keeps.
+
+mod support;
+
+use std::io::Write;
+
+use support::process::{installed, required};
+
+/// A server some tests start.
+struct Server {
+    /// The programs the tests run.
+    binaries: &'static [&'static str],
+    /// The Debian packages that install them.
+    packages: &'static str,
+    /// What a test calls to start it.
+    marker: &'static str,
+    /// The test files whose tests skip without it, when compiled in this run.
+    files: &'static [(&'static str, bool)],
+}
+
+const SERVERS: [Server; 2] = [
+    Server {
+        binaries: &["etcd", "etcdctl"],
+        packages: "etcd-server etcd-client",
+        marker: "Etcd::start",
+        files: &[
+            ("tests/etcd.rs", cfg!(feature = "etcd")),
+            ("tests/etcd_secrets.rs", cfg!(feature = "etcd")),
+        ],
+    },
+    Server {
+        binaries: &["dnsmasq"],
+        packages: "dnsmasq-base",
+        marker: "Dnsmasq::start",
+        files: &[("tests/dns.rs", cfg!(feature = "dns"))],
+    },
+];
+
+fn source(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+/// One line on the terminal (not captured by the harness) per server this run lacked, and
+/// one summing up.
+#[test]
+fn skipped_server_tests() {
+    let mut skipped = 0;
+    let mut lines = Vec::new();
+    for server in SERVERS {
+        if server.binaries.iter().all(|binary| installed(binary)) {
+            continue;
+        }
+        let compiled: Vec<&str> = server
+            .files
+            .iter()
+            .filter(|(_, compiled)| *compiled)
+            .map(|(file, _)| *file)
+            .collect();
+        let tests: usize = compiled
+            .iter()
+            .map(|file| source(file).matches(server.marker).count())
+            .sum();
+        if tests > 0 {
+            skipped += tests;
+            lines.push(format!(
+                "  {tests} tests in {} need {}: apt-get install -y {}",
+                compiled.join(", "),
+                server.binaries.join(" and "),
+                server.packages
+            ));
+        }
+    }
+    let mut stderr = std::io::stderr();
+    if skipped == 0 {
+        let _ = writeln!(stderr, "server-backed tests: none skipped");
+        return;
+    }
+    assert!(
+        !required(),
+        "server-backed tests skipped under TOWER_SD_REQUIRE_SERVERS=1:\n{}",
+        lines.join("\n")
+    );
+    let _ = writeln!(
+        stderr,
+        "\nSKIPPED in this run: {skipped} server-backed tests did not run\n{}\n",
+        lines.join("\n")
+    );
+}
+
+/// Every async test starts with a time limit (`support::time_limit`), so none can hang CI.
+#[test]
+fn every_async_test_has_a_time_limit() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines = text.lines().enumerate().peekable();
+        while let Some((n, line)) = lines.next() {
+            if !line.trim_start().starts_with("#[tokio::test") {
+                continue;
+            }
+            // The body's first statement, after the signature.
+            let body = lines
+                .by_ref()
+                .skip_while(|(_, l)| !l.trim_end().ends_with('{'))
+                .nth(1);
+            if !body.is_some_and(|(_, l)| l.contains("support::time_limit(")) {
+                missing.push(format!("{}:{}", path.display(), n + 1));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "async tests without `let _limit = support::time_limit(..);` first: {missing:?}"
+    );
+}
