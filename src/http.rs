@@ -254,6 +254,20 @@ where
 }
 
 impl<S> Discovery<S> {
+    /// The endpoints of `service`'s balancer, as [`Balance::endpoints`] reports them; empty
+    /// when the service has no balancer (yet, or any more).
+    pub fn endpoints(&self, service: &str) -> Vec<balance::EndpointStats<String>> {
+        let balancers = self
+            .balancers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        balancers
+            .by_service
+            .get(service)
+            .map(|(balance, _)| balance.endpoints())
+            .unwrap_or_default()
+    }
+
     /// The services that currently have a balancer, sorted.
     pub fn active_services(&self) -> Vec<String> {
         let balancers = self

@@ -1,10 +1,12 @@
 //! The configuration file and the registry factory.
 #![cfg(feature = "config")]
 
+mod support;
+
 use std::time::Duration;
 
-use tower_sd::Error;
 use tower_sd::config::RegistryConfig;
+use tower_sd::{Error, ServiceInstance, ServiceRegistry};
 
 /// The decision record's YAML, exactly as written there.
 const DECISION_RECORD: &str = r#"
@@ -47,10 +49,34 @@ fn the_decision_record_parses_to_the_expected_values() {
 }
 
 #[cfg(feature = "consul")]
-#[test]
-fn the_decision_record_builds_a_consul_registry() {
-    let config = RegistryConfig::from_yaml_str(DECISION_RECORD).unwrap();
-    assert_eq!(config.build().unwrap().kind(), "consul");
+#[tokio::test]
+async fn the_decision_record_builds_a_consul_registry() {
+    let _limit = support::time_limit(60);
+    // The decision record's file, pointed at the fake agent: what it registers and asks
+    // carries the file's settings.
+    let fake = support::fake_consul::FakeConsul::start(None).await;
+    let yaml = DECISION_RECORD.replace("localhost:8500", &fake.addr.to_string());
+    let registry = RegistryConfig::from_yaml_str(&yaml)
+        .unwrap()
+        .build()
+        .unwrap();
+    assert_eq!(registry.kind(), "consul");
+    registry
+        .register(ServiceInstance::new("web-1", "web", "10.0.0.7", 8080))
+        .await
+        .unwrap();
+    let check = &fake.registration("web-1").unwrap()["Check"];
+    assert_eq!(check["HTTP"], "http://10.0.0.7:8080/healthz");
+    assert_eq!(check["Interval"], "10s");
+    assert_eq!(check["Timeout"], "3s");
+    assert_eq!(check["DeregisterCriticalServiceAfter"], "60s");
+    registry.discover(&"web".into()).await.unwrap();
+    let query = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.starts_with("GET health/service/web?"))
+        .unwrap();
+    assert!(query.contains("dc=dc1"), "the datacenter is asked: {query}");
 }
 
 #[test]
@@ -67,7 +93,13 @@ fn toml_is_accepted_too() {
         "#,
     )
     .unwrap();
-    assert_eq!(config.build().unwrap().kind(), "static");
+    let registry = config.build().unwrap();
+    assert_eq!(registry.kind(), "static");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let found = runtime.block_on(registry.discover(&"api".into())).unwrap();
+    assert_eq!(found, [ServiceInstance::new("a", "api", "10.0.0.1", 80)]);
 }
 
 #[test]
@@ -156,7 +188,7 @@ fn cache_and_fallback_wrap_the_registry() {
         r#"
 registry:
   type: memory
-  cache: { max_stale: "5m" }
+  cache: { max_stale: "5m", persist: "/var/cache/tower-sd-test.json" }
   failover_after: "10s"
   fallback:
     - type: static
@@ -168,6 +200,17 @@ registry:
     .unwrap();
     let registry = config.build().unwrap();
     assert_eq!(registry.kind(), "fallback");
+    // The memory registry behind a cache with the file's settings, then the static list.
+    let debug = format!("{registry:?}");
+    for part in [
+        "FallbackRegistry { chain: [CachedRegistry { inner: MemoryRegistry",
+        "max_stale: Some(300s)",
+        "persist: Some(\"/var/cache/tower-sd-test.json\")",
+        "StaticRegistry { instances: [ServiceInstance { id: \"a\"",
+        "failover_after: 10s",
+    ] {
+        assert!(debug.contains(part), "{part} in {debug}");
+    }
 
     let (key, _) = invalid(
         RegistryConfig::from_yaml_str(
@@ -215,7 +258,16 @@ fn the_etcd_section_builds_an_etcd_registry() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/etcd.yaml"),
     )
     .unwrap();
-    assert_eq!(config.build().unwrap().kind(), "etcd");
+    let registry = config.build().unwrap();
+    assert_eq!(registry.kind(), "etcd");
+    let debug = format!("{registry:?}");
+    for part in [
+        "endpoints: [\"http://127.0.0.1:2379\"]",
+        "prefix: \"/services\"",
+        "lease_ttl: 10s",
+    ] {
+        assert!(debug.contains(part), "{part} in {debug}");
+    }
 
     let with_password = RegistryConfig::from_yaml_str(
         "registry:\n  type: etcd\n  etcd:\n    endpoints: [\"http://127.0.0.1:2379\"]\n    username: root\n    password: hunter2\n",

@@ -23,19 +23,6 @@ fn registry(fake: &FakeConsul) -> ConsulRegistry {
         .unwrap()
 }
 
-/// The `index` of every health query the fake agent saw for `service`, in order.
-fn sent_indexes(fake: &FakeConsul, service: &str) -> Vec<String> {
-    let prefix = format!("GET health/service/{service}?");
-    fake.requests()
-        .into_iter()
-        .filter(|r| r.starts_with(&prefix))
-        .filter_map(|r| {
-            r.split(['?', '&'])
-                .find_map(|kv| kv.strip_prefix("index=").map(str::to_owned))
-        })
-        .collect()
-}
-
 /// Registers an instance and waits for the watch to show `expected` instances.
 async fn register_and_see(
     consul: &ConsulRegistry,
@@ -218,10 +205,20 @@ async fn a_critical_check_removes_the_instance_and_warning_lowers_its_weight() {
             .await
             .is_empty()
     );
-    consul
+    let error = consul
         .register(ServiceInstance::new("web-1", "web", "", 8080).with_weight(10))
         .await
-        .unwrap_err(); // empty address: rejected
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::InvalidInstance {
+                field: "address",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
     consul
         .register(ServiceInstance::new("web-1", "web", "10.0.0.1", 8080).with_weight(10))
         .await
@@ -298,11 +295,17 @@ async fn the_index_resets_to_zero_when_it_goes_backwards() {
     register_and_see(&consul, &mut watch, "b", "idx", 2).await;
     register_and_see(&consul, &mut watch, "c", "idx", 3).await;
 
-    let indexes = sent_indexes(&fake, "idx");
-    assert_eq!(indexes[0], "0", "the first query does not block");
-    assert!(
-        indexes[1..].contains(&"0".to_owned()),
-        "reset to 0 after the index went backwards: {indexes:?}"
+    let answers = fake.answers();
+    assert_eq!(answers[0].0, 0, "the first query does not block");
+    // The answer whose index went backwards (to 1), then the query right after it.
+    let backwards = answers
+        .iter()
+        .position(|(asked, answered)| *asked > 1 && *answered == Some(1))
+        .expect("an answer went backwards");
+    assert_eq!(
+        answers[backwards + 1].0,
+        0,
+        "the query right after the index went backwards starts from 0: {answers:?}"
     );
 }
 
@@ -352,9 +355,33 @@ async fn faults_yield_typed_errors_and_the_watch_recovers() {
         assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 1);
     }
 
-    // A slow answer is only slow.
+    // A slow answer within the request timeout is only slow; one past it is a timeout.
     fake.inject(Fault::Slow(Duration::from_millis(300)));
     assert_eq!(consul.discover(&"f".into()).await.unwrap().len(), 1);
+    let impatient = ConsulRegistry::builder()
+        .address(fake.url())
+        .request_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    fake.inject(Fault::Slow(Duration::from_secs(2)));
+    let started = Instant::now();
+    let error = impatient.discover(&"f".into()).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Timeout {
+                registry: "consul",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.is_transient());
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_millis(200)..Duration::from_secs(2)).contains(&waited),
+        "{waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -450,6 +477,14 @@ async fn an_index_of_zero_is_sent_back_as_one() {
     fake.inject(Fault::IndexZero);
     register_and_see(&consul, &mut watch, "a", "zero", 1).await;
     register_and_see(&consul, &mut watch, "b", "zero", 2).await;
-    let after_zero = sent_indexes(&fake, "zero");
-    assert!(after_zero.contains(&"1".to_owned()), "{after_zero:?}");
+    let answers = fake.answers();
+    let zero = answers
+        .iter()
+        .position(|(_, answered)| *answered == Some(0))
+        .expect("an answer carried index 0");
+    assert_eq!(
+        answers[zero + 1].0,
+        1,
+        "the query right after an index of 0 asks for 1: {answers:?}"
+    );
 }

@@ -46,7 +46,10 @@ async fn acl_tokens_are_sent_checked_and_never_shown() {
     fake.inject(Fault::Status(500));
     let mut watch = right.watch(&"svc".into());
     let first = watch.next().await.unwrap();
-    assert!(first.is_err());
+    assert!(
+        matches!(first, Err(tower_sd::Error::Status { status: 500, .. })),
+        "{first:?}"
+    );
     let debug = format!("{right:?}");
     assert!(
         debug.contains("redacted") && !debug.contains(TOKEN),

@@ -43,6 +43,16 @@ async fn passwords_are_never_shown() {
     let mut watch = wrong.watch(&ServiceQuery::new("svc"));
     for _ in 0..2 {
         let error = watch.next().await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                error,
+                tower_sd::Error::Status {
+                    registry: "etcd",
+                    ..
+                }
+            ),
+            "a refused password is etcd's answer: {error:?}"
+        );
         let shown = format!("{error:?} {error}");
         assert!(!shown.contains(WRONG), "{shown}");
     }

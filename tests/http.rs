@@ -100,13 +100,20 @@ async fn graceful_churn_under_load_fails_nothing() {
     for round in 0..4 {
         let added = TestServer::http(&format!("r{round}")).await;
         registry.register(added.instance(SERVICE)).await.unwrap();
+        support::until("the new server takes traffic", || added.served() > 0).await;
         live.push(added);
-        tokio::time::sleep(Duration::from_millis(50)).await;
 
         let leaving = live.remove(0);
         registry.deregister(&leaving.name).await.unwrap();
-        // The layer's balancer applies the removal within microseconds; requests already on
-        // the wire land before the server stops.
+        // Once the layer's balancer has published the removal, no new request picks it;
+        // requests already on the wire land before the server stops.
+        support::until("the removal is published", || {
+            !client
+                .endpoints(SERVICE)
+                .iter()
+                .any(|endpoint| endpoint.key == leaving.name)
+        })
+        .await;
         leaving.drain_and_stop().await;
         assert!(
             leaving.served() > 0,
@@ -164,10 +171,17 @@ async fn a_service_without_instances_fails_within_the_wait() {
     let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
     let client =
         client(DiscoveryLayer::new(registry).wait_for_endpoints(Duration::from_millis(100)));
+    let started = tokio::time::Instant::now();
     let error = tokio::time::timeout(Duration::from_secs(5), get(&client, "http://nobody/"))
         .await
         .expect("never hangs")
         .unwrap_err();
+    // It waited the whole wait, and not much more.
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_millis(100)..Duration::from_secs(2)).contains(&waited),
+        "{waited:?}"
+    );
     match error.downcast_ref::<tower_sd::Error>() {
         Some(tower_sd::Error::NoEndpoints { service, .. }) => assert_eq!(service, "nobody"),
         other => panic!("expected NoEndpoints, got {other:?} ({error})"),

@@ -112,6 +112,7 @@ async fn bookmarks_and_unrelated_changes_emit_nothing() {
     assert_eq!(next_set(&mut watch).await.len(), 1);
     fake.watching(1).await;
     fake.bookmark();
+    support::until("the bookmark is sent", || fake.bookmarks_sent() == 1).await;
     // A slice update that changes nothing the balancer sees.
     let mut relabelled = slice("a", "quiet", grpc(), vec![ready("10.4.0.1")]);
     relabelled["metadata"]["labels"]["release"] = json!("2");

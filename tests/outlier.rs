@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::stream;
@@ -18,11 +18,12 @@ use tower_sd::balance::{
     Balance, Builder, EndpointState, OutlierDetection, PanicMode, ZonePreference,
 };
 
-/// An endpoint that answers its id, or fails while its switch is on.
+/// An endpoint that answers its id, or fails while its switch is on; counts its calls.
 #[derive(Clone)]
 struct Flaky {
     id: usize,
     failing: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
 }
 
 impl Service<()> for Flaky {
@@ -38,6 +39,7 @@ impl Service<()> for Flaky {
     }
 
     fn call(&mut self, (): ()) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         std::future::ready(if self.failing.load(Ordering::SeqCst) {
             Err("boom")
         } else {
@@ -48,6 +50,7 @@ impl Service<()> for Flaky {
 
 struct Fleet {
     switches: Vec<Arc<AtomicBool>>,
+    calls: Vec<Arc<AtomicUsize>>,
     feed: mpsc::UnboundedSender<Result<Change<usize, Flaky>, Infallible>>,
     balance: Balance<Flaky, usize>,
 }
@@ -58,6 +61,7 @@ impl Fleet {
         let balance = builder.build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
         let mut fleet = Self {
             switches: Vec::new(),
+            calls: Vec::new(),
             feed,
             balance,
         };
@@ -70,15 +74,22 @@ impl Fleet {
     async fn add(&mut self) -> usize {
         let id = self.switches.len();
         let failing = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicUsize::new(0));
         self.switches.push(Arc::clone(&failing));
+        self.calls.push(Arc::clone(&calls));
         self.feed
-            .send(Ok(Change::Insert(id, Flaky { id, failing })))
+            .send(Ok(Change::Insert(id, Flaky { id, failing, calls })))
             .unwrap();
         support::until("the endpoint is listed", || {
             self.balance.endpoints().iter().any(|e| e.key == id)
         })
         .await;
         id
+    }
+
+    /// Calls the endpoint has received, successful or not.
+    fn calls(&self, id: usize) -> usize {
+        self.calls[id].load(Ordering::SeqCst)
     }
 
     fn fail(&self, id: usize, failing: bool) {
@@ -296,6 +307,7 @@ async fn zone_preference_stays_local_then_falls_back() {
             Ok::<_, Infallible>(Flaky {
                 id,
                 failing: Arc::clone(&make_switches[id]),
+                calls: Arc::default(),
             })
         });
     support::until("4 endpoints are listed", || balance.endpoints().len() >= 4).await;
@@ -370,4 +382,36 @@ async fn retries_with_a_budget_reach_another_endpoint() {
         let id = retrying.ready().await.unwrap().call(()).await.unwrap();
         assert_ne!(id, 0);
     }
+    // Endpoint 0 failed one request (which the retry then served elsewhere) and was ejected.
+    assert_eq!(fleet.calls(0), 1);
+    assert_eq!(fleet.state(0).0, EndpointState::Ejected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exhausted_retry_budget_stops_retrying() {
+    let _limit = support::time_limit(60);
+    // Every endpoint fails, so every attempt withdraws from the budget and none deposits:
+    // its reserve (min_per_sec x ttl = 5 retries; time does not pass) is all the retrying
+    // there is, whatever the number of requests.
+    let fleet = Fleet::new(3, Balance::builder().outlier_detection(None)).await;
+    for id in 0..3 {
+        fleet.fail(id, true);
+    }
+    let budget = Arc::new(tower::retry::budget::TpsBudget::new(
+        Duration::from_secs(1),
+        5,
+        0.0,
+    ));
+    let mut retrying = tower::ServiceBuilder::new()
+        .retry(RetryFailures(budget))
+        .service(fleet.balance.clone());
+    for _ in 0..20 {
+        assert!(retrying.ready().await.unwrap().call(()).await.is_err());
+    }
+    let attempts: usize = (0..3).map(|id| fleet.calls(id)).sum();
+    assert_eq!(
+        attempts,
+        20 + 5,
+        "each request once, plus the budget's 5 retries"
+    );
 }

@@ -30,6 +30,19 @@ async fn registration_retries_with_backoff_until_accepted() {
         .unwrap();
     assert_eq!(registry.register_attempts.load(Ordering::SeqCst), 5);
     assert_eq!(registry.discover(&"api".into()).await.unwrap().len(), 1);
+
+    // The waits between attempts: full jitter under a ceiling that doubles from 100 ms.
+    // A hot retry loop waits 0; a fixed delay waits the same every time.
+    let times = registry.register_times.lock().unwrap().clone();
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    for (n, gap) in gaps.iter().enumerate() {
+        let ceiling = Duration::from_millis(100 << n);
+        assert!(*gap <= ceiling, "wait {n} was {gap:?}, above {ceiling:?}");
+    }
+    let waited: Duration = gaps.iter().sum();
+    assert!(waited >= Duration::from_millis(50), "{gaps:?}");
+    let distinct: std::collections::HashSet<_> = gaps.iter().collect();
+    assert!(distinct.len() > 1, "the waits are jittered: {gaps:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -84,13 +97,16 @@ async fn heartbeats_keep_a_ttl_instance_passing_and_shutdown_drains() {
 #[tokio::test(start_paused = true)]
 async fn an_invalid_instance_is_not_retried() {
     let _limit = support::time_limit(60);
-    let registry = Arc::new(MemoryRegistry::new());
+    let registry = Arc::new(Unreliable::default());
     let bad = ServiceInstance::new("x", "api", "not a host", 80);
-    let registration = Registration::builder(registry, bad).start();
+    let registration = Registration::builder(registry.clone(), bad).start();
     assert!(matches!(
         registration.registered(Duration::from_secs(5)).await,
         Err(Error::Timeout { .. })
     ));
+    // A minute later, still the one attempt the registry rejected.
+    advance(Duration::from_secs(60)).await;
+    assert_eq!(registry.register_attempts.load(Ordering::SeqCst), 1);
 }
 
 #[cfg(feature = "consul")]
@@ -104,22 +120,26 @@ async fn consul_ttl_heartbeats_and_drain() {
     let consul: Arc<dyn ServiceRegistry> = Arc::new(
         ConsulRegistry::builder()
             .address(fake.url())
-            .health_check(HealthCheck::new(HealthCheckKind::Ttl(
-                Duration::from_millis(300),
-            )))
+            // Real time, against an in-process agent: a TTL 15 heartbeats long, so only a
+            // heartbeat loop that stopped (not a busy machine) lets it lapse.
+            .health_check(HealthCheck::new(HealthCheckKind::Ttl(Duration::from_secs(
+                3,
+            ))))
             .build()
             .unwrap(),
     );
     let registration = Registration::builder(Arc::clone(&consul), instance())
-        .heartbeat(Duration::from_millis(100))
-        .drain_delay(Duration::from_millis(200))
+        .heartbeat(Duration::from_millis(200))
+        .drain_delay(Duration::from_secs(2))
         .start();
     registration
         .registered(Duration::from_secs(5))
         .await
         .unwrap();
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Past the TTL, the heartbeats have kept it passing.
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
             consul.discover(&"api".into()).await.unwrap().len(),
             1,
@@ -127,11 +147,12 @@ async fn consul_ttl_heartbeats_and_drain() {
         );
     }
     let shutdown = tokio::spawn(registration.shutdown());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        consul.health("api-1").await.unwrap(),
-        HealthStatus::Maintenance
-    );
+    // Within the 2 s drain: in maintenance (out of discovery), still registered.
+    support::until_async("the instance is in maintenance", || async {
+        consul.health("api-1").await.unwrap() == HealthStatus::Maintenance
+    })
+    .await;
+    assert!(!shutdown.is_finished(), "deregistered only after the drain");
     assert!(consul.discover(&"api".into()).await.unwrap().is_empty());
     tokio::time::timeout(Duration::from_secs(30), shutdown)
         .await

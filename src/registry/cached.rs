@@ -227,6 +227,7 @@ impl fmt::Debug for CachedRegistry {
             .field("inner", &self.inner)
             .field("queries", &self.state.lock().len())
             .field("max_stale", &self.state.max_stale)
+            .field("persist", &self.state.persist)
             .finish_non_exhaustive()
     }
 }

@@ -54,6 +54,9 @@ struct Inner {
     faults: VecDeque<Fault>,
     health_queries: u64,
     requests: Vec<String>,
+    /// Each health query's `index` parameter (0 when absent) and the `X-Consul-Index` it
+    /// was answered with (`None` for an error answer), in order.
+    answers: Vec<(u64, Option<u64>)>,
 }
 
 pub struct FakeConsul {
@@ -181,6 +184,11 @@ impl FakeConsul {
     /// Health queries answered so far.
     pub fn health_queries(&self) -> u64 {
         self.inner.lock().unwrap().health_queries
+    }
+
+    /// Each health query's `index` and the index it was answered with, in order.
+    pub fn answers(&self) -> Vec<(u64, Option<u64>)> {
+        self.inner.lock().unwrap().answers.clone()
     }
 
     /// Every request line seen (method, path and query), in order.
@@ -463,6 +471,7 @@ async fn health_service(
         return (StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter").into_response();
     }
 
+    let asked: u64 = param("index").and_then(|i| i.parse().ok()).unwrap_or(0);
     let fault = {
         let mut inner = fake.inner.lock().unwrap();
         inner.health_queries += 1;
@@ -470,6 +479,7 @@ async fn health_service(
     };
     match &fault {
         Some(Fault::Status(code)) => {
+            fake.inner.lock().unwrap().answers.push((asked, None));
             return (StatusCode::from_u16(*code).unwrap(), "injected fault").into_response();
         }
         Some(Fault::Slow(delay)) => tokio::time::sleep(*delay).await,
@@ -477,7 +487,6 @@ async fn health_service(
     }
 
     // Blocking query: wait while the index is unchanged, up to `wait`.
-    let asked: u64 = param("index").and_then(|i| i.parse().ok()).unwrap_or(0);
     let wait = param("wait")
         .and_then(|w| parse_go_duration(&w))
         .unwrap_or(Duration::from_secs(300));
@@ -499,7 +508,7 @@ async fn health_service(
         }
     }
 
-    let inner = fake.inner.lock().unwrap();
+    let mut inner = fake.inner.lock().unwrap();
     let entries: Vec<Value> = inner
         .services
         .values()
@@ -536,6 +545,7 @@ async fn health_service(
         Some(Fault::IndexZero) => 0,
         _ => inner.index,
     };
+    inner.answers.push((asked, Some(index)));
     let body = match fault {
         Some(Fault::MalformedJson) => "[{\"Node\": ".to_owned(),
         _ => Value::Array(entries).to_string(),

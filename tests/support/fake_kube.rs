@@ -51,6 +51,8 @@ struct Inner {
     expired: u64,
     closed: u64,
     bookmarks: u64,
+    /// `BOOKMARK` events actually sent on watch streams.
+    bookmarks_sent: u64,
     forbidden: bool,
     stalled: bool,
     requests: Vec<String>,
@@ -191,6 +193,11 @@ impl FakeKube {
         let mut inner = self.inner.lock().unwrap();
         inner.bookmarks += 1;
         self.bump(&inner);
+    }
+
+    /// `BOOKMARK` events sent so far (to watches that asked for them).
+    pub fn bookmarks_sent(&self) -> u64 {
+        self.inner.lock().unwrap().bookmarks_sent
     }
 
     /// Never answers list requests while `true`, as an overloaded API server might.
@@ -388,7 +395,7 @@ fn watch_stream(
 impl WatchState {
     /// The next event line to send, if any; sets `done` when the stream must end.
     fn next_line(&mut self) -> Option<Value> {
-        let inner = self.fake.inner.lock().unwrap();
+        let mut inner = self.fake.inner.lock().unwrap();
         if self.sent < inner.compacted || inner.expired != self.expired {
             self.done = true;
             let message = format!(
@@ -419,6 +426,7 @@ impl WatchState {
             self.bookmarks = inner.bookmarks;
             if self.allow_bookmarks {
                 self.sent = self.sent.max(inner.version);
+                inner.bookmarks_sent += 1;
                 return Some(json!({
                     "type": "BOOKMARK",
                     "object": {

@@ -1,5 +1,7 @@
 //! Calling real tonic servers through a `LoadBalancedChannel`, for the end-to-end tests.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tonic_health::pb::HealthCheckRequest;
@@ -52,4 +54,68 @@ pub async fn until_endpoints(channel: &LoadBalancedChannel, names: &[&str]) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     panic!("balancer never listed {want:?}");
+}
+
+/// Callers sending checks continuously until stopped, counting their successes.
+pub struct Callers {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<tonic::Status>>>,
+}
+
+impl Callers {
+    /// `tasks` callers on clones of `channel`.
+    pub fn start(channel: &LoadBalancedChannel, tasks: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..tasks)
+            .map(|_| {
+                let mut client = HealthClient::new(channel.clone());
+                let (stop, ok) = (Arc::clone(&stop), Arc::clone(&ok));
+                tokio::spawn(async move {
+                    let mut failed = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        match check(&mut client).await {
+                            Ok(()) => {
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(status) => failed.push(status),
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        Self { stop, ok, tasks }
+    }
+
+    /// Successful checks so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `more` checks have succeeded from now (for at most 30 s): progress
+    /// measured in requests, not in time, so a busy machine only makes it slower.
+    pub async fn succeed(&self, more: usize) {
+        let target = self.ok() + more;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.ok() < target {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {target} checks succeeded in 30 s",
+                self.ok()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Stops the callers; returns the successes and every failure.
+    pub async fn stop(self) -> (usize, Vec<tonic::Status>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut failed = Vec::new();
+        for task in self.tasks {
+            failed.extend(task.await.unwrap());
+        }
+        (self.ok.load(Ordering::SeqCst), failed)
+    }
 }

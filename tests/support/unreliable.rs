@@ -2,6 +2,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use futures_core::future::BoxFuture;
@@ -19,6 +20,8 @@ pub struct Unreliable {
     pub down: AtomicBool,
     pub register_failures: AtomicUsize,
     pub register_attempts: AtomicUsize,
+    /// When each registration was attempted (tokio time).
+    pub register_times: Mutex<Vec<tokio::time::Instant>>,
 }
 
 impl Unreliable {
@@ -37,6 +40,10 @@ impl Unreliable {
 impl ServiceRegistry for Unreliable {
     fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, tower_sd::Result<()>> {
         self.register_attempts.fetch_add(1, Ordering::SeqCst);
+        self.register_times
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
         let fail = self
             .register_failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
