@@ -203,9 +203,11 @@ async fn main() -> Result<(), BoxError> {
     let client = Client::builder(TokioExecutor::new()).build_http();
     let balance = Balance::builder()
         .wait_for_endpoints(Duration::from_secs(2))
-        .from_registry(&*registry, SERVICE, move |instance| {
-            Ok::<_, Infallible>(endpoint(&client, instance))
-        });
+        .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+            &*registry,
+            SERVICE,
+            move |instance| Ok::<_, Infallible>(endpoint(&client, instance)),
+        ));
 
     settle(&*registry, &balance).await?;
     print_table("three backends", &phase(&balance).await?);

@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 use tower::discover::Change;
 use tracing::{debug, warn};
 
+use crate::balance::Endpoint;
 use crate::error::{BoxError, Result};
 use crate::instance::{ServiceInstance, ServiceQuery};
 use crate::registry::ServiceRegistry;
@@ -151,6 +152,62 @@ where
                 }
             }
         }
+    }
+}
+
+impl<S> RegistryDiscover<Endpoint<S>, ()> {
+    /// Like [`new`](RegistryDiscover::new), but each service is a balancer
+    /// [`Endpoint`] carrying its instance's weight and zone, for
+    /// [`Builder::build_endpoints`](crate::balance::Builder::build_endpoints).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use tower::{ServiceExt, service_fn};
+    /// use tower_sd::balance::Balance;
+    /// use tower_sd::{MemoryRegistry, RegistryDiscover, ServiceInstance, ServiceRegistry};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower::BoxError> {
+    /// let registry = MemoryRegistry::new();
+    /// let heavy = ServiceInstance::new("a", "echo", "10.0.0.1", 80).with_weight(9);
+    /// registry.register(heavy).await?;
+    /// let discover = RegistryDiscover::endpoints(&registry, "echo", |instance| {
+    ///     let id = instance.id.clone();
+    ///     Ok::<_, Infallible>(service_fn(move |()| {
+    ///         let id = id.clone();
+    ///         async move { Ok::<_, Infallible>(id) }
+    ///     }))
+    /// });
+    /// let balance = Balance::builder().build_endpoints(discover);
+    /// assert_eq!(balance.clone().oneshot(()).await?, "a");
+    /// assert_eq!(balance.endpoints()[0].weight, 9);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[allow(clippy::type_complexity)]
+    pub fn endpoints<R, Q, E, F>(
+        registry: &R,
+        query: Q,
+        make: F,
+    ) -> RegistryDiscover<
+        Endpoint<S>,
+        impl Fn(&ServiceInstance) -> Result<Endpoint<S>, E> + use<S, R, Q, E, F>,
+    >
+    where
+        R: ServiceRegistry + ?Sized,
+        Q: Into<ServiceQuery>,
+        E: Into<BoxError>,
+        F: Fn(&ServiceInstance) -> Result<S, E>,
+    {
+        RegistryDiscover::new(registry, query, move |instance: &ServiceInstance| {
+            let endpoint = Endpoint::new(make(instance)?).weight(instance.weight);
+            Ok(match &instance.zone {
+                Some(zone) => endpoint.zone(zone.clone()),
+                None => endpoint,
+            })
+        })
     }
 }
 

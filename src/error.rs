@@ -110,6 +110,14 @@ pub enum Error {
         total: usize,
     },
 
+    /// A balancer stopped following discovery (its updater task panicked, which is logged),
+    /// so its endpoints may be stale: it fails requests rather than serve them.
+    #[error("discovery for service `{service}` stopped")]
+    DiscoveryStopped {
+        /// The service.
+        service: String,
+    },
+
     /// An operation on the registry did not finish in time.
     #[error("{registry} registry timed out")]
     Timeout {

@@ -47,7 +47,8 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::balance::{self, Balance, HttpStatus, LoadMetric};
+use crate::balance::{self, Balance, HttpStatus, LoadMetric, ResponseBody};
+use crate::discover::RegistryDiscover;
 use crate::error::BoxError;
 use crate::instance::ServiceInstance;
 use crate::registry::ServiceRegistry;
@@ -234,17 +235,17 @@ where
         }
         let inner = self.inner.clone();
         let host_header = self.config.host_header;
+        let discover = RegistryDiscover::endpoints(
+            &*self.config.registry,
+            service.to_owned(),
+            move |instance: &ServiceInstance| Rewrite::new(inner.clone(), instance, host_header),
+        );
         let balance = self
             .config
             .balance
             .clone()
-            .from_registry(
-                &*self.config.registry,
-                service,
-                move |instance: &ServiceInstance| {
-                    Rewrite::new(inner.clone(), instance, host_header)
-                },
-            )
+            .service_name(service)
+            .build_endpoints(discover)
             .with_classifier(HttpStatus);
         balancers
             .by_service
@@ -307,15 +308,15 @@ impl<S> fmt::Debug for Discovery<S> {
 impl<S, B, RB> Service<Request<B>> for Discovery<S>
 where
     S: Service<Request<B>, Response = http::Response<RB>> + Clone + Send + Sync + 'static,
-    RB: Send + 'static,
+    RB: http_body::Body + Send + 'static,
     S::Response: Send,
     S::Future: Send,
     S::Error: Into<BoxError>,
     B: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<ResponseBody<RB>>;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<S::Response, BoxError>>;
+    type Future = BoxFuture<'static, Result<Self::Response, BoxError>>;
 
     /// Always ready: readiness is checked per request, on the endpoint (or client) that
     /// serves it.
@@ -331,7 +332,10 @@ where
         match self.config.unknown_hosts {
             UnknownHosts::PassThrough => {
                 let inner = self.inner.clone();
-                Box::pin(async move { inner.oneshot(request).await.map_err(Into::into) })
+                Box::pin(async move {
+                    let response = inner.oneshot(request).await.map_err(Into::into)?;
+                    Ok(response.map(ResponseBody::untracked))
+                })
             }
             UnknownHosts::Fail => {
                 let host = request.uri().host().unwrap_or_default().to_owned();

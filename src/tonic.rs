@@ -36,7 +36,8 @@ use tonic::body::Body;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tower::Service;
 
-use crate::balance::{self, Balance, HttpStatus, LoadMetric, OutlierDetection};
+use crate::balance::{self, Balance, HttpStatus, LoadMetric, OutlierDetection, ResponseBody};
+use crate::discover::RegistryDiscover;
 use crate::error::{BoxError, Error};
 use crate::instance::{ServiceInstance, ServiceQuery};
 use crate::registry::ServiceRegistry;
@@ -105,7 +106,7 @@ impl LoadBalancedChannel {
 }
 
 impl Service<http::Request<Body>> for LoadBalancedChannel {
-    type Response = http::Response<Body>;
+    type Response = http::Response<ResponseBody<Body>>;
     type Error = BoxError;
     type Future = ResponseFuture;
 
@@ -162,6 +163,7 @@ impl From<Error> for tonic::Status {
         match error {
             Error::NoEndpoints { .. }
             | Error::NoHealthyEndpoints { .. }
+            | Error::DiscoveryStopped { .. }
             | Error::Unreachable { .. }
             | Error::Timeout { .. } => tonic::Status::unavailable(message),
             Error::InvalidConfig { .. } | Error::InvalidInstance { .. } => {
@@ -187,13 +189,13 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State {
-        Balanced { #[pin] inner: balance::ResponseFuture<ChannelFuture, Channel, String, HttpStatus> },
+        Balanced { #[pin] inner: balance::ResponseFuture<ChannelFuture, HttpStatus> },
         Failed { status: Option<tonic::Status> },
     }
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<http::Response<Body>, BoxError>;
+    type Output = Result<http::Response<ResponseBody<Body>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
@@ -330,14 +332,15 @@ impl Builder {
         settings.tls = settings.tls.map(|tls| tls.domain_name(server_name));
         let registry = self.registry;
         let watched = Arc::clone(&registry);
+        let discover = RegistryDiscover::endpoints(&*registry, self.query, move |instance| {
+            // Holding the registry here keeps it alive as long as discovery runs, even when
+            // the caller handed over its only reference.
+            let _alive = &watched;
+            settings.endpoint(instance).map(|e| e.connect_lazy())
+        });
         let balance = self
             .balance
-            .from_registry(&*registry, self.query, move |instance| {
-                // Holding the registry here keeps it alive as long as discovery runs, even
-                // when the caller handed over its only reference.
-                let _alive = &watched;
-                settings.endpoint(instance).map(|e| e.connect_lazy())
-            })
+            .build_endpoints(discover)
             .with_classifier(HttpStatus);
         LoadBalancedChannel {
             balance,

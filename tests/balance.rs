@@ -346,9 +346,11 @@ async fn weights_scale_the_share_of_in_flight_requests() {
         .unwrap();
     let probes: HashMap<u16, Probe> =
         [(1, Probe::gated(1, &gate)), (2, Probe::gated(2, &gate))].into();
-    let balance = Balance::from_registry(&registry, "svc", move |instance| {
-        Ok::<_, Infallible>(Counted(probes[&instance.port].clone()))
-    });
+    let balance = Balance::builder().build_endpoints(tower_sd::RegistryDiscover::endpoints(
+        &registry,
+        "svc",
+        move |instance| Ok::<_, Infallible>(Counted(probes[&instance.port].clone())),
+    ));
     published(&balance, 1).await;
 
     let mut requests = Vec::new();
@@ -544,9 +546,11 @@ async fn stress_churn() {
         let id = (seed % IDS as u64) as usize;
         if live[id] && live.iter().filter(|&&l| l).count() > 1 {
             live[id] = false;
+            let before = balance.updates();
             feed.send(Ok(Change::Remove(id))).unwrap();
+            // Published means counted in `updates()`: pickers switch snapshots on that count.
             support::until("the removal is published", || {
-                !balance.endpoints().iter().any(|e| e.key == id)
+                balance.updates() > before && !balance.endpoints().iter().any(|e| e.key == id)
             })
             .await;
             // Published: requests that start from now on must not reach it. (The removal is

@@ -302,14 +302,18 @@ async fn zone_preference_stays_local_then_falls_back() {
     let balance = Balance::builder()
         .zone_preference(ZonePreference::new("a").min_endpoints(2))
         .outlier_detection(Some(detection()))
-        .from_registry(&registry, "svc", move |instance| {
-            let id: usize = instance.id.parse().unwrap();
-            Ok::<_, Infallible>(Flaky {
-                id,
-                failing: Arc::clone(&make_switches[id]),
-                calls: Arc::default(),
-            })
-        });
+        .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+            &registry,
+            "svc",
+            move |instance| {
+                let id: usize = instance.id.parse().unwrap();
+                Ok::<_, Infallible>(Flaky {
+                    id,
+                    failing: Arc::clone(&make_switches[id]),
+                    calls: Arc::default(),
+                })
+            },
+        ));
     support::until("4 endpoints are listed", || balance.endpoints().len() >= 4).await;
     let send = |n: usize| {
         let balance = balance.clone();

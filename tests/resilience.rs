@@ -193,13 +193,17 @@ mod with_consul {
         cached.register(instance("a")).await.unwrap();
         let balance = Balance::builder()
             .wait_for_endpoints(Duration::from_millis(100))
-            .from_registry(&*cached, "api", |i| {
-                let id = i.id.clone();
-                Ok::<_, std::convert::Infallible>(tower::service_fn(move |()| {
-                    let id = id.clone();
-                    async move { Ok::<_, std::convert::Infallible>(id) }
-                }))
-            });
+            .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+                &*cached,
+                "api",
+                |i| {
+                    let id = i.id.clone();
+                    Ok::<_, std::convert::Infallible>(tower::service_fn(move |()| {
+                        let id = id.clone();
+                        async move { Ok::<_, std::convert::Infallible>(id) }
+                    }))
+                },
+            ));
         balance
             .await_endpoints(Duration::from_secs(5))
             .await
@@ -233,13 +237,17 @@ mod with_consul {
         // time) gets its endpoints from the cache: Consul itself answers nothing but errors.
         let late = Balance::builder()
             .wait_for_endpoints(Duration::from_secs(5))
-            .from_registry(&*cached, "api", |i| {
-                let id = i.id.clone();
-                Ok::<_, std::convert::Infallible>(tower::service_fn(move |()| {
-                    let id = id.clone();
-                    async move { Ok::<_, std::convert::Infallible>(id) }
-                }))
-            });
+            .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+                &*cached,
+                "api",
+                |i| {
+                    let id = i.id.clone();
+                    Ok::<_, std::convert::Infallible>(tower::service_fn(move |()| {
+                        let id = id.clone();
+                        async move { Ok::<_, std::convert::Infallible>(id) }
+                    }))
+                },
+            ));
         assert_eq!(
             late.oneshot(()).await.unwrap(),
             "a",

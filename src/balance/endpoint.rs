@@ -1,63 +1,113 @@
-//! One endpoint as the balancer holds it: the service plus its hot per-endpoint counters.
+//! Endpoints: the public [`Endpoint`] a `Discover` yields to describe one, and the balancer's
+//! own [`Slot`] for it, with the hot per-endpoint counters.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::load::Load;
 use super::outlier::{Detector, Health};
 
-/// Per-endpoint facts that come from the registry rather than from traffic.
+/// A service with what the balancer needs to know about it besides its load: its weight and
+/// its locality zone.
+///
+/// A [`Discover`](tower::discover::Discover) whose services are `Endpoint`s gives the balancer
+/// these facts (see [`Builder::build_endpoints`](super::Builder::build_endpoints));
+/// [`RegistryDiscover::endpoints`](crate::RegistryDiscover::endpoints) makes them from a
+/// registry's instances. A plain service is an endpoint of weight 1 and no zone.
+///
+/// # Examples
+///
+/// ```
+/// use tower_sd::balance::Endpoint;
+///
+/// let endpoint = Endpoint::new("a client").weight(3).zone("eu-west-1a");
+/// assert_eq!((endpoint.weight, endpoint.zone.as_deref()), (3, Some("eu-west-1a")));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Meta {
-    pub(crate) weight: u32,
-    pub(crate) zone: Option<String>,
+#[non_exhaustive]
+pub struct Endpoint<S> {
+    /// The service requests go to.
+    pub service: S,
+    /// Its share of traffic relative to the others when loads are equal (at least 1).
+    pub weight: u32,
+    /// Its locality zone, for [zone preference](super::ZonePreference).
+    pub zone: Option<String>,
 }
 
-impl Default for Meta {
-    fn default() -> Self {
+impl<S> Endpoint<S> {
+    /// An endpoint of weight 1 in no zone.
+    pub fn new(service: S) -> Self {
         Self {
+            service,
             weight: 1,
             zone: None,
         }
     }
+
+    /// Sets the weight (0 counts as 1).
+    #[must_use]
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight.max(1);
+        self
+    }
+
+    /// Sets the zone.
+    #[must_use]
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.zone = Some(zone.into());
+        self
+    }
 }
 
-/// An endpoint in a snapshot.
+/// Counts shared by the slots of one balancer, so pickers can tell in one load whether any
+/// endpoint is unusable.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// Slots whose service's `poll_ready` failed, not yet ready again or retired.
+    pub(crate) failed: AtomicUsize,
+}
+
+/// An endpoint as the balancer holds it.
 ///
 /// `repr(C)` keeps the hot atomics first, so they share a cache line with the `Arc`'s own
 /// reference count: a request touches one line per endpoint (count up, in-flight up, and
 /// back down), and the cold fields (service, key) stay out of the way of pickers on other
 /// cores.
 #[repr(C)]
-pub(crate) struct Endpoint<S, K> {
-    /// Requests dispatched and not yet complete.
-    pub(crate) in_flight: AtomicU64,
+pub(crate) struct Slot<S, K> {
+    /// Requests dispatched and not yet complete (a response body still streaming counts).
+    in_flight: AtomicU64,
     /// Peak-EWMA state, in that load mode only.
     pub(crate) ewma: Option<Load>,
     /// `poll_ready` failed; skipped by the pick while others are usable.
-    pub(crate) failed: AtomicBool,
+    failed: AtomicBool,
     /// No longer in the current snapshot; requests in flight finish on it.
-    pub(crate) removed: AtomicBool,
+    removed: AtomicBool,
     /// Outlier-detection state.
     pub(crate) health: Health,
     /// Shared outlier-detection state; `None` when detection is off.
-    pub(crate) detector: Option<std::sync::Arc<Detector>>,
+    pub(crate) detector: Option<Arc<Detector>>,
+    tally: Arc<Tally>,
     /// When discovery inserted it (for slow start).
-    pub(crate) inserted: tokio::time::Instant,
-    /// Static weight (>= 1) from the registry.
+    pub(crate) inserted: Instant,
+    /// Weight (>= 1).
     pub(crate) weight: u64,
     pub(crate) zone: Option<String>,
     pub(crate) key: K,
     pub(crate) service: S,
 }
 
-impl<S, K> Endpoint<S, K> {
+impl<S, K> Slot<S, K> {
     pub(crate) fn new(
         key: K,
-        service: S,
-        meta: Meta,
+        endpoint: Endpoint<S>,
         ewma: Option<Load>,
-        detector: Option<std::sync::Arc<Detector>>,
+        detector: Option<Arc<Detector>>,
+        tally: Arc<Tally>,
     ) -> Self {
         Self {
             in_flight: AtomicU64::new(0),
@@ -66,24 +116,79 @@ impl<S, K> Endpoint<S, K> {
             removed: AtomicBool::new(false),
             health: Health::default(),
             detector,
-            inserted: tokio::time::Instant::now(),
-            weight: u64::from(meta.weight.max(1)),
-            zone: meta.zone,
+            tally,
+            inserted: Instant::now(),
+            weight: u64::from(endpoint.weight.max(1)),
+            zone: endpoint.zone,
             key,
-            service,
+            service: endpoint.service,
         }
     }
 
+    #[inline]
     pub(crate) fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    #[inline]
+    pub(crate) fn start(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn finish(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    #[inline]
     pub(crate) fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub(crate) fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::Relaxed)
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the pick may take it without looking closer: not failed, not ejected.
+    #[inline]
+    pub(crate) fn plainly_usable(&self) -> bool {
+        !self.is_failed() && !self.health.is_ejected()
+    }
+
+    /// Its `poll_ready` failed. Returns whether it was usable before.
+    pub(crate) fn set_failed(&self) -> bool {
+        if self.failed.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.tally.failed.fetch_add(1, Ordering::SeqCst);
+        // Retired meanwhile: `retire` may have run before the flag was set; whichever of the
+        // two swaps the flag back counts it out, so the count never leaks.
+        if self.is_removed() && self.failed.swap(false, Ordering::SeqCst) {
+            self.tally.failed.fetch_sub(1, Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// Its `poll_ready` succeeded. Returns whether it had failed.
+    pub(crate) fn clear_failed(&self) -> bool {
+        if self.is_failed() && self.failed.swap(false, Ordering::SeqCst) {
+            self.tally.failed.fetch_sub(1, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    /// Leaves the snapshot: marked removed (it drains), with any ejection and failure
+    /// counted out.
+    pub(crate) fn retire(&self) {
+        self.removed.store(true, Ordering::SeqCst);
+        if self.failed.swap(false, Ordering::SeqCst) {
+            self.tally.failed.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Some(detector) = &self.detector {
+            self.health.clear(detector);
+        }
     }
 
     pub(crate) fn state(&self) -> EndpointState {
@@ -97,11 +202,33 @@ impl<S, K> Endpoint<S, K> {
             EndpointState::Ready
         }
     }
+
+    /// A point-in-time view, for [`Balance::endpoints`](super::Balance::endpoints).
+    pub(crate) fn stats(&self, now: Instant) -> EndpointStats<K>
+    where
+        K: Clone,
+    {
+        EndpointStats {
+            key: self.key.clone(),
+            in_flight: self.in_flight(),
+            ewma: self
+                .ewma
+                .as_ref()
+                .map(|load| Duration::from_nanos(load.estimate(now) as u64)),
+            weight: u32::try_from(self.weight).unwrap_or(u32::MAX),
+            zone: self.zone.clone(),
+            state: self.state(),
+            ejected_for: self
+                .detector
+                .as_ref()
+                .and_then(|detector| self.health.ejected_for(detector)),
+        }
+    }
 }
 
-impl<S, K: fmt::Debug> fmt::Debug for Endpoint<S, K> {
+impl<S, K: fmt::Debug> fmt::Debug for Slot<S, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Endpoint")
+        f.debug_struct("Slot")
             .field("key", &self.key)
             .field("in_flight", &self.in_flight())
             .field("weight", &self.weight)
@@ -133,16 +260,16 @@ pub enum EndpointState {
 pub struct EndpointStats<K> {
     /// The discovery key (the instance id, for registry discovery).
     pub key: K,
-    /// Requests dispatched to it and not yet complete.
+    /// Requests dispatched to it and not yet complete (including responses still streaming).
     pub in_flight: u64,
     /// Peak-EWMA latency estimate; `None` unless the balancer uses that load.
-    pub ewma: Option<std::time::Duration>,
-    /// Static weight from the registry.
+    pub ewma: Option<Duration>,
+    /// Weight.
     pub weight: u32,
-    /// Locality zone from the registry.
+    /// Locality zone.
     pub zone: Option<String>,
     /// Whether it is picked.
     pub state: EndpointState,
     /// Time left in its ejection, when ejected.
-    pub ejected_for: Option<std::time::Duration>,
+    pub ejected_for: Option<Duration>,
 }

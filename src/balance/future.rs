@@ -1,103 +1,149 @@
-//! [`ResponseFuture`]: a dispatched request, holding its endpoint until it completes.
+//! [`ResponseFuture`] and [`Completion`]: a dispatched request, holding its endpoint's
+//! in-flight claim until the response is complete.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use super::classify::{Classify, ErrorsOnly};
-use super::endpoint::Endpoint;
+use super::endpoint::Slot;
 use crate::error::BoxError;
 
-/// Counts a request in flight on an endpoint and keeps the endpoint (and so its service and
-/// connection) alive until the request completes or is dropped.
-pub(crate) struct InFlight<S, K> {
-    endpoint: Arc<Endpoint<S, K>>,
-    started: Option<Instant>,
+/// What a completion tells its endpoint.
+pub(crate) trait Track: Send + Sync {
+    /// The request ended: classified (`Some(failure)`) or abandoned (`None`: the caller gave
+    /// up, which says nothing about the endpoint). `started` is when it was sent, for the
+    /// latency sample; `probe` whether it was the endpoint's outlier probe.
+    fn done(&self, outcome: Option<bool>, started: Option<Instant>, probe: bool);
 }
 
-impl<S, K> InFlight<S, K> {
-    pub(crate) fn start(endpoint: Arc<Endpoint<S, K>>) -> Self {
-        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        let started = endpoint.ewma.as_ref().map(|_| Instant::now());
-        Self { endpoint, started }
-    }
-
-    /// Whether the outcome needs classifying (outlier detection is on).
-    fn classifies(&self) -> bool {
-        self.endpoint.detector.is_some()
-    }
-
-    fn complete(&mut self, failure: bool)
-    where
-        K: fmt::Debug,
-    {
-        if let (Some(load), Some(started)) = (&self.endpoint.ewma, self.started.take()) {
+impl<S: Send + Sync, K: fmt::Debug + Send + Sync> Track for Slot<S, K> {
+    fn done(&self, outcome: Option<bool>, started: Option<Instant>, probe: bool) {
+        if let (Some(_), Some(load), Some(started)) = (outcome, &self.ewma, started) {
             let now = Instant::now();
             load.observe(now.saturating_duration_since(started), now);
         }
-        if let Some(detector) = &self.endpoint.detector {
-            self.endpoint
-                .health
-                .record(detector, &self.endpoint.key, failure);
+        if let Some(detector) = &self.detector {
+            match outcome {
+                Some(failure) => {
+                    let recorded = self.health.record(detector, &self.key, failure, probe);
+                    // Removed meanwhile: its ejection must not outlive its place in the
+                    // snapshot, or the shared count would leak.
+                    if recorded == super::outlier::Recorded::Ejected && self.is_removed() {
+                        self.health.clear(detector);
+                    }
+                }
+                None if probe => self.health.release_probe(detector),
+                None => {}
+            }
+        }
+        self.finish();
+    }
+}
+
+/// A request's claim on its endpoint: counted in flight (and holding the endpoint, so its
+/// service and connection stay alive) until [`complete`](Self::complete)d with an outcome,
+/// or dropped, which releases it as abandoned (an outlier probe is then given to the next
+/// pick).
+///
+/// [`Classify`] receives it with each response, so a response whose body streams can keep it
+/// until the body ends.
+#[must_use = "dropping a completion counts the request as abandoned"]
+pub struct Completion {
+    slot: Option<Arc<dyn Track>>,
+    started: Option<Instant>,
+    probe: bool,
+}
+
+impl Completion {
+    pub(crate) fn start<S, K>(slot: Arc<Slot<S, K>>, probe: bool) -> Self
+    where
+        S: Send + Sync + 'static,
+        K: fmt::Debug + Send + Sync + 'static,
+    {
+        slot.start();
+        let started = slot.ewma.as_ref().map(|_| Instant::now());
+        let slot: Arc<dyn Track> = slot;
+        Self {
+            slot: Some(slot),
+            started,
+            probe,
+        }
+    }
+
+    /// The request is complete; `failure` when it counts against the endpoint.
+    pub fn complete(mut self, failure: bool) {
+        if let Some(slot) = self.slot.take() {
+            slot.done(Some(failure), self.started, self.probe);
         }
     }
 }
 
-impl<S, K> Drop for InFlight<S, K> {
+impl Drop for Completion {
     fn drop(&mut self) {
-        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(slot) = self.slot.take() {
+            slot.done(None, self.started, self.probe);
+        }
+    }
+}
+
+impl fmt::Debug for Completion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Completion")
+            .field("probe", &self.probe)
+            .finish_non_exhaustive()
     }
 }
 
 pin_project! {
     /// The response future of [`Balance`](super::Balance).
     #[must_use = "futures do nothing unless polled"]
-    pub struct ResponseFuture<F, S, K, C = ErrorsOnly> {
+    pub struct ResponseFuture<F, C = ErrorsOnly> {
         #[pin]
         inner: F,
-        in_flight: InFlight<S, K>,
+        completion: Option<Completion>,
         classify: C,
     }
 }
 
-impl<F, S, K, C> ResponseFuture<F, S, K, C> {
-    pub(crate) fn new(inner: F, in_flight: InFlight<S, K>, classify: C) -> Self {
+impl<F, C> ResponseFuture<F, C> {
+    pub(crate) fn new(inner: F, completion: Completion, classify: C) -> Self {
         Self {
             inner,
-            in_flight,
+            completion: Some(completion),
             classify,
         }
     }
 }
 
-impl<F, T, E, S, K, C> Future for ResponseFuture<F, S, K, C>
+impl<F, T, E, C> Future for ResponseFuture<F, C>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
-    K: fmt::Debug,
     C: Classify<T>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<C::Response, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let output = ready!(this.inner.poll(cx)).map_err(Into::into);
-        let failure = this.in_flight.classifies() && this.classify.is_failure(output.as_ref());
-        this.in_flight.complete(failure);
-        Poll::Ready(output)
+        let completion = this
+            .completion
+            .take()
+            .expect("ResponseFuture polled after completion");
+        Poll::Ready(this.classify.classify(output, completion))
     }
 }
 
-impl<F, S, K: fmt::Debug, C> fmt::Debug for ResponseFuture<F, S, K, C> {
+impl<F, C> fmt::Debug for ResponseFuture<F, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("endpoint", &self.in_flight.endpoint.key)
+            .field("completion", &self.completion)
             .finish_non_exhaustive()
     }
 }

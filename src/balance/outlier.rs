@@ -4,13 +4,16 @@
 //! that fails `consecutive_failures` times in a row is ejected: not picked for
 //! `base_ejection_time x times ejected`, capped at `max_ejection_time`. At most
 //! `max_ejection_percent` of the endpoints are ejected at once; further endpoints keep
-//! serving. When an ejection ends, a single probe request decides: success returns the
-//! endpoint (and resets its multiplier), failure ejects it again for longer.
+//! serving. When an ejection ends, the next pick sends a single probe request to it: success
+//! returns the endpoint (and resets its multiplier), failure ejects it again for longer, and
+//! a probe that ends without an outcome (its caller gave up, or the handle was dropped before
+//! the call) is released so that the next pick probes again.
 //!
-//! All state is per-endpoint atomics plus one shared count of ejected endpoints; the pick
-//! path reads one extra word per candidate and takes the time only while something is
-//! ejected.
+//! All state is per-endpoint atomics plus shared counts: the endpoints ejected, and the
+//! earliest time an ejection ends. The pick path reads one extra word per candidate and
+//! takes the time only while something is ejected.
 
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -23,9 +26,9 @@ use tracing::{info, warn};
 /// that fails `consecutive_failures` times in a row is ejected: not picked for
 /// `base_ejection_time x times ejected`, capped at `max_ejection_time`. At most
 /// `max_ejection_percent` of the endpoints are ejected at once; further endpoints keep
-/// serving. When an ejection ends, a single probe request decides: success returns the
-/// endpoint (and resets its multiplier), failure ejects it again for longer. When fewer than
-/// the balancer's panic threshold are usable, ejections are ignored (see
+/// serving. When an ejection ends, the next pick sends a single probe request to it: success
+/// returns the endpoint (and resets its multiplier), failure ejects it again for longer. When
+/// fewer than the balancer's panic threshold are usable, ejections are ignored (see
 /// [`PanicMode`](super::PanicMode)).
 ///
 /// # Examples
@@ -102,17 +105,29 @@ impl OutlierDetection {
 }
 
 /// What the endpoints of one balancer share for outlier detection.
-#[derive(Debug)]
 pub(crate) struct Detector {
     pub(crate) config: OutlierDetection,
     pub(crate) service: String,
     epoch: Instant,
-    /// Endpoints currently ejected (including those being probed).
+    /// Endpoints of the current snapshot that are ejected (including those being probed).
     pub(crate) ejected: AtomicUsize,
     /// Endpoints in the current snapshot.
     pub(crate) total: AtomicUsize,
+    /// The earliest time (ns since the epoch) an ejection ends and its probe is due;
+    /// `u64::MAX` when none is.
+    next_probe: AtomicU64,
     #[cfg(feature = "metrics")]
     requests: super::metrics::Requests,
+}
+
+impl fmt::Debug for Detector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Detector")
+            .field("config", &self.config)
+            .field("ejected", &self.ejected.load(Ordering::Relaxed))
+            .field("total", &self.total.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Detector {
@@ -125,6 +140,7 @@ impl Detector {
             epoch,
             ejected: AtomicUsize::new(0),
             total: AtomicUsize::new(0),
+            next_probe: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -136,10 +152,33 @@ impl Detector {
         u64::try_from(nanos).unwrap_or(u64::MAX).max(1)
     }
 
+    /// Whether some ejection has ended and its probe is due at `now`.
+    #[inline]
+    pub(crate) fn probe_due(&self, now: u64) -> bool {
+        self.next_probe.load(Ordering::SeqCst) <= now
+    }
+
+    /// Starts a scan for due probes: forgets the earliest due time, which the scan then
+    /// rebuilds with [`probe_at`](Self::probe_at) from every ejection it does not probe.
+    /// An ejection made meanwhile lowers it again, so none is lost.
+    pub(crate) fn rescan(&self) {
+        self.next_probe.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    /// A probe is due at `at`.
+    pub(crate) fn probe_at(&self, at: u64) {
+        self.next_probe.fetch_min(at, Ordering::SeqCst);
+    }
+
     fn may_eject(&self) -> bool {
         let total = self.total.load(Ordering::Relaxed);
         let limit = total * usize::from(self.config.max_ejection_percent) / 100;
         self.ejected.load(Ordering::Relaxed) < limit
+    }
+
+    fn until(&self, time: Duration) -> u64 {
+        self.now()
+            .saturating_add(u64::try_from(time.as_nanos()).unwrap_or(u64::MAX))
     }
 }
 
@@ -154,13 +193,12 @@ pub(crate) struct Health {
     probing: AtomicBool,
 }
 
-/// Whether an endpoint can take a request now.
+/// What recording an outcome did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Usable {
-    Yes,
-    /// Its ejection has ended; the first picker to claim the probe sends it.
-    Probe,
-    No,
+pub(crate) enum Recorded {
+    Nothing,
+    /// The endpoint was ejected (or ejected again after its probe failed).
+    Ejected,
 }
 
 impl Health {
@@ -170,78 +208,124 @@ impl Health {
         self.ejected_until.load(Ordering::Relaxed) != 0
     }
 
-    pub(crate) fn usable(&self, now: u64) -> Usable {
-        match self.ejected_until.load(Ordering::Relaxed) {
-            0 => Usable::Yes,
-            until if until <= now && !self.probing.load(Ordering::Relaxed) => Usable::Probe,
-            _ => Usable::No,
+    /// Claims the probe of an endpoint whose ejection ended by `now`; only one claim wins.
+    pub(crate) fn claim_probe(&self, now: u64) -> bool {
+        let until = self.ejected_until.load(Ordering::SeqCst);
+        until != 0
+            && until <= now
+            && self
+                .probing
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+    }
+
+    /// Tells the detector when this endpoint's probe is due, if it is ejected and no probe
+    /// is out (a probe out tells it again if it ends without an outcome).
+    pub(crate) fn schedule(&self, detector: &Detector) {
+        let until = self.ejected_until.load(Ordering::SeqCst);
+        if until != 0 && !self.probing.load(Ordering::SeqCst) {
+            detector.probe_at(until);
         }
     }
 
-    /// Claims the probe of an endpoint whose ejection ended; only one picker wins.
-    pub(crate) fn claim_probe(&self) -> bool {
-        self.probing
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
+    /// A claimed probe ended without an outcome: the next pick probes again.
+    pub(crate) fn release_probe(&self, detector: &Detector) {
+        if self.probing.swap(false, Ordering::SeqCst) && self.is_ejected() {
+            detector.probe_at(detector.now());
+        }
     }
 
-    /// Ends any ejection (the endpoint left discovery); keeps the shared count right.
+    /// Ends any ejection (the endpoint left discovery), keeping the shared count right:
+    /// whoever swaps a non-zero deadline out counts it out.
     pub(crate) fn clear(&self, detector: &Detector) {
-        if self.ejected_until.swap(0, Ordering::AcqRel) != 0 {
-            detector.ejected.fetch_sub(1, Ordering::AcqRel);
+        self.probing.store(false, Ordering::SeqCst);
+        if self.ejected_until.swap(0, Ordering::SeqCst) != 0 {
+            detector.ejected.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
-    /// Records one classified outcome.
-    pub(crate) fn record<K: std::fmt::Debug>(&self, detector: &Detector, key: &K, failure: bool) {
+    /// Records one classified outcome; `probe` when this request was the endpoint's probe.
+    pub(crate) fn record<K: fmt::Debug>(
+        &self,
+        detector: &Detector,
+        key: &K,
+        failure: bool,
+        probe: bool,
+    ) -> Recorded {
         #[cfg(feature = "metrics")]
         detector.requests.record(failure);
+        if probe {
+            return self.record_probe(detector, key, failure);
+        }
         if !failure {
+            // Load first: the common case then costs no write.
             if self.consecutive.load(Ordering::Relaxed) != 0 {
                 self.consecutive.store(0, Ordering::Relaxed);
             }
-            // Load first: the common case (no probe out) then costs no write.
-            if self.probing.load(Ordering::Relaxed) && self.probing.swap(false, Ordering::AcqRel) {
-                self.times_ejected.store(0, Ordering::Relaxed);
-                if self.ejected_until.swap(0, Ordering::AcqRel) != 0 {
-                    detector.ejected.fetch_sub(1, Ordering::AcqRel);
-                    info!(service = %detector.service, endpoint = ?key, "probe succeeded; endpoint returns");
-                    #[cfg(feature = "metrics")]
-                    super::metrics::returned(&detector.service);
-                }
-            }
-            return;
+            return Recorded::Nothing;
         }
         let config = &detector.config;
-        if self.probing.swap(false, Ordering::AcqRel) {
-            let times = self.times_ejected.fetch_add(1, Ordering::AcqRel) + 1;
-            let time = config.ejection_time(times);
-            self.ejected_until
-                .store(detector.now() + duration_ns(time), Ordering::Release);
-            warn!(service = %detector.service, endpoint = ?key, ?time, times, "probe failed; endpoint ejected again");
-            #[cfg(feature = "metrics")]
-            super::metrics::ejected(&detector.service);
-            return;
-        }
         let failures = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
         if failures < config.consecutive_failures || self.is_ejected() || !detector.may_eject() {
-            return;
+            return Recorded::Nothing;
         }
-        let times = self.times_ejected.load(Ordering::Relaxed) + 1;
+        let times = self.times_ejected.load(Ordering::Relaxed).saturating_add(1);
         let time = config.ejection_time(times);
-        let until = detector.now() + duration_ns(time);
+        let until = detector.until(time);
         if self
             .ejected_until
-            .compare_exchange(0, until, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
+            .compare_exchange(0, until, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
         {
-            self.times_ejected.store(times, Ordering::Relaxed);
-            self.consecutive.store(0, Ordering::Relaxed);
-            detector.ejected.fetch_add(1, Ordering::AcqRel);
-            warn!(service = %detector.service, endpoint = ?key, failures, ?time, times, "endpoint ejected");
-            #[cfg(feature = "metrics")]
-            super::metrics::ejected(&detector.service);
+            return Recorded::Nothing;
         }
+        self.times_ejected.store(times, Ordering::Relaxed);
+        self.consecutive.store(0, Ordering::Relaxed);
+        detector.ejected.fetch_add(1, Ordering::SeqCst);
+        detector.probe_at(until);
+        warn!(service = %detector.service, endpoint = ?key, failures, ?time, times, "endpoint ejected");
+        #[cfg(feature = "metrics")]
+        super::metrics::ejected(&detector.service);
+        Recorded::Ejected
+    }
+
+    fn record_probe<K: fmt::Debug>(&self, detector: &Detector, key: &K, failure: bool) -> Recorded {
+        self.probing.store(false, Ordering::SeqCst);
+        let until = self.ejected_until.load(Ordering::SeqCst);
+        if until == 0 {
+            // Retired while the probe was out: nothing to decide.
+            return Recorded::Nothing;
+        }
+        if !failure {
+            self.times_ejected.store(0, Ordering::Relaxed);
+            self.consecutive.store(0, Ordering::Relaxed);
+            if self.ejected_until.swap(0, Ordering::SeqCst) != 0 {
+                detector.ejected.fetch_sub(1, Ordering::SeqCst);
+                info!(service = %detector.service, endpoint = ?key, "probe succeeded; endpoint returns");
+                #[cfg(feature = "metrics")]
+                super::metrics::returned(&detector.service);
+            }
+            return Recorded::Nothing;
+        }
+        let times = self
+            .times_ejected
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
+        let time = detector.config.ejection_time(times);
+        let next = detector.until(time);
+        // From the deadline read above: a retirement meanwhile (which swaps it to 0) wins.
+        if self
+            .ejected_until
+            .compare_exchange(until, next, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Recorded::Nothing;
+        }
+        detector.probe_at(next);
+        warn!(service = %detector.service, endpoint = ?key, ?time, times, "probe failed; endpoint ejected again");
+        #[cfg(feature = "metrics")]
+        super::metrics::ejected(&detector.service);
+        Recorded::Ejected
     }
 
     /// The remaining ejection, for statistics.
@@ -249,8 +333,4 @@ impl Health {
         let until = self.ejected_until.load(Ordering::Relaxed);
         (until != 0).then(|| Duration::from_nanos(until.saturating_sub(detector.now())))
     }
-}
-
-fn duration_ns(time: Duration) -> u64 {
-    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX / 2)
 }

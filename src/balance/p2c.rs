@@ -1,23 +1,34 @@
-//! Power of two choices: sample two distinct endpoints at random and take the less loaded.
+//! Power of two choices: draw two distinct endpoints at random and take the less loaded.
 //!
 //! Mitzenmacher showed that choosing the better of two random candidates cuts the maximum
 //! load exponentially compared with one random choice, while costing two samples whatever
 //! the number of endpoints ("The Power of Two Choices in Randomized Load Balancing", 2001).
 //! Finagle and tower balance this way; this module does it without locks, on an immutable
 //! snapshot, with a per-thread RNG.
+//!
+//! # Weights
+//!
+//! With equal weights both candidates are drawn uniformly and the less loaded wins (ties go
+//! to the first), exactly as in tower's P2C. When weights differ, comparing load per weight
+//! alone does not make shares follow weights: idle endpoints all have load 0, so the first
+//! candidate wins whatever its weight. So here both candidates are drawn in proportion to
+//! their weights (an alias table built once per snapshot), the first is kept on ties, and the
+//! second takes the request only if it is less loaded per weight than the first by a random
+//! quarter to whole request. With equal latencies, shares then follow weights whether
+//! traffic is sequential, lightly concurrent or heavily concurrent; a loaded or slow endpoint
+//! still sheds its traffic.
 
 use std::cell::Cell;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::endpoint::Endpoint;
-use super::outlier::{Detector, Usable};
+use super::endpoint::Slot;
+use super::outlier::Detector;
+use super::snapshot::{Pool, below};
 
 thread_local! {
     // `const` keeps the access a plain TLS load; the seed is drawn on first use.
@@ -32,7 +43,7 @@ fn seed() -> u64 {
 
 /// wyrand: one multiply per number, good statistical quality, no shared state.
 #[inline]
-fn next_u64() -> u64 {
+pub(crate) fn next_u64() -> u64 {
     RNG.with(|state| {
         let mut s = state.get();
         if s == 0 {
@@ -45,13 +56,7 @@ fn next_u64() -> u64 {
     })
 }
 
-/// A uniform index in `0..n` by multiply-shift (no division; bias below 2^-32 * n).
-#[inline]
-fn below(r: u32, n: usize) -> usize {
-    ((u64::from(r) * n as u64) >> 32) as usize
-}
-
-/// Two distinct uniform indices in `0..n`, `n >= 2`.
+/// Two distinct uniform positions in `0..n`, `n >= 2`.
 #[inline]
 pub(crate) fn pair(n: usize) -> (usize, usize) {
     debug_assert!(n >= 2);
@@ -61,52 +66,81 @@ pub(crate) fn pair(n: usize) -> (usize, usize) {
     (a, if b >= a { b + 1 } else { b })
 }
 
+/// Two distinct positions of `pool`, `len >= 2`: uniform, or in proportion to weight.
+#[inline]
+fn candidates(pool: &Pool) -> (usize, usize) {
+    if !pool.is_weighted() {
+        return pair(pool.len());
+    }
+    weighted_pair(pool)
+}
+
+/// The first candidate in proportion to weight; the second too, among the others (two
+/// draws, then uniform among the others, so a dominant weight cannot loop).
+#[cold]
+fn weighted_pair(pool: &Pool) -> (usize, usize) {
+    let n = pool.len();
+    let a = pool.weighted(next_u64());
+    for _ in 0..2 {
+        let b = pool.weighted(next_u64());
+        if b != a {
+            return (a, b);
+        }
+    }
+    let b = below(next_u64() as u32, n - 1);
+    (a, if b >= a { b + 1 } else { b })
+}
+
 /// How the pick compares two endpoints.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Cost {
     /// In flight / weight.
     Pending,
-    /// Peak EWMA x (in flight + 1) / weight, at `now`.
+    /// Peak EWMA x (1 + in flight / weight), at `now`: with weight 1, tower's and Finagle's
+    /// peak EWMA x (in flight + 1).
     PeakEwma { now: Instant },
 }
 
 impl Cost {
-    /// Whether `a` is at most as loaded as `b`.
+    /// Whether `b` should take the request from `a`; `margin` is how much less loaded `b`
+    /// must be, in sixteenths of a request per weight (0: strictly less).
     #[inline]
-    fn prefers<S, K>(self, a: &Endpoint<S, K>, b: &Endpoint<S, K>) -> bool {
+    fn prefers_second<S, K>(self, a: &Slot<S, K>, b: &Slot<S, K>, margin: u64) -> bool {
+        let (la, lb) = (u128::from(a.in_flight()), u128::from(b.in_flight()));
+        let (wa, wb) = (u128::from(a.weight), u128::from(b.weight));
+        let margin = u128::from(margin);
         match self {
-            Self::Pending => {
-                // Cross-multiplied to compare in_flight/weight without division.
-                u128::from(a.in_flight()) * u128::from(b.weight)
-                    <= u128::from(b.in_flight()) * u128::from(a.weight)
-            }
+            // Cross-multiplied: (16 lb + margin) / 16 wb < la / wa, without division.
+            Self::Pending => (16 * lb + margin) * wa < 16 * la * wb,
             Self::PeakEwma { now } => {
-                let cost = |e: &Endpoint<S, K>| {
-                    let estimate = e.ewma.as_ref().map_or(0.0, |l| l.estimate(now));
-                    estimate * (e.in_flight() + 1) as f64 / e.weight as f64
+                let estimate = |e: &Slot<S, K>| e.ewma.as_ref().map_or(0.0, |l| l.estimate(now));
+                let cost = |estimate: f64, load: u128, weight: u128| {
+                    estimate * (weight * 16 + load) as f64 / (weight * 16) as f64
                 };
-                cost(a) <= cost(b)
+                cost(estimate(b), 16 * lb + margin, wb) < cost(estimate(a), 16 * la, wa)
             }
         }
     }
 }
 
-/// Random draws before giving up on finding two usable endpoints by sampling.
-const DRAWS: usize = 4;
+/// A random margin of 4 to 15 sixteenths of a request (see the module docs).
+#[inline]
+fn margin() -> u64 {
+    4 + (((next_u64() & 0xffff) * 12) >> 16)
+}
 
 /// The outcome of a pick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pick {
-    /// This index of the snapshot.
-    Endpoint(usize),
+    /// This index of the snapshot; `probe` when the request is the endpoint's outlier probe.
+    Endpoint { index: usize, probe: bool },
     /// The snapshot is empty.
     Empty,
     /// Too few endpoints are usable and the panic mode is to fail.
     Panic,
 }
 
-/// What constrains a pick beyond load: outlier ejection, the panic threshold, slow start and
-/// zone preference.
+/// What constrains a pick beyond load: outlier ejection, the panic threshold and slow start.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Rules<'a> {
     pub(crate) detector: Option<&'a Detector>,
@@ -117,59 +151,103 @@ pub(crate) struct Rules<'a> {
     pub(crate) slow_start: Option<(Duration, Instant)>,
 }
 
-/// Picks an endpoint among `candidates` (indices into `endpoints`).
+/// Random draws before giving up on finding two usable endpoints by sampling.
+const DRAWS: usize = 4;
+
+/// Picks an endpoint of `pool` (whose positions index `slots`).
 ///
-/// The fast path samples two distinct candidates and compares their loads; it touches no
-/// clock and no shared counter. Anything unusual (a failed or ejected candidate) takes the
-/// cold path, which applies the panic threshold, claims probes, and scans for usable
-/// endpoints when sampling keeps hitting unusable ones.
+/// The fast path draws two candidates and compares their loads; it touches no clock and no
+/// shared counter. An outlier probe that is due goes first; anything unusual (a failed or
+/// ejected candidate) takes the cold path, which applies the panic threshold and scans for
+/// usable endpoints when sampling keeps hitting unusable ones.
 #[inline]
 pub(crate) fn pick<S, K>(
-    endpoints: &[Arc<Endpoint<S, K>>],
-    candidates: Candidates<'_>,
+    slots: &[Arc<Slot<S, K>>],
+    pool: &Pool,
     cost: Cost,
     rules: &Rules<'_>,
 ) -> Pick {
-    let n = candidates.len(endpoints);
+    let n = pool.len();
     if n == 0 {
         return Pick::Empty;
     }
-    if n >= 2 {
-        let (a, b) = pair(n);
-        let (a, b) = (candidates.at(a), candidates.at(b));
-        let (ea, eb) = (&endpoints[a], &endpoints[b]);
-        if plainly_usable(ea) && plainly_usable(eb) {
-            return Pick::Endpoint(choose(endpoints, a, b, cost, rules));
-        }
-    } else if plainly_usable(&endpoints[candidates.at(0)]) {
-        return Pick::Endpoint(candidates.at(0));
+    if let Some(index) = rules
+        .detector
+        .and_then(|detector| due_probe(slots, detector))
+    {
+        return Pick::Endpoint { index, probe: true };
     }
-    pick_unusual(endpoints, candidates, cost, rules)
+    if n >= 2 {
+        let (a, b) = candidates(pool);
+        let (a, b) = (pool.at(a), pool.at(b));
+        if slots[a].plainly_usable() && slots[b].plainly_usable() {
+            let index = choose(slots, a, b, pool.is_weighted(), cost, rules);
+            return Pick::Endpoint {
+                index,
+                probe: false,
+            };
+        }
+    } else if slots[pool.at(0)].plainly_usable() {
+        return Pick::Endpoint {
+            index: pool.at(0),
+            probe: false,
+        };
+    }
+    pick_unusual(slots, pool, cost, rules)
 }
 
+/// An ejected endpoint whose probe is due, claimed for this request. The check costs one
+/// load while something is ejected; the scan runs only when a probe is due.
 #[inline]
-fn plainly_usable<S, K>(endpoint: &Endpoint<S, K>) -> bool {
-    !endpoint.is_failed() && !endpoint.health.is_ejected()
+fn due_probe<S, K>(slots: &[Arc<Slot<S, K>>], detector: &Detector) -> Option<usize> {
+    if detector.ejected.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        return None;
+    }
+    let now = detector.now();
+    if !detector.probe_due(now) {
+        return None;
+    }
+    claim_due_probe(slots, detector, now)
+}
+
+#[cold]
+fn claim_due_probe<S, K>(
+    slots: &[Arc<Slot<S, K>>],
+    detector: &Detector,
+    now: u64,
+) -> Option<usize> {
+    detector.rescan();
+    let mut claimed = None;
+    for (index, slot) in slots.iter().enumerate() {
+        if claimed.is_none() && slot.health.claim_probe(now) {
+            claimed = Some(index);
+        } else {
+            slot.health.schedule(detector);
+        }
+    }
+    claimed
 }
 
 /// The less loaded of two usable endpoints, with slow start applied.
 #[inline]
 fn choose<S, K>(
-    endpoints: &[Arc<Endpoint<S, K>>],
+    slots: &[Arc<Slot<S, K>>],
     a: usize,
     b: usize,
+    weighted: bool,
     cost: Cost,
     rules: &Rules<'_>,
 ) -> usize {
-    let (mut win, mut lose) = if cost.prefers(&endpoints[a], &endpoints[b]) {
-        (a, b)
-    } else {
+    let margin = if weighted { margin() } else { 0 };
+    let (mut win, mut lose) = if cost.prefers_second(&slots[a], &slots[b], margin) {
         (b, a)
+    } else {
+        (a, b)
     };
     if let Some((window, now)) = rules.slow_start {
         // A young winner keeps the request only with probability age / window, so its share
         // ramps up over the window instead of jumping to full (it has no load yet).
-        let age = now.saturating_duration_since(endpoints[win].inserted);
+        let age = now.saturating_duration_since(slots[win].inserted);
         if age < window {
             let ramp = age.as_secs_f64() / window.as_secs_f64();
             if (next_u64() >> 11) as f64 / (1u64 << 53) as f64 >= ramp {
@@ -180,44 +258,21 @@ fn choose<S, K>(
     win
 }
 
-/// Which endpoints a pick may choose from: all of them, or a subset (the local zone).
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Candidates<'a> {
-    All,
-    Only(&'a [usize]),
-}
-
-impl Candidates<'_> {
-    #[inline]
-    fn len<T>(&self, endpoints: &[T]) -> usize {
-        match self {
-            Self::All => endpoints.len(),
-            Self::Only(indices) => indices.len(),
-        }
-    }
-
-    #[inline]
-    fn at(&self, i: usize) -> usize {
-        match self {
-            Self::All => i,
-            Self::Only(indices) => indices[i],
-        }
-    }
-}
-
 #[cold]
 fn pick_unusual<S, K>(
-    endpoints: &[Arc<Endpoint<S, K>>],
-    candidates: Candidates<'_>,
+    slots: &[Arc<Slot<S, K>>],
+    pool: &Pool,
     cost: Cost,
     rules: &Rules<'_>,
 ) -> Pick {
-    let n = candidates.len(endpoints);
-    let now = rules.detector.map_or(0, Detector::now);
+    let n = pool.len();
     let mut respect_ejection = true;
     if let Some(detector) = rules.detector {
-        let total = endpoints.len();
-        let ejected = detector.ejected.load(Ordering::Relaxed).min(total);
+        let total = slots.len();
+        let ejected = detector
+            .ejected
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(total);
         if (total - ejected) * 100 < usize::from(rules.panic_threshold) * total {
             if rules.fail_in_panic {
                 return Pick::Panic;
@@ -228,65 +283,37 @@ fn pick_unusual<S, K>(
             super::metrics::panic_pick(&detector.service);
         }
     }
-    // Whether an endpoint may take this request; claims the probe of an ejection that ended.
-    let take = |i: usize| -> bool {
-        let endpoint = &endpoints[i];
-        if endpoint.is_failed() {
-            return false;
-        }
-        if !respect_ejection {
-            return true;
-        }
-        match endpoint.health.usable(now) {
-            Usable::Yes => true,
-            Usable::Probe => endpoint.health.claim_probe(),
-            Usable::No => false,
-        }
-    };
     let usable = |i: usize| {
-        let endpoint = &endpoints[i];
-        !endpoint.is_failed() && (!respect_ejection || endpoint.health.usable(now) != Usable::No)
+        let slot = &slots[i];
+        !slot.is_failed() && (!respect_ejection || !slot.health.is_ejected())
+    };
+    let endpoint = |index: usize| Pick::Endpoint {
+        index,
+        probe: false,
     };
     if n >= 2 {
         for _ in 0..DRAWS {
-            let (a, b) = pair(n);
-            let (a, b) = (candidates.at(a), candidates.at(b));
+            let (a, b) = candidates(pool);
+            let (a, b) = (pool.at(a), pool.at(b));
             match (usable(a), usable(b)) {
                 (true, true) => {
-                    let win = choose(endpoints, a, b, cost, rules);
-                    let lose = if win == a { b } else { a };
-                    if take(win) {
-                        return Pick::Endpoint(win);
-                    }
-                    if take(lose) {
-                        return Pick::Endpoint(lose);
-                    }
+                    return endpoint(choose(slots, a, b, pool.is_weighted(), cost, rules));
                 }
-                (true, false) if take(a) => return Pick::Endpoint(a),
-                (false, true) if take(b) => return Pick::Endpoint(b),
-                _ => {}
+                (true, false) => return endpoint(a),
+                (false, true) => return endpoint(b),
+                (false, false) => {}
             }
         }
     }
     let start = below(next_u64() as u32, n);
     let mut scan = (0..n)
-        .map(|i| candidates.at((start + i) % n))
+        .map(|i| pool.at((start + i) % n))
         .filter(|&i| usable(i));
     match (scan.next(), scan.next()) {
-        (Some(a), Some(b)) => {
-            let win = choose(endpoints, a, b, cost, rules);
-            let lose = if win == a { b } else { a };
-            if take(win) {
-                Pick::Endpoint(win)
-            } else if take(lose) {
-                Pick::Endpoint(lose)
-            } else {
-                Pick::Endpoint(candidates.at(start))
-            }
-        }
-        (Some(a), None) if take(a) => Pick::Endpoint(a),
+        (Some(a), Some(b)) => endpoint(choose(slots, a, b, pool.is_weighted(), cost, rules)),
+        (Some(a), None) => endpoint(a),
         // Nothing usable: let the endpoint's own readiness decide.
-        _ => Pick::Endpoint(candidates.at(start)),
+        (None, _) => endpoint(pool.at(start)),
     }
 }
 
@@ -319,5 +346,15 @@ mod tests {
         for count in counts {
             assert!((18_000..22_000).contains(&count), "{counts:?}");
         }
+    }
+
+    #[test]
+    fn margins_are_a_quarter_to_almost_a_whole_request() {
+        let mut seen = [false; 16];
+        for _ in 0..10_000 {
+            seen[margin() as usize] = true;
+        }
+        let seen: Vec<usize> = (0..16).filter(|&m| seen[m]).collect();
+        assert_eq!(seen, (4..16).collect::<Vec<_>>());
     }
 }

@@ -6,21 +6,21 @@ use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use tokio::time::Instant;
 use tower::Service;
 use tower::discover::Discover;
 use tracing::debug;
 
-use super::Builder;
-use super::PanicMode;
+use super::builder::{Builder, PanicMode};
 use super::classify::{Classify, ErrorsOnly};
-use super::endpoint::{Endpoint, EndpointStats, Meta};
-use super::future::{InFlight, ResponseFuture};
+use super::endpoint::{Endpoint, EndpointStats, Slot};
+use super::future::{Completion, ResponseFuture};
 use super::load::LoadMetric;
-use super::p2c::{Candidates, Cost, Pick, Rules, pick};
-use super::snapshot::{Config, Shared, Snapshot, run};
+use super::p2c::{Cost, Pick, Rules, pick};
+use super::snapshot::{Config, Pool, Shared, Snapshot};
+use super::updater;
 use crate::error::{BoxError, Elapsed, Error};
 
 /// A power-of-two-choices load balancer that every clone can use at once.
@@ -33,6 +33,9 @@ use crate::error::{BoxError, Elapsed, Error};
 /// - **Readiness**: `poll_ready` picks an endpoint and drives a clone of its service to
 ///   readiness; `call` dispatches to that same endpoint, even if the set changed in between.
 ///   A clone of `Balance` does not inherit readiness.
+/// - **Load until the end**: a request counts as load on its endpoint until its response is
+///   complete, as the [`Classify`] decides (with `HttpStatus`, until the response body ends
+///   or is dropped).
 /// - **Empty set**: `poll_ready` waits up to `wait_for_endpoints` (woken the moment an
 ///   endpoint arrives), then fails with [`Error::NoEndpoints`]. Zero fails at once.
 /// - **Removal drains**: a request in flight on a removed endpoint completes on it, and no
@@ -44,6 +47,11 @@ use crate::error::{BoxError, Elapsed, Error};
 /// - **Unready endpoints**: an endpoint whose `poll_ready` fails is marked failed and is not
 ///   picked while others are usable; a successful `poll_ready` or a replacement by discovery
 ///   restores it. After two failures in one `poll_ready`, the error is returned.
+/// - **Cancellation**: dropping the `poll_ready` caller, the handle between `poll_ready` and
+///   `call`, the response future or the response body releases what the request claimed
+///   (its in-flight count, an outlier probe).
+/// - **Discovery failure**: if the updater task panics, the panic is logged and `poll_ready`
+///   fails with [`Error::DiscoveryStopped`] instead of serving a frozen set.
 ///
 /// `S` must be `Clone`: each request runs on its own clone of the endpoint's service, as
 /// tonic's `Channel` and hyper-util's `Client` expect.
@@ -54,20 +62,21 @@ use crate::error::{BoxError, Elapsed, Error};
 /// use std::convert::Infallible;
 /// use tower::{Service, ServiceExt, service_fn};
 /// use tower_sd::balance::Balance;
-/// use tower_sd::{MemoryRegistry, ServiceInstance, ServiceRegistry};
+/// use tower_sd::{MemoryRegistry, RegistryDiscover, ServiceInstance, ServiceRegistry};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower::BoxError> {
 /// let registry = MemoryRegistry::new();
 /// registry.register(ServiceInstance::new("a", "echo", "127.0.0.1", 8080)).await?;
 ///
-/// let mut balance = Balance::from_registry(&registry, "echo", |instance| {
+/// let discover = RegistryDiscover::endpoints(&registry, "echo", |instance| {
 ///     let authority = instance.authority();
 ///     Ok::<_, Infallible>(service_fn(move |request: String| {
 ///         let reply = format!("{authority} got {request}");
 ///         async move { Ok::<_, Infallible>(reply) }
 ///     }))
 /// });
+/// let mut balance = Balance::builder().build_endpoints(discover);
 /// let reply = balance.ready().await?.call("hello".to_owned()).await?;
 /// assert_eq!(reply, "127.0.0.1:8080 got hello");
 /// # Ok(())
@@ -75,12 +84,12 @@ use crate::error::{BoxError, Elapsed, Error};
 /// ```
 pub struct Balance<S, K = String, C = ErrorsOnly> {
     shared: Arc<Shared<S, K>>,
-    /// Classifies outcomes for outlier detection; cloned into each response future.
+    /// Classifies outcomes; cloned into each response future.
     classify: C,
     /// The snapshot this handle last picked from, with its generation.
     view: Option<(u64, Arc<Snapshot<S, K>>)>,
     /// Clones of endpoint services kept for reuse (see `Builder::keep_clones`), keyed by
-    /// endpoint; cleared with the view.
+    /// slot; cleared with the view.
     clones: Vec<(usize, S)>,
     chosen: Option<Chosen<S, K>>,
     /// While the set is empty: resolves when endpoints arrive (`true`) or the wait times out.
@@ -89,10 +98,31 @@ pub struct Balance<S, K = String, C = ErrorsOnly> {
     next_publish: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
-/// The endpoint picked by `poll_ready`, and the clone of its service that `call` uses.
+/// The endpoint picked by `poll_ready`, and the clone of its service that `call` uses. An
+/// outlier probe claimed for it is released if it is dropped before `call`.
 struct Chosen<S, K> {
-    endpoint: Arc<Endpoint<S, K>>,
-    service: S,
+    slot: Arc<Slot<S, K>>,
+    service: Option<S>,
+    probe: bool,
+}
+
+impl<S, K> Drop for Chosen<S, K> {
+    fn drop(&mut self) {
+        if let (true, Some(detector)) = (self.probe, &self.slot.detector) {
+            self.slot.health.release_probe(detector);
+        }
+    }
+}
+
+/// What driving the chosen endpoint's readiness gave.
+enum Readiness {
+    Ready,
+    /// Its `poll_ready` failed; it is marked failed and another is to be picked.
+    Failed(BoxError),
+    /// It was removed while pending: pick another.
+    Removed,
+    /// A snapshot was published while it was pending: poll it again.
+    Again,
 }
 
 // ===== impl Balance =====
@@ -120,11 +150,11 @@ where
         D: Discover<Key = K> + Unpin + Send + 'static,
         D::Service: Send,
         D::Error: Into<BoxError> + Send,
-        F: Fn(D::Service) -> (S, Meta) + Send + 'static,
+        F: Fn(D::Service) -> Endpoint<S> + Send + 'static,
     {
         let (shared, gone) = Shared::new(config);
         let shared = Arc::new(shared);
-        tokio::spawn(run(discover, split, Arc::downgrade(&shared), gone));
+        updater::spawn(discover, split, &shared, gone);
         Self {
             shared,
             classify: ErrorsOnly,
@@ -137,18 +167,25 @@ where
     }
 }
 
+impl Balance<(), ()> {
+    /// A [`Builder`] for a balancer with non-default settings.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
 impl<S, K, C> Balance<S, K, C> {
-    /// This balancer with another failure classifier for outlier detection (the default,
-    /// [`ErrorsOnly`], counts errors only).
+    /// This balancer with another classifier (the default, [`ErrorsOnly`], counts errors
+    /// only and completes a request with its response).
     pub fn with_classifier<C2>(self, classify: C2) -> Balance<S, K, C2> {
         Balance {
-            shared: self.shared,
+            shared: Arc::clone(&self.shared),
             classify,
-            view: self.view,
-            clones: self.clones,
-            chosen: self.chosen,
-            waiting: self.waiting,
-            next_publish: self.next_publish,
+            view: None,
+            clones: Vec::new(),
+            chosen: None,
+            waiting: None,
+            next_publish: None,
         }
     }
 
@@ -159,28 +196,8 @@ impl<S, K, C> Balance<S, K, C> {
         K: Clone,
     {
         let now = Instant::now();
-        self.shared
-            .snapshot
-            .load()
-            .endpoints
-            .iter()
-            .map(|endpoint| EndpointStats {
-                key: endpoint.key.clone(),
-                in_flight: endpoint.in_flight(),
-                ewma: endpoint
-                    .ewma
-                    .as_ref()
-                    .map(|load| std::time::Duration::from_nanos(load.estimate(now) as u64)),
-                weight: u32::try_from(endpoint.weight).unwrap_or(u32::MAX),
-                zone: endpoint.zone.clone(),
-                state: endpoint.state(),
-                ejected_for: self
-                    .shared
-                    .detector
-                    .as_ref()
-                    .and_then(|detector| endpoint.health.ejected_for(detector)),
-            })
-            .collect()
+        let snapshot = self.shared.snapshot.load();
+        snapshot.slots.iter().map(|slot| slot.stats(now)).collect()
     }
 
     /// Waits until the balancer has at least one endpoint, for at most `limit`.
@@ -197,7 +214,9 @@ impl<S, K, C> Balance<S, K, C> {
             })
     }
 
-    /// How many endpoint snapshots the updater has published.
+    /// How many endpoint snapshots the updater has published. A snapshot is published, and
+    /// every pick that starts afterwards uses it (or a newer one), once it is counted here;
+    /// [`endpoints`](Self::endpoints) may show it a moment earlier.
     pub fn updates(&self) -> u64 {
         self.shared.updates.load(Ordering::Acquire)
     }
@@ -206,29 +225,66 @@ impl<S, K, C> Balance<S, K, C> {
     pub fn service_name(&self) -> &str {
         &self.shared.config.service
     }
+}
 
-    fn cost(&self) -> Cost {
-        match self.shared.config.metric {
-            LoadMetric::PendingRequests => Cost::Pending,
-            LoadMetric::PeakEwma { .. } => Cost::PeakEwma {
-                now: Instant::now(),
-            },
+impl<S, K, C> Balance<S, K, C>
+where
+    S: Clone + Send + Sync + 'static,
+    K: fmt::Debug + Send + Sync + 'static,
+{
+    /// Picks an endpoint into `chosen`, waiting while there are none.
+    fn poll_pick(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            if self.shared.updater_failed.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(Box::new(Error::DiscoveryStopped {
+                    service: self.shared.config.service.clone(),
+                })));
+            }
+            let shared = &*self.shared;
+            let snapshot = view(&mut self.view, &mut self.clones, shared);
+            let picked = pick(
+                &snapshot.slots,
+                pool(snapshot, shared),
+                cost(&shared.config),
+                &rules(shared),
+            );
+            let (slot, probe) = match picked {
+                Pick::Endpoint { index, probe } => (Arc::clone(&snapshot.slots[index]), probe),
+                Pick::Panic => {
+                    let total = snapshot.slots.len();
+                    return Poll::Ready(Err(self.no_healthy(total)));
+                }
+                Pick::Empty => {
+                    if shared.config.wait_for_endpoints.is_zero() || !ready!(self.poll_wait(cx)) {
+                        return Poll::Ready(Err(self.no_endpoints()));
+                    }
+                    continue;
+                }
+            };
+            let service = self.kept_clone(&slot);
+            self.waiting = None;
+            self.chosen = Some(Chosen {
+                slot,
+                service: Some(service),
+                probe,
+            });
+            return Poll::Ready(Ok(()));
         }
     }
 
-    fn no_endpoints(&self) -> BoxError {
-        Box::new(Error::NoEndpoints {
-            service: self.shared.config.service.clone(),
-            source: Elapsed(self.shared.config.wait_for_endpoints),
-        })
+    /// A clone of the slot's service: one this handle kept, or a new one.
+    fn kept_clone(&mut self, slot: &Arc<Slot<S, K>>) -> S {
+        if !self.clones.is_empty() {
+            let key = slot_key(slot);
+            if let Some(i) = self.clones.iter().position(|(k, _)| *k == key) {
+                return self.clones.swap_remove(i).1;
+            }
+        }
+        slot.service.clone()
     }
 
     /// Starts (or keeps) waiting for a non-empty snapshot; `false` when the wait timed out.
-    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<bool>
-    where
-        S: Send + Sync + 'static,
-        K: Send + Sync + 'static,
-    {
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         let wait = self.waiting.get_or_insert_with(|| {
             let shared = Arc::clone(&self.shared);
             let limit = shared.config.wait_for_endpoints;
@@ -238,9 +294,34 @@ impl<S, K, C> Balance<S, K, C> {
                     .is_ok()
             })
         });
-        let arrived = std::task::ready!(wait.as_mut().poll(cx));
+        let arrived = ready!(wait.as_mut().poll(cx));
         self.waiting = None;
         Poll::Ready(arrived)
+    }
+
+    fn no_endpoints(&self) -> BoxError {
+        if self.shared.updater_failed.load(Ordering::Relaxed) {
+            return Box::new(Error::DiscoveryStopped {
+                service: self.shared.config.service.clone(),
+            });
+        }
+        Box::new(Error::NoEndpoints {
+            service: self.shared.config.service.clone(),
+            source: Elapsed(self.shared.config.wait_for_endpoints),
+        })
+    }
+
+    fn no_healthy(&self, total: usize) -> BoxError {
+        let ejected = self
+            .shared
+            .detector
+            .as_ref()
+            .map_or(0, |d| d.ejected.load(Ordering::Relaxed));
+        Box::new(Error::NoHealthyEndpoints {
+            service: self.shared.config.service.clone(),
+            ejected,
+            total,
+        })
     }
 }
 
@@ -261,38 +342,54 @@ fn view<'a, S, K>(
     snapshot
 }
 
-/// Identifies an endpoint of the current view (its address; stable while the view holds it).
-fn endpoint_key<S, K>(endpoint: &Arc<Endpoint<S, K>>) -> usize {
-    Arc::as_ptr(endpoint).cast::<()>() as usize
+/// Identifies a slot of the current view (its address; stable while the view holds it).
+fn slot_key<S, K>(slot: &Arc<Slot<S, K>>) -> usize {
+    Arc::as_ptr(slot).cast::<()>() as usize
 }
 
-/// The local zone's endpoints while it has enough usable ones, else all.
-fn zone_candidates<'a, S, K>(
-    snapshot: &'a Snapshot<S, K>,
-    shared: &Shared<S, K>,
-) -> Candidates<'a> {
-    let Some(zone) = &shared.config.zone else {
-        return Candidates::All;
+fn cost(config: &Config) -> Cost {
+    match config.metric {
+        LoadMetric::PendingRequests => Cost::Pending,
+        LoadMetric::PeakEwma { .. } => Cost::PeakEwma {
+            now: Instant::now(),
+        },
+    }
+}
+
+fn rules<S, K>(shared: &Shared<S, K>) -> Rules<'_> {
+    Rules {
+        detector: shared.detector.as_deref(),
+        panic_threshold: shared.config.panic_threshold,
+        fail_in_panic: shared.config.panic_mode == PanicMode::Fail,
+        slow_start: shared
+            .config
+            .slow_start
+            .map(|window| (window, Instant::now())),
+    }
+}
+
+/// The local zone's pool while it has enough usable endpoints, else all of them. Counting
+/// the usable ones scans the zone only while some endpoint is failed or ejected.
+fn pool<'a, S, K>(snapshot: &'a Snapshot<S, K>, shared: &Shared<S, K>) -> &'a Pool {
+    let (Some(zone), Some(local)) = (&shared.config.zone, &snapshot.local) else {
+        return &snapshot.all;
     };
-    let local = &snapshot.local;
-    let some_ejected = shared
+    let ejected = shared
         .detector
         .as_ref()
         .is_some_and(|detector| detector.ejected.load(Ordering::Relaxed) > 0);
-    let usable = if some_ejected {
-        let endpoints = &snapshot.endpoints;
-        local
-            .iter()
-            .filter(|&&i| !endpoints[i].health.is_ejected() && !endpoints[i].is_failed())
+    let usable = if ejected || shared.tally.failed.load(Ordering::Relaxed) > 0 {
+        (0..local.len())
+            .filter(|&i| snapshot.slots[local.at(i)].plainly_usable())
             .count()
     } else {
         local.len()
     };
-    let share = (snapshot.endpoints.len() * usize::from(zone.min_share_percent)).div_ceil(100);
+    let share = (snapshot.slots.len() * usize::from(zone.min_share_percent)).div_ceil(100);
     if usable >= zone.min_endpoints.max(share).max(1) {
-        Candidates::Only(local)
+        local
     } else {
-        Candidates::All
+        &snapshot.all
     }
 }
 
@@ -303,106 +400,21 @@ where
     K: fmt::Debug + Send + Sync + 'static,
     C: Classify<S::Response>,
 {
-    type Response = S::Response;
+    type Response = C::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, S, K, C>;
+    type Future = ResponseFuture<S::Future, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let mut failures = 0;
         loop {
-            let chosen = match &mut self.chosen {
-                Some(chosen) => chosen,
-                None => {
-                    let cost = self.cost();
-                    let shared = &*self.shared;
-                    let snapshot = view(&mut self.view, &mut self.clones, shared);
-                    let rules = Rules {
-                        detector: shared.detector.as_deref(),
-                        panic_threshold: shared.config.panic_threshold,
-                        fail_in_panic: shared.config.panic_mode == PanicMode::Fail,
-                        slow_start: shared
-                            .config
-                            .slow_start
-                            .map(|window| (window, Instant::now())),
-                    };
-                    let candidates = zone_candidates(snapshot, shared);
-                    let index = match pick(&snapshot.endpoints, candidates, cost, &rules) {
-                        Pick::Endpoint(index) => index,
-                        Pick::Panic => {
-                            let total = snapshot.endpoints.len();
-                            let ejected = shared
-                                .detector
-                                .as_ref()
-                                .map_or(0, |d| d.ejected.load(Ordering::Relaxed));
-                            return Poll::Ready(Err(Box::new(Error::NoHealthyEndpoints {
-                                service: shared.config.service.clone(),
-                                ejected,
-                                total,
-                            })));
-                        }
-                        Pick::Empty => {
-                            if self.shared.config.wait_for_endpoints.is_zero()
-                                || !std::task::ready!(self.poll_wait(cx))
-                            {
-                                return Poll::Ready(Err(self.no_endpoints()));
-                            }
-                            continue;
-                        }
-                    };
-                    let endpoint = &snapshot.endpoints[index];
-                    let kept = if self.clones.is_empty() {
-                        None
-                    } else {
-                        let key = endpoint_key(endpoint);
-                        let found = self.clones.iter().position(|(k, _)| *k == key);
-                        found.map(|i| self.clones.swap_remove(i).1)
-                    };
-                    let service = kept.unwrap_or_else(|| endpoint.service.clone());
-                    let chosen = Chosen {
-                        endpoint: Arc::clone(endpoint),
-                        service,
-                    };
-                    self.waiting = None;
-                    self.chosen.insert(chosen)
-                }
-            };
-            match chosen.service.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.next_publish = None;
-                    if chosen.endpoint.is_failed() {
-                        chosen.endpoint.failed.store(false, Ordering::Relaxed);
-                        debug!(service = %self.shared.config.service, endpoint = ?chosen.endpoint.key, "endpoint ready again");
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                Poll::Pending => {
-                    // Wait for the endpoint, but also for the next publish: if discovery
-                    // removes it meanwhile, pick again rather than wait on it for ever.
-                    let removed = Arc::clone(&chosen.endpoint);
-                    let publish = self.next_publish.get_or_insert_with(|| {
-                        let shared = Arc::clone(&self.shared);
-                        Box::pin(async move { shared.published.notified().await })
-                    });
-                    let published = publish.as_mut().poll(cx).is_ready();
-                    if published {
-                        self.next_publish = None;
-                    }
-                    // Checked after the publish watch is registered, so none is missed.
-                    if !removed.is_removed() {
-                        if published {
-                            continue;
-                        }
-                        return Poll::Pending;
-                    }
-                    self.chosen = None;
-                    self.next_publish = None;
-                }
-                Poll::Ready(Err(error)) => {
-                    chosen.endpoint.failed.store(true, Ordering::Relaxed);
-                    self.chosen = None;
+            if self.chosen.is_none() {
+                ready!(self.poll_pick(cx))?;
+            }
+            match ready!(poll_chosen(self, cx)) {
+                Readiness::Ready => return Poll::Ready(Ok(())),
+                Readiness::Removed | Readiness::Again => {}
+                Readiness::Failed(error) => {
                     failures += 1;
-                    let error = error.into();
-                    debug!(service = %self.shared.config.service, %error, "endpoint not ready; marked failed");
                     if failures >= 2 {
                         return Poll::Ready(Err(error));
                     }
@@ -413,23 +425,75 @@ where
 
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        let Chosen {
-            endpoint,
-            mut service,
-        } = self
+        let mut chosen = self
             .chosen
             .take()
             .expect("Balance::call without poll_ready returning Ready(Ok)");
+        let mut service = chosen.service.take().expect("chosen with its service");
+        let probe = std::mem::take(&mut chosen.probe);
         let future = service.call(request);
         let keep = self.shared.config.keep_clones;
         if keep > 0 {
             if self.clones.len() >= keep {
                 self.clones.swap_remove(0);
             }
-            self.clones.push((endpoint_key(&endpoint), service));
+            self.clones.push((slot_key(&chosen.slot), service));
         }
-        let in_flight = InFlight::start(endpoint);
-        ResponseFuture::new(future, in_flight, self.classify.clone())
+        let completion = Completion::start(Arc::clone(&chosen.slot), probe);
+        ResponseFuture::new(future, completion, self.classify.clone())
+    }
+}
+
+/// Drives the chosen endpoint's service to readiness; on a failure or a removal while it is
+/// pending, `chosen` is cleared so that the next pick chooses again.
+fn poll_chosen<S, K, C, Req>(
+    balance: &mut Balance<S, K, C>,
+    cx: &mut Context<'_>,
+) -> Poll<Readiness>
+where
+    S: Service<Req> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    K: fmt::Debug + Send + Sync + 'static,
+{
+    let chosen = balance.chosen.as_mut().expect("an endpoint was picked");
+    let service = chosen.service.as_mut().expect("chosen with its service");
+    match service.poll_ready(cx) {
+        Poll::Ready(Ok(())) => {
+            balance.next_publish = None;
+            if chosen.slot.clear_failed() {
+                debug!(service = %balance.shared.config.service, endpoint = ?chosen.slot.key, "endpoint ready again");
+            }
+            Poll::Ready(Readiness::Ready)
+        }
+        Poll::Ready(Err(error)) => {
+            chosen.slot.set_failed();
+            let error = error.into();
+            debug!(service = %balance.shared.config.service, endpoint = ?chosen.slot.key, %error, "endpoint not ready; marked failed");
+            balance.chosen = None;
+            Poll::Ready(Readiness::Failed(error))
+        }
+        Poll::Pending => {
+            // Wait for the endpoint, but also for the next publish: if discovery removes it
+            // meanwhile, pick again rather than wait on it for ever.
+            let publish = balance.next_publish.get_or_insert_with(|| {
+                let shared = Arc::clone(&balance.shared);
+                Box::pin(async move { shared.published.notified().await })
+            });
+            let published = publish.as_mut().poll(cx).is_ready();
+            if published {
+                balance.next_publish = None;
+            }
+            // Checked after the publish watch is registered, so none is missed.
+            if !chosen.slot.is_removed() {
+                if published {
+                    return Poll::Ready(Readiness::Again);
+                }
+                return Poll::Pending;
+            }
+            balance.chosen = None;
+            balance.next_publish = None;
+            Poll::Ready(Readiness::Removed)
+        }
     }
 }
 

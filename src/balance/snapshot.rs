@@ -1,44 +1,170 @@
-//! The shared state of a balancer and the updater task that publishes it.
+//! The shared state of a balancer: the immutable [`Snapshot`] pickers read, and what every
+//! handle and the updater share.
 //!
-//! Pickers only ever read an immutable [`Snapshot`] through `ArcSwap::load`, which takes no
-//! lock and bumps no shared reference count. One updater task per balancer owns discovery:
-//! it drains every change that is ready, applies the batch to its own list, and publishes a
-//! new snapshot once per batch. Endpoints that stay are carried over as the same
-//! `Arc<Endpoint>`, so they keep their slot order and their counters.
+//! Pickers only ever read a snapshot through `ArcSwap::load`, which takes no lock and bumps
+//! no shared reference count. The updater (see `updater.rs`) builds each snapshot once per
+//! batch of discovery changes, with everything a pick needs precomputed: the local zone's
+//! endpoints and, when weights differ, alias tables for drawing endpoints in proportion to
+//! their weights in constant time.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::hash::Hash;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::task::Poll;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
-use tower::discover::{Change, Discover};
-use tracing::{debug, warn};
 
-use super::endpoint::{Endpoint, Meta};
-use super::load::{Load, LoadMetric};
+use super::endpoint::{Slot, Tally};
+use super::load::LoadMetric;
 use super::outlier::{Detector, OutlierDetection};
 use super::{PanicMode, ZonePreference};
-use crate::error::BoxError;
-
-/// Changes applied in one batch at most, so a discovery stream that is always ready cannot
-/// keep the updater from publishing (or from yielding to the runtime).
-const MAX_BATCH: usize = 4096;
-
-/// Backoff after a discovery error, doubling up to the cap; reset by a good batch.
-const ERROR_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
 
 /// An immutable set of endpoints, as pickers see it.
 pub(crate) struct Snapshot<S, K> {
-    pub(crate) endpoints: Box<[Arc<Endpoint<S, K>>]>,
-    /// Indices of the endpoints in the local zone (empty without zone preference).
-    pub(crate) local: Box<[usize]>,
+    pub(crate) slots: Box<[Arc<Slot<S, K>>]>,
+    /// Every endpoint.
+    pub(crate) all: Pool,
+    /// The local zone's endpoints, with zone preference.
+    pub(crate) local: Option<Pool>,
+}
+
+impl<S, K> Snapshot<S, K> {
+    pub(crate) fn empty() -> Self {
+        Self {
+            slots: Box::default(),
+            all: Pool::new(None, Vec::new()),
+            local: None,
+        }
+    }
+
+    /// The snapshot of `slots`, with the local zone's pool when `zone` is set.
+    pub(crate) fn new(slots: Vec<Arc<Slot<S, K>>>, zone: Option<&ZonePreference>) -> Self {
+        let weights: Vec<u64> = slots.iter().map(|slot| slot.weight).collect();
+        let local = zone.map(|zone| {
+            let (indices, weights): (Vec<usize>, Vec<u64>) = slots
+                .iter()
+                .enumerate()
+                .filter(|(_, slot)| slot.zone.as_deref() == Some(zone.local.as_str()))
+                .map(|(i, slot)| (i, slot.weight))
+                .unzip();
+            Pool::new(Some(indices.into_boxed_slice()), weights)
+        });
+        Self {
+            all: Pool::new(None, weights),
+            local,
+            slots: slots.into_boxed_slice(),
+        }
+    }
+}
+
+/// The endpoints a pick draws from: all of them, or a subset (the local zone), with an alias
+/// table when their weights differ.
+pub(crate) struct Pool {
+    /// Indices into the snapshot; `None` for all of them.
+    indices: Option<Box<[usize]>>,
+    len: usize,
+    /// `None` when all weights are equal: draws are then uniform.
+    alias: Option<Box<[Alias]>>,
+}
+
+/// One column of Vose's alias table: position `i` keeps its own index with probability
+/// `keep / 2^32`, else it gives `alias`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Alias {
+    keep: u64,
+    alias: u32,
+}
+
+impl Pool {
+    fn new(indices: Option<Box<[usize]>>, weights: Vec<u64>) -> Self {
+        let len = weights.len();
+        let uniform = weights.windows(2).all(|w| w[0] == w[1]);
+        Self {
+            alias: (!uniform).then(|| alias_table(&weights)),
+            indices,
+            len,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether draws are in proportion to differing weights.
+    #[inline]
+    pub(crate) fn is_weighted(&self) -> bool {
+        self.alias.is_some()
+    }
+
+    /// The snapshot index of position `position`.
+    #[inline]
+    pub(crate) fn at(&self, position: usize) -> usize {
+        match &self.indices {
+            None => position,
+            Some(indices) => indices[position],
+        }
+    }
+
+    /// A position drawn in proportion to weight, from 64 random bits.
+    #[inline]
+    pub(crate) fn weighted(&self, random: u64) -> usize {
+        let column = below(random as u32, self.len);
+        match &self.alias {
+            Some(table) => {
+                let Alias { keep, alias } = table[column];
+                if (random >> 32) < keep {
+                    column
+                } else {
+                    alias as usize
+                }
+            }
+            None => column,
+        }
+    }
+}
+
+/// Vose's alias method: `weights.len()` columns from which one uniform column and one coin
+/// give a position with probability `weight / total`.
+fn alias_table(weights: &[u64]) -> Box<[Alias]> {
+    let n = weights.len();
+    let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    // Each column's share scaled so that the average is 2^32: `scaled[i] = w_i * n * 2^32 / total`.
+    let mut scaled: Vec<u128> = weights
+        .iter()
+        .map(|&w| (u128::from(w) * n as u128) << 32)
+        .map(|x| x / total.max(1))
+        .collect();
+    let full: u128 = 1 << 32;
+    let mut table = vec![
+        Alias {
+            keep: 1 << 32,
+            alias: 0
+        };
+        n
+    ];
+    let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| scaled[i] < full);
+    while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+        table[s] = Alias {
+            keep: scaled[s] as u64,
+            alias: l as u32,
+        };
+        scaled[l] -= full - scaled[s];
+        if scaled[l] < full {
+            large.pop();
+            small.push(l);
+        }
+    }
+    // What is left (rounding) keeps its own column.
+    table.into_boxed_slice()
+}
+
+/// A uniform index in `0..n` by multiply-shift (no division; bias below 2^-32 * n).
+#[inline]
+pub(crate) fn below(random: u32, n: usize) -> usize {
+    ((u64::from(random) * n as u64) >> 32) as usize
 }
 
 /// Settings every handle and the updater read.
@@ -64,10 +190,13 @@ pub(crate) struct Shared<S, K> {
     pub(crate) published: Notify,
     /// Snapshots published so far.
     pub(crate) updates: AtomicU64,
+    /// The updater task died (it panicked): the set is frozen, so picks fail.
+    pub(crate) updater_failed: AtomicBool,
     pub(crate) config: Config,
     pub(crate) epoch: Instant,
     /// Outlier-detection state shared with every endpoint; `None` when detection is off.
     pub(crate) detector: Option<Arc<Detector>>,
+    pub(crate) tally: Arc<Tally>,
     /// Dropped with the last handle, which tells the updater to stop.
     _alive: oneshot::Sender<()>,
 }
@@ -81,13 +210,12 @@ impl<S, K> Shared<S, K> {
             .outlier
             .map(|outlier| Arc::new(Detector::new(outlier, config.service.clone(), epoch)));
         let shared = Self {
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                endpoints: Box::default(),
-                local: Box::default(),
-            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             detector,
+            tally: Arc::default(),
             published: Notify::new(),
             updates: AtomicU64::new(0),
+            updater_failed: AtomicBool::new(false),
             config,
             epoch,
             _alive: alive,
@@ -95,14 +223,15 @@ impl<S, K> Shared<S, K> {
         (shared, gone)
     }
 
-    /// Resolves once the snapshot has endpoints.
+    /// Resolves once the snapshot has endpoints (or the updater died).
     pub(crate) async fn endpoints_available(&self) {
         loop {
             let notified = self.published.notified();
             tokio::pin!(notified);
             // Register before checking, so a publish in between is not missed.
             notified.as_mut().enable();
-            if !self.snapshot.load().endpoints.is_empty() {
+            if !self.snapshot.load().slots.is_empty() || self.updater_failed.load(Ordering::SeqCst)
+            {
                 return;
             }
             notified.await;
@@ -114,211 +243,50 @@ impl<S, K> fmt::Debug for Shared<S, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shared")
             .field("service", &self.config.service)
-            .field("endpoints", &self.snapshot.load().endpoints.len())
+            .field("endpoints", &self.snapshot.load().slots.len())
             .field("updates", &self.updates.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
-/// The updater's own view: the current endpoints in slot order and where each key sits.
-struct Endpoints<S, K> {
-    list: Vec<Arc<Endpoint<S, K>>>,
-    slots: HashMap<K, usize>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
 
-impl<S, K: Hash + Eq + Clone + fmt::Debug> Endpoints<S, K> {
-    /// Applies one batch; returns whether anything changed.
-    fn apply(
-        &mut self,
-        batch: Vec<Change<K, (S, Meta)>>,
-        make_load: impl Fn() -> Option<Load>,
-        detector: Option<&Arc<Detector>>,
-    ) -> bool {
-        let mut changed = false;
-        let mut removed = false;
-        for change in batch {
-            match change {
-                Change::Insert(key, (service, meta)) => {
-                    let endpoint = Arc::new(Endpoint::new(
-                        key.clone(),
-                        service,
-                        meta,
-                        make_load(),
-                        detector.cloned(),
-                    ));
-                    changed = true;
-                    match self.slots.get(&key) {
-                        Some(&slot) => {
-                            // A replacement takes the old one's slot; the old one drains.
-                            debug!(endpoint = ?key, "endpoint replaced; the old one drains");
-                            retire(&self.list[slot], detector);
-                            self.list[slot] = endpoint;
-                        }
-                        None => {
-                            debug!(endpoint = ?key, "endpoint inserted");
-                            self.slots.insert(key, self.list.len());
-                            self.list.push(endpoint);
-                        }
-                    }
-                }
-                Change::Remove(key) => {
-                    if let Some(slot) = self.slots.remove(&key) {
-                        debug!(endpoint = ?key, "endpoint removed; it drains");
-                        retire(&self.list[slot], detector);
-                        changed = true;
-                        removed = true;
-                    }
-                }
-            }
+    /// The probability of each position, read off the table exactly.
+    fn probabilities(table: &[Alias]) -> Vec<f64> {
+        let n = table.len();
+        let mut p = vec![0.0; n];
+        for (i, column) in table.iter().enumerate() {
+            let keep = column.keep.min(1 << 32) as f64 / (1u64 << 32) as f64;
+            p[i] += keep / n as f64;
+            p[column.alias as usize] += (1.0 - keep) / n as f64;
         }
-        if removed {
-            self.list.retain(|endpoint| !endpoint.is_removed());
-            self.slots = self
-                .list
-                .iter()
-                .enumerate()
-                .map(|(slot, endpoint)| (endpoint.key.clone(), slot))
-                .collect();
-        }
-        changed
+        p
     }
-}
 
-/// Marks an endpoint removed (it drains) and ends any ejection it had.
-fn retire<S, K>(endpoint: &Endpoint<S, K>, detector: Option<&Arc<Detector>>) {
-    endpoint.removed.store(true, Ordering::Relaxed);
-    if let Some(detector) = detector {
-        endpoint.health.clear(detector);
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn alias_tables_give_each_position_its_weight(
+            weights in proptest::collection::vec(1u64..10_000, 1..200)
+        ) {
+            let total: u64 = weights.iter().sum();
+            let p = probabilities(&alias_table(&weights));
+            for (i, &w) in weights.iter().enumerate() {
+                let want = w as f64 / total as f64;
+                prop_assert!((p[i] - want).abs() < 1e-6, "{i}: {} vs {want}", p[i]);
+            }
+        }
     }
-}
 
-/// One batch read from discovery.
-struct Batch<C, E> {
-    changes: Vec<C>,
-    error: Option<E>,
-    ended: bool,
-}
-
-/// Reads every change that is ready (up to [`MAX_BATCH`]); waits only when none is.
-async fn next_batch<D: Discover + Unpin>(
-    discover: &mut D,
-) -> Batch<Change<D::Key, D::Service>, D::Error> {
-    let mut changes = Vec::new();
-    std::future::poll_fn(|cx| {
-        loop {
-            let batch = |changes: &mut Vec<_>, error, ended| {
-                Poll::Ready(Batch {
-                    changes: std::mem::take(changes),
-                    error,
-                    ended,
-                })
-            };
-            match Pin::new(&mut *discover).poll_discover(cx) {
-                Poll::Ready(Some(Ok(change))) => {
-                    changes.push(change);
-                    if changes.len() >= MAX_BATCH {
-                        return batch(&mut changes, None, false);
-                    }
-                }
-                Poll::Ready(Some(Err(error))) => return batch(&mut changes, Some(error), false),
-                Poll::Ready(None) => return batch(&mut changes, None, true),
-                Poll::Pending if changes.is_empty() => return Poll::Pending,
-                Poll::Pending => return batch(&mut changes, None, false),
-            }
-        }
-    })
-    .await
-}
-
-/// The updater task: runs until discovery ends or the last handle is dropped.
-pub(crate) async fn run<D, S, F>(
-    mut discover: D,
-    split: F,
-    shared: Weak<Shared<S, D::Key>>,
-    mut gone: oneshot::Receiver<()>,
-) where
-    D: Discover + Unpin,
-    D::Key: Hash + Eq + Clone + fmt::Debug,
-    D::Error: Into<BoxError>,
-    F: Fn(D::Service) -> (S, Meta),
-{
-    let mut endpoints = Endpoints {
-        list: Vec::new(),
-        slots: HashMap::new(),
-    };
-    let mut backoff = ERROR_BACKOFF.0;
-    loop {
-        let batch = tokio::select! {
-            biased;
-            _ = &mut gone => {
-                debug!("balancer dropped; updater stops");
-                return;
-            }
-            batch = next_batch(&mut discover) => batch,
-        };
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let changes = batch.changes.into_iter().map(|change| match change {
-            Change::Insert(key, service) => Change::Insert(key, split(service)),
-            Change::Remove(key) => Change::Remove(key),
-        });
-        let make_load = || match shared.config.metric {
-            LoadMetric::PendingRequests => None,
-            LoadMetric::PeakEwma { default_rtt, decay } => {
-                Some(Load::new(default_rtt, decay, shared.epoch, Instant::now()))
-            }
-        };
-        if endpoints.apply(changes.collect(), make_load, shared.detector.as_ref()) {
-            let local = match &shared.config.zone {
-                Some(zone) => endpoints
-                    .list
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.zone.as_deref() == Some(zone.local.as_str()))
-                    .map(|(i, _)| i)
-                    .collect(),
-                None => Box::default(),
-            };
-            let next = Snapshot {
-                endpoints: endpoints.list.clone().into_boxed_slice(),
-                local,
-            };
-            let count = next.endpoints.len();
-            if let Some(detector) = &shared.detector {
-                detector.total.store(count, Ordering::Relaxed);
-            }
-            #[cfg(feature = "metrics")]
-            super::metrics::published(
-                &shared.config.service,
-                count,
-                shared
-                    .detector
-                    .as_ref()
-                    .map_or(0, |d| d.ejected.load(Ordering::Relaxed)),
-            );
-            shared.snapshot.store(Arc::new(next));
-            shared.updates.fetch_add(1, Ordering::Release);
-            debug!(service = %shared.config.service, endpoints = count, "published endpoints");
-            shared.published.notify_waiters();
-        }
-        let service = shared.config.service.clone();
-        drop(shared);
-        if batch.ended {
-            debug!(%service, "discovery ended; keeping the last endpoints");
-            return;
-        }
-        match batch.error {
-            None => backoff = ERROR_BACKOFF.0,
-            Some(error) => {
-                let error: BoxError = error.into();
-                warn!(%service, %error, ?backoff, "discovery failed; keeping the current endpoints");
-                tokio::select! {
-                    _ = &mut gone => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(ERROR_BACKOFF.1);
-            }
-        }
+    #[test]
+    fn uniform_weights_need_no_table() {
+        assert!(!Pool::new(None, vec![3, 3, 3]).is_weighted());
+        assert!(Pool::new(None, vec![1, 9]).is_weighted());
+        let pool = Pool::new(Some(vec![4, 7].into_boxed_slice()), vec![1, 1]);
+        assert_eq!((pool.len(), pool.at(0), pool.at(1)), (2, 4, 7));
     }
 }
