@@ -18,32 +18,64 @@ use tower_sd::balance::{
     Balance, Builder, EndpointState, OutlierDetection, PanicMode, ZonePreference,
 };
 
-/// An endpoint that answers its id, or fails while its switch is on; counts its calls.
+/// An endpoint that answers its id, or fails while its switch is on; counts its calls. Its
+/// answers can also be held back for ever (`hang`), and its `poll_ready` made to fail.
 #[derive(Clone)]
 struct Flaky {
     id: usize,
     failing: Arc<AtomicBool>,
     calls: Arc<AtomicUsize>,
+    hang: Arc<AtomicBool>,
+    unready: Arc<AtomicBool>,
+}
+
+impl Flaky {
+    fn new(id: usize, failing: Arc<AtomicBool>, calls: Arc<AtomicUsize>) -> Self {
+        Self {
+            id,
+            failing,
+            calls,
+            hang: Arc::default(),
+            unready: Arc::default(),
+        }
+    }
 }
 
 impl Service<()> for Flaky {
     type Response = usize;
     type Error = &'static str;
-    type Future = std::future::Ready<Result<usize, &'static str>>;
+    type Future = futures_util::future::BoxFuture<'static, Result<usize, &'static str>>;
 
     fn poll_ready(
         &mut self,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
+        std::task::Poll::Ready(if self.unready.load(Ordering::SeqCst) {
+            Err("not ready")
+        } else {
+            Ok(())
+        })
     }
 
     fn call(&mut self, (): ()) -> Self::Future {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        std::future::ready(if self.failing.load(Ordering::SeqCst) {
-            Err("boom")
-        } else {
-            Ok(self.id)
+        let answer = |failing: &AtomicBool, id| {
+            if failing.load(Ordering::SeqCst) {
+                Err("boom")
+            } else {
+                Ok(id)
+            }
+        };
+        if !self.hang.load(Ordering::SeqCst) {
+            return Box::pin(std::future::ready(answer(&self.failing, self.id)));
+        }
+        // Held until the switch is turned off, then answered as the endpoint is then.
+        let (hang, failing, id) = (Arc::clone(&self.hang), Arc::clone(&self.failing), self.id);
+        Box::pin(async move {
+            while hang.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            answer(&failing, id)
         })
     }
 }
@@ -51,6 +83,8 @@ impl Service<()> for Flaky {
 struct Fleet {
     switches: Vec<Arc<AtomicBool>>,
     calls: Vec<Arc<AtomicUsize>>,
+    hangs: Vec<Arc<AtomicBool>>,
+    unready: Vec<Arc<AtomicBool>>,
     feed: mpsc::UnboundedSender<Result<Change<usize, Flaky>, Infallible>>,
     balance: Balance<Flaky, usize>,
 }
@@ -62,6 +96,8 @@ impl Fleet {
         let mut fleet = Self {
             switches: Vec::new(),
             calls: Vec::new(),
+            hangs: Vec::new(),
+            unready: Vec::new(),
             feed,
             balance,
         };
@@ -73,13 +109,12 @@ impl Fleet {
 
     async fn add(&mut self) -> usize {
         let id = self.switches.len();
-        let failing = Arc::new(AtomicBool::new(false));
-        let calls = Arc::new(AtomicUsize::new(0));
-        self.switches.push(Arc::clone(&failing));
-        self.calls.push(Arc::clone(&calls));
-        self.feed
-            .send(Ok(Change::Insert(id, Flaky { id, failing, calls })))
-            .unwrap();
+        let flaky = Flaky::new(id, Arc::default(), Arc::default());
+        self.switches.push(Arc::clone(&flaky.failing));
+        self.calls.push(Arc::clone(&flaky.calls));
+        self.hangs.push(Arc::clone(&flaky.hang));
+        self.unready.push(Arc::clone(&flaky.unready));
+        self.feed.send(Ok(Change::Insert(id, flaky))).unwrap();
         support::until("the endpoint is listed", || {
             self.balance.endpoints().iter().any(|e| e.key == id)
         })
@@ -307,11 +342,11 @@ async fn zone_preference_stays_local_then_falls_back() {
             "svc",
             move |instance| {
                 let id: usize = instance.id.parse().unwrap();
-                Ok::<_, Infallible>(Flaky {
+                Ok::<_, Infallible>(Flaky::new(
                     id,
-                    failing: Arc::clone(&make_switches[id]),
-                    calls: Arc::default(),
-                })
+                    Arc::clone(&make_switches[id]),
+                    Arc::default(),
+                ))
             },
         ));
     support::until("4 endpoints are listed", || balance.endpoints().len() >= 4).await;
@@ -418,4 +453,209 @@ async fn an_exhausted_retry_budget_stops_retrying() {
         20 + 5,
         "each request once, plus the budget's 5 retries"
     );
+}
+
+// ===== probes and ejections on every path =====
+
+/// One failure ejects, for 10 s; up to half the endpoints.
+fn quick() -> Builder {
+    let detection = OutlierDetection::default()
+        .consecutive_failures(1)
+        .base_ejection_time(Duration::from_secs(10))
+        .max_ejection_time(Duration::from_secs(10));
+    Balance::builder().outlier_detection(Some(detection))
+}
+
+/// Ejects endpoint 0 of `fleet` with one failed request, then lets the ejection run out.
+async fn eject_then_expire(fleet: &Fleet) {
+    fleet.fail(0, true);
+    support::until_async("endpoint 0 is ejected", || async {
+        let _ = fleet.balance.clone().oneshot(()).await;
+        fleet.state(0).0 == EndpointState::Ejected
+    })
+    .await;
+    fleet.fail(0, false);
+    advance(Duration::from_millis(10_001)).await;
+}
+
+/// 300 requests over a simulated minute; returns how many endpoint `id` served.
+async fn minute_of_traffic(fleet: &Fleet, id: usize) -> usize {
+    let mut served = 0;
+    for _ in 0..300 {
+        if fleet
+            .balance
+            .clone()
+            .oneshot(())
+            .await
+            .is_ok_and(|got| got == id)
+        {
+            served += 1;
+        }
+        advance(Duration::from_millis(200)).await;
+    }
+    eprintln!("endpoint {id} served {served} of 300 over the minute");
+    served
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_its_caller_gave_up_on_is_sent_again() {
+    let _limit = support::time_limit(60);
+    let fleet = Fleet::new(3, quick()).await;
+    eject_then_expire(&fleet).await;
+    // The first pick after the ejection probes endpoint 0, which now holds its answers: the
+    // caller times out and drops the probe.
+    fleet.hangs[0].store(true, Ordering::SeqCst);
+    let probe = tokio::time::timeout(Duration::from_secs(1), fleet.balance.clone().oneshot(()));
+    assert!(
+        probe.await.is_err(),
+        "the probe went to the hanging endpoint"
+    );
+    assert_eq!(fleet.calls(0), 2, "one failure, then the probe");
+    // It recovers: the next pick probes it again, it answers, and it is back in rotation.
+    fleet.hangs[0].store(false, Ordering::SeqCst);
+    let served = minute_of_traffic(&fleet, 0).await;
+    assert!(
+        served > 50,
+        "endpoint 0 served {served} of 300 after recovering"
+    );
+    assert_eq!(fleet.state(0).0, EndpointState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_whose_endpoint_is_not_ready_is_sent_again_once_it_is() {
+    let _limit = support::time_limit(60);
+    let fleet = Fleet::new(3, quick()).await;
+    eject_then_expire(&fleet).await;
+    // The probe's pick finds endpoint 0 not ready: the request goes elsewhere, and the probe
+    // is released rather than held by a request that never ran.
+    fleet.unready[0].store(true, Ordering::SeqCst);
+    let id = fleet.balance.clone().oneshot(()).await.unwrap();
+    assert_ne!(id, 0);
+    fleet.unready[0].store(false, Ordering::SeqCst);
+    let served = minute_of_traffic(&fleet, 0).await;
+    assert!(served > 50, "endpoint 0 served {served} of 300 once ready");
+    assert_eq!(fleet.state(0).0, EndpointState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_dropped_between_poll_ready_and_call_is_sent_again() {
+    let _limit = support::time_limit(60);
+    let fleet = Fleet::new(3, quick()).await;
+    eject_then_expire(&fleet).await;
+    // A handle picks (the pick is the probe) and is dropped before it calls.
+    let mut handle = fleet.balance.clone();
+    std::future::poll_fn(|cx| handle.poll_ready(cx))
+        .await
+        .unwrap();
+    drop(handle);
+    assert_eq!(fleet.calls(0), 1, "only the failure that ejected it");
+    let served = minute_of_traffic(&fleet, 0).await;
+    assert!(served > 50, "endpoint 0 served {served} of 300");
+    assert_eq!(fleet.state(0).0, EndpointState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ejection_ending_is_probed_by_the_next_pick() {
+    let _limit = support::time_limit(60);
+    // With 50 endpoints, a pick that only probes what it samples would need ~25 picks to
+    // find the one whose ejection ended.
+    let fleet = Fleet::new(50, quick()).await;
+    eject_then_expire(&fleet).await;
+    let calls = fleet.calls(0);
+    fleet.balance.clone().oneshot(()).await.unwrap();
+    assert_eq!(
+        fleet.calls(0),
+        calls + 1,
+        "the very next request is the probe"
+    );
+    assert_eq!(fleet.state(0).0, EndpointState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_on_removed_endpoints_do_not_leak_the_ejected_count() {
+    let _limit = support::time_limit(60);
+    // Four endpoints, at most half ejected, failing endpoints fail the panic threshold into
+    // failing requests: a leaked ejection count would make every pick fail.
+    let builder = quick()
+        .panic_mode(PanicMode::Fail)
+        .wait_for_endpoints(Duration::ZERO);
+    let mut fleet = Fleet::new(4, builder).await;
+    // Three rolling deploys: a request in flight on the old endpoint fails after discovery
+    // removed it (its replacement arrives under a new key).
+    for old in 0..3 {
+        fleet.hangs[old].store(true, Ordering::SeqCst);
+        fleet.fail(old, true);
+        let mut requests = Vec::new();
+        while fleet.calls(old) == 0 {
+            let mut handle = fleet.balance.clone();
+            handle.ready().await.unwrap();
+            requests.push(tokio::spawn(handle.call(())));
+        }
+        fleet.feed.send(Ok(Change::Remove(old))).unwrap();
+        fleet.add().await;
+        support::until("removed", || {
+            !fleet.balance.endpoints().iter().any(|e| e.key == old)
+        })
+        .await;
+        // The held request completes now, as a failure of the removed endpoint.
+        fleet.hangs[old].store(false, Ordering::SeqCst);
+        for request in requests {
+            let _ = request.await.unwrap();
+        }
+    }
+    // None of the current endpoints is ejected, so requests succeed...
+    let (_, failed) = fleet.send(100).await;
+    assert_eq!(failed, 0, "no pick failed as if endpoints were ejected");
+    // ...and ejection still works: a failing endpoint is ejected.
+    let live = fleet.balance.endpoints()[0].key;
+    fleet.fail(live, true);
+    fleet.send(50).await;
+    assert_eq!(fleet.state(live).0, EndpointState::Ejected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn zone_preference_skips_a_zone_whose_endpoints_are_not_ready() {
+    let _limit = support::time_limit(60);
+    let registry = tower_sd::MemoryRegistry::new();
+    for (id, zone) in ["a", "a", "b", "b"].into_iter().enumerate() {
+        let instance =
+            tower_sd::ServiceInstance::new(id.to_string(), "svc", "127.0.0.1", 1000 + id as u16)
+                .with_zone(zone);
+        tower_sd::ServiceRegistry::register(&registry, instance)
+            .await
+            .unwrap();
+    }
+    let unready: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::default()).collect();
+    let make = unready.clone();
+    let balance = Balance::builder()
+        .zone_preference(ZonePreference::new("a").min_endpoints(2))
+        .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+            &registry,
+            "svc",
+            move |instance| {
+                let id: usize = instance.id.parse().unwrap();
+                let mut flaky = Flaky::new(id, Arc::default(), Arc::default());
+                flaky.unready = Arc::clone(&make[id]);
+                Ok::<_, Infallible>(flaky)
+            },
+        ));
+    support::until("4 endpoints are listed", || balance.endpoints().len() == 4).await;
+    // The local zone, while it is ready.
+    for _ in 0..50 {
+        assert!(balance.clone().oneshot(()).await.unwrap() < 2);
+    }
+    // Both local endpoints stop being ready: once they are known to fail, the other zone
+    // serves every request.
+    unready[0].store(true, Ordering::SeqCst);
+    unready[1].store(true, Ordering::SeqCst);
+    let _ = balance.clone().oneshot(()).await;
+    let _ = balance.clone().oneshot(()).await;
+    for _ in 0..200 {
+        let id = balance
+            .clone()
+            .oneshot(())
+            .await
+            .expect("the other zone serves");
+        assert!(id >= 2, "{id}");
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -83,8 +83,13 @@ pub(crate) struct Slot<S, K> {
     in_flight: AtomicU64,
     /// Peak-EWMA state, in that load mode only.
     pub(crate) ewma: Option<Load>,
-    /// `poll_ready` failed; skipped by the pick while others are usable.
+    /// `poll_ready` failed; skipped by the pick while others are usable, except for a retry
+    /// once `retry_at` has passed.
     failed: AtomicBool,
+    /// `poll_ready` failures in a row.
+    failures: AtomicU32,
+    /// When a failed endpoint may be tried again (ns since `inserted`).
+    retry_at: AtomicU64,
     /// No longer in the current snapshot; requests in flight finish on it.
     removed: AtomicBool,
     /// Outlier-detection state.
@@ -113,6 +118,8 @@ impl<S, K> Slot<S, K> {
             in_flight: AtomicU64::new(0),
             ewma,
             failed: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
+            retry_at: AtomicU64::new(0),
             removed: AtomicBool::new(false),
             health: Health::default(),
             detector,
@@ -156,8 +163,30 @@ impl<S, K> Slot<S, K> {
         !self.is_failed() && !self.health.is_ejected()
     }
 
+    /// Nanoseconds since the slot was inserted.
+    fn age_ns(&self) -> u64 {
+        let age = Instant::now().saturating_duration_since(self.inserted);
+        u64::try_from(age.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Pushes the next retry of a failed endpoint back by its backoff: 50 ms doubling with
+    /// each failure in a row, up to 5 s.
+    pub(crate) fn defer_retry(&self) {
+        let failures = self.failures.load(Ordering::Relaxed).clamp(1, 8);
+        let backoff = (50_000_000u64 << (failures - 1)).min(5_000_000_000);
+        self.retry_at
+            .store(self.age_ns().saturating_add(backoff), Ordering::Relaxed);
+    }
+
+    /// Whether a failed endpoint's backoff has passed, so a pick may try it again.
+    pub(crate) fn retry_due(&self) -> bool {
+        self.age_ns() >= self.retry_at.load(Ordering::Relaxed)
+    }
+
     /// Its `poll_ready` failed. Returns whether it was usable before.
     pub(crate) fn set_failed(&self) -> bool {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.defer_retry();
         if self.failed.swap(true, Ordering::SeqCst) {
             return false;
         }
@@ -173,6 +202,7 @@ impl<S, K> Slot<S, K> {
     /// Its `poll_ready` succeeded. Returns whether it had failed.
     pub(crate) fn clear_failed(&self) -> bool {
         if self.is_failed() && self.failed.swap(false, Ordering::SeqCst) {
+            self.failures.store(0, Ordering::Relaxed);
             self.tally.failed.fetch_sub(1, Ordering::SeqCst);
             return true;
         }
@@ -243,8 +273,9 @@ impl<S, K: fmt::Debug> fmt::Debug for Slot<S, K> {
 pub enum EndpointState {
     /// Picked normally.
     Ready,
-    /// Its `poll_ready` failed; it is picked only when no other endpoint is usable, and
-    /// becomes ready again when a `poll_ready` on it succeeds or discovery replaces it.
+    /// Its `poll_ready` failed; it is tried again after a backoff (50 ms doubling to 5 s)
+    /// or when no other endpoint is usable, and is ready again when a `poll_ready` on it
+    /// succeeds or discovery replaces it.
     Failed,
     /// Ejected by outlier detection; a single probe decides when the ejection ends.
     Ejected,

@@ -219,7 +219,12 @@ fn claim_due_probe<S, K>(
     detector.rescan();
     let mut claimed = None;
     for (index, slot) in slots.iter().enumerate() {
-        if claimed.is_none() && slot.health.claim_probe(now) {
+        // A failed endpoint is probed only once its readiness retry is due too.
+        let ready = !slot.is_failed() || slot.retry_due();
+        if claimed.is_none() && ready && slot.health.claim_probe(now) {
+            if slot.is_failed() {
+                slot.defer_retry();
+            }
             claimed = Some(index);
         } else {
             slot.health.schedule(detector);
@@ -283,13 +288,20 @@ fn pick_unusual<S, K>(
             super::metrics::panic_pick(&detector.service);
         }
     }
+    // A failed endpoint whose retry is due counts as usable: the pick that takes it pushes
+    // its next retry back, so it is tried again, not hammered.
     let usable = |i: usize| {
         let slot = &slots[i];
-        !slot.is_failed() && (!respect_ejection || !slot.health.is_ejected())
+        (!slot.is_failed() || slot.retry_due()) && (!respect_ejection || !slot.health.is_ejected())
     };
-    let endpoint = |index: usize| Pick::Endpoint {
-        index,
-        probe: false,
+    let endpoint = |index: usize| {
+        if slots[index].is_failed() {
+            slots[index].defer_retry();
+        }
+        Pick::Endpoint {
+            index,
+            probe: false,
+        }
     };
     if n >= 2 {
         for _ in 0..DRAWS {

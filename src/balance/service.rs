@@ -200,6 +200,15 @@ impl<S, K, C> Balance<S, K, C> {
         snapshot.slots.iter().map(|slot| slot.stats(now)).collect()
     }
 
+    /// How many endpoints of the current snapshot outlier detection has ejected (those being
+    /// probed included), as the panic threshold and `max_ejection_percent` count them.
+    pub fn ejected(&self) -> usize {
+        self.shared
+            .detector
+            .as_ref()
+            .map_or(0, |detector| detector.ejected.load(Ordering::SeqCst))
+    }
+
     /// Waits until the balancer has at least one endpoint, for at most `limit`.
     ///
     /// # Errors
