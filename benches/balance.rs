@@ -4,9 +4,10 @@
 //! cargo bench --bench balance
 //! ```
 //!
-//! - `per_request/{tower_sd,tower_sd_no_outlier,tower}/N`: one task, N always-ready
-//!   endpoints, pending-requests load; the time of one `poll_ready` + `call` + response.
-//!   `tower_sd` has the default outlier detection on; `tower_sd_no_outlier` turns it off.
+//! - `per_request/{tower_sd,tower_sd_no_outlier,tower_sd_weighted,tower}/N`: one task, N
+//!   always-ready endpoints, pending-requests load; the time of one `poll_ready` + `call` +
+//!   response. `tower_sd` has the default outlier detection on; `tower_sd_no_outlier` turns
+//!   it off; `tower_sd_weighted` gives the endpoints weights 1 to 4 (drawn by alias table).
 //! - `throughput/{tower_sd,tower_buffer}/T`: T tasks on a 2-worker runtime share one
 //!   balancer over 16 endpoints: clones of ours, or clones of `Buffer(tower p2c)`. The time is
 //!   per request (all tasks together), so requests/s = 1 / time.
@@ -68,6 +69,21 @@ fn ours_with(
     })
 }
 
+/// Ours over `n` endpoints weighted 1, 2, 3, 4, 1, ...
+fn ours_weighted(rt: &Runtime, n: usize) -> Balance<Trivial, usize> {
+    rt.block_on(async {
+        let changes = (0..n).map(|key| {
+            let endpoint = tower_sd::balance::Endpoint::new(Trivial).weight(1 + (key % 4) as u32);
+            Ok::<_, Infallible>(Change::Insert(key, endpoint))
+        });
+        let balance = Balance::builder().build_endpoints(stream::iter(changes.collect::<Vec<_>>()));
+        while balance.endpoints().len() < n {
+            tokio::task::yield_now().await;
+        }
+        balance
+    })
+}
+
 type TowerBalance = tower::balance::p2c::Balance<
     PendingRequestsDiscover<ServiceList<Vec<Trivial>>, CompleteOnResponse>,
     (),
@@ -100,6 +116,10 @@ fn per_request(c: &mut Criterion) {
         let mut plain = ours_with(&rt, n, Balance::builder().outlier_detection(None));
         group.bench_function(BenchmarkId::new("tower_sd_no_outlier", n), |b| {
             b.iter(|| one_request(&mut plain, &mut cx));
+        });
+        let mut weighted = ours_weighted(&rt, n);
+        group.bench_function(BenchmarkId::new("tower_sd_weighted", n), |b| {
+            b.iter(|| one_request(&mut weighted, &mut cx));
         });
         let mut tower = tower_p2c(n);
         // Let tower's balancer take in the whole list first.

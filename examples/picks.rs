@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Arguments: the number of endpoints (default 16), of requests (default 1,000,000), and
-//! `off` to turn outlier detection off.
+//! `off` to turn outlier detection off or `weighted` to give the endpoints weights 1 to 4.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,7 +22,7 @@ use std::task::{Context, Waker};
 use futures_util::stream;
 use tower::Service;
 use tower::discover::Change;
-use tower_sd::balance::Balance;
+use tower_sd::balance::{Balance, Endpoint};
 
 #[path = "../tests/support/trivial.rs"]
 mod trivial;
@@ -47,7 +47,9 @@ fn main() {
         .next()
         .unwrap_or(Ok(1_000_000))
         .expect("requests: a number");
-    let outlier_off = std::env::args().nth(3).as_deref() == Some("off");
+    let mode = std::env::args().nth(3);
+    let outlier_off = mode.as_deref() == Some("off");
+    let weighted = mode.as_deref() == Some("weighted");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -55,14 +57,17 @@ fn main() {
         .unwrap();
     let mut balance = rt.block_on(async {
         let changes: Vec<_> = (0..endpoints as usize)
-            .map(|key| Ok::<_, Infallible>(Change::Insert(key, Trivial)))
+            .map(|key| {
+                let weight = if weighted { 1 + (key % 4) as u32 } else { 1 };
+                Ok::<_, Infallible>(Change::Insert(key, Endpoint::new(Trivial).weight(weight)))
+            })
             .collect();
         let builder = if outlier_off {
             Balance::builder().outlier_detection(None)
         } else {
             Balance::builder()
         };
-        let balance = builder.build(stream::iter(changes));
+        let balance = builder.build_endpoints(stream::iter(changes));
         while balance.endpoints().len() < endpoints as usize {
             tokio::task::yield_now().await;
         }

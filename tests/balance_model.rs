@@ -114,8 +114,9 @@ struct Harness {
     live: HashMap<usize, u64>,
     generations: u64,
     next_request: u64,
-    /// Running requests: id, key, generation, and the response future.
-    running: Vec<(u64, usize, u64, Response)>,
+    /// Running requests: id, key, generation, the response future, and whether it is its
+    /// endpoint's outlier probe.
+    running: Vec<(u64, usize, u64, Response, bool)>,
 }
 
 impl Harness {
@@ -156,7 +157,7 @@ impl Harness {
         match op {
             Op::Start => self.start().await,
             Op::End(i, outcome) if !self.running.is_empty() => {
-                let (id, _, _, mut response) = self.running.remove(i % self.running.len());
+                let (id, _, _, mut response, _) = self.running.remove(i % self.running.len());
                 let (_, _, tx) = self.inbox.lock().unwrap().remove(&id).unwrap();
                 tx.send(outcome).unwrap();
                 let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -206,15 +207,17 @@ impl Harness {
     }
 
     async fn start(&mut self) {
-        // Endpoints whose ejection has ended and that no probe is out on.
+        // Endpoints whose ejection has ended and that no probe is out on. (Requests that
+        // were running on an endpoint when it was ejected are not probes.)
         let due: Vec<usize> = self
             .balance
             .endpoints()
             .into_iter()
             .filter(|e| e.state == EndpointState::Ejected && e.ejected_for == Some(Duration::ZERO))
-            .filter(|e| !self.running.iter().any(|r| r.1 == e.key))
+            .filter(|e| !self.running.iter().any(|r| r.1 == e.key && r.4))
             .map(|e| e.key)
             .collect();
+        let before = self.balance.endpoints();
         let mut handle = self.balance.clone();
         if std::future::poll_fn(|cx| handle.poll_ready(cx))
             .await
@@ -241,10 +244,20 @@ impl Harness {
         if !due.is_empty() {
             assert!(
                 due.contains(&key),
-                "a probe was due on {due:?}, but the pick chose {key}"
+                "a probe was due on {due:?}, but the pick chose {key}; before: {before:?}; running: {:?}",
+                self.running
+                    .iter()
+                    .map(|r| (r.0, r.1, r.2))
+                    .collect::<Vec<_>>()
             );
         }
-        self.running.push((id, key, generation, response));
+        // A pick that lands on an endpoint whose ejection ended is its probe.
+        let probe = before.iter().any(|e| {
+            e.key == key
+                && e.state == EndpointState::Ejected
+                && e.ejected_for == Some(Duration::ZERO)
+        });
+        self.running.push((id, key, generation, response, probe));
     }
 
     fn check(&self) {

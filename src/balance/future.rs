@@ -30,6 +30,8 @@ impl<S: Send + Sync, K: fmt::Debug + Send + Sync> Track for Slot<S, K> {
         }
         if let Some(detector) = &self.detector {
             match outcome {
+                // The common case, inline: a success that was not a probe.
+                Some(false) if !probe && self.health.quiet_success(detector) => {}
                 Some(failure) => {
                     let recorded = self.health.record(detector, &self.key, failure, probe);
                     // Removed meanwhile: its ejection must not outlive its place in the
@@ -61,6 +63,7 @@ pub struct Completion {
 }
 
 impl Completion {
+    #[inline]
     pub(crate) fn start<S, K>(slot: Arc<Slot<S, K>>, probe: bool) -> Self
     where
         S: Send + Sync + 'static,
@@ -77,10 +80,13 @@ impl Completion {
     }
 
     /// The request is complete; `failure` when it counts against the endpoint.
+    #[inline]
     pub fn complete(mut self, failure: bool) {
         if let Some(slot) = self.slot.take() {
             slot.done(Some(failure), self.started, self.probe);
         }
+        // Nothing is left for `Drop` to release.
+        std::mem::forget(self);
     }
 }
 
@@ -112,6 +118,7 @@ pin_project! {
 }
 
 impl<F, C> ResponseFuture<F, C> {
+    #[inline]
     pub(crate) fn new(inner: F, completion: Completion, classify: C) -> Self {
         Self {
             inner,
@@ -129,6 +136,7 @@ where
 {
     type Output = Result<C::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let output = ready!(this.inner.poll(cx)).map_err(Into::into);

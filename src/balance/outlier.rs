@@ -244,6 +244,19 @@ impl Health {
         }
     }
 
+    /// Records a success that changes nothing (no failures in a row to reset): one load.
+    /// `false` when there is something to record the slow way.
+    #[inline]
+    pub(crate) fn quiet_success(&self, detector: &Detector) -> bool {
+        let quiet = self.consecutive.load(Ordering::Relaxed) == 0;
+        #[cfg(feature = "metrics")]
+        if quiet {
+            detector.requests.record(false);
+        }
+        let _ = detector;
+        quiet
+    }
+
     /// Records one classified outcome; `probe` when this request was the endpoint's probe.
     pub(crate) fn record<K: fmt::Debug>(
         &self,

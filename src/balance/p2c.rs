@@ -102,10 +102,26 @@ pub(crate) enum Cost {
 }
 
 impl Cost {
-    /// Whether `b` should take the request from `a`; `margin` is how much less loaded `b`
-    /// must be, in sixteenths of a request per weight (0: strictly less).
+    /// Whether `b` should take the request from `a`, of the same weight: strictly less
+    /// loaded.
     #[inline]
-    fn prefers_second<S, K>(self, a: &Slot<S, K>, b: &Slot<S, K>, margin: u64) -> bool {
+    fn prefers_second<S, K>(self, a: &Slot<S, K>, b: &Slot<S, K>) -> bool {
+        match self {
+            Self::Pending => b.in_flight() < a.in_flight(),
+            Self::PeakEwma { now } => {
+                let cost = |e: &Slot<S, K>| {
+                    let estimate = e.ewma.as_ref().map_or(0.0, |l| l.estimate(now));
+                    estimate * (e.in_flight() + 1) as f64
+                };
+                cost(b) < cost(a)
+            }
+        }
+    }
+
+    /// Whether `b` should take the request from `a` when weights differ; `margin` is how
+    /// much less loaded per weight `b` must be, in sixteenths of a request.
+    #[inline]
+    fn prefers_second_weighted<S, K>(self, a: &Slot<S, K>, b: &Slot<S, K>, margin: u64) -> bool {
         let (la, lb) = (u128::from(a.in_flight()), u128::from(b.in_flight()));
         let (wa, wb) = (u128::from(a.weight), u128::from(b.weight));
         let margin = u128::from(margin);
@@ -243,12 +259,12 @@ fn choose<S, K>(
     cost: Cost,
     rules: &Rules<'_>,
 ) -> usize {
-    let margin = if weighted { margin() } else { 0 };
-    let (mut win, mut lose) = if cost.prefers_second(&slots[a], &slots[b], margin) {
-        (b, a)
+    let second = if weighted {
+        cost.prefers_second_weighted(&slots[a], &slots[b], margin())
     } else {
-        (a, b)
+        cost.prefers_second(&slots[a], &slots[b])
     };
+    let (mut win, mut lose) = if second { (b, a) } else { (a, b) };
     if let Some((window, now)) = rules.slow_start {
         // A young winner keeps the request only with probability age / window, so its share
         // ramps up over the window instead of jumping to full (it has no load yet).

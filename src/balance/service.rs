@@ -98,18 +98,30 @@ pub struct Balance<S, K = String, C = ErrorsOnly> {
     next_publish: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
-/// The endpoint picked by `poll_ready`, and the clone of its service that `call` uses. An
-/// outlier probe claimed for it is released if it is dropped before `call`.
+/// The endpoint picked by `poll_ready`, and the clone of its service that `call` uses.
 struct Chosen<S, K> {
     slot: Arc<Slot<S, K>>,
-    service: Option<S>,
-    probe: bool,
+    service: S,
+    /// The outlier probe claimed for this pick, if it is one.
+    probe: Option<ProbeClaim<S, K>>,
 }
 
-impl<S, K> Drop for Chosen<S, K> {
+/// A claimed outlier probe: released if dropped before `call` hands it to the request.
+struct ProbeClaim<S, K>(Option<Arc<Slot<S, K>>>);
+
+impl<S, K> ProbeClaim<S, K> {
+    /// The request takes the probe over.
+    fn hand_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<S, K> Drop for ProbeClaim<S, K> {
     fn drop(&mut self) {
-        if let (true, Some(detector)) = (self.probe, &self.slot.detector) {
-            self.slot.health.release_probe(detector);
+        if let Some(slot) = self.0.take()
+            && let Some(detector) = &slot.detector
+        {
+            slot.health.release_probe(detector);
         }
     }
 }
@@ -245,9 +257,7 @@ where
     fn poll_pick(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
             if self.shared.updater_failed.load(Ordering::Relaxed) {
-                return Poll::Ready(Err(Box::new(Error::DiscoveryStopped {
-                    service: self.shared.config.service.clone(),
-                })));
+                return Poll::Ready(Err(self.no_endpoints()));
             }
             let shared = &*self.shared;
             let snapshot = view(&mut self.view, &mut self.clones, shared);
@@ -271,10 +281,13 @@ where
                 }
             };
             let service = self.kept_clone(&slot);
-            self.waiting = None;
+            if self.waiting.is_some() {
+                self.waiting = None;
+            }
+            let probe = probe.then(|| ProbeClaim(Some(Arc::clone(&slot))));
             self.chosen = Some(Chosen {
                 slot,
-                service: Some(service),
+                service,
                 probe,
             });
             return Poll::Ready(Ok(()));
@@ -293,6 +306,7 @@ where
     }
 
     /// Starts (or keeps) waiting for a non-empty snapshot; `false` when the wait timed out.
+    #[cold]
     fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         let wait = self.waiting.get_or_insert_with(|| {
             let shared = Arc::clone(&self.shared);
@@ -308,6 +322,7 @@ where
         Poll::Ready(arrived)
     }
 
+    #[cold]
     fn no_endpoints(&self) -> BoxError {
         if self.shared.updater_failed.load(Ordering::Relaxed) {
             return Box::new(Error::DiscoveryStopped {
@@ -320,6 +335,7 @@ where
         })
     }
 
+    #[cold]
     fn no_healthy(&self, total: usize) -> BoxError {
         let ejected = self
             .shared
@@ -336,6 +352,7 @@ where
 
 /// The current snapshot, reloaded only when the updater has published a new one: the common
 /// case is one shared read, with no reference count touched.
+#[inline]
 fn view<'a, S, K>(
     view: &'a mut Option<(u64, Arc<Snapshot<S, K>>)>,
     clones: &mut Vec<(usize, S)>,
@@ -356,6 +373,7 @@ fn slot_key<S, K>(slot: &Arc<Slot<S, K>>) -> usize {
     Arc::as_ptr(slot).cast::<()>() as usize
 }
 
+#[inline]
 fn cost(config: &Config) -> Cost {
     match config.metric {
         LoadMetric::PendingRequests => Cost::Pending,
@@ -365,6 +383,7 @@ fn cost(config: &Config) -> Cost {
     }
 }
 
+#[inline]
 fn rules<S, K>(shared: &Shared<S, K>) -> Rules<'_> {
     Rules {
         detector: shared.detector.as_deref(),
@@ -379,6 +398,7 @@ fn rules<S, K>(shared: &Shared<S, K>) -> Rules<'_> {
 
 /// The local zone's pool while it has enough usable endpoints, else all of them. Counting
 /// the usable ones scans the zone only while some endpoint is failed or ejected.
+#[inline]
 fn pool<'a, S, K>(snapshot: &'a Snapshot<S, K>, shared: &Shared<S, K>) -> &'a Pool {
     let (Some(zone), Some(local)) = (&shared.config.zone, &snapshot.local) else {
         return &snapshot.all;
@@ -434,21 +454,27 @@ where
 
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        let mut chosen = self
+        let Chosen {
+            slot,
+            mut service,
+            probe,
+        } = self
             .chosen
             .take()
             .expect("Balance::call without poll_ready returning Ready(Ok)");
-        let mut service = chosen.service.take().expect("chosen with its service");
-        let probe = std::mem::take(&mut chosen.probe);
         let future = service.call(request);
         let keep = self.shared.config.keep_clones;
         if keep > 0 {
             if self.clones.len() >= keep {
                 self.clones.swap_remove(0);
             }
-            self.clones.push((slot_key(&chosen.slot), service));
+            self.clones.push((slot_key(&slot), service));
         }
-        let completion = Completion::start(Arc::clone(&chosen.slot), probe);
+        let is_probe = probe.is_some();
+        if let Some(probe) = probe {
+            probe.hand_over();
+        }
+        let completion = Completion::start(slot, is_probe);
         ResponseFuture::new(future, completion, self.classify.clone())
     }
 }
@@ -465,10 +491,11 @@ where
     K: fmt::Debug + Send + Sync + 'static,
 {
     let chosen = balance.chosen.as_mut().expect("an endpoint was picked");
-    let service = chosen.service.as_mut().expect("chosen with its service");
-    match service.poll_ready(cx) {
+    match chosen.service.poll_ready(cx) {
         Poll::Ready(Ok(())) => {
-            balance.next_publish = None;
+            if balance.next_publish.is_some() {
+                balance.next_publish = None;
+            }
             if chosen.slot.clear_failed() {
                 debug!(service = %balance.shared.config.service, endpoint = ?chosen.slot.key, "endpoint ready again");
             }
