@@ -143,6 +143,24 @@ impl Error {
         }
     }
 
+    /// A short name of the variant, for metric labels and logs.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self {
+            Self::Unreachable { .. } => "unreachable",
+            Self::Status { .. } => "status",
+            Self::Malformed { .. } => "malformed",
+            Self::InvalidConfig { .. } => "invalid_config",
+            Self::InvalidInstance { .. } => "invalid_instance",
+            Self::UnknownInstance { .. } => "unknown_instance",
+            Self::Unsupported { .. } => "unsupported",
+            Self::NoEndpoints { .. } => "no_endpoints",
+            Self::NoHealthyEndpoints { .. } => "no_healthy_endpoints",
+            Self::DiscoveryStopped { .. } => "discovery_stopped",
+            Self::Timeout { .. } => "timeout",
+        }
+    }
+
     /// Whether retrying the same operation later may succeed (network errors, timeouts,
     /// rate limiting and server errors).
     pub fn is_transient(&self) -> bool {

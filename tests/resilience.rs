@@ -271,4 +271,133 @@ mod with_consul {
         assert!(ok > 100, "{ok} requests");
         assert_eq!(failed, 0, "no request failed for lack of endpoints");
     }
+
+    /// The ids of each set the watch yields within `limit`, until one equals `want`
+    /// (errors skipped); fails if it never does.
+    async fn until_set(
+        watch: &mut WatchStream,
+        want: &[&str],
+        limit: Duration,
+    ) -> Vec<Vec<String>> {
+        let mut sets = Vec::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match timeout(left, watch.next()).await {
+                Ok(Some(Ok(set))) => {
+                    let ids = ids(&set);
+                    let done = ids == want;
+                    sets.push(ids);
+                    if done {
+                        return sets;
+                    }
+                }
+                Ok(Some(Err(_))) => {}
+                Ok(None) => panic!("the watch ended"),
+                Err(_) => panic!("never saw {want:?} within {limit:?}; saw {sets:?}"),
+            }
+        }
+    }
+
+    fn outage(fake: &FakeConsul) {
+        for _ in 0..100_000 {
+            fake.inject(Fault::Status(500));
+        }
+    }
+
+    fn chain(
+        primary: Arc<dyn ServiceRegistry>,
+        rest: Vec<Arc<dyn ServiceRegistry>>,
+    ) -> FallbackRegistry {
+        let mut all = vec![primary];
+        all.extend(rest);
+        FallbackRegistry::new(all)
+            .unwrap()
+            .failover_after(Duration::from_millis(300))
+    }
+
+    fn last_resort() -> Arc<dyn ServiceRegistry> {
+        Arc::new(StaticRegistry::new(vec![instance("from-static")]).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_fallback_comes_back_when_the_primary_recovers_with_the_same_set() {
+        let _limit = support::time_limit(60);
+        let fake = FakeConsul::start(None).await;
+        let primary = consul(&fake);
+        primary.register(instance("from-consul")).await.unwrap();
+        let mut watch = chain(primary.clone(), vec![last_resort()]).watch(&"api".into());
+        until_set(&mut watch, &["from-consul"], Duration::from_secs(5)).await;
+
+        // An outage longer than failover_after in which nothing changes (the blocking query
+        // in flight is ended by a registration that the outage then hides).
+        outage(&fake);
+        primary.register(instance("from-consul")).await.unwrap();
+        until_set(&mut watch, &["from-static"], Duration::from_secs(5)).await;
+        fake.clear_faults();
+        let sets = until_set(&mut watch, &["from-consul"], Duration::from_secs(5)).await;
+        assert!(sets.iter().all(|set| !set.is_empty()), "{sets:?}");
+    }
+
+    #[tokio::test]
+    async fn a_flapping_primary_is_followed_whenever_it_answers() {
+        let _limit = support::time_limit(60);
+        let fake = FakeConsul::start(None).await;
+        let primary = consul(&fake);
+        primary.register(instance("from-consul")).await.unwrap();
+        let mut watch = chain(primary.clone(), vec![last_resort()]).watch(&"api".into());
+        until_set(&mut watch, &["from-consul"], Duration::from_secs(5)).await;
+        for _ in 0..3 {
+            outage(&fake);
+            primary.register(instance("from-consul")).await.unwrap();
+            until_set(&mut watch, &["from-static"], Duration::from_secs(5)).await;
+            fake.clear_faults();
+            until_set(&mut watch, &["from-consul"], Duration::from_secs(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_three_registry_chain_falls_through_and_comes_back() {
+        let _limit = support::time_limit(60);
+        let fake = FakeConsul::start(None).await;
+        let primary = consul(&fake);
+        primary.register(instance("from-consul")).await.unwrap();
+        // The second registry is down too: the chain goes on to the third.
+        let second = Arc::new(Unreliable::default());
+        second.down.store(true, Ordering::SeqCst);
+        let mut watch = chain(primary.clone(), vec![second, last_resort()]).watch(&"api".into());
+        until_set(&mut watch, &["from-consul"], Duration::from_secs(5)).await;
+        outage(&fake);
+        primary.register(instance("from-consul")).await.unwrap();
+        let sets = until_set(&mut watch, &["from-static"], Duration::from_secs(5)).await;
+        assert!(sets.iter().all(|set| !set.is_empty()), "{sets:?}");
+        fake.clear_faults();
+        until_set(&mut watch, &["from-consul"], Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_fallback_keeps_the_last_set_until_the_primary_is_back() {
+        let _limit = support::time_limit(60);
+        let fake = FakeConsul::start(None).await;
+        let primary = consul(&fake);
+        primary.register(instance("from-consul")).await.unwrap();
+        let broken = Arc::new(Unreliable::default());
+        broken.down.store(true, Ordering::SeqCst);
+        let mut watch = chain(primary.clone(), vec![broken]).watch(&"api".into());
+        until_set(&mut watch, &["from-consul"], Duration::from_secs(5)).await;
+        outage(&fake);
+        primary.register(instance("from-consul")).await.unwrap();
+        // A second outside the primary and with a broken fallback: only errors, no set.
+        let quiet = timeout(Duration::from_secs(1), async {
+            loop {
+                if let Some(Ok(set)) = watch.next().await {
+                    return set;
+                }
+            }
+        })
+        .await;
+        assert!(quiet.is_err(), "no set while nothing answers: {quiet:?}");
+        fake.clear_faults();
+        until_set(&mut watch, &["from-consul"], Duration::from_secs(5)).await;
+    }
 }

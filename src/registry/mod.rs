@@ -8,7 +8,12 @@
 //! - [`watch`](ServiceRegistry::watch) yields that same set first, then a new full set on every
 //!   change, never the same set twice in a row. A slow consumer gets the latest set, not a
 //!   backlog. A transient failure is yielded as an `Err` item and the stream goes on (after a
-//!   backoff); the stream ends only when the registry itself is gone.
+//!   backoff); the first set after an error is always yielded, changed or not, so that a
+//!   follower knows the registry answers again. The stream ends only when the registry
+//!   itself is gone.
+//! - Instance ids are unique within a set: everything downstream (the discover adapter, the
+//!   cache, the balancer) is keyed by them. Where a registry's own ids are not (Consul's are
+//!   unique per agent only), the backend qualifies them.
 //! - Backends that cannot register (a static list, Kubernetes, DNS) return
 //!   [`Error::Unsupported`], never a silent success.
 //!
@@ -28,14 +33,14 @@ mod fallback;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 mod memory;
+mod static_list;
 #[cfg(any(
     feature = "consul",
     feature = "kubernetes",
     feature = "etcd",
     feature = "dns"
 ))]
-mod pace;
-mod static_list;
+mod watch;
 
 pub use cached::{CacheStats, CachedRegistry, CachedRegistryBuilder};
 pub use fallback::FallbackRegistry;

@@ -4,10 +4,13 @@
 //! - send the last `X-Consul-Index` as `index`, with `wait`;
 //! - an index lower than the last one means the data was reset: start again from 0;
 //! - an index of 0, or none, is treated as 1, so the next query blocks instead of spinning;
-//! - a return is no proof of change: sets are compared before one is emitted;
+//! - a return is no proof of change: sets are compared before one is emitted (by the shared
+//!   driver);
 //! - queries are rate limited (token bucket), so an index that churns cannot make the loop
 //!   spin, and errors back off exponentially with full jitter (each error is yielded; the
-//!   stream goes on).
+//!   stream goes on);
+//! - after an error the next query starts from 0, so it answers at once when Consul is back
+//!   instead of blocking on the old index.
 //!
 //! Each watch follows one query, hence one datacenter, with its own index.
 
@@ -15,14 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::Stream;
-use futures_util::stream;
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
 use super::client::Client;
 use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
-use crate::registry::pace::Pace;
+use crate::registry::watch::{self, Fetched, Source};
 
 /// The index to send next, given the last one and the one Consul returned.
 pub(crate) fn next_index(last: u64, returned: Option<u64>) -> u64 {
@@ -69,12 +71,12 @@ impl TokenBucket {
     }
 }
 
-struct State {
+/// Consul's side of the shared watch loop (`registry/watch.rs`).
+struct Blocking {
     client: Arc<Client>,
     query: ServiceQuery,
     index: u64,
     bucket: TokenBucket,
-    pace: Pace,
 }
 
 pub(crate) fn stream(
@@ -82,41 +84,37 @@ pub(crate) fn stream(
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
     let config = &client.config;
-    let state = State {
+    let retry = (config.retry_base, config.retry_max);
+    let source = Blocking {
         bucket: TokenBucket::new(config.requests_per_second),
-        pace: Pace::new("consul", config.retry_base, config.retry_max),
         client: Arc::clone(&client),
-        query,
+        query: query.clone(),
         index: 0,
     };
-    stream::unfold(state, State::next)
+    watch::watch("consul", query, retry, source)
 }
 
-impl State {
-    async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
-        loop {
-            self.pace.wait().await;
-            self.bucket.take().await;
-            match self
-                .client
-                .health_service(&self.query, Some(self.index))
-                .await
-            {
-                Ok((set, returned)) => {
-                    self.pace.succeeded();
-                    let next = next_index(self.index, returned);
-                    if next == 0 {
-                        debug!(service = %self.query.name, last = self.index, ?returned, "Consul index went backwards; resetting");
-                    }
-                    self.index = next;
-                    if let Some(set) = self.pace.changed(set) {
-                        return Some((Ok(set), self));
-                    }
+impl Source for Blocking {
+    async fn fetch(&mut self) -> Fetched {
+        self.bucket.take().await;
+        match self
+            .client
+            .health_service(&self.query, Some(self.index))
+            .await
+        {
+            Ok((set, returned)) => {
+                let next = next_index(self.index, returned);
+                if next == 0 {
+                    debug!(service = %self.query.name, last = self.index, ?returned, "Consul index went backwards; resetting");
                 }
-                Err(error) => {
-                    let failed = self.pace.failed(&self.query, error);
-                    return Some((failed, self));
-                }
+                self.index = next;
+                Fetched::Set(set)
+            }
+            Err(error) => {
+                // After a failure, ask at once (not blocking on the old index), so that the
+                // first answer after an outage arrives as soon as Consul is back.
+                self.index = 0;
+                Fetched::Failed(error)
             }
         }
     }

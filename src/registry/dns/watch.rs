@@ -1,83 +1,72 @@
-//! The DNS watch: resolve, wait out the TTL (within its bounds), resolve again.
+//! The DNS watch: resolve, wait out the TTL (within its bounds), resolve again, in the shared
+//! watch loop (`registry/watch.rs`).
 //!
-//! A set is emitted when it differs from the last one. A missing name empties the set only
-//! after `empty_after` missing answers in a row (re-checked at the TTL floor), so one lost
-//! or wrong answer does not drop every instance. Failures are yielded and retried with
-//! backoff; the last set stays.
+//! A missing name empties the set only after `empty_after` missing answers in a row
+//! (re-checked at the TTL floor), so one lost or wrong answer does not drop every instance.
+//! Failures are yielded and retried with backoff; the last set stays.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_core::Stream;
-use futures_util::stream;
 use tracing::debug;
 
 use super::Inner;
 use super::lookup::{self, Outcome};
 use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
-use crate::registry::pace::Pace;
+use crate::registry::watch::{self, Fetched, Source};
 
-struct State {
+/// DNS's side of the shared watch loop.
+struct Lookups {
     inner: Arc<Inner>,
     query: ServiceQuery,
     /// Missing answers in a row.
     misses: u32,
-    pace: Pace,
+    /// Waited before the next lookup: the last answer's TTL, within bounds.
+    next: Option<Duration>,
 }
 
 pub(super) fn stream(
     inner: Arc<Inner>,
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
-    let state = State {
-        pace: Pace::new(
-            super::REGISTRY,
-            inner.config.retry_base,
-            inner.config.retry_max,
-        ),
+    let retry = (inner.config.retry_base, inner.config.retry_max);
+    let source = Lookups {
         inner,
-        query,
+        query: query.clone(),
         misses: 0,
+        next: None,
     };
-    stream::unfold(state, State::next)
+    watch::watch(super::REGISTRY, query, retry, source)
 }
 
-impl State {
-    async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
-        loop {
-            self.pace.wait().await;
-            let resolved = match self.inner.target(&self.query.name) {
-                Ok(target) => {
-                    lookup::resolve(&self.inner.resolver, &target, &self.query.name).await
-                }
-                Err(error) => Err(error),
-            };
-            let set = match resolved {
-                Ok(Outcome::Found { mut instances, ttl }) => {
-                    self.misses = 0;
-                    self.pace.succeeded();
-                    self.pace.after(self.inner.clamp(ttl));
-                    instances.retain(|instance| self.query.matches(instance));
-                    instances
-                }
-                Ok(Outcome::Missing) => {
-                    self.misses += 1;
-                    self.pace.succeeded();
-                    self.pace.after(self.inner.config.min_ttl);
-                    if self.misses < self.inner.config.empty_after {
-                        debug!(name = %self.query.name, misses = self.misses, "no records; keeping the last set until it repeats");
-                        continue;
-                    }
-                    Vec::new()
-                }
-                Err(error) => {
-                    let failed = self.pace.failed(&self.query, error);
-                    return Some((failed, self));
-                }
-            };
-            if let Some(set) = self.pace.changed(set) {
-                return Some((Ok(set), self));
+impl Source for Lookups {
+    async fn fetch(&mut self) -> Fetched {
+        if let Some(delay) = self.next.take() {
+            tokio::time::sleep(delay).await;
+        }
+        let resolved = match self.inner.target(&self.query.name) {
+            Ok(target) => lookup::resolve(&self.inner.resolver, &target, &self.query.name).await,
+            Err(error) => Err(error),
+        };
+        match resolved {
+            Ok(Outcome::Found { mut instances, ttl }) => {
+                self.misses = 0;
+                self.next = Some(self.inner.clamp(ttl));
+                instances.retain(|instance| self.query.matches(instance));
+                Fetched::Set(instances)
             }
+            Ok(Outcome::Missing) => {
+                self.misses += 1;
+                self.next = Some(self.inner.config.min_ttl);
+                if self.misses < self.inner.config.empty_after {
+                    debug!(name = %self.query.name, misses = self.misses, "no records; keeping the last set until it repeats");
+                    return Fetched::Nothing;
+                }
+                Fetched::Set(Vec::new())
+            }
+            Err(error) => Fetched::Failed(error),
         }
     }
 }

@@ -1,19 +1,23 @@
 //! The etcd watch: a prefix get, then a watch from the revision after it.
 //!
 //! - PUT and DELETE events update the set; a set is emitted after each watch response that
-//!   changes it (the first get is always emitted, even empty).
-//! - A broken or closed stream is reopened from the revision after the last one seen, so
-//!   nothing is missed and nothing is read twice.
-//! - A watch whose start revision was compacted (etcd cancels it and reports the compact
-//!   revision) gets the prefix again and watches from there: the set is replaced whole,
-//!   never emitted half-updated.
-//! - Errors are yielded, and the next attempt waits out a full-jitter backoff.
+//!   changes it (the first get is always emitted, even empty). The revision the watch
+//!   stands at moves only with what a response proves was seen (its events, or a progress
+//!   notification), never with the header of the "created" answer, which is the store's
+//!   revision and may be past history still to come.
+//! - After a broken or closed stream, the next attempt gets the prefix again and watches
+//!   from there: the first set after an error is a fresh answer (which a
+//!   [`FallbackRegistry`](crate::registry::FallbackRegistry) takes as the registry being
+//!   back), never one rebuilt from a watch that has not caught up.
+//! - A watch etcd cancels (its start revision was compacted) gets the prefix again the same
+//!   way: the set is replaced whole, never emitted half-updated.
+//! - Errors are yielded, and the next attempt waits out a full-jitter backoff (the shared
+//!   watch loop, `registry/watch.rs`, which also emits only sets that changed).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_core::Stream;
-use futures_util::stream;
 use tracing::debug;
 
 use super::rpc::proto::etcdserverpb::{WatchCreateRequest, WatchResponse};
@@ -22,9 +26,10 @@ use super::rpc::{Answers, prefix_end};
 use super::{Inner, decode, etcd_error};
 use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
-use crate::registry::pace::Pace;
+use crate::registry::watch::{self, Fetched, Source};
 
-struct State {
+/// etcd's side of the shared watch loop (`registry/watch.rs`).
+struct Revisions {
     inner: Arc<Inner>,
     query: ServiceQuery,
     /// Key -> instance, as of `revision`.
@@ -32,83 +37,83 @@ struct State {
     /// The revision `set` reflects; `None` until the first get (or after a compaction).
     revision: Option<i64>,
     events: Option<Answers<WatchResponse>>,
-    pace: Pace,
 }
 
 pub(super) fn stream(
     inner: Arc<Inner>,
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
-    let state = State {
-        pace: Pace::new(
-            super::REGISTRY,
-            inner.config.retry_base,
-            inner.config.retry_max,
-        ),
+    let retry = (inner.config.retry_base, inner.config.retry_max);
+    let source = Revisions {
         inner,
-        query,
+        query: query.clone(),
         set: BTreeMap::new(),
         revision: None,
         events: None,
     };
-    stream::unfold(state, State::next)
+    watch::watch(super::REGISTRY, query, retry, source)
 }
 
-impl State {
-    async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
-        loop {
-            self.pace.wait().await;
-            let Some(revision) = self.revision else {
-                match self.inner.get_service(&self.query.name).await {
-                    Ok((instances, revision)) => {
-                        self.set = instances.into_iter().collect();
-                        self.revision = Some(revision);
-                        self.events = None;
-                        if let Some(set) = self.changed() {
-                            return Some((Ok(set), self));
-                        }
-                        continue;
-                    }
-                    Err(error) => return Some(self.failed(error)),
+impl Source for Revisions {
+    async fn fetch(&mut self) -> Fetched {
+        let Some(revision) = self.revision else {
+            return match self.inner.get_service(&self.query.name).await {
+                Ok((instances, revision)) => {
+                    self.set = instances.into_iter().collect();
+                    self.revision = Some(revision);
+                    self.events = None;
+                    Fetched::Set(self.current())
                 }
+                Err(error) => Fetched::Failed(error),
             };
-            let events = match &mut self.events {
-                Some(events) => events,
-                None => match self.open(revision + 1).await {
-                    Ok(events) => self.events.insert(events),
-                    Err(error) => return Some(self.failed(error)),
-                },
-            };
-            match events.message().await {
-                Ok(Some(response)) => {
-                    self.pace.succeeded();
-                    if response.compact_revision > 0 || response.canceled {
-                        debug!(
-                            service = %self.query.name,
-                            from = revision + 1,
-                            compacted = response.compact_revision,
-                            reason = response.cancel_reason,
-                            "etcd watch canceled; getting the service again"
-                        );
-                        self.revision = None;
-                        self.pace.back_off();
-                        continue;
-                    }
-                    self.apply(&response);
-                    if let Some(set) = self.changed() {
-                        return Some((Ok(set), self));
-                    }
+        };
+        let events = match &mut self.events {
+            Some(events) => events,
+            None => match self.open(revision + 1).await {
+                Ok(events) => self.events.insert(events),
+                Err(error) => {
+                    self.restart();
+                    return Fetched::Failed(error);
                 }
-                Ok(None) => {
-                    let closed = crate::Error::Unreachable {
-                        registry: super::REGISTRY,
-                        source: "the watch stream closed".into(),
-                    };
-                    return Some(self.failed(closed));
+            },
+        };
+        let answer = events.message().await;
+        match answer {
+            Ok(Some(response)) => {
+                if response.compact_revision > 0 || response.canceled {
+                    debug!(
+                        service = %self.query.name,
+                        from = revision + 1,
+                        compacted = response.compact_revision,
+                        reason = response.cancel_reason,
+                        "etcd watch canceled; getting the service again"
+                    );
+                    self.restart();
+                    return Fetched::StartOver;
                 }
-                Err(status) => return Some(self.failed(etcd_error(status))),
+                self.apply(&response);
+                Fetched::Set(self.current())
+            }
+            Ok(None) => {
+                self.restart();
+                Fetched::Failed(crate::Error::Unreachable {
+                    registry: super::REGISTRY,
+                    source: "the watch stream closed".into(),
+                })
+            }
+            Err(status) => {
+                self.restart();
+                Fetched::Failed(etcd_error(status))
             }
         }
+    }
+}
+
+impl Revisions {
+    /// The next fetch gets the prefix again.
+    fn restart(&mut self) {
+        self.revision = None;
+        self.events = None;
     }
 
     async fn open(&self, from: i64) -> Result<Answers<WatchResponse>> {
@@ -157,20 +162,12 @@ impl State {
         self.revision = Some(revision);
     }
 
-    /// The current set, when it differs from the last one emitted.
-    fn changed(&mut self) -> Option<Vec<ServiceInstance>> {
-        let set: Vec<ServiceInstance> = self
-            .set
+    /// The current set of instances `query` matches.
+    fn current(&self) -> Vec<ServiceInstance> {
+        self.set
             .values()
             .filter(|instance| self.query.matches(instance))
             .cloned()
-            .collect();
-        self.pace.changed(set)
-    }
-
-    fn failed(mut self, error: crate::Error) -> (Result<Vec<ServiceInstance>>, Self) {
-        self.events = None;
-        let failed = self.pace.failed(&self.query, error);
-        (failed, self)
+            .collect()
     }
 }

@@ -8,16 +8,16 @@
 //!   ever partial, and the current set stays whole while a relist runs.
 //! - `Apply`, `Delete`: one slice changed; the union is recomputed.
 //!
-//! A set is emitted when it differs from the last one emitted (the first list is always
-//! emitted, even empty). Errors are yielded and the next poll of the watcher waits out a
-//! full-jitter backoff; the stream never ends on its own.
+//! The shared watch loop (`registry/watch.rs`) emits a set when it differs from the last
+//! one (the first list always, even empty), yields errors and backs off before the next poll
+//! of the watcher; the stream never ends on its own.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_core::Stream;
 use futures_util::StreamExt;
-use futures_util::stream::{self, BoxStream};
+use futures_util::stream::BoxStream;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use tracing::debug;
@@ -26,76 +26,67 @@ use super::slices::{self, PortError, SliceEndpoint};
 use super::{Inner, port_error, watcher_error};
 use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
-use crate::registry::pace::Pace;
+use crate::registry::watch::{self, Fetched, Source};
 
 type Events = BoxStream<'static, Result<Event<EndpointSlice>, watcher::Error>>;
 type Slices = BTreeMap<String, Mapped>;
 
-struct State {
+/// Kubernetes' side of the shared watch loop (`registry/watch.rs`).
+struct Slicewatch {
     inner: Arc<Inner>,
     query: ServiceQuery,
-    /// Started on first poll, once the client exists.
+    /// Started on first fetch, once the client exists.
     events: Option<Events>,
     /// The namespace watched, known once started.
     namespace: String,
     fold: Fold,
-    pace: Pace,
 }
 
 pub(super) fn stream(
     inner: Arc<Inner>,
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
-    let state = State {
-        pace: Pace::new(
-            super::REGISTRY,
-            inner.settings.retry_base,
-            inner.settings.retry_max,
-        ),
+    let retry = (inner.settings.retry_base, inner.settings.retry_max);
+    let source = Slicewatch {
         inner,
-        query,
+        query: query.clone(),
         events: None,
         namespace: String::new(),
         fold: Fold::default(),
     };
-    stream::unfold(state, State::next)
+    watch::watch(super::REGISTRY, query, retry, source)
 }
 
-impl State {
-    async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
-        loop {
-            self.pace.wait().await;
-            let events = match &mut self.events {
-                Some(events) => events,
-                None => match self.start().await {
-                    Ok(()) => continue,
-                    Err(error) => return Some(self.failed(error)),
-                },
-            };
-            let event = match events.next().await {
-                Some(Ok(event)) => event,
-                Some(Err(error)) => return Some(self.failed(watcher_error(error))),
-                // The watcher never ends; if it did, start a new one.
-                None => {
-                    self.events = None;
-                    continue;
-                }
-            };
-            self.pace.succeeded();
-            let step = self.step(event);
-            if self.fold.apply(step) {
-                match self.fold.set(&self.query) {
-                    Ok(set) => {
-                        if let Some(set) = self.pace.changed(set) {
-                            return Some((Ok(set), self));
-                        }
-                    }
-                    Err(error) => return Some((Err(error), self)),
-                }
+impl Source for Slicewatch {
+    async fn fetch(&mut self) -> Fetched {
+        let events = match &mut self.events {
+            Some(events) => events,
+            None => match self.start().await {
+                Ok(events) => events,
+                Err(error) => return Fetched::Failed(error),
+            },
+        };
+        let event = match events.next().await {
+            Some(Ok(event)) => event,
+            Some(Err(error)) => return Fetched::Failed(watcher_error(error)),
+            // The watcher never ends; if it did, the next fetch starts a new one.
+            None => {
+                self.events = None;
+                return Fetched::Nothing;
             }
+        };
+        let step = self.step(event);
+        if !self.fold.apply(step) {
+            return Fetched::Nothing;
+        }
+        match self.fold.set(&self.query) {
+            Ok(set) => Fetched::Set(set),
+            Err(error) => Fetched::Failed(error),
         }
     }
+}
 
+impl Slicewatch {
     /// The watcher's event, its slice mapped to endpoints.
     fn step(&self, event: Event<EndpointSlice>) -> Step {
         let map = |slice: &EndpointSlice| {
@@ -125,17 +116,11 @@ impl State {
         }
     }
 
-    async fn start(&mut self) -> Result<()> {
+    async fn start(&mut self) -> Result<&mut Events> {
         let (api, namespace) = self.inner.slices(self.query.namespace.as_deref()).await?;
         let config = watcher::Config::default().labels(&self.inner.selector(&self.query.name));
-        self.events = Some(watcher::watcher(api, config).boxed());
         self.namespace = namespace;
-        Ok(())
-    }
-
-    fn failed(mut self, error: crate::Error) -> (Result<Vec<ServiceInstance>>, Self) {
-        let failed = self.pace.failed(&self.query, error);
-        (failed, self)
+        Ok(self.events.insert(watcher::watcher(api, config).boxed()))
     }
 }
 

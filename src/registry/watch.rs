@@ -1,0 +1,244 @@
+//! The watch loop every backend shares, written once.
+//!
+//! A backend supplies a [`Source`]: "fetch the next state" over its own protocol (Consul's
+//! blocking queries, kube-runtime's watcher, etcd's watch, DNS lookups), answering with one
+//! of the [`Fetched`] states. The driver owns the stream and the rest:
+//!
+//! - **deduplication**: a set is emitted when it differs from the last one emitted (the
+//!   first set always is), and the first set after an error always is, so that a follower
+//!   (a [`FallbackRegistry`](super::FallbackRegistry)) learns that the registry answers
+//!   again even when nothing changed;
+//! - **failures**: an error is logged and yielded, and the next fetch waits out a backoff
+//!   (exponential, full jitter, capped, reset by the next answer); the stream goes on;
+//! - **monitoring** (feature `metrics`): errors by kind and the time of the last good
+//!   answer, per registry and service.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::stream;
+use tokio::time::sleep;
+use tracing::warn;
+
+use crate::backoff::Backoff;
+use crate::error::{Chain, Error, Result};
+use crate::instance::{ServiceInstance, ServiceQuery};
+
+/// What one fetch of a backend's state gave.
+#[derive(Debug)]
+pub(crate) enum Fetched {
+    /// The registry answered with the whole current set (perhaps unchanged).
+    Set(Vec<ServiceInstance>),
+    /// The registry answered, with nothing to emit: a list still in progress, a bookmark, a
+    /// change elsewhere, a missing name not yet believed.
+    Nothing,
+    /// The registry answered that the backend must start over (an etcd watch compacted
+    /// away): nothing to emit, and the next fetch waits out a backoff, with no error.
+    StartOver,
+    /// The registry failed: the error is yielded and the next fetch waits out a backoff.
+    Failed(Error),
+}
+
+/// One backend's watch protocol.
+pub(crate) trait Source: Send + 'static {
+    /// Fetches the next state. Dropping the future cancels the fetch.
+    fn fetch(&mut self) -> impl Future<Output = Fetched> + Send;
+}
+
+/// Follows `source` for `query`, with the shared rules above.
+pub(crate) fn watch<S: Source>(
+    registry: &'static str,
+    query: ServiceQuery,
+    retry: (Duration, Duration),
+    source: S,
+) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
+    let driver = Driver {
+        registry,
+        query,
+        source,
+        last: None,
+        backoff: Backoff::new(retry.0, retry.1),
+        pause: None,
+        after_error: false,
+    };
+    stream::unfold(driver, Driver::next)
+}
+
+struct Driver<S> {
+    registry: &'static str,
+    query: ServiceQuery,
+    source: S,
+    /// The last set emitted.
+    last: Option<Vec<ServiceInstance>>,
+    backoff: Backoff,
+    /// Waited out before the next fetch.
+    pause: Option<Duration>,
+    /// The last item yielded was an error.
+    after_error: bool,
+}
+
+impl<S: Source> Driver<S> {
+    async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
+        loop {
+            if let Some(pause) = self.pause.take() {
+                sleep(pause).await;
+            }
+            match self.source.fetch().await {
+                Fetched::Set(set) => {
+                    self.answered();
+                    if self.after_error || self.last.as_ref() != Some(&set) {
+                        self.after_error = false;
+                        self.last = Some(set.clone());
+                        return Some((Ok(set), self));
+                    }
+                }
+                Fetched::Nothing => self.answered(),
+                Fetched::StartOver => {
+                    self.answered();
+                    self.pause = Some(self.backoff.next_delay());
+                }
+                Fetched::Failed(error) => {
+                    let pause = self.backoff.next_delay();
+                    warn!(
+                        registry = self.registry,
+                        service = %self.query.name,
+                        error = %Chain(&error),
+                        ?pause,
+                        "{} watch failed; retrying",
+                        self.registry
+                    );
+                    #[cfg(feature = "metrics")]
+                    metrics::failed(self.registry, &self.query.name, &error);
+                    self.pause = Some(pause);
+                    self.after_error = true;
+                    return Some((Err(error), self));
+                }
+            }
+        }
+    }
+
+    fn answered(&mut self) {
+        self.backoff.reset();
+        #[cfg(feature = "metrics")]
+        metrics::answered(self.registry, &self.query.name);
+    }
+}
+
+#[cfg(feature = "metrics")]
+mod metrics {
+    use metrics::{counter, gauge};
+
+    use crate::error::Error;
+
+    /// A watch error, counted by kind.
+    pub(super) fn failed(registry: &'static str, service: &str, error: &Error) {
+        counter!(
+            "tower_sd_registry_errors_total",
+            "registry" => registry,
+            "service" => service.to_owned(),
+            "kind" => error.kind_name(),
+        )
+        .increment(1);
+    }
+
+    /// The registry answered: the time of the last good answer, as Unix seconds (a
+    /// dashboard shows the time since as `time() - tower_sd_registry_last_answer_seconds`).
+    pub(super) fn answered(registry: &'static str, service: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        gauge!(
+            "tower_sd_registry_last_answer_seconds",
+            "registry" => registry,
+            "service" => service.to_owned(),
+        )
+        .set(now.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    /// Answers from a script, then nothing.
+    struct Script(VecDeque<Fetched>);
+
+    impl Source for Script {
+        async fn fetch(&mut self) -> Fetched {
+            match self.0.pop_front() {
+                Some(fetched) => fetched,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn set(ids: &[&str]) -> Vec<ServiceInstance> {
+        ids.iter()
+            .map(|id| ServiceInstance::new(*id, "svc", "10.0.0.1", 80))
+            .collect()
+    }
+
+    fn failure() -> Fetched {
+        Fetched::Failed(Error::Unreachable {
+            registry: "test",
+            source: "down".into(),
+        })
+    }
+
+    /// The first `n` items the driver yields for `script`: sets as their ids, errors as
+    /// "error".
+    async fn yielded(n: usize, script: Vec<Fetched>) -> Vec<String> {
+        let stream = watch(
+            "test",
+            ServiceQuery::new("svc"),
+            (Duration::from_millis(10), Duration::from_millis(100)),
+            Script(script.into()),
+        );
+        stream
+            .take(n)
+            .map(|item| match item {
+                Ok(set) => set
+                    .iter()
+                    .map(|i| i.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                Err(_) => "error".to_owned(),
+            })
+            .collect()
+            .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn equal_sets_are_emitted_once_but_again_after_an_error() {
+        let script = vec![
+            Fetched::Set(set(&["a"])),
+            Fetched::Set(set(&["a"])),
+            Fetched::Nothing,
+            Fetched::Set(set(&["a", "b"])),
+            failure(),
+            Fetched::Set(set(&["a", "b"])),
+            Fetched::Set(set(&["a", "b"])),
+            Fetched::StartOver,
+            Fetched::Set(set(&[])),
+        ];
+        assert_eq!(
+            yielded(5, script).await,
+            ["a", "a,b", "error", "a,b", ""],
+            "the set after the error is sent though unchanged"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_and_an_answer_resets_the_backoff() {
+        let started = tokio::time::Instant::now();
+        let script = vec![failure(), failure(), failure(), Fetched::Set(set(&["a"]))];
+        assert_eq!(yielded(4, script).await, ["error", "error", "error", "a"]);
+        // Full jitter under 10, 20 and 40 ms.
+        assert!(started.elapsed() <= Duration::from_millis(70));
+    }
+}
