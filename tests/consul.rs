@@ -79,7 +79,13 @@ async fn scenario(consul: ConsulRegistry, service: &str) {
     let started = Instant::now();
     consul.heartbeat(&instance.id).await.unwrap();
     let set = next_set(&mut watch, Duration::from_secs(5)).await;
-    assert_eq!(ids(&set), [instance.id.as_str()]);
+    // Discovered ids are `{node}/{service id}`: service ids are unique per agent only.
+    assert_eq!(set.len(), 1);
+    assert!(
+        set[0].id.ends_with(&format!("/{}", instance.id)),
+        "{:?}",
+        set[0].id
+    );
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "{:?}",
@@ -243,7 +249,9 @@ async fn a_critical_check_removes_the_instance_and_warning_lowers_its_weight() {
     );
 }
 
-#[tokio::test]
+/// On paused time (the agent is in-process), so the agent's real minimum of one minute
+/// before reaping costs nothing.
+#[tokio::test(start_paused = true)]
 async fn ttl_expiry_turns_critical_and_the_agent_reaps_it() {
     let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
@@ -274,7 +282,13 @@ async fn ttl_expiry_turns_critical_and_the_agent_reaps_it() {
             .await
             .is_empty()
     );
+    // 300 ms is below Consul's minimum: the agent raises it to a minute.
     tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        consul.health("ttl-1").await.unwrap(),
+        HealthStatus::Critical
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(consul.health("ttl-1").await.unwrap(), HealthStatus::Unknown);
 }
 
@@ -487,4 +501,218 @@ async fn an_index_of_zero_is_sent_back_as_one() {
         1,
         "the query right after an index of 0 asks for 1: {answers:?}"
     );
+}
+
+/// A registration body as an agent on another node would hold it.
+fn on_node(id: &str, name: &str, port: u16) -> serde_json::Value {
+    serde_json::json!({
+        "ID": id, "Name": name, "Tags": [], "Address": "10.0.0.9", "Port": port,
+        "Meta": {}, "Weights": {"Passing": 1, "Warning": 1},
+    })
+}
+
+#[tokio::test]
+async fn the_same_service_id_on_three_nodes_is_three_instances() {
+    let _limit = support::time_limit(60);
+    use std::convert::Infallible;
+    use tower::ServiceExt;
+    use tower_sd::RegistryDiscover;
+    use tower_sd::balance::Balance;
+
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    // The usual deployment: every node registers ID `web` (the default, the service name).
+    consul
+        .register(ServiceInstance::new("web", "web", "10.0.0.1", 8080))
+        .await
+        .unwrap();
+    fake.register_on("node-2", on_node("web", "web", 8080), "passing");
+    fake.register_on("node-3", on_node("web", "web", 8080), "passing");
+    let mut watch = consul.watch(&"web".into());
+    let set = next_set(&mut watch, Duration::from_secs(2)).await;
+    assert_eq!(ids(&set), ["node-1/web", "node-2/web", "node-3/web"]);
+
+    // A balancer keyed by id sees three endpoints, not one.
+    let discover = RegistryDiscover::endpoints(&consul, "web", |instance| {
+        let id = instance.id.clone();
+        Ok::<_, Infallible>(tower::service_fn(move |()| {
+            let id = id.clone();
+            async move { Ok::<_, Infallible>(id) }
+        }))
+    });
+    let balance = Balance::builder().build_endpoints(discover);
+    balance
+        .await_endpoints(Duration::from_secs(2))
+        .await
+        .unwrap();
+    support::until("three endpoints", || balance.endpoints().len() == 3).await;
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        served.insert(balance.clone().oneshot(()).await.unwrap());
+    }
+    assert_eq!(served.len(), 3, "{served:?}");
+
+    // One node fails its serfHealth check: only its instance goes.
+    fake.set_node_health("node-2", "critical");
+    let set = next_set(&mut watch, Duration::from_secs(2)).await;
+    assert_eq!(ids(&set), ["node-1/web", "node-3/web"]);
+    // The port changes under the same ID on one node: that instance alone changes.
+    fake.register_on("node-3", on_node("web", "web", 9090), "passing");
+    let set = next_set(&mut watch, Duration::from_secs(2)).await;
+    let ports: Vec<(&str, u16)> = set.iter().map(|i| (i.id.as_str(), i.port)).collect();
+    assert_eq!(ports, [("node-1/web", 8080), ("node-3/web", 9090)]);
+}
+
+#[tokio::test]
+async fn an_answer_filtered_by_acls_is_an_error_not_an_empty_set() {
+    let _limit = support::time_limit(60);
+    use support::fake_consul::Policy;
+
+    let fake = FakeConsul::start(Some("management")).await;
+    let admin = ConsulRegistry::builder()
+        .address(fake.url())
+        .token("management")
+        .build()
+        .unwrap();
+    admin
+        .register(ServiceInstance::new("web-1", "web", "10.0.0.1", 80))
+        .await
+        .unwrap();
+    // A token the agent knows, which may read another service only, and no token at all
+    // (the anonymous token, denied by default): 200 with the instances hidden.
+    fake.add_token(
+        "reads-other",
+        Policy {
+            read: vec!["other".into()],
+            write: false,
+        },
+    );
+    let builder = || {
+        ConsulRegistry::builder()
+            .address(fake.url())
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+    };
+    for consul in [
+        builder().token("reads-other").build().unwrap(),
+        builder().build().unwrap(),
+    ] {
+        let error = consul.discover(&"web".into()).await.unwrap_err();
+        assert!(
+            matches!(error, Error::Status { status: 403, .. }),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("403"), "{error}");
+        assert!(format!("{error:?}").contains("ACL"), "{error:?}");
+        // The watch yields the error: the caller's last set stands, no empty set.
+        let mut watch = consul.watch(&"web".into());
+        for _ in 0..2 {
+            let item = timeout(Duration::from_secs(2), watch.next())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                matches!(item, Err(Error::Status { status: 403, .. })),
+                "{item:?}"
+            );
+        }
+    }
+    // An unknown token is 403 from the agent itself.
+    let unknown = builder().token("no-such-token").build().unwrap();
+    assert!(matches!(
+        unknown.discover(&"web".into()).await,
+        Err(Error::Status { status: 403, .. })
+    ));
+    assert_eq!(admin.discover(&"web".into()).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_the_token_goes_nowhere_else() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(Some("management")).await;
+    // Another "agent" that records the tokens it is sent.
+    let elsewhere = FakeConsul::start(Some("other")).await;
+    let consul = ConsulRegistry::builder()
+        .address(fake.url())
+        .token("management")
+        .build()
+        .unwrap();
+    let to = format!("{}/v1/health/service/web", elsewhere.url());
+    fake.inject(Fault::Redirect(to));
+    let error = consul.discover(&"web".into()).await.unwrap_err();
+    assert!(
+        matches!(error, Error::Status { status: 307, .. }),
+        "{error:?}"
+    );
+    assert!(
+        elsewhere.requests().is_empty(),
+        "{:?}",
+        elsewhere.requests()
+    );
+    assert!(elsewhere.tokens_seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_check_update_needs_a_status_and_blocking_waits_for_a_higher_index() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = ConsulRegistry::builder()
+        .address(fake.url())
+        .health_check(HealthCheck::new(HealthCheckKind::Ttl(Duration::from_secs(
+            30,
+        ))))
+        .build()
+        .unwrap();
+    consul
+        .register(ServiceInstance::new("t-1", "t", "10.0.0.1", 80))
+        .await
+        .unwrap();
+    // The client's heartbeat carries a Status, which the agent requires.
+    consul.heartbeat("t-1").await.unwrap();
+    let url = format!("{}/v1/agent/check/update/service:t-1", fake.url());
+    let (status, _, _) = raw("PUT", &url, "{}").await;
+    assert_eq!(
+        status, 400,
+        "an update without Status is rejected, as by Consul"
+    );
+
+    // A blocking query at the current index waits for a change past it (here: until
+    // `wait` ends), and `passing` leaves out what is not passing.
+    let index = fake.index();
+    let started = Instant::now();
+    let url = format!(
+        "{}/v1/health/service/t?index={index}&wait=300ms",
+        fake.url()
+    );
+    let (_, headers, _) = raw("GET", &url, "").await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(headers["X-Consul-Index"], index.to_string());
+    fake.set_status("t-1", "warning");
+    let url = format!("{}/v1/health/service/t?passing", fake.url());
+    let (_, _, body) = raw("GET", &url, "").await;
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body.as_array().unwrap().len(), 0, "warning is not passing");
+    assert_eq!(
+        consul.discover(&"t".into()).await.unwrap().len(),
+        1,
+        "the client keeps warning ones"
+    );
+}
+
+/// A plain HTTP request to the fake agent: status, headers, body.
+async fn raw(method: &str, url: &str, body: &str) -> (u16, http::HeaderMap, Vec<u8>) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes().to_vec();
+    (parts.status.as_u16(), parts.headers, body)
 }

@@ -55,10 +55,89 @@ async fn acl_tokens_are_sent_checked_and_never_shown() {
         debug.contains("redacted") && !debug.contains(TOKEN),
         "{debug}"
     );
+    // A token the agent knows that may not read the service: the warning names the ACL
+    // problem, never the token.
+    const READER: &str = "r34d3r-0f-0th3r-8c2d";
+    fake.add_token(
+        READER,
+        support::fake_consul::Policy {
+            read: vec!["other".into()],
+            write: false,
+        },
+    );
+    let restricted = ConsulRegistry::builder()
+        .address(fake.url())
+        .token(READER)
+        .build()
+        .unwrap();
+    let error = restricted.discover(&"svc".into()).await.unwrap_err();
+    assert!(!format!("{error:?} {error}").contains(READER));
+
     let logs = logs.text();
     assert!(
         logs.contains("consul watch failed"),
         "logs were captured: {logs}"
     );
-    assert!(!logs.contains(TOKEN), "the token leaked into logs");
+    assert!(
+        logs.contains("filtered this answer by ACLs") && logs.contains("service:read"),
+        "the ACL problem is named: {logs}"
+    );
+    assert!(
+        !logs.contains(TOKEN) && !logs.contains(READER),
+        "a token leaked into logs"
+    );
+}
+
+/// Run as a separate process by `a_loopback_agent_is_never_reached_through_a_proxy`, with
+/// `HTTP_PROXY` set: discovers from the agent it is given, and says how it went.
+#[tokio::test]
+#[ignore = "helper process for a_loopback_agent_is_never_reached_through_a_proxy"]
+async fn proxied_process() {
+    let _limit = support::time_limit(60);
+    let Ok(agent) = std::env::var("TOWER_SD_AGENT") else {
+        return;
+    };
+    let mut builder = ConsulRegistry::builder().address(agent).token("management");
+    if std::env::var_os("TOWER_SD_USE_PROXY").is_some() {
+        builder = builder.system_proxy(true);
+    }
+    let outcome = builder.build().unwrap().discover(&"svc".into()).await;
+    println!("OUTCOME {}", if outcome.is_ok() { "ok" } else { "error" });
+}
+
+#[tokio::test]
+async fn a_loopback_agent_is_never_reached_through_a_proxy() {
+    let _limit = support::time_limit(60);
+    let agent = FakeConsul::start(Some("management")).await;
+    // A "proxy" that records what reaches it (an agent answers proxied requests too).
+    let proxy = FakeConsul::start(None).await;
+    let run = |use_proxy: bool| {
+        let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["proxied_process", "--exact", "--ignored", "--nocapture"])
+            .env("TOWER_SD_AGENT", agent.url())
+            .env("HTTP_PROXY", proxy.url())
+            .env("http_proxy", proxy.url())
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .kill_on_drop(true);
+        if use_proxy {
+            command.env("TOWER_SD_USE_PROXY", "1");
+        }
+        async move {
+            let output = command.output().await.unwrap();
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        }
+    };
+    let direct = run(false).await;
+    assert!(direct.contains("OUTCOME ok"), "{direct}");
+    assert!(
+        proxy.tokens_seen().is_empty(),
+        "the token went through the proxy"
+    );
+    assert!(proxy.requests().is_empty());
+    // Asked to, it does use the system's proxy (so the check above can fail).
+    let proxied = run(true).await;
+    assert!(proxied.contains("OUTCOME ok"), "{proxied}");
+    assert_eq!(proxy.tokens_seen(), ["management"]);
 }

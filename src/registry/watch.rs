@@ -27,6 +27,13 @@ use crate::instance::{ServiceInstance, ServiceQuery};
 
 /// What one fetch of a backend's state gave.
 #[derive(Debug)]
+#[cfg_attr(
+    not(all(feature = "dns", feature = "etcd", feature = "kubernetes")),
+    allow(
+        dead_code,
+        reason = "each state is used by some backend, not always compiled in"
+    )
+)]
 pub(crate) enum Fetched {
     /// The registry answered with the whole current set (perhaps unchanged).
     Set(Vec<ServiceInstance>),

@@ -1,13 +1,32 @@
-//! A fake Consul agent on 127.0.0.1, following the documented HTTP API
-//! (`api-docs/agent/service.mdx`, `agent/check.mdx`, `health.mdx`, `features/blocking.mdx`):
-//! agent registration with one check per service, TTL checks that expire and services reaped
-//! after `DeregisterCriticalServiceAfter`, maintenance mode, `/v1/health/service/:name` with
-//! `tag`, `dc`, `filter` (the `Service.Meta["k"] == "v" and ...` form), blocking queries
-//! (`index`, `wait`, `X-Consul-Index`), the agent health endpoint, ACL tokens (403), and
-//! injected faults.
+//! A fake Consul agent on 127.0.0.1, as strict as a real one where the tests can tell.
 //!
-//! Like Consul, a TTL check starts critical until its first update; other checks are run by
-//! the agent, and the fake treats them as passing until a test says otherwise.
+//! It follows the documented HTTP API (`api-docs/agent/service.mdx`, `agent/check.mdx`,
+//! `health.mdx`, `features/blocking.mdx`, `acl/index.mdx`):
+//!
+//! - **Nodes.** The agent is node `node-1`; services registered through its agent API live
+//!   there. [`FakeConsul::register_on`] puts services on other nodes (as their own agents
+//!   would), with the same service IDs if the test likes: IDs are unique per agent only.
+//!   Each node has a `serfHealth` check ([`FakeConsul::set_node_health`]); a critical node
+//!   check makes every service on the node critical.
+//! - **Checks.** One check per service, `service:<id>`. A TTL check starts critical until its
+//!   first update and turns critical when its TTL passes; an update must carry a `Status`
+//!   (400 otherwise). Other checks are run by the agent; the fake treats them as passing
+//!   until a test says otherwise. A service critical for `DeregisterCriticalServiceAfter`
+//!   is removed, with Consul's minimum of one minute (lower values are raised, as the agent
+//!   does).
+//! - **Health queries.** `/v1/health/service/:name` with `tag`, `dc`, `filter` (the
+//!   `Service.Meta["k"] == "v" and ...` form), `passing` (only entries whose checks all pass)
+//!   and blocking: with `index` and `wait`, the answer waits until the index moves past the
+//!   one asked (not merely differs), or `wait` ends. `X-Consul-Index` on every answer.
+//! - **ACLs** (with [`FakeConsul::start`]`(Some(token))`): default deny. An unknown token
+//!   gets 403 (`ACL not found`). A known token, or no token (the anonymous token), without
+//!   `service:read` on a service gets 200 with that service's entries removed and
+//!   `X-Consul-Results-Filtered-By-ACLs: true`; agent writes without `service:write` get 403.
+//! - Maintenance mode, the agent health endpoint, and injected faults.
+//!
+//! Not modelled: the catalog and KV APIs, sessions, prepared queries, multiple datacenters
+//! (any `dc` but `dc1` is an error), ACL policies beyond service read and write, the
+//! jitter Consul adds to `wait`.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -25,6 +44,11 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// The agent's own node.
+pub const AGENT_NODE: &str = "node-1";
+/// Consul raises a lower `DeregisterCriticalServiceAfter` to this.
+const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
+
 /// A fault the next health query answers with.
 #[derive(Clone, Debug)]
 pub enum Fault {
@@ -35,9 +59,34 @@ pub enum Fault {
     IndexBackwards,
     /// Answer normally, with `X-Consul-Index: 0`.
     IndexZero,
+    /// Answer `307 Temporary Redirect` to this URL.
+    Redirect(String),
+}
+
+/// What a token may do.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Services it may read; `*` for all.
+    pub read: Vec<String>,
+    /// Whether it may register, deregister and update services on the agent.
+    pub write: bool,
+}
+
+impl Policy {
+    fn can_read(&self, service: &str) -> bool {
+        self.read.iter().any(|s| s == "*" || s == service)
+    }
+
+    fn management() -> Self {
+        Self {
+            read: vec!["*".to_owned()],
+            write: true,
+        }
+    }
 }
 
 struct Service {
+    node: String,
     registration: Value,
     status: String,
     maintenance: bool,
@@ -49,7 +98,10 @@ struct Service {
 
 #[derive(Default)]
 struct Inner {
-    services: BTreeMap<String, Service>,
+    /// By node and service ID.
+    services: BTreeMap<(String, String), Service>,
+    /// `serfHealth` status by node; absent means passing.
+    nodes: BTreeMap<String, String>,
     index: u64,
     faults: VecDeque<Fault>,
     health_queries: u64,
@@ -57,11 +109,14 @@ struct Inner {
     /// Each health query's `index` parameter (0 when absent) and the `X-Consul-Index` it
     /// was answered with (`None` for an error answer), in order.
     answers: Vec<(u64, Option<u64>)>,
+    /// With ACLs on: the known tokens. `None`: ACLs off, everything is allowed.
+    tokens: Option<HashMap<String, Policy>>,
+    /// Every `X-Consul-Token` value received, for checks that a token went nowhere else.
+    tokens_seen: Vec<String>,
 }
 
 pub struct FakeConsul {
     pub addr: SocketAddr,
-    token: Option<String>,
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -70,7 +125,8 @@ pub struct FakeConsul {
 type Shared = Arc<FakeConsul>;
 
 impl FakeConsul {
-    /// Starts an agent; with `token`, every request must carry it as `X-Consul-Token`.
+    /// Starts an agent; with `token`, ACLs are on (default deny) and `token` is a
+    /// management token.
     pub async fn start(token: Option<&str>) -> Shared {
         Self::start_with(token, None).await
     }
@@ -99,11 +155,12 @@ impl FakeConsul {
 
     async fn start_with(token: Option<&str>, tls: Option<tokio_rustls::TlsAcceptor>) -> Shared {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tokens = token.map(|token| HashMap::from([(token.to_owned(), Policy::management())]));
         let fake = Arc::new(FakeConsul {
             addr: listener.local_addr().unwrap(),
-            token: token.map(str::to_owned),
             inner: Mutex::new(Inner {
                 index: 10,
+                tokens,
                 ..Inner::default()
             }),
             changed: watch::Sender::new(0),
@@ -116,7 +173,7 @@ impl FakeConsul {
             .route("/v1/agent/check/update/{check}", put(update_check))
             .route("/v1/agent/health/service/id/{id}", get(agent_health))
             .route("/v1/health/service/{name}", get(health_service))
-            // Every endpoint checks the ACL token first, as the agent does.
+            // Every endpoint resolves the ACL token first, as the agent does.
             .layer(axum::middleware::from_fn_with_state(Arc::clone(&fake), acl))
             .with_state(Arc::clone(&fake));
         let task = match tls {
@@ -164,10 +221,51 @@ impl FakeConsul {
         }
     }
 
-    /// Sets a service's check status, as the agent's check would.
-    pub fn set_status(&self, id: &str, status: &str) {
+    /// Adds a token with this policy (ACLs must be on).
+    pub fn add_token(&self, token: &str, policy: Policy) {
         let mut inner = self.inner.lock().unwrap();
-        let service = inner.services.get_mut(id).expect("registered");
+        inner
+            .tokens
+            .as_mut()
+            .expect("ACLs are on")
+            .insert(token.to_owned(), policy);
+    }
+
+    /// Every `X-Consul-Token` the agent received.
+    pub fn tokens_seen(&self) -> Vec<String> {
+        self.inner.lock().unwrap().tokens_seen.clone()
+    }
+
+    /// Registers a service on another node, as that node's agent would (a passing check,
+    /// unless `status` says otherwise).
+    pub fn register_on(&self, node: &str, registration: Value, status: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        let id = registration["ID"].as_str().unwrap().to_owned();
+        let mut service = Service::new(node, registration);
+        set_status(&mut service, status);
+        inner.services.insert((node.to_owned(), id), service);
+        self.bump(&mut inner);
+    }
+
+    /// Sets a node's `serfHealth` check: `critical` makes every service on it critical.
+    pub fn set_node_health(&self, node: &str, status: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.nodes.insert(node.to_owned(), status.to_owned());
+        self.bump(&mut inner);
+    }
+
+    /// Sets the check status of a service on the agent's node.
+    pub fn set_status(&self, id: &str, status: &str) {
+        self.set_status_on(AGENT_NODE, id, status);
+    }
+
+    /// Sets the check status of a service on `node`.
+    pub fn set_status_on(&self, node: &str, id: &str, status: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        let service = inner
+            .services
+            .get_mut(&(node.to_owned(), id.to_owned()))
+            .expect("registered");
         set_status(service, status);
         self.bump(&mut inner);
     }
@@ -196,12 +294,12 @@ impl FakeConsul {
         self.inner.lock().unwrap().requests.clone()
     }
 
+    /// The registration of a service on the agent's node.
     pub fn registration(&self, id: &str) -> Option<Value> {
-        self.inner
-            .lock()
-            .unwrap()
+        let inner = self.inner.lock().unwrap();
+        inner
             .services
-            .get(id)
+            .get(&(AGENT_NODE.to_owned(), id.to_owned()))
             .map(|s| s.registration.clone())
     }
 
@@ -251,18 +349,6 @@ impl FakeConsul {
             .min()
     }
 
-    /// The 403 answer when a token is required and the request lacks it.
-    fn denied(&self, headers: &HeaderMap) -> Option<Response> {
-        let sent = headers.get("X-Consul-Token").and_then(|v| v.to_str().ok());
-        match &self.token {
-            Some(token) if sent != Some(token.as_str()) => {
-                let message = "Permission denied: token lacks permission";
-                Some((StatusCode::FORBIDDEN, message).into_response())
-            }
-            _ => None,
-        }
-    }
-
     fn log(&self, line: String) {
         self.inner.lock().unwrap().requests.push(line);
     }
@@ -274,16 +360,60 @@ impl Drop for FakeConsul {
     }
 }
 
-/// Answers 403 when a token is required and the request does not carry it.
+impl Service {
+    fn new(node: &str, registration: Value) -> Self {
+        Self {
+            node: node.to_owned(),
+            registration,
+            status: "passing".to_owned(),
+            maintenance: false,
+            ttl: None,
+            ttl_deadline: None,
+            deregister_after: None,
+            critical_since: None,
+        }
+    }
+}
+
+/// The policy the request's token carries, as the agent resolves it.
+#[derive(Clone, Debug)]
+struct Caller(Policy);
+
+/// Resolves the ACL token (header or `token` query parameter): an unknown one is 403.
 async fn acl(
     State(fake): State<Shared>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match fake.denied(request.headers()) {
-        Some(denied) => denied,
-        None => next.run(request).await,
+    let token = request
+        .headers()
+        .get("X-Consul-Token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let policy = {
+        let mut inner = fake.inner.lock().unwrap();
+        if let Some(token) = &token {
+            inner.tokens_seen.push(token.clone());
+        }
+        match (&inner.tokens, &token) {
+            (None, _) => Ok(Policy::management()),
+            // The anonymous token: nothing, under default deny.
+            (Some(_), None) => Ok(Policy::default()),
+            (Some(tokens), Some(token)) => tokens.get(token).cloned().ok_or(()),
+        }
+    };
+    match policy {
+        Ok(policy) => {
+            request.extensions_mut().insert(Caller(policy));
+            next.run(request).await
+        }
+        Err(()) => (StatusCode::FORBIDDEN, "ACL not found").into_response(),
     }
+}
+
+fn denied(permission: &str) -> Response {
+    let message = format!("Permission denied: token lacks permission '{permission}'");
+    (StatusCode::FORBIDDEN, message).into_response()
 }
 
 fn set_status(service: &mut Service, status: &str) {
@@ -324,10 +454,14 @@ fn parse_go_duration(text: &str) -> Option<Duration> {
 
 async fn register(
     State(fake): State<Shared>,
+    axum::Extension(Caller(policy)): axum::Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
     Json(body): Json<Value>,
 ) -> Response {
     fake.log(format!("PUT register {q:?}"));
+    if !policy.write {
+        return denied("service:write");
+    }
     let Some(id) = body["ID"].as_str().map(str::to_owned) else {
         return (StatusCode::BAD_REQUEST, "missing ID").into_response();
     };
@@ -335,30 +469,36 @@ async fn register(
     let ttl = check["TTL"].as_str().and_then(parse_go_duration);
     let deregister_after = check["DeregisterCriticalServiceAfter"]
         .as_str()
-        .and_then(parse_go_duration);
+        .and_then(parse_go_duration)
+        .map(|after| after.max(MIN_DEREGISTER_AFTER));
     let status =
         check["Status"]
             .as_str()
             .unwrap_or(if ttl.is_some() { "critical" } else { "passing" });
-    let mut service = Service {
-        registration: body.clone(),
-        status: String::new(),
-        maintenance: false,
-        ttl,
-        ttl_deadline: None,
-        deregister_after,
-        critical_since: None,
-    };
+    let mut service = Service::new(AGENT_NODE, body.clone());
+    service.ttl = ttl;
+    service.deregister_after = deregister_after;
     set_status(&mut service, status);
     let mut inner = fake.inner.lock().unwrap();
-    inner.services.insert(id, service);
+    inner.services.insert((AGENT_NODE.to_owned(), id), service);
     fake.bump(&mut inner);
     StatusCode::OK.into_response()
 }
 
-async fn deregister(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
+async fn deregister(
+    State(fake): State<Shared>,
+    axum::Extension(Caller(policy)): axum::Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    if !policy.write {
+        return denied("service:write");
+    }
     let mut inner = fake.inner.lock().unwrap();
-    if inner.services.remove(&id).is_none() {
+    if inner
+        .services
+        .remove(&(AGENT_NODE.to_owned(), id.clone()))
+        .is_none()
+    {
         return (StatusCode::NOT_FOUND, format!("Unknown service ID {id:?}")).into_response();
     }
     fake.bump(&mut inner);
@@ -367,11 +507,15 @@ async fn deregister(State(fake): State<Shared>, Path(id): Path<String>) -> Respo
 
 async fn maintenance(
     State(fake): State<Shared>,
+    axum::Extension(Caller(policy)): axum::Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    if !policy.write {
+        return denied("service:write");
+    }
     let mut inner = fake.inner.lock().unwrap();
-    let Some(service) = inner.services.get_mut(&id) else {
+    let Some(service) = inner.services.get_mut(&(AGENT_NODE.to_owned(), id)) else {
         return (StatusCode::NOT_FOUND, "Unknown service").into_response();
     };
     service.maintenance = q.get("enable").map(String::as_str) == Some("true");
@@ -381,12 +525,23 @@ async fn maintenance(
 
 async fn update_check(
     State(fake): State<Shared>,
+    axum::Extension(Caller(policy)): axum::Extension<Caller>,
     Path(check): Path<String>,
     Json(body): Json<Value>,
 ) -> Response {
+    if !policy.write {
+        return denied("service:write");
+    }
+    let Some(status) = body["Status"]
+        .as_str()
+        .filter(|s| ["passing", "warning", "critical"].contains(s))
+        .map(str::to_owned)
+    else {
+        return (StatusCode::BAD_REQUEST, "Missing or invalid status").into_response();
+    };
     let id = check.strip_prefix("service:").unwrap_or(&check).to_owned();
     let mut inner = fake.inner.lock().unwrap();
-    let Some(service) = inner.services.get_mut(&id) else {
+    let Some(service) = inner.services.get_mut(&(AGENT_NODE.to_owned(), id)) else {
         return (StatusCode::NOT_FOUND, format!("Unknown check ID {check:?}")).into_response();
     };
     let Some(ttl) = service.ttl else {
@@ -396,31 +551,41 @@ async fn update_check(
         )
             .into_response();
     };
-    set_status(service, body["Status"].as_str().unwrap_or("passing"));
+    set_status(service, &status);
     service.ttl_deadline = Some(Instant::now() + ttl);
     fake.bump(&mut inner);
     StatusCode::OK.into_response()
 }
 
-fn effective_status(service: &Service) -> &str {
+fn effective_status(service: &Service, node: &str) -> String {
     if service.maintenance {
-        "maintenance"
+        "maintenance".to_owned()
+    } else if node == "critical" {
+        "critical".to_owned()
     } else {
-        &service.status
+        service.status.clone()
     }
 }
 
-async fn agent_health(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
+async fn agent_health(
+    State(fake): State<Shared>,
+    axum::Extension(Caller(policy)): axum::Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     let mut inner = fake.inner.lock().unwrap();
     fake.refresh(&mut inner);
-    let Some(service) = inner.services.get(&id) else {
+    let Some(service) = inner.services.get(&(AGENT_NODE.to_owned(), id)) else {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({"AggregatedStatus": "critical"})),
         )
             .into_response();
     };
-    let status = effective_status(service).to_owned();
+    if !policy.can_read(service.registration["Name"].as_str().unwrap_or_default()) {
+        return denied("service:read");
+    }
+    let node = inner.nodes.get(AGENT_NODE).cloned().unwrap_or_default();
+    let status = effective_status(service, &node);
     let code = match status.as_str() {
         "passing" => StatusCode::OK,
         "warning" => StatusCode::TOO_MANY_REQUESTS,
@@ -453,8 +618,37 @@ fn filter_matches(filter: &str, meta: &Value) -> bool {
     })
 }
 
+/// One health entry as Consul renders it.
+fn entry(service: &Service, node_status: &str, index: u64) -> Value {
+    let r = &service.registration;
+    let id = r["ID"].as_str().unwrap_or_default();
+    let node = &service.node;
+    let mut checks = vec![
+        json!({"Node": node, "CheckID": "serfHealth", "Status": node_status}),
+        json!({"Node": node, "CheckID": format!("service:{id}"), "Status": service.status, "ServiceID": id}),
+    ];
+    if service.maintenance {
+        checks.push(json!({"Node": node, "CheckID": format!("_service_maintenance:{id}"), "Status": "critical"}));
+    }
+    let meta = if r["Meta"].as_object().is_none_or(|m| m.is_empty()) {
+        Value::Null
+    } else {
+        r["Meta"].clone()
+    };
+    json!({
+        "Node": {"ID": format!("id-{node}"), "Node": node, "Address": "127.0.0.1", "Datacenter": "dc1",
+                 "Meta": {"zone": "node-zone"}, "CreateIndex": 1, "ModifyIndex": 1},
+        "Service": {
+            "ID": id, "Service": r["Name"], "Tags": r["Tags"], "Address": r["Address"], "Port": r["Port"],
+            "Meta": meta, "Weights": r["Weights"], "Namespace": "default", "CreateIndex": 5, "ModifyIndex": index,
+        },
+        "Checks": checks,
+    })
+}
+
 async fn health_service(
     State(fake): State<Shared>,
+    axum::Extension(Caller(policy)): axum::Extension<Caller>,
     Path(name): Path<String>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
@@ -470,6 +664,7 @@ async fn health_service(
     if param("dc").is_some_and(|dc| dc != "dc1") {
         return (StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter").into_response();
     }
+    let passing_only = param("passing").is_some_and(|p| p != "false");
 
     let asked: u64 = param("index").and_then(|i| i.parse().ok()).unwrap_or(0);
     let fault = {
@@ -482,11 +677,20 @@ async fn health_service(
             fake.inner.lock().unwrap().answers.push((asked, None));
             return (StatusCode::from_u16(*code).unwrap(), "injected fault").into_response();
         }
+        Some(Fault::Redirect(to)) => {
+            fake.inner.lock().unwrap().answers.push((asked, None));
+            return (
+                StatusCode::TEMPORARY_REDIRECT,
+                [("Location", to.clone())],
+                "moved",
+            )
+                .into_response();
+        }
         Some(Fault::Slow(delay)) => tokio::time::sleep(*delay).await,
         _ => {}
     }
 
-    // Blocking query: wait while the index is unchanged, up to `wait`.
+    // Blocking query: wait until the index moves past the one asked, up to `wait`.
     let wait = param("wait")
         .and_then(|w| parse_go_duration(&w))
         .unwrap_or(Duration::from_secs(300));
@@ -498,7 +702,7 @@ async fn health_service(
             let next = fake.refresh(&mut inner);
             (inner.index, next)
         };
-        if asked == 0 || index != asked || Instant::now() >= give_up {
+        if asked == 0 || index > asked || Instant::now() >= give_up {
             break;
         }
         let until = next_deadline.map_or(give_up, |d| d.min(give_up));
@@ -509,35 +713,40 @@ async fn health_service(
     }
 
     let mut inner = fake.inner.lock().unwrap();
+    let mut filtered = false;
     let entries: Vec<Value> = inner
         .services
         .values()
         .filter(|s| s.registration["Name"].as_str() == Some(name.as_str()))
+        .filter(|_| {
+            let readable = policy.can_read(&name);
+            filtered |= !readable;
+            readable
+        })
         .filter(|s| {
-            let have = s.registration["Tags"].as_array().cloned().unwrap_or_default();
-            tags.iter().all(|t| have.iter().any(|h| h.as_str() == Some(t)))
+            let have = s.registration["Tags"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            tags.iter()
+                .all(|t| have.iter().any(|h| h.as_str() == Some(t)))
         })
         .filter(|s| param("filter").is_none_or(|f| filter_matches(&f, &s.registration["Meta"])))
         .map(|s| {
-            let r = &s.registration;
-            let id = r["ID"].as_str().unwrap_or_default();
-            let mut checks = vec![
-                json!({"Node": "node-1", "CheckID": "serfHealth", "Status": "passing"}),
-                json!({"Node": "node-1", "CheckID": format!("service:{id}"), "Status": s.status, "ServiceID": id}),
-            ];
-            if s.maintenance {
-                checks.push(json!({"CheckID": format!("_service_maintenance:{id}"), "Status": "critical"}));
-            }
-            json!({
-                "Node": {"ID": "40e4a748", "Node": "node-1", "Address": "127.0.0.1", "Datacenter": "dc1",
-                         "Meta": {"zone": "node-zone"}, "CreateIndex": 1, "ModifyIndex": 1},
-                "Service": {
-                    "ID": id, "Service": r["Name"], "Tags": r["Tags"], "Address": r["Address"], "Port": r["Port"],
-                    "Meta": if r["Meta"].as_object().is_some_and(|m| m.is_empty()) { Value::Null } else { r["Meta"].clone() },
-                    "Weights": r["Weights"], "Namespace": "default", "CreateIndex": 5, "ModifyIndex": inner.index,
-                },
-                "Checks": checks,
-            })
+            let node_status = inner
+                .nodes
+                .get(&s.node)
+                .cloned()
+                .unwrap_or_else(|| "passing".to_owned());
+            entry(s, &node_status, inner.index)
+        })
+        .filter(|entry| {
+            !passing_only
+                || entry["Checks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|check| check["Status"] == "passing")
         })
         .collect();
     let index = match fault {
@@ -550,12 +759,18 @@ async fn health_service(
         Some(Fault::MalformedJson) => "[{\"Node\": ".to_owned(),
         _ => Value::Array(entries).to_string(),
     };
-    (
+    let mut response = (
         [
             ("X-Consul-Index", index.to_string()),
             ("Content-Type", "application/json".to_owned()),
         ],
         body,
     )
-        .into_response()
+        .into_response();
+    if filtered {
+        response
+            .headers_mut()
+            .insert("X-Consul-Results-Filtered-By-ACLs", "true".parse().unwrap());
+    }
+    response
 }

@@ -23,6 +23,9 @@ pub(crate) struct HealthEntry {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub(crate) struct Node {
+    /// The node's name.
+    #[serde(default)]
+    pub(crate) node: String,
     #[serde(default)]
     pub(crate) address: String,
     #[serde(default, deserialize_with = "null_default")]
@@ -137,7 +140,9 @@ impl HealthEntry {
             .or_else(|| self.node.meta.get(&mapping.zone_key))
             .cloned();
         Some(ServiceInstance {
-            id: self.service.id,
+            // Service IDs are unique per agent only (the default ID is the service name, so
+            // `web` on every node is the usual case): qualify them by node.
+            id: format!("{}/{}", self.node.node, self.service.id),
             name: self.service.service,
             address,
             port,
@@ -196,6 +201,7 @@ mod tests {
             .unwrap()
             .into_instance(&mapping)
             .unwrap();
+        assert_eq!(instance.id, "node-1/redis-1", "qualified by node");
         assert_eq!(instance.address, "10.1.10.12", "falls back to Node.Address");
         assert_eq!(instance.port, 8000);
         assert_eq!(instance.weight, 1, "a warning check uses Weights.Warning");

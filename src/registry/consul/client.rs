@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde_json::json;
+use tracing::warn;
 
 use super::api::{HealthEntry, Mapping, Registration, Weights};
 use super::config::{ConsulBuilder, HealthCheckKind, go_duration};
@@ -95,10 +96,17 @@ impl Client {
         // reqwest is built without a crypto provider and the library never installs a
         // process-wide one, so it always gets a preconfigured rustls with ring.
         let tls = tls_config(config.ca_file.as_deref(), base.scheme() == "https")?;
-        let http = reqwest::Client::builder()
+        // The token stays with the agent: never follow a redirect (reqwest would resend
+        // `X-Consul-Token`, which it does not know to strip, to wherever it points), and
+        // never send it through a system proxy to a loopback agent unless asked to.
+        let mut http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
-            .build()
-            .map_err(|e| invalid("address", e))?;
+            .redirect(reqwest::redirect::Policy::none());
+        let loopback = is_loopback(&base);
+        if !config.system_proxy.unwrap_or(!loopback) {
+            http = http.no_proxy();
+        }
+        let http = http.build().map_err(|e| invalid("address", e))?;
         let mapping = Mapping {
             zone_key: config.zone_key.clone(),
             tagged_address: config.tagged_address.clone(),
@@ -137,14 +145,30 @@ impl Client {
         request: RequestBuilder,
         timeout: Duration,
     ) -> Result<(StatusCode, Option<u64>, Vec<u8>)> {
+        let (status, headers, body) = self.send_with_headers(request, timeout).await?;
+        Ok((status, headers.index, body))
+    }
+
+    /// [`send`](Self::send), with the headers the backend reads.
+    async fn send_with_headers(
+        &self,
+        request: RequestBuilder,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Answer, Vec<u8>)> {
         let transport = |error| transport(error, timeout);
         let mut response = request.timeout(timeout).send().await.map_err(transport)?;
         let status = response.status();
-        let index = response
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let answer = Answer {
+            index: header("X-Consul-Index").and_then(|v| v.parse::<u64>().ok()),
+            filtered: header("X-Consul-Results-Filtered-By-ACLs").is_some_and(|v| v == "true"),
+        };
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > self.config.max_body_bytes {
@@ -156,7 +180,7 @@ impl Client {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok((status, index, body))
+        Ok((status, answer, body))
     }
 
     /// Sends a request that must succeed (2xx), or maps the status to an error.
@@ -311,10 +335,11 @@ impl Client {
             }
             None => self.config.request_timeout,
         };
-        let (status, index, body) = self.send(request, timeout).await?;
+        let (status, answer, body) = self.send_with_headers(request, timeout).await?;
         if !status.is_success() {
             return Err(status_error(status, &body));
         }
+        let index = answer.index;
         let entries: Vec<HealthEntry> =
             serde_json::from_slice(&body).map_err(|e| Error::Malformed {
                 registry: REGISTRY,
@@ -327,8 +352,45 @@ impl Client {
             .filter(|instance| query.matches(instance))
             .collect();
         instances.sort_by(|a, b| a.id.cmp(&b.id));
+        if answer.filtered {
+            // A token Consul knows but that may not read (all of) the service: the answer
+            // hides instances. Never the token itself in the message.
+            warn!(
+                service = %query.name,
+                instances = instances.len(),
+                "Consul filtered this answer by ACLs: the token lacks service:read on the service (or the anonymous token is denied)"
+            );
+            if instances.is_empty() {
+                return Err(Error::Status {
+                    registry: REGISTRY,
+                    status: 403,
+                    source: format!(
+                        "every instance of `{}` was filtered out by ACLs: the token lacks service:read",
+                        query.name
+                    )
+                    .into(),
+                });
+            }
+        }
         Ok((instances, index))
     }
+}
+
+/// The headers of an answer the backend reads.
+struct Answer {
+    index: Option<u64>,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`.
+    filtered: bool,
+}
+
+/// Whether the agent is on this machine (`localhost`, `127.0.0.0/8`, `::1`).
+fn is_loopback(url: &Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Metadata filters as a Consul filter expression: `Service.Meta["k"] == "v" and ...`.

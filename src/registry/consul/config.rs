@@ -107,6 +107,9 @@ pub struct ConsulBuilder {
     pub(crate) retry_base: Duration,
     pub(crate) retry_max: Duration,
     pub(crate) requests_per_second: f64,
+    /// Whether requests may go through the system's proxy (`HTTP_PROXY` and friends);
+    /// `None`: not for a loopback agent, else as the system says.
+    pub(crate) system_proxy: Option<bool>,
 }
 
 impl Default for ConsulBuilder {
@@ -128,6 +131,7 @@ impl Default for ConsulBuilder {
             retry_base: Duration::from_millis(250),
             retry_max: Duration::from_secs(30),
             requests_per_second: 5.0,
+            system_proxy: None,
         }
     }
 }
@@ -237,6 +241,15 @@ impl ConsulBuilder {
     /// of that many is allowed), so index churn cannot make it spin.
     pub fn requests_per_second(mut self, rate: f64) -> Self {
         self.requests_per_second = rate;
+        self
+    }
+
+    /// Whether requests (and so the ACL token) may go through the system's proxy settings
+    /// (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`). By default they do, except to an agent on
+    /// a loopback address (`localhost`, `127.0.0.0/8`, `::1`), which is always dialled
+    /// directly. Redirects are never followed, whatever this says.
+    pub fn system_proxy(mut self, use_it: bool) -> Self {
+        self.system_proxy = Some(use_it);
         self
     }
 

@@ -45,8 +45,23 @@ use client::Client;
 ///   [`ConsulBuilder::wait`]).
 /// - `health` reads `/v1/agent/health/service/id/:id`.
 ///
-/// The ACL token is sent as `X-Consul-Token` and never appears in `Debug` output, logs or
-/// errors.
+/// **Instance ids.** Consul's service IDs are unique per agent, not per cluster (the default
+/// ID is the service name, so `web` on every node is the usual case), so discovered
+/// instances have the id `{node}/{service ID}`, e.g. `node-1/web`; everything downstream is
+/// keyed by it. The agent operations (`deregister`, `health`, `heartbeat`,
+/// `set_maintenance`) act on the local agent and take the service ID the instance was
+/// registered with.
+///
+/// **ACLs.** The token is sent as `X-Consul-Token` and never appears in `Debug` output, logs
+/// or errors. Consul answers 403 only for an unknown token; a known token without
+/// `service:read` (or the anonymous token under default deny) gets its answer with the
+/// instances it may not see removed and `X-Consul-Results-Filtered-By-ACLs: true`. Such an
+/// answer is logged as a warning naming the ACL problem, and when it leaves nothing it is an
+/// [`Error::Status`](crate::Error::Status) of 403, not an empty set: the last set stands.
+///
+/// **Redirects and proxies.** Redirects are never followed (the token would go along), and
+/// an agent on a loopback address is always dialled directly, never through the system's
+/// proxy, unless [`ConsulBuilder::system_proxy`] says otherwise.
 #[derive(Clone)]
 pub struct ConsulRegistry {
     client: Arc<Client>,
