@@ -78,3 +78,154 @@ fn requests_ejections_and_updates_are_counted() {
     assert!(values.contains_key("tower_sd_last_update_seconds service=metered"));
     assert!(values.contains_key("tower_sd_endpoints service=metered,state=ready"));
 }
+
+/// Every metric the snapshot holds, as `name label=value,...` to its value.
+fn snapshot(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) -> std::collections::HashMap<String, DebugValue> {
+    let mut values = std::collections::HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let mut labels: Vec<String> = key
+            .key()
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        labels.sort();
+        values.insert(format!("{} {}", key.key().name(), labels.join(",")), value);
+    }
+    values
+}
+
+#[cfg(feature = "consul")]
+#[test]
+fn registry_metrics_say_what_fails_what_is_served_and_what_is_followed() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use support::fake_consul::{FakeConsul, Fault};
+    use tower_sd::registry::consul::ConsulRegistry;
+    use tower_sd::registry::{CachedRegistry, FallbackRegistry};
+    use tower_sd::{ServiceInstance, ServiceRegistry, StaticRegistry};
+
+    let _limit = support::time_limit(60);
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let fake = FakeConsul::start(None).await;
+            let consul: Arc<dyn ServiceRegistry> = Arc::new(
+                ConsulRegistry::builder()
+                    .address(fake.url())
+                    .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+                    .requests_per_second(50.0)
+                    .build()
+                    .unwrap(),
+            );
+            consul
+                .register(ServiceInstance::new("a", "api", "10.0.0.1", 80))
+                .await
+                .unwrap();
+            let cached: Arc<dyn ServiceRegistry> =
+                Arc::new(CachedRegistry::builder(consul.clone()).build());
+            let last_resort =
+                StaticRegistry::new(vec![ServiceInstance::new("s", "api", "10.0.0.9", 80)])
+                    .unwrap();
+            let chain = FallbackRegistry::new(vec![cached, Arc::new(last_resort)])
+                .unwrap()
+                .failover_after(Duration::from_millis(200));
+            let mut watch = chain.watch(&"api".into());
+            assert!(watch.next().await.unwrap().is_ok());
+            // A snapshot takes what was recorded since the last one: one per phase.
+            let gauge =
+                |values: &std::collections::HashMap<String, DebugValue>, name: &str| match values
+                    .get(name)
+                {
+                    Some(DebugValue::Gauge(v)) => v.into_inner(),
+                    other => panic!(
+                        "{name}: {other:?} in {:?}",
+                        values.keys().collect::<Vec<_>>()
+                    ),
+                };
+            let values = snapshot(&snapshotter);
+            assert_eq!(
+                gauge(
+                    &values,
+                    "tower_sd_fallback_active registry=consul,service=api"
+                ),
+                0.0
+            );
+            assert!(
+                gauge(
+                    &values,
+                    "tower_sd_registry_last_answer_seconds registry=consul,service=api"
+                ) > 0.0
+            );
+
+            for _ in 0..100_000 {
+                fake.inject(Fault::Status(500));
+            }
+            consul
+                .register(ServiceInstance::new("a", "api", "10.0.0.1", 80))
+                .await
+                .unwrap();
+            // Errors until the chain follows the static list.
+            loop {
+                if let Some(Ok(set)) = watch.next().await
+                    && set[0].id == "s"
+                {
+                    break;
+                }
+            }
+            let values = snapshot(&snapshotter);
+            match values
+                .get("tower_sd_registry_errors_total kind=status,registry=consul,service=api")
+            {
+                Some(DebugValue::Counter(n)) => assert!(*n >= 1),
+                other => panic!("{other:?} in {:?}", values.keys().collect::<Vec<_>>()),
+            }
+            assert_eq!(
+                gauge(
+                    &values,
+                    "tower_sd_cache_serving registry=consul,service=api"
+                ),
+                1.0
+            );
+            assert_eq!(
+                gauge(
+                    &values,
+                    "tower_sd_fallback_active registry=static,service=api"
+                ),
+                1.0
+            );
+
+            fake.clear_faults();
+            loop {
+                if let Some(Ok(set)) = watch.next().await
+                    && set[0].id != "s"
+                {
+                    break;
+                }
+            }
+            let values = snapshot(&snapshotter);
+            assert_eq!(
+                gauge(
+                    &values,
+                    "tower_sd_cache_serving registry=consul,service=api"
+                ),
+                0.0
+            );
+            assert_eq!(
+                gauge(
+                    &values,
+                    "tower_sd_fallback_active registry=consul,service=api"
+                ),
+                0.0
+            );
+        });
+    });
+}

@@ -58,6 +58,7 @@ async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
     up.register(instance("b")).await.unwrap();
     let cached = CachedRegistry::builder(up).persist_to(&file).build();
     assert_eq!(cached.discover(&"api".into()).await.unwrap().len(), 2);
+    cached.persisted().await;
     assert!(file.exists());
 
     // A new process, the registry down.
@@ -105,6 +106,136 @@ async fn fallback_discover_asks_down_the_chain() {
         2
     );
     assert!(FallbackRegistry::new(Vec::new()).is_err());
+}
+
+/// A scratch directory for cache files.
+fn cache_dir(name: &str) -> std::path::PathBuf {
+    support::process::scratch_dir(name)
+}
+
+#[tokio::test]
+async fn a_persisted_set_older_than_max_stale_is_not_served() {
+    let _limit = support::time_limit(60);
+    let file = cache_dir("cache-stale").join("cache.json");
+    let up = Arc::new(Unreliable::default());
+    up.register(instance("a")).await.unwrap();
+    let cached = CachedRegistry::builder(up).persist_to(&file).build();
+    cached.discover(&"api".into()).await.unwrap();
+    cached.persisted().await;
+
+    // The saved answer is an hour old.
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let ms = hour_ago
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    saved[0]["fetched_unix_ms"] = ms.into();
+    std::fs::write(&file, serde_json::to_vec(&saved).unwrap()).unwrap();
+
+    let down = Arc::new(Unreliable::default());
+    down.down.store(true, Ordering::SeqCst);
+    let strict = CachedRegistry::builder(down.clone())
+        .persist_to(&file)
+        .max_stale(Duration::from_secs(600))
+        .build();
+    assert!(strict.stats()[0].from_file);
+    assert!(
+        strict.discover(&"api".into()).await.is_err(),
+        "too old to serve"
+    );
+    let mut watch = strict.watch(&"api".into());
+    assert!(
+        watch.next().await.unwrap().is_err(),
+        "no seed: the registry's error first"
+    );
+
+    // Within max_stale it is served, and said to come from the file until the registry
+    // answers.
+    let lenient = CachedRegistry::builder(down.clone())
+        .persist_to(&file)
+        .max_stale(Duration::from_secs(7200))
+        .build();
+    let mut watch = lenient.watch(&"api".into());
+    assert_eq!(watch.next().await.unwrap().unwrap().len(), 1);
+    assert!(lenient.stats()[0].from_file);
+    down.down.store(false, Ordering::SeqCst);
+    down.register(instance("a")).await.unwrap();
+    assert_eq!(lenient.discover(&"api".into()).await.unwrap().len(), 1);
+    assert!(!lenient.stats()[0].from_file);
+}
+
+#[tokio::test]
+async fn the_cache_keeps_a_bounded_number_of_queries_and_never_drops_a_watched_one() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(Unreliable::default());
+    let cached = CachedRegistry::builder(registry.clone())
+        .max_entries(3)
+        .build();
+    let watched: tower_sd::ServiceQuery = "watched".into();
+    let mut watch = cached.watch(&watched);
+    assert!(watch.next().await.unwrap().unwrap().is_empty());
+    for n in 0..20 {
+        cached.discover(&format!("svc-{n}").into()).await.unwrap();
+    }
+    let stats = cached.stats();
+    assert!(stats.len() <= 3, "{} queries kept", stats.len());
+    assert!(
+        stats.iter().any(|s| s.query == watched),
+        "the watched query stays"
+    );
+    // Once no watch follows it, it may go like the others.
+    drop(watch);
+    for n in 20..40 {
+        cached.discover(&format!("svc-{n}").into()).await.unwrap();
+    }
+    assert!(!cached.stats().iter().any(|s| s.query == watched));
+}
+
+#[tokio::test]
+async fn processes_sharing_a_cache_file_keep_each_others_queries() {
+    let _limit = support::time_limit(60);
+    let dir = cache_dir("cache-shared");
+    let file = dir.join("cache.json");
+    let registry = Arc::new(Unreliable::default());
+    registry.register(instance("a")).await.unwrap();
+    registry
+        .register(ServiceInstance::new("w", "web", "10.0.0.2", 80))
+        .await
+        .unwrap();
+    // Two caches on one file, as two processes would have.
+    let first = CachedRegistry::builder(registry.clone())
+        .persist_to(&file)
+        .build();
+    let second = CachedRegistry::builder(registry.clone())
+        .persist_to(&file)
+        .build();
+    first.discover(&"api".into()).await.unwrap();
+    first.persisted().await;
+    second.discover(&"web".into()).await.unwrap();
+    second.persisted().await;
+    let saved: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let mut names: Vec<&str> = saved
+        .iter()
+        .map(|e| e["query"]["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["api", "web"], "neither erased the other's query");
+    // Owner-only, and no temporary file left behind.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[cfg(feature = "consul")]

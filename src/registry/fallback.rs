@@ -23,6 +23,8 @@ use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
 ///   being followed are emitted, so no empty set appears in between; errors are passed on.
 /// - Registration, deregistration, heartbeats and maintenance go to the primary; `health`
 ///   asks down the chain.
+/// - With the `metrics` feature, `tower_sd_fallback_active{service, registry}` is the
+///   position in the chain of the registry followed (0 for the primary).
 ///
 /// # Examples
 ///
@@ -103,6 +105,18 @@ struct Follow {
 }
 
 impl Follow {
+    /// With the `metrics` feature, `tower_sd_fallback_active{service, registry}`: the
+    /// position in the chain of the registry followed (0 for the primary).
+    fn followed(&self) {
+        #[cfg(feature = "metrics")]
+        metrics::gauge!(
+            "tower_sd_fallback_active",
+            "service" => self.query.name.clone(),
+            "registry" => self.chain[self.active].kind(),
+        )
+        .set(self.active as f64);
+    }
+
     async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
         loop {
             let deadline = self
@@ -123,6 +137,7 @@ impl Follow {
                             info!(service = %self.query, "primary registry answers again; switching back");
                             self.active = 0;
                             self.fallback = None;
+                            self.followed();
                         }
                         self.failing_since = None;
                         return Some((Ok(set), self));
@@ -158,6 +173,7 @@ impl Follow {
                     );
                     self.fallback = Some(self.chain[self.active].watch(&self.query));
                     self.failing_since = None;
+                    self.followed();
                 }
             }
         }
@@ -207,6 +223,7 @@ impl ServiceRegistry for FallbackRegistry {
             fallback: None,
             failing_since: None,
         };
+        follow.followed();
         stream::unfold(follow, Follow::next).boxed()
     }
 
