@@ -532,3 +532,39 @@ async fn a_lost_lease_is_granted_again_and_the_key_put_back() {
         HealthStatus::Passing
     );
 }
+
+#[tokio::test]
+async fn a_watch_cut_at_any_moment_loses_no_change() {
+    let _limit = support::time_limit(120);
+    support::trace_init();
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse().unwrap()).await;
+    let registry = builder(&proxy.url()).build().unwrap();
+    let mut watch = follow(&registry, "greeter");
+    assert!(next_ids(&mut watch).await.is_empty());
+    // Changes arrive while the connection is cut at different moments: right after a
+    // change, before the watch has reopened, while it catches up.
+    let mut want = Vec::new();
+    for n in 0..12u16 {
+        let id = format!("g{n:02}");
+        let value = serde_json::to_vec(&instance(&id, 1000 + n)).unwrap();
+        etcd.put(&format!("/services/greeter/{id}"), &value).await;
+        want.push(id);
+        if n % 3 != 2 {
+            proxy.block();
+            tokio::time::sleep(Duration::from_millis(u64::from(n) * 7)).await;
+            proxy.unblock();
+        }
+    }
+    // The watch ends up at exactly what etcd holds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ids = next_ids(&mut watch).await;
+        if ids == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stuck at {ids:?}, want {want:?}");
+    }
+}

@@ -100,10 +100,15 @@ async fn an_invalid_instance_is_not_retried() {
     let registry = Arc::new(Unreliable::default());
     let bad = ServiceInstance::new("x", "api", "not a host", 80);
     let registration = Registration::builder(registry.clone(), bad).start();
+    let started = tokio::time::Instant::now();
     assert!(matches!(
         registration.registered(Duration::from_secs(5)).await,
-        Err(Error::Timeout { .. })
+        Err(Error::InvalidInstance {
+            field: "address",
+            ..
+        })
     ));
+    assert_eq!(started.elapsed(), Duration::ZERO, "the refusal, at once");
     // A minute later, still the one attempt the registry rejected.
     advance(Duration::from_secs(60)).await;
     assert_eq!(registry.register_attempts.load(Ordering::SeqCst), 1);
@@ -191,4 +196,183 @@ async fn the_health_endpoint_turns_503_when_draining() {
         .expect("shutdown ends")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registry_that_cannot_register_is_not_retried() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(Unreliable::default());
+    registry.read_only.store(true, Ordering::SeqCst);
+    let registration = Registration::builder(registry.clone(), instance()).start();
+    assert!(matches!(
+        registration.registered(Duration::from_secs(5)).await,
+        Err(Error::Unsupported {
+            operation: "register",
+            ..
+        })
+    ));
+    advance(Duration::from_secs(60)).await;
+    assert_eq!(registry.register_attempts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_the_registry_forgot_is_registered_again() {
+    let _limit = support::time_limit(60);
+    // With heartbeats: the agent restarted, and the next heartbeat finds nothing.
+    let registry = Arc::new(
+        MemoryRegistry::builder()
+            .ttl(Duration::from_secs(3))
+            .build(),
+    );
+    let registration = Registration::builder(registry.clone(), instance())
+        .heartbeat(Duration::from_secs(1))
+        .start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    registry.deregister("api-1").await.unwrap();
+    advance(Duration::from_secs(2)).await;
+    support::until_async("registered again after a heartbeat", || async {
+        registry.health("api-1").await.unwrap() == HealthStatus::Passing
+    })
+    .await;
+
+    // Without heartbeats: the periodic check finds it missing.
+    let registry = Arc::new(Unreliable::default());
+    let registration = Registration::builder(registry.clone(), instance())
+        .check_every(Duration::from_secs(10))
+        .start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    registry.inner.deregister("api-1").await.unwrap();
+    advance(Duration::from_secs(11)).await;
+    support::until_async("registered again after a check", || async {
+        registry.health("api-1").await.unwrap() == HealthStatus::Passing
+    })
+    .await;
+    assert_eq!(registry.register_attempts.load(Ordering::SeqCst), 2);
+    drop(registration);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_maintenance_mode_shutdown_deregisters_first_then_drains() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(Unreliable::default());
+    registry.no_maintenance.store(true, Ordering::SeqCst);
+    let registration = Registration::builder(registry.clone(), instance())
+        .drain_delay(Duration::from_secs(10))
+        .start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let probe = registration.health();
+    let shutdown = tokio::spawn(registration.shutdown());
+    advance(Duration::from_millis(10)).await;
+    // Out of discovery at once, while the server keeps serving through the drain.
+    assert!(registry.discover(&"api".into()).await.unwrap().is_empty());
+    assert!(!probe.is_serving());
+    assert!(
+        !shutdown.is_finished(),
+        "the drain delay runs after deregistering"
+    );
+    advance(Duration::from_secs(10)).await;
+    tokio::time::timeout(Duration::from_secs(30), shutdown)
+        .await
+        .expect("shutdown ends")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_deregistration_is_retried_within_the_shutdown_deadline() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(Unreliable::default());
+    registry.deregister_failures.store(2, Ordering::SeqCst);
+    let registration = Registration::builder(registry.clone(), instance())
+        .drain_delay(Duration::from_secs(1))
+        .retry_backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    registration.shutdown().await.unwrap();
+    assert_eq!(registry.deregister_attempts.load(Ordering::SeqCst), 3);
+    assert!(registry.discover(&"api".into()).await.unwrap().is_empty());
+
+    // A registry that never lets go: the deadline ends the shutdown.
+    let registry = Arc::new(Unreliable::default());
+    registry
+        .deregister_failures
+        .store(usize::MAX, Ordering::SeqCst);
+    let registration = Registration::builder(registry.clone(), instance())
+        .drain_delay(Duration::from_secs(1))
+        .shutdown_timeout(Duration::from_secs(20))
+        .start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let error = registration.shutdown().await.unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    assert_eq!(started.elapsed(), Duration::from_secs(20));
+    assert!(
+        registry.deregister_attempts.load(Ordering::SeqCst) > 3,
+        "retried meanwhile"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registration_dropped_without_shutdown_leaves_the_registry() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(MemoryRegistry::new());
+    let registration = Registration::builder(registry.clone(), instance()).start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(registry.discover(&"api".into()).await.unwrap().len(), 1);
+    drop(registration);
+    support::until_async("deregistered in the background", || async {
+        registry.discover(&"api".into()).await.unwrap().is_empty()
+    })
+    .await;
+}
+
+#[cfg(feature = "consul")]
+#[tokio::test]
+async fn a_restarted_consul_agent_gets_the_instance_again() {
+    let _limit = support::time_limit(60);
+    use support::fake_consul::FakeConsul;
+    use tower_sd::registry::consul::{ConsulRegistry, HealthCheck, HealthCheckKind};
+
+    let fake = FakeConsul::start(None).await;
+    let consul: Arc<dyn ServiceRegistry> = Arc::new(
+        ConsulRegistry::builder()
+            .address(fake.url())
+            .health_check(HealthCheck::new(HealthCheckKind::Ttl(Duration::from_secs(
+                30,
+            ))))
+            .build()
+            .unwrap(),
+    );
+    let registration = Registration::builder(Arc::clone(&consul), instance())
+        .heartbeat(Duration::from_millis(100))
+        .start();
+    registration
+        .registered(Duration::from_secs(5))
+        .await
+        .unwrap();
+    fake.restart_agent();
+    // The next heartbeat is answered 404 (unknown check): registered again, and passing.
+    support::until_async("registered again on the restarted agent", || async {
+        consul.health("api-1").await.unwrap() == HealthStatus::Passing
+    })
+    .await;
+    drop(registration);
 }

@@ -247,6 +247,14 @@ impl FakeConsul {
         self.bump(&mut inner);
     }
 
+    /// Forgets everything registered on the agent, as a restarted agent without its data
+    /// directory does.
+    pub fn restart_agent(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.services.retain(|(node, _), _| node != AGENT_NODE);
+        self.bump(&mut inner);
+    }
+
     /// Sets a node's `serfHealth` check: `critical` makes every service on it critical.
     pub fn set_node_health(&self, node: &str, status: &str) {
         let mut inner = self.inner.lock().unwrap();

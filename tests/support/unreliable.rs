@@ -20,6 +20,13 @@ pub struct Unreliable {
     pub down: AtomicBool,
     pub register_failures: AtomicUsize,
     pub register_attempts: AtomicUsize,
+    /// Registrations answer `Unsupported`, as a read-only registry's do.
+    pub read_only: AtomicBool,
+    /// There is no maintenance mode (as with etcd).
+    pub no_maintenance: AtomicBool,
+    /// The first this many deregistrations fail as unreachable.
+    pub deregister_failures: AtomicUsize,
+    pub deregister_attempts: AtomicUsize,
     /// When each registration was attempted (tokio time).
     pub register_times: Mutex<Vec<tokio::time::Instant>>,
 }
@@ -51,10 +58,23 @@ impl ServiceRegistry for Unreliable {
         if fail {
             return Box::pin(async { Err(Self::unreachable()) });
         }
+        if self.read_only.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(Error::unsupported("unreliable", "register", "read only"))
+            });
+        }
         self.inner.register(instance)
     }
 
     fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, tower_sd::Result<()>> {
+        self.deregister_attempts.fetch_add(1, Ordering::SeqCst);
+        let fail = self
+            .deregister_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Box::pin(async { Err(Self::unreachable()) });
+        }
         self.inner.deregister(id)
     }
 
@@ -92,6 +112,11 @@ impl ServiceRegistry for Unreliable {
         on: bool,
         why: &'a str,
     ) -> BoxFuture<'a, tower_sd::Result<()>> {
+        if self.no_maintenance.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(Error::unsupported("unreliable", "set_maintenance", "none"))
+            });
+        }
         self.inner.set_maintenance(id, on, why)
     }
 }
