@@ -15,7 +15,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use support::servers::TestServer;
 use tower::{BoxError, Layer, ServiceExt};
-use tower_sd::http::{Discovery, DiscoveryLayer, HostHeader, UnknownHost, UnknownHosts};
+use tower_sd::http::{
+    Discovery, DiscoveryLayer, HostHeader, TooManyServices, UnknownHost, UnknownHosts,
+};
 use tower_sd::{MemoryRegistry, ServiceRegistry};
 
 const SERVICE: &str = "backend";
@@ -200,6 +202,10 @@ async fn idle_balancers_are_dropped() {
     let _ = get(&client, "http://first/").await;
     assert_eq!(client.active_services(), ["first"]);
     tokio::time::advance(Duration::from_secs(11)).await;
+    support::until("the idle balancer is dropped", || {
+        client.active_services().is_empty()
+    })
+    .await;
     let _ = get(&client, "http://second/").await;
     assert_eq!(client.active_services(), ["second"]);
 }
@@ -238,4 +244,50 @@ async fn an_axum_handler_calls_a_discovered_service() {
     }
     assert_eq!(seen.len(), 2, "both backends answered: {seen:?}");
     server.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_services_are_bounded_and_idle_ones_leave_without_a_request() {
+    let _limit = support::time_limit(60);
+    let registry: Arc<dyn ServiceRegistry> = Arc::new(MemoryRegistry::new());
+    let client = client(
+        DiscoveryLayer::new(registry)
+            .wait_for_endpoints(Duration::ZERO)
+            .max_services(2)
+            .idle_timeout(Duration::from_secs(10)),
+    );
+    let _ = get(&client, "http://one/").await;
+    let _ = get(&client, "http://two/").await;
+    // A third service would be a third watch: refused, with a typed error.
+    let error = get(&client, "http://three/").await.unwrap_err();
+    assert_eq!(
+        error.downcast_ref::<TooManyServices>(),
+        Some(&TooManyServices { limit: 2 })
+    );
+    assert_eq!(client.active_services(), ["one", "two"]);
+    // Idle balancers are swept on a timer, with no request needed to trigger it.
+    tokio::time::advance(Duration::from_secs(16)).await;
+    support::until("the idle balancers are dropped", || {
+        client.active_services().is_empty()
+    })
+    .await;
+    let _ = get(&client, "http://three/").await;
+    assert_eq!(client.active_services(), ["three"]);
+}
+
+#[tokio::test]
+async fn host_names_are_matched_case_insensitively() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(MemoryRegistry::new());
+    let _servers = start(&registry, "h", 1).await;
+    let client = client(DiscoveryLayer::new(registry));
+    let (body, _) = get(&client, "http://Backend/").await.unwrap();
+    assert_eq!(body, "h0");
+    let (body, _) = get(&client, "http://BACKEND/").await.unwrap();
+    assert_eq!(body, "h0");
+    assert_eq!(
+        client.active_services(),
+        [SERVICE],
+        "one balancer for both spellings"
+    );
 }
