@@ -334,3 +334,89 @@ fn the_dns_section_builds_a_dns_registry() {
     );
     assert_eq!(key, "registry.dns.min_ttl");
 }
+
+#[test]
+fn the_environment_overrides_only_the_primary_consul() {
+    let config = RegistryConfig::from_yaml_str(
+        r#"
+registry:
+  type: consul
+  consul: { address: "primary:8500", token: "file-token" }
+  fallback:
+    - type: consul
+      consul: { address: "other-dc:8500", token: "other-token" }
+"#,
+    )
+    .unwrap()
+    .with_env(|name| match name {
+        "CONSUL_HTTP_ADDR" => Some("from-env:8500".to_owned()),
+        "CONSUL_HTTP_TOKEN" => Some("env-token".to_owned()),
+        _ => None,
+    });
+    let primary = config.registry.consul.as_ref().unwrap();
+    assert_eq!(primary.address.as_deref(), Some("from-env:8500"));
+    assert_eq!(primary.token.as_deref(), Some("env-token"));
+    let fallback = config.registry.fallback[0].consul.as_ref().unwrap();
+    assert_eq!(fallback.address.as_deref(), Some("other-dc:8500"));
+    assert_eq!(fallback.token.as_deref(), Some("other-token"));
+
+    // A fallback chain whose primary is not Consul: nothing is overridden.
+    let config = RegistryConfig::from_yaml_str(
+        "registry:\n  type: memory\n  fallback:\n    - type: consul\n      consul: { address: \"c:8500\" }\n",
+    )
+    .unwrap()
+    .with_env(|_| Some("from-env:1".to_owned()));
+    assert!(config.registry.consul.is_none());
+    let fallback = config.registry.fallback[0].consul.as_ref().unwrap();
+    assert_eq!(fallback.address.as_deref(), Some("c:8500"));
+}
+
+#[test]
+fn a_duration_that_overflows_is_an_error_naming_its_key() {
+    let (key, message) = invalid(RegistryConfig::from_yaml_str(
+        "registry:\n  type: memory\n  cache: { max_stale: \"10000000000000000000s10000000000000000000s\" }\n",
+    ));
+    assert_eq!(key, "registry.cache.max_stale");
+    assert!(message.contains("too long"), "{message}");
+}
+
+#[test]
+fn syntax_errors_never_show_a_secret() {
+    const SECRET: &str = "s3cr3t-9f2a";
+    let broken_yaml =
+        format!("registry:\n  type: consul\n  consul:\n    token: \"{SECRET}\n    address: [\n");
+    let broken_toml =
+        format!("[registry]\ntype = \"consul\"\n[registry.consul]\ntoken = \"{SECRET}\n");
+    let unquoted_toml =
+        format!("[registry]\ntype = \"consul\"\n[registry.consul]\ntoken = {SECRET}\n");
+    for (what, result) in [
+        ("yaml", RegistryConfig::from_yaml_str(&broken_yaml)),
+        ("toml", RegistryConfig::from_toml_str(&broken_toml)),
+        (
+            "unquoted toml",
+            RegistryConfig::from_toml_str(&unquoted_toml),
+        ),
+    ] {
+        let error = result.unwrap_err();
+        let shown = format!("{error:?} {error} {}", tower_sd_chain(&error));
+        assert!(!shown.contains(SECRET), "{what}: {shown}");
+        assert!(shown.contains("line"), "{what}: says where: {shown}");
+    }
+    // A value of the wrong type under a secret key is not shown either.
+    let (key, message) = invalid(RegistryConfig::from_yaml_str(
+        "registry:\n  type: consul\n  consul:\n    token: 918273645\n",
+    ));
+    assert_eq!(key, "registry.consul.token");
+    assert!(!message.contains("918273645"), "{message}");
+}
+
+/// An error and its sources, as a log line would show them.
+fn tower_sd_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(&format!(": {inner}"));
+        source = inner.source();
+    }
+    text
+}

@@ -293,7 +293,10 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
             _ => return Err(bad()),
         };
         rest = &rest[unit_len..];
-        total += Duration::try_from_secs_f64(value * seconds).map_err(|_| bad())?;
+        let part = Duration::try_from_secs_f64(value * seconds).map_err(|_| bad())?;
+        total = total
+            .checked_add(part)
+            .ok_or_else(|| format!("duration `{text}` is too long (more than {} s)", u64::MAX))?;
     }
     Ok(total)
 }
@@ -313,16 +316,57 @@ fn invalid(key: impl Into<String>, why: impl Into<BoxError>) -> Error {
     }
 }
 
+/// `line L column C: what` as (L, C, what).
+fn parse_location(text: &str) -> Option<(usize, usize, &str)> {
+    let rest = text.strip_prefix("line ")?;
+    let (line, rest) = rest.split_once(" column ")?;
+    let (column, what) = rest.split_once(": ")?;
+    Some((line.parse().ok()?, column.parse().ok()?, what))
+}
+
+/// Keys whose values are secrets: an error about one never repeats its value.
+const SECRET_KEYS: [&str; 2] = ["token", "password"];
+
 /// Turns a deserialization error of the parsed document into the key it concerns.
 fn from_value(value: serde_json::Value) -> Result<RegistryConfig> {
     serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
+        let secret = SECRET_KEYS
+            .iter()
+            .any(|key| path.rsplit('.').next() == Some(*key));
         let key = if path == "." {
             "(document)".to_owned()
         } else {
             path
         };
-        invalid(key, error.into_inner().to_string())
+        let message = if secret {
+            "invalid value (not shown: it is a secret)".to_owned()
+        } else {
+            error.into_inner().to_string()
+        };
+        invalid(key, message)
+    })
+}
+
+/// A syntax error as `line L, column C: what`, without the source line the parsers quote
+/// (which may hold a token or password), and with any secret's value scrubbed besides.
+fn syntax_error(line: usize, column: usize, what: &str, source: &str) -> Error {
+    let mut message = format!("syntax error at line {line}, column {column}: {what}");
+    for value in secret_values(source) {
+        message = message.replace(value, "<redacted>");
+    }
+    invalid("(document)", message)
+}
+
+/// The values written after a secret key (`token: ...`, `password = ...`), unparsed.
+fn secret_values(source: &str) -> impl Iterator<Item = &str> {
+    source.lines().filter_map(|line| {
+        let line = line.trim_start();
+        let key = SECRET_KEYS.iter().find(|key| line.starts_with(*key))?;
+        let rest = line[key.len()..].trim_start();
+        let value = rest.strip_prefix([':', '='])?.trim();
+        let value = value.trim_matches(['"', '\''].as_slice());
+        (value.len() >= 3).then_some(value)
     })
 }
 
@@ -333,8 +377,14 @@ impl RegistryConfig {
     ///
     /// [`Error::InvalidConfig`] naming the key (or `(document)` for a syntax error).
     pub fn from_yaml_str(yaml: &str) -> Result<Self> {
-        let value: serde_json::Value =
-            serde_saphyr::from_str(yaml).map_err(|e| invalid("(document)", e.to_string()))?;
+        let value: serde_json::Value = serde_saphyr::from_str(yaml).map_err(|error| {
+            // The first line says where and what; the rest quotes the source.
+            let text = error.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let what = first.strip_prefix("error: ").unwrap_or(first);
+            let (line, column, what) = parse_location(what).unwrap_or((0, 0, what));
+            syntax_error(line, column, what, yaml)
+        })?;
         from_value(value)
     }
 
@@ -344,8 +394,13 @@ impl RegistryConfig {
     ///
     /// As for [`from_yaml_str`](Self::from_yaml_str).
     pub fn from_toml_str(toml: &str) -> Result<Self> {
-        let value: serde_json::Value =
-            toml::from_str(toml).map_err(|e| invalid("(document)", e.to_string()))?;
+        let value: serde_json::Value = toml::from_str(toml).map_err(|error| {
+            let start = error.span().map_or(0, |span| span.start).min(toml.len());
+            let before = &toml[..start];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            syntax_error(line, column, error.message().trim(), toml)
+        })?;
         from_value(value)
     }
 
@@ -366,25 +421,22 @@ impl RegistryConfig {
     }
 
     /// Applies environment overrides, as Consul's own tools do: `CONSUL_HTTP_ADDR` and
-    /// `CONSUL_HTTP_TOKEN` replace the file's Consul address and token. `lookup` reads a
-    /// variable ([`build`](Self::build) uses the process environment).
+    /// `CONSUL_HTTP_TOKEN` replace the address and token of the primary registry when it is
+    /// Consul. Consul sections further down a fallback chain are left as the file says (they
+    /// are other agents, often in other datacenters). `lookup` reads a variable
+    /// ([`build`](Self::build) uses the process environment).
     #[must_use]
     pub fn with_env(mut self, lookup: impl Fn(&str) -> Option<String>) -> Self {
-        fn apply(section: &mut RegistrySection, lookup: &dyn Fn(&str) -> Option<String>) {
-            if section.kind == "consul" || section.consul.is_some() {
-                let consul = section.consul.get_or_insert_with(ConsulSection::default);
-                if let Some(address) = lookup("CONSUL_HTTP_ADDR").filter(|a| !a.is_empty()) {
-                    consul.address = Some(address);
-                }
-                if let Some(token) = lookup("CONSUL_HTTP_TOKEN").filter(|t| !t.is_empty()) {
-                    consul.token = Some(token);
-                }
+        let primary = &mut self.registry;
+        if primary.kind == "consul" {
+            let consul = primary.consul.get_or_insert_with(ConsulSection::default);
+            if let Some(address) = lookup("CONSUL_HTTP_ADDR").filter(|a| !a.is_empty()) {
+                consul.address = Some(address);
             }
-            for fallback in &mut section.fallback {
-                apply(fallback, lookup);
+            if let Some(token) = lookup("CONSUL_HTTP_TOKEN").filter(|t| !t.is_empty()) {
+                consul.token = Some(token);
             }
         }
-        apply(&mut self.registry, &lookup);
         self
     }
 
@@ -405,6 +457,20 @@ impl RegistryConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_that_overflow_are_errors() {
+        let error = parse_duration("10000000000000000000s10000000000000000000s").unwrap_err();
+        assert!(error.contains("too long"), "{error}");
+        assert!(parse_duration("1e30h").is_err());
+    }
+
+    #[test]
+    fn secret_values_are_found_in_yaml_and_toml() {
+        let source = "registry:\n  consul:\n    token: \"abc-123\n    password = 'pw-456'\n    tokenish: no\n";
+        let values: Vec<&str> = secret_values(source).collect();
+        assert_eq!(values, ["abc-123", "pw-456"]);
+    }
 
     #[test]
     fn durations() {

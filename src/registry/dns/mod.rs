@@ -36,11 +36,15 @@ use futures_util::{FutureExt, StreamExt};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use tracing::warn;
 
 use super::{ServiceRegistry, WatchStream};
 use crate::error::{Error, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
 use lookup::{Outcome, Target};
+
+/// The shortest `min_ttl`: re-resolving more often than this is a loop, not a watch.
+const MIN_TTL_FLOOR: Duration = Duration::from_secs(1);
 
 const REGISTRY: &str = "dns";
 
@@ -142,7 +146,9 @@ impl DnsBuilder {
     }
 
     /// Re-resolve no sooner than this after a lookup, whatever the records' TTL says
-    /// (default 5 s); also the interval at which a missing name is checked again.
+    /// (default 5 s, at least 1 s: a TTL of 0, which Consul's DNS answers with by default,
+    /// must not make the watch resolve in a loop); also the interval at which a missing name
+    /// is checked again.
     pub fn min_ttl(mut self, min: Duration) -> Self {
         self.min_ttl = min;
         self
@@ -217,11 +223,16 @@ impl DnsBuilder {
     ///
     /// [`Error::InvalidConfig`] when the TTL floor exceeds the ceiling, a name server has
     /// port 0, or (with no name servers given) the system's configuration cannot be read.
-    pub fn build(self) -> Result<DnsRegistry> {
+    pub fn build(mut self) -> Result<DnsRegistry> {
         let invalid = |key: &str, why: String| Error::InvalidConfig {
             key: format!("registry.dns.{key}"),
             source: why.into(),
         };
+        if self.min_ttl < MIN_TTL_FLOOR {
+            warn!(min_ttl = ?self.min_ttl, floor = ?MIN_TTL_FLOOR, "min_ttl below the floor; using the floor");
+            self.min_ttl = MIN_TTL_FLOOR;
+            self.max_ttl = self.max_ttl.max(MIN_TTL_FLOOR);
+        }
         if self.min_ttl > self.max_ttl {
             return Err(invalid(
                 "min_ttl",
