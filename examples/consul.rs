@@ -26,6 +26,8 @@ use tower_sd::{ServiceInstance, ServiceRegistry};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a person: not in a file, a pipe or CI logs.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     // The server: grpc.health.v1 on a free loopback port.

@@ -21,6 +21,14 @@ const GREETER: &[&str] = &[
     "host-record=a.greeter.test,10.0.0.1",
     "host-record=c.greeter.test,10.0.0.3",
     "host-record=web.test,10.0.1.1,fd00::1",
+    // Priority 0's only target resolves only once a test writes its hosts file: until then
+    // the priority-5 spare is the fallback.
+    "srv-host=_grpc._tcp.backup.test,gone.backup.test,50061,0,10",
+    "srv-host=_grpc._tcp.backup.test,spare.backup.test,50062,5,10",
+    "host-record=spare.backup.test,10.0.3.2",
+    // No priority has a target that resolves: the lowest is dialled by name.
+    "srv-host=_grpc._tcp.dark.test,x.dark.test,7001,0,1",
+    "srv-host=_grpc._tcp.dark.test,y.dark.test,7002,1,1",
     // A target with no address record: dialled by name.
     "srv-host=_http._tcp.named.test,nowhere.test,8080,0,0",
 ];
@@ -65,6 +73,45 @@ async fn srv_records_give_targets_ports_and_weights() {
         .unwrap();
     assert_eq!(authorities(&named), ["nowhere.test:8080"]);
     assert_eq!(named[0].weight, 1, "weight 0 counts as 1");
+}
+
+/// Catches "lowest priority only" (the spare would never be used) and "every priority at
+/// once" (the spare would stay in the set after priority 0 resolves).
+#[tokio::test]
+async fn a_higher_srv_priority_is_the_fallback_while_the_lowest_does_not_resolve() {
+    let _limit = support::time_limit(120);
+    support::trace_init();
+    let Some(dns) = Dnsmasq::start(GREETER, 1).await else {
+        return;
+    };
+    let registry = builder(&dns).build().unwrap();
+    let set = registry
+        .discover(&ServiceQuery::new("_grpc._tcp.backup.test"))
+        .await
+        .unwrap();
+    assert_eq!(authorities(&set), ["10.0.3.2:50062"], "the spare");
+    assert_eq!(set[0].metadata["srv_priority"], "5");
+
+    let dark = registry
+        .discover(&ServiceQuery::new("_grpc._tcp.dark.test"))
+        .await
+        .unwrap();
+    assert_eq!(authorities(&dark), ["x.dark.test:7001"], "lowest, by name");
+
+    let mut watch = follow(&registry, "_grpc._tcp.backup.test");
+    assert_eq!(next_set(&mut watch).await, ["10.0.3.2:50062"]);
+    dns.hosts("gone", &["10.0.3.1 gone.backup.test"]);
+    assert_eq!(
+        next_set(&mut watch).await,
+        ["10.0.3.1:50061"],
+        "priority 0 back: the spare leaves"
+    );
+    dns.hosts("gone", &[]);
+    assert_eq!(
+        next_set(&mut watch).await,
+        ["10.0.3.2:50062"],
+        "and returns"
+    );
 }
 
 #[tokio::test]

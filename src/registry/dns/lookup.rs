@@ -1,8 +1,10 @@
 //! One resolution: a query name to instances, with the TTL to re-resolve at.
 //!
-//! - SRV (RFC 2782): only the records of the lowest priority are used (a client "MUST
-//!   attempt to contact the target host with the lowest-numbered priority it can reach");
-//!   weight 0 counts as 1 (the balancer has no "rarely" weight). Each target is resolved to
+//! - SRV (RFC 2782): the records of one priority are used, the lowest with a target that
+//!   resolves (a client "MUST attempt to contact the target host with the lowest-numbered
+//!   priority it can reach"); the higher numbers are the fallback while none of the lower
+//!   resolves. When no priority has a target that resolves, the lowest is used by name.
+//!   Weight 0 counts as 1 (the balancer has no "rarely" weight). Each target is resolved to
 //!   its addresses (from the answer's additional section when the server sent them), one
 //!   instance per address; a target that does not resolve is kept by name.
 //! - A, AAAA (or both): one instance per address, on the fixed port.
@@ -88,7 +90,7 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
         Err(error) if error.is_no_records_found() => return Ok(Outcome::Missing),
         Err(error) => return Err(dns_error(error)),
     };
-    let srvs: Vec<(&Record, &hickory_resolver::proto::rr::rdata::SRV)> = lookup
+    let srvs: Vec<SrvRecord<'_>> = lookup
         .answers()
         .iter()
         .filter_map(|r| match &r.data {
@@ -96,19 +98,10 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
             _ => None,
         })
         .collect();
-    let Some(lowest) = srvs.iter().map(|(_, srv)| srv.priority).min() else {
+    let Some((used, targets)) = reachable_priority(resolver, srvs, lookup.additionals()).await
+    else {
         return Ok(Outcome::Missing);
     };
-    let used: Vec<_> = srvs
-        .into_iter()
-        .filter(|(_, srv)| srv.priority == lowest)
-        .collect();
-    // Every target at once: a service may have many.
-    let targets = join_all(
-        used.iter()
-            .map(|(_, srv)| target_addresses(resolver, &srv.target, lookup.additionals())),
-    )
-    .await;
     let mut found = Found::default();
     let mut instances = Vec::new();
     for ((record, srv), target) in used.into_iter().zip(targets) {
@@ -136,6 +129,41 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
         }
     }
     Ok(found.outcome(instances))
+}
+
+type SrvRecord<'a> = (&'a Record, &'a hickory_resolver::proto::rr::rdata::SRV);
+
+/// The records of the lowest priority with a target that resolves, each with its
+/// addresses; when no priority has one, the lowest priority (dialled by name). `None` when
+/// there are no records. Priorities are tried in order, so the usual case (the lowest one
+/// resolves) costs the same lookups as using it alone.
+async fn reachable_priority<'a>(
+    resolver: &TokioResolver,
+    mut srvs: Vec<SrvRecord<'a>>,
+    additionals: &[Record],
+) -> Option<(Vec<SrvRecord<'a>>, Vec<Found>)> {
+    srvs.sort_by_key(|(_, srv)| srv.priority);
+    let mut lowest = None;
+    for group in srvs.chunk_by(|(_, a), (_, b)| a.priority == b.priority) {
+        // Every target at once: a service may have many.
+        let targets = join_all(
+            group
+                .iter()
+                .map(|(_, srv)| target_addresses(resolver, &srv.target, additionals)),
+        )
+        .await;
+        if targets.iter().any(|target| !target.ips.is_empty()) {
+            return Some((group.to_vec(), targets));
+        }
+        if let Some((_, srv)) = group.first() {
+            debug!(
+                priority = srv.priority,
+                "no SRV target of this priority resolves"
+            );
+        }
+        lowest.get_or_insert((group.to_vec(), targets));
+    }
+    lowest
 }
 
 /// A SRV target's addresses: those the server sent along, else a lookup of our own. A
