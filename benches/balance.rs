@@ -57,7 +57,7 @@ fn ours(rt: &Runtime, n: usize) -> Balance<Trivial, usize> {
 fn ours_with(
     rt: &Runtime,
     n: usize,
-    builder: tower_sd::balance::Builder,
+    builder: tower_sd::balance::BalanceBuilder,
 ) -> Balance<Trivial, usize> {
     rt.block_on(async {
         let changes = (0..n).map(|key| Ok::<_, Infallible>(Change::Insert(key, Trivial)));

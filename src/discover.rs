@@ -158,7 +158,7 @@ where
 impl<S> RegistryDiscover<Endpoint<S>, ()> {
     /// Like [`new`](RegistryDiscover::new), but each service is a balancer
     /// [`Endpoint`] carrying its instance's weight and zone, for
-    /// [`Builder::build_endpoints`](crate::balance::Builder::build_endpoints).
+    /// [`BalanceBuilder::build_endpoints`](crate::balance::BalanceBuilder::build_endpoints).
     ///
     /// # Examples
     ///

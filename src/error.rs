@@ -50,7 +50,9 @@ pub enum Error {
     /// A configuration value is wrong.
     #[error("invalid configuration at `{key}`")]
     InvalidConfig {
-        /// The path of the offending key, e.g. `registry.consul.address`.
+        /// The offending setting: the name of the builder method that set it (`ca_file`),
+        /// or, for a configuration file, its key path
+        /// (`registry.fallback[0].consul.ca_file`).
         key: String,
         /// Why the value is wrong.
         #[source]

@@ -39,6 +39,13 @@
 //! - [`registration::Registration`]: the server side (register, heartbeat, drain).
 //! - [`Error`]: one error type, one variant per cause.
 //!
+//! Registries, balancers, channels and registrations with options are made by
+//! `Type::builder()`, which returns a `TypeBuilder` (`ConsulRegistry::builder()` gives a
+//! `ConsulRegistryBuilder`, `Balance::builder()` a `BalanceBuilder`); its `build()` checks
+//! the options, and the built value reads them from a settings struct of its own, never from
+//! the builder. Layers, as in tower, take their options as methods on the layer
+//! (`DiscoveryLayer::new(registry).max_services(100)`).
+//!
 //! # Feature Flags
 //!
 //! The core (types, in-memory and static registries, the discover adapter, the balancer,

@@ -20,7 +20,7 @@
 //! ```
 //!
 //! Each instance gets its own lazily connecting tonic `Channel`, built with the settings given
-//! to the [`Builder`]; a [`Balance`] picks one per request. When there are no endpoints, the
+//! to the [`LoadBalancedChannelBuilder`]; a [`Balance`] picks one per request. When there are no endpoints, the
 //! call fails with `Status::unavailable` naming the service (after `wait_for_endpoints`).
 
 use std::fmt;
@@ -59,12 +59,12 @@ pub struct LoadBalancedChannel {
 /// Configures a [`LoadBalancedChannel`]: the tonic settings applied to every endpoint it
 /// creates, and the balancer's.
 #[must_use]
-pub struct Builder {
+pub struct LoadBalancedChannelBuilder {
     registry: Arc<dyn ServiceRegistry>,
     query: ServiceQuery,
     settings: Settings,
     tls_server_name: Option<String>,
-    balance: balance::Builder,
+    balance: balance::BalanceBuilder,
 }
 
 /// The tonic settings every endpoint is made with.
@@ -86,9 +86,12 @@ struct Settings {
 
 impl LoadBalancedChannel {
     /// A builder for a channel to the instances of `query` in `registry`.
-    pub fn builder(registry: Arc<dyn ServiceRegistry>, query: impl Into<ServiceQuery>) -> Builder {
+    pub fn builder(
+        registry: Arc<dyn ServiceRegistry>,
+        query: impl Into<ServiceQuery>,
+    ) -> LoadBalancedChannelBuilder {
         let query = query.into();
-        Builder {
+        LoadBalancedChannelBuilder {
             balance: Balance::builder()
                 .service_name(query.name.clone())
                 .keep_clones(16),
@@ -220,9 +223,9 @@ impl fmt::Debug for ResponseFuture {
     }
 }
 
-// ===== impl Builder =====
+// ===== impl LoadBalancedChannelBuilder =====
 
-impl Builder {
+impl LoadBalancedChannelBuilder {
     /// Time limit to establish a connection to an instance.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.settings.connect_timeout = Some(timeout);
@@ -313,7 +316,7 @@ impl Builder {
     /// Any other balancer setting (panic threshold, slow start, zone preference).
     pub fn balancer(
         mut self,
-        configure: impl FnOnce(balance::Builder) -> balance::Builder,
+        configure: impl FnOnce(balance::BalanceBuilder) -> balance::BalanceBuilder,
     ) -> Self {
         self.balance = configure(self.balance);
         self
@@ -361,9 +364,9 @@ impl Builder {
     }
 }
 
-impl fmt::Debug for Builder {
+impl fmt::Debug for LoadBalancedChannelBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
+        f.debug_struct("LoadBalancedChannelBuilder")
             .field("query", &self.query)
             .field("tls", &self.settings.tls.is_some())
             .finish_non_exhaustive()

@@ -23,7 +23,7 @@ use tower_sd::{Error, MemoryRegistry, ServiceInstance, ServiceRegistry};
 type Feed<S> = mpsc::UnboundedSender<Result<Change<usize, S>, Infallible>>;
 
 /// A discover fed by hand, and a balancer over it.
-fn fed<S>(builder: tower_sd::balance::Builder) -> (Feed<S>, Balance<S, usize>)
+fn fed<S>(builder: tower_sd::balance::BalanceBuilder) -> (Feed<S>, Balance<S, usize>)
 where
     S: Send + Sync + 'static,
 {

@@ -371,6 +371,37 @@ registry:
     assert_eq!(fallback.address.as_deref(), Some("c:8500"));
 }
 
+/// Catches a backend error that keeps the backend's own name (`consul.ca_file`) or a fixed
+/// `registry.` root: inside a fallback, the key must say which entry it is.
+#[cfg(all(feature = "consul", feature = "etcd", feature = "dns"))]
+#[test]
+fn backend_errors_inside_a_fallback_name_their_place_in_the_file() {
+    let missing = "/nonexistent/tower-sd-test-ca.pem";
+    for (backend, section, want) in [
+        (
+            "consul",
+            format!("consul: {{ address: \"127.0.0.1:8501\", ca_file: \"{missing}\" }}"),
+            "registry.fallback[0].consul.ca_file",
+        ),
+        (
+            "etcd",
+            format!("etcd: {{ endpoints: [\"https://e:2379\"], ca_file: \"{missing}\" }}"),
+            "registry.fallback[0].etcd.ca_file",
+        ),
+        (
+            "dns",
+            "dns: { min_ttl: 10m, max_ttl: 1m }".to_owned(),
+            "registry.fallback[0].dns.min_ttl",
+        ),
+    ] {
+        let yaml = format!(
+            "registry:\n  type: memory\n  fallback:\n    - type: {backend}\n      {section}\n"
+        );
+        let (key, message) = invalid(RegistryConfig::from_yaml_str(&yaml).unwrap().build());
+        assert_eq!(key, want, "{backend}: {message}");
+    }
+}
+
 #[test]
 fn a_duration_that_overflows_is_an_error_naming_its_key() {
     let (key, message) = invalid(RegistryConfig::from_yaml_str(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use support::dnsmasq::Dnsmasq;
 use support::{authorities, follow, next_set};
 use tokio::time::{Instant, timeout};
-use tower_sd::registry::dns::{DnsBuilder, DnsRegistry, RecordKind};
+use tower_sd::registry::dns::{DnsRegistry, DnsRegistryBuilder, RecordKind};
 use tower_sd::{Error, ServiceInstance, ServiceQuery, ServiceRegistry};
 
 const GREETER: &[&str] = &[
@@ -33,7 +33,7 @@ const GREETER: &[&str] = &[
     "srv-host=_http._tcp.named.test,nowhere.test,8080,0,0",
 ];
 
-fn builder(dns: &Dnsmasq) -> DnsBuilder {
+fn builder(dns: &Dnsmasq) -> DnsRegistryBuilder {
     DnsRegistry::builder()
         .nameservers([dns.addr])
         .min_ttl(Duration::from_millis(100))
@@ -284,7 +284,7 @@ fn registration_and_bad_settings_are_typed_errors() {
         .max_ttl(Duration::from_secs(1))
         .build()
         .unwrap_err();
-    assert!(matches!(error, Error::InvalidConfig { ref key, .. } if key == "registry.dns.min_ttl"));
+    assert!(matches!(error, Error::InvalidConfig { ref key, .. } if key == "min_ttl"));
     assert!("mx".parse::<RecordKind>().is_err());
     assert_eq!("AAAA".parse::<RecordKind>().unwrap(), RecordKind::Aaaa);
 }

@@ -12,10 +12,10 @@ use support::etcd::Etcd;
 use support::proxy::Proxy;
 use support::{Watch, follow};
 use tokio::time::{Instant, timeout};
-use tower_sd::registry::etcd::{EtcdBuilder, EtcdRegistry};
+use tower_sd::registry::etcd::{EtcdRegistry, EtcdRegistryBuilder};
 use tower_sd::{Error, HealthStatus, InvalidValue, ServiceInstance, ServiceQuery, ServiceRegistry};
 
-fn builder(url: &str) -> EtcdBuilder {
+fn builder(url: &str) -> EtcdRegistryBuilder {
     EtcdRegistry::builder([url])
         .lease_ttl(Duration::from_secs(2))
         .retry_backoff(Duration::from_millis(20), Duration::from_millis(200))
@@ -372,29 +372,23 @@ async fn an_unreachable_etcd_is_a_transient_error() {
 
 #[test]
 fn invalid_configuration_and_instances_are_typed_errors() {
-    let key = |builder: EtcdBuilder| match builder.build().unwrap_err() {
+    let key = |builder: EtcdRegistryBuilder| match builder.build().unwrap_err() {
         Error::InvalidConfig { key, .. } => key,
         other => panic!("{other:?}"),
     };
     assert_eq!(
         key(EtcdRegistry::builder(Vec::<String>::new())),
-        "registry.etcd.endpoints"
+        "endpoints"
     );
-    assert_eq!(
-        key(EtcdRegistry::builder(["127.0.0.1:2379"])),
-        "registry.etcd.endpoints"
-    );
+    assert_eq!(key(EtcdRegistry::builder(["127.0.0.1:2379"])), "endpoints");
     assert_eq!(
         key(EtcdRegistry::builder(["https://etcd:2379"])),
-        "registry.etcd.endpoints"
+        "endpoints"
     );
-    assert_eq!(
-        key(builder("http://e:2379").prefix("services")),
-        "registry.etcd.prefix"
-    );
+    assert_eq!(key(builder("http://e:2379").prefix("services")), "prefix");
     assert_eq!(
         key(builder("http://e:2379").lease_ttl(Duration::from_millis(500))),
-        "registry.etcd.lease_ttl"
+        "lease_ttl"
     );
 
     let registry = builder("http://127.0.0.1:1").build().unwrap();

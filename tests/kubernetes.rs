@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use support::endpoint_slices::{conditions, draining, grpc, ready, slice};
 use support::fake_kube::FakeKube;
 use support::{authorities, follow, next_item as next, next_set};
-use tower_sd::registry::kubernetes::{KubernetesBuilder, KubernetesRegistry};
+use tower_sd::registry::kubernetes::{KubernetesRegistry, KubernetesRegistryBuilder};
 use tower_sd::{Error, HealthStatus, ServiceQuery, ServiceRegistry};
 
 // ===== where the slices live =====
@@ -38,7 +38,7 @@ impl Cluster {
         }
     }
 
-    fn builder(&self) -> KubernetesBuilder {
+    fn builder(&self) -> KubernetesRegistryBuilder {
         match self {
             Self::Fake(fake) => fake.registry(),
             Self::Real { client, namespace } => KubernetesRegistry::builder()
@@ -288,7 +288,7 @@ async fn port_chosen_by_name(cluster: &Cluster) {
     let Error::InvalidConfig { key, source } = &error else {
         panic!("expected InvalidConfig, got {error:?}");
     };
-    assert_eq!(key, "registry.kubernetes.port_name");
+    assert_eq!(key, "port_name");
     let message = source.to_string();
     assert!(
         message.contains("http, grpc") || message.contains("grpc, http"),

@@ -15,7 +15,7 @@ use tokio::time::advance;
 use tower::discover::Change;
 use tower::{BoxError, Service, ServiceExt};
 use tower_sd::balance::{
-    Balance, Builder, EndpointState, OutlierDetection, PanicMode, ZonePreference,
+    Balance, BalanceBuilder, EndpointState, OutlierDetection, PanicMode, ZonePreference,
 };
 
 /// An endpoint that answers its id, or fails while its switch is on; counts its calls. Its
@@ -90,7 +90,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn new(n: usize, builder: Builder) -> Self {
+    async fn new(n: usize, builder: BalanceBuilder) -> Self {
         let (feed, mut rx) = mpsc::unbounded_channel();
         let balance = builder.build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
         let mut fleet = Self {
@@ -458,7 +458,7 @@ async fn an_exhausted_retry_budget_stops_retrying() {
 // ===== probes and ejections on every path =====
 
 /// One failure ejects, for 10 s; up to half the endpoints.
-fn quick() -> Builder {
+fn quick() -> BalanceBuilder {
     let detection = OutlierDetection::default()
         .consecutive_failures(1)
         .base_ejection_time(Duration::from_secs(10))

@@ -24,7 +24,7 @@ use tower::ServiceExt;
 use tower::discover::Change;
 use tower::util::BoxCloneSyncService;
 use tower_sd::balance::{
-    Balance, Builder, EndpointState, HttpStatus, LoadMetric, OutlierDetection,
+    Balance, BalanceBuilder, EndpointState, HttpStatus, LoadMetric, OutlierDetection,
 };
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -61,7 +61,10 @@ fn endpoint(id: usize, answers: &Answers) -> Svc {
     }))
 }
 
-async fn balancer(builder: Builder, n: usize) -> (Balance<Svc, usize, HttpStatus>, Vec<Answers>) {
+async fn balancer(
+    builder: BalanceBuilder,
+    n: usize,
+) -> (Balance<Svc, usize, HttpStatus>, Vec<Answers>) {
     let answers: Vec<Answers> = (0..n).map(|_| Answers::default()).collect();
     let changes: Vec<_> = (0..n)
         .map(|id| Ok::<_, Infallible>(Change::Insert(id, endpoint(id, &answers[id]))))

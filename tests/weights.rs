@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tower::discover::Change;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
-use tower_sd::balance::{Balance, Builder, Endpoint, LoadMetric};
+use tower_sd::balance::{Balance, BalanceBuilder, Endpoint, LoadMetric};
 
 type Svc = BoxCloneSyncService<(), usize, Infallible>;
 type Feed = mpsc::UnboundedSender<Result<Change<usize, Endpoint<Svc>>, Infallible>>;
@@ -46,7 +46,7 @@ fn endpoint(
 
 /// A balancer over endpoints of these weights, each answering after `latency(id, n)`.
 async fn weighted(
-    builder: Builder,
+    builder: BalanceBuilder,
     weights: &[u32],
     latency: impl Fn(usize, u64) -> Duration + Send + Sync + Clone + 'static,
 ) -> (Balance<Svc, usize>, Arc<Vec<AtomicUsize>>, Feed) {

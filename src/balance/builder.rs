@@ -1,4 +1,4 @@
-//! [`Builder`] and the policies it sets: [`PanicMode`] and [`ZonePreference`].
+//! [`BalanceBuilder`] and the policies it sets: [`PanicMode`] and [`ZonePreference`].
 
 use std::hash::Hash;
 use std::time::Duration;
@@ -94,11 +94,11 @@ impl ZonePreference {
 /// ```
 #[derive(Clone, Debug)]
 #[must_use]
-pub struct Builder {
+pub struct BalanceBuilder {
     config: Config,
 }
 
-impl Default for Builder {
+impl Default for BalanceBuilder {
     fn default() -> Self {
         Self {
             config: Config {
@@ -116,7 +116,7 @@ impl Default for Builder {
     }
 }
 
-impl Builder {
+impl BalanceBuilder {
     /// How endpoint load is measured (default [`LoadMetric::PendingRequests`]).
     pub fn load(mut self, metric: LoadMetric) -> Self {
         self.config.metric = metric;

@@ -15,7 +15,7 @@ use super::outlier::{Detector, Health};
 /// its locality zone.
 ///
 /// A [`Discover`](tower::discover::Discover) whose services are `Endpoint`s gives the balancer
-/// these facts (see [`Builder::build_endpoints`](super::Builder::build_endpoints));
+/// these facts (see [`BalanceBuilder::build_endpoints`](super::BalanceBuilder::build_endpoints));
 /// [`RegistryDiscover::endpoints`](crate::RegistryDiscover::endpoints) makes them from a
 /// registry's instances. A plain service is an endpoint of weight 1 and no zone.
 ///

@@ -45,7 +45,7 @@ mod service;
 mod snapshot;
 mod updater;
 
-pub use builder::{Builder, PanicMode, ZonePreference};
+pub use builder::{BalanceBuilder, PanicMode, ZonePreference};
 pub use classify::{Classify, ErrorsOnly};
 #[cfg(any(feature = "http", feature = "tonic"))]
 pub use classify::{HttpStatus, ResponseBody};

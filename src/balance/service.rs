@@ -13,7 +13,7 @@ use tower::Service;
 use tower::discover::Discover;
 use tracing::debug;
 
-use super::builder::{Builder, PanicMode};
+use super::builder::{BalanceBuilder, PanicMode};
 use super::classify::{Classify, ErrorsOnly};
 use super::endpoint::{Endpoint, EndpointStats, Slot};
 use super::future::{Completion, ResponseFuture};
@@ -88,7 +88,7 @@ pub struct Balance<S, K = String, C = ErrorsOnly> {
     classify: C,
     /// The snapshot this handle last picked from, with its generation.
     view: Option<(u64, Arc<Snapshot<S, K>>)>,
-    /// Clones of endpoint services kept for reuse (see `Builder::keep_clones`), keyed by
+    /// Clones of endpoint services kept for reuse (see `BalanceBuilder::keep_clones`), keyed by
     /// slot; cleared with the view.
     clones: Vec<(usize, S)>,
     chosen: Option<Chosen<S, K>>,
@@ -154,7 +154,7 @@ where
         D: Discover<Key = K, Service = S> + Unpin + Send + 'static,
         D::Error: Into<BoxError> + Send,
     {
-        Builder::default().build(discover)
+        BalanceBuilder::default().build(discover)
     }
 
     pub(crate) fn spawn<D, F>(config: Config, discover: D, split: F) -> Self
@@ -180,9 +180,9 @@ where
 }
 
 impl Balance<(), ()> {
-    /// A [`Builder`] for a balancer with non-default settings.
-    pub fn builder() -> Builder {
-        Builder::default()
+    /// A [`BalanceBuilder`] for a balancer with non-default settings.
+    pub fn builder() -> BalanceBuilder {
+        BalanceBuilder::default()
     }
 }
 

@@ -158,7 +158,7 @@ fn consul(section: ConsulSection, path: &str) -> Result<Arc<dyn ServiceRegistry>
         }
         builder = builder.health_check(template);
     }
-    Ok(Arc::new(builder.build()?))
+    Ok(Arc::new(builder.build().map_err(|e| at(e, path))?))
 }
 
 #[cfg(not(feature = "consul"))]
@@ -219,7 +219,11 @@ fn etcd(section: EtcdSection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
     if let Some(ca_file) = section.ca_file {
         builder = builder.ca_file(ca_file);
     }
-    Ok(Arc::new(builder.build().map_err(|e| at(e, path))?))
+    Ok(Arc::new(
+        builder
+            .build()
+            .map_err(|e| at(e, &format!("{path}.etcd")))?,
+    ))
 }
 
 #[cfg(not(feature = "etcd"))]
@@ -250,12 +254,18 @@ fn dns(section: DnsSection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
         builder = builder.max_ttl(max);
     }
     if let Some(record) = section.record {
-        builder = builder.record(record.parse::<RecordKind>().map_err(|e| at(e, path))?);
+        builder = builder.record(
+            record
+                .parse::<RecordKind>()
+                .map_err(|e| at(e, &format!("{path}.dns")))?,
+        );
     }
     if let Some(port) = section.port {
         builder = builder.port(port);
     }
-    Ok(Arc::new(builder.build().map_err(|e| at(e, path))?))
+    Ok(Arc::new(
+        builder.build().map_err(|e| at(e, &format!("{path}.dns")))?,
+    ))
 }
 
 #[cfg(not(feature = "dns"))]
@@ -263,16 +273,13 @@ fn dns(_section: DnsSection, path: &str) -> Result<Arc<dyn ServiceRegistry>> {
     Err(not_compiled_in("dns", path))
 }
 
-/// A backend's configuration error (keyed `registry.<backend>.<key>`), re-rooted at `path`
-/// (e.g. `registry.fallback[0]`).
-#[cfg(any(feature = "etcd", feature = "dns"))]
-fn at(error: Error, path: &str) -> Error {
+/// A backend's configuration error, which names the backend's own setting (`ca_file`), put
+/// at its place in the file: `section` is e.g. `registry.fallback[0].consul`.
+#[cfg(any(feature = "consul", feature = "etcd", feature = "dns"))]
+fn at(error: Error, section: &str) -> Error {
     match error {
         Error::InvalidConfig { key, source } => Error::InvalidConfig {
-            key: match key.strip_prefix("registry") {
-                Some(rest) => format!("{path}{rest}"),
-                None => key,
-            },
+            key: format!("{section}.{key}"),
             source,
         },
         other => other,

@@ -108,7 +108,7 @@ struct Settings {
 #[must_use]
 pub struct DiscoveryLayer {
     registry: Arc<dyn ServiceRegistry>,
-    balance: balance::Builder,
+    balance: balance::BalanceBuilder,
     settings: Settings,
 }
 
@@ -173,7 +173,7 @@ impl DiscoveryLayer {
     /// preference); HTTP 5xx, gRPC failure codes and transport errors count as failures.
     pub fn balancer(
         mut self,
-        configure: impl FnOnce(balance::Builder) -> balance::Builder,
+        configure: impl FnOnce(balance::BalanceBuilder) -> balance::BalanceBuilder,
     ) -> Self {
         self.balance = configure(self.balance);
         self
@@ -244,7 +244,7 @@ pub struct Discovery<S> {
 /// What all clones of one [`Discovery`] share.
 struct Shared<S> {
     registry: Arc<dyn ServiceRegistry>,
-    balance: balance::Builder,
+    balance: balance::BalanceBuilder,
     settings: Settings,
     balancers: Arc<Balancers<ServiceBalance<S>>>,
 }

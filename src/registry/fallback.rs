@@ -60,7 +60,7 @@ impl FallbackRegistry {
     pub fn new(chain: Vec<Arc<dyn ServiceRegistry>>) -> Result<Self> {
         if chain.is_empty() {
             return Err(Error::InvalidConfig {
-                key: "registry.fallback".to_owned(),
+                key: "chain".to_owned(),
                 source: "the chain needs at least one registry".into(),
             });
         }

@@ -111,7 +111,7 @@ impl FakeKube {
     }
 
     /// A registry builder over this server: namespace `default`, quick retries.
-    pub fn registry(&self) -> tower_sd::registry::kubernetes::KubernetesBuilder {
+    pub fn registry(&self) -> tower_sd::registry::kubernetes::KubernetesRegistryBuilder {
         tower_sd::registry::kubernetes::KubernetesRegistry::builder()
             .client(self.client())
             .namespace("default")

@@ -9,7 +9,7 @@ use serde_json::json;
 use tracing::warn;
 
 use super::api::{HealthEntry, Mapping, Registration, Weights};
-use super::config::{ConsulBuilder, HealthCheckKind, go_duration};
+use super::settings::{HealthCheckKind, Settings, go_duration};
 use crate::error::{BoxError, Error, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
 use crate::registry::Secret;
@@ -22,24 +22,24 @@ const ERROR_BODY_BYTES: usize = 512;
 pub(crate) struct Client {
     http: reqwest::Client,
     base: Url,
-    pub(crate) config: ConsulBuilder,
+    pub(super) settings: Settings,
     mapping: Mapping,
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // `config.token` is a `Secret`, whose Debug is redacted.
+        // `settings.token` is a `Secret`, whose Debug is redacted.
         f.debug_struct("Client")
             .field("address", &self.base.as_str())
-            .field("datacenter", &self.config.datacenter)
-            .field("token", &self.config.token)
+            .field("datacenter", &self.settings.datacenter)
+            .field("token", &self.settings.token)
             .finish_non_exhaustive()
     }
 }
 
 fn invalid(key: &str, source: impl Into<BoxError>) -> Error {
     Error::InvalidConfig {
-        key: format!("consul.{key}"),
+        key: key.to_owned(),
         source: source.into(),
     }
 }
@@ -77,11 +77,11 @@ fn tls_config(ca_file: Option<&std::path::Path>, https: bool) -> Result<rustls::
 }
 
 impl Client {
-    pub(crate) fn new(config: ConsulBuilder) -> Result<Self> {
-        let address = if config.address.contains("://") {
-            config.address.clone()
+    pub(super) fn new(settings: Settings) -> Result<Self> {
+        let address = if settings.address.contains("://") {
+            settings.address.clone()
         } else {
-            format!("http://{}", config.address)
+            format!("http://{}", settings.address)
         };
         let base = Url::parse(&address).map_err(|e| invalid("address", e))?;
         if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
@@ -89,13 +89,13 @@ impl Client {
                 "address",
                 format!(
                     "`{}`: expected http(s)://host:port or host:port",
-                    config.address
+                    settings.address
                 ),
             ));
         }
         // reqwest is built without a crypto provider and the library never installs a
         // process-wide one, so it always gets a preconfigured rustls with ring.
-        let tls = tls_config(config.ca_file.as_deref(), base.scheme() == "https")?;
+        let tls = tls_config(settings.ca_file.as_deref(), base.scheme() == "https")?;
         // The token stays with the agent: never follow a redirect (reqwest would resend
         // `X-Consul-Token`, which it does not know to strip, to wherever it points), and
         // never send it through a system proxy to a loopback agent unless asked to.
@@ -103,18 +103,18 @@ impl Client {
             .tls_backend_preconfigured(tls)
             .redirect(reqwest::redirect::Policy::none());
         let loopback = is_loopback(&base);
-        if !config.system_proxy.unwrap_or(!loopback) {
+        if !settings.system_proxy.unwrap_or(!loopback) {
             http = http.no_proxy();
         }
         let http = http.build().map_err(|e| invalid("address", e))?;
         let mapping = Mapping {
-            zone_key: config.zone_key.clone(),
-            tagged_address: config.tagged_address.clone(),
+            zone_key: settings.zone_key.clone(),
+            tagged_address: settings.tagged_address.clone(),
         };
         Ok(Self {
             http,
             base,
-            config,
+            settings,
             mapping,
         })
     }
@@ -130,10 +130,10 @@ impl Client {
 
     fn request(&self, method: Method, url: Url) -> RequestBuilder {
         let mut request = self.http.request(method, url);
-        if let Some(Secret(token)) = &self.config.token {
+        if let Some(Secret(token)) = &self.settings.token {
             request = request.header("X-Consul-Token", token);
         }
-        if let Some(namespace) = &self.config.namespace {
+        if let Some(namespace) = &self.settings.namespace {
             request = request.query(&[("ns", namespace)]);
         }
         request
@@ -171,10 +171,10 @@ impl Client {
         };
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > self.config.max_body_bytes {
+            if body.len() + chunk.len() > self.settings.max_body_bytes {
                 return Err(Error::Malformed {
                     registry: REGISTRY,
-                    source: format!("response body over {} bytes", self.config.max_body_bytes)
+                    source: format!("response body over {} bytes", self.settings.max_body_bytes)
                         .into(),
                 });
             }
@@ -185,7 +185,7 @@ impl Client {
 
     /// Sends a request that must succeed (2xx), or maps the status to an error.
     async fn expect_ok(&self, request: RequestBuilder) -> Result<(Option<u64>, Vec<u8>)> {
-        let (status, index, body) = self.send(request, self.config.request_timeout).await?;
+        let (status, index, body) = self.send(request, self.settings.request_timeout).await?;
         if status.is_success() {
             Ok((index, body))
         } else {
@@ -217,7 +217,7 @@ impl Client {
     }
 
     fn check_json(&self, instance: &ServiceInstance) -> serde_json::Value {
-        let check = &self.config.check;
+        let check = &self.settings.check;
         let mut value = json!({
             "CheckID": format!("service:{}", instance.id),
             "Name": format!("{} health", instance.name),
@@ -278,7 +278,10 @@ impl Client {
     pub(crate) async fn agent_health(&self, id: &str) -> Result<HealthStatus> {
         let url = self.url(&["v1", "agent", "health", "service", "id", id]);
         let (status, _, body) = self
-            .send(self.request(Method::GET, url), self.config.request_timeout)
+            .send(
+                self.request(Method::GET, url),
+                self.settings.request_timeout,
+            )
             .await?;
         // The body's AggregatedStatus tells maintenance from critical (both answer 503).
         let aggregated = serde_json::from_slice::<serde_json::Value>(&body)
@@ -309,31 +312,31 @@ impl Client {
         if let Some(dc) = query
             .datacenter
             .as_ref()
-            .or(self.config.datacenter.as_ref())
+            .or(self.settings.datacenter.as_ref())
         {
             request = request.query(&[("dc", dc)]);
         }
-        if let (Some(ns), None) = (&query.namespace, &self.config.namespace) {
+        if let (Some(ns), None) = (&query.namespace, &self.settings.namespace) {
             request = request.query(&[("ns", ns)]);
         }
         if let Some(filter) = meta_filter(query) {
             request = request.query(&[("filter", filter)]);
         }
-        if self.config.stale {
+        if self.settings.stale {
             request = request.query(&[("stale", "")]);
         }
-        if self.config.cached {
+        if self.settings.cached {
             request = request.query(&[("cached", "")]);
         }
         let timeout = match blocking {
             Some(index) => {
-                let wait = self.config.wait;
+                let wait = self.settings.wait;
                 request =
                     request.query(&[("index", index.to_string()), ("wait", go_duration(wait))]);
                 // Consul adds up to wait/16 of jitter; allow that plus slack.
                 wait + wait / 16 + Duration::from_secs(5)
             }
-            None => self.config.request_timeout,
+            None => self.settings.request_timeout,
         };
         let (status, answer, body) = self.send_with_headers(request, timeout).await?;
         if !status.is_success() {

@@ -16,11 +16,13 @@
 //! ```
 
 mod api;
+mod builder;
 mod client;
-mod config;
+mod settings;
 mod watch;
 
-pub use config::{ConsulBuilder, HealthCheck, HealthCheckKind};
+pub use builder::ConsulRegistryBuilder;
+pub use settings::{HealthCheck, HealthCheckKind};
 
 use std::fmt;
 use std::sync::Arc;
@@ -42,7 +44,7 @@ use client::Client;
 ///   filter to Consul (`tag`, `dc`, `ns`, and metadata as a `filter` expression). Instances with
 ///   a critical check are left out; warning ones stay, at their `Weights.Warning` weight.
 /// - `watch` runs blocking queries and follows Consul's index rules (see
-///   [`ConsulBuilder::wait`]).
+///   [`ConsulRegistryBuilder::wait`]).
 /// - `health` reads `/v1/agent/health/service/id/:id`.
 ///
 /// **Instance ids.** Consul's service IDs are unique per agent, not per cluster (the default
@@ -61,7 +63,7 @@ use client::Client;
 ///
 /// **Redirects and proxies.** Redirects are never followed (the token would go along), and
 /// an agent on a loopback address is always dialled directly, never through the system's
-/// proxy, unless [`ConsulBuilder::system_proxy`] says otherwise.
+/// proxy, unless [`ConsulRegistryBuilder::system_proxy`] says otherwise.
 #[derive(Clone)]
 pub struct ConsulRegistry {
     client: Arc<Client>,
@@ -69,8 +71,8 @@ pub struct ConsulRegistry {
 
 impl ConsulRegistry {
     /// A builder, with Consul's defaults (`http://127.0.0.1:8500`).
-    pub fn builder() -> ConsulBuilder {
-        ConsulBuilder::default()
+    pub fn builder() -> ConsulRegistryBuilder {
+        ConsulRegistryBuilder::default()
     }
 
     /// Puts an instance in maintenance mode (it leaves discovery) or takes it out.

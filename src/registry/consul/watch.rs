@@ -83,10 +83,10 @@ pub(crate) fn stream(
     client: Arc<Client>,
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
-    let config = &client.config;
-    let retry = (config.retry_base, config.retry_max);
+    let settings = &client.settings;
+    let retry = (settings.retry_base, settings.retry_max);
     let source = Blocking {
-        bucket: TokenBucket::new(config.requests_per_second),
+        bucket: TokenBucket::new(settings.requests_per_second),
         client: Arc::clone(&client),
         query: query.clone(),
         index: 0,

@@ -31,7 +31,7 @@ pub(super) fn stream(
     inner: Arc<Inner>,
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
-    let retry = (inner.config.retry_base, inner.config.retry_max);
+    let retry = (inner.settings.retry_base, inner.settings.retry_max);
     let source = Lookups {
         inner,
         query: query.clone(),
@@ -59,8 +59,8 @@ impl Source for Lookups {
             }
             Ok(Outcome::Missing) => {
                 self.misses += 1;
-                self.next = Some(self.inner.config.min_ttl);
-                if self.misses < self.inner.config.empty_after {
+                self.next = Some(self.inner.settings.min_ttl);
+                if self.misses < self.inner.settings.empty_after {
                     debug!(name = %self.query.name, misses = self.misses, "no records; keeping the last set until it repeats");
                     return Fetched::Nothing;
                 }

@@ -28,15 +28,15 @@ pub(super) struct Registered {
 /// Grants a lease, puts the key on it, and starts keeping it alive.
 pub(super) async fn register(inner: &Inner, key: String, value: Vec<u8>) -> Result<Registered> {
     let client = inner.client().await?;
-    let ttl = ttl_seconds(inner.config.lease_ttl);
+    let ttl = ttl_seconds(inner.settings.lease_ttl);
     let mut keeper = Keeper {
         client,
         key: key.clone(),
         value,
         ttl,
         lease: Arc::new(AtomicI64::new(0)),
-        backoff: Backoff::new(inner.config.retry_base, inner.config.retry_max),
-        request_timeout: inner.config.request_timeout,
+        backoff: Backoff::new(inner.settings.retry_base, inner.settings.retry_max),
+        request_timeout: inner.settings.request_timeout,
     };
     let lease = Arc::clone(&keeper.lease);
     lease.store(keeper.grant_and_put().await?, Ordering::Release);

@@ -19,14 +19,17 @@
 //! # }
 //! ```
 
+mod builder;
 mod lease;
 mod rpc;
 mod watch;
 
+pub use builder::EtcdRegistryBuilder;
+use builder::Settings;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,7 +49,7 @@ const REGISTRY: &str = "etcd";
 
 /// A [`ServiceRegistry`] over etcd's v3 API.
 ///
-/// - `register` grants a lease of [`lease_ttl`](EtcdBuilder::lease_ttl), puts the instance as
+/// - `register` grants a lease of [`lease_ttl`](EtcdRegistryBuilder::lease_ttl), puts the instance as
 ///   JSON at `{prefix}/{service}/{id}` on it, and keeps the lease alive from a background task
 ///   (every third of the TTL). If the process dies, the lease expires and the key goes with
 ///   it. If the lease is lost anyway (etcd restored from a backup, a long partition), the task
@@ -70,166 +73,27 @@ pub struct EtcdRegistry {
 
 struct Inner {
     client: OnceCell<Etcd>,
-    config: EtcdBuilder,
+    settings: Settings,
     /// Instances this process registered: id -> their lease and keep-alive task.
     leases: Mutex<HashMap<String, lease::Registered>>,
-}
-
-/// Configures an [`EtcdRegistry`]; see [`EtcdRegistry::builder`].
-#[derive(Clone)]
-#[must_use]
-pub struct EtcdBuilder {
-    endpoints: Vec<String>,
-    prefix: String,
-    lease_ttl: Duration,
-    username: Option<String>,
-    password: Option<Secret>,
-    ca_file: Option<PathBuf>,
-    request_timeout: Duration,
-    connect_timeout: Duration,
-    retry_base: Duration,
-    retry_max: Duration,
-}
-
-// ===== impl EtcdBuilder =====
-
-impl EtcdBuilder {
-    /// The key prefix (default `/services`); keys are `{prefix}/{service}/{id}`.
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// The lease TTL of registered instances (default 10 s; whole seconds, at least 1).
-    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl;
-        self
-    }
-
-    /// Authenticates as this user.
-    pub fn credentials(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
-        self.username = Some(username.into());
-        self.password = Some(Secret(password.into()));
-        self
-    }
-
-    /// Trusts this CA (PEM file) for `https://` endpoints, instead of nothing: with TLS
-    /// endpoints a CA is required.
-    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.ca_file = Some(path.into());
-        self
-    }
-
-    /// The limit on each request other than watches (default 5 s).
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
-    }
-
-    /// The limit on connecting (default 5 s).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Backoff between watch and keep-alive retries: full jitter from `base`, doubling up
-    /// to `max` (default 100 ms to 10 s).
-    pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.retry_base = base;
-        self.retry_max = max;
-        self
-    }
-
-    /// Builds the registry. It connects on first use, so building needs no runtime.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] for no endpoint, an endpoint that is not an `http://` or
-    /// `https://` URL, `https://` without a CA file, a prefix without a leading `/` or a
-    /// lease TTL under a second.
-    pub fn build(mut self) -> Result<EtcdRegistry> {
-        let invalid = |key: &str, why: String| Error::InvalidConfig {
-            key: format!("registry.etcd.{key}"),
-            source: why.into(),
-        };
-        if self.endpoints.is_empty() {
-            return Err(invalid(
-                "endpoints",
-                "at least one endpoint is needed".into(),
-            ));
-        }
-        for endpoint in &self.endpoints {
-            let tls = endpoint.starts_with("https://");
-            if !tls && !endpoint.starts_with("http://") {
-                return Err(invalid(
-                    "endpoints",
-                    format!("`{endpoint}` is not an http:// or https:// URL"),
-                ));
-            }
-            if let Err(error) = tonic::transport::Endpoint::from_shared(endpoint.clone()) {
-                return Err(invalid(
-                    "endpoints",
-                    format!("`{endpoint}` is not a valid URL: {error}"),
-                ));
-            }
-            if tls && self.ca_file.is_none() {
-                return Err(invalid(
-                    "endpoints",
-                    format!("`{endpoint}` uses TLS: set a CA file to trust"),
-                ));
-            }
-        }
-        let trimmed = self.prefix.trim_end_matches('/');
-        if !self.prefix.starts_with('/') || trimmed.is_empty() {
-            return Err(invalid(
-                "prefix",
-                format!("`{}` must start with `/` and name a directory", self.prefix),
-            ));
-        }
-        self.prefix = trimmed.to_owned();
-        if self.lease_ttl < Duration::from_secs(1) {
-            return Err(invalid("lease_ttl", "must be at least 1s".into()));
-        }
-        Ok(EtcdRegistry {
-            inner: Arc::new(Inner {
-                client: OnceCell::new(),
-                config: self,
-                leases: Mutex::new(HashMap::new()),
-            }),
-        })
-    }
-}
-
-impl fmt::Debug for EtcdBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdBuilder")
-            .field("endpoints", &self.endpoints)
-            .field("prefix", &self.prefix)
-            .field("lease_ttl", &self.lease_ttl)
-            .field("username", &self.username)
-            .field("password", &self.password)
-            .field("ca_file", &self.ca_file)
-            .finish_non_exhaustive()
-    }
 }
 
 // ===== impl EtcdRegistry =====
 
 impl EtcdRegistry {
-    /// A builder for these endpoints (`http://host:port` or `https://host:port`).
-    pub fn builder<E: Into<String>>(endpoints: impl IntoIterator<Item = E>) -> EtcdBuilder {
-        EtcdBuilder {
-            endpoints: endpoints.into_iter().map(Into::into).collect(),
-            prefix: "/services".into(),
-            lease_ttl: Duration::from_secs(10),
-            username: None,
-            password: None,
-            ca_file: None,
-            request_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
-            retry_base: Duration::from_millis(100),
-            retry_max: Duration::from_secs(10),
+    fn with_settings(settings: Settings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client: OnceCell::new(),
+                settings,
+                leases: Mutex::new(HashMap::new()),
+            }),
         }
+    }
+
+    /// A builder for these endpoints (`http://host:port` or `https://host:port`).
+    pub fn builder<E: Into<String>>(endpoints: impl IntoIterator<Item = E>) -> EtcdRegistryBuilder {
+        EtcdRegistryBuilder::new(endpoints.into_iter().map(Into::into).collect())
     }
 }
 
@@ -238,26 +102,17 @@ impl Inner {
         let client = self
             .client
             .get_or_try_init(|| async {
-                let config = &self.config;
-                let ca = match &config.ca_file {
-                    Some(ca_file) => {
-                        Some(std::fs::read(ca_file).map_err(|e| Error::InvalidConfig {
-                            key: "registry.etcd.ca_file".into(),
-                            source: e.into(),
-                        })?)
-                    }
-                    None => None,
-                };
-                let credentials = config.username.clone().zip(config.password.clone());
+                let settings = &self.settings;
+                let credentials = settings.username.clone().zip(settings.password.clone());
                 let authenticate = credentials.is_some();
                 let etcd = Etcd::connect(rpc::Connect {
-                    endpoints: &config.endpoints,
-                    connect_timeout: config.connect_timeout,
-                    ca,
+                    endpoints: &settings.endpoints,
+                    connect_timeout: settings.connect_timeout,
+                    ca: settings.ca.clone(),
                     credentials,
                 })
                 .map_err(|e| Error::InvalidConfig {
-                    key: "registry.etcd.endpoints".into(),
+                    key: "endpoints".into(),
                     source: e.into(),
                 })?;
                 if authenticate {
@@ -271,12 +126,12 @@ impl Inner {
 
     /// Runs a request under the request timeout, mapping its error.
     async fn timed<T>(&self, request: impl Future<Output = Result<T, tonic::Status>>) -> Result<T> {
-        timed(self.config.request_timeout, request).await
+        timed(self.settings.request_timeout, request).await
     }
 
     /// `{prefix}/{service}/`: the directory of one service.
     fn service_dir(&self, service: &str) -> String {
-        format!("{}/{service}/", self.config.prefix)
+        format!("{}/{service}/", self.settings.prefix)
     }
 
     /// Reads the instances of a service at the current revision.
@@ -302,7 +157,7 @@ impl Inner {
     /// without their values.
     async fn keys_of(&self, id: &str) -> Result<Vec<KeyValue>> {
         let client = self.client().await?;
-        let all = format!("{}/", self.config.prefix).into_bytes();
+        let all = format!("{}/", self.settings.prefix).into_bytes();
         let request = RangeRequest {
             range_end: prefix_end(&all),
             key: all,
@@ -369,7 +224,7 @@ fn check_segments(instance: &ServiceInstance) -> Result<()> {
 impl fmt::Debug for EtcdRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EtcdRegistry")
-            .field("config", &self.inner.config)
+            .field("settings", &self.inner.settings)
             .finish_non_exhaustive()
     }
 }

@@ -43,7 +43,7 @@ pub(super) fn stream(
     inner: Arc<Inner>,
     query: ServiceQuery,
 ) -> impl Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static {
-    let retry = (inner.config.retry_base, inner.config.retry_max);
+    let retry = (inner.settings.retry_base, inner.settings.retry_max);
     let source = Revisions {
         inner,
         query: query.clone(),

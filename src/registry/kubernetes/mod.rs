@@ -65,7 +65,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 ///   (KEP-1669); never non-serving ones. Nil conditions follow the API reference: nil
 ///   `ready` is ready, nil `serving` follows `ready`, nil `terminating` is not terminating.
 /// - Instances: id `namespace/service/address:port`, the endpoint's first address, the port
-///   named by [`port_name`](KubernetesBuilder::port_name) (default: the only one), `zone`
+///   named by [`port_name`](KubernetesRegistryBuilder::port_name) (default: the only one), `zone`
 ///   from the endpoint's zone or its `hints.forZones`, and metadata `node_name`, `hostname`,
 ///   `pod` and `for_zones`. IPv4 and IPv6 slices are read; FQDN slices are skipped with a
 ///   warning.
@@ -107,14 +107,14 @@ enum Connect {
 
 /// Builds a [`KubernetesRegistry`]; see [`KubernetesRegistry::builder`].
 #[must_use]
-pub struct KubernetesBuilder {
+pub struct KubernetesRegistryBuilder {
     client: Option<Client>,
     settings: Settings,
 }
 
-// ===== impl KubernetesBuilder =====
+// ===== impl KubernetesRegistryBuilder =====
 
-impl KubernetesBuilder {
+impl KubernetesRegistryBuilder {
     /// Uses this client instead of one inferred from the environment.
     pub fn client(mut self, client: Client) -> Self {
         self.client = Some(client);
@@ -183,16 +183,16 @@ impl KubernetesBuilder {
     }
 }
 
-impl fmt::Debug for KubernetesBuilder {
+impl fmt::Debug for KubernetesRegistryBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KubernetesBuilder")
+        f.debug_struct("KubernetesRegistryBuilder")
             .field("client", &self.client.as_ref().map(|_| "<given>"))
             .field("settings", &self.settings)
             .finish()
     }
 }
 
-impl Default for KubernetesBuilder {
+impl Default for KubernetesRegistryBuilder {
     fn default() -> Self {
         Self {
             client: None,
@@ -213,8 +213,8 @@ impl Default for KubernetesBuilder {
 
 impl KubernetesRegistry {
     /// A builder: kubeconfig (else in-cluster) client, the client's namespace, the only port.
-    pub fn builder() -> KubernetesBuilder {
-        KubernetesBuilder::default()
+    pub fn builder() -> KubernetesRegistryBuilder {
+        KubernetesRegistryBuilder::default()
     }
 
     /// A registry over this client, with the client's namespace.
@@ -230,7 +230,7 @@ impl Inner {
                 let config = match self.settings.connect {
                     Connect::InCluster => {
                         Config::incluster().map_err(|e| Error::InvalidConfig {
-                            key: "registry.kubernetes.in_cluster".into(),
+                            key: "in_cluster".into(),
                             source: e.into(),
                         })?
                     }
@@ -412,7 +412,7 @@ fn watcher_error(error: kube::runtime::watcher::Error) -> Error {
 
 fn port_error(error: slices::PortError) -> Error {
     Error::InvalidConfig {
-        key: "registry.kubernetes.port_name".into(),
+        key: "port_name".into(),
         source: error.into(),
     }
 }
