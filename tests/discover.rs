@@ -168,6 +168,13 @@ async fn end_of_watch_ends_the_stream_for_good() {
     for _ in 0..3 {
         assert!(discover.next().await.is_none());
     }
+    let printed = format!("{discover:?}");
+    assert!(
+        printed.contains("\"svc\"")
+            && printed.contains("instances: 1")
+            && printed.contains("ended: true"),
+        "{printed}"
+    );
 }
 
 /// A service that answers with the id of the instance it was made for.

@@ -27,6 +27,8 @@ struct Flaky {
     calls: Arc<AtomicUsize>,
     hang: Arc<AtomicBool>,
     unready: Arc<AtomicBool>,
+    /// `poll_ready` calls answered "not ready".
+    refusals: Arc<AtomicUsize>,
 }
 
 impl Flaky {
@@ -37,6 +39,7 @@ impl Flaky {
             calls,
             hang: Arc::default(),
             unready: Arc::default(),
+            refusals: Arc::default(),
         }
     }
 }
@@ -51,6 +54,7 @@ impl Service<()> for Flaky {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(if self.unready.load(Ordering::SeqCst) {
+            self.refusals.fetch_add(1, Ordering::SeqCst);
             Err("not ready")
         } else {
             Ok(())
@@ -85,6 +89,7 @@ struct Fleet {
     calls: Vec<Arc<AtomicUsize>>,
     hangs: Vec<Arc<AtomicBool>>,
     unready: Vec<Arc<AtomicBool>>,
+    refusals: Vec<Arc<AtomicUsize>>,
     feed: mpsc::UnboundedSender<Result<Change<usize, Flaky>, Infallible>>,
     balance: Balance<Flaky, usize>,
 }
@@ -98,6 +103,7 @@ impl Fleet {
             calls: Vec::new(),
             hangs: Vec::new(),
             unready: Vec::new(),
+            refusals: Vec::new(),
             feed,
             balance,
         };
@@ -114,6 +120,7 @@ impl Fleet {
         self.calls.push(Arc::clone(&flaky.calls));
         self.hangs.push(Arc::clone(&flaky.hang));
         self.unready.push(Arc::clone(&flaky.unready));
+        self.refusals.push(Arc::clone(&flaky.refusals));
         self.feed.send(Ok(Change::Insert(id, flaky))).unwrap();
         support::until("the endpoint is listed", || {
             self.balance.endpoints().iter().any(|e| e.key == id)
@@ -225,6 +232,49 @@ async fn a_successful_probe_returns_the_endpoint() {
         fleet.state(0),
         (EndpointState::Ejected, Some(Duration::from_secs(30)))
     );
+}
+
+/// "Consecutive" means it: a success in between starts the count again. Catches a count
+/// that a success does not reset (the fifth failure overall would eject).
+#[tokio::test(start_paused = true)]
+async fn a_success_between_failures_starts_the_count_again() {
+    let _limit = support::time_limit(60);
+    let everything = detection().max_ejection_percent(100);
+    let fleet = Fleet::new(1, Balance::builder().outlier_detection(Some(everything))).await;
+    for _ in 0..3 {
+        fleet.fail(0, true);
+        assert_eq!(fleet.send(2).await.1, 2);
+        fleet.fail(0, false);
+        assert_eq!(fleet.send(1).await.0[&0], 1);
+        assert_eq!(fleet.state(0).0, EndpointState::Ready, "never 3 in a row");
+    }
+    fleet.fail(0, true);
+    fleet.send(3).await;
+    assert_eq!(fleet.state(0).0, EndpointState::Ejected, "3 in a row");
+}
+
+/// The threshold set is the one used: with 1 of 2 ejected (50% usable), the default 50%
+/// does not panic, 60% does. Catches a builder that drops the setting.
+#[tokio::test(start_paused = true)]
+async fn the_panic_threshold_set_is_the_one_used() {
+    let _limit = support::time_limit(60);
+    for (threshold, panics) in [(None, false), (Some(60), true)] {
+        let mut builder = Balance::builder().outlier_detection(Some(detection()));
+        if let Some(threshold) = threshold {
+            builder = builder.panic_threshold(threshold);
+        }
+        let fleet = Fleet::new(2, builder).await;
+        fleet.fail(0, true);
+        fleet.send(50).await;
+        assert_eq!(fleet.state(0).0, EndpointState::Ejected);
+        fleet.fail(0, false);
+        let (served, _) = fleet.send(200).await;
+        assert_eq!(
+            served.contains_key(&0),
+            panics,
+            "threshold {threshold:?}: {served:?}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -519,6 +569,39 @@ async fn a_probe_its_caller_gave_up_on_is_sent_again() {
         "endpoint 0 served {served} of 300 after recovering"
     );
     assert_eq!(fleet.state(0).0, EndpointState::Ready);
+}
+
+/// An endpoint whose `poll_ready` fails is asked again after 50 ms, then 100 ms, 200 ms...
+/// up to 5 s, however many requests come meanwhile. Catches a schedule that grows in the
+/// wrong direction or from the wrong start, and a hot retry on every pick.
+#[tokio::test(start_paused = true)]
+async fn a_failed_endpoint_is_asked_again_with_a_doubling_backoff() {
+    let _limit = support::time_limit(60);
+    let fleet = Fleet::new(2, Balance::builder()).await;
+    fleet.unready[0].store(true, Ordering::SeqCst);
+    support::until_async("endpoint 0 is asked once", || async {
+        let _ = fleet.balance.clone().oneshot(()).await;
+        fleet.refusals[0].load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let mut asked = 1;
+    for backoff_ms in [50, 100, 200, 400, 800, 1_600, 3_200, 5_000, 5_000] {
+        advance(Duration::from_millis(backoff_ms - 2)).await;
+        fleet.send(100).await;
+        assert_eq!(
+            fleet.refusals[0].load(Ordering::SeqCst),
+            asked,
+            "not again before {backoff_ms} ms"
+        );
+        advance(Duration::from_millis(3)).await;
+        fleet.send(100).await;
+        asked += 1;
+        assert_eq!(
+            fleet.refusals[0].load(Ordering::SeqCst),
+            asked,
+            "again after {backoff_ms} ms"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -245,3 +245,55 @@ async fn a_response_without_a_body_completes_at_once() {
     );
     drop(response);
 }
+
+/// The wrapped body answers for the body inside: hyper sends `content-length` from
+/// `size_hint` and ends a stream with its headers when `is_end_stream` says so, so a
+/// wrapper that answered "unknown" and "not ended" would turn every proxied response into a
+/// chunked one with an empty DATA frame. Catches defaults in place of delegation.
+#[tokio::test(start_paused = true)]
+async fn the_response_body_reports_the_size_and_end_of_the_body_it_wraps() {
+    let _limit = support::time_limit(60);
+    let (balance, _answers) = balancer(Balance::builder(), 1).await;
+    let response = balance.clone().oneshot(get("/")).await.unwrap();
+    let body = response.into_body();
+    assert_eq!(http_body::Body::size_hint(&body).exact(), Some(1), "`0`");
+    assert!(!http_body::Body::is_end_stream(&body));
+    assert!(format!("{body:?}").contains("ended: false"), "{body:?}");
+    let mut body = std::pin::pin!(body);
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "0");
+    assert!(http_body::Body::is_end_stream(&*body), "Full is done");
+    assert!(format!("{body:?}").contains("ended: true"), "{body:?}");
+
+    let (streaming, _answers) = balancer(Balance::builder(), 1).await;
+    let body = streaming.clone().oneshot(get("/stream")).await.unwrap();
+    let hint = http_body::Body::size_hint(body.body());
+    assert_eq!(
+        (hint.lower(), hint.upper()),
+        (0, None),
+        "a stream's size is unknown"
+    );
+}
+
+/// What a `Debug` print of the balancer's parts says: enough to tell them apart in a log.
+#[tokio::test(start_paused = true)]
+async fn debug_output_says_what_each_part_holds() {
+    let _limit = support::time_limit(60);
+    let (balance, _answers) = balancer(Balance::builder().service_name("web"), 2).await;
+    let printed = format!("{balance:?}");
+    assert!(
+        printed.contains("\"web\"") && printed.contains("endpoints: 2"),
+        "{printed}"
+    );
+    let mut ready = balance.clone();
+    std::future::poll_fn(|cx| tower::Service::poll_ready(&mut ready, cx))
+        .await
+        .unwrap();
+    let future = tower::Service::call(&mut ready, get("/"));
+    let printed = format!("{future:?}");
+    assert!(
+        printed.contains("ResponseFuture") && printed.contains("probe: false"),
+        "{printed}"
+    );
+    drop(future.await);
+}

@@ -1,7 +1,6 @@
 //! Endpoints: the public [`Endpoint`] a `Discover` yields to describe one, and the balancer's
 //! own [`Slot`] for it, with the hot per-endpoint counters.
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -253,17 +252,6 @@ impl<S, K> Slot<S, K> {
                 .as_ref()
                 .and_then(|detector| self.health.ejected_for(detector)),
         }
-    }
-}
-
-impl<S, K: fmt::Debug> fmt::Debug for Slot<S, K> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Slot")
-            .field("key", &self.key)
-            .field("in_flight", &self.in_flight())
-            .field("weight", &self.weight)
-            .field("state", &self.state())
-            .finish_non_exhaustive()
     }
 }
 

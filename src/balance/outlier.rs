@@ -120,16 +120,6 @@ pub(crate) struct Detector {
     requests: super::metrics::Requests,
 }
 
-impl fmt::Debug for Detector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Detector")
-            .field("config", &self.config)
-            .field("ejected", &self.ejected.load(Ordering::Relaxed))
-            .field("total", &self.total.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
-    }
-}
-
 impl Detector {
     pub(crate) fn new(config: OutlierDetection, service: String, epoch: Instant) -> Self {
         Self {
@@ -345,5 +335,71 @@ impl Health {
     pub(crate) fn ejected_for(&self, detector: &Detector) -> Option<Duration> {
         let until = self.ejected_until.load(Ordering::Relaxed);
         (until != 0).then(|| Duration::from_nanos(until.saturating_sub(detector.now())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The probe schedule: the pick path scans the endpoints only when `probe_due` says so,
+    //! so a schedule that is due too early costs a scan on every request, and one never due
+    //! leaves an ejected endpoint out for good. Wrong implementations these catch: a scan
+    //! that never forgets the due time, a healthy endpoint that schedules a probe, a released
+    //! non-probe that makes one due now.
+    use super::*;
+
+    fn detector() -> Detector {
+        let config = OutlierDetection::default()
+            .consecutive_failures(1)
+            .max_ejection_percent(100);
+        let detector = Detector::new(config, "svc".into(), Instant::now());
+        detector.total.store(2, Ordering::Relaxed);
+        detector
+    }
+
+    /// Ejects `health` with one failure; returns when the ejection ends.
+    fn eject(health: &Health, detector: &Detector) -> u64 {
+        assert_eq!(health.record(detector, &0, true, false), Recorded::Ejected);
+        health.ejected_until.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_is_due_at_the_end_of_the_ejection_and_not_before() {
+        let detector = detector();
+        assert!(!detector.probe_due(u64::MAX - 1), "nothing ejected");
+        let health = Health::default();
+        let until = eject(&health, &detector);
+        assert!(!detector.probe_due(until - 1));
+        assert!(detector.probe_due(until));
+
+        // A scan forgets the due time and rebuilds it from the ejections it leaves alone.
+        detector.rescan();
+        assert!(!detector.probe_due(until), "forgotten");
+        health.schedule(&detector);
+        assert!(detector.probe_due(until), "rebuilt");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_that_need_no_probe_schedule_none() {
+        let detector = detector();
+        let healthy = Health::default();
+        healthy.schedule(&detector);
+        assert!(!detector.probe_due(u64::MAX - 1), "a healthy endpoint");
+
+        let ejected = Health::default();
+        let until = eject(&ejected, &detector);
+        detector.rescan();
+        assert!(ejected.claim_probe(until));
+        ejected.schedule(&detector);
+        assert!(!detector.probe_due(u64::MAX - 1), "its probe is out");
+
+        // Releasing an endpoint with no probe out changes nothing...
+        let other = Health::default();
+        let other_until = eject(&other, &detector);
+        detector.rescan();
+        other.release_probe(&detector);
+        assert!(!detector.probe_due(other_until - 1), "no probe was out");
+        // ...while releasing the probe out makes the next pick probe again.
+        ejected.release_probe(&detector);
+        assert!(detector.probe_due(detector.now()));
     }
 }

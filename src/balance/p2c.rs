@@ -38,21 +38,30 @@ thread_local! {
 /// A per-thread seed from std's randomly keyed hasher.
 #[cold]
 fn seed() -> u64 {
-    RandomState::new().hash_one(std::thread::current().id()) | 1
+    RandomState::new().hash_one(std::thread::current().id())
 }
 
-/// wyrand: one multiply per number, good statistical quality, no shared state.
+/// One step of wyrand (final v4.2 constants, as fastrand uses): one multiply per number,
+/// good statistical quality.
+#[inline]
+fn wyrand(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x2d35_8dcc_aa6c_78a5);
+    let t = u128::from(*state) * u128::from(*state ^ 0x8bb8_4b93_962e_acc9);
+    ((t >> 64) as u64) ^ (t as u64)
+}
+
+/// The next number of this thread's wyrand stream: no shared state, seeded on first use
+/// (a state of 0 means "not yet").
 #[inline]
 pub(crate) fn next_u64() -> u64 {
-    RNG.with(|state| {
-        let mut s = state.get();
-        if s == 0 {
-            s = seed();
+    RNG.with(|cell| {
+        let mut state = cell.get();
+        if state == 0 {
+            state = seed();
         }
-        let s = s.wrapping_add(0xa076_1d64_78bd_642f);
-        state.set(s);
-        let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
-        ((t >> 64) as u64) ^ (t as u64)
+        let number = wyrand(&mut state);
+        cell.set(state);
+        number
     })
 }
 
@@ -157,7 +166,7 @@ pub(crate) enum Pick {
 }
 
 /// What constrains a pick beyond load: outlier ejection, the panic threshold and slow start.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub(crate) struct Rules<'a> {
     pub(crate) detector: Option<&'a Detector>,
     /// Below this percentage of usable endpoints, ejections are ignored (or the pick fails).
@@ -360,6 +369,29 @@ mod tests {
                 prop_assert!(a < n && b < n && a != b);
             }
         }
+    }
+
+    /// Catches a changed constant, shift or mix, and a stream re-seeded on every call:
+    /// fastrand implements the same wyrand, so its numbers are the reference.
+    #[test]
+    fn the_stream_is_wyrand_from_its_seed() {
+        for seed in [1, 42, u64::MAX] {
+            RNG.with(|cell| cell.set(seed));
+            let mut reference = fastrand::Rng::with_seed(seed);
+            for _ in 0..3 {
+                assert_eq!(next_u64(), reference.u64(..), "seed {seed}");
+            }
+        }
+    }
+
+    /// Catches one seed for every thread, whose balancers would then pick in lockstep.
+    #[test]
+    fn threads_draw_different_streams() {
+        let firsts: std::collections::HashSet<u64> = (0..8)
+            .map(|_| std::thread::spawn(next_u64))
+            .map(|thread| thread.join().unwrap())
+            .collect();
+        assert_eq!(firsts.len(), 8);
     }
 
     #[test]
