@@ -100,6 +100,23 @@ pub enum Error {
         source: Elapsed,
     },
 
+    /// There are endpoints, but none became ready in time: each is connecting, or its
+    /// connection failed and waits for a retry.
+    #[error(
+        "no endpoint of service `{service}` is connected after {waited:?} ({total} connecting or failing)"
+    )]
+    NoReadyEndpoints {
+        /// The service.
+        service: String,
+        /// Its endpoints, none of them ready.
+        total: usize,
+        /// How long the caller waited for one.
+        waited: std::time::Duration,
+        /// Why one of them failed to connect, when one did.
+        #[source]
+        last_error: Option<crate::balance::ReadinessError>,
+    },
+
     /// Too few endpoints are usable (the rest are ejected) and the balancer is set to fail
     /// rather than panic.
     #[error("too few healthy endpoints for service `{service}`: {ejected} of {total} ejected")]
@@ -157,6 +174,7 @@ impl Error {
             Self::UnknownInstance { .. } => "unknown_instance",
             Self::Unsupported { .. } => "unsupported",
             Self::NoEndpoints { .. } => "no_endpoints",
+            Self::NoReadyEndpoints { .. } => "no_ready_endpoints",
             Self::NoHealthyEndpoints { .. } => "no_healthy_endpoints",
             Self::DiscoveryStopped { .. } => "discovery_stopped",
             Self::Timeout { .. } => "timeout",
@@ -167,7 +185,10 @@ impl Error {
     /// rate limiting and server errors).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Unreachable { .. } | Self::Timeout { .. } | Self::NoEndpoints { .. } => true,
+            Self::Unreachable { .. }
+            | Self::Timeout { .. }
+            | Self::NoEndpoints { .. }
+            | Self::NoReadyEndpoints { .. } => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
             _ => false,
         }

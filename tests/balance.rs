@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
 use tower::discover::Change;
 use tower::{Service, ServiceExt};
-use tower_sd::balance::{Balance, EndpointState, LoadMetric};
+use tower_sd::balance::{Balance, Connectivity, Endpoint, EndpointState, LoadMetric, Readiness};
 use tower_sd::{Error, MemoryRegistry, ServiceInstance, ServiceRegistry};
 
 type Feed<S> = mpsc::UnboundedSender<Result<Change<usize, S>, Infallible>>;
@@ -593,4 +593,115 @@ async fn kept_clones_are_reused_and_released_with_the_snapshot() {
         0,
         "released with the old snapshot"
     );
+}
+
+type EndpointFeed = mpsc::UnboundedSender<Result<Change<usize, Endpoint<Counted>>, Infallible>>;
+
+/// A balancer over endpoints that carry a [`Readiness`], fed by hand.
+fn fed_endpoints(
+    builder: tower_sd::balance::BalanceBuilder,
+) -> (EndpointFeed, Balance<Counted, usize>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let discover = stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (tx, builder.build_endpoints(discover))
+}
+
+fn insert_with(feed: &EndpointFeed, probe: &Probe, readiness: &Readiness) {
+    let endpoint = Endpoint::new(Counted(probe.clone())).readiness(readiness.clone());
+    feed.send(Ok(Change::Insert(probe.id, endpoint))).unwrap();
+}
+
+/// Catches a picker that ignores the connectivity its owner reports (the service's own
+/// `poll_ready` says ready here): a connecting or failed endpoint would take about a third
+/// of the requests each.
+#[tokio::test]
+async fn an_endpoint_that_is_not_connected_is_not_picked_while_another_is() {
+    let _limit = support::time_limit(60);
+    let (feed, balance) = fed_endpoints(Balance::builder());
+    let connecting = Readiness::new(Connectivity::Connecting);
+    let failed = Readiness::new(Connectivity::Ready);
+    failed.fail(Arc::new(std::io::Error::other("connection refused")));
+    let ready = Readiness::new(Connectivity::Ready);
+    insert_with(&feed, &Probe::new(1), &connecting);
+    insert_with(&feed, &Probe::new(2), &failed);
+    insert_with(&feed, &Probe::new(3), &ready);
+    published(&balance, 1).await;
+
+    for _ in 0..300 {
+        assert_eq!(balance.clone().oneshot(()).await.unwrap(), 3);
+    }
+    let states: HashMap<usize, EndpointState> = balance
+        .endpoints()
+        .into_iter()
+        .map(|e| (e.key, e.state))
+        .collect();
+    assert_eq!(states[&1], EndpointState::Connecting);
+    assert_eq!(states[&2], EndpointState::Failed);
+    assert_eq!(states[&3], EndpointState::Ready);
+
+    // Once connected it takes its share again, with no new snapshot.
+    connecting.set(Connectivity::Ready);
+    let mut to_first = 0;
+    for _ in 0..300 {
+        if balance.clone().oneshot(()).await.unwrap() == 1 {
+            to_first += 1;
+        }
+    }
+    assert!((100..=200).contains(&to_first), "{to_first} of 300");
+}
+
+/// Catches failing at once while every endpoint is connecting (the first requests after
+/// start would all fail), and a wait that is not woken by the connect (it would take the
+/// whole `wait_for_endpoints`).
+#[tokio::test(start_paused = true)]
+async fn a_caller_waits_for_the_first_endpoint_to_connect() {
+    let _limit = support::time_limit(60);
+    let (feed, mut balance) =
+        fed_endpoints(Balance::builder().wait_for_endpoints(Duration::from_secs(30)));
+    let connecting = Readiness::new(Connectivity::Connecting);
+    insert_with(&feed, &Probe::new(1), &connecting);
+    published(&balance, 1).await;
+
+    let mut task = tokio_test::task::spawn(());
+    assert_pending!(task.enter(|cx, _| balance.poll_ready(cx)));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_pending!(task.enter(|cx, _| balance.poll_ready(cx)));
+    connecting.set(Connectivity::Ready);
+    tokio::task::yield_now().await;
+    assert!(task.is_woken(), "the connect wakes the waiting caller");
+    assert_ready_ok!(task.enter(|cx, _| balance.poll_ready(cx)));
+    assert_eq!(balance.call(()).await.unwrap(), 1);
+}
+
+/// Catches a wait without a bound while no endpoint connects, and an error that hides why:
+/// the caller gets `NoReadyEndpoints` after `wait_for_endpoints`, with the last connect
+/// error.
+#[tokio::test(start_paused = true)]
+async fn no_endpoint_connecting_fails_after_the_wait_with_the_reason() {
+    let _limit = support::time_limit(60);
+    let builder = Balance::builder()
+        .service_name("greeter")
+        .wait_for_endpoints(Duration::from_secs(2));
+    let (feed, balance) = fed_endpoints(builder);
+    let failed = Readiness::new(Connectivity::Connecting);
+    failed.fail(Arc::new(std::io::Error::other("connection refused")));
+    insert_with(&feed, &Probe::new(1), &failed);
+    published(&balance, 1).await;
+
+    let started = tokio::time::Instant::now();
+    let error = balance.oneshot(()).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    match error.downcast_ref::<Error>() {
+        Some(Error::NoReadyEndpoints {
+            service,
+            total,
+            last_error,
+            ..
+        }) => {
+            assert_eq!((service.as_str(), *total), ("greeter", 1));
+            let reason = last_error.as_ref().expect("the connect error").to_string();
+            assert_eq!(reason, "connection refused");
+        }
+        other => panic!("expected NoReadyEndpoints, got {other:?}"),
+    }
 }

@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use tokio::sync::Notify;
+
 use super::load::Load;
 use super::outlier::{Detector, Health};
+use super::readiness::{Connectivity, Readiness};
 
-/// A service with what the balancer needs to know about it besides its load: its weight and
-/// its locality zone.
+/// A service with what the balancer needs to know about it besides its load: its weight, its
+/// locality zone, and whether it is connected.
 ///
 /// A [`Discover`](tower::discover::Discover) whose services are `Endpoint`s gives the balancer
 /// these facts (see [`BalanceBuilder::build_endpoints`](super::BalanceBuilder::build_endpoints));
@@ -35,6 +38,9 @@ pub struct Endpoint<S> {
     pub weight: u32,
     /// Its locality zone, for [zone preference](super::ZonePreference).
     pub zone: Option<String>,
+    /// Its connectivity, as the service's owner reports it; `None`: the service's own
+    /// `poll_ready` is all the balancer knows.
+    pub readiness: Option<Readiness>,
 }
 
 impl<S> Endpoint<S> {
@@ -44,6 +50,7 @@ impl<S> Endpoint<S> {
             service,
             weight: 1,
             zone: None,
+            readiness: None,
         }
     }
 
@@ -58,6 +65,14 @@ impl<S> Endpoint<S> {
     #[must_use]
     pub fn zone(mut self, zone: impl Into<String>) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// Sets the readiness the balancer reads: while another endpoint is ready, it never
+    /// picks this one unless it is [pickable](Connectivity::is_pickable).
+    #[must_use]
+    pub fn readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = Some(readiness);
         self
     }
 }
@@ -101,6 +116,8 @@ pub(crate) struct Slot<S, K> {
     /// Weight (>= 1).
     pub(crate) weight: u64,
     pub(crate) zone: Option<String>,
+    /// The owner's view of its connectivity, when it reports one.
+    readiness: Option<Readiness>,
     pub(crate) key: K,
     pub(crate) service: S,
 }
@@ -112,7 +129,11 @@ impl<S, K> Slot<S, K> {
         ewma: Option<Load>,
         detector: Option<Arc<Detector>>,
         tally: Arc<Tally>,
+        published: &Arc<Notify>,
     ) -> Self {
+        if let Some(readiness) = &endpoint.readiness {
+            readiness.listen(published);
+        }
         Self {
             in_flight: AtomicU64::new(0),
             ewma,
@@ -126,6 +147,7 @@ impl<S, K> Slot<S, K> {
             inserted: Instant::now(),
             weight: u64::from(endpoint.weight.max(1)),
             zone: endpoint.zone,
+            readiness: endpoint.readiness,
             key,
             service: endpoint.service,
         }
@@ -156,10 +178,27 @@ impl<S, K> Slot<S, K> {
         self.removed.load(Ordering::SeqCst)
     }
 
-    /// Whether the pick may take it without looking closer: not failed, not ejected.
+    /// Whether the pick may take it without looking closer: connected (or idle), not
+    /// failed, not ejected.
     #[inline]
     pub(crate) fn plainly_usable(&self) -> bool {
-        !self.is_failed() && !self.health.is_ejected()
+        self.is_pickable() && !self.is_failed() && !self.health.is_ejected()
+    }
+
+    /// Whether its owner says it may be picked (always, when it says nothing).
+    #[inline]
+    pub(crate) fn is_pickable(&self) -> bool {
+        self.readiness.as_ref().is_none_or(Readiness::is_pickable)
+    }
+
+    /// What its owner says of its connectivity.
+    pub(crate) fn connectivity(&self) -> Option<Connectivity> {
+        self.readiness.as_ref().map(Readiness::get)
+    }
+
+    /// Why its owner last said it failed.
+    pub(crate) fn readiness_error(&self) -> Option<super::ReadinessError> {
+        self.readiness.as_ref().and_then(Readiness::last_error)
     }
 
     /// Nanoseconds since the slot was inserted.
@@ -228,7 +267,11 @@ impl<S, K> Slot<S, K> {
         } else if self.is_failed() {
             EndpointState::Failed
         } else {
-            EndpointState::Ready
+            match self.connectivity() {
+                None | Some(Connectivity::Ready | Connectivity::Idle) => EndpointState::Ready,
+                Some(Connectivity::Connecting) => EndpointState::Connecting,
+                Some(_) => EndpointState::Failed,
+            }
         }
     }
 
@@ -251,6 +294,7 @@ impl<S, K> Slot<S, K> {
                 .detector
                 .as_ref()
                 .and_then(|detector| self.health.ejected_for(detector)),
+            connectivity: self.connectivity(),
         }
     }
 }
@@ -261,7 +305,12 @@ impl<S, K> Slot<S, K> {
 pub enum EndpointState {
     /// Picked normally.
     Ready,
-    /// Its `poll_ready` failed; it is tried again after a backoff (50 ms doubling to 5 s)
+    /// Its owner reports it connecting ([`Connectivity::Connecting`]): not picked while
+    /// another endpoint is ready.
+    Connecting,
+    /// Its `poll_ready` failed, or its owner reports a failed connection
+    /// ([`Connectivity::TransientFailure`]). Either way it is not picked while another
+    /// endpoint is usable. After a `poll_ready` failure, it is tried again after a backoff (50 ms doubling to 5 s)
     /// or when no other endpoint is usable, and is ready again when a `poll_ready` on it
     /// succeeds or discovery replaces it.
     Failed,
@@ -291,4 +340,7 @@ pub struct EndpointStats<K> {
     pub state: EndpointState,
     /// Time left in its ejection, when ejected.
     pub ejected_for: Option<Duration>,
+    /// What its owner reports of its connection, when it reports anything (see
+    /// [`Readiness`]).
+    pub connectivity: Option<Connectivity>,
 }

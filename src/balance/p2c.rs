@@ -161,6 +161,8 @@ pub(crate) enum Pick {
     Endpoint { index: usize, probe: bool },
     /// The snapshot is empty.
     Empty,
+    /// Every endpoint's owner says it is not ready (connecting, or failing to connect).
+    NotReady,
     /// Too few endpoints are usable and the panic mode is to fail.
     Panic,
 }
@@ -245,7 +247,7 @@ fn claim_due_probe<S, K>(
     let mut claimed = None;
     for (index, slot) in slots.iter().enumerate() {
         // A failed endpoint is probed only once its readiness retry is due too.
-        let ready = !slot.is_failed() || slot.retry_due();
+        let ready = slot.is_pickable() && (!slot.is_failed() || slot.retry_due());
         if claimed.is_none() && ready && slot.health.claim_probe(now) {
             if slot.is_failed() {
                 slot.defer_retry();
@@ -317,7 +319,9 @@ fn pick_unusual<S, K>(
     // its next retry back, so it is tried again, not hammered.
     let usable = |i: usize| {
         let slot = &slots[i];
-        (!slot.is_failed() || slot.retry_due()) && (!respect_ejection || !slot.health.is_ejected())
+        slot.is_pickable()
+            && (!slot.is_failed() || slot.retry_due())
+            && (!respect_ejection || !slot.health.is_ejected())
     };
     let endpoint = |index: usize| {
         if slots[index].is_failed() {
@@ -349,8 +353,15 @@ fn pick_unusual<S, K>(
     match (scan.next(), scan.next()) {
         (Some(a), Some(b)) => endpoint(choose(slots, a, b, pool.is_weighted(), cost, rules)),
         (Some(a), None) => endpoint(a),
-        // Nothing usable: let the endpoint's own readiness decide.
-        (None, _) => endpoint(pool.at(start)),
+        // Nothing usable: let the service's own readiness decide, for an endpoint whose owner
+        // does not say it is unready; when every owner says so, wait for one to be ready.
+        (None, _) => match (0..n)
+            .map(|i| pool.at((start + i) % n))
+            .find(|&i| slots[i].is_pickable())
+        {
+            Some(index) => endpoint(index),
+            None => Pick::NotReady,
+        },
     }
 }
 

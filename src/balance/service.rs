@@ -92,7 +92,8 @@ pub struct Balance<S, K = String, C = ErrorsOnly> {
     /// slot; cleared with the view.
     clones: Vec<(usize, S)>,
     chosen: Option<Chosen<S, K>>,
-    /// While the set is empty: resolves when endpoints arrive (`true`) or the wait times out.
+    /// While the set is empty or no endpoint is ready: resolves when one is (`true`) or the
+    /// wait times out.
     waiting: Option<Pin<Box<dyn Future<Output = bool> + Send + Sync>>>,
     /// While the chosen endpoint is pending: resolves at the next publish.
     next_publish: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
@@ -273,7 +274,7 @@ where
                     let total = snapshot.slots.len();
                     return Poll::Ready(Err(self.no_healthy(total)));
                 }
-                Pick::Empty => {
+                Pick::Empty | Pick::NotReady => {
                     if shared.config.wait_for_endpoints.is_zero() || !ready!(self.poll_wait(cx)) {
                         return Poll::Ready(Err(self.no_endpoints()));
                     }
@@ -305,14 +306,15 @@ where
         slot.service.clone()
     }
 
-    /// Starts (or keeps) waiting for a non-empty snapshot; `false` when the wait timed out.
+    /// Starts (or keeps) waiting for a snapshot with an endpoint that is ready (any endpoint
+    /// without a [`Readiness`](super::Readiness) is); `false` when the wait timed out.
     #[cold]
     fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         let wait = self.waiting.get_or_insert_with(|| {
             let shared = Arc::clone(&self.shared);
             let limit = shared.config.wait_for_endpoints;
             Box::pin(async move {
-                tokio::time::timeout(limit, shared.endpoints_available())
+                tokio::time::timeout(limit, shared.endpoint_ready())
                     .await
                     .is_ok()
             })
@@ -327,6 +329,18 @@ where
         if self.shared.updater_failed.load(Ordering::Relaxed) {
             return Box::new(Error::DiscoveryStopped {
                 service: self.shared.config.service.clone(),
+            });
+        }
+        let snapshot = self.shared.snapshot.load();
+        if !snapshot.slots.is_empty() {
+            return Box::new(Error::NoReadyEndpoints {
+                service: self.shared.config.service.clone(),
+                total: snapshot.slots.len(),
+                waited: self.shared.config.wait_for_endpoints,
+                last_error: snapshot
+                    .slots
+                    .iter()
+                    .find_map(|slot| slot.readiness_error()),
             });
         }
         Box::new(Error::NoEndpoints {

@@ -185,9 +185,12 @@ pub(crate) struct Config {
 /// What all clones of one `Balance` share.
 pub(crate) struct Shared<S, K> {
     pub(crate) snapshot: ArcSwap<Snapshot<S, K>>,
-    /// Woken on every publish: for callers waiting on an empty set, or on a pending endpoint
-    /// that may be removed.
-    pub(crate) published: Notify,
+    /// Woken on every publish and every change of an endpoint's [`Readiness`]: for callers
+    /// waiting on an empty set or for a ready endpoint, or on a pending endpoint that may be
+    /// removed.
+    ///
+    /// [`Readiness`]: super::Readiness
+    pub(crate) published: Arc<Notify>,
     /// Snapshots published so far.
     pub(crate) updates: AtomicU64,
     /// The updater task died (it panicked): the set is frozen, so picks fail.
@@ -213,7 +216,7 @@ impl<S, K> Shared<S, K> {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             detector,
             tally: Arc::default(),
-            published: Notify::new(),
+            published: Arc::new(Notify::new()),
             updates: AtomicU64::new(0),
             updater_failed: AtomicBool::new(false),
             config,
@@ -225,13 +228,25 @@ impl<S, K> Shared<S, K> {
 
     /// Resolves once the snapshot has endpoints (or the updater died).
     pub(crate) async fn endpoints_available(&self) {
+        self.until(|snapshot| !snapshot.slots.is_empty()).await;
+    }
+
+    /// Resolves once an endpoint of the snapshot is pickable by its readiness (or the updater
+    /// died).
+    pub(crate) async fn endpoint_ready(&self) {
+        self.until(|snapshot| snapshot.slots.iter().any(|slot| slot.is_pickable()))
+            .await;
+    }
+
+    /// Resolves once `holds` is true of the snapshot, re-checked on every publish and
+    /// readiness change, or the updater died.
+    async fn until(&self, holds: impl Fn(&Snapshot<S, K>) -> bool) {
         loop {
             let notified = self.published.notified();
             tokio::pin!(notified);
             // Register before checking, so a publish in between is not missed.
             notified.as_mut().enable();
-            if !self.snapshot.load().slots.is_empty() || self.updater_failed.load(Ordering::SeqCst)
-            {
+            if holds(&self.snapshot.load()) || self.updater_failed.load(Ordering::SeqCst) {
                 return;
             }
             notified.await;

@@ -205,7 +205,8 @@ async fn run<D, S, F>(
                 }
             };
             let detector = shared.detector.clone();
-            Slot::new(key, endpoint, load, detector, Arc::clone(&shared.tally))
+            let tally = Arc::clone(&shared.tally);
+            Slot::new(key, endpoint, load, detector, tally, &shared.published)
         };
         if endpoints.apply(changes.collect(), make) {
             publish(&shared, &endpoints.list);

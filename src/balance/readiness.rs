@@ -1,0 +1,205 @@
+//! [`Readiness`]: what an endpoint's owner tells the balancer about it without being polled,
+//! so a pick can pass over an endpoint that is connecting or failing, as grpc-go's picker
+//! passes over subchannels that are not READY.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use tokio::sync::Notify;
+
+/// The connectivity of an endpoint, as its owner reports it through [`Readiness`] (the
+/// states of gRPC's connectivity semantics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Connectivity {
+    /// Not connected and not trying: a lazy connection before its first request. Picked;
+    /// the pick starts the connect.
+    Idle,
+    /// Connecting, for the first time or again. Not picked while another endpoint is ready.
+    Connecting,
+    /// Ready for requests. Picked.
+    Ready,
+    /// The last attempt failed and the next one waits for a backoff. Not picked while
+    /// another endpoint is ready.
+    TransientFailure,
+    /// Closed for good. Never picked.
+    Shutdown,
+}
+
+impl Connectivity {
+    const ALL: [Self; 5] = [
+        Self::Idle,
+        Self::Connecting,
+        Self::Ready,
+        Self::TransientFailure,
+        Self::Shutdown,
+    ];
+
+    /// Whether a pick may take an endpoint in this state.
+    #[inline]
+    pub fn is_pickable(self) -> bool {
+        matches!(self, Self::Ready | Self::Idle)
+    }
+}
+
+/// A shared, cheap to clone cell holding an endpoint's [`Connectivity`].
+///
+/// The owner of an endpoint's service (a connection) sets it; the balancer reads it on
+/// every pick (one atomic load) and passes over endpoints that are not
+/// [pickable](Connectivity::is_pickable) while another one is. When no endpoint is, a pick
+/// waits for one to become so, at most `wait_for_endpoints`. Give it to the balancer with
+/// [`Endpoint::readiness`](super::Endpoint::readiness).
+///
+/// # Examples
+///
+/// ```
+/// use tower_sd::balance::{Connectivity, Readiness};
+///
+/// let readiness = Readiness::new(Connectivity::Connecting);
+/// let seen_by_the_balancer = readiness.clone();
+/// readiness.set(Connectivity::Ready);
+/// assert_eq!(seen_by_the_balancer.get(), Connectivity::Ready);
+/// ```
+#[derive(Clone)]
+pub struct Readiness {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: AtomicU8,
+    /// Why the last attempt failed, for errors that say why no endpoint is ready.
+    error: Mutex<Option<ReadinessError>>,
+    /// The balancers holding this endpoint, woken when it changes.
+    listeners: Mutex<Vec<Weak<Notify>>>,
+}
+
+/// Why an endpoint is not ready, as its owner reported it with [`Readiness::fail`].
+pub type ReadinessError = Arc<dyn std::error::Error + Send + Sync>;
+
+impl Readiness {
+    /// A cell in this state.
+    pub fn new(state: Connectivity) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: AtomicU8::new(state as u8),
+                error: Mutex::new(None),
+                listeners: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The current state.
+    #[inline]
+    pub fn get(&self) -> Connectivity {
+        let state = self.inner.state.load(Ordering::Acquire);
+        Connectivity::ALL[usize::from(state).min(Connectivity::ALL.len() - 1)]
+    }
+
+    /// Whether a pick may take the endpoint now.
+    #[inline]
+    pub fn is_pickable(&self) -> bool {
+        self.get().is_pickable()
+    }
+
+    /// Sets the state; a change wakes the balancers holding the endpoint, so one waiting for
+    /// a ready endpoint picks again.
+    pub fn set(&self, state: Connectivity) {
+        let previous = self.inner.state.swap(state as u8, Ordering::AcqRel);
+        if previous == state as u8 {
+            return;
+        }
+        let listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for listener in listeners.iter().filter_map(Weak::upgrade) {
+            listener.notify_waiters();
+        }
+    }
+
+    /// Sets [`Connectivity::TransientFailure`], with the error that caused it.
+    pub fn fail(&self, error: ReadinessError) {
+        *self
+            .inner
+            .error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(error);
+        self.set(Connectivity::TransientFailure);
+    }
+
+    /// The error of the last [`fail`](Self::fail), if any.
+    pub fn last_error(&self) -> Option<ReadinessError> {
+        self.inner
+            .error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Wakes `notify` on every change from now on (until it is dropped).
+    pub(crate) fn listen(&self, notify: &Arc<Notify>) {
+        let mut listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Balancers that are gone go first, so the list stays as long as the live ones.
+        listeners.retain(|listener| listener.strong_count() > 0);
+        listeners.push(Arc::downgrade(notify));
+    }
+}
+
+/// Two handles are equal when they are the same cell.
+impl PartialEq for Readiness {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl Eq for Readiness {}
+
+impl fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Readiness").field(&self.get()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_state_reads_back_as_set() {
+        let readiness = Readiness::new(Connectivity::Idle);
+        for state in Connectivity::ALL {
+            readiness.set(state);
+            assert_eq!(readiness.get(), state);
+            assert_eq!(
+                readiness.is_pickable(),
+                matches!(state, Connectivity::Idle | Connectivity::Ready)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_wakes_the_listeners_and_the_dead_ones_are_dropped() {
+        let readiness = Readiness::new(Connectivity::Connecting);
+        let notify = Arc::new(Notify::new());
+        readiness.listen(&notify);
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        readiness.set(Connectivity::Ready);
+        tokio::time::timeout(std::time::Duration::from_secs(5), woken)
+            .await
+            .expect("woken");
+
+        for _ in 0..10 {
+            readiness.listen(&Arc::new(Notify::new()));
+        }
+        let live = readiness.inner.listeners.lock().unwrap().len();
+        assert!(live <= 2, "{live} listeners kept");
+    }
+}
