@@ -76,6 +76,8 @@ mod backoff;
 pub mod balance;
 #[cfg(feature = "config")]
 pub mod config;
+#[cfg(feature = "connections")]
+pub mod connection;
 pub mod discover;
 mod error;
 #[cfg(feature = "http")]

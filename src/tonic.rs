@@ -19,9 +19,14 @@
 //! # }
 //! ```
 //!
-//! Each instance gets its own lazily connecting tonic `Channel`, built with the settings given
-//! to the [`LoadBalancedChannelBuilder`]; a [`Balance`] picks one per request. When there are no endpoints, the
-//! call fails with `Status::unavailable` naming the service (after `wait_for_endpoints`).
+//! Each instance gets its own HTTP/2 connection (see [`connection`]),
+//! opened as soon as the instance is discovered and reported to the balancer, which picks
+//! only connected instances while one is; a [`Balance`] picks one per request, and a request
+//! goes straight to the chosen connection. When there are no endpoints, or none connects,
+//! the call fails with `Status::unavailable` naming the service (after
+//! `wait_for_endpoints`). A request the server provably did not process (its connection
+//! closed first, `REFUSED_STREAM`, a GOAWAY below it) is sent once more on another
+//! instance, unseen by the caller.
 
 use std::fmt;
 use std::future::Future;
@@ -30,17 +35,29 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderValue, Uri};
-use pin_project_lite::pin_project;
+use http::HeaderValue;
+use http::uri::{Authority, Scheme};
+use http_body_util::BodyExt;
+use http_body_util::combinators::MapErr;
 use tonic::body::Body;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tower::Service;
 
 use crate::balance::{self, Balance, HttpStatus, LoadMetric, OutlierDetection, ResponseBody};
+use crate::connection::retry::{Retry, RetryFuture};
+use crate::connection::{
+    self, Connection, ConnectionError, ConnectionSettings, Connector, TlsConfig,
+};
 use crate::discover::RegistryDiscover;
 use crate::error::{BoxError, Error};
-use crate::instance::{ServiceInstance, ServiceQuery};
+use crate::instance::ServiceQuery;
 use crate::registry::ServiceRegistry;
+
+/// The balancer under a channel: one connection per instance.
+pub type ChannelBalance = Balance<Connection<Body>, String, HttpStatus>;
+
+/// The response body of a [`LoadBalancedChannel`]: the connection's, kept in flight by the
+/// balancer until it ends, with transport errors as gRPC statuses.
+pub type ResponseBodyOf = MapErr<ResponseBody<connection::Body>, fn(hyper::Error) -> tonic::Status>;
 
 /// A `Clone`able tonic channel that balances every request over the healthy instances of one
 /// service, following the registry.
@@ -49,7 +66,9 @@ use crate::registry::ServiceRegistry;
 /// picks on its own, without a lock.
 #[derive(Clone)]
 pub struct LoadBalancedChannel {
-    balance: Balance<Channel, String, HttpStatus>,
+    retry: Retry<ChannelBalance, Body>,
+    /// The time limit of each request, when set.
+    timeout: Option<Duration>,
     /// A failure from `poll_ready`, returned by the next `call`: generated clients turn
     /// readiness errors into `Status::unknown`, so the error waits for the call, where it
     /// keeps its own status (`unavailable` for no endpoints).
@@ -62,24 +81,10 @@ pub struct LoadBalancedChannel {
 pub struct LoadBalancedChannelBuilder {
     registry: Arc<dyn ServiceRegistry>,
     query: ServiceQuery,
-    settings: Settings,
+    connections: ConnectionSettings,
+    timeout: Option<Duration>,
     tls_server_name: Option<String>,
     balance: balance::BalanceBuilder,
-}
-
-/// The tonic settings every endpoint is made with.
-#[derive(Clone, Default)]
-struct Settings {
-    connect_timeout: Option<Duration>,
-    timeout: Option<Duration>,
-    tcp_keepalive: Option<Duration>,
-    http2_keep_alive_interval: Option<Duration>,
-    keep_alive_timeout: Option<Duration>,
-    keep_alive_while_idle: bool,
-    concurrency_limit: Option<usize>,
-    tls: Option<ClientTlsConfig>,
-    user_agent: Option<HeaderValue>,
-    origin: Option<Uri>,
 }
 
 // ===== impl LoadBalancedChannel =====
@@ -97,19 +102,23 @@ impl LoadBalancedChannel {
                 .keep_clones(16),
             registry,
             query,
-            settings: Settings::default(),
+            connections: ConnectionSettings::default().user_agent(HeaderValue::from_static(
+                concat!("tower-sd/", env!("CARGO_PKG_VERSION")),
+            )),
+            timeout: None,
             tls_server_name: None,
         }
     }
 
-    /// The balancer underneath, for its statistics ([`Balance::endpoints`]).
-    pub fn balance(&self) -> &Balance<Channel, String, HttpStatus> {
-        &self.balance
+    /// The balancer underneath, for its statistics ([`Balance::endpoints`]: each endpoint's
+    /// load, state and connectivity).
+    pub fn balance(&self) -> &ChannelBalance {
+        self.retry.get_ref()
     }
 }
 
 impl Service<http::Request<Body>> for LoadBalancedChannel {
-    type Response = http::Response<ResponseBody<Body>>;
+    type Response = http::Response<ResponseBodyOf>;
     type Error = BoxError;
     type Future = ResponseFuture;
 
@@ -117,7 +126,7 @@ impl Service<http::Request<Body>> for LoadBalancedChannel {
         if self.failed.is_some() {
             return Poll::Ready(Ok(()));
         }
-        match self.balance.poll_ready(cx) {
+        match self.retry.poll_ready(cx) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(error)) => {
@@ -128,17 +137,22 @@ impl Service<http::Request<Body>> for LoadBalancedChannel {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        match self.failed.take() {
-            Some(status) => ResponseFuture {
-                state: State::Failed {
-                    status: Some(status),
-                },
-            },
-            None => ResponseFuture {
-                state: State::Balanced {
-                    inner: self.balance.call(request),
-                },
-            },
+        if let Some(status) = self.failed.take() {
+            return ResponseFuture {
+                inner: None,
+                deadline: None,
+                failed: Some(status),
+            };
+        }
+        // The caller's deadline (`grpc-timeout`) or the channel's, whichever is sooner.
+        let limit = match (grpc_timeout(request.headers()), self.timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        ResponseFuture {
+            inner: Some(self.retry.call(request)),
+            deadline: limit.map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))),
+            failed: None,
         }
     }
 }
@@ -146,25 +160,77 @@ impl Service<http::Request<Body>> for LoadBalancedChannel {
 impl fmt::Debug for LoadBalancedChannel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoadBalancedChannel")
-            .field("service", &self.balance.service_name())
+            .field("service", &self.balance().service_name())
             .finish_non_exhaustive()
     }
 }
 
-/// The gRPC status for a balancer error: [`Error`]s map by kind; other errors (transport)
-/// are left for tonic to classify.
+/// The gRPC status for a request's error: [`Error`]s map by kind, connection errors to
+/// `UNAVAILABLE` (nothing reached the server) or by their HTTP/2 reset code.
 fn status_of(error: BoxError) -> tonic::Status {
-    match error.downcast::<Error>() {
-        Ok(error) => tonic::Status::from(*error),
+    let error = match error.downcast::<Error>() {
+        Ok(error) => return tonic::Status::from(*error),
+        Err(error) => error,
+    };
+    match error.downcast::<ConnectionError>() {
+        Ok(error) => match *error {
+            ConnectionError::Request { source, .. } => status_of_hyper(source),
+            other => tonic::Status::unavailable(crate::error::Chain(&other).to_string()),
+        },
         Err(error) => tonic::Status::from_error(error),
     }
 }
 
+/// The gRPC status of a transport error, as gRPC maps HTTP/2 reset codes (and tonic does).
+fn status_of_hyper(error: hyper::Error) -> tonic::Status {
+    use tonic::Code;
+    let message = crate::error::Chain(&error).to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>()
+            && let Some(reason) = h2.reason()
+        {
+            let code = match reason {
+                h2::Reason::REFUSED_STREAM => Code::Unavailable,
+                h2::Reason::CANCEL => Code::Cancelled,
+                h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+                h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+                _ => Code::Internal,
+            };
+            return tonic::Status::new(code, message);
+        }
+        source = cause.source();
+    }
+    // Connection closed, reset, timed out: the server is not reachable.
+    tonic::Status::unavailable(message)
+}
+
+/// `grpc-timeout` (a number of at most 8 digits and a unit), as the gRPC protocol defines it.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
 impl From<Error> for tonic::Status {
+    /// The status for the error's kind, with the whole chain of causes as its message.
     fn from(error: Error) -> Self {
-        let message = error.to_string();
+        let message = crate::error::Chain(&error).to_string();
         match error {
             Error::NoEndpoints { .. }
+            | Error::NoReadyEndpoints { .. }
             | Error::NoHealthyEndpoints { .. }
             | Error::DiscoveryStopped { .. }
             | Error::Unreachable { .. }
@@ -178,44 +244,51 @@ impl From<Error> for tonic::Status {
     }
 }
 
-type ChannelFuture = <Channel as Service<http::Request<Body>>>::Future;
-
-pin_project! {
-    /// The response future of [`LoadBalancedChannel`].
-    #[must_use = "futures do nothing unless polled"]
-    pub struct ResponseFuture {
-        #[pin]
-        state: State,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State {
-        Balanced { #[pin] inner: balance::ResponseFuture<ChannelFuture, HttpStatus> },
-        Failed { status: Option<tonic::Status> },
-    }
+/// The response future of [`LoadBalancedChannel`].
+#[must_use = "futures do nothing unless polled"]
+pub struct ResponseFuture {
+    inner: Option<RetryFuture<ChannelBalance, Body>>,
+    deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    failed: Option<tonic::Status>,
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<http::Response<ResponseBody<Body>>, BoxError>;
+    type Output = Result<http::Response<ResponseBodyOf>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Balanced { inner } => inner.poll(cx),
-            StateProj::Failed { status } => {
-                let status = status.take().expect("polled after completion");
-                Poll::Ready(Err(Box::new(status)))
-            }
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            let status = this.failed.take().expect("polled after completion");
+            return Poll::Ready(Err(Box::new(status)));
+        };
+        if let Poll::Ready(outcome) = Pin::new(inner).poll(cx) {
+            this.inner = None;
+            return Poll::Ready(match outcome {
+                Ok(response) => Ok(response.map(|body| {
+                    body.map_err(status_of_hyper as fn(hyper::Error) -> tonic::Status)
+                })),
+                Err(error) => Err(Box::new(status_of(error))),
+            });
         }
+        if let Some((limit, sleep)) = &mut this.deadline
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            // Dropping the request resets its stream.
+            this.inner = None;
+            let status =
+                tonic::Status::deadline_exceeded(format!("request timed out after {limit:?}"));
+            return Poll::Ready(Err(Box::new(status)));
+        }
+        Poll::Pending
     }
 }
 
 impl fmt::Debug for ResponseFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match self.state {
-            State::Balanced { .. } => "dispatched",
-            State::Failed { .. } => "failed",
+        let state = if self.inner.is_some() {
+            "dispatched"
+        } else {
+            "failed"
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -226,71 +299,87 @@ impl fmt::Debug for ResponseFuture {
 // ===== impl LoadBalancedChannelBuilder =====
 
 impl LoadBalancedChannelBuilder {
-    /// Time limit to establish a connection to an instance.
+    /// Time limit to establish a connection to an instance (TCP, TLS and HTTP/2; default
+    /// 5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.connect_timeout = Some(timeout);
+        self.connections = self.connections.connect_timeout(timeout);
         self
     }
 
-    /// Time limit for each request.
+    /// Time limit for each request (a shorter `grpc-timeout` from the caller wins); a
+    /// request past it fails with `DEADLINE_EXCEEDED` and its stream is reset.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.settings.timeout = Some(timeout);
+        self.timeout = Some(timeout);
         self
     }
 
-    /// TCP keepalive on each connection.
-    pub fn tcp_keepalive(mut self, interval: Duration) -> Self {
-        self.settings.tcp_keepalive = Some(interval);
+    /// TCP keepalive on each connection (default after 60 s idle).
+    pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.connections = self.connections.tcp_keepalive(idle);
         self
     }
 
-    /// HTTP/2 keepalive ping interval.
+    /// HTTP/2 keepalive ping interval (default 30 s, while streams are open).
     pub fn http2_keep_alive_interval(mut self, interval: Duration) -> Self {
-        self.settings.http2_keep_alive_interval = Some(interval);
+        self.connections = self.connections.http2_keep_alive_interval(Some(interval));
         self
     }
 
-    /// How long to wait for a keepalive ping's answer.
+    /// How long to wait for a keepalive ping's answer (default 10 s).
     pub fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.keep_alive_timeout = Some(timeout);
+        self.connections = self.connections.keep_alive_timeout(timeout);
         self
     }
 
     /// Send keepalive pings on idle connections too.
     pub fn keep_alive_while_idle(mut self, enabled: bool) -> Self {
-        self.settings.keep_alive_while_idle = enabled;
+        self.connections = self.connections.keep_alive_while_idle(enabled);
         self
     }
 
     /// Requests in flight per endpoint, at most.
     pub fn concurrency_limit(mut self, limit: usize) -> Self {
-        self.settings.concurrency_limit = Some(limit);
+        self.connections = self.connections.concurrency_limit(Some(limit));
         self
     }
 
     /// Dial every instance over TLS with this configuration. The server name checked
-    /// against certificates is [`tls_server_name`](Self::tls_server_name), by default the
-    /// service name, never the dialled IP address.
-    pub fn tls_config(mut self, config: ClientTlsConfig) -> Self {
-        self.settings.tls = Some(config);
+    /// against certificates is the configuration's, else
+    /// [`tls_server_name`](Self::tls_server_name), else the service name, never the dialled
+    /// IP address.
+    pub fn tls_config(mut self, config: TlsConfig) -> Self {
+        self.connections = self.connections.tls(config);
         self
     }
 
-    /// The TLS server name (SNI and certificate check); default: the service name.
+    /// The TLS server name (SNI and certificate check) when the [`TlsConfig`] names none;
+    /// default: the service name.
     pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
         self.tls_server_name = Some(name.into());
         self
     }
 
-    /// The `user-agent` header sent with every request.
+    /// The `user-agent` header sent with every request that has none (default
+    /// `tower-sd/<version>`).
     pub fn user_agent(mut self, user_agent: HeaderValue) -> Self {
-        self.settings.user_agent = Some(user_agent);
+        self.connections = self.connections.user_agent(user_agent);
         self
     }
 
     /// The origin (scheme and authority) requests carry instead of the dialled address.
-    pub fn origin(mut self, origin: Uri) -> Self {
-        self.settings.origin = Some(origin);
+    pub fn origin(mut self, scheme: Scheme, authority: Authority) -> Self {
+        self.connections = self.connections.origin(scheme, authority);
+        self
+    }
+
+    /// Any other connection setting: eager or lazy connects, connections per instance,
+    /// HTTP/2 windows, reconnect backoff, the transparent-retry buffer (see
+    /// [`ConnectionSettings`]).
+    pub fn connections(
+        mut self,
+        configure: impl FnOnce(ConnectionSettings) -> ConnectionSettings,
+    ) -> Self {
+        self.connections = configure(self.connections);
         self
     }
 
@@ -322,31 +411,32 @@ impl LoadBalancedChannelBuilder {
         self
     }
 
-    /// Builds the channel at once; endpoints connect lazily, on their first request.
+    /// Builds the channel at once; each instance connects as soon as it is discovered
+    /// (unless the connection settings make them lazy).
     ///
     /// # Panics
     ///
     /// When called outside a tokio runtime (the balancer's updater is spawned on it).
     pub fn build(self) -> LoadBalancedChannel {
-        let mut settings = self.settings;
-        let server_name = self
-            .tls_server_name
-            .unwrap_or_else(|| self.query.name.clone());
-        settings.tls = settings.tls.map(|tls| tls.domain_name(server_name));
+        let service = self.query.name.clone();
+        let server_name = self.tls_server_name.unwrap_or_else(|| service.clone());
+        let buffer = self.connections.retry_buffer_bytes;
+        let connector = Connector::new(self.connections).default_server_name(server_name);
         let registry = self.registry;
         let watched = Arc::clone(&registry);
-        let discover = RegistryDiscover::endpoints(&*registry, self.query, move |instance| {
+        let discover = RegistryDiscover::new(&*registry, self.query, move |instance| {
             // Holding the registry here keeps it alive as long as discovery runs, even when
             // the caller handed over its only reference.
             let _alive = &watched;
-            settings.endpoint(instance).map(|e| e.connect_lazy())
+            connector.endpoint::<Body>(instance)
         });
         let balance = self
             .balance
             .build_endpoints(discover)
             .with_classifier(HttpStatus);
         LoadBalancedChannel {
-            balance,
+            retry: Retry::new(balance, buffer, &service),
+            timeout: self.timeout,
             failed: None,
         }
     }
@@ -359,7 +449,7 @@ impl LoadBalancedChannelBuilder {
     /// [`Error::NoEndpoints`] when none is discovered in time.
     pub async fn connect(self, limit: Duration) -> Result<LoadBalancedChannel, Error> {
         let channel = self.build();
-        channel.balance.await_endpoints(limit).await?;
+        channel.balance().await_endpoints(limit).await?;
         Ok(channel)
     }
 }
@@ -368,43 +458,7 @@ impl fmt::Debug for LoadBalancedChannelBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoadBalancedChannelBuilder")
             .field("query", &self.query)
-            .field("tls", &self.settings.tls.is_some())
+            .field("connections", &self.connections)
             .finish_non_exhaustive()
-    }
-}
-
-impl Settings {
-    /// The tonic endpoint for one instance, with every configured setting.
-    fn endpoint(&self, instance: &ServiceInstance) -> Result<Endpoint, BoxError> {
-        let b = self;
-        let scheme = if b.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", instance.authority()))?
-            .tcp_keepalive(b.tcp_keepalive)
-            .keep_alive_while_idle(b.keep_alive_while_idle);
-        if let Some(timeout) = b.connect_timeout {
-            endpoint = endpoint.connect_timeout(timeout);
-        }
-        if let Some(timeout) = b.timeout {
-            endpoint = endpoint.timeout(timeout);
-        }
-        if let Some(interval) = b.http2_keep_alive_interval {
-            endpoint = endpoint.http2_keep_alive_interval(interval);
-        }
-        if let Some(timeout) = b.keep_alive_timeout {
-            endpoint = endpoint.keep_alive_timeout(timeout);
-        }
-        if let Some(limit) = b.concurrency_limit {
-            endpoint = endpoint.concurrency_limit(limit);
-        }
-        if let Some(tls) = &b.tls {
-            endpoint = endpoint.tls_config(tls.clone())?;
-        }
-        if let Some(user_agent) = &b.user_agent {
-            endpoint = endpoint.user_agent(user_agent.clone())?;
-        }
-        if let Some(origin) = &b.origin {
-            endpoint = endpoint.origin(origin.clone());
-        }
-        Ok(endpoint)
     }
 }

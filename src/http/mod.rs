@@ -10,6 +10,12 @@
 //! service without a lock, and dropped by a background sweep after
 //! [`idle_timeout`](DiscoveryLayer::idle_timeout) without requests.
 //!
+//! For HTTP/2 servers, [`DiscoveryLayer::over_connections`] routes the same way over
+//! tower-sd's own per-instance connections instead of a wrapped client
+//! ([`ConnectionDiscovery`]): an instance is picked only once it is connected, a crashed
+//! one stops being picked when its connection closes, and a request the server never
+//! processed is sent once more elsewhere. HTTP/1.1 servers keep the wrapped client.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use http_body_util::Empty;
@@ -33,6 +39,7 @@
 //! ```
 
 mod balancers;
+mod connections;
 mod rewrite;
 
 use std::borrow::Cow;
@@ -53,6 +60,7 @@ use crate::error::BoxError;
 use crate::instance::ServiceInstance;
 use crate::registry::ServiceRegistry;
 use balancers::Balancers;
+pub use connections::ConnectionDiscovery;
 use rewrite::Rewrite;
 
 /// What the `Host` header of a routed request says.
@@ -186,7 +194,19 @@ impl DiscoveryLayer {
     }
 }
 
+/// Where a request goes.
+enum Route<'a> {
+    /// Through the balancer of this service (lowercase).
+    Service(Cow<'a, str>),
+    /// Its host is not a service name: [`UnknownHosts`] decides.
+    Other,
+}
+
 impl Settings {
+    fn route<'a>(&self, uri: &'a Uri) -> Route<'a> {
+        self.service_of(uri).map_or(Route::Other, Route::Service)
+    }
+
     /// The service name of a request's host, lowercase, if it is one.
     fn service_of<'a>(&self, uri: &'a Uri) -> Option<Cow<'a, str>> {
         let host = uri.host()?;
@@ -334,12 +354,30 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if let Some(service) = self.shared.settings.service_of(request.uri()) {
-            return match self.balancer(&service) {
-                Ok(balance) => Box::pin(balance.oneshot(request)),
-                Err(error) => Box::pin(std::future::ready(Err(error.into()))),
-            };
+        let service = match self.shared.settings.route(request.uri()) {
+            Route::Service(service) => service,
+            Route::Other => return self.other(request),
+        };
+        match self.balancer(&service) {
+            Ok(balance) => Box::pin(balance.oneshot(request)),
+            Err(error) => Box::pin(std::future::ready(Err(error.into()))),
         }
+    }
+}
+
+impl<S> Discovery<S> {
+    /// A request whose host is not a service name.
+    fn other<B, RB>(
+        &self,
+        request: Request<B>,
+    ) -> BoxFuture<'static, Result<http::Response<ResponseBody<RB>>, BoxError>>
+    where
+        S: Service<Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        B: Send + 'static,
+        RB: http_body::Body + Send + 'static,
+    {
         match self.shared.settings.unknown_hosts {
             UnknownHosts::PassThrough => {
                 let inner = self.inner.clone();

@@ -15,6 +15,9 @@ pub mod fake_kube;
 pub mod grpc;
 pub mod limit;
 pub mod logs;
+#[cfg(feature = "tonic")]
+pub mod numbers;
+pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod servers;

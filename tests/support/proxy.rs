@@ -21,6 +21,12 @@ struct State {
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Self {
+        Self::start_delayed(upstream, std::time::Duration::ZERO).await
+    }
+
+    /// A proxy that holds each new connection for `delay` before it forwards it: a server
+    /// whose connects are slow.
+    pub async fn start_delayed(upstream: SocketAddr, delay: std::time::Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
@@ -35,6 +41,7 @@ impl Proxy {
                     continue; // dropped: closed at once
                 }
                 state.connections.spawn(async move {
+                    tokio::time::sleep(delay).await;
                     if let Ok(mut outbound) = TcpStream::connect(upstream).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }

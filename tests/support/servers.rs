@@ -33,6 +33,10 @@ pub struct Stats {
     pub delay_ms: AtomicU64,
     /// gRPC servers answer `UNAVAILABLE` (trailers-only) while set.
     pub unavailable: std::sync::atomic::AtomicBool,
+    /// Connections accepted.
+    pub connections: AtomicUsize,
+    /// The HTTP/2 `MAX_CONCURRENT_STREAMS` of new connections; 0 for hyper's default.
+    pub max_streams: AtomicUsize,
 }
 
 /// A running server.
@@ -66,6 +70,46 @@ impl TestServer {
         .await
     }
 
+    /// A tonic server (tonic's own `Server`, with the health service) that shuts down
+    /// gracefully when the sender fires or is dropped: it stops accepting, sends GOAWAY on
+    /// each connection and lets the requests in flight finish.
+    pub async fn grpc_graceful(name: &str) -> (Self, tokio::sync::oneshot::Sender<()>) {
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let incoming = futures_util::stream::unfold(listener, |listener| async move {
+            Some((listener.accept().await.map(|(stream, _)| stream), listener))
+        });
+        let stats = Arc::new(Stats::default());
+        let counters = Arc::clone(&stats);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let accept = tokio::spawn(async move {
+            let counting = tower::layer::layer_fn(move |inner| Counting {
+                inner,
+                stats: Arc::clone(&counters),
+            });
+            let _ = tonic::transport::Server::builder()
+                .layer(counting)
+                .add_service(health)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        let server = Self {
+            name: name.to_owned(),
+            port,
+            stats,
+            accept,
+        };
+        (server, stop)
+    }
+
+    /// Whether the server's task has ended (a graceful shutdown finished).
+    pub fn stopped(&self) -> bool {
+        self.accept.is_finished()
+    }
+
     /// Makes a gRPC server answer `UNAVAILABLE` (or serve again).
     pub fn set_unavailable(&self, unavailable: bool) {
         self.stats.unavailable.store(unavailable, Ordering::SeqCst);
@@ -74,13 +118,27 @@ impl TestServer {
     /// An HTTP/1 server answering every request with its name, and the `Host` header it
     /// received in `x-seen-host`.
     pub async fn http(name: &str) -> Self {
+        Self::echo_host(name, false).await
+    }
+
+    /// [`http`](Self::http) speaking HTTP/2 only (h2c, prior knowledge).
+    pub async fn http2(name: &str) -> Self {
+        Self::echo_host(name, true).await
+    }
+
+    async fn echo_host(name: &str, http2: bool) -> Self {
         let body = Bytes::from(name.to_owned());
-        Self::start(name, false, Arc::new(Stats::default()), move || {
+        Self::start(name, http2, Arc::new(Stats::default()), move || {
             let body = body.clone();
             tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let mut response = http::Response::new(Full::new(body.clone()));
-                if let Some(host) = request.headers().get(http::header::HOST) {
-                    response.headers_mut().insert("x-seen-host", host.clone());
+                let host = request
+                    .headers()
+                    .get(http::header::HOST)
+                    .cloned()
+                    .or_else(|| request.uri().authority()?.as_str().parse().ok());
+                if let Some(host) = host {
+                    response.headers_mut().insert("x-seen-host", host);
                 }
                 async move { Ok::<_, Infallible>(response) }
             })
@@ -88,7 +146,7 @@ impl TestServer {
         .await
     }
 
-    async fn start<S, F, RB>(name: &str, http2: bool, stats: Arc<Stats>, make: F) -> Self
+    pub async fn start<S, F, RB>(name: &str, http2: bool, stats: Arc<Stats>, make: F) -> Self
     where
         F: Fn() -> S + Send + 'static,
         S: Service<
@@ -117,8 +175,13 @@ impl TestServer {
                     inner: make(),
                     stats: Arc::clone(&counters),
                 };
+                counters.connections.fetch_add(1, Ordering::SeqCst);
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 if http2 {
+                    let max = counters.max_streams.load(Ordering::SeqCst);
+                    if max > 0 {
+                        builder.http2().max_concurrent_streams(max as u32);
+                    }
                     builder = builder.http2_only();
                 } else {
                     builder = builder.http1_only();
@@ -145,6 +208,11 @@ impl TestServer {
 
     pub fn served(&self) -> usize {
         self.stats.served.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.stats.connections.load(Ordering::SeqCst)
     }
 
     pub fn set_delay(&self, delay: Duration) {

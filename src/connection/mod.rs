@@ -1,0 +1,168 @@
+//! Per-instance HTTP/2 connections (grpc-go's subchannels): eager, state-aware, unbuffered.
+//!
+//! A [`Connector`] makes one [`Connection`] per discovered instance. Each has a driver task
+//! that connects at once (or, [lazily](ConnectionSettings::eager), on the first request),
+//! over TCP or rustls, and reports the instance's state to the balancer through a
+//! [`Readiness`]:
+//!
+//! | state | when | picked |
+//! | --- | --- | --- |
+//! | [`Idle`](crate::balance::Connectivity::Idle) | lazy, before the first request (and after a close) | yes: the pick connects |
+//! | [`Connecting`](crate::balance::Connectivity::Connecting) | dialling, the first time or after a close | no, while another instance is ready |
+//! | [`Ready`](crate::balance::Connectivity::Ready) | a connection is open | yes |
+//! | [`TransientFailure`](crate::balance::Connectivity::TransientFailure) | the last connect failed; the next waits for a backoff | no, while another instance is ready |
+//!
+//! A request goes straight to a clone of hyper's `SendRequest`: no `Buffer`, no task hop. A
+//! connection that closes (the server died, or sent GOAWAY) takes no new stream from that
+//! moment; streams already open on it finish, and the driver opens the next one at once. When
+//! every open connection has as many streams as the server's `MAX_CONCURRENT_STREAMS`, it
+//! opens another, up to [`max_connections_per_instance`].
+//!
+//! [`max_connections_per_instance`]: ConnectionSettings::max_connections_per_instance
+
+mod dial;
+mod driver;
+mod error;
+mod replay;
+pub(crate) mod retry;
+mod service;
+mod settings;
+mod tls;
+
+pub use error::{ConnectionError, DialError, Unsent};
+pub use replay::ReplayBody;
+pub use service::{Body, Connection, ResponseFuture};
+pub use settings::ConnectionSettings;
+pub use tls::{ClientConfigSource, TlsConfig};
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::balance::{Connectivity, Endpoint, Readiness};
+use crate::error::BoxError;
+use crate::error::{Error, InvalidValue, Result};
+use crate::instance::ServiceInstance;
+
+/// A request body the connections can send: `Bytes` data, an error that boxes, `Send` and
+/// `Unpin` (tonic's body, and `Full`, `Empty` and boxed bodies of http-body-util, are).
+pub trait SendBody:
+    http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<T> SendBody for T where
+    T: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+/// Makes the [`Connection`]s to the instances of one service, sharing its settings and its
+/// bound on connects in progress.
+#[derive(Clone)]
+pub struct Connector {
+    settings: Arc<ConnectionSettings>,
+    connects: Arc<Semaphore>,
+    /// The TLS server name when the settings give none.
+    server_name: Option<String>,
+}
+
+impl Connector {
+    /// A connector with these settings.
+    pub fn new(settings: ConnectionSettings) -> Self {
+        Self {
+            connects: Arc::new(Semaphore::new(settings.max_concurrent_connects)),
+            settings: Arc::new(settings),
+            server_name: None,
+        }
+    }
+
+    /// The TLS server name used when the [`TlsConfig`] names none (the integrations pass
+    /// the service name).
+    #[must_use]
+    pub fn default_server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ConnectionSettings {
+        &self.settings
+    }
+
+    /// Starts the connection to `instance`: its driver task connects at once unless the
+    /// settings make connections lazy.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInstance`] when the instance's address and port do not make a URI
+    /// authority.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (the driver task is spawned on it).
+    pub fn connect<B: SendBody>(&self, instance: &ServiceInstance) -> Result<Connection<B>> {
+        let authority = instance.authority();
+        if authority.parse::<http::uri::Authority>().is_err() {
+            return Err(Error::InvalidInstance {
+                field: "address",
+                source: InvalidValue::NotAnAddress(instance.address.clone()),
+            });
+        }
+        let initial = if self.settings.eager {
+            Connectivity::Connecting
+        } else {
+            Connectivity::Idle
+        };
+        let state = Arc::new(driver::State {
+            host: instance.address.clone(),
+            port: instance.port,
+            authority,
+            server_name: self.server_name.clone(),
+            readiness: Readiness::new(initial),
+            subs: ArcSwap::from_pointee(Vec::new()),
+            generation: AtomicU64::new(0),
+            changed: Notify::new(),
+            demand: Notify::new(),
+            settings: Arc::clone(&self.settings),
+            connects: Arc::clone(&self.connects),
+            limit: self
+                .settings
+                .concurrency_limit
+                .map(|limit| Arc::new(Semaphore::new(limit))),
+        });
+        let task = tokio::spawn(driver::run(Arc::clone(&state))).abort_handle();
+        Ok(Connection::new(state, task))
+    }
+
+    /// [`connect`](Self::connect), as a balancer [`Endpoint`] with the instance's weight,
+    /// zone and the connection's readiness.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect).
+    pub fn endpoint<B: SendBody>(
+        &self,
+        instance: &ServiceInstance,
+    ) -> Result<Endpoint<Connection<B>>> {
+        let connection = self.connect(instance)?;
+        let readiness = connection.readiness();
+        let endpoint = Endpoint::new(connection)
+            .weight(instance.weight)
+            .readiness(readiness);
+        Ok(match &instance.zone {
+            Some(zone) => endpoint.zone(zone.clone()),
+            None => endpoint,
+        })
+    }
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,207 @@
+//! [`ConnectionSettings`]: how the connections to every instance are made and kept.
+
+use std::time::Duration;
+
+use http::HeaderValue;
+use http::uri::{Authority, Scheme};
+
+use super::tls::TlsConfig;
+
+/// How the connections to the instances of one service are made and kept: one HTTP/2
+/// connection per instance (more when the server's `MAX_CONCURRENT_STREAMS` is reached),
+/// opened as soon as the instance is discovered.
+///
+/// The defaults are safe for production: a 5 s connect timeout, TCP keepalive after 60 s
+/// idle, HTTP/2 keepalive pings every 30 s while streams are open with a 10 s answer
+/// timeout (so a half-open connection is noticed), reconnects backing off from 100 ms to
+/// 10 s with full jitter, at most 16 connects at a time per service, at most 4 connections
+/// per instance, and a 64 KiB buffer per request for transparent retries.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ConnectionSettings {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) tcp_nodelay: bool,
+    pub(crate) keep_alive_interval: Option<Duration>,
+    pub(crate) keep_alive_timeout: Duration,
+    pub(crate) keep_alive_while_idle: bool,
+    pub(crate) initial_stream_window_size: Option<u32>,
+    pub(crate) initial_connection_window_size: Option<u32>,
+    pub(crate) adaptive_window: bool,
+    pub(crate) eager: bool,
+    pub(crate) max_concurrent_connects: usize,
+    pub(crate) max_connections_per_instance: usize,
+    pub(crate) concurrency_limit: Option<usize>,
+    pub(crate) retry_buffer_bytes: usize,
+    pub(crate) reconnect_base: Duration,
+    pub(crate) reconnect_max: Duration,
+    pub(crate) tls: Option<TlsConfig>,
+    pub(crate) user_agent: Option<HeaderValue>,
+    pub(crate) origin: Option<(Scheme, Authority)>,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            tcp_keepalive: Some(Duration::from_secs(60)),
+            tcp_nodelay: true,
+            keep_alive_interval: Some(Duration::from_secs(30)),
+            keep_alive_timeout: Duration::from_secs(10),
+            keep_alive_while_idle: false,
+            initial_stream_window_size: None,
+            initial_connection_window_size: None,
+            adaptive_window: false,
+            eager: true,
+            max_concurrent_connects: 16,
+            max_connections_per_instance: 4,
+            concurrency_limit: None,
+            retry_buffer_bytes: 64 << 10,
+            reconnect_base: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(10),
+            tls: None,
+            user_agent: None,
+            origin: None,
+        }
+    }
+}
+
+impl ConnectionSettings {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Time limit of one connect: TCP, TLS and the HTTP/2 handshake (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// TCP keepalive after this long idle (default 60 s; `None` for off).
+    pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.tcp_keepalive = idle;
+        self
+    }
+
+    /// `TCP_NODELAY` (default on).
+    pub fn tcp_nodelay(mut self, enabled: bool) -> Self {
+        self.tcp_nodelay = enabled;
+        self
+    }
+
+    /// HTTP/2 keepalive ping interval (default 30 s; `None` for off). Servers may limit how
+    /// often clients ping (grpc-go's default policy allows one ping per 5 minutes while no
+    /// stream is open), so pings go only while streams are open unless
+    /// [`keep_alive_while_idle`](Self::keep_alive_while_idle) says otherwise.
+    pub fn http2_keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
+        self.keep_alive_interval = interval;
+        self
+    }
+
+    /// How long a keepalive ping may go unanswered before the connection is closed
+    /// (default 10 s).
+    pub fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
+        self.keep_alive_timeout = timeout;
+        self
+    }
+
+    /// Ping idle connections too (default off).
+    pub fn keep_alive_while_idle(mut self, enabled: bool) -> Self {
+        self.keep_alive_while_idle = enabled;
+        self
+    }
+
+    /// HTTP/2 initial stream window (default hyper's).
+    pub fn initial_stream_window_size(mut self, size: Option<u32>) -> Self {
+        self.initial_stream_window_size = size;
+        self
+    }
+
+    /// HTTP/2 initial connection window (default hyper's).
+    pub fn initial_connection_window_size(mut self, size: Option<u32>) -> Self {
+        self.initial_connection_window_size = size;
+        self
+    }
+
+    /// HTTP/2 adaptive flow control, from BDP pings (default off: the pings count against
+    /// servers' ping limits).
+    pub fn adaptive_window(mut self, enabled: bool) -> Self {
+        self.adaptive_window = enabled;
+        self
+    }
+
+    /// Connect as soon as an instance is discovered (`true`, the default), so it takes
+    /// traffic connected; or only when a request first picks it (`false`, for very large
+    /// sets, where keeping a connection to every instance costs more than it gives).
+    pub fn eager(mut self, eager: bool) -> Self {
+        self.eager = eager;
+        self
+    }
+
+    /// Connects in progress at once, per service (default 16): a large set discovered at
+    /// once connects in waves rather than all together.
+    pub fn max_concurrent_connects(mut self, connects: usize) -> Self {
+        self.max_concurrent_connects = connects.max(1);
+        self
+    }
+
+    /// Connections to one instance at most (default 4). A second one opens when every open
+    /// one has as many streams as the server's `MAX_CONCURRENT_STREAMS` allows.
+    pub fn max_connections_per_instance(mut self, connections: usize) -> Self {
+        self.max_connections_per_instance = connections.max(1);
+        self
+    }
+
+    /// Requests in flight per instance, at most (default unlimited); a pick of an instance
+    /// at the limit waits for one to finish.
+    pub fn concurrency_limit(mut self, limit: Option<usize>) -> Self {
+        self.concurrency_limit = limit.map(|limit| limit.max(1));
+        self
+    }
+
+    /// Request body bytes kept so that a request the server provably did not process
+    /// (`REFUSED_STREAM`, a stream above a GOAWAY's last stream id) can be sent again
+    /// (default 64 KiB; 0 turns transparent retries of such requests off; requests that
+    /// never left the client are retried whatever this says).
+    pub fn retry_buffer(mut self, bytes: usize) -> Self {
+        self.retry_buffer_bytes = bytes;
+        self
+    }
+
+    /// Backoff between failed connects: full jitter from `base`, doubling up to `max`
+    /// (default 100 ms to 10 s).
+    pub fn reconnect_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.reconnect_base = base;
+        self.reconnect_max = max.max(base);
+        self
+    }
+
+    /// Dial over TLS with this configuration.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The `user-agent` header of every request that has none.
+    pub fn user_agent(mut self, user_agent: HeaderValue) -> Self {
+        self.user_agent = Some(user_agent);
+        self
+    }
+
+    /// The scheme and authority requests carry (`:scheme`, `:authority`), instead of the
+    /// dialled address.
+    pub fn origin(mut self, scheme: Scheme, authority: Authority) -> Self {
+        self.origin = Some((scheme, authority));
+        self
+    }
+
+    /// The scheme dialled.
+    pub(crate) fn scheme(&self) -> Scheme {
+        if self.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        }
+    }
+}

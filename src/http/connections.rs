@@ -1,0 +1,163 @@
+//! [`ConnectionDiscovery`]: the routing of [`DiscoveryLayer`], over tower-sd's own HTTP/2
+//! connections instead of a wrapped client.
+//!
+//! Each discovered instance gets a [`Connection`]: eager, state-aware, h2c or h2 over TLS
+//! as the [`ConnectionSettings`] say, so a dead or still connecting instance is never
+//! picked, and a request the server provably did not process is sent once more elsewhere
+//! (see [`connection`](crate::connection)). HTTP/1.1 servers need the wrapped-client form
+//! ([`DiscoveryLayer`] around hyper-util's pooled client).
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_core::future::BoxFuture;
+use http::Request;
+use tower::{Service, ServiceExt};
+
+use super::balancers::Balancers;
+use super::rewrite::Rewrite;
+use super::{DiscoveryLayer, Route, Settings, TooManyServices, UnknownHost};
+use crate::balance::{self, Balance, Endpoint, HttpStatus, ResponseBody};
+use crate::connection::retry::Retry;
+use crate::connection::{self, Connection, ConnectionSettings, Connector, SendBody};
+use crate::discover::RegistryDiscover;
+use crate::error::BoxError;
+use crate::instance::ServiceInstance;
+use crate::registry::ServiceRegistry;
+
+/// Routes `http://<service>/...` requests over per-instance HTTP/2 connections; made by
+/// [`DiscoveryLayer::over_connections`]. Cheap to clone; clones share the balancers and
+/// the connections.
+///
+/// A request whose host is not a service name fails with [`UnknownHost`]: there is no
+/// client to pass it to.
+pub struct ConnectionDiscovery<B> {
+    shared: Arc<Shared<B>>,
+}
+
+struct Shared<B> {
+    registry: Arc<dyn ServiceRegistry>,
+    balance: balance::BalanceBuilder,
+    settings: Settings,
+    connector: Connector,
+    balancers: Arc<Balancers<ServiceBalance<B>>>,
+}
+
+/// The balancer of one service, with the transparent retry in front.
+type ServiceBalance<B> = Retry<Balance<Rewrite<Connection<B>>, String, HttpStatus>, B>;
+
+impl DiscoveryLayer {
+    /// Routes requests for service names over tower-sd's own HTTP/2 connections, one set
+    /// per instance, made with `connections` (h2c, or h2 over TLS when it has a
+    /// [`TlsConfig`](crate::connection::TlsConfig); the TLS server name defaults to the
+    /// service name). No client is wrapped, so the servers must speak HTTP/2.
+    pub fn over_connections<B: SendBody>(
+        self,
+        connections: ConnectionSettings,
+    ) -> ConnectionDiscovery<B> {
+        ConnectionDiscovery {
+            shared: Arc::new(Shared {
+                balancers: Arc::new(Balancers::new(
+                    self.settings.max_services,
+                    self.settings.idle_timeout,
+                )),
+                registry: self.registry,
+                balance: self.balance,
+                settings: self.settings,
+                connector: Connector::new(connections),
+            }),
+        }
+    }
+}
+
+impl<B: SendBody> ConnectionDiscovery<B> {
+    /// The shared balancer for `service`, created on first use.
+    fn balancer(&self, service: &str) -> Result<ServiceBalance<B>, TooManyServices> {
+        let shared = &self.shared;
+        shared.balancers.get_or_make(service, || {
+            let connector = shared.connector.clone().default_server_name(service);
+            let host_header = shared.settings.host_header;
+            let discover = RegistryDiscover::new(
+                &*shared.registry,
+                service.to_owned(),
+                move |instance: &ServiceInstance| -> Result<_, BoxError> {
+                    let endpoint = connector.endpoint::<B>(instance)?;
+                    Ok(Endpoint {
+                        service: Rewrite::new(endpoint.service, instance, host_header)?,
+                        weight: endpoint.weight,
+                        zone: endpoint.zone,
+                        readiness: endpoint.readiness,
+                    })
+                },
+            );
+            let balance = shared
+                .balance
+                .clone()
+                .service_name(service)
+                .build_endpoints(discover)
+                .with_classifier(HttpStatus);
+            let buffer = shared.connector.settings().retry_buffer_bytes;
+            Retry::new(balance, buffer, service)
+        })
+    }
+}
+
+impl<B> ConnectionDiscovery<B> {
+    /// The endpoints of `service`'s balancer, with each connection's state; empty when the
+    /// service has no balancer (yet, or any more).
+    pub fn endpoints(&self, service: &str) -> Vec<balance::EndpointStats<String>> {
+        self.shared
+            .balancers
+            .get(&service.to_ascii_lowercase())
+            .map(|retry| retry.get_ref().endpoints())
+            .unwrap_or_default()
+    }
+
+    /// The services that currently have a balancer, sorted.
+    pub fn active_services(&self) -> Vec<String> {
+        self.shared.balancers.names()
+    }
+}
+
+impl<B> Clone for ConnectionDiscovery<B> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<B> fmt::Debug for ConnectionDiscovery<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionDiscovery")
+            .field("settings", &self.shared.settings)
+            .field("connector", &self.shared.connector)
+            .field("balancers", &self.shared.balancers.names().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: SendBody> Service<Request<B>> for ConnectionDiscovery<B> {
+    type Response = http::Response<ResponseBody<connection::Body>>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Self::Response, BoxError>>;
+
+    /// Always ready: readiness is checked per request, on the instance that serves it.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        match self.shared.settings.route(request.uri()) {
+            Route::Service(service) => match self.balancer(&service) {
+                Ok(balance) => Box::pin(balance.oneshot(request)),
+                Err(error) => Box::pin(std::future::ready(Err(error.into()))),
+            },
+            Route::Other => {
+                let host = request.uri().host().unwrap_or_default().to_owned();
+                Box::pin(std::future::ready(Err(UnknownHost(host).into())))
+            }
+        }
+    }
+}

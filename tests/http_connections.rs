@@ -1,0 +1,155 @@
+//! `DiscoveryLayer::over_connections`: `http://<service>/...` requests over tower-sd's own
+//! HTTP/2 connections (h2c here; TLS goes through the same dial as the tonic tests'), to
+//! real hyper HTTP/2 servers on 127.0.0.1.
+#![cfg(feature = "http")]
+
+mod support;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use support::servers::TestServer;
+use tower::{BoxError, ServiceExt};
+use tower_sd::balance::{Connectivity, EndpointState};
+use tower_sd::connection::ConnectionSettings;
+use tower_sd::http::{ConnectionDiscovery, DiscoveryLayer, UnknownHost};
+use tower_sd::{MemoryRegistry, ServiceInstance, ServiceRegistry};
+
+const SERVICE: &str = "backend";
+
+type Client = ConnectionDiscovery<Empty<Bytes>>;
+
+fn client(registry: &Arc<MemoryRegistry>) -> Client {
+    DiscoveryLayer::new(registry.clone())
+        .balancer(|b| b.outlier_detection(None))
+        .over_connections(ConnectionSettings::default())
+}
+
+/// GETs `uri`; returns the body and the host the server saw.
+async fn get(client: &Client, uri: &str) -> Result<(String, String), BoxError> {
+    let request = http::Request::get(uri).body(Empty::new())?;
+    let response = client.clone().oneshot(request).await?;
+    let seen = response
+        .headers()
+        .get("x-seen-host")
+        .map(|h| h.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((String::from_utf8_lossy(&body).into_owned(), seen))
+}
+
+async fn start(registry: &MemoryRegistry, prefix: &str, n: usize) -> Vec<TestServer> {
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let server = TestServer::http2(&format!("{prefix}{i}")).await;
+        registry.register(server.instance(SERVICE)).await.unwrap();
+        servers.push(server);
+    }
+    servers
+}
+
+/// `requests` GETs from each of `callers` concurrent tasks; the failures.
+async fn load(client: &Client, callers: usize, requests: usize) -> Vec<String> {
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for _ in 0..requests {
+                    if let Err(error) = get(&client, "http://backend/").await {
+                        failed.push(error.to_string());
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for task in tasks {
+        failed.extend(task.await.unwrap());
+    }
+    failed
+}
+
+async fn until_state(client: &Client, key: &str, want: &[Connectivity]) {
+    support::until(&format!("{key} is {want:?}"), || {
+        client
+            .endpoints(SERVICE)
+            .iter()
+            .any(|e| e.key == key && e.connectivity.is_some_and(|c| want.contains(&c)))
+    })
+    .await;
+}
+
+/// Catches a connection per request (or per caller) instead of one per instance, a
+/// balancer that does not spread, and a lost logical `Host`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_spread_over_one_connection_per_instance() {
+    let _limit = support::time_limit(120);
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "h", 4).await;
+    let client = client(&registry);
+    let (_, seen) = get(&client, "http://backend/").await.unwrap();
+    assert_eq!(seen, SERVICE, "the server sees the logical host");
+    for key in ["h0", "h1", "h2", "h3"] {
+        until_state(&client, key, &[Connectivity::Ready]).await;
+    }
+
+    let failed = load(&client, 8, 1_250).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    support::servers::assert_even_spread(&servers, 10_001);
+    for server in &servers {
+        assert_eq!(server.connections(), 1, "{}", server.name);
+    }
+    let error = get(&client, "http://localhost/").await.unwrap_err();
+    assert!(error.downcast_ref::<UnknownHost>().is_some(), "{error}");
+}
+
+/// Catches picking an instance that never connects (with a wrapped client, a third of the
+/// requests would fail with connection refused) and one that crashed (every request sent
+/// to it would fail until discovery removed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_and_a_crashed_server_are_not_picked() {
+    let _limit = support::time_limit(120);
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "c", 3).await;
+    let closed = support::process::ClosedPort::new();
+    registry
+        .register(ServiceInstance::new(
+            "closed",
+            SERVICE,
+            "127.0.0.1",
+            closed.port,
+        ))
+        .await
+        .unwrap();
+    let client = client(&registry);
+    get(&client, "http://backend/").await.unwrap();
+    until_state(&client, "closed", &[Connectivity::TransientFailure]).await;
+    let failed = load(&client, 4, 100).await;
+    assert!(failed.is_empty(), "{failed:?}");
+
+    servers[0].crash();
+    until_state(
+        &client,
+        "c0",
+        &[Connectivity::Connecting, Connectivity::TransientFailure],
+    )
+    .await;
+    let failed = load(&client, 4, 100).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let states: Vec<_> = client
+        .endpoints(SERVICE)
+        .into_iter()
+        .map(|e| (e.key, e.state))
+        .collect();
+    for (key, state) in states {
+        let want_ready = key == "c1" || key == "c2";
+        assert_eq!(
+            state == EndpointState::Ready,
+            want_ready,
+            "{key}: {state:?}"
+        );
+    }
+}
