@@ -8,6 +8,11 @@
 //!
 //! `unary/{tower_sd,direct,balance_channel}/C`: C concurrent callers, each with its own clone
 //! of the client; the time is per request (all callers together).
+//!
+//! After the criterion groups, a latency pass sends 20,000 requests per client and caller
+//! count, timing each one, and prints a table: throughput, p50 and p99 latency, and the
+//! process's CPU time per request (from `/proc/self/stat`; client and servers share the
+//! process, so it is both sides' cost).
 
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
@@ -41,27 +46,92 @@ where
     <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
     T::Error: Into<tonic::codegen::StdError>,
 {
+    timed(client, callers, total).await.0
+}
+
+/// [`run`], keeping each request's latency.
+async fn timed<T>(
+    client: &HealthClient<T>,
+    callers: usize,
+    total: usize,
+) -> (Duration, Vec<Duration>)
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+    T::Error: Into<tonic::codegen::StdError>,
+{
     let per_caller = total.div_ceil(callers);
     let start = Instant::now();
     let tasks: Vec<_> = (0..callers)
         .map(|_| {
             let mut client = client.clone();
             tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_caller);
                 for _ in 0..per_caller {
+                    let sent = Instant::now();
                     client
                         .check(HealthCheckRequest {
                             service: String::new(),
                         })
                         .await
                         .unwrap();
+                    latencies.push(sent.elapsed());
                 }
+                latencies
             })
         })
         .collect();
+    let mut latencies = Vec::with_capacity(total);
     for task in tasks {
-        task.await.unwrap();
+        latencies.extend(task.await.unwrap());
     }
-    start.elapsed()
+    (start.elapsed(), latencies)
+}
+
+/// The process's user + system CPU time so far (Linux; zero elsewhere).
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(ticks * 10)
+}
+
+/// One latency-pass row.
+async fn latency_row<T>(name: &str, client: &HealthClient<T>, callers: usize)
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+    T::Error: Into<tonic::codegen::StdError>,
+{
+    const REQUESTS: usize = 20_000;
+    let cpu = cpu_time();
+    let (elapsed, mut latencies) = timed(client, callers, REQUESTS).await;
+    let cpu = cpu_time().saturating_sub(cpu);
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    let count = latencies.len() as f64;
+    println!(
+        "| {name} | {callers} | {:.1}k | {:.0} µs | {:.0} µs | {:.1} µs |",
+        count / elapsed.as_secs_f64() / 1e3,
+        at(0.50).as_secs_f64() * 1e6,
+        at(0.99).as_secs_f64() * 1e6,
+        cpu.as_secs_f64() * 1e6 / count,
+    );
 }
 
 fn endpoint(server: &TestServer) -> Endpoint {
@@ -125,6 +195,16 @@ fn unary(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    println!("\n| client | callers | req/s | p50 | p99 | CPU / request |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    rt.block_on(async {
+        for callers in [1usize, 8, 64] {
+            latency_row("tower_sd", &ours, callers).await;
+            latency_row("direct", &direct, callers).await;
+            latency_row("balance_channel", &tonic_balanced, callers).await;
+        }
+    });
     drop(servers);
 }
 

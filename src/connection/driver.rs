@@ -55,6 +55,8 @@ pub(crate) struct State<B> {
     pub(crate) port: u16,
     /// `host:port`, for errors and logs.
     pub(crate) authority: String,
+    /// The scheme and authority requests are sent with (parsed once, not per request).
+    pub(crate) origin: (http::uri::Scheme, http::uri::Authority),
     /// The TLS name when the settings name none.
     pub(crate) server_name: Option<String>,
     pub(crate) readiness: Readiness,

@@ -105,12 +105,16 @@ impl Connector {
     /// Outside a tokio runtime (the driver task is spawned on it).
     pub fn connect<B: SendBody>(&self, instance: &ServiceInstance) -> Result<Connection<B>> {
         let authority = instance.authority();
-        if authority.parse::<http::uri::Authority>().is_err() {
+        let Ok(dialled) = authority.parse::<http::uri::Authority>() else {
             return Err(Error::InvalidInstance {
                 field: "address",
                 source: InvalidValue::NotAnAddress(instance.address.clone()),
             });
-        }
+        };
+        let origin = match &self.settings.origin {
+            Some(origin) => origin.clone(),
+            None => (self.settings.scheme(), dialled),
+        };
         let initial = if self.settings.eager {
             Connectivity::Connecting
         } else {
@@ -120,6 +124,7 @@ impl Connector {
             host: instance.address.clone(),
             port: instance.port,
             authority,
+            origin,
             server_name: self.server_name.clone(),
             readiness: Readiness::new(initial),
             subs: ArcSwap::from_pointee(Vec::new()),

@@ -257,16 +257,7 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
 
 /// Puts the origin on the request URI: the configured one, else the dialled address.
 fn set_origin<B, T>(request: &mut Request<T>, state: &State<B>) {
-    let (scheme, authority) = match &state.settings.origin {
-        Some((scheme, authority)) => (scheme.clone(), authority.clone()),
-        None => {
-            let authority = state
-                .authority
-                .parse()
-                .expect("an instance authority is a valid URI authority");
-            (state.settings.scheme(), authority)
-        }
-    };
+    let (scheme, authority) = state.origin.clone();
     let path = request
         .uri()
         .path_and_query()
