@@ -180,13 +180,144 @@ impl<S, B> Again<S, B> {
     where
         B: 'static,
     {
-        let ConnectionError::Unprocessed { request, .. } = error.downcast_ref()? else {
+        let error: &ConnectionError = error.downcast_ref()?;
+        if !error.is_unprocessed() {
             return None;
-        };
-        if let Some(request) = request.take::<Request<ReplayBody<B>>>() {
+        }
+        if let ConnectionError::Unprocessed { request, .. } = error
+            && let Some(request) = request.take::<Request<ReplayBody<B>>>()
+        {
             return Some((request, self.service));
         }
         let body = self.replay.again()?;
         Some((Request::from_parts(self.head?, body), self.service))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use futures_util::FutureExt;
+    use http_body_util::{BodyExt, Full};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::balance::Connectivity;
+
+    type Body = ReplayBody<Full<Bytes>>;
+
+    /// An inner service that answers with the next scripted outcome and records each
+    /// request's body (read to the end before answering).
+    #[derive(Clone)]
+    struct Script {
+        outcomes: Arc<Mutex<Vec<Outcome>>>,
+        bodies: Arc<Mutex<Vec<Bytes>>>,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Outcome {
+        Ok,
+        Unprocessed,
+        Failed,
+    }
+
+    impl Script {
+        fn new(outcomes: &[Outcome]) -> Self {
+            let mut outcomes = outcomes.to_vec();
+            outcomes.reverse();
+            Self {
+                outcomes: Arc::new(Mutex::new(outcomes)),
+                bodies: Arc::default(),
+            }
+        }
+
+        fn bodies(&self) -> Vec<Bytes> {
+            self.bodies.lock().unwrap().clone()
+        }
+    }
+
+    impl Service<Request<Body>> for Script {
+        type Response = &'static str;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Result<&'static str, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Body>) -> Self::Future {
+            let outcome = self
+                .outcomes
+                .lock()
+                .unwrap()
+                .pop()
+                .expect("a scripted outcome");
+            let bodies = Arc::clone(&self.bodies);
+            Box::pin(async move {
+                let body = request.into_body().collect().await?.to_bytes();
+                bodies.lock().unwrap().push(body);
+                match outcome {
+                    Outcome::Ok => Ok("answered"),
+                    Outcome::Unprocessed => Err(Box::new(ConnectionError::NotConnected {
+                        authority: "10.0.0.1:80".into(),
+                        state: Connectivity::Connecting,
+                        source: None,
+                    }) as BoxError),
+                    Outcome::Failed => Err("reset by the server after it read the request".into()),
+                }
+            })
+        }
+    }
+
+    fn send(script: &Script, buffer: usize, body: &'static str) -> Result<&'static str, BoxError> {
+        let retry = Retry::new(script.clone(), buffer, "svc");
+        let request = Request::post("/")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        retry
+            .oneshot(request)
+            .now_or_never()
+            .expect("nothing here waits")
+    }
+
+    /// Catches no retry, a retry that sends an empty or partial body, and a second
+    /// outcome the caller does not see.
+    #[test]
+    fn an_unprocessed_request_is_sent_once_more_with_the_same_body() {
+        let script = Script::new(&[Outcome::Unprocessed, Outcome::Ok]);
+        assert_eq!(send(&script, 1024, "hello").unwrap(), "answered");
+        assert_eq!(script.bodies(), ["hello", "hello"]);
+    }
+
+    /// Catches retrying until it works (a loop): once, then the caller sees the error.
+    #[test]
+    fn it_is_sent_again_once_only() {
+        let script = Script::new(&[Outcome::Unprocessed, Outcome::Unprocessed, Outcome::Ok]);
+        let error = send(&script, 1024, "hello").unwrap_err();
+        assert!(error.downcast_ref::<ConnectionError>().is_some(), "{error}");
+        assert_eq!(script.bodies().len(), 2);
+    }
+
+    /// Catches retrying a request the server may have processed (not idempotent-safe).
+    #[test]
+    fn a_request_that_may_have_been_processed_is_not_sent_again() {
+        let script = Script::new(&[Outcome::Failed, Outcome::Ok]);
+        let error = send(&script, 1024, "hello").unwrap_err();
+        assert!(error.to_string().contains("reset by the server"), "{error}");
+        assert_eq!(script.bodies().len(), 1);
+    }
+
+    /// Catches a retry that sends a body it could not keep: past the buffer, the bytes
+    /// already sent are gone, so the caller sees the error.
+    #[test]
+    fn a_body_larger_than_the_buffer_is_not_sent_again() {
+        let script = Script::new(&[Outcome::Unprocessed, Outcome::Ok]);
+        let error = send(&script, 4, "hello").unwrap_err();
+        assert!(error.downcast_ref::<ConnectionError>().is_some(), "{error}");
+        assert_eq!(script.bodies(), ["hello"]);
+        let script = Script::new(&[Outcome::Unprocessed, Outcome::Ok]);
+        assert_eq!(send(&script, 5, "hello").unwrap(), "answered");
     }
 }
