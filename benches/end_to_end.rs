@@ -37,31 +37,50 @@ use tower_sd::{MemoryRegistry, ServiceRegistry};
 
 const PER_ITER: usize = 256;
 
-/// Runs `total` unary calls split over `callers` tasks.
-async fn run<T>(client: &HealthClient<T>, callers: usize, total: usize) -> Duration
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-    T::Error: Into<tonic::codegen::StdError>,
+/// What the benched clients need of their transport.
+trait Transport:
+    tonic::client::GrpcService<
+        tonic::body::Body,
+        Future: Send,
+        Error: Into<tonic::codegen::StdError>,
+        ResponseBody: tonic::codegen::Body<
+            Data = bytes::Bytes,
+            Error: Into<tonic::codegen::StdError> + Send,
+        > + Send
+                          + 'static,
+    > + Clone
+    + Send
+    + 'static
 {
+}
+
+impl<T> Transport for T where
+    T: tonic::client::GrpcService<
+            tonic::body::Body,
+            Future: Send,
+            Error: Into<tonic::codegen::StdError>,
+            ResponseBody: tonic::codegen::Body<
+                Data = bytes::Bytes,
+                Error: Into<tonic::codegen::StdError> + Send,
+            > + Send
+                              + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Runs `total` unary calls split over `callers` tasks.
+async fn run<T: Transport>(client: &HealthClient<T>, callers: usize, total: usize) -> Duration {
     timed(client, callers, total).await.0
 }
 
 /// [`run`], keeping each request's latency.
-async fn timed<T>(
+async fn timed<T: Transport>(
     client: &HealthClient<T>,
     callers: usize,
     total: usize,
-) -> (Duration, Vec<Duration>)
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-    T::Error: Into<tonic::codegen::StdError>,
-{
+) -> (Duration, Vec<Duration>) {
     let per_caller = total.div_ceil(callers);
     let start = Instant::now();
     let tasks: Vec<_> = (0..callers)
@@ -110,14 +129,7 @@ fn cpu_time() -> Duration {
 }
 
 /// One latency-pass row.
-async fn latency_row<T>(name: &str, client: &HealthClient<T>, callers: usize)
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-    T::Error: Into<tonic::codegen::StdError>,
-{
+async fn latency_row<T: Transport>(name: &str, client: &HealthClient<T>, callers: usize) {
     const REQUESTS: usize = 20_000;
     let cpu = cpu_time();
     let (elapsed, mut latencies) = timed(client, callers, REQUESTS).await;

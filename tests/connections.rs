@@ -27,13 +27,10 @@ use tower_sd::{MemoryRegistry, ServiceInstance, ServiceRegistry};
 const SERVICE: &str = "health";
 
 async fn start(registry: &MemoryRegistry, prefix: &str, n: usize) -> Vec<TestServer> {
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let server = TestServer::grpc(&format!("{prefix}{i}")).await;
-        registry.register(server.instance(SERVICE)).await.unwrap();
-        servers.push(server);
-    }
-    servers
+    support::servers::register_servers(registry, SERVICE, prefix, n, |name| async move {
+        TestServer::grpc(&name).await
+    })
+    .await
 }
 
 /// A channel with outlier detection off, once every registered instance is listed.

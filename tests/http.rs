@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use support::servers::TestServer;
-use tower::{BoxError, Layer, ServiceExt};
+use support::servers::{TestServer, get};
+use tower::Layer;
 use tower_sd::http::{
     Discovery, DiscoveryLayer, HostHeader, TooManyServices, UnknownHost, UnknownHosts,
 };
@@ -28,27 +28,11 @@ fn client(layer: DiscoveryLayer) -> HttpClient {
     layer.layer(Client::builder(TokioExecutor::new()).build_http())
 }
 
-/// GETs `uri`; returns the body and the `Host` the server saw.
-async fn get(client: &HttpClient, uri: &str) -> Result<(String, String), BoxError> {
-    let request = http::Request::get(uri).body(Empty::new())?;
-    let response = client.clone().oneshot(request).await?;
-    let seen = response
-        .headers()
-        .get("x-seen-host")
-        .map(|h| h.to_str().unwrap_or_default().to_owned())
-        .unwrap_or_default();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((String::from_utf8_lossy(&body).into_owned(), seen))
-}
-
 async fn start(registry: &MemoryRegistry, prefix: &str, n: usize) -> Vec<TestServer> {
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let server = TestServer::http(&format!("{prefix}{i}")).await;
-        registry.register(server.instance(SERVICE)).await.unwrap();
-        servers.push(server);
-    }
-    servers
+    support::servers::register_servers(registry, SERVICE, prefix, n, |name| async move {
+        TestServer::http(&name).await
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,9 +8,8 @@ mod support;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use support::servers::TestServer;
-use tower::{BoxError, ServiceExt};
+use http_body_util::Empty;
+use support::servers::{TestServer, get};
 use tower_sd::balance::{Connectivity, EndpointState};
 use tower_sd::connection::ConnectionSettings;
 use tower_sd::http::{ConnectionDiscovery, DiscoveryLayer, UnknownHost};
@@ -26,27 +25,11 @@ fn client(registry: &Arc<MemoryRegistry>) -> Client {
         .over_connections(ConnectionSettings::default())
 }
 
-/// GETs `uri`; returns the body and the host the server saw.
-async fn get(client: &Client, uri: &str) -> Result<(String, String), BoxError> {
-    let request = http::Request::get(uri).body(Empty::new())?;
-    let response = client.clone().oneshot(request).await?;
-    let seen = response
-        .headers()
-        .get("x-seen-host")
-        .map(|h| h.to_str().unwrap_or_default().to_owned())
-        .unwrap_or_default();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((String::from_utf8_lossy(&body).into_owned(), seen))
-}
-
 async fn start(registry: &MemoryRegistry, prefix: &str, n: usize) -> Vec<TestServer> {
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let server = TestServer::http2(&format!("{prefix}{i}")).await;
-        registry.register(server.instance(SERVICE)).await.unwrap();
-        servers.push(server);
-    }
-    servers
+    support::servers::register_servers(registry, SERVICE, prefix, n, |name| async move {
+        TestServer::http2(&name).await
+    })
+    .await
 }
 
 /// `requests` GETs from each of `callers` concurrent tasks; the failures.

@@ -38,13 +38,10 @@ async fn spreads_requests_over_four_servers() {
 
 /// Registers `n` fresh servers named `{prefix}{i}`.
 async fn start(registry: &MemoryRegistry, prefix: &str, n: usize) -> Vec<TestServer> {
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let server = TestServer::grpc(&format!("{prefix}{i}")).await;
-        registry.register(server.instance(SERVICE)).await.unwrap();
-        servers.push(server);
-    }
-    servers
+    support::servers::register_servers(registry, SERVICE, prefix, n, |name| async move {
+        TestServer::grpc(&name).await
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

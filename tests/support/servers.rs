@@ -303,3 +303,52 @@ pub fn assert_even_spread(servers: &[TestServer], total: usize) {
         );
     }
 }
+
+/// Starts `n` servers named `{prefix}{i}` with `start` and registers each as `service`.
+pub async fn register_servers<F, Fut>(
+    registry: &tower_sd::MemoryRegistry,
+    service: &str,
+    prefix: &str,
+    n: usize,
+    start: F,
+) -> Vec<TestServer>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = TestServer>,
+{
+    use tower_sd::ServiceRegistry;
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let server = start(format!("{prefix}{i}")).await;
+        registry.register(server.instance(service)).await.unwrap();
+        servers.push(server);
+    }
+    servers
+}
+
+/// GETs `uri` through `client`; returns the body and the host the server saw
+/// (`x-seen-host`, from [`TestServer::http`] and [`TestServer::http2`]).
+pub async fn get<S, B>(client: &S, uri: &str) -> Result<(String, String), tower::BoxError>
+where
+    S: Service<http::Request<http_body_util::Empty<Bytes>>, Response = http::Response<B>> + Clone,
+    S::Error: Into<tower::BoxError>,
+    B: http_body::Body,
+    B::Error: Into<tower::BoxError>,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let request = http::Request::get(uri).body(http_body_util::Empty::new())?;
+    let response = client.clone().oneshot(request).await.map_err(Into::into)?;
+    let seen = response
+        .headers()
+        .get("x-seen-host")
+        .map(|h| h.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(Into::into)?
+        .to_bytes();
+    Ok((String::from_utf8_lossy(&body).into_owned(), seen))
+}
