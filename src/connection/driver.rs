@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
@@ -95,103 +96,172 @@ impl<B> State<B> {
 }
 
 /// How long a connection must stay open for its close to be no failure.
-pub(crate) const STABLE: std::time::Duration = std::time::Duration::from_secs(1);
-
-type Dial<B> = Pin<
-    Box<dyn Future<Output = Result<(SendRequest<ReplayBody<B>>, Driver<B>), DialError>> + Send>,
->;
+pub(crate) const STABLE: Duration = Duration::from_secs(1);
 
 /// Runs the instance's connections until the task is aborted (with the last handle).
 pub(crate) async fn run<B: SendBody>(state: Arc<State<B>>) {
-    let settings = Arc::clone(&state.settings);
-    let mut backoff = Backoff::new(settings.reconnect_base, settings.reconnect_max);
-    let mut open: FuturesUnordered<Open<B>> = FuturesUnordered::new();
-    let mut dialing: Option<Dial<B>> = None;
-    let mut pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    // A lazy connection connects once a request wants it, and again after it closes.
-    let mut wanted = settings.eager;
-    let mut next_id = 0;
+    let mut task = Task::new(state);
     loop {
-        let more = open.is_empty()
-            || (open.len() < settings.max_connections_per_instance && state.saturated());
-        if wanted && more && dialing.is_none() && pause.is_none() {
-            if open.is_empty() && state.readiness.get() != Connectivity::TransientFailure {
-                state.set(Connectivity::Connecting);
-            }
-            let state = Arc::clone(&state);
-            dialing = Some(Box::pin(async move {
-                let _permit = state.connects.acquire().await;
-                dial::<B>(
-                    &state.host,
-                    state.port,
-                    state.server_name.as_deref(),
-                    &state.settings,
-                )
-                .await
-            }));
+        task.dial_if_wanted();
+        let Task {
+            state,
+            open,
+            dialing,
+            pause,
+            ..
+        } = &mut task;
+        let event = tokio::select! {
+            Some((id, lived)) = open.next(), if !open.is_empty() => Event::Closed { id, lived },
+            dialed = async { dialing.as_mut().expect("checked").await }, if dialing.is_some() => Event::Dialed(dialed),
+            () = async { pause.as_mut().expect("checked").await }, if pause.is_some() => Event::Resumed,
+            () = state.demand.notified() => Event::Wanted,
+        };
+        match event {
+            Event::Closed { id, lived } => task.closed(id, lived),
+            Event::Dialed(Ok((send, connection))) => task.connected(send, connection),
+            Event::Dialed(Err(error)) => task.dial_failed(error),
+            Event::Resumed => task.pause = None,
+            Event::Wanted => task.wanted = true,
         }
-        tokio::select! {
-            Some((closed, lived)) = open.next(), if !open.is_empty() => {
-                let subs: Vec<_> = state.subs.load().iter().filter(|sub| sub.id != closed).cloned().collect();
-                let none_left = subs.is_empty();
-                state.publish(subs);
-                let stable = lived >= STABLE;
-                if stable {
-                    backoff.reset();
-                } else if pause.is_none() {
-                    let delay = backoff.next_delay();
-                    debug!(instance = %state.authority, ?lived, ?delay, "connection closed right after it opened; backing off");
-                    pause = Some(Box::pin(tokio::time::sleep(delay)));
-                }
-                if none_left && dialing.is_none() {
-                    debug!(instance = %state.authority, "connection closed; reconnecting");
-                    wanted = settings.eager;
-                    if !stable {
-                        state.readiness.fail(Arc::new(DialError::ClosedEarly(lived)));
-                        state.changed.notify_waiters();
-                    } else if wanted {
-                        state.set(Connectivity::Connecting);
-                    } else {
-                        state.set(Connectivity::Idle);
-                    }
-                }
-            }
-            dialed = async { dialing.as_mut().expect("checked").await }, if dialing.is_some() => {
-                dialing = None;
-                match dialed {
-                    Ok((send, connection)) => {
-                        next_id += 1;
-                        let sub = Arc::new(Sub {
-                            id: next_id,
-                            send,
-                            streams: Arc::default(),
-                            max_streams: AtomicUsize::new(connection.current_max_send_streams().max(1)),
-                        });
-                        let mut subs = state.subs.load().as_ref().clone();
-                        subs.push(Arc::clone(&sub));
-                        state.publish(subs);
-                        state.set(Connectivity::Ready);
-                        debug!(instance = %state.authority, connections = open.len() + 1, "connected");
-                        open.push(Open { connection, sub, opened: tokio::time::Instant::now() });
-                    }
-                    Err(error) => {
-                        let delay = backoff.next_delay();
-                        warn!(instance = %state.authority, error = %crate::error::Chain(&error), ?delay, "connect failed");
-                        if open.is_empty() {
-                            state.readiness.fail(Arc::new(error));
-                            state.changed.notify_waiters();
-                        }
-                        pause = Some(Box::pin(tokio::time::sleep(delay)));
-                    }
-                }
-            }
-            () = async { pause.as_mut().expect("checked").await }, if pause.is_some() => {
-                pause = None;
-            }
-            () = state.demand.notified() => {
-                wanted = true;
-            }
+    }
+}
+
+type Dialed<B> = Result<(SendRequest<ReplayBody<B>>, Driver<B>), DialError>;
+type Dial<B> = Pin<Box<dyn Future<Output = Dialed<B>> + Send>>;
+
+/// What woke the driver.
+// One per wake-up, moved once: boxing the dialled connection would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Event<B: SendBody> {
+    /// An open connection can take no more streams.
+    Closed {
+        id: u64,
+        lived: Duration,
+    },
+    Dialed(Dialed<B>),
+    /// The backoff pause is over.
+    Resumed,
+    /// A handle wants a connection (lazy, or every open one is full).
+    Wanted,
+}
+
+/// The driver task's own state.
+struct Task<B: SendBody> {
+    state: Arc<State<B>>,
+    backoff: Backoff,
+    open: FuturesUnordered<Open<B>>,
+    dialing: Option<Dial<B>>,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A lazy connection connects once a request wants it, and again after it closes.
+    wanted: bool,
+    next_id: u64,
+}
+
+impl<B: SendBody> Task<B> {
+    fn new(state: Arc<State<B>>) -> Self {
+        let settings = &state.settings;
+        Self {
+            backoff: Backoff::new(settings.reconnect_base, settings.reconnect_max),
+            wanted: settings.eager,
+            state,
+            open: FuturesUnordered::new(),
+            dialing: None,
+            pause: None,
+            next_id: 0,
         }
+    }
+
+    /// Starts a dial when one is wanted, none is under way and no backoff pause runs: for
+    /// the first connection, or for one more when every open one is full.
+    fn dial_if_wanted(&mut self) {
+        let settings = &self.state.settings;
+        let more = self.open.is_empty()
+            || (self.open.len() < settings.max_connections_per_instance && self.state.saturated());
+        if !(self.wanted && more && self.dialing.is_none() && self.pause.is_none()) {
+            return;
+        }
+        if self.open.is_empty() && self.state.readiness.get() != Connectivity::TransientFailure {
+            self.state.set(Connectivity::Connecting);
+        }
+        let state = Arc::clone(&self.state);
+        self.dialing = Some(Box::pin(async move {
+            let _permit = state.connects.acquire().await;
+            dial::<B>(
+                &state.host,
+                state.port,
+                state.server_name.as_deref(),
+                &state.settings,
+            )
+            .await
+        }));
+    }
+
+    fn closed(&mut self, id: u64, lived: Duration) {
+        let state = &self.state;
+        let subs: Vec<_> = state
+            .subs
+            .load()
+            .iter()
+            .filter(|sub| sub.id != id)
+            .cloned()
+            .collect();
+        let none_left = subs.is_empty();
+        state.publish(subs);
+        let stable = lived >= STABLE;
+        if stable {
+            self.backoff.reset();
+        } else if self.pause.is_none() {
+            let delay = self.backoff.next_delay();
+            debug!(instance = %state.authority, ?lived, ?delay, "connection closed right after it opened; backing off");
+            self.pause = Some(Box::pin(tokio::time::sleep(delay)));
+        }
+        if !none_left || self.dialing.is_some() {
+            return;
+        }
+        debug!(instance = %state.authority, "connection closed; reconnecting");
+        self.wanted = state.settings.eager;
+        if !stable {
+            state
+                .readiness
+                .fail(Arc::new(DialError::ClosedEarly(lived)));
+            state.changed.notify_waiters();
+        } else if self.wanted {
+            state.set(Connectivity::Connecting);
+        } else {
+            state.set(Connectivity::Idle);
+        }
+    }
+
+    fn connected(&mut self, send: SendRequest<ReplayBody<B>>, connection: Driver<B>) {
+        self.dialing = None;
+        self.next_id += 1;
+        let sub = Arc::new(Sub {
+            id: self.next_id,
+            send,
+            streams: Arc::default(),
+            max_streams: AtomicUsize::new(connection.current_max_send_streams().max(1)),
+        });
+        let mut subs = self.state.subs.load().as_ref().clone();
+        subs.push(Arc::clone(&sub));
+        self.state.publish(subs);
+        self.state.set(Connectivity::Ready);
+        debug!(instance = %self.state.authority, connections = self.open.len() + 1, "connected");
+        self.open.push(Open {
+            connection,
+            sub,
+            opened: tokio::time::Instant::now(),
+        });
+    }
+
+    fn dial_failed(&mut self, error: DialError) {
+        self.dialing = None;
+        let delay = self.backoff.next_delay();
+        warn!(instance = %self.state.authority, error = %crate::error::Chain(&error), ?delay, "connect failed");
+        if self.open.is_empty() {
+            self.state.readiness.fail(Arc::new(error));
+            self.state.changed.notify_waiters();
+        }
+        self.pause = Some(Box::pin(tokio::time::sleep(delay)));
     }
 }
 
@@ -204,7 +274,7 @@ struct Open<B: SendBody> {
 }
 
 impl<B: SendBody> Future for Open<B> {
-    type Output = (u64, std::time::Duration);
+    type Output = (u64, Duration);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
