@@ -705,3 +705,135 @@ async fn no_endpoint_connecting_fails_after_the_wait_with_the_reason() {
         other => panic!("expected NoReadyEndpoints, got {other:?}"),
     }
 }
+
+/// A service that answers its id after `latency`; with a gate, only once a permit is added.
+fn timed_service(
+    id: usize,
+    latency: Duration,
+    gate: Option<Arc<Semaphore>>,
+) -> tower::util::BoxCloneSyncService<(), usize, Infallible> {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |()| {
+        let gate = gate.clone();
+        async move {
+            if let Some(gate) = gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            tokio::time::sleep(latency).await;
+            Ok::<_, Infallible>(id)
+        }
+    }))
+}
+
+/// Catches a peak-EWMA cost that adds latency and load instead of multiplying them, and
+/// one that leaves out the request being placed: the pick compares latency x (in flight
+/// + 1). A (1.2 ms, its requests held) against B (3 ms, idle): with one request on A,
+/// A costs 2.4 ms and takes the next; with two, A costs 3.6 ms and B takes it.
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_weighs_latency_by_the_requests_in_flight() {
+    let _limit = support::time_limit(60);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let balance = Balance::builder()
+        .load(LoadMetric::PeakEwma {
+            default_rtt: Duration::from_micros(1_200),
+            decay: Duration::from_secs(10),
+        })
+        .build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    // B alone first, so its estimate is its latency.
+    let b = timed_service(1, Duration::from_millis(3), None);
+    tx.send(Ok::<_, Infallible>(Change::Insert(1usize, b)))
+        .unwrap();
+    published(&balance, 1).await;
+    assert_eq!(balance.clone().oneshot(()).await.unwrap(), 1);
+    let gate = Arc::new(Semaphore::new(0));
+    let a = timed_service(0, Duration::from_millis(1), Some(Arc::clone(&gate)));
+    tx.send(Ok(Change::Insert(0, a))).unwrap();
+    published(&balance, 2).await;
+    let in_flight_on_a = |balance: &Balance<_, usize>| {
+        balance
+            .endpoints()
+            .iter()
+            .find(|e| e.key == 0)
+            .map_or(0, |e| e.in_flight)
+    };
+
+    let mut held = Vec::new();
+    for expected in 1..=2 {
+        held.push(tokio::spawn(balance.clone().oneshot(())));
+        support::until(&format!("{expected} in flight on A"), || {
+            in_flight_on_a(&balance) == expected
+        })
+        .await;
+    }
+    // Two on A: 1.2 ms x 3 > 3 ms x 1.
+    let third = tokio::time::timeout(Duration::from_secs(1), balance.clone().oneshot(()));
+    assert_eq!(third.await.expect("B answers in 3 ms").unwrap(), 1);
+    assert_eq!(in_flight_on_a(&balance), 2);
+    gate.add_permits(2);
+    for request in held {
+        assert_eq!(request.await.unwrap().unwrap(), 0);
+    }
+}
+
+/// Catches a scan that does not visit every endpoint when the random draws find nothing
+/// usable: with one connected endpoint among ten, wherever it sits, every request gets it.
+#[tokio::test]
+async fn the_one_connected_endpoint_of_ten_is_found_wherever_it_is() {
+    let _limit = support::time_limit(60);
+    for ready in 0..10usize {
+        let (feed, balance) = fed_endpoints(Balance::builder().wait_for_endpoints(Duration::ZERO));
+        for id in 0..10 {
+            let state = if id == ready {
+                Connectivity::Ready
+            } else {
+                Connectivity::Connecting
+            };
+            insert_with(&feed, &Probe::new(id), &Readiness::new(state));
+        }
+        published(&balance, 1).await;
+        support::until("all ten are listed", || balance.endpoints().len() == 10).await;
+        for _ in 0..100 {
+            assert_eq!(balance.clone().oneshot(()).await.unwrap(), ready);
+        }
+    }
+}
+
+/// Catches weighted peak-EWMA picks that ignore latency (traffic would follow the weights
+/// alone, 40% to the slow one here): unequal weights take the weighted cost path.
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_sends_less_to_a_slow_endpoint_when_weights_differ() {
+    let _limit = support::time_limit(60);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for (id, latency_ms, weight) in [(0usize, 1u64, 1u32), (1, 1, 1), (2, 1, 1), (3, 10, 2)] {
+        let service = timed_service(id, Duration::from_millis(latency_ms), None);
+        let endpoint = Endpoint::new(service).weight(weight);
+        tx.send(Ok::<_, Infallible>(Change::Insert(id, endpoint)))
+            .unwrap();
+    }
+    let balance = Balance::builder()
+        .load(LoadMetric::PeakEwma {
+            default_rtt: Duration::from_millis(1),
+            decay: Duration::from_secs(10),
+        })
+        .build_endpoints(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    published(&balance, 1).await;
+
+    let served = Arc::new(Mutex::new([0usize; 4]));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let balance = balance.clone();
+            let served = Arc::clone(&served);
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    let id = balance.clone().oneshot(()).await.unwrap();
+                    served.lock().unwrap()[id] += 1;
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let served = *served.lock().unwrap();
+    let total: usize = served.iter().sum();
+    assert!(served[3] * 10 < total, "slow endpoint served {served:?}");
+}

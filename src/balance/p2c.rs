@@ -382,6 +382,27 @@ mod tests {
         }
     }
 
+    /// Catches a fallback second candidate that can be the first again: when one weight
+    /// dominates, both weighted draws land on it, and the endpoint would be compared with
+    /// itself.
+    #[test]
+    fn a_weighted_pair_is_two_endpoints_when_one_weight_dominates() {
+        for weights in [
+            vec![1_000_000, 1],
+            vec![1, 1_000_000],
+            vec![1_000_000, 1, 1],
+        ] {
+            let pool = Pool::with_weights(weights.clone());
+            for _ in 0..10_000 {
+                let (a, b) = weighted_pair(&pool);
+                assert!(
+                    a != b && a < pool.len() && b < pool.len(),
+                    "{weights:?}: ({a}, {b})"
+                );
+            }
+        }
+    }
+
     /// Catches a changed constant, shift or mix, and a stream re-seeded on every call:
     /// fastrand implements the same wyrand, so its numbers are the reference.
     #[test]

@@ -93,6 +93,12 @@ impl Pool {
         self.len
     }
 
+    /// A pool of every endpoint with these weights.
+    #[cfg(test)]
+    pub(crate) fn with_weights(weights: Vec<u64>) -> Self {
+        Self::new(None, weights)
+    }
+
     /// Whether draws are in proportion to differing weights.
     #[inline]
     pub(crate) fn is_weighted(&self) -> bool {
