@@ -837,3 +837,72 @@ async fn peak_ewma_sends_less_to_a_slow_endpoint_when_weights_differ() {
     let total: usize = served.iter().sum();
     assert!(served[3] * 10 < total, "slow endpoint served {served:?}");
 }
+
+/// Catches a last-resort scan that does not visit every endpoint: when nothing is usable,
+/// the one endpoint whose owner does not call it unready is asked (its own `poll_ready`
+/// decides), wherever it sits, rather than failing as if no endpoint were ready.
+#[tokio::test]
+async fn with_nothing_usable_the_only_pickable_endpoint_is_asked_wherever_it_is() {
+    let _limit = support::time_limit(60);
+    for pickable in 0..10usize {
+        let (feed, balance) = fed_endpoints(Balance::builder().wait_for_endpoints(Duration::ZERO));
+        for id in 0..10 {
+            let probe = Probe::new(id);
+            let state = if id == pickable {
+                probe.fail_ready.store(true, Ordering::SeqCst);
+                Connectivity::Ready
+            } else {
+                Connectivity::Connecting
+            };
+            insert_with(&feed, &probe, &Readiness::new(state));
+        }
+        published(&balance, 1).await;
+        support::until("all ten are listed", || balance.endpoints().len() == 10).await;
+        // The first request finds it failing; after that it is failed and not due for a
+        // retry, so only the last-resort scan reaches it.
+        for _ in 0..3 {
+            let error = balance.clone().oneshot(()).await.unwrap_err();
+            assert_eq!(error.to_string(), "not ready", "at {pickable}: {error}");
+        }
+    }
+}
+
+/// Catches a scan of the usable endpoints that does not visit every one: with nine
+/// endpoints failed (and not yet due a retry) and one healthy, wherever it sits, every
+/// request gets the healthy one, also when the random draws miss it.
+#[tokio::test(start_paused = true)]
+async fn the_one_healthy_endpoint_among_failed_ones_is_found_wherever_it_is() {
+    let _limit = support::time_limit(60);
+    for healthy in 0..10usize {
+        let (feed, balance) = fed_endpoints(Balance::builder().wait_for_endpoints(Duration::ZERO));
+        for id in 0..10 {
+            let probe = Probe::new(id);
+            probe.fail_ready.store(id != healthy, Ordering::SeqCst);
+            insert_with(&feed, &probe, &Readiness::new(Connectivity::Ready));
+        }
+        published(&balance, 1).await;
+        support::until("all ten are listed", || balance.endpoints().len() == 10).await;
+        let failed = |balance: &Balance<Counted, usize>| {
+            balance
+                .endpoints()
+                .iter()
+                .filter(|e| e.state == EndpointState::Failed)
+                .count()
+        };
+        for _ in 0..1_000 {
+            if failed(&balance) == 9 {
+                break;
+            }
+            let _ = balance.clone().oneshot(()).await;
+        }
+        assert_eq!(
+            failed(&balance),
+            9,
+            "the nine failing ones are marked failed"
+        );
+        for _ in 0..100 {
+            let answer = balance.clone().oneshot(()).await;
+            assert_eq!(answer.ok(), Some(healthy), "healthy at {healthy}");
+        }
+    }
+}
