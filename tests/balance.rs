@@ -143,6 +143,32 @@ async fn empty_set_fails_after_wait_for_endpoints() {
     assert!(error.to_string().contains("greeter"));
 }
 
+/// Catches an `await_endpoints` that returns before there is an endpoint (or never), and
+/// a service name that is not the configured one.
+#[tokio::test(start_paused = true)]
+async fn await_endpoints_waits_for_the_first_one_and_no_longer_than_asked() {
+    let _limit = support::time_limit(60);
+    let (feed, balance) = fed::<Counted>(Balance::builder().service_name("greeter"));
+    assert_eq!(balance.service_name(), "greeter");
+    let started = tokio::time::Instant::now();
+    let error = balance
+        .await_endpoints(Duration::from_secs(3))
+        .await
+        .unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    assert!(matches!(error, Error::NoEndpoints { ref service, .. } if service == "greeter"));
+
+    let waiting = tokio::spawn({
+        let balance = balance.clone();
+        async move { balance.await_endpoints(Duration::from_secs(60)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "returned with no endpoint");
+    insert(&feed, &Probe::new(1));
+    waiting.await.unwrap().unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(4));
+}
+
 #[tokio::test(start_paused = true)]
 async fn zero_wait_fails_at_once() {
     let _limit = support::time_limit(60);

@@ -201,6 +201,17 @@ mod tests {
         assert_eq!(listeners, 3, "first, second twice; the dropped one is gone");
     }
 
+    /// Catches handles that compare equal when they are different cells (an endpoint
+    /// update with a new connection would look unchanged) or unequal when they are one, and
+    /// a `Debug` that hides the state.
+    #[test]
+    fn handles_are_equal_when_they_share_the_cell_and_show_the_state() {
+        let readiness = Readiness::new(Connectivity::Ready);
+        assert_eq!(readiness, readiness.clone());
+        assert_ne!(readiness, Readiness::new(Connectivity::Ready));
+        assert_eq!(format!("{readiness:?}"), "Readiness(Ready)");
+    }
+
     #[test]
     fn every_state_reads_back_as_set() {
         let readiness = Readiness::new(Connectivity::Idle);
