@@ -932,3 +932,24 @@ async fn the_one_healthy_endpoint_among_failed_ones_is_found_wherever_it_is() {
         }
     }
 }
+
+/// Catches a handle that reuses a kept clone of one endpoint for another (they would be
+/// confused if kept clones were not told apart by their endpoint): a single handle making
+/// sequential requests spreads them over all four endpoints.
+#[tokio::test]
+async fn a_handle_keeping_clones_sends_each_request_to_the_endpoint_picked() {
+    let _limit = support::time_limit(60);
+    let (feed, balance) = fed(Balance::builder().keep_clones(4));
+    for id in 0..4 {
+        insert(&feed, &Probe::new(id));
+    }
+    published(&balance, 1).await;
+    support::until("4 endpoints are listed", || balance.endpoints().len() == 4).await;
+    let mut handle = balance.clone();
+    let mut served = [0usize; 4];
+    for _ in 0..400 {
+        handle.ready().await.unwrap();
+        served[handle.call(()).await.unwrap()] += 1;
+    }
+    assert!(served.iter().all(|&n| n >= 50), "{served:?}");
+}

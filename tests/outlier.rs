@@ -742,3 +742,58 @@ async fn zone_preference_skips_a_zone_whose_endpoints_are_not_ready() {
         assert!(id >= 2, "{id}");
     }
 }
+
+/// Catches a minimum share computed wrongly (added instead of multiplied, say): a local
+/// zone holding 3 of 10 endpoints is preferred with a 30% minimum share and not with 50%.
+#[tokio::test(start_paused = true)]
+async fn a_local_zone_below_its_minimum_share_is_not_preferred() {
+    let _limit = support::time_limit(60);
+    for (percent, local_only) in [(30u8, true), (50, false)] {
+        let registry = tower_sd::MemoryRegistry::new();
+        for id in 0..10usize {
+            let zone = if id < 3 { "a" } else { "b" };
+            let instance = tower_sd::ServiceInstance::new(
+                id.to_string(),
+                "svc",
+                "127.0.0.1",
+                1000 + id as u16,
+            )
+            .with_zone(zone);
+            tower_sd::ServiceRegistry::register(&registry, instance)
+                .await
+                .unwrap();
+        }
+        let balance = Balance::builder()
+            .zone_preference(
+                ZonePreference::new("a")
+                    .min_endpoints(1)
+                    .min_share_percent(percent),
+            )
+            .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+                &registry,
+                "svc",
+                move |instance| {
+                    let id: usize = instance.id.parse().unwrap();
+                    Ok::<_, Infallible>(Flaky::new(id, Arc::default(), Arc::default()))
+                },
+            ));
+        support::until("10 endpoints are listed", || {
+            balance.endpoints().len() >= 10
+        })
+        .await;
+        let mut remote = 0;
+        for _ in 0..300 {
+            if balance.clone().oneshot(()).await.unwrap() >= 3 {
+                remote += 1;
+            }
+        }
+        if local_only {
+            assert_eq!(remote, 0, "{percent}%: 3 of 10 is enough");
+        } else {
+            assert!(
+                remote > 100,
+                "{percent}%: only {remote} of 300 left the zone"
+            );
+        }
+    }
+}
