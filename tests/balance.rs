@@ -420,23 +420,7 @@ async fn peak_ewma_sends_less_to_a_slow_endpoint() {
         .build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
     published(&balance, 1).await;
 
-    let served = Arc::new(Mutex::new([0usize; 4]));
-    let callers: Vec<_> = (0..8)
-        .map(|_| {
-            let balance = balance.clone();
-            let served = Arc::clone(&served);
-            tokio::spawn(async move {
-                for _ in 0..500 {
-                    let id = balance.clone().oneshot(()).await.unwrap();
-                    served.lock().unwrap()[id] += 1;
-                }
-            })
-        })
-        .collect();
-    for caller in callers {
-        caller.await.unwrap();
-    }
-    let served = *served.lock().unwrap();
+    let served = served_by_eight_callers(&balance).await;
     let total: usize = served.iter().sum();
     assert!(served[3] * 10 < total, "slow endpoint served {served:?}");
     let ewma = balance.endpoints()[3].ewma.unwrap();
@@ -843,23 +827,7 @@ async fn peak_ewma_sends_less_to_a_slow_endpoint_when_weights_differ() {
         .build_endpoints(stream::poll_fn(move |cx| rx.poll_recv(cx)));
     published(&balance, 1).await;
 
-    let served = Arc::new(Mutex::new([0usize; 4]));
-    let callers: Vec<_> = (0..8)
-        .map(|_| {
-            let balance = balance.clone();
-            let served = Arc::clone(&served);
-            tokio::spawn(async move {
-                for _ in 0..500 {
-                    let id = balance.clone().oneshot(()).await.unwrap();
-                    served.lock().unwrap()[id] += 1;
-                }
-            })
-        })
-        .collect();
-    for caller in callers {
-        caller.await.unwrap();
-    }
-    let served = *served.lock().unwrap();
+    let served = served_by_eight_callers(&balance).await;
     let total: usize = served.iter().sum();
     assert!(served[3] * 10 < total, "slow endpoint served {served:?}");
 }
@@ -952,4 +920,30 @@ async fn a_handle_keeping_clones_sends_each_request_to_the_endpoint_picked() {
         served[handle.call(()).await.unwrap()] += 1;
     }
     assert!(served.iter().all(|&n| n >= 50), "{served:?}");
+}
+
+/// 500 requests from each of 8 concurrent callers; how many each of 4 endpoints served.
+async fn served_by_eight_callers<S>(balance: &Balance<S, usize>) -> [usize; 4]
+where
+    Balance<S, usize>:
+        Service<(), Response = usize, Error = tower::BoxError> + Clone + Send + 'static,
+    <Balance<S, usize> as Service<()>>::Future: Send,
+{
+    let served = Arc::new(Mutex::new([0usize; 4]));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let balance = balance.clone();
+            let served = Arc::clone(&served);
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    let id = balance.clone().oneshot(()).await.unwrap();
+                    served.lock().unwrap()[id] += 1;
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    *served.lock().unwrap()
 }
