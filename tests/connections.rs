@@ -201,16 +201,7 @@ async fn an_instance_that_accepts_no_connection_is_never_picked() {
     let _limit = support::time_limit(120);
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "c", 3).await;
-    let closed = support::process::ClosedPort::new();
-    registry
-        .register(ServiceInstance::new(
-            "closed",
-            SERVICE,
-            "127.0.0.1",
-            closed.port,
-        ))
-        .await
-        .unwrap();
+    let _closed = support::process::ClosedPort::registered(&registry, SERVICE).await;
     let channel = channel(&registry).await;
     until_endpoints(&channel, &["c0", "c1", "c2", "closed"]).await;
     let running = Callers::start(&channel, 8);
@@ -236,16 +227,7 @@ async fn an_instance_that_accepts_no_connection_is_never_picked() {
 async fn no_instance_connecting_fails_unavailable_with_the_reason() {
     let _limit = support::time_limit(60);
     let registry = Arc::new(MemoryRegistry::new());
-    let closed = support::process::ClosedPort::new();
-    registry
-        .register(ServiceInstance::new(
-            "closed",
-            SERVICE,
-            "127.0.0.1",
-            closed.port,
-        ))
-        .await
-        .unwrap();
+    let _closed = support::process::ClosedPort::registered(&registry, SERVICE).await;
     let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
         .wait_for_endpoints(Duration::from_millis(500))
         .build();

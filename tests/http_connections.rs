@@ -10,10 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Empty;
 use support::servers::{TestServer, get};
+use tower_sd::MemoryRegistry;
 use tower_sd::balance::{Connectivity, EndpointState};
 use tower_sd::connection::ConnectionSettings;
 use tower_sd::http::{ConnectionDiscovery, DiscoveryLayer, UnknownHost};
-use tower_sd::{MemoryRegistry, ServiceInstance, ServiceRegistry};
 
 const SERVICE: &str = "backend";
 
@@ -97,16 +97,7 @@ async fn a_closed_port_and_a_crashed_server_are_not_picked() {
     let _limit = support::time_limit(120);
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "c", 3).await;
-    let closed = support::process::ClosedPort::new();
-    registry
-        .register(ServiceInstance::new(
-            "closed",
-            SERVICE,
-            "127.0.0.1",
-            closed.port,
-        ))
-        .await
-        .unwrap();
+    let _closed = support::process::ClosedPort::registered(&registry, SERVICE).await;
     let client = client(&registry);
     get(&client, "http://backend/").await.unwrap();
     until_state(&client, "closed", &[Connectivity::TransientFailure]).await;

@@ -398,16 +398,18 @@ impl<S> Discovery<S> {
 mod tests {
     use super::*;
 
+    fn service_of(layer: &DiscoveryLayer, uri: &str) -> Option<String> {
+        layer
+            .settings
+            .service_of(&uri.parse().unwrap())
+            .map(Cow::into_owned)
+    }
+
     #[test]
     fn service_names_are_single_labels_unless_listed() {
         let registry: Arc<dyn ServiceRegistry> = Arc::new(crate::MemoryRegistry::new());
         let layer = DiscoveryLayer::new(Arc::clone(&registry));
-        let name = |uri: &str| {
-            layer
-                .settings
-                .service_of(&uri.parse().unwrap())
-                .map(Cow::into_owned)
-        };
+        let name = |uri: &str| service_of(&layer, uri);
         assert_eq!(name("http://greeter/x").as_deref(), Some("greeter"));
         assert_eq!(name("http://greeter:80/x").as_deref(), Some("greeter"));
         for other in [
@@ -419,37 +421,17 @@ mod tests {
             assert_eq!(name(other), None, "{other}");
         }
         let listed = DiscoveryLayer::new(registry).services(["api.internal"]);
-        assert!(
-            listed
-                .settings
-                .service_of(&"http://api.internal/".parse().unwrap())
-                .is_some()
-        );
-        assert!(
-            listed
-                .settings
-                .service_of(&"http://greeter/".parse().unwrap())
-                .is_none()
-        );
+        assert!(service_of(&listed, "http://api.internal/").is_some());
+        assert!(service_of(&listed, "http://greeter/").is_none());
     }
 
     #[test]
     fn service_names_are_matched_case_insensitively() {
         let registry: Arc<dyn ServiceRegistry> = Arc::new(crate::MemoryRegistry::new());
         let layer = DiscoveryLayer::new(Arc::clone(&registry));
-        let name = |uri: &str| {
-            layer
-                .settings
-                .service_of(&uri.parse().unwrap())
-                .map(Cow::into_owned)
-        };
+        let name = |uri: &str| service_of(&layer, uri);
         assert_eq!(name("http://Greeter/x").as_deref(), Some("greeter"));
         let listed = DiscoveryLayer::new(registry).services(["API"]);
-        assert!(
-            listed
-                .settings
-                .service_of(&"http://api/".parse().unwrap())
-                .is_some()
-        );
+        assert!(service_of(&listed, "http://api/").is_some());
     }
 }
