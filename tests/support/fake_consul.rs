@@ -94,6 +94,10 @@ struct Service {
     ttl_deadline: Option<Instant>,
     deregister_after: Option<Duration>,
     critical_since: Option<Instant>,
+    /// A sidecar's alias check: the ID of the service whose health it follows.
+    alias_of: Option<String>,
+    /// Registered through a parent's `SidecarService`.
+    sidecar: bool,
 }
 
 #[derive(Default)]
@@ -173,6 +177,7 @@ impl FakeConsul {
             .route("/v1/agent/check/update/{check}", put(update_check))
             .route("/v1/agent/health/service/id/{id}", get(agent_health))
             .route("/v1/health/service/{name}", get(health_service))
+            .route("/v1/health/connect/{name}", get(health_connect))
             // Every endpoint resolves the ACL token first, as the agent does.
             .layer(axum::middleware::from_fn_with_state(Arc::clone(&fake), acl))
             .with_state(Arc::clone(&fake));
@@ -379,6 +384,8 @@ impl Service {
             ttl_deadline: None,
             deregister_after: None,
             critical_since: None,
+            alias_of: None,
+            sidecar: false,
         }
     }
 }
@@ -487,10 +494,46 @@ async fn register(
     service.ttl = ttl;
     service.deregister_after = deregister_after;
     set_status(&mut service, status);
+    let sidecar = sidecar_of(&body);
     let mut inner = fake.inner.lock().unwrap();
     inner.services.insert((AGENT_NODE.to_owned(), id), service);
+    if let Some((sidecar_id, sidecar)) = sidecar {
+        inner
+            .services
+            .insert((AGENT_NODE.to_owned(), sidecar_id), sidecar);
+    }
     fake.bump(&mut inner);
     StatusCode::OK.into_response()
+}
+
+/// The sidecar proxy a registration's `Connect.SidecarService` asks for, with Consul's
+/// defaults (`connect/proxies/deploy-sidecar-services.mdx`): ID `<id>-sidecar-proxy`, name
+/// `<name>-sidecar-proxy`, the parent's address, tags and meta, a port from 21000 when none
+/// is given, and an alias check that follows the parent's health.
+fn sidecar_of(body: &Value) -> Option<(String, Service)> {
+    let asked = body["Connect"].get("SidecarService")?;
+    let (id, name) = (body["ID"].as_str()?, body["Name"].as_str()?);
+    let sidecar_id = format!("{id}-sidecar-proxy");
+    let registration = json!({
+        "ID": sidecar_id,
+        "Name": format!("{name}-sidecar-proxy"),
+        "Kind": "connect-proxy",
+        "Tags": asked.get("Tags").unwrap_or(&body["Tags"]),
+        "Meta": asked.get("Meta").unwrap_or(&body["Meta"]),
+        "Address": body["Address"],
+        "Port": asked.get("Port").cloned().unwrap_or(json!(21000)),
+        "Weights": body["Weights"],
+        "Proxy": {
+            "DestinationServiceName": name,
+            "DestinationServiceID": id,
+            "LocalServicePort": body["Port"],
+            "Upstreams": asked["Proxy"]["Upstreams"],
+        },
+    });
+    let mut service = Service::new(AGENT_NODE, registration);
+    service.alias_of = Some(id.to_owned());
+    service.sidecar = true;
+    Some((sidecar_id, service))
 }
 
 async fn deregister(
@@ -508,6 +551,12 @@ async fn deregister(
         .is_none()
     {
         return (StatusCode::NOT_FOUND, format!("Unknown service ID {id:?}")).into_response();
+    }
+    // The agent removes a sidecar registered through its parent's `SidecarService` with
+    // the parent (`LocallyRegisteredAsSidecar`), and no other.
+    let sidecar = (AGENT_NODE.to_owned(), format!("{id}-sidecar-proxy"));
+    if inner.services.get(&sidecar).is_some_and(|s| s.sidecar) {
+        inner.services.remove(&sidecar);
     }
     fake.bump(&mut inner);
     StatusCode::OK.into_response()
@@ -627,7 +676,7 @@ fn filter_matches(filter: &str, meta: &Value) -> bool {
 }
 
 /// One health entry as Consul renders it.
-fn entry(service: &Service, node_status: &str, index: u64) -> Value {
+fn entry(service: &Service, node_status: &str, alias: Option<String>, index: u64) -> Value {
     let r = &service.registration;
     let id = r["ID"].as_str().unwrap_or_default();
     let node = &service.node;
@@ -637,6 +686,9 @@ fn entry(service: &Service, node_status: &str, index: u64) -> Value {
     ];
     if service.maintenance {
         checks.push(json!({"Node": node, "CheckID": format!("_service_maintenance:{id}"), "Status": "critical"}));
+    }
+    if let Some(status) = alias {
+        checks.push(json!({"Node": node, "CheckID": format!("service:{id}:2"), "Status": status, "ServiceID": id}));
     }
     let meta = if r["Meta"].as_object().is_none_or(|m| m.is_empty()) {
         Value::Null
@@ -649,6 +701,10 @@ fn entry(service: &Service, node_status: &str, index: u64) -> Value {
         "Service": {
             "ID": id, "Service": r["Name"], "Tags": r["Tags"], "Address": r["Address"], "Port": r["Port"],
             "Meta": meta, "Weights": r["Weights"], "Namespace": "default", "CreateIndex": 5, "ModifyIndex": index,
+            "Kind": r.get("Kind").cloned().unwrap_or(json!("")),
+            // Consul renders an empty proxy block for services that are not proxies.
+            "Proxy": r.get("Proxy").cloned().unwrap_or(json!({"MeshGateway": {}, "Expose": {}})),
+            "Connect": r.get("Connect").cloned().unwrap_or(json!({})),
         },
         "Checks": checks,
     })
@@ -660,8 +716,42 @@ async fn health_service(
     Path(name): Path<String>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
+    health(fake, policy, name, raw, false).await
+}
+
+/// `/v1/health/connect/:name`: the service's sidecar proxies and its Connect-native
+/// instances, with the same parameters and blocking as `/v1/health/service`.
+async fn health_connect(
+    State(fake): State<Shared>,
+    axum::Extension(Caller(policy)): axum::Extension<Caller>,
+    Path(name): Path<String>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Response {
+    health(fake, policy, name, raw, true).await
+}
+
+/// Whether `service` answers a health query for `name` (`connect`: a mesh query).
+fn answers_for(service: &Service, name: &str, connect: bool) -> bool {
+    let r = &service.registration;
+    if !connect {
+        return r["Name"].as_str() == Some(name);
+    }
+    let proxy_for =
+        r["Kind"] == "connect-proxy" && r["Proxy"]["DestinationServiceName"].as_str() == Some(name);
+    let native = r["Name"].as_str() == Some(name) && r["Connect"]["Native"] == true;
+    proxy_for || native
+}
+
+async fn health(
+    fake: Shared,
+    policy: Policy,
+    name: String,
+    raw: Option<String>,
+    connect: bool,
+) -> Response {
     let raw = raw.unwrap_or_default();
-    fake.log(format!("GET health/service/{name}?{raw}"));
+    let kind = if connect { "connect" } else { "service" };
+    fake.log(format!("GET health/{kind}/{name}?{raw}"));
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&raw).unwrap_or_default();
     let param = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let tags: Vec<String> = pairs
@@ -725,7 +815,7 @@ async fn health_service(
     let entries: Vec<Value> = inner
         .services
         .values()
-        .filter(|s| s.registration["Name"].as_str() == Some(name.as_str()))
+        .filter(|s| answers_for(s, &name, connect))
         .filter(|_| {
             let readable = policy.can_read(&name);
             filtered |= !readable;
@@ -746,7 +836,13 @@ async fn health_service(
                 .get(&s.node)
                 .cloned()
                 .unwrap_or_else(|| "passing".to_owned());
-            entry(s, &node_status, inner.index)
+            let alias = s.alias_of.as_ref().map(|parent| {
+                inner
+                    .services
+                    .get(&(s.node.clone(), parent.clone()))
+                    .map_or("critical".to_owned(), |p| effective_status(p, &node_status))
+            });
+            entry(s, &node_status, alias, inner.index)
         })
         .filter(|entry| {
             !passing_only

@@ -49,6 +49,16 @@ pub(crate) struct AgentService {
     pub(crate) weights: Option<Weights>,
     #[serde(default, deserialize_with = "null_default")]
     pub(crate) tagged_addresses: HashMap<String, TaggedAddress>,
+    /// A sidecar proxy's destination (`/v1/health/connect` answers with proxies).
+    #[serde(default)]
+    pub(crate) proxy: Option<Proxy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct Proxy {
+    #[serde(default)]
+    pub(crate) destination_service_name: String,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize)]
@@ -143,7 +153,13 @@ impl HealthEntry {
             // Service IDs are unique per agent only (the default ID is the service name, so
             // `web` on every node is the usual case): qualify them by node.
             id: format!("{}/{}", self.node.node, self.service.id),
-            name: self.service.service,
+            // A sidecar proxy stands for its destination service.
+            name: match self.service.proxy {
+                Some(proxy) if !proxy.destination_service_name.is_empty() => {
+                    proxy.destination_service_name
+                }
+                _ => self.service.service,
+            },
             address,
             port,
             tags: self.service.tags,
@@ -167,6 +183,8 @@ pub(crate) struct Registration<'a> {
     pub(crate) meta: &'a BTreeMap<String, String>,
     pub(crate) weights: Weights,
     pub(crate) check: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) connect: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::ConsulRegistry;
 use super::client::Client;
 use super::settings::{CONSUL_MIN_DEREGISTER, HealthCheck, MAX_WAIT, Settings};
+use super::{ConsulRegistry, MeshRegistration};
 use crate::error::{Error, Result};
 use crate::registry::Secret;
 
@@ -137,6 +137,25 @@ impl ConsulRegistryBuilder {
         self
     }
 
+    /// Registers every instance into the service mesh this way: Connect-native, or with a
+    /// sidecar proxy the agent runs next to it (see [`MeshRegistration`] for the service
+    /// definition each produces). Deregistering an instance also removes its sidecar: the
+    /// agent deregisters a sidecar registered through `SidecarService` with its parent.
+    pub fn mesh_registration(mut self, mesh: MeshRegistration) -> Self {
+        self.settings.mesh = Some(mesh);
+        self
+    }
+
+    /// Discovers mesh endpoints: `discover` and `watch` read `/v1/health/connect/:service`
+    /// instead of `/v1/health/service/:service`, which answers with the Connect-capable
+    /// instances of the service: each sidecar proxy's address and port, or a Connect-native
+    /// instance's own. Instances keep the queried service's name; their ids are the
+    /// proxy's (`{node}/{proxy service ID}`). The blocking-query rules are the same.
+    pub fn connect_discovery(mut self, connect: bool) -> Self {
+        self.settings.connect_discovery = connect;
+        self
+    }
+
     /// Builds the registry.
     ///
     /// # Errors
@@ -159,6 +178,15 @@ impl ConsulRegistryBuilder {
             return Err(Error::InvalidConfig {
                 key: "requests_per_second".to_owned(),
                 source: "must be greater than zero".into(),
+            });
+        }
+        if let Some(MeshRegistration::Sidecar(sidecar)) = &settings.mesh
+            && sidecar.port == Some(0)
+        {
+            return Err(Error::InvalidConfig {
+                key: "mesh_registration".to_owned(),
+                source: "a sidecar port of 0 cannot be dialled; use `None` to let the agent pick"
+                    .into(),
             });
         }
         Ok(ConsulRegistry {

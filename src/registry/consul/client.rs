@@ -8,6 +8,7 @@ use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde_json::json;
 use tracing::warn;
 
+use super::MeshRegistration;
 use super::api::{HealthEntry, Mapping, Registration, Weights};
 use super::settings::{HealthCheckKind, Settings, go_duration};
 use crate::error::{BoxError, Error, Result};
@@ -207,6 +208,7 @@ impl Client {
                 warning: 1,
             },
             check,
+            connect: self.settings.mesh.as_ref().map(MeshRegistration::to_json),
         };
         let url = self.url(&["v1", "agent", "service", "register"]);
         let request = self
@@ -297,14 +299,19 @@ impl Client {
         }
     }
 
-    /// `GET /v1/health/service/:name` with every filter of `query`; with `blocking`, a blocking
+    /// `GET /v1/health/service/:name` (or `/v1/health/connect/:name`) with every filter of `query`; with `blocking`, a blocking
     /// query from that index. Returns the healthy instances sorted by id, and the index.
     pub(crate) async fn health_service(
         &self,
         query: &ServiceQuery,
         blocking: Option<u64>,
     ) -> Result<(Vec<ServiceInstance>, Option<u64>)> {
-        let url = self.url(&["v1", "health", "service", &query.name]);
+        let kind = if self.settings.connect_discovery {
+            "connect"
+        } else {
+            "service"
+        };
+        let url = self.url(&["v1", "health", kind, &query.name]);
         let mut request = self.request(Method::GET, url);
         for tag in &query.tags {
             request = request.query(&[("tag", tag)]);

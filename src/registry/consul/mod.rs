@@ -18,10 +18,12 @@
 mod api;
 mod builder;
 mod client;
+mod mesh;
 mod settings;
 mod watch;
 
 pub use builder::ConsulRegistryBuilder;
+pub use mesh::{MeshRegistration, SidecarService, Upstream};
 pub use settings::{HealthCheck, HealthCheckKind};
 
 use std::fmt;
@@ -43,6 +45,10 @@ use client::Client;
 /// - `discover` and `watch` read `/v1/health/service/:name`, pushing every [`ServiceQuery`]
 ///   filter to Consul (`tag`, `dc`, `ns`, and metadata as a `filter` expression). Instances with
 ///   a critical check are left out; warning ones stay, at their `Weights.Warning` weight.
+/// - With [`ConsulRegistryBuilder::connect_discovery`], both read
+///   `/v1/health/connect/:name` instead: the service's mesh endpoints (sidecar proxies, or
+///   Connect-native instances). [`ConsulRegistryBuilder::mesh_registration`] registers
+///   instances into the mesh.
 /// - `watch` runs blocking queries and follows Consul's index rules (see
 ///   [`ConsulRegistryBuilder::wait`]).
 /// - `health` reads `/v1/agent/health/service/id/:id`.

@@ -104,6 +104,10 @@ pub(super) struct Settings {
     /// Whether requests may go through the system's proxy (`HTTP_PROXY` and friends);
     /// `None`: not for a loopback agent, else as the system says.
     pub(super) system_proxy: Option<bool>,
+    /// The `Connect` block of every registration.
+    pub(super) mesh: Option<super::MeshRegistration>,
+    /// Discover through `/v1/health/connect/:service` (mesh endpoints).
+    pub(super) connect_discovery: bool,
 }
 
 impl Default for Settings {
@@ -126,6 +130,8 @@ impl Default for Settings {
             retry_max: Duration::from_secs(30),
             requests_per_second: 5.0,
             system_proxy: None,
+            mesh: None,
+            connect_discovery: false,
         }
     }
 }
