@@ -54,6 +54,9 @@
 //! - `tonic`: [`tonic::LoadBalancedChannel`](crate::tonic) for generated gRPC clients.
 //! - `http`: [`http::DiscoveryLayer`](crate::http) for hyper-util and axum HTTP clients.
 //! - `consul`: [`registry::consul::ConsulRegistry`](crate::registry) over Consul's HTTP API.
+//! - `consul-connect`: [`mesh::ConsulConnect`](crate::mesh): Connect-native mTLS clients
+//!   and servers in the Consul service mesh (on the agent's Connect-native endpoints, which
+//!   Consul deprecates since 1.18 but still serves).
 //! - `kubernetes`: [`registry::kubernetes::KubernetesRegistry`](crate::registry) over
 //!   EndpointSlices (kube, kube-runtime). As with kube, the application picks the Kubernetes
 //!   version with a `k8s-openapi` version feature.
@@ -83,6 +86,8 @@ mod error;
 #[cfg(feature = "http")]
 pub mod http;
 mod instance;
+#[cfg(feature = "consul-connect")]
+pub mod mesh;
 pub mod registration;
 pub mod registry;
 #[cfg(feature = "tonic")]

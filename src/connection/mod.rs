@@ -23,7 +23,11 @@
 mod dial;
 mod driver;
 mod error;
+// The transparent retry is used by the integrations (`tonic`, `http`); a build with only
+// `consul-connect` uses the TLS types.
+#[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
 mod replay;
+#[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
 pub(crate) mod retry;
 mod service;
 mod settings;

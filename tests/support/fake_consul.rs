@@ -124,6 +124,10 @@ pub struct FakeConsul {
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The Connect CA and intentions (`fake_connect.rs`).
+    pub(super) connect: Mutex<super::fake_connect::Connect>,
+    /// Bumped at every Connect change, for blocking queries.
+    connect_index: watch::Sender<u64>,
 }
 
 type Shared = Arc<FakeConsul>;
@@ -169,6 +173,8 @@ impl FakeConsul {
             }),
             changed: watch::Sender::new(0),
             task: Mutex::new(None),
+            connect: Mutex::default(),
+            connect_index: watch::Sender::new(1),
         });
         let app = axum::Router::new()
             .route("/v1/agent/service/register", put(register))
@@ -178,6 +184,18 @@ impl FakeConsul {
             .route("/v1/agent/health/service/id/{id}", get(agent_health))
             .route("/v1/health/service/{name}", get(health_service))
             .route("/v1/health/connect/{name}", get(health_connect))
+            .route(
+                "/v1/agent/connect/ca/roots",
+                get(super::fake_connect::roots),
+            )
+            .route(
+                "/v1/agent/connect/ca/leaf/{service}",
+                get(super::fake_connect::leaf),
+            )
+            .route(
+                "/v1/agent/connect/authorize",
+                axum::routing::post(super::fake_connect::authorize),
+            )
             // Every endpoint resolves the ACL token first, as the agent does.
             .layer(axum::middleware::from_fn_with_state(Arc::clone(&fake), acl))
             .with_state(Arc::clone(&fake));
@@ -362,8 +380,30 @@ impl FakeConsul {
             .min()
     }
 
-    fn log(&self, line: String) {
+    pub(super) fn log(&self, line: String) {
         self.inner.lock().unwrap().requests.push(line);
+    }
+
+    /// The next Connect index (roots and leaves share one counter).
+    pub(super) fn next_connect_index(&self) -> u64 {
+        self.connect_index.send_modify(|i| *i += 1);
+        *self.connect_index.borrow()
+    }
+
+    pub(super) fn connect_changed(&self) {
+        self.next_connect_index();
+    }
+
+    pub(super) fn connect_changes(&self) -> watch::Receiver<u64> {
+        self.connect_index.subscribe()
+    }
+
+    /// Renews the leaves that are due, as the agent's leaf cache does in the background.
+    pub(super) fn renew_leaves(&self) {
+        let index = *self.connect_index.borrow() + 1;
+        if self.connect.lock().unwrap().renew_due(index) {
+            self.next_connect_index();
+        }
     }
 }
 
@@ -392,7 +432,7 @@ impl Service {
 
 /// The policy the request's token carries, as the agent resolves it.
 #[derive(Clone, Debug)]
-struct Caller(Policy);
+pub(super) struct Caller(pub(super) Policy);
 
 /// Resolves the ACL token (header or `token` query parameter): an unknown one is 403.
 async fn acl(
@@ -426,7 +466,7 @@ async fn acl(
     }
 }
 
-fn denied(permission: &str) -> Response {
+pub(super) fn denied(permission: &str) -> Response {
     let message = format!("Permission denied: token lacks permission '{permission}'");
     (StatusCode::FORBIDDEN, message).into_response()
 }
@@ -441,7 +481,7 @@ fn set_status(service: &mut Service, status: &str) {
 }
 
 /// Go duration strings as Consul writes them: `10s`, `1m`, `1500ms`, `5m0s`.
-fn parse_go_duration(text: &str) -> Option<Duration> {
+pub(super) fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut number = String::new();
     let mut chars = text.chars().peekable();

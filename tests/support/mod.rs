@@ -8,6 +8,7 @@ pub mod dnsmasq;
 pub mod endpoint_slices;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod fake_connect;
 pub mod fake_consul;
 #[cfg(feature = "kubernetes")]
 pub mod fake_kube;

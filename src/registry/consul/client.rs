@@ -120,7 +120,7 @@ impl Client {
         })
     }
 
-    fn url(&self, segments: &[&str]) -> Url {
+    pub(super) fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .expect("http(s) URLs have paths")
@@ -129,7 +129,7 @@ impl Client {
         url
     }
 
-    fn request(&self, method: Method, url: Url) -> RequestBuilder {
+    pub(super) fn request(&self, method: Method, url: Url) -> RequestBuilder {
         let mut request = self.http.request(method, url);
         if let Some(Secret(token)) = &self.settings.token {
             request = request.header("X-Consul-Token", token);
@@ -141,7 +141,7 @@ impl Client {
     }
 
     /// Sends a request; returns the status, the `X-Consul-Index` and the body (capped).
-    async fn send(
+    pub(super) async fn send(
         &self,
         request: RequestBuilder,
         timeout: Duration,
@@ -182,6 +182,24 @@ impl Client {
             body.extend_from_slice(&chunk);
         }
         Ok((status, answer, body))
+    }
+
+    /// With `index`, makes `request` a blocking query from it waiting at most `wait`, and
+    /// returns the time limit to give it (the wait, Consul's jitter of up to wait/16, and
+    /// slack); without, the request timeout.
+    pub(super) fn blocking(
+        &self,
+        request: RequestBuilder,
+        index: Option<u64>,
+        wait: Duration,
+    ) -> (RequestBuilder, Duration) {
+        match index {
+            Some(index) => (
+                request.query(&[("index", index.to_string()), ("wait", go_duration(wait))]),
+                wait + wait / 16 + Duration::from_secs(5),
+            ),
+            None => (request, self.settings.request_timeout),
+        }
     }
 
     /// Sends a request that must succeed (2xx), or maps the status to an error.
@@ -335,16 +353,7 @@ impl Client {
         if self.settings.cached {
             request = request.query(&[("cached", "")]);
         }
-        let timeout = match blocking {
-            Some(index) => {
-                let wait = self.settings.wait;
-                request =
-                    request.query(&[("index", index.to_string()), ("wait", go_duration(wait))]);
-                // Consul adds up to wait/16 of jitter; allow that plus slack.
-                wait + wait / 16 + Duration::from_secs(5)
-            }
-            None => self.settings.request_timeout,
-        };
+        let (request, timeout) = self.blocking(request, blocking, self.settings.wait);
         let (status, answer, body) = self.send_with_headers(request, timeout).await?;
         if !status.is_success() {
             return Err(status_error(status, &body));
@@ -428,7 +437,7 @@ fn transport(error: reqwest::Error, timeout: Duration) -> Error {
     }
 }
 
-fn status_error(status: StatusCode, body: &[u8]) -> Error {
+pub(super) fn status_error(status: StatusCode, body: &[u8]) -> Error {
     let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_BYTES)]);
     let message = match status.as_u16() {
         403 => format!("ACL denied: {}", text.trim()),

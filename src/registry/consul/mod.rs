@@ -17,7 +17,9 @@
 
 mod api;
 mod builder;
-mod client;
+pub(crate) mod client;
+#[cfg(feature = "consul-connect")]
+pub(crate) mod connect;
 mod mesh;
 mod settings;
 mod watch;
@@ -76,6 +78,12 @@ pub struct ConsulRegistry {
 }
 
 impl ConsulRegistry {
+    /// The HTTP client, shared with the Connect-native mesh.
+    #[cfg(feature = "consul-connect")]
+    pub(crate) fn client(&self) -> Arc<Client> {
+        Arc::clone(&self.client)
+    }
+
     /// A builder, with Consul's defaults (`http://127.0.0.1:8500`).
     pub fn builder() -> ConsulRegistryBuilder {
         ConsulRegistryBuilder::default()

@@ -1,0 +1,396 @@
+//! Consul Connect-native mutual TLS (feature `consul-connect`): this process takes part in
+//! the Consul service mesh itself, with no sidecar proxy.
+//!
+//! [`ConsulConnect`] fetches the service's leaf certificate and the CA roots from the local
+//! agent with blocking queries and keeps them fresh in the background. From it come:
+//!
+//! - [`ConsulConnect::client_tls`]: a [`TlsConfig`] for
+//!   [`LoadBalancedChannel`](crate::tonic::LoadBalancedChannel) and
+//!   [`DiscoveryLayer`](crate::http::DiscoveryLayer). Every connection presents the current
+//!   leaf, trusts only the current roots, and checks that the server's certificate carries
+//!   the SPIFFE ID `spiffe://<trust domain>/ns/<ns>/dc/<dc>/svc/<service>` of the service
+//!   called (its TLS server name, which the integrations set to the service name), in this
+//!   service's namespace and datacenter. DNS names are not checked.
+//! - [`ConsulConnect::incoming`]: authorized mTLS connections for tonic's
+//!   `serve_with_incoming` or a hyper server; [`ConsulConnect::accept`] for an accept loop
+//!   of your own; [`ConsulConnect::server_config`] for the bare rustls configuration.
+//!
+//! A rotated leaf or root set applies to new connections; open connections keep the
+//! certificates they were made with. Each incoming connection is authorized with the
+//! agent's authorize endpoint after its handshake and before any request is read (answers
+//! are cached for a short time, see [`ConsulConnectBuilder::authorization_cache`]). A
+//! denied connection is not refused at the handshake: its requests are answered with gRPC
+//! status `PERMISSION_DENIED` and the agent's reason (see [`Authorization`]).
+//!
+//! Discover the instances to call with the Consul registry's
+//! [`connect_discovery`](crate::registry::consul::ConsulRegistryBuilder::connect_discovery),
+//! and register this one with
+//! [`MeshRegistration::Native`](crate::registry::consul::MeshRegistration::Native).
+//!
+//! **Deprecated upstream.** The agent endpoints used here (`/v1/agent/connect/ca/roots`,
+//! `/v1/agent/connect/ca/leaf/:service`, `/v1/agent/connect/authorize`) and Consul's Go SDK
+//! for Connect-native applications are deprecated since Consul 1.18, in favour of a future
+//! proxyless integration. They are still served. The endpoints need a token with
+//! `service:write` on the service (leaf and authorize).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_sd::mesh::ConsulConnect;
+//! use tower_sd::registry::consul::ConsulRegistry;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_sd::Error> {
+//! let consul = ConsulRegistry::builder().from_env().build()?;
+//! let mesh = ConsulConnect::builder(&consul, "web").start(Duration::from_secs(10)).await?;
+//! let tls = mesh.client_tls()?; // for LoadBalancedChannel::builder(..).tls_config(tls)
+//! # drop(tls);
+//! # Ok(())
+//! # }
+//! ```
+
+mod certs;
+mod client;
+mod identity;
+mod server;
+
+pub use identity::{IdentityError, SpiffeId};
+pub use server::{AcceptError, Accepted, Authorization};
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures_core::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+use crate::connection::TlsConfig;
+use crate::error::{Elapsed, Error, Result};
+use crate::registry::consul::ConsulRegistry;
+use crate::registry::consul::connect::Follow;
+use certs::Store;
+use server::Authorizer;
+
+/// Configures a [`ConsulConnect`]; see [`ConsulConnect::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct ConsulConnectBuilder {
+    consul: ConsulRegistry,
+    service: String,
+    authorization_cache: Duration,
+    handshake_timeout: Duration,
+}
+
+impl ConsulConnectBuilder {
+    /// How long an answer of the authorize endpoint is reused for connections from the same
+    /// client certificate (default 1 s). The agent answers from its own cache in
+    /// microseconds, so this only spares a request per connection under connection churn;
+    /// a changed intention applies to new connections after at most this long.
+    pub fn authorization_cache(mut self, ttl: Duration) -> Self {
+        self.authorization_cache = ttl;
+        self
+    }
+
+    /// The most an incoming connection's TLS handshake may take (default 10 s).
+    pub fn handshake_timeout(mut self, limit: Duration) -> Self {
+        self.handshake_timeout = limit;
+        self
+    }
+
+    /// Starts following the leaf and the roots, and waits up to `limit` for both.
+    ///
+    /// # Errors
+    ///
+    /// When they have not both arrived within `limit`: the agent's last error
+    /// ([`Error::Unreachable`] for an agent that is down, [`Error::Status`] 403 for a token
+    /// without `service:write`), or [`Error::Timeout`] when no answer came at all. The
+    /// background task is stopped.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime.
+    pub async fn start(self, limit: Duration) -> Result<ConsulConnect> {
+        let client = self.consul.client();
+        let store = Arc::new(Store::new());
+        let task = tokio::spawn(certs::refresh(
+            Arc::clone(&store),
+            Follow::roots(Arc::clone(&client)),
+            Follow::leaf(Arc::clone(&client), &self.service),
+        ));
+        let keeper = Arc::new(Keeper { store, task });
+        let mut changes = keeper.store.changes.subscribe();
+        let ready = || keeper.store.leaf.load().is_some() && keeper.store.roots.load().is_some();
+        let waited = tokio::time::timeout(limit, changes.wait_for(|_| ready())).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            keeper.task.abort();
+            let last = keeper
+                .store
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|mut e| e.take());
+            return Err(last.unwrap_or(Error::Timeout {
+                registry: "consul",
+                source: Elapsed(limit),
+            }));
+        }
+        let authorizer = Authorizer::new(client, self.service.clone(), self.authorization_cache);
+        Ok(ConsulConnect {
+            inner: Arc::new(Inner {
+                keeper,
+                authorizer,
+                service: self.service,
+                handshake_timeout: self.handshake_timeout,
+            }),
+        })
+    }
+}
+
+/// Keeps the refresher running while anything uses its certificates: the
+/// [`ConsulConnect`] handles and every TLS configuration made from them hold it.
+#[derive(Debug)]
+pub(crate) struct Keeper {
+    pub(crate) store: Arc<Store>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The service's current leaf certificate, as [`ConsulConnect::leaf`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeafInfo {
+    /// The identity it carries.
+    pub id: SpiffeId,
+    /// Its serial, colon-separated hex as Consul writes it.
+    pub serial: String,
+    /// When it expires (`ValidBefore`).
+    pub not_after: SystemTime,
+}
+
+/// A Connect-native service identity: its leaf certificate and the CA roots, kept fresh,
+/// and the TLS configurations made from them. Cheap to clone; the background refresh stops
+/// when the last handle and the last TLS configuration made from it are dropped.
+#[derive(Clone)]
+pub struct ConsulConnect {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    keeper: Arc<Keeper>,
+    authorizer: Authorizer,
+    service: String,
+    handshake_timeout: Duration,
+}
+
+impl fmt::Debug for ConsulConnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsulConnect")
+            .field("service", &self.inner.service)
+            .field("leaf", &self.leaf().map(|l| l.serial))
+            .finish_non_exhaustive()
+    }
+}
+
+fn tls_error(error: rustls::Error) -> Error {
+    Error::InvalidConfig {
+        key: "tls".to_owned(),
+        source: error.into(),
+    }
+}
+
+impl ConsulConnect {
+    /// A builder for `service`, whose certificates come from `consul`'s agent (its address
+    /// and token; the token needs `service:write` on `service`).
+    pub fn builder(consul: &ConsulRegistry, service: impl Into<String>) -> ConsulConnectBuilder {
+        ConsulConnectBuilder {
+            consul: consul.clone(),
+            service: service.into(),
+            authorization_cache: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The service this identity is.
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// The current leaf certificate.
+    pub fn leaf(&self) -> Option<LeafInfo> {
+        self.inner
+            .keeper
+            .store
+            .leaf
+            .load()
+            .as_ref()
+            .map(|leaf| LeafInfo {
+                id: leaf.facts.id.clone(),
+                serial: leaf.facts.serial.clone(),
+                not_after: leaf.facts.not_after,
+            })
+    }
+
+    /// The number of CA roots trusted now.
+    pub fn roots(&self) -> usize {
+        self.inner
+            .keeper
+            .store
+            .roots
+            .load()
+            .as_ref()
+            .map_or(0, |r| r.store.len())
+    }
+
+    /// TLS for calling mesh services: see the [module docs](self). The server name of each
+    /// connection (the service name, with the integrations) is the service expected in the
+    /// server's SPIFFE ID.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when rustls cannot be set up (not expected with ring).
+    pub fn client_tls(&self) -> Result<TlsConfig> {
+        let config = client::client_config(&self.inner.keeper).map_err(tls_error)?;
+        Ok(TlsConfig::from_rustls(config))
+    }
+
+    /// The rustls server configuration: serves the current leaf, requires a client
+    /// certificate from the current roots that names a service, offers ALPN `h2` and
+    /// `http/1.1`. It does not authorize: use [`accept`](Self::accept) or
+    /// [`incoming`](Self::incoming), or [`authorize`](Self::authorize) yourself.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when rustls cannot be set up (not expected with ring).
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        server::server_config(&self.inner.keeper)
+            .map(Arc::new)
+            .map_err(tls_error)
+    }
+
+    /// Asks the agent (or the short cache) whether the client with this certificate URI
+    /// and serial may call this service.
+    pub async fn authorize(
+        &self,
+        client_cert_uri: &str,
+        client_cert_serial: &str,
+    ) -> Authorization {
+        self.inner
+            .authorizer
+            .authorize(client_cert_uri, client_cert_serial)
+            .await
+    }
+
+    /// Completes the mTLS handshake on `io` and authorizes the client. Serve the stream
+    /// only when [`Accepted::authorization`] is [`Authorization::Allowed`].
+    ///
+    /// # Errors
+    ///
+    /// [`AcceptError`] when the handshake fails or times out.
+    pub async fn accept<IO>(&self, io: IO) -> Result<Accepted<IO>, AcceptError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let config = self
+            .server_config()
+            .map_err(|e| AcceptError::Handshake(std::io::Error::other(e)))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        server::accept(
+            &acceptor,
+            &self.inner.authorizer,
+            io,
+            self.inner.handshake_timeout,
+        )
+        .await
+    }
+
+    /// The authorized mTLS connections on `listener`, for tonic's
+    /// `Server::serve_with_incoming` (tonic implements its `Connected` for this stream type
+    /// with its `tls-ring` or `tls-aws-lc` feature) or a hyper server.
+    ///
+    /// A background task accepts, handshakes (up to 1,024 at a time) and authorizes; a
+    /// connection that fails its handshake is logged and closed, a denied one is answered
+    /// `PERMISSION_DENIED` (see [`Authorization`]). The task stops when the stream is
+    /// dropped.
+    pub fn incoming(&self, listener: TcpListener) -> Incoming {
+        let (sender, receiver) = mpsc::channel(64);
+        let task = tokio::spawn(accept_loop(self.clone(), listener, sender));
+        Incoming { receiver, task }
+    }
+}
+
+/// Accepts until the [`Incoming`] is dropped.
+async fn accept_loop(
+    connect: ConsulConnect,
+    listener: TcpListener,
+    sender: mpsc::Sender<std::io::Result<TlsStream<TcpStream>>>,
+) {
+    let permits = Arc::new(Semaphore::new(1024));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = sender.closed() => return,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(error) => {
+                // Out of file descriptors and the like: do not spin.
+                warn!(%error, "Consul Connect: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            warn!("Consul Connect: 1024 handshakes in progress; closing a new connection");
+            continue;
+        };
+        let (connect, sender) = (connect.clone(), sender.clone());
+        connections.spawn(async move {
+            let _permit = permit;
+            match connect.accept(tcp).await {
+                Ok(accepted) if accepted.authorization == Authorization::Allowed => {
+                    debug!(client = %accepted.client, "Consul Connect: connection authorized");
+                    let _ = sender.send(Ok(accepted.stream)).await;
+                }
+                Ok(accepted) => {
+                    info!(client = %accepted.client, authorization = ?accepted.authorization, "Consul Connect: connection not authorized");
+                    server::refuse(accepted.stream, accepted.authorization).await;
+                }
+                Err(error) => debug!(error = %crate::error::Chain(&error), "Consul Connect: handshake failed"),
+            }
+        });
+    }
+}
+
+/// The authorized connections of [`ConsulConnect::incoming`]. Dropping it stops accepting.
+#[derive(Debug)]
+pub struct Incoming {
+    receiver: mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>>,
+    task: JoinHandle<()>,
+}
+
+impl Stream for Incoming {
+    type Item = std::io::Result<TlsStream<TcpStream>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.receiver.poll_recv(cx)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
