@@ -102,6 +102,7 @@ pub use discover::RegistryDiscover;
     feature = "tonic",
     feature = "http",
     feature = "consul",
+    feature = "consul-connect",
     feature = "kubernetes",
     feature = "etcd",
     feature = "dns"

@@ -28,9 +28,9 @@ pub(crate) fn identity_error(error: IdentityError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
 }
 
-/// Before the first roots arrive, nothing is trusted.
-pub(crate) fn no_roots() -> rustls::Error {
-    rustls::Error::General("Consul Connect: no CA roots from the agent yet".to_owned())
+/// Before the leaf and the roots arrive, nothing is trusted.
+pub(crate) fn not_ready() -> rustls::Error {
+    rustls::Error::General("Consul Connect: no leaf and CA roots from the agent yet".to_owned())
 }
 
 impl ServerVerifier {
@@ -51,7 +51,7 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let roots = self.keeper.store.roots.load_full().ok_or_else(no_roots)?;
+        let roots = self.keeper.store.roots.load_full().ok_or_else(not_ready)?;
         let cert = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &cert,
@@ -65,7 +65,7 @@ impl ServerCertVerifier for ServerVerifier {
                 "Consul Connect: the TLS server name must be the service called".to_owned(),
             ));
         };
-        let me = self.keeper.store.leaf.load_full().ok_or_else(no_roots)?;
+        let me = self.keeper.store.leaf.load_full().ok_or_else(not_ready)?;
         let peer = CertFacts::read(end_entity).map_err(identity_error)?;
         me.facts
             .id
@@ -133,10 +133,14 @@ impl rustls::server::ResolvesServerCert for LeafResolver {
 }
 
 /// The client configuration: this verifier and the leaf resolver.
+/// Sessions are not resumed: a resumed session would skip the check against the current
+/// roots (and long-lived HTTP/2 connections gain nothing from it).
 pub(crate) fn client_config(keeper: &Arc<Keeper>) -> Result<rustls::ClientConfig, rustls::Error> {
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServerVerifier::new(Arc::clone(keeper))))
-        .with_client_cert_resolver(Arc::new(LeafResolver(Arc::clone(keeper)))))
+        .with_client_cert_resolver(Arc::new(LeafResolver(Arc::clone(keeper))));
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }

@@ -16,7 +16,8 @@
 //!   of your own; [`ConsulConnect::server_config`] for the bare rustls configuration.
 //!
 //! A rotated leaf or root set applies to new connections; open connections keep the
-//! certificates they were made with. Each incoming connection is authorized with the
+//! certificates they were made with. TLS sessions are never resumed, so every connection is
+//! verified against the roots current at its handshake. Each incoming connection is authorized with the
 //! agent's authorize endpoint after its handshake and before any request is read (answers
 //! are cached for a short time, see [`ConsulConnectBuilder::authorization_cache`]). A
 //! denied connection is not refused at the handshake: its requests are answered with gRPC
@@ -141,8 +142,10 @@ impl ConsulConnectBuilder {
             }));
         }
         let authorizer = Authorizer::new(client, self.service.clone(), self.authorization_cache);
+        let server_config = server::server_config(&keeper).map_err(tls_error)?;
         Ok(ConsulConnect {
             inner: Arc::new(Inner {
+                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server_config)),
                 keeper,
                 authorizer,
                 service: self.service,
@@ -188,6 +191,9 @@ pub struct ConsulConnect {
 
 struct Inner {
     keeper: Arc<Keeper>,
+    /// One server configuration serves every connection: it reads the current leaf and
+    /// roots at each handshake.
+    acceptor: tokio_rustls::TlsAcceptor,
     authorizer: Authorizer,
     service: String,
     handshake_timeout: Duration,
@@ -301,15 +307,12 @@ impl ConsulConnect {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let config = self
-            .server_config()
-            .map_err(|e| AcceptError::Handshake(std::io::Error::other(e)))?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let inner = &self.inner;
         server::accept(
-            &acceptor,
-            &self.inner.authorizer,
+            &inner.acceptor,
+            &inner.authorizer,
             io,
-            self.inner.handshake_timeout,
+            inner.handshake_timeout,
         )
         .await
     }

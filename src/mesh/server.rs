@@ -22,7 +22,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::Keeper;
 use super::certs::provider;
-use super::client::{LeafResolver, identity_error, no_roots};
+use super::client::{LeafResolver, identity_error, not_ready};
 use super::identity::{CertFacts, SpiffeId};
 use crate::error::Elapsed;
 use crate::registry::consul::client::Client;
@@ -43,7 +43,7 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let roots = self.0.store.roots.load_full().ok_or_else(no_roots)?;
+        let roots = self.0.store.roots.load_full().ok_or_else(not_ready)?;
         roots
             .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
@@ -79,13 +79,16 @@ impl ClientCertVerifier for ClientVerifier {
 }
 
 /// The server configuration: the current leaf, a client certificate required from the
-/// current roots, ALPN `h2` and `http/1.1`.
+/// current roots, ALPN `h2` and `http/1.1`, and no session resumption (a resumed session
+/// would skip the check against the current roots).
 pub(crate) fn server_config(keeper: &Arc<Keeper>) -> Result<rustls::ServerConfig, rustls::Error> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(ClientVerifier(Arc::clone(keeper))))
         .with_cert_resolver(Arc::new(LeafResolver(Arc::clone(keeper))));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
