@@ -162,6 +162,31 @@ async fn an_allowed_call_succeeds() {
     drop(server);
 }
 
+/// A client whose certificate comes from another CA (though it trusts this one, and names
+/// an allowed service) is refused at the handshake: no authorization is asked, nothing is
+/// served. Catches a server that takes any certificate naming a service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_another_ca_is_refused_at_the_handshake() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = consul(&fake.url());
+    let server = MeshServer::start(&consul, "api", "api-1").await;
+    let elsewhere = FakeConsul::start(None).await;
+    elsewhere.trust_root(&fake.root_pem());
+    let other_consul = ConsulRegistry::builder()
+        .address(elsewhere.url())
+        .build()
+        .unwrap();
+    let stranger = mesh(&other_consul, "web").await;
+    assert_eq!(stranger.roots(), 2, "it trusts both CAs");
+    let status = check(&mut HealthClient::new(channel(&consul, "api", &stranger)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(server.connections(), 0);
+    assert_eq!(fake.authorizations(), 0, "refused before authorization");
+}
+
 /// The same identity over `DiscoveryLayer`'s connections, against a hyper server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_layer_takes_the_mesh_tls() {
@@ -391,9 +416,11 @@ async fn a_root_rotation_with_cross_signing_keeps_working() {
     })
     .await;
     let third = MeshServer::start(&consul, "api", "api-3").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    support::until("the client tried the new instance and failed", || {
+        state_of(&channel, "api-3") == Some(Connectivity::TransientFailure)
+    })
+    .await;
     assert_eq!(third.connections(), 0, "no chain to a trusted root");
-    assert_ne!(state_of(&channel, "api-3"), Some(Connectivity::Ready));
     let (ok, failed) = callers.stop().await;
     assert!(
         failed.is_empty(),
@@ -404,15 +431,18 @@ async fn a_root_rotation_with_cross_signing_keeps_working() {
 }
 
 /// The leaf is asked for again before it expires even when the agent's blocking query
-/// would not return: with a 6 s leaf and a 30 s wait, a second leaf query arrives before
-/// the leaf's ValidBefore. Catches a client that blocks for the full wait.
+/// would not return: with a 20 s leaf (valid from 2 s back) and a 30 s wait, the next leaf
+/// query comes at nine tenths of the lifetime, about 17.8 s after issue, before ValidBefore.
+/// Catches a client that blocks for the full wait (30 s), and one that polls instead of
+/// blocking (a query within 15 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leaf_is_asked_for_again_before_it_expires() {
     let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
-    fake.set_leaf_lifetime(Duration::from_secs(6));
+    fake.set_leaf_lifetime(Duration::from_secs(20));
     fake.set_leaf_renewal(false);
     let consul = consul(&fake.url());
+    let issued = tokio::time::Instant::now();
     let web = mesh(&consul, "web").await;
     let expires = web.leaf().unwrap().not_after;
     let leaf_queries = || {
@@ -421,11 +451,22 @@ async fn the_leaf_is_asked_for_again_before_it_expires() {
             .filter(|r| r.starts_with("GET connect/ca/leaf/web"))
             .count()
     };
-    let before = leaf_queries();
-    support::until("a leaf query before expiry", || leaf_queries() > before).await;
+    // The first query, the blocking one, then the one its end makes.
+    while leaf_queries() < 3 {
+        assert!(
+            issued.elapsed() < Duration::from_secs(25),
+            "no third leaf query"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let asked = issued.elapsed();
     assert!(
         std::time::SystemTime::now() < expires,
         "asked again before ValidBefore"
+    );
+    assert!(
+        asked >= Duration::from_secs(15),
+        "blocked until the renewal point: {asked:?}"
     );
 }
 

@@ -108,7 +108,8 @@ impl ConsulConnectBuilder {
     ///
     /// # Errors
     ///
-    /// When they have not both arrived within `limit`: the agent's last error
+    /// [`Error::InvalidConfig`] for an empty service name or one with `/`. When the leaf
+    /// and the roots have not both arrived within `limit`: the agent's last error
     /// ([`Error::Unreachable`] for an agent that is down, [`Error::Status`] 403 for a token
     /// without `service:write`), or [`Error::Timeout`] when no answer came at all. The
     /// background task is stopped.
@@ -117,6 +118,12 @@ impl ConsulConnectBuilder {
     ///
     /// When called outside a tokio runtime.
     pub async fn start(self, limit: Duration) -> Result<ConsulConnect> {
+        if self.service.is_empty() || self.service.contains('/') {
+            return Err(Error::InvalidConfig {
+                key: "service".to_owned(),
+                source: format!("`{}` is not a Consul service name", self.service).into(),
+            });
+        }
         let client = self.consul.client();
         let store = Arc::new(Store::new());
         let task = tokio::spawn(certs::refresh(

@@ -66,6 +66,8 @@ pub struct Connect {
     roots: Vec<Root>,
     /// The active root, cross-signed by the previous one.
     cross_signed: Option<String>,
+    /// Roots of other CAs listed (inactive) beside this CA's own.
+    foreign_roots: Vec<String>,
     roots_index: u64,
     /// What the roots endpoint answers while frozen.
     frozen: Option<(Value, u64)>,
@@ -86,6 +88,7 @@ impl Default for Connect {
         Self {
             roots: vec![new_root(1)],
             cross_signed: None,
+            foreign_roots: Vec::new(),
             roots_index: 1,
             frozen: None,
             leaves: HashMap::new(),
@@ -155,13 +158,15 @@ impl Connect {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let now = SystemTime::now();
-        // X.509 times have whole seconds: start a minute back, as Consul does.
-        let not_before = now - Duration::from_secs(60);
+        // Start back a little for clock skew, as Consul does (a minute, or a tenth of a
+        // short test lifetime).
+        let not_before = now - (self.leaf_lifetime / 10).min(Duration::from_secs(60));
         let not_after = now + self.leaf_lifetime;
         params.not_before = time::OffsetDateTime::from(not_before);
         params.not_after = time::OffsetDateTime::from(not_after);
-        let mut serial = fastrand::u64(1..).to_be_bytes().to_vec();
-        serial[0] &= 0x7f;
+        // A positive, minimally encoded DER integer: the first byte 0x01..=0x7f.
+        let mut serial = fastrand::u64(..).to_be_bytes().to_vec();
+        serial[0] = fastrand::u8(1..0x80);
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.active().issuer).unwrap();
@@ -180,14 +185,15 @@ impl Connect {
     }
 
     fn roots_json(&self) -> Value {
-        let roots: Vec<Value> = self
-            .roots
-            .iter()
-            .map(|r| {
-                json!({"ID": r.id, "Name": r.name, "RootCert": r.cert_pem,
-                       "IntermediateCerts": null, "Active": r.active})
-            })
-            .collect();
+        let own = self.roots.iter().map(|r| {
+            json!({"ID": r.id, "Name": r.name, "RootCert": r.cert_pem,
+                   "IntermediateCerts": null, "Active": r.active})
+        });
+        let foreign = self.foreign_roots.iter().enumerate().map(|(n, pem)| {
+            json!({"ID": format!("foreign-{n}"), "Name": "foreign", "RootCert": pem,
+                   "IntermediateCerts": null, "Active": false})
+        });
+        let roots: Vec<Value> = own.chain(foreign).collect();
         json!({"ActiveRootID": self.active().id, "TrustDomain": TRUST_DOMAIN, "Roots": roots})
     }
 
@@ -305,6 +311,20 @@ impl FakeConsul {
             let leaf = connect.issue(&service, index);
             connect.leaves.insert(service, leaf);
         }
+        drop(connect);
+        self.connect_changed();
+    }
+
+    /// The active root certificate, PEM.
+    pub fn root_pem(&self) -> String {
+        self.connect.lock().unwrap().active().cert_pem.clone()
+    }
+
+    /// Lists another CA's root beside this CA's own (as a cluster migrating CAs would).
+    pub fn trust_root(&self, pem: &str) {
+        let mut connect = self.connect.lock().unwrap();
+        connect.foreign_roots.push(pem.to_owned());
+        connect.roots_index = self.next_connect_index();
         drop(connect);
         self.connect_changed();
     }
