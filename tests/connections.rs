@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::grpc::{Callers, check, until_endpoints};
+use support::grpc::{Callers, check, connectivity, until_endpoints};
 use support::numbers;
 use support::servers::TestServer;
 use tokio::time::Instant;
@@ -40,15 +40,6 @@ async fn channel(registry: &Arc<MemoryRegistry>) -> LoadBalancedChannel {
         .connect(Duration::from_secs(5))
         .await
         .unwrap()
-}
-
-fn connectivity(channel: &LoadBalancedChannel, key: &str) -> Option<Connectivity> {
-    channel
-        .balance()
-        .endpoints()
-        .into_iter()
-        .find(|e| e.key == key)
-        .and_then(|e| e.connectivity)
 }
 
 async fn until_connectivity(channel: &LoadBalancedChannel, key: &str, want: &[Connectivity]) {

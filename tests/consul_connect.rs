@@ -112,12 +112,55 @@ fn channel(consul: &ConsulRegistry, service: &str, me: &ConsulConnect) -> LoadBa
 /// The readiness of the balancer's endpoint for instance `id` (on the fake's node).
 fn state_of(channel: &LoadBalancedChannel, id: &str) -> Option<Connectivity> {
     let key = format!("{}/{id}", support::fake_consul::AGENT_NODE);
-    channel
-        .balance()
-        .endpoints()
-        .into_iter()
-        .find(|e| e.key == key)
-        .and_then(|e| e.connectivity)
+    support::grpc::connectivity(channel, &key)
+}
+
+/// An `api` server, a `web` identity calling it, and 8 callers on its channel.
+struct UnderLoad {
+    fake: Arc<FakeConsul>,
+    consul: ConsulRegistry,
+    first: MeshServer,
+    web: ConsulConnect,
+    channel: LoadBalancedChannel,
+    callers: Callers,
+}
+
+impl UnderLoad {
+    async fn start() -> Self {
+        let fake = FakeConsul::start(None).await;
+        let consul = consul(&fake.url());
+        let first = MeshServer::start(&consul, "api", "api-1").await;
+        let web = mesh(&consul, "web").await;
+        let channel = channel(&consul, "api", &web);
+        let callers = Callers::start(&channel, 8);
+        callers.succeed(100).await;
+        Self {
+            fake,
+            consul,
+            first,
+            web,
+            channel,
+            callers,
+        }
+    }
+
+    /// Waits until `web` presents the leaf the agent has for it now.
+    async fn web_has_the_agents_leaf(&self) {
+        support::until("web has the agent's current leaf", || {
+            self.web.leaf().map(|l| l.serial) == self.fake.leaf_serial("web")
+        })
+        .await;
+    }
+
+    /// Stops the callers and asserts none of their requests failed.
+    async fn none_failed(self) {
+        let (ok, failed) = self.callers.stop().await;
+        assert!(
+            failed.is_empty(),
+            "{} of {ok} failed: {failed:?}",
+            failed.len()
+        );
+    }
 }
 
 /// An allowed call succeeds over mTLS, through both integrations. Catches: a client that
@@ -334,42 +377,32 @@ async fn a_server_certificate_naming_another_service_is_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaf_rotation_under_load_fails_no_request() {
     let _limit = support::time_limit(120);
-    let fake = FakeConsul::start(None).await;
-    let consul = consul(&fake.url());
-    let first = MeshServer::start(&consul, "api", "api-1").await;
-    let web = mesh(&consul, "web").await;
-    let channel = channel(&consul, "api", &web);
-    let callers = Callers::start(&channel, 8);
-    callers.succeed(200).await;
+    let load = UnderLoad::start().await;
+    let (fake, web) = (&load.fake, &load.web);
     let started_with = web.leaf().unwrap().serial;
     for _ in 0..3 {
         fake.rotate_leaf("web");
         fake.rotate_leaf("api");
-        support::until_async("both sides have the new leaves", || async {
-            web.leaf().map(|l| l.serial) == fake.leaf_serial("web")
-                && first.mesh.leaf().map(|l| l.serial) == fake.leaf_serial("api")
+        load.web_has_the_agents_leaf().await;
+        support::until("api has the agent's current leaf", || {
+            load.first.mesh.leaf().map(|l| l.serial) == fake.leaf_serial("api")
         })
         .await;
-        callers.succeed(200).await;
+        load.callers.succeed(200).await;
     }
     assert_ne!(web.leaf().unwrap().serial, started_with);
-    assert_eq!(first.connections(), 1, "the open connection was kept");
+    assert_eq!(load.first.connections(), 1, "the open connection was kept");
 
     // A new instance: the new connection presents the rotated leaf.
-    let second = MeshServer::start(&consul, "api", "api-2").await;
+    let second = MeshServer::start(&load.consul, "api", "api-2").await;
     support::until("the new instance serves", || second.connections() == 1).await;
-    callers.succeed(200).await;
-    let (ok, failed) = callers.stop().await;
-    assert!(
-        failed.is_empty(),
-        "{} of {ok} failed: {failed:?}",
-        failed.len()
-    );
+    load.callers.succeed(200).await;
     assert_ne!(
-        first.client_certs()[0],
+        load.first.client_certs()[0],
         second.client_certs()[0],
         "the new connection presented the new leaf"
     );
+    load.none_failed().await;
 }
 
 /// A root rotation with cross-signing keeps working while one side still trusts only the
@@ -379,55 +412,39 @@ async fn a_leaf_rotation_under_load_fails_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_rotation_with_cross_signing_keeps_working() {
     let _limit = support::time_limit(120);
-    let fake = FakeConsul::start(None).await;
-    let consul = consul(&fake.url());
-    let first = MeshServer::start(&consul, "api", "api-1").await;
-    let web = mesh(&consul, "web").await;
-    let channel = channel(&consul, "api", &web);
-    let callers = Callers::start(&channel, 8);
-    callers.succeed(100).await;
+    let load = UnderLoad::start().await;
+    let (fake, web, channel) = (&load.fake, &load.web, &load.channel);
 
     fake.freeze_roots(true);
     fake.rotate_root(true);
-    support::until_async("the client has its leaf from the new root", || async {
-        web.leaf().map(|l| l.serial) == fake.leaf_serial("web")
-    })
-    .await;
+    load.web_has_the_agents_leaf().await;
     assert_eq!(web.roots(), 1, "the client still trusts only the old root");
     // A new instance with a leaf from the new root and the old roots.
-    let second = MeshServer::start(&consul, "api", "api-2").await;
+    let second = MeshServer::start(&load.consul, "api", "api-2").await;
     support::until("the new instance takes traffic", || {
         second.connections() == 1
     })
     .await;
-    callers.succeed(200).await;
-    assert_eq!(state_of(&channel, "api-2"), Some(Connectivity::Ready));
+    load.callers.succeed(200).await;
+    assert_eq!(state_of(channel, "api-2"), Some(Connectivity::Ready));
 
     // The roots catch up: both roots trusted, still working.
     fake.freeze_roots(false);
     support::until("the client trusts both roots", || web.roots() == 2).await;
-    callers.succeed(200).await;
+    load.callers.succeed(200).await;
 
     // The control: a rotation without cross-signing, seen by nobody's roots yet.
     fake.freeze_roots(true);
     fake.rotate_root(false);
-    support::until_async("the client has its leaf from the third root", || async {
-        web.leaf().map(|l| l.serial) == fake.leaf_serial("web")
-    })
-    .await;
-    let third = MeshServer::start(&consul, "api", "api-3").await;
+    load.web_has_the_agents_leaf().await;
+    let third = MeshServer::start(&load.consul, "api", "api-3").await;
     support::until("the client tried the new instance and failed", || {
-        state_of(&channel, "api-3") == Some(Connectivity::TransientFailure)
+        state_of(channel, "api-3") == Some(Connectivity::TransientFailure)
     })
     .await;
     assert_eq!(third.connections(), 0, "no chain to a trusted root");
-    let (ok, failed) = callers.stop().await;
-    assert!(
-        failed.is_empty(),
-        "{} of {ok} failed: {failed:?}",
-        failed.len()
-    );
-    drop((first, second));
+    drop(second);
+    load.none_failed().await;
 }
 
 /// The leaf is asked for again before it expires even when the agent's blocking query

@@ -56,6 +56,19 @@ pub async fn until_endpoints(channel: &LoadBalancedChannel, names: &[&str]) {
     panic!("balancer never listed {want:?}");
 }
 
+/// The connection state of the balancer's endpoint `key`.
+pub fn connectivity(
+    channel: &LoadBalancedChannel,
+    key: &str,
+) -> Option<tower_sd::balance::Connectivity> {
+    channel
+        .balance()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == key)
+        .and_then(|e| e.connectivity)
+}
+
 /// Callers sending checks continuously until stopped, counting their successes.
 pub struct Callers {
     stop: Arc<AtomicBool>,
