@@ -33,19 +33,10 @@ pub(crate) struct Leaf {
 }
 
 /// The CA roots, as a trust store and as the client-certificate verifier built from it.
+#[derive(Debug)]
 pub(crate) struct Roots {
     pub(crate) store: Arc<RootCertStore>,
     pub(crate) client_verifier: Arc<dyn ClientCertVerifier>,
-    pub(crate) trust_domain: String,
-}
-
-impl std::fmt::Debug for Roots {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Roots")
-            .field("roots", &self.store.len())
-            .field("trust_domain", &self.trust_domain)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What the refresher publishes and the TLS configurations read.
@@ -150,7 +141,6 @@ impl Roots {
         Ok(Self {
             store,
             client_verifier,
-            trust_domain: answer.trust_domain.clone(),
         })
     }
 }

@@ -19,12 +19,11 @@ use crate::registry::Secret;
 
 const REGISTRY: &str = "consul";
 
-/// `GET /v1/agent/connect/ca/roots`.
+/// `GET /v1/agent/connect/ca/roots` (its `TrustDomain` is not read: as in Consul's Go SDK,
+/// the roots alone decide which trust domains are accepted).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub(crate) struct CaRoots {
-    /// `<cluster id>.consul`: the host of every SPIFFE ID the CA issues.
-    pub(crate) trust_domain: String,
     #[serde(default)]
     pub(crate) roots: Vec<CaRoot>,
 }
@@ -196,7 +195,6 @@ mod tests {
                            "IntermediateCerts": null, "Active": true}]}"#,
         )
         .unwrap();
-        assert_eq!(roots.trust_domain, "7f42f496.consul");
         assert_eq!(roots.roots[0].root_cert, "PEM");
     }
 }
