@@ -336,6 +336,11 @@ async fn a_denied_call_fails_with_permission_denied() {
         .await
         .unwrap();
     assert_eq!(server.connections(), 1);
+    // ...except where an exact intention says otherwise: web's deny is more precise.
+    let status = check(&mut HealthClient::new(channel(&consul, "api", &web)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 }
 
 /// A server whose certificate names another service is rejected by the client's SPIFFE
