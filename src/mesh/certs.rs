@@ -182,6 +182,8 @@ pub(crate) async fn refresh(
         }
     };
     let leaf = async {
+        // The serial last warned about as not renewed, so the warning comes once per leaf.
+        let mut warned: Option<String> = None;
         loop {
             let current = store.leaf.load_full();
             let wait = leaf_wait(current.as_deref(), wait);
@@ -196,7 +198,9 @@ pub(crate) async fn refresh(
                         info!(serial, id = %new.facts.id, "Consul Connect: new leaf certificate");
                         store.leaf.store(Some(Arc::new(new)));
                         store.changed();
-                    } else if SystemTime::now() >= new.renew_at() {
+                    } else if SystemTime::now() >= new.renew_at() && warned.as_ref() != Some(serial)
+                    {
+                        warned = Some(serial.clone());
                         warn!(
                             serial,
                             "Consul Connect: the agent has not renewed the leaf certificate yet"
