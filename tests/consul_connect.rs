@@ -541,6 +541,50 @@ async fn an_agent_down_at_start_is_a_typed_error() {
     );
 }
 
+/// Every background task stops: dropping `Incoming` closes the listener, and dropping the
+/// last handle (with no TLS configuration made from it alive) stops the refresh. Catches
+/// tasks that outlive what started them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_handles_stops_the_tasks() {
+    let _limit = support::time_limit(30);
+    let fake = FakeConsul::start(None).await;
+    let consul = consul(&fake.url());
+    let api = mesh(&consul, "api").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let incoming = api.incoming(listener);
+    tokio::net::TcpStream::connect(address).await.unwrap();
+    drop(incoming);
+    support::until_async("the listener is closed", || async {
+        tokio::net::TcpStream::connect(address).await.is_err()
+    })
+    .await;
+
+    let tls = api.client_tls().unwrap();
+    drop(api);
+    let leaf_queries = || {
+        fake.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET connect/ca/leaf/api"))
+            .count()
+    };
+    fake.rotate_leaf("api");
+    support::until("a TLS configuration keeps the refresh going", || {
+        leaf_queries() >= 3
+    })
+    .await;
+    drop(tls);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = leaf_queries();
+    fake.rotate_leaf("api");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        leaf_queries(),
+        before,
+        "the refresh stopped with the last user"
+    );
+}
+
 /// The allowed call against a real agent (`consul agent -dev`, Connect on, ACLs off).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Consul agent: CONSUL_HTTP_ADDR=127.0.0.1:8500 cargo test --all-features --test consul_connect -- --ignored"]
