@@ -44,9 +44,9 @@ pub(crate) struct Roots {
 pub(crate) struct Store {
     pub(crate) leaf: ArcSwapOption<Leaf>,
     pub(crate) roots: ArcSwapOption<Roots>,
-    /// Bumped at every change, for waiters.
-    pub(crate) changes: watch::Sender<u64>,
-    /// The last fetch error, until the next success.
+    /// Notified at every change, for waiters.
+    pub(crate) changes: watch::Sender<()>,
+    /// The last fetch error.
     pub(crate) last_error: Mutex<Option<Error>>,
 }
 
@@ -66,26 +66,19 @@ impl Store {
         Self {
             leaf: ArcSwapOption::empty(),
             roots: ArcSwapOption::empty(),
-            changes: watch::Sender::new(0),
+            changes: watch::Sender::new(()),
             last_error: Mutex::new(None),
         }
     }
 
     fn changed(&self) {
-        self.changes.send_modify(|n| *n += 1);
+        self.changes.send_replace(());
     }
 
     fn failed(&self, what: &str, error: Error) {
         warn!(what, error = %Chain(&error), "Consul Connect: fetching from the agent failed; keeping the current certificates");
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
         self.changed();
-    }
-
-    fn clear_error(&self) {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
     }
 }
 
@@ -174,7 +167,6 @@ pub(crate) async fn refresh(
                 Ok(new) => {
                     debug!(roots = new.store.len(), "Consul Connect: CA roots");
                     store.roots.store(Some(Arc::new(new)));
-                    store.clear_error();
                     store.changed();
                 }
                 Err(error) => store.failed("CA roots", error),
@@ -206,7 +198,6 @@ pub(crate) async fn refresh(
                             "Consul Connect: the agent has not renewed the leaf certificate yet"
                         );
                     }
-                    store.clear_error();
                 }
                 Err(error) => store.failed("leaf certificate", error),
             }
