@@ -54,7 +54,21 @@ struct MeshServer {
 
 impl MeshServer {
     async fn start(consul: &ConsulRegistry, service: &str, id: &str) -> Self {
-        let mesh = mesh(consul, service).await;
+        Self::start_caching(consul, service, id, Duration::from_secs(1)).await
+    }
+
+    /// With authorization answers cached for `ttl`.
+    async fn start_caching(
+        consul: &ConsulRegistry,
+        service: &str,
+        id: &str,
+        ttl: Duration,
+    ) -> Self {
+        let mesh = ConsulConnect::builder(consul, service)
+            .authorization_cache(ttl)
+            .start(Duration::from_secs(10))
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -173,7 +187,7 @@ async fn an_allowed_call_succeeds() {
     fake.set_default_allow(false);
     fake.set_intention("web", "api", true);
     let consul = consul(&fake.url());
-    let server = MeshServer::start(&consul, "api", "api-1").await;
+    let server = MeshServer::start_caching(&consul, "api", "api-1", Duration::from_secs(60)).await;
     let web = mesh(&consul, "web").await;
     assert_eq!(
         web.leaf().unwrap().id.to_string(),
@@ -193,6 +207,16 @@ async fn an_allowed_call_succeeds() {
         "{:?}",
         fake.requests()
     );
+    // A second connection from the same certificate: answered from the cache.
+    check(&mut HealthClient::new(channel(&consul, "api", &web)))
+        .await
+        .unwrap();
+    assert_eq!(server.connections(), 2);
+    assert_eq!(
+        fake.authorizations(),
+        1,
+        "the cached answer served the second connection"
+    );
 
     // A client without the mesh's certificate is refused at the handshake.
     let plain = LoadBalancedChannel::builder(Arc::new(consul.clone()), "api")
@@ -201,7 +225,7 @@ async fn an_allowed_call_succeeds() {
         .build();
     let status = check(&mut HealthClient::new(plain)).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert_eq!(server.connections(), 1);
+    assert_eq!(server.connections(), 2, "the plain client was not served");
     drop(server);
 }
 

@@ -134,34 +134,56 @@ pub enum AcceptError {
 pub(crate) struct Authorizer {
     client: Arc<Client>,
     target: String,
-    ttl: Duration,
-    capacity: usize,
     answers: Mutex<Answers>,
 }
 
-/// By client certificate (URI, serial): when the agent answered, and what.
-type Answers = HashMap<(String, String), (Instant, Authorization)>;
+/// The agent's answers by client certificate (URI, serial), each kept for `ttl`; at most
+/// `capacity` of them (when full, the expired ones go, and if none has, all go).
+#[derive(Debug)]
+struct Answers {
+    ttl: Duration,
+    capacity: usize,
+    by_client: HashMap<(String, String), (Instant, Authorization)>,
+}
+
+impl Answers {
+    fn get(&self, key: &(String, String), now: Instant) -> Option<Authorization> {
+        let (at, answer) = self.by_client.get(key)?;
+        (now.saturating_duration_since(*at) < self.ttl).then(|| answer.clone())
+    }
+
+    fn put(&mut self, key: (String, String), answer: Authorization, now: Instant) {
+        if self.by_client.len() >= self.capacity {
+            let ttl = self.ttl;
+            self.by_client
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
+            if self.by_client.len() >= self.capacity {
+                self.by_client.clear();
+            }
+        }
+        self.by_client.insert(key, (now, answer));
+    }
+}
 
 impl Authorizer {
     pub(crate) fn new(client: Arc<Client>, target: String, ttl: Duration) -> Self {
         Self {
             client,
             target,
-            ttl,
-            capacity: 4096,
-            answers: Mutex::new(HashMap::new()),
+            answers: Mutex::new(Answers {
+                ttl,
+                capacity: 4096,
+                by_client: HashMap::new(),
+            }),
         }
     }
 
     /// Asks the agent whether `client` (its URI SAN and serial) may call the target, or
-    /// answers from the cache.
+    /// answers from the cache. Failures to ask are not cached.
     pub(crate) async fn authorize(&self, uri: &str, serial: &str) -> Authorization {
         let key = (uri.to_owned(), serial.to_owned());
-        let now = Instant::now();
-        if let Some((at, answer)) = self.lock().get(&key)
-            && now.saturating_duration_since(*at) < self.ttl
-        {
-            return answer.clone();
+        if let Some(answer) = self.lock().get(&key, Instant::now()) {
+            return answer;
         }
         match self
             .client
@@ -174,15 +196,7 @@ impl Authorizer {
                 } else {
                     Authorization::Denied(reason)
                 };
-                let mut answers = self.lock();
-                if answers.len() >= self.capacity {
-                    let ttl = self.ttl;
-                    answers.retain(|_, (at, ..)| now.saturating_duration_since(*at) < ttl);
-                    if answers.len() >= self.capacity {
-                        answers.clear();
-                    }
-                }
-                answers.insert(key, (now, answer.clone()));
+                self.lock().put(key, answer.clone(), Instant::now());
                 answer
             }
             Err(error) => Authorization::Unavailable(crate::error::Chain(&error).to_string()),
@@ -288,6 +302,55 @@ fn percent_encode(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(n: u32) -> (String, String) {
+        (
+            format!("spiffe://td/ns/default/dc/dc1/svc/s{n}"),
+            format!("{n:02x}"),
+        )
+    }
+
+    /// Answers last their ttl and no longer; a full cache drops the expired ones first,
+    /// then everything, and never grows past its capacity.
+    #[tokio::test(start_paused = true)]
+    async fn answers_expire_and_the_cache_stays_bounded() {
+        let mut answers = Answers {
+            ttl: Duration::from_secs(1),
+            capacity: 3,
+            by_client: HashMap::new(),
+        };
+        let start = Instant::now();
+        answers.put(key(1), Authorization::Allowed, start);
+        let later = |ms| start + Duration::from_millis(ms);
+        assert_eq!(
+            answers.get(&key(1), later(999)),
+            Some(Authorization::Allowed)
+        );
+        assert_eq!(
+            answers.get(&key(1), later(1_000)),
+            None,
+            "expired at the ttl"
+        );
+        assert_eq!(answers.get(&key(2), start), None);
+
+        answers.put(key(2), Authorization::Denied("no".into()), later(500));
+        answers.put(key(3), Authorization::Allowed, later(600));
+        // Full at 1.2 s: only key 1 has expired, so it alone goes.
+        answers.put(key(4), Authorization::Allowed, later(1_200));
+        assert_eq!(answers.by_client.len(), 3);
+        assert!(!answers.by_client.contains_key(&key(1)));
+        assert_eq!(
+            answers.get(&key(2), later(1_200)),
+            Some(Authorization::Denied("no".into()))
+        );
+        // Full at 1.3 s with nothing expired: everything goes but the new answer.
+        answers.put(key(5), Authorization::Allowed, later(1_300));
+        assert_eq!(answers.by_client.len(), 1);
+        assert_eq!(
+            answers.get(&key(5), later(1_300)),
+            Some(Authorization::Allowed)
+        );
+    }
 
     #[test]
     fn grpc_messages_are_percent_encoded() {
