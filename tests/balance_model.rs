@@ -208,13 +208,20 @@ impl Harness {
 
     async fn start(&mut self) {
         // Endpoints whose ejection has ended and that no probe is out on. (Requests that
-        // were running on an endpoint when it was ejected are not probes.)
+        // were running on an endpoint when it was ejected are not probes, and neither is a
+        // probe of an earlier generation of the key: a replaced endpoint is probed anew.)
         let due: Vec<usize> = self
             .balance
             .endpoints()
             .into_iter()
             .filter(|e| e.state == EndpointState::Ejected && e.ejected_for == Some(Duration::ZERO))
-            .filter(|e| !self.running.iter().any(|r| r.1 == e.key && r.4))
+            .filter(|e| {
+                let live = self.live.get(&e.key);
+                !self
+                    .running
+                    .iter()
+                    .any(|r| r.1 == e.key && Some(&r.2) == live && r.4)
+            })
             .map(|e| e.key)
             .collect();
         let before = self.balance.endpoints();
