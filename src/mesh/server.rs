@@ -29,7 +29,11 @@ use crate::registry::consul::client::Client;
 
 /// Checks a client's certificate against the current roots (and that it names a service).
 #[derive(Debug)]
-struct ClientVerifier(Arc<Keeper>);
+struct ClientVerifier {
+    keeper: Arc<Keeper>,
+    /// Made once: the verifier is asked for them at every handshake.
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
 
 impl ClientCertVerifier for ClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -43,7 +47,7 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let roots = self.0.store.roots.load_full().ok_or_else(not_ready)?;
+        let roots = self.keeper.store.roots.load_full().ok_or_else(not_ready)?;
         roots
             .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
@@ -57,8 +61,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let algorithms = provider().signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -67,14 +70,11 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let algorithms = provider().signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -82,9 +82,14 @@ impl ClientCertVerifier for ClientVerifier {
 /// current roots, ALPN `h2` and `http/1.1`, and no session resumption (a resumed session
 /// would skip the check against the current roots).
 pub(crate) fn server_config(keeper: &Arc<Keeper>) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    let verifier = ClientVerifier {
+        keeper: Arc::clone(keeper),
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(ClientVerifier(Arc::clone(keeper))))
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(LeafResolver(Arc::clone(keeper))));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
