@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use super::load::Load;
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 
 use super::classify::{Classify, ErrorsOnly};
 use super::endpoint::Slot;
@@ -17,16 +17,18 @@ use crate::error::BoxError;
 /// What a completion tells its endpoint.
 pub(crate) trait Track: Send + Sync {
     /// The request ended: classified (`Some(failure)`) or abandoned (`None`: the caller gave
-    /// up, which says nothing about the endpoint). `started` is when it was sent, for the
-    /// latency sample; `probe` whether it was the endpoint's outlier probe.
-    fn done(&self, outcome: Option<bool>, started: Option<Instant>, probe: bool);
+    /// up, which says nothing about the endpoint). `started` is when it was sent, as the
+    /// endpoint's latency clock [stamped](super::load::Load::stamp) it (0: not timed);
+    /// `probe` whether it was the endpoint's outlier probe.
+    fn done(&self, outcome: Option<bool>, started: u64, probe: bool);
 }
 
 impl<S: Send + Sync, K: fmt::Debug + Send + Sync> Track for Slot<S, K> {
-    fn done(&self, outcome: Option<bool>, started: Option<Instant>, probe: bool) {
-        if let (Some(_), Some(load), Some(started)) = (outcome, &self.ewma, started) {
-            let now = Instant::now();
-            load.observe(now.saturating_duration_since(started), now);
+    fn done(&self, outcome: Option<bool>, started: u64, probe: bool) {
+        if let (Some(_), Some(load)) = (outcome, &self.ewma)
+            && started != 0
+        {
+            load.observe_since(started);
         }
         if let Some(detector) = &self.detector {
             match outcome {
@@ -58,7 +60,9 @@ impl<S: Send + Sync, K: fmt::Debug + Send + Sync> Track for Slot<S, K> {
 #[must_use = "dropping a completion counts the request as abandoned"]
 pub struct Completion {
     slot: Option<Arc<dyn Track>>,
-    started: Option<Instant>,
+    /// The latency clock's stamp at the start (0 when the endpoint measures no latency): a
+    /// plain word, so that moving a completion is cheap.
+    started: u64,
     probe: bool,
 }
 
@@ -70,7 +74,7 @@ impl Completion {
         K: fmt::Debug + Send + Sync + 'static,
     {
         slot.start();
-        let started = slot.ewma.as_ref().map(|_| Instant::now());
+        let started = slot.ewma.as_ref().map_or(0, Load::stamp);
         let slot: Arc<dyn Track> = slot;
         Self {
             slot: Some(slot),

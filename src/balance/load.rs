@@ -79,6 +79,21 @@ impl Load {
         estimate * self.keep(Self::nanos(self.epoch, now))
     }
 
+    /// Now, as a request's start stamp: nanoseconds since the epoch plus one, so that it is
+    /// never 0 (which a completion reads as "not timed").
+    pub(crate) fn stamp(&self) -> u64 {
+        Self::nanos(self.epoch, Instant::now()).saturating_add(1)
+    }
+
+    /// Records the response time of a request [stamped](Self::stamp) `started`.
+    pub(crate) fn observe_since(&self, started: u64) {
+        let now = Instant::now();
+        let elapsed = Self::nanos(self.epoch, now)
+            .saturating_add(1)
+            .saturating_sub(started);
+        self.observe(Duration::from_nanos(elapsed), now);
+    }
+
     /// Records a response time.
     pub(crate) fn observe(&self, rtt: Duration, now: Instant) {
         let now = Self::nanos(self.epoch, now);
@@ -123,5 +138,25 @@ mod tests {
 
         // Idle time decays it.
         assert!(load.estimate(at(20_000_000_001)) < expected / 2.0);
+    }
+
+    /// Catches a stamp that is not the current time (or is 0, which reads as "not timed"),
+    /// and a response time measured from anything but the stamp.
+    #[tokio::test(start_paused = true)]
+    async fn a_stamped_request_is_timed_from_its_stamp() {
+        let epoch = Instant::now();
+        let load = Load::new(
+            Duration::from_millis(30),
+            Duration::from_secs(10),
+            epoch,
+            epoch,
+        );
+        assert_eq!(load.stamp(), 1, "the epoch itself stamps as 1, not 0");
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let started = load.stamp();
+        tokio::time::advance(Duration::from_millis(70)).await;
+        load.observe_since(started);
+        // 70 ms is above the 30 ms estimate, so it replaces it exactly.
+        assert_eq!(load.estimate(Instant::now()), 70e6);
     }
 }
