@@ -9,10 +9,13 @@
 //! `unary/{tower_sd,direct,balance_channel}/C`: C concurrent callers, each with its own clone
 //! of the client; the time is per request (all callers together).
 //!
-//! After the criterion groups, a latency pass sends 20,000 requests per client and caller
+//! `unary_remote/...`: the same, with the 4 servers in a child process (this binary run
+//! again with `TOWER_SD_BENCH_SERVE=1`), so that the process's CPU time is the clients'.
+//!
+//! After each criterion group, a latency pass sends 20,000 requests per client and caller
 //! count, timing each one, and prints a table: throughput, p50 and p99 latency, and the
-//! process's CPU time per request (from `/proc/self/stat`; client and servers share the
-//! process, so it is both sides' cost).
+//! process's CPU time per request (from `/proc/self/stat`): both sides' cost in `unary`,
+//! where client and servers share the process, the client's alone in `unary_remote`.
 
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
@@ -23,7 +26,7 @@ mod servers;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, criterion_group};
 use servers::TestServer;
 use tokio::runtime::Runtime;
 use tokio::time::Instant;
@@ -146,40 +149,102 @@ async fn latency_row<T: Transport>(name: &str, client: &HealthClient<T>, callers
     );
 }
 
-fn endpoint(server: &TestServer) -> Endpoint {
-    Endpoint::from_shared(format!("http://127.0.0.1:{}", server.port)).unwrap()
+fn endpoint(port: u16) -> Endpoint {
+    Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap()
 }
 
-fn unary(c: &mut Criterion) {
-    let rt: Runtime = tokio::runtime::Builder::new_multi_thread()
+/// The environment variable that makes this binary serve instead of bench (see
+/// [`ServerProcess`]).
+const SERVE: &str = "TOWER_SD_BENCH_SERVE";
+
+/// The 4 servers in a child process (this binary again, with [`SERVE`] set), so that the
+/// parent's CPU time is the clients' alone. Killed on drop.
+struct ServerProcess {
+    child: std::process::Child,
+    ports: Vec<u16>,
+}
+
+impl ServerProcess {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(SERVE, "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the server process");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ports = line
+            .split_whitespace()
+            .map(|port| port.parse().expect("a port"))
+            .collect();
+        Self { child, ports }
+    }
+
+    /// In the child: serves until the parent closes stdin (or dies).
+    fn serve() {
+        let rt = runtime();
+        let servers = rt.block_on(async {
+            let mut servers = Vec::new();
+            for n in 0..4 {
+                servers.push(TestServer::grpc(&format!("s{n}")).await);
+            }
+            servers
+        });
+        let ports: Vec<String> = servers.iter().map(|s| s.port.to_string()).collect();
+        println!("{}", ports.join(" "));
+        let mut sink = String::new();
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .is_ok_and(|read| read > 0)
+        {}
+        drop(servers);
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    let (servers, ours, direct, tonic_balanced) = rt.block_on(async {
+        .unwrap()
+}
+
+/// Benches `LoadBalancedChannel`, a direct `Channel` and `balance_channel` against servers
+/// on `ports`, as criterion group `name`, then prints the latency pass.
+fn clients(c: &mut Criterion, rt: &Runtime, name: &str, ports: &[u16]) {
+    let (ours, direct, tonic_balanced) = rt.block_on(async {
         let registry = Arc::new(MemoryRegistry::new());
-        let mut servers = Vec::new();
-        for n in 0..4 {
-            let server = TestServer::grpc(&format!("s{n}")).await;
-            registry.register(server.instance("health")).await.unwrap();
-            servers.push(server);
+        for (n, port) in ports.iter().enumerate() {
+            let instance =
+                tower_sd::ServiceInstance::new(format!("s{n}"), "health", "127.0.0.1", *port);
+            registry.register(instance).await.unwrap();
         }
         let ours = LoadBalancedChannel::builder(registry, "health")
             .connect(Duration::from_secs(5))
             .await
             .unwrap();
-        let direct = endpoint(&servers[0]).connect().await.unwrap();
+        let direct = endpoint(ports[0]).connect().await.unwrap();
         let (balanced, changes) = Channel::balance_channel::<usize>(16);
-        for (key, server) in servers.iter().enumerate() {
+        for (key, port) in ports.iter().enumerate() {
             changes
-                .send(Change::Insert(key, endpoint(server)))
+                .send(Change::Insert(key, endpoint(*port)))
                 .await
                 .unwrap();
         }
         // Keep the sender: dropping it would end tonic's discovery stream.
         std::mem::forget(changes);
         (
-            servers,
             HealthClient::new(ours),
             HealthClient::new(direct),
             HealthClient::new(balanced),
@@ -192,7 +257,7 @@ fn unary(c: &mut Criterion) {
         run(&tonic_balanced, 8, 512).await;
     });
 
-    let mut group = c.benchmark_group("unary");
+    let mut group = c.benchmark_group(name);
     group.throughput(criterion::Throughput::Elements(PER_ITER as u64));
     for callers in [1usize, 8, 64] {
         let total = |iters: u64| PER_ITER * iters as usize;
@@ -208,7 +273,8 @@ fn unary(c: &mut Criterion) {
     }
     group.finish();
 
-    println!("\n| client | callers | req/s | p50 | p99 | CPU / request |");
+    println!("\n{name}:\n");
+    println!("| client | callers | req/s | p50 | p99 | CPU / request |");
     println!("| --- | --- | --- | --- | --- | --- |");
     rt.block_on(async {
         for callers in [1usize, 8, 64] {
@@ -217,8 +283,39 @@ fn unary(c: &mut Criterion) {
             latency_row("balance_channel", &tonic_balanced, callers).await;
         }
     });
+}
+
+/// Servers in this process: the CPU per request is both sides'.
+fn unary(c: &mut Criterion) {
+    let rt = runtime();
+    let servers = rt.block_on(async {
+        let mut servers = Vec::new();
+        for n in 0..4 {
+            servers.push(TestServer::grpc(&format!("s{n}")).await);
+        }
+        servers
+    });
+    let ports: Vec<u16> = servers.iter().map(|server| server.port).collect();
+    clients(c, &rt, "unary", &ports);
     drop(servers);
 }
 
-criterion_group!(benches, unary);
-criterion_main!(benches);
+/// Servers in a child process: the CPU per request is the client's alone.
+fn unary_remote(c: &mut Criterion) {
+    let servers = ServerProcess::start();
+    let rt = runtime();
+    clients(c, &rt, "unary_remote", &servers.ports);
+    drop(rt);
+    drop(servers);
+}
+
+criterion_group!(benches, unary, unary_remote);
+
+fn main() {
+    if std::env::var_os(SERVE).is_some() {
+        ServerProcess::serve();
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

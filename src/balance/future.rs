@@ -18,16 +18,14 @@ use crate::error::BoxError;
 pub(crate) trait Track: Send + Sync {
     /// The request ended: classified (`Some(failure)`) or abandoned (`None`: the caller gave
     /// up, which says nothing about the endpoint). `started` is when it was sent, as the
-    /// endpoint's latency clock [stamped](super::load::Load::stamp) it (0: not timed);
-    /// `probe` whether it was the endpoint's outlier probe.
+    /// endpoint's latency clock [stamped](super::load::Load::stamp) it (0 when the endpoint
+    /// measures no latency); `probe` whether it was the endpoint's outlier probe.
     fn done(&self, outcome: Option<bool>, started: u64, probe: bool);
 }
 
 impl<S: Send + Sync, K: fmt::Debug + Send + Sync> Track for Slot<S, K> {
     fn done(&self, outcome: Option<bool>, started: u64, probe: bool) {
-        if let (Some(_), Some(load)) = (outcome, &self.ewma)
-            && started != 0
-        {
+        if let (Some(_), Some(load)) = (outcome, &self.ewma) {
             load.observe_since(started);
         }
         if let Some(detector) = &self.detector {
