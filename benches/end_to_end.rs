@@ -187,13 +187,7 @@ impl ServerProcess {
     /// In the child: serves until the parent closes stdin (or dies).
     fn serve() {
         let rt = runtime();
-        let servers = rt.block_on(async {
-            let mut servers = Vec::new();
-            for n in 0..4 {
-                servers.push(TestServer::grpc(&format!("s{n}")).await);
-            }
-            servers
-        });
+        let servers = rt.block_on(four_servers());
         let ports: Vec<String> = servers.iter().map(|s| s.port.to_string()).collect();
         println!("{}", ports.join(" "));
         let mut sink = String::new();
@@ -210,6 +204,15 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The 4 gRPC health servers every client is measured against.
+async fn four_servers() -> Vec<TestServer> {
+    let mut servers = Vec::new();
+    for n in 0..4 {
+        servers.push(TestServer::grpc(&format!("s{n}")).await);
+    }
+    servers
 }
 
 fn runtime() -> Runtime {
@@ -288,13 +291,7 @@ fn clients(c: &mut Criterion, rt: &Runtime, name: &str, ports: &[u16]) {
 /// Servers in this process: the CPU per request is both sides'.
 fn unary(c: &mut Criterion) {
     let rt = runtime();
-    let servers = rt.block_on(async {
-        let mut servers = Vec::new();
-        for n in 0..4 {
-            servers.push(TestServer::grpc(&format!("s{n}")).await);
-        }
-        servers
-    });
+    let servers = rt.block_on(four_servers());
     let ports: Vec<u16> = servers.iter().map(|server| server.port).collect();
     clients(c, &rt, "unary", &ports);
     drop(servers);
