@@ -78,7 +78,11 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let incoming = futures_util::stream::unfold(listener, |listener| async move {
-            Some((listener.accept().await.map(|(stream, _)| stream), listener))
+            let accepted = listener.accept().await.map(|(stream, _)| {
+                let _ = stream.set_nodelay(true);
+                stream
+            });
+            Some((accepted, listener))
         });
         let stats = Arc::new(Stats::default());
         let counters = Arc::clone(&stats);
@@ -171,6 +175,10 @@ impl TestServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                // As tonic's `Server` does by default: without it, a small frame written while
+                // a response is unacknowledged (a PING or WINDOW_UPDATE) waits for the
+                // client's delayed ACK, and requests stall for 40 ms at random.
+                let _ = stream.set_nodelay(true);
                 let service = Counting {
                     inner: make(),
                     stats: Arc::clone(&counters),
