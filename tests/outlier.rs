@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -634,6 +635,50 @@ async fn a_probe_dropped_between_poll_ready_and_call_is_sent_again() {
     assert_eq!(fleet.calls(0), 1, "only the failure that ejected it");
     let served = minute_of_traffic(&fleet, 0).await;
     assert!(served > 50, "endpoint 0 served {served} of 300");
+    assert_eq!(fleet.state(0).0, EndpointState::Ready);
+}
+
+/// A request that was running on an endpoint before it was ejected, abandoned while the
+/// endpoint's probe is out, leaves the probe claimed: the endpoint still gets nothing else
+/// until the probe answers. Catches releasing the probe for any abandoned request (a second
+/// probe would go out while the first is unanswered).
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_request_that_was_not_the_probe_leaves_the_probe_claimed() {
+    let _limit = support::time_limit(60);
+    let fleet = Fleet::new(3, quick()).await;
+    // One request on each endpoint, its response never polled: each stays in flight, so
+    // the loads tie and endpoint 0 is still picked often enough to be ejected.
+    let mut held = HashMap::new();
+    while held.len() < 3 {
+        let mut handle = fleet.balance.clone();
+        handle.ready().await.unwrap();
+        let before: Vec<usize> = (0..3).map(|id| fleet.calls(id)).collect();
+        let response = handle.call(());
+        let id = (0..3).find(|&id| fleet.calls(id) > before[id]).unwrap();
+        match held.entry(id) {
+            Entry::Vacant(slot) => {
+                slot.insert(response);
+            }
+            Entry::Occupied(_) => {
+                response.await.unwrap();
+            }
+        }
+    }
+    eject_then_expire(&fleet).await;
+    // The next pick is the probe; it too is held unanswered.
+    let calls = fleet.calls(0);
+    let mut handle = fleet.balance.clone();
+    handle.ready().await.unwrap();
+    let probe = handle.call(());
+    assert_eq!(fleet.calls(0), calls + 1, "the next request is the probe");
+    drop(held.remove(&0));
+    fleet.send(100).await;
+    assert_eq!(
+        fleet.calls(0),
+        calls + 1,
+        "no request but the probe while it is out"
+    );
+    assert_eq!(probe.await.unwrap(), 0, "the probe answers");
     assert_eq!(fleet.state(0).0, EndpointState::Ready);
 }
 
