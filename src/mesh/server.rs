@@ -355,6 +355,14 @@ mod tests {
             answers.get(&key(5), later(1_300)),
             Some(Authorization::Allowed)
         );
+        // Full at 2.3 s, when key 5 is exactly a ttl old: it is expired (as `get` says), so
+        // it alone goes and the younger answers stay.
+        answers.put(key(6), Authorization::Allowed, later(1_400));
+        answers.put(key(7), Authorization::Allowed, later(1_500));
+        answers.put(key(8), Authorization::Allowed, later(2_300));
+        assert_eq!(answers.by_client.len(), 3);
+        assert!(!answers.by_client.contains_key(&key(5)));
+        assert!(answers.by_client.contains_key(&key(6)));
     }
 
     #[test]
