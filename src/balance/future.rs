@@ -7,11 +7,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use super::load::Load;
 use pin_project_lite::pin_project;
 
 use super::classify::{Classify, ErrorsOnly};
 use super::endpoint::Slot;
+use super::load::Load;
 use crate::error::BoxError;
 
 /// What a completion tells its endpoint.
