@@ -87,15 +87,18 @@ impl Load {
 
     /// Records the response time of a request [stamped](Self::stamp) `started`.
     pub(crate) fn observe_since(&self, started: u64) {
-        let now = Instant::now();
-        let elapsed = Self::nanos(self.epoch, now).saturating_sub(started);
-        self.observe(Duration::from_nanos(elapsed), now);
+        let now = self.stamp();
+        self.record(now.saturating_sub(started) as f64, now);
     }
 
     /// Records a response time.
-    pub(crate) fn observe(&self, rtt: Duration, now: Instant) {
-        let now = Self::nanos(self.epoch, now);
-        let rtt = rtt.as_nanos() as f64;
+    #[cfg(test)]
+    fn observe(&self, rtt: Duration, now: Instant) {
+        self.record(rtt.as_nanos() as f64, Self::nanos(self.epoch, now));
+    }
+
+    /// Records a response time of `rtt` nanoseconds, ending `now` (on the latency clock).
+    fn record(&self, rtt: f64, now: u64) {
         let previous = f64::from_bits(self.estimate.load(Ordering::Relaxed));
         let next = if rtt > previous {
             rtt

@@ -79,6 +79,7 @@ impl TestServer {
         let port = listener.local_addr().unwrap().port();
         let incoming = futures_util::stream::unfold(listener, |listener| async move {
             let accepted = listener.accept().await.map(|(stream, _)| {
+                // TCP_NODELAY, as in `start` (which says why).
                 let _ = stream.set_nodelay(true);
                 stream
             });
