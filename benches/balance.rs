@@ -235,6 +235,10 @@ fn publish(c: &mut Criterion) {
         });
         stop.store(true, Ordering::Relaxed);
         picker.join().unwrap();
+        if samples.is_empty() {
+            // Filtered out by the command line.
+            continue;
+        }
         samples.sort();
         let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
         eprintln!(

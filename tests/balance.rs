@@ -218,6 +218,40 @@ async fn call_uses_the_endpoint_chosen_in_poll_ready() {
     assert_eq!(balance.oneshot(()).await.unwrap(), 2);
 }
 
+/// Catches load counted only from `call`: two handles that poll ready at once would then
+/// both see two idle endpoints and land on the same one half the time, where a pick that
+/// claims its endpoint at once makes the second handle take the other.
+#[tokio::test]
+async fn handles_readied_together_take_different_endpoints_and_a_dropped_one_releases_its_claim() {
+    let _limit = support::time_limit(60);
+    let (feed, balance) = fed(Balance::builder());
+    insert(&feed, &Probe::new(1));
+    insert(&feed, &Probe::new(2));
+    listed(&balance, 1).await;
+    listed(&balance, 2).await;
+    let in_flight = |balance: &Balance<Counted, usize>| -> u64 {
+        balance.endpoints().iter().map(|e| e.in_flight).sum()
+    };
+    for round in 0..200 {
+        let (mut first, mut second) = (balance.clone(), balance.clone());
+        first.ready().await.unwrap();
+        assert_eq!(in_flight(&balance), 1, "round {round}: the pick is a claim");
+        second.ready().await.unwrap();
+        let (a, b) = (
+            first.call(()).await.unwrap(),
+            second.call(()).await.unwrap(),
+        );
+        assert_ne!(a, b, "round {round}: both handles took endpoint {a}");
+        assert_eq!(in_flight(&balance), 0, "round {round}: completed");
+
+        // A handle dropped between poll_ready and call gives its claim back.
+        let mut idle = balance.clone();
+        idle.ready().await.unwrap();
+        drop(idle);
+        assert_eq!(in_flight(&balance), 0, "round {round}: the dropped claim");
+    }
+}
+
 #[tokio::test]
 async fn a_pending_endpoint_is_called_only_once_ready() {
     let _limit = support::time_limit(60);

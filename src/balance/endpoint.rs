@@ -85,16 +85,25 @@ pub(crate) struct Tally {
     pub(crate) failed: AtomicUsize,
 }
 
-/// An endpoint as the balancer holds it.
+/// An endpoint as the balancer holds it: what the snapshots list (each snapshot that lists
+/// it shares this one `Slot`).
 ///
-/// `repr(C)` keeps the hot atomics first, so they share a cache line with the `Arc`'s own
-/// reference count: a request touches one line per endpoint (count up, in-flight up, and
-/// back down), and the cold fields (service, key) stay out of the way of pickers on other
-/// cores.
-#[repr(C)]
+/// Its state lives behind one more `Arc`, held once by the slot and once by each request in
+/// flight, so that `Arc`'s reference count is the in-flight count plus one. A request then
+/// costs two atomic operations on its endpoint (the clone at the pick, the drop at completion)
+/// rather than four (a reference count and a separate in-flight counter, up and down), and
+/// the state, with its service, lives until the last request on it completes.
 pub(crate) struct Slot<S, K> {
-    /// Requests dispatched and not yet complete (a response body still streaming counts).
-    in_flight: AtomicU64,
+    inner: Arc<SlotState<S, K>>,
+}
+
+/// The state of a [`Slot`], shared with the requests in flight on it.
+///
+/// `repr(C)` keeps the hot fields first, so they share a cache line with the `Arc`'s own
+/// reference count (the in-flight count): a pick reads one line per candidate, and the cold
+/// fields (service, key) stay out of the way of pickers on other cores.
+#[repr(C)]
+pub(crate) struct SlotState<S, K> {
     /// Peak-EWMA state, in that load mode only.
     pub(crate) ewma: Option<Load>,
     /// `poll_ready` failed; skipped by the pick while others are usable, except for a retry
@@ -134,8 +143,7 @@ impl<S, K> Slot<S, K> {
         if let Some(readiness) = &endpoint.readiness {
             readiness.listen(published);
         }
-        Self {
-            in_flight: AtomicU64::new(0),
+        let state = SlotState {
             ewma,
             failed: AtomicBool::new(false),
             failures: AtomicU32::new(0),
@@ -150,24 +158,60 @@ impl<S, K> Slot<S, K> {
             readiness: endpoint.readiness,
             key,
             service: endpoint.service,
+        };
+        Self {
+            inner: Arc::new(state),
         }
     }
 
+    /// Requests picked for it and not yet complete (a response body still streaming counts):
+    /// every reference to the state but the slot's own is a request's.
     #[inline]
     pub(crate) fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
+        (Arc::strong_count(&self.inner) - 1) as u64
     }
+
+    /// A request is picked: it holds the state (counted in flight) until it completes.
+    #[inline]
+    pub(crate) fn start(&self) -> Arc<SlotState<S, K>> {
+        Arc::clone(&self.inner)
+    }
+
+    /// A point-in-time view, for [`Balance::endpoints`](super::Balance::endpoints).
+    pub(crate) fn stats(&self, now: Instant) -> EndpointStats<K>
+    where
+        K: Clone,
+    {
+        let state = &*self.inner;
+        EndpointStats {
+            key: state.key.clone(),
+            in_flight: self.in_flight(),
+            ewma: state
+                .ewma
+                .as_ref()
+                .map(|load| Duration::from_nanos(load.estimate(now) as u64)),
+            weight: u32::try_from(state.weight).unwrap_or(u32::MAX),
+            zone: state.zone.clone(),
+            state: state.state(),
+            ejected_for: state
+                .detector
+                .as_ref()
+                .and_then(|detector| state.health.ejected_for(detector)),
+            connectivity: state.connectivity(),
+        }
+    }
+}
+
+impl<S, K> std::ops::Deref for Slot<S, K> {
+    type Target = SlotState<S, K>;
 
     #[inline]
-    pub(crate) fn start(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    fn deref(&self) -> &SlotState<S, K> {
+        &self.inner
     }
+}
 
-    #[inline]
-    pub(crate) fn finish(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
+impl<S, K> SlotState<S, K> {
     #[inline]
     pub(crate) fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
@@ -274,29 +318,6 @@ impl<S, K> Slot<S, K> {
             }
         }
     }
-
-    /// A point-in-time view, for [`Balance::endpoints`](super::Balance::endpoints).
-    pub(crate) fn stats(&self, now: Instant) -> EndpointStats<K>
-    where
-        K: Clone,
-    {
-        EndpointStats {
-            key: self.key.clone(),
-            in_flight: self.in_flight(),
-            ewma: self
-                .ewma
-                .as_ref()
-                .map(|load| Duration::from_nanos(load.estimate(now) as u64)),
-            weight: u32::try_from(self.weight).unwrap_or(u32::MAX),
-            zone: self.zone.clone(),
-            state: self.state(),
-            ejected_for: self
-                .detector
-                .as_ref()
-                .and_then(|detector| self.health.ejected_for(detector)),
-            connectivity: self.connectivity(),
-        }
-    }
 }
 
 /// Whether the balancer picks an endpoint.
@@ -328,7 +349,8 @@ pub enum EndpointState {
 pub struct EndpointStats<K> {
     /// The discovery key (the instance id, for registry discovery).
     pub key: K,
-    /// Requests dispatched to it and not yet complete (including responses still streaming).
+    /// Requests picked for it and not yet complete: counted from the `poll_ready` that picked
+    /// it, until the response (a streaming body included) is complete or dropped.
     pub in_flight: u64,
     /// Peak-EWMA latency estimate; `None` unless the balancer uses that load.
     pub ewma: Option<Duration>,

@@ -10,7 +10,7 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 
 use super::classify::{Classify, ErrorsOnly};
-use super::endpoint::Slot;
+use super::endpoint::SlotState;
 use super::load::Load;
 use crate::error::BoxError;
 
@@ -23,28 +23,48 @@ pub(crate) trait Track: Send + Sync {
     fn done(&self, outcome: Option<bool>, started: u64, probe: bool);
 }
 
-impl<S: Send + Sync, K: fmt::Debug + Send + Sync> Track for Slot<S, K> {
+impl<S: Send + Sync, K: fmt::Debug + Send + Sync> Track for SlotState<S, K> {
+    #[inline]
     fn done(&self, outcome: Option<bool>, started: u64, probe: bool) {
+        // The common case, in a few instructions: a success that was not a probe, with no
+        // latency to record and no failures in a row to reset.
+        let quiet = outcome == Some(false)
+            && !probe
+            && self.ewma.is_none()
+            && self
+                .detector
+                .as_ref()
+                .is_none_or(|detector| self.health.quiet_success(detector));
+        if !quiet {
+            self.record(outcome, started, probe);
+        }
+        // The completion drops its reference next, which ends the request's in-flight count.
+    }
+}
+
+impl<S, K: fmt::Debug> SlotState<S, K> {
+    /// What [`done`](Track::done) does outside its common case.
+    #[inline(never)]
+    fn record(&self, outcome: Option<bool>, started: u64, probe: bool) {
         if let (Some(_), Some(load)) = (outcome, &self.ewma) {
             load.observe_since(started);
         }
-        if let Some(detector) = &self.detector {
-            match outcome {
-                // The common case, inline: a success that was not a probe.
-                Some(false) if !probe && self.health.quiet_success(detector) => {}
-                Some(failure) => {
-                    let recorded = self.health.record(detector, &self.key, failure, probe);
-                    // Removed meanwhile: its ejection must not outlive its place in the
-                    // snapshot, or the shared count would leak.
-                    if recorded == super::outlier::Recorded::Ejected && self.is_removed() {
-                        self.health.clear(detector);
-                    }
+        let Some(detector) = &self.detector else {
+            return;
+        };
+        match outcome {
+            Some(false) if !probe && self.health.quiet_success(detector) => {}
+            Some(failure) => {
+                let recorded = self.health.record(detector, &self.key, failure, probe);
+                // Removed meanwhile: its ejection must not outlive its place in the
+                // snapshot, or the shared count would leak.
+                if recorded == super::outlier::Recorded::Ejected && self.is_removed() {
+                    self.health.clear(detector);
                 }
-                None if probe => self.health.release_probe(detector),
-                None => {}
             }
+            None if probe => self.health.release_probe(detector),
+            None => {}
         }
-        self.finish();
     }
 }
 
@@ -66,12 +86,11 @@ pub struct Completion {
 
 impl Completion {
     #[inline]
-    pub(crate) fn start<S, K>(slot: Arc<Slot<S, K>>, probe: bool) -> Self
+    pub(crate) fn start<S, K>(slot: Arc<SlotState<S, K>>, probe: bool) -> Self
     where
         S: Send + Sync + 'static,
         K: fmt::Debug + Send + Sync + 'static,
     {
-        slot.start();
         let started = slot.ewma.as_ref().map_or(0, Load::stamp);
         let slot: Arc<dyn Track> = slot;
         Self {

@@ -20,8 +20,9 @@
 //!   and publishes an immutable snapshot through `ArcSwap` once per batch, whether or not
 //!   requests arrive; endpoints that stay keep their slot and counters;
 //! - every **clone** of [`Balance`] picks from the current snapshot on its own thread with no
-//!   lock and no channel; per-endpoint counters are atomics that share a cache line only with
-//!   that endpoint's own reference count;
+//!   lock and no channel; an endpoint's in-flight count is the reference count of its state
+//!   (held once by the balancer and once by each request), so a request costs two atomic
+//!   operations on its endpoint, up at the pick and down at completion;
 //! - an **empty set** makes callers wait at most `wait_for_endpoints`, then fail with
 //!   [`Error::NoEndpoints`](crate::Error::NoEndpoints).
 //!

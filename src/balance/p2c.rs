@@ -22,13 +22,13 @@ use std::cell::Cell;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::builder::PanicMode;
 use super::endpoint::Slot;
 use super::outlier::Detector;
-use super::snapshot::{Pool, below};
+use super::snapshot::{Config, Pool, below};
 
 thread_local! {
     // `const` keeps the access a plain TLS load; the seed is drawn on first use.
@@ -167,15 +167,13 @@ pub(crate) enum Pick {
     Panic,
 }
 
-/// What constrains a pick beyond load: outlier ejection, the panic threshold and slow start.
+/// What constrains a pick beyond load: outlier ejection, the panic threshold and slow start
+/// (two references, so that a pick copies nothing it does not read).
 #[derive(Clone, Copy)]
 pub(crate) struct Rules<'a> {
     pub(crate) detector: Option<&'a Detector>,
-    /// Below this percentage of usable endpoints, ejections are ignored (or the pick fails).
-    pub(crate) panic_threshold: u8,
-    pub(crate) fail_in_panic: bool,
-    /// Ramp-up time of new endpoints, with the current time.
-    pub(crate) slow_start: Option<(Duration, Instant)>,
+    /// The panic threshold and mode, and the slow-start window.
+    pub(crate) config: &'a Config,
 }
 
 /// Random draws before giving up on finding two usable endpoints by sampling.
@@ -276,10 +274,10 @@ fn choose<S, K>(
         cost.prefers_second(&slots[a], &slots[b])
     };
     let (mut win, mut lose) = if second { (b, a) } else { (a, b) };
-    if let Some((window, now)) = rules.slow_start {
+    if let Some(window) = rules.config.slow_start {
         // A young winner keeps the request only with probability age / window, so its share
         // ramps up over the window instead of jumping to full (it has no load yet).
-        let age = now.saturating_duration_since(slots[win].inserted);
+        let age = Instant::now().saturating_duration_since(slots[win].inserted);
         if age < window {
             let ramp = age.as_secs_f64() / window.as_secs_f64();
             if (next_u64() >> 11) as f64 / (1u64 << 53) as f64 >= ramp {
@@ -305,8 +303,8 @@ fn pick_unusual<S, K>(
             .ejected
             .load(std::sync::atomic::Ordering::Relaxed)
             .min(total);
-        if (total - ejected) * 100 < usize::from(rules.panic_threshold) * total {
-            if rules.fail_in_panic {
+        if (total - ejected) * 100 < usize::from(rules.config.panic_threshold) * total {
+            if rules.config.panic_mode == PanicMode::Fail {
                 return Pick::Panic;
             }
             // Envoy's panic mode: too few are healthy, so balance across all of them.

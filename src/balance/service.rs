@@ -13,9 +13,9 @@ use tower::Service;
 use tower::discover::Discover;
 use tracing::debug;
 
-use super::builder::{BalanceBuilder, PanicMode};
+use super::builder::BalanceBuilder;
 use super::classify::{Classify, ErrorsOnly};
-use super::endpoint::{Endpoint, EndpointStats, Slot};
+use super::endpoint::{Endpoint, EndpointStats, SlotState};
 use super::future::{Completion, ResponseFuture};
 use super::load::LoadMetric;
 use super::p2c::{Cost, Pick, Rules, pick};
@@ -33,9 +33,10 @@ use crate::error::{BoxError, Elapsed, Error};
 /// - **Readiness**: `poll_ready` picks an endpoint and drives a clone of its service to
 ///   readiness; `call` dispatches to that same endpoint, even if the set changed in between.
 ///   A clone of `Balance` does not inherit readiness.
-/// - **Load until the end**: a request counts as load on its endpoint until its response is
-///   complete, as the [`Classify`] decides (with `HttpStatus`, until the response body ends
-///   or is dropped).
+/// - **Load from the pick until the end**: a request counts as load on its endpoint from the
+///   moment `poll_ready` picks it (so handles that get ready at the same time see each
+///   other's picks) until its response is complete, as the [`Classify`] decides (with
+///   `HttpStatus`, until the response body ends or is dropped).
 /// - **Empty set**: `poll_ready` waits up to `wait_for_endpoints` (woken the moment an
 ///   endpoint arrives), then fails with [`Error::NoEndpoints`]. Zero fails at once.
 /// - **Removal drains**: a request in flight on a removed endpoint completes on it, and no
@@ -101,28 +102,47 @@ pub struct Balance<S, K = String, C = ErrorsOnly> {
 
 /// The endpoint picked by `poll_ready`, and the clone of its service that `call` uses.
 struct Chosen<S, K> {
-    slot: Arc<Slot<S, K>>,
+    claim: Claim<S, K>,
     service: S,
-    /// The outlier probe claimed for this pick, if it is one.
-    probe: Option<ProbeClaim<S, K>>,
 }
 
-/// A claimed outlier probe: released if dropped before `call` hands it to the request.
-struct ProbeClaim<S, K>(Option<Arc<Slot<S, K>>>);
+/// The chosen endpoint, claimed for the request: it counts as in flight from the pick (so
+/// concurrent pickers see it), and holds the endpoint's outlier probe if the pick is one.
+/// `call` turns it into the request's [`Completion`]; dropped before that (the caller gave
+/// up, or the endpoint failed or left), it releases both.
+struct Claim<S, K> {
+    /// `None` only once handed to the request.
+    state: Option<Arc<SlotState<S, K>>>,
+    probe: bool,
+}
 
-impl<S, K> ProbeClaim<S, K> {
-    /// The request takes the probe over.
-    fn hand_over(mut self) {
-        self.0 = None;
+impl<S, K> Claim<S, K> {
+    #[inline]
+    fn state(&self) -> &SlotState<S, K> {
+        self.state.as_deref().expect("claimed until call")
     }
 }
 
-impl<S, K> Drop for ProbeClaim<S, K> {
+impl<S, K> Claim<S, K>
+where
+    S: Send + Sync + 'static,
+    K: fmt::Debug + Send + Sync + 'static,
+{
+    /// The request takes the claim over.
+    #[inline]
+    fn into_completion(mut self) -> Completion {
+        let state = self.state.take().expect("claimed until call");
+        Completion::start(state, self.probe)
+    }
+}
+
+impl<S, K> Drop for Claim<S, K> {
     fn drop(&mut self) {
-        if let Some(slot) = self.0.take()
-            && let Some(detector) = &slot.detector
+        if let Some(state) = self.state.take()
+            && self.probe
+            && let Some(detector) = &state.detector
         {
-            slot.health.release_probe(detector);
+            state.health.release_probe(detector);
         }
     }
 }
@@ -268,8 +288,8 @@ where
                 cost(&shared.config),
                 &rules(shared),
             );
-            let (slot, probe) = match picked {
-                Pick::Endpoint { index, probe } => (Arc::clone(&snapshot.slots[index]), probe),
+            let (index, probe) = match picked {
+                Pick::Endpoint { index, probe } => (index, probe),
                 Pick::Panic => {
                     let total = snapshot.slots.len();
                     return Poll::Ready(Err(self.no_healthy(total)));
@@ -281,29 +301,18 @@ where
                     continue;
                 }
             };
-            let service = self.kept_clone(&slot);
+            let slot = &snapshot.slots[index];
+            let claim = Claim {
+                state: Some(slot.start()),
+                probe,
+            };
+            let service = kept_clone(&mut self.clones, slot);
             if self.waiting.is_some() {
                 self.waiting = None;
             }
-            let probe = probe.then(|| ProbeClaim(Some(Arc::clone(&slot))));
-            self.chosen = Some(Chosen {
-                slot,
-                service,
-                probe,
-            });
+            self.chosen = Some(Chosen { claim, service });
             return Poll::Ready(Ok(()));
         }
-    }
-
-    /// A clone of the slot's service: one this handle kept, or a new one.
-    fn kept_clone(&mut self, slot: &Arc<Slot<S, K>>) -> S {
-        if !self.clones.is_empty() {
-            let key = slot_key(slot);
-            if let Some(i) = self.clones.iter().position(|(k, _)| *k == key) {
-                return self.clones.swap_remove(i).1;
-            }
-        }
-        slot.service.clone()
     }
 
     /// Starts (or keeps) waiting for a snapshot with an endpoint that is ready (any endpoint
@@ -382,9 +391,21 @@ fn view<'a, S, K>(
     snapshot
 }
 
+/// A clone of the slot's service: one this handle kept, or a new one.
+#[inline]
+fn kept_clone<S: Clone, K>(clones: &mut Vec<(usize, S)>, slot: &SlotState<S, K>) -> S {
+    if !clones.is_empty() {
+        let key = slot_key(slot);
+        if let Some(i) = clones.iter().position(|(k, _)| *k == key) {
+            return clones.swap_remove(i).1;
+        }
+    }
+    slot.service.clone()
+}
+
 /// Identifies a slot of the current view (its address; stable while the view holds it).
-fn slot_key<S, K>(slot: &Arc<Slot<S, K>>) -> usize {
-    Arc::as_ptr(slot).cast::<()>() as usize
+fn slot_key<S, K>(slot: &SlotState<S, K>) -> usize {
+    std::ptr::from_ref(slot).cast::<()>() as usize
 }
 
 #[inline]
@@ -401,12 +422,7 @@ fn cost(config: &Config) -> Cost {
 fn rules<S, K>(shared: &Shared<S, K>) -> Rules<'_> {
     Rules {
         detector: shared.detector.as_deref(),
-        panic_threshold: shared.config.panic_threshold,
-        fail_in_panic: shared.config.panic_mode == PanicMode::Fail,
-        slow_start: shared
-            .config
-            .slow_start
-            .map(|window| (window, Instant::now())),
+        config: &shared.config,
     }
 }
 
@@ -468,28 +484,20 @@ where
 
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        let Chosen {
-            slot,
-            mut service,
-            probe,
-        } = self
+        let chosen = self
             .chosen
             .take()
             .expect("Balance::call without poll_ready returning Ready(Ok)");
+        let Chosen { claim, mut service } = chosen;
         let future = service.call(request);
         let keep = self.shared.config.keep_clones;
         if keep > 0 {
             if self.clones.len() >= keep {
                 self.clones.swap_remove(0);
             }
-            self.clones.push((slot_key(&slot), service));
+            self.clones.push((slot_key(claim.state()), service));
         }
-        let is_probe = probe.is_some();
-        if let Some(probe) = probe {
-            probe.hand_over();
-        }
-        let completion = Completion::start(slot, is_probe);
-        ResponseFuture::new(future, completion, self.classify.clone())
+        ResponseFuture::new(future, claim.into_completion(), self.classify.clone())
     }
 }
 
@@ -505,20 +513,21 @@ where
     K: fmt::Debug + Send + Sync + 'static,
 {
     let chosen = balance.chosen.as_mut().expect("an endpoint was picked");
+    let slot = chosen.claim.state();
     match chosen.service.poll_ready(cx) {
         Poll::Ready(Ok(())) => {
             if balance.next_publish.is_some() {
                 balance.next_publish = None;
             }
-            if chosen.slot.clear_failed() {
-                debug!(service = %balance.shared.config.service, endpoint = ?chosen.slot.key, "endpoint ready again");
+            if slot.clear_failed() {
+                debug!(service = %balance.shared.config.service, endpoint = ?slot.key, "endpoint ready again");
             }
             Poll::Ready(Readiness::Ready)
         }
         Poll::Ready(Err(error)) => {
-            chosen.slot.set_failed();
+            slot.set_failed();
             let error = error.into();
-            debug!(service = %balance.shared.config.service, endpoint = ?chosen.slot.key, %error, "endpoint not ready; marked failed");
+            debug!(service = %balance.shared.config.service, endpoint = ?slot.key, %error, "endpoint not ready; marked failed");
             balance.chosen = None;
             Poll::Ready(Readiness::Failed(error))
         }
@@ -534,7 +543,7 @@ where
                 balance.next_publish = None;
             }
             // Checked after the publish watch is registered, so none is missed.
-            if !chosen.slot.is_removed() {
+            if !slot.is_removed() {
                 if published {
                     return Poll::Ready(Readiness::Again);
                 }
