@@ -53,7 +53,6 @@ impl<S, K: fmt::Debug> SlotState<S, K> {
             return;
         };
         match outcome {
-            Some(false) if !probe && self.health.quiet_success(detector) => {}
             Some(failure) => {
                 let recorded = self.health.record(detector, &self.key, failure, probe);
                 // Removed meanwhile: its ejection must not outlive its place in the
