@@ -99,34 +99,35 @@ pub(crate) struct Slot<S, K> {
 
 /// The state of a [`Slot`], shared with the requests in flight on it.
 ///
-/// `repr(C)` keeps the hot fields first, so they share a cache line with the `Arc`'s own
-/// reference count (the in-flight count): a pick reads one line per candidate, and the cold
+/// `repr(C)` keeps what a pick reads first, right after the `Arc`'s own reference count (the
+/// in-flight count): the flags, the owner's readiness, the weight and the ejection, 48 bytes
+/// that with the count make one cache line when the allocation starts on one. The cold
 /// fields (service, key) stay out of the way of pickers on other cores.
 #[repr(C)]
 pub(crate) struct SlotState<S, K> {
-    /// Peak-EWMA state, in that load mode only.
-    pub(crate) ewma: Option<Load>,
     /// `poll_ready` failed; skipped by the pick while others are usable, except for a retry
     /// once `retry_at` has passed.
     failed: AtomicBool,
+    /// No longer in the current snapshot; requests in flight finish on it.
+    removed: AtomicBool,
+    /// The owner's view of its connectivity, when it reports one.
+    readiness: Option<Readiness>,
+    /// Weight (>= 1).
+    pub(crate) weight: u64,
+    /// Outlier-detection state.
+    pub(crate) health: Health,
+    /// Peak-EWMA state, in that load mode only.
+    pub(crate) ewma: Option<Load>,
     /// `poll_ready` failures in a row.
     failures: AtomicU32,
     /// When a failed endpoint may be tried again (ns since `inserted`).
     retry_at: AtomicU64,
-    /// No longer in the current snapshot; requests in flight finish on it.
-    removed: AtomicBool,
-    /// Outlier-detection state.
-    pub(crate) health: Health,
     /// Shared outlier-detection state; `None` when detection is off.
     pub(crate) detector: Option<Arc<Detector>>,
     tally: Arc<Tally>,
     /// When discovery inserted it (for slow start).
     pub(crate) inserted: Instant,
-    /// Weight (>= 1).
-    pub(crate) weight: u64,
     pub(crate) zone: Option<String>,
-    /// The owner's view of its connectivity, when it reports one.
-    readiness: Option<Readiness>,
     pub(crate) key: K,
     pub(crate) service: S,
 }
@@ -365,4 +366,17 @@ pub struct EndpointStats<K> {
     /// What its owner reports of its connection, when it reports anything (see
     /// [`Readiness`]).
     pub connectivity: Option<Connectivity>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Catches a field moved in front of the ones a pick reads: they must end within the 48
+    /// bytes that follow the `Arc`'s two counts in its allocation's first 64.
+    #[test]
+    fn what_a_pick_reads_fits_beside_the_reference_count() {
+        let end = std::mem::offset_of!(SlotState<(), ()>, health) + std::mem::size_of::<Health>();
+        assert!(end <= 48, "the pick's fields end at byte {end}");
+    }
 }
