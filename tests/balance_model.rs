@@ -344,7 +344,8 @@ proptest! {
 /// Found by CI: every endpoint ejected, one with its probe out. A pick then lands there as the
 /// last resort (not a probe); when the real probe is cancelled the endpoint is due again and
 /// the next pick must probe it. A model that counted the last-resort pick as the probe
-/// (wrongly) expected the pick elsewhere. Picks are random, so the sequence runs many times.
+/// (wrongly) expected the pick elsewhere; a balancer that keeps a cancelled probe claimed
+/// never probes key 0 again. Picks are random, so the sequence runs many times.
 #[test]
 fn a_last_resort_pick_on_an_ejected_endpoint_is_not_its_probe() {
     use Op::*;
@@ -368,9 +369,11 @@ fn a_last_resort_pick_on_an_ejected_endpoint_is_not_its_probe() {
         End(1, Failure),
         // The last resort: key 0 or key 1, not a probe either way.
         Start,
-        // Key 0's probe is cancelled (due again); key 1's ejection ends (due).
+        // Key 0's probe is cancelled (due again); key 1's ejection ends (due): the next two
+        // picks are their probes, one each.
         Cancel(0),
         Advance(10),
+        Start,
         Start,
     ];
     let _limit = support::time_limit(60);

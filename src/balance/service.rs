@@ -484,11 +484,10 @@ where
 
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        let chosen = self
+        let Chosen { claim, mut service } = self
             .chosen
             .take()
             .expect("Balance::call without poll_ready returning Ready(Ok)");
-        let Chosen { claim, mut service } = chosen;
         let future = service.call(request);
         let keep = self.shared.config.keep_clones;
         if keep > 0 {
