@@ -57,7 +57,7 @@ pub type ChannelBalance = Balance<Connection<Body>, String, HttpStatus>;
 
 /// The response body of a [`LoadBalancedChannel`]: the connection's, kept in flight by the
 /// balancer until it ends, with transport errors as gRPC statuses.
-pub type ResponseBodyOf = MapErr<ResponseBody<connection::Body>, fn(hyper::Error) -> tonic::Status>;
+pub type ResponseBodyOf = MapErr<ResponseBody<connection::Body>, fn(h2::Error) -> tonic::Status>;
 
 /// A `Clone`able tonic channel that balances every request over the healthy instances of one
 /// service, following the registry.
@@ -174,7 +174,7 @@ fn status_of(error: BoxError) -> tonic::Status {
     };
     match error.downcast::<ConnectionError>() {
         Ok(error) => match *error {
-            ConnectionError::Request { source, .. } => status_of_hyper(source),
+            ConnectionError::Request { source, .. } => status_of_transport(&*source),
             other => tonic::Status::unavailable(crate::error::Chain(&other).to_string()),
         },
         Err(error) => tonic::Status::from_error(error),
@@ -182,12 +182,12 @@ fn status_of(error: BoxError) -> tonic::Status {
 }
 
 /// The gRPC status of a transport error, as gRPC maps HTTP/2 reset codes (and tonic does).
-fn status_of_hyper(error: hyper::Error) -> tonic::Status {
+fn status_of_transport(error: &(dyn std::error::Error + 'static)) -> tonic::Status {
     use tonic::Code;
-    let message = crate::error::Chain(&error).to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>()
+    let message = crate::error::Chain(error).to_string();
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(h2) = error.downcast_ref::<h2::Error>()
             && let Some(reason) = h2.reason()
         {
             let code = match reason {
@@ -199,10 +199,15 @@ fn status_of_hyper(error: hyper::Error) -> tonic::Status {
             };
             return tonic::Status::new(code, message);
         }
-        source = cause.source();
+        cause = error.source();
     }
     // Connection closed, reset, timed out: the server is not reachable.
     tonic::Status::unavailable(message)
+}
+
+/// [`status_of_transport`] for a response body's error.
+fn status_of_h2(error: h2::Error) -> tonic::Status {
+    status_of_transport(&error)
 }
 
 /// `grpc-timeout` (a number of at most 8 digits and a unit), as the gRPC protocol defines it.
@@ -264,9 +269,8 @@ impl Future for ResponseFuture {
         if let Poll::Ready(outcome) = Pin::new(inner).poll(cx) {
             this.inner = None;
             return Poll::Ready(match outcome {
-                Ok(response) => Ok(response.map(|body| {
-                    body.map_err(status_of_hyper as fn(hyper::Error) -> tonic::Status)
-                })),
+                Ok(response) => Ok(response
+                    .map(|body| body.map_err(status_of_h2 as fn(h2::Error) -> tonic::Status))),
                 Err(error) => Err(Box::new(status_of(error))),
             });
         }

@@ -186,6 +186,49 @@ async fn a_new_instance_takes_traffic_only_once_connected() {
     );
 }
 
+/// Catches a connection that stays ready after its peer went silent (no keepalive pings, or
+/// pings whose missing answer is never noticed): every request sent on it would hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_peer_went_silent_is_closed_by_keepalive() {
+    let _limit = support::time_limit(60);
+    let server = TestServer::grpc("silent").await;
+    let proxy = support::proxy::Proxy::start(([127, 0, 0, 1], server.port).into()).await;
+    let registry = Arc::new(MemoryRegistry::new());
+    let instance = ServiceInstance::new("silent", SERVICE, "127.0.0.1", proxy.addr.port());
+    registry.register(instance).await.unwrap();
+    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
+        .outlier_detection(None)
+        .http2_keep_alive_interval(Duration::from_millis(300))
+        .keep_alive_timeout(Duration::from_millis(300))
+        .keep_alive_while_idle(true)
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    until_connectivity(&channel, "silent", &[Connectivity::Ready]).await;
+    check(&mut HealthClient::new(channel.clone()))
+        .await
+        .unwrap();
+    // Idle pings are answered: the connection stays up well past a few intervals.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(connectivity(&channel, "silent"), Some(Connectivity::Ready));
+    assert_eq!(server.connections(), 1, "one connection, kept");
+
+    proxy.freeze();
+    let frozen = Instant::now();
+    until_connectivity(
+        &channel,
+        "silent",
+        &[Connectivity::Connecting, Connectivity::TransientFailure],
+    )
+    .await;
+    let noticed = frozen.elapsed();
+    println!("a silent peer was noticed after {noticed:?}");
+    assert!(
+        noticed >= Duration::from_millis(300),
+        "closed after {noticed:?}, before a ping could go unanswered"
+    );
+}
+
 /// Catches picking an instance that never connects: every request sent to it would fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_accepts_no_connection_is_never_picked() {

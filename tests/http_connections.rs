@@ -127,3 +127,65 @@ async fn a_closed_port_and_a_crashed_server_are_not_picked() {
         );
     }
 }
+
+/// Chunks of the endless request body below pulled so far.
+static PULLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+type Chunk = Result<http_body::Frame<Bytes>, std::convert::Infallible>;
+type Endless = http_body_util::StreamBody<
+    futures_util::stream::Iter<std::iter::Map<std::ops::Range<u32>, fn(u32) -> Chunk>>,
+>;
+
+fn chunk(_: u32) -> Chunk {
+    PULLED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Ok(http_body::Frame::data(Bytes::from_static(&[0; 16 << 10])))
+}
+
+/// Catches a request body read faster than the stream can take it: a body that is always
+/// ready (here 1 GiB, to a server that never reads it) would be buffered whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_is_read_no_faster_than_the_stream_takes_it() {
+    use tower::ServiceExt;
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(MemoryRegistry::new());
+    let _servers = start(&registry, "r", 1).await;
+    let client: ConnectionDiscovery<Endless> = DiscoveryLayer::new(registry.clone())
+        .balancer(|b| b.outlier_detection(None))
+        .over_connections(ConnectionSettings::default());
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(
+        (0..65_536).map(chunk as fn(u32) -> Chunk),
+    ));
+    let request = http::Request::post("http://backend/").body(body).unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let pulled = PULLED.load(std::sync::atomic::Ordering::SeqCst) << 14;
+    println!("{pulled} bytes of the body read");
+    assert!(
+        pulled <= 8 << 20,
+        "{pulled} bytes read from a body the server never takes"
+    );
+    drop(response);
+}
+
+/// Catches connection-specific headers passed on to HTTP/2 (RFC 9113 forbids them, and h2
+/// refuses the request): an HTTP/1.1-minded caller's `Connection` or `TE: gzip` would fail
+/// every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_specific_headers_are_not_sent_over_http2() {
+    use tower::ServiceExt;
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(MemoryRegistry::new());
+    let _servers = start(&registry, "x", 1).await;
+    let client = client(&registry);
+    let request = http::Request::get("http://backend/")
+        .header(http::header::CONNECTION, "keep-alive")
+        .header("keep-alive", "timeout=5")
+        .header(http::header::TE, "gzip")
+        .header(http::header::TRANSFER_ENCODING, "chunked")
+        .header(http::header::UPGRADE, "websocket")
+        .body(Empty::new())
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+}

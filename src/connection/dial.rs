@@ -1,7 +1,7 @@
 //! One dial: TCP (with its socket options), TLS when configured (ALPN `h2` required), the
 //! HTTP/2 handshake, and the server's first frame, all under the connect timeout.
 //!
-//! hyper's handshake returns once the client preface is written; a connection counts as
+//! h2's handshake returns once the client preface is written; a connection counts as
 //! made only when the server has answered (its preface is a SETTINGS frame). Until then a
 //! listener that accepts but does not serve, or a proxy that holds the connection, would be
 //! pickable and hold the requests sent to it.
@@ -10,16 +10,14 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::{Connection, SendRequest};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::client::TlsStream;
 
-use super::SendBody;
 use super::error::DialError;
-use super::replay::ReplayBody;
 use super::settings::ConnectionSettings;
 
 /// A dialled stream, plain or TLS, that reports the first bytes the server sends.
@@ -33,17 +31,16 @@ enum Stream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// The HTTP/2 connection task hyper hands back; it ends when the connection can take no new
-/// streams (closed, or a GOAWAY came), while streams already open finish on their own.
-pub(crate) type Driver<B> = http2::Connection<TokioIo<Io>, ReplayBody<B>, TokioExecutor>;
+/// The HTTP/2 connection h2 hands back, to be polled for as long as it has streams.
+pub(crate) type Driver = Connection<Io, Bytes>;
 
 /// Dials `host:port` and hands back the request sender and the connection to drive.
-pub(crate) async fn dial<B: SendBody>(
+pub(crate) async fn dial(
     host: &str,
     port: u16,
     server_name: Option<&str>,
     settings: &ConnectionSettings,
-) -> Result<(http2::SendRequest<ReplayBody<B>>, Driver<B>), DialError> {
+) -> Result<(SendRequest<Bytes>, Driver), DialError> {
     let attempt = async {
         let tcp = TcpStream::connect((host, port))
             .await
@@ -75,17 +72,9 @@ pub(crate) async fn dial<B: SendBody>(
             stream,
             answered: Some(answered),
         };
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(settings.keep_alive_interval)
-            .keep_alive_timeout(settings.keep_alive_timeout)
-            .keep_alive_while_idle(settings.keep_alive_while_idle)
-            .initial_stream_window_size(settings.initial_stream_window_size)
-            .initial_connection_window_size(settings.initial_connection_window_size)
-            .adaptive_window(settings.adaptive_window);
-        let (send, mut connection) = builder
-            .handshake(TokioIo::new(io))
+        let (send, mut connection) = settings
+            .h2_builder()
+            .handshake(io)
             .await
             .map_err(DialError::Handshake)?;
         tokio::select! {

@@ -2,6 +2,9 @@
 //! one closes (the peer went away, or sent GOAWAY), opens the next, and reports the
 //! instance's [`Connectivity`] to the balancer.
 //!
+//! A connection that gets a GOAWAY takes no new stream from then on: it leaves the set at
+//! once and is driven by a task of its own until its open streams end.
+//!
 //! It keeps at least one connection open (or, for a lazy connection, one once a request
 //! wanted it), and opens another, up to the per-instance maximum, when every open one has as
 //! many streams as the server allows. A failed connect backs off (full jitter) before the
@@ -13,36 +16,45 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
-use hyper::client::conn::http2::SendRequest;
+use bytes::Bytes;
+use h2::client::SendRequest;
 use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use super::SendBody;
 use super::dial::{Driver, dial};
 use super::error::DialError;
-use super::replay::ReplayBody;
+use super::ping::{Pinger, Ponged};
 use super::settings::ConnectionSettings;
 use crate::backoff::Backoff;
 use crate::balance::{Connectivity, Readiness};
 
 /// One open HTTP/2 connection to the instance.
-pub(crate) struct Sub<B> {
+pub(crate) struct Sub {
     pub(crate) id: u64,
-    pub(crate) send: SendRequest<ReplayBody<B>>,
+    pub(crate) send: SendRequest<Bytes>,
     /// Streams open on it: sent and not yet ended.
-    pub(crate) streams: Arc<AtomicUsize>,
-    /// The server's `MAX_CONCURRENT_STREAMS`, as hyper last reported it.
+    pub(crate) streams: AtomicUsize,
+    /// The server's `MAX_CONCURRENT_STREAMS`, as h2 last reported it.
     pub(crate) max_streams: AtomicUsize,
+    /// Response bytes read on it (keepalive and adaptive flow control watch them).
+    pub(crate) read: Arc<AtomicU64>,
+    /// It takes no new stream (a GOAWAY came, or it failed): set by whoever notices first.
+    pub(crate) closed: AtomicBool,
 }
 
-impl<B> Sub<B> {
+impl Sub {
+    /// Whether it may take new streams.
+    #[inline]
+    pub(crate) fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::Relaxed)
+    }
+
     /// Whether another stream fits under the server's limit.
     #[inline]
     pub(crate) fn has_room(&self) -> bool {
@@ -51,7 +63,7 @@ impl<B> Sub<B> {
 }
 
 /// What the handles of one instance's connection and its driver share.
-pub(crate) struct State<B> {
+pub(crate) struct State {
     pub(crate) host: String,
     pub(crate) port: u16,
     /// `host:port`, for errors and logs.
@@ -62,7 +74,7 @@ pub(crate) struct State<B> {
     pub(crate) server_name: Option<String>,
     pub(crate) readiness: Readiness,
     /// The open connections that take new streams.
-    pub(crate) subs: ArcSwap<Vec<Arc<Sub<B>>>>,
+    pub(crate) subs: ArcSwap<Vec<Arc<Sub>>>,
     /// Bumped whenever `subs` changes, so handles know to look again.
     pub(crate) generation: AtomicU64,
     /// Woken on every change of `subs` or the readiness: handles waiting for a connection.
@@ -76,13 +88,13 @@ pub(crate) struct State<B> {
     pub(crate) limit: Option<Arc<Semaphore>>,
 }
 
-impl<B> State<B> {
+impl State {
     fn set(&self, connectivity: Connectivity) {
         self.readiness.set(connectivity);
         self.changed.notify_waiters();
     }
 
-    fn publish(&self, subs: Vec<Arc<Sub<B>>>) {
+    fn publish(&self, subs: Vec<Arc<Sub>>) {
         self.subs.store(Arc::new(subs));
         self.generation.fetch_add(1, Ordering::Release);
         self.changed.notify_waiters();
@@ -91,7 +103,7 @@ impl<B> State<B> {
     /// Whether every open connection is at the server's stream limit.
     fn saturated(&self) -> bool {
         let subs = self.subs.load();
-        !subs.is_empty() && subs.iter().all(|sub| !sub.has_room())
+        !subs.is_empty() && subs.iter().all(|sub| !sub.is_open() || !sub.has_room())
     }
 }
 
@@ -99,7 +111,7 @@ impl<B> State<B> {
 pub(crate) const STABLE: Duration = Duration::from_secs(1);
 
 /// Runs the instance's connections until the task is aborted (with the last handle).
-pub(crate) async fn run<B: SendBody>(state: Arc<State<B>>) {
+pub(crate) async fn run(state: Arc<State>) {
     let mut task = Task::new(state);
     loop {
         task.dial_if_wanted();
@@ -111,13 +123,13 @@ pub(crate) async fn run<B: SendBody>(state: Arc<State<B>>) {
             ..
         } = &mut task;
         let event = tokio::select! {
-            Some((id, lived)) = open.next(), if !open.is_empty() => Event::Closed { id, lived },
+            Some(ended) = open.join_next_with_id(), if !open.is_empty() => Event::Ended(ended),
             dialed = async { dialing.as_mut().expect("checked").await }, if dialing.is_some() => Event::Dialed(dialed),
             () = async { pause.as_mut().expect("checked").await }, if pause.is_some() => Event::Resumed,
             () = state.demand.notified() => Event::Wanted,
         };
         match event {
-            Event::Closed { id, lived } => task.closed(id, lived),
+            Event::Ended(ended) => task.ended(ended),
             Event::Dialed(Ok((send, connection))) => task.connected(send, connection),
             Event::Dialed(Err(error)) => task.dial_failed(error),
             Event::Resumed => task.pause = None,
@@ -126,19 +138,16 @@ pub(crate) async fn run<B: SendBody>(state: Arc<State<B>>) {
     }
 }
 
-type Dialed<B> = Result<(SendRequest<ReplayBody<B>>, Driver<B>), DialError>;
-type Dial<B> = Pin<Box<dyn Future<Output = Dialed<B>> + Send>>;
+type Dialed = Result<(SendRequest<Bytes>, Driver), DialError>;
+type Dial = Pin<Box<dyn Future<Output = Dialed> + Send>>;
 
 /// What woke the driver.
 // One per wake-up, moved once: boxing the dialled connection would only add an allocation.
 #[allow(clippy::large_enum_variant)]
-enum Event<B: SendBody> {
-    /// An open connection can take no more streams.
-    Closed {
-        id: u64,
-        lived: Duration,
-    },
-    Dialed(Dialed<B>),
+enum Event {
+    /// An open connection's task ended: it can take no more streams.
+    Ended(Result<(tokio::task::Id, (u64, Duration)), tokio::task::JoinError>),
+    Dialed(Dialed),
     /// The backoff pause is over.
     Resumed,
     /// A handle wants a connection (lazy, or every open one is full).
@@ -146,25 +155,29 @@ enum Event<B: SendBody> {
 }
 
 /// The driver task's own state.
-struct Task<B: SendBody> {
-    state: Arc<State<B>>,
+struct Task {
+    state: Arc<State>,
     backoff: Backoff,
-    open: FuturesUnordered<Open<B>>,
-    dialing: Option<Dial<B>>,
+    /// Each open connection runs in a task of its own (polled by itself, it never wakes
+    /// another task), with the id of its [`Sub`].
+    open: JoinSet<(u64, Duration)>,
+    tasks: Vec<(tokio::task::Id, u64)>,
+    dialing: Option<Dial>,
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A lazy connection connects once a request wants it, and again after it closes.
     wanted: bool,
     next_id: u64,
 }
 
-impl<B: SendBody> Task<B> {
-    fn new(state: Arc<State<B>>) -> Self {
+impl Task {
+    fn new(state: Arc<State>) -> Self {
         let settings = &state.settings;
         Self {
             backoff: Backoff::new(settings.reconnect_base, settings.reconnect_max),
             wanted: settings.eager,
             state,
-            open: FuturesUnordered::new(),
+            open: JoinSet::new(),
+            tasks: Vec::new(),
             dialing: None,
             pause: None,
             next_id: 0,
@@ -186,7 +199,7 @@ impl<B: SendBody> Task<B> {
         let state = Arc::clone(&self.state);
         self.dialing = Some(Box::pin(async move {
             let _permit = state.connects.acquire().await;
-            dial::<B>(
+            dial(
                 &state.host,
                 state.port,
                 state.server_name.as_deref(),
@@ -232,25 +245,55 @@ impl<B: SendBody> Task<B> {
         }
     }
 
-    fn connected(&mut self, send: SendRequest<ReplayBody<B>>, connection: Driver<B>) {
+    fn connected(&mut self, send: SendRequest<Bytes>, mut connection: Driver) {
         self.dialing = None;
         self.next_id += 1;
+        let read = Arc::new(AtomicU64::new(0));
+        let pinger = Pinger::new(
+            connection.ping_pong(),
+            &self.state.settings,
+            Arc::clone(&read),
+        );
         let sub = Arc::new(Sub {
             id: self.next_id,
             send,
-            streams: Arc::default(),
-            max_streams: AtomicUsize::new(connection.current_max_send_streams().max(1)),
+            streams: AtomicUsize::new(0),
+            max_streams: AtomicUsize::new(connection.max_concurrent_send_streams().max(1)),
+            read,
+            closed: AtomicBool::new(false),
         });
         let mut subs = self.state.subs.load().as_ref().clone();
         subs.push(Arc::clone(&sub));
         self.state.publish(subs);
         self.state.set(Connectivity::Ready);
         debug!(instance = %self.state.authority, connections = self.open.len() + 1, "connected");
-        self.open.push(Open {
-            connection,
+        let id = sub.id;
+        let task = self.open.spawn(Open {
+            connection: Some(connection),
+            pinger,
+            probe: sub.send.clone(),
             sub,
             opened: tokio::time::Instant::now(),
         });
+        self.tasks.push((task.id(), id));
+    }
+
+    /// The event of a connection's task that ended: its connection takes no more streams
+    /// (or the task panicked, which ends the connection as well).
+    fn ended(&mut self, ended: Result<(tokio::task::Id, (u64, Duration)), tokio::task::JoinError>) {
+        let task = match &ended {
+            Ok((task, _)) => *task,
+            Err(error) => error.id(),
+        };
+        let position = self.tasks.iter().position(|(t, _)| *t == task);
+        let id = position.map_or(0, |i| self.tasks.swap_remove(i).1);
+        match ended {
+            Ok((_, (id, lived))) => self.closed(id, lived),
+            Err(error) => {
+                warn!(instance = %self.state.authority, error = %error, "connection task failed");
+                self.closed(id, Duration::ZERO);
+            }
+        }
     }
 
     fn dial_failed(&mut self, error: DialError) {
@@ -266,32 +309,81 @@ impl<B: SendBody> Task<B> {
 }
 
 /// An open connection, driven until it can take no new streams; yields its id and how long
-/// it was open.
-struct Open<B: SendBody> {
-    connection: Driver<B>,
-    sub: Arc<Sub<B>>,
+/// it was open. After a GOAWAY, what is left of it (its open streams) goes on in a task of
+/// its own.
+struct Open {
+    /// `None` once handed to its drain task.
+    connection: Option<Driver>,
+    pinger: Option<Pinger>,
+    /// A sender of its own, never used to send: its readiness says whether h2 still takes
+    /// new streams.
+    probe: SendRequest<Bytes>,
+    sub: Arc<Sub>,
     opened: tokio::time::Instant,
 }
 
-impl<B: SendBody> Future for Open<B> {
+impl Future for Open {
     type Output = (u64, Duration);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let done = Pin::new(&mut this.connection).poll(cx);
-        // The server may change its limit at any time (a SETTINGS frame).
-        this.sub.max_streams.store(
-            this.connection.current_max_send_streams().max(1),
-            Ordering::Relaxed,
-        );
-        match done {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(result) => {
-                if let Err(error) = result {
-                    debug!(error = %crate::error::Chain(&error), "connection ended with an error");
+        let done = (this.sub.id, this.opened.elapsed());
+        let Some(connection) = this.connection.as_mut() else {
+            return Poll::Ready(done);
+        };
+        if let Some(pinger) = &mut this.pinger {
+            match pinger.poll(cx, this.sub.streams.load(Ordering::Relaxed)) {
+                Poll::Ready(Ponged::Window(size)) => {
+                    connection.set_target_window_size(size);
+                    if let Err(error) = connection.set_initial_window_size(size) {
+                        debug!(error = %error, "could not grow the stream window");
+                    }
                 }
-                Poll::Ready((this.sub.id, this.opened.elapsed()))
+                Poll::Ready(Ponged::TimedOut) => {
+                    debug!("keepalive ping unanswered; closing the connection");
+                    this.sub.closed.store(true, Ordering::Relaxed);
+                    return Poll::Ready(done);
+                }
+                Poll::Pending => {}
             }
         }
+        let ended = Pin::new(&mut *connection).poll(cx);
+        // The server may change its limit at any time (a SETTINGS frame).
+        this.sub.max_streams.store(
+            connection.max_concurrent_send_streams().max(1),
+            Ordering::Relaxed,
+        );
+        if let Poll::Ready(result) = ended {
+            if let Err(error) = result {
+                debug!(error = %crate::error::Chain(&error), "connection ended with an error");
+            }
+            this.sub.closed.store(true, Ordering::Relaxed);
+            return Poll::Ready(done);
+        }
+        // A GOAWAY (or a connection error) makes h2 refuse new streams: leave the set now,
+        // and let the streams already open finish.
+        if let Poll::Ready(Err(_)) = this.probe.poll_ready(cx) {
+            this.sub.closed.store(true, Ordering::Relaxed);
+            let connection = this.connection.take().expect("checked");
+            tokio::spawn(drain(connection, Arc::clone(&this.sub)));
+            return Poll::Ready(done);
+        }
+        Poll::Pending
     }
+}
+
+/// Drives a connection that takes no new streams until it ends or its last response is
+/// over (looked at whenever it wakes, and every second), then closes it.
+async fn drain(mut connection: Driver, sub: Arc<Sub>) {
+    let mut tick = tokio::time::interval(STABLE);
+    std::future::poll_fn(|cx| {
+        let _ = tick.poll_tick(cx);
+        if Pin::new(&mut connection).poll(cx).is_ready() || sub.streams.load(Ordering::Relaxed) == 0
+        {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
 }

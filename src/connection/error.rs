@@ -1,8 +1,5 @@
 //! The errors of connections: [`ConnectionError`] for requests, and why a dial failed.
 
-use std::any::Any;
-use std::fmt;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::balance::Connectivity;
@@ -22,7 +19,7 @@ pub enum DialError {
     NoHttp2,
     /// The HTTP/2 handshake failed.
     #[error("HTTP/2 handshake failed")]
-    Handshake(#[source] hyper::Error),
+    Handshake(#[source] h2::Error),
     /// Connecting took longer than the connect timeout.
     #[error("connect timed out after {0:?}")]
     TimedOut(Duration),
@@ -59,20 +56,18 @@ pub enum ConnectionError {
     Unprocessed {
         /// The instance's address.
         authority: String,
-        /// What hyper said.
+        /// What h2 said.
         #[source]
-        source: hyper::Error,
-        /// The request, when it can be sent again as it was.
-        request: Unsent,
+        source: crate::error::BoxError,
     },
     /// The request failed on the connection (it may have reached the server).
     #[error("request to `{authority}` failed")]
     Request {
         /// The instance's address.
         authority: String,
-        /// What hyper said.
+        /// What h2 said, or the request body's error.
         #[source]
-        source: hyper::Error,
+        source: crate::error::BoxError,
     },
 }
 
@@ -83,53 +78,10 @@ impl ConnectionError {
     }
 }
 
-/// A request that can be sent again, carried by [`ConnectionError::Unprocessed`] (an error
-/// must be `Sync`; a request body need not be, so it is kept behind a lock, and taken once).
-#[derive(Default)]
-pub struct Unsent(Mutex<Option<Box<dyn Any + Send>>>);
-
-impl Unsent {
-    pub(crate) fn new<T: Send + 'static>(request: Option<T>) -> Self {
-        Self(Mutex::new(
-            request.map(|request| Box::new(request) as Box<dyn Any + Send>),
-        ))
-    }
-
-    /// The request, once, if it is there and of type `T`.
-    pub(crate) fn take<T: 'static>(&self) -> Option<T> {
-        let mut slot = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let request = slot.take()?;
-        match request.downcast::<T>() {
-            Ok(request) => Some(*request),
-            Err(other) => {
-                *slot = Some(other);
-                None
-            }
-        }
-    }
-}
-
-impl fmt::Debug for Unsent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kept = self.0.lock().map(|slot| slot.is_some()).unwrap_or(false);
-        f.debug_tuple("Unsent").field(&kept).finish()
-    }
-}
-
-/// Whether hyper's error says the server did not process the stream: refused
+/// Whether h2's error says the server did not process the stream: refused
 /// (`REFUSED_STREAM`) or above a GOAWAY's last stream id (RFC 9113, 8.7).
-pub(crate) fn never_processed(error: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
-                && (h2.is_go_away()
-                    || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
-        }
-        source = cause.source();
-    }
-    false
+pub(crate) fn never_processed(error: &h2::Error) -> bool {
+    error.is_remote()
+        && (error.is_go_away()
+            || (error.is_reset() && error.reason() == Some(h2::Reason::REFUSED_STREAM)))
 }

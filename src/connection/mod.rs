@@ -12,7 +12,7 @@
 //! | [`Ready`](crate::balance::Connectivity::Ready) | a connection is open | yes |
 //! | [`TransientFailure`](crate::balance::Connectivity::TransientFailure) | the last connect failed; the next waits for a backoff | no, while another instance is ready |
 //!
-//! A request goes straight to a clone of hyper's `SendRequest`: no `Buffer`, no task hop. A
+//! A request goes straight to h2 from the caller's task: no `Buffer`, no task hop. A
 //! connection that closes (the server died, or sent GOAWAY) takes no new stream from that
 //! moment; streams already open on it finish, and the driver opens the next one at once. When
 //! every open connection has as many streams as the server's `MAX_CONCURRENT_STREAMS`, it
@@ -23,6 +23,8 @@
 mod dial;
 mod driver;
 mod error;
+mod ping;
+mod pipe;
 // The transparent retry is used by the integrations (`tonic`, `http`); a build with only
 // `consul-connect` uses the TLS types.
 #[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
@@ -33,7 +35,7 @@ mod service;
 mod settings;
 mod tls;
 
-pub use error::{ConnectionError, DialError, Unsent};
+pub use error::{ConnectionError, DialError};
 pub use replay::ReplayBody;
 pub use service::{Body, Connection, ResponseFuture};
 pub use settings::ConnectionSettings;

@@ -84,8 +84,8 @@ where
     fn call(&mut self, request: Request<B>) -> RetryFuture<S, B> {
         let (parts, body) = request.into_parts();
         let (body, replay) = ReplayBody::new(body, self.buffer);
-        // The head is kept only when the body is: without it there is no second attempt
-        // once hyper took the request.
+        // The head is kept only when the body is: without the body there is no second
+        // attempt.
         let head = (self.buffer > 0).then(|| parts.clone());
         let first = self.inner.call(Request::from_parts(parts, body));
         // A fresh handle for the second attempt: this one's readiness went to the first.
@@ -183,11 +183,6 @@ impl<S, B> Again<S, B> {
         let error: &ConnectionError = error.downcast_ref()?;
         if !error.is_unprocessed() {
             return None;
-        }
-        if let ConnectionError::Unprocessed { request, .. } = error
-            && let Some(request) = request.take::<Request<ReplayBody<B>>>()
-        {
-            return Some((request, self.service));
         }
         let body = self.replay.again()?;
         Some((Request::from_parts(self.head?, body), self.service))

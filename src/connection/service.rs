@@ -1,27 +1,28 @@
 //! [`Connection`]: the service a balancer holds for one instance. A request goes straight to
-//! a clone of hyper's `SendRequest` for one of the instance's open connections: no buffer,
-//! no task hop.
+//! h2 on one of the instance's open connections, from the caller's task: its headers and (a
+//! body that is ready at once, as a unary gRPC request's is) its data are queued together,
+//! with no buffer, no dispatch channel and no task per request. Only a body still streaming
+//! when the response arrives is sent on by a task of its own.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::header::USER_AGENT;
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::TrySendError;
-use hyper::client::conn::http2::SendRequest;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::SendBody;
 use super::driver::{State, Sub};
-use super::error::{ConnectionError, Unsent, never_processed};
+use super::error::{ConnectionError, never_processed};
+use super::pipe::Pipe;
 use super::replay::ReplayBody;
 use crate::balance::{Connectivity, Readiness};
 
@@ -34,29 +35,31 @@ use crate::balance::{Connectivity, Readiness};
 /// Requests take a [`ReplayBody`], which the integrations wrap around the caller's body
 /// so that a request the server did not process can be sent again.
 pub struct Connection<B> {
-    handle: Arc<Handle<B>>,
+    handle: Arc<Handle>,
     /// The sender this clone last used, with the generation of the set it came from.
-    cached: Option<Cached<B>>,
+    cached: Option<Cached>,
     /// While waiting for a connection: resolves on the next change.
     waiting: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     /// The concurrency-limit permit taken by `poll_ready`, for the next call.
     permit: Option<OwnedSemaphorePermit>,
     acquiring: Option<Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send + Sync>>>,
+    _body: std::marker::PhantomData<fn(B)>,
 }
 
-struct Cached<B> {
+struct Cached {
     generation: u64,
-    sub: Arc<Sub<B>>,
-    send: SendRequest<ReplayBody<B>>,
+    sub: Arc<Sub>,
+    send: SendRequest<Bytes>,
 }
 
-/// Owns the driver task: the last clone's drop ends it (and its connections).
-struct Handle<B> {
-    state: Arc<State<B>>,
+/// Owns the driver task: the last clone's drop ends it (and its connections). Responses in
+/// flight hold it too, so their streams outlive the handles.
+struct Handle {
+    state: Arc<State>,
     task: tokio::task::AbortHandle,
 }
 
-impl<B> Drop for Handle<B> {
+impl Drop for Handle {
     fn drop(&mut self) {
         self.task.abort();
         self.state.readiness.set(Connectivity::Shutdown);
@@ -64,13 +67,14 @@ impl<B> Drop for Handle<B> {
 }
 
 impl<B: Send + 'static> Connection<B> {
-    pub(crate) fn new(state: Arc<State<B>>, task: tokio::task::AbortHandle) -> Self {
+    pub(crate) fn new(state: Arc<State>, task: tokio::task::AbortHandle) -> Self {
         Self {
             handle: Arc::new(Handle { state, task }),
             cached: None,
             waiting: None,
             permit: None,
             acquiring: None,
+            _body: std::marker::PhantomData,
         }
     }
 
@@ -84,7 +88,7 @@ impl<B: Send + 'static> Connection<B> {
         self.handle.state.subs.load().len()
     }
 
-    fn state(&self) -> &State<B> {
+    fn state(&self) -> &State {
         &self.handle.state
     }
 
@@ -94,8 +98,8 @@ impl<B: Send + 'static> Connection<B> {
         let state = self.state();
         self.cached.as_ref().is_some_and(|cached| {
             cached.generation == state.generation.load(Ordering::Acquire)
+                && cached.sub.is_open()
                 && cached.sub.has_room()
-                && !cached.send.is_closed()
         })
     }
 
@@ -105,7 +109,7 @@ impl<B: Send + 'static> Connection<B> {
         let state = &self.handle.state;
         let generation = state.generation.load(Ordering::Acquire);
         let subs = state.subs.load();
-        let open = subs.iter().filter(|sub| !sub.send.is_closed());
+        let open = subs.iter().filter(|sub| sub.is_open());
         let chosen = match open.clone().find(|sub| sub.has_room()) {
             Some(sub) => Some(sub),
             None => {
@@ -206,6 +210,7 @@ impl<B> Clone for Connection<B> {
             waiting: None,
             permit: None,
             acquiring: None,
+            _body: std::marker::PhantomData,
         }
     }
 }
@@ -227,36 +232,76 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectionError>> {
         ready!(self.poll_permit(cx));
-        self.poll_connected(cx)
+        loop {
+            ready!(self.poll_connected(cx))?;
+            let cached = self.cached.as_mut().expect("connected");
+            // h2 is ready unless this sender's last stream still waits for the server's
+            // stream limit; an error means the connection takes no new streams.
+            match cached.send.poll_ready(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => {
+                    cached.sub.closed.store(true, Ordering::Relaxed);
+                    self.state().demand.notify_one();
+                    self.cached = None;
+                }
+            }
+        }
     }
 
     fn call(&mut self, mut request: Request<ReplayBody<B>>) -> ResponseFuture<B> {
-        let state = Arc::clone(&self.handle.state);
+        let handle = Arc::clone(&self.handle);
+        let state = &handle.state;
         let Some(cached) = self.cached.as_mut() else {
             let error = self.not_connected(state.readiness.get());
             return ResponseFuture::failed(error);
         };
-        set_origin(&mut request, &state);
+        set_origin(&mut request, state);
+        let headers = request.headers_mut();
+        strip_connection_headers(headers);
         if let Some(user_agent) = &state.settings.user_agent
-            && !request.headers().contains_key(USER_AGENT)
+            && !headers.contains_key(USER_AGENT)
         {
-            request.headers_mut().insert(USER_AGENT, user_agent.clone());
+            headers.insert(USER_AGENT, user_agent.clone());
         }
-        let guard = StreamGuard::new(&cached.sub.streams, self.permit.take());
-        let sent = cached.send.try_send_request(request);
-        ResponseFuture {
-            inner: Some(Inner {
-                sent: Box::pin(sent),
-                guard,
-                state,
-            }),
-            failed: None,
+        let (parts, body) = request.into_parts();
+        let end = body.is_end_stream();
+        match cached
+            .send
+            .send_request(Request::from_parts(parts, ()), end)
+        {
+            Ok((response, stream)) => {
+                let guard = StreamGuard::new(&cached.sub, self.permit.take());
+                ResponseFuture {
+                    inner: Some(Inner {
+                        response,
+                        pipe: (!end).then(|| Pipe::new(body, stream)),
+                        guard,
+                        handle,
+                    }),
+                    failed: None,
+                }
+            }
+            // Refused before anything was written: the connection takes no new streams, or
+            // the request is one HTTP/2 cannot carry.
+            Err(error) => {
+                self.permit = None;
+                let authority = state.authority.clone();
+                let source = Box::new(error);
+                if !(source.is_go_away() || source.is_io()) {
+                    return ResponseFuture::failed(ConnectionError::Request { authority, source });
+                }
+                cached.sub.closed.store(true, Ordering::Relaxed);
+                state.demand.notify_one();
+                self.cached = None;
+                ResponseFuture::failed(ConnectionError::Unprocessed { authority, source })
+            }
         }
     }
 }
 
 /// Puts the origin on the request URI: the configured one, else the dialled address.
-fn set_origin<B, T>(request: &mut Request<T>, state: &State<B>) {
+fn set_origin<T>(request: &mut Request<T>, state: &State) {
     let (scheme, authority) = state.origin.clone();
     let path = request
         .uri()
@@ -272,18 +317,35 @@ fn set_origin<B, T>(request: &mut Request<T>, state: &State<B>) {
     }
 }
 
+/// Removes the connection-specific headers HTTP/2 forbids (RFC 9113, 8.2.2), as hyper does:
+/// h2 refuses a request that has them.
+fn strip_connection_headers(headers: &mut HeaderMap) {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    if headers.is_empty() {
+        return;
+    }
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if headers.get(TE).is_some_and(|te| te != "trailers") {
+        headers.remove(TE);
+    }
+}
+
 /// Counts a stream open on its connection (and holds the concurrency permit) until the
 /// response ends or is dropped.
 struct StreamGuard {
-    streams: Arc<AtomicUsize>,
+    sub: Arc<Sub>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl StreamGuard {
-    fn new(streams: &Arc<AtomicUsize>, permit: Option<OwnedSemaphorePermit>) -> Self {
-        streams.fetch_add(1, Ordering::Relaxed);
+    fn new(sub: &Arc<Sub>, permit: Option<OwnedSemaphorePermit>) -> Self {
+        sub.streams.fetch_add(1, Ordering::Relaxed);
         Self {
-            streams: Arc::clone(streams),
+            sub: Arc::clone(sub),
             _permit: permit,
         }
     }
@@ -291,18 +353,12 @@ impl StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.streams.fetch_sub(1, Ordering::Relaxed);
+        self.sub.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-type Sent<B> = Pin<
-    Box<
-        dyn Future<Output = Result<Response<Incoming>, TrySendError<Request<ReplayBody<B>>>>>
-            + Send,
-    >,
->;
-
-/// The response future of a [`Connection`].
+/// The response future of a [`Connection`]. It sends the request body while it waits: all
+/// of it, for a body that is ready at once.
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture<B> {
     inner: Option<Inner<B>>,
@@ -310,9 +366,11 @@ pub struct ResponseFuture<B> {
 }
 
 struct Inner<B> {
-    sent: Sent<B>,
+    response: h2::client::ResponseFuture,
+    /// The request body still to send, if any.
+    pipe: Option<Pipe<B>>,
     guard: StreamGuard,
-    state: Arc<State<B>>,
+    handle: Arc<Handle>,
 }
 
 impl<B> ResponseFuture<B> {
@@ -324,7 +382,7 @@ impl<B> ResponseFuture<B> {
     }
 }
 
-impl<B: Send + 'static> Future for ResponseFuture<B> {
+impl<B: SendBody> Future for ResponseFuture<B> {
     type Output = Result<Response<Body>, ConnectionError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -336,37 +394,48 @@ impl<B: Send + 'static> Future for ResponseFuture<B> {
                 .expect("ResponseFuture polled after completion");
             return Poll::Ready(Err(error));
         };
-        let outcome = ready!(inner.sent.as_mut().poll(cx));
-        let Inner { guard, state, .. } = this.inner.take().expect("polled");
-        let authority = state.authority.clone();
+        if let Some(pipe) = &mut inner.pipe
+            && let Poll::Ready(sent) = pipe.poll_send(cx)
+        {
+            inner.pipe = None;
+            if let Err(error) = sent {
+                // Dropping the stream's halves resets it.
+                let authority = inner.handle.state.authority.clone();
+                this.inner = None;
+                return Poll::Ready(Err(ConnectionError::Request {
+                    authority,
+                    source: error,
+                }));
+            }
+        }
+        let outcome = ready!(Pin::new(&mut inner.response).poll(cx));
+        let Inner {
+            guard,
+            handle,
+            pipe,
+            ..
+        } = this.inner.take().expect("polled");
         match outcome {
-            Ok(response) => Poll::Ready(Ok(response.map(|incoming| {
-                let ended = incoming.is_end_stream();
-                let mut body = Body {
-                    inner: incoming,
-                    guard: Some(guard),
-                };
-                if ended {
-                    body.guard = None;
-                }
-                body
-            }))),
-            Err(mut error) => {
-                drop(guard);
-                let request = error.take_message();
-                let error = error.into_error();
-                if request.is_some() || never_processed(&error) {
-                    Poll::Ready(Err(ConnectionError::Unprocessed {
+            Ok(response) => {
+                // A body still streaming (a client or bidi stream) goes on by itself.
+                let pipe = pipe.map(|pipe| tokio::spawn(pipe.send()).abort_handle());
+                let (parts, recv) = response.into_parts();
+                let body = Body::new(recv, guard, pipe, handle).with_length(&parts.headers);
+                Poll::Ready(Ok(Response::from_parts(parts, body)))
+            }
+            Err(error) => {
+                let authority = handle.state.authority.clone();
+                Poll::Ready(Err(if never_processed(&error) {
+                    ConnectionError::Unprocessed {
                         authority,
-                        source: error,
-                        request: Unsent::new(request),
-                    }))
+                        source: Box::new(error),
+                    }
                 } else {
-                    Poll::Ready(Err(ConnectionError::Request {
+                    ConnectionError::Request {
                         authority,
-                        source: error,
-                    }))
-                }
+                        source: Box::new(error),
+                    }
+                }))
             }
         }
     }
@@ -380,33 +449,109 @@ impl<B> fmt::Debug for ResponseFuture<B> {
     }
 }
 
-/// A response body from a [`Connection`]: hyper's, counting its stream open until it ends.
+/// A response body from a [`Connection`]: h2's, counting its stream open until it ends.
 pub struct Body {
-    inner: Incoming,
+    recv: h2::RecvStream,
+    /// The data frames are over; the trailers are next.
+    data_done: bool,
     guard: Option<StreamGuard>,
+    /// The task sending the rest of the request body, stopped with the response.
+    pipe: Option<tokio::task::AbortHandle>,
+    /// What is left of a `content-length`, for the size hint.
+    remaining: Option<u64>,
+    _handle: Arc<Handle>,
+}
+
+impl Body {
+    fn new(
+        recv: h2::RecvStream,
+        guard: StreamGuard,
+        pipe: Option<tokio::task::AbortHandle>,
+        handle: Arc<Handle>,
+    ) -> Self {
+        let ended = recv.is_end_stream();
+        Self {
+            recv,
+            data_done: false,
+            guard: (!ended).then_some(guard),
+            pipe,
+            remaining: None,
+            _handle: handle,
+        }
+    }
+
+    fn with_length(mut self, headers: &HeaderMap) -> Self {
+        self.remaining = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|length| length.to_str().ok()?.parse().ok());
+        self
+    }
+
+    fn end(&mut self) {
+        self.guard = None;
+    }
 }
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if frame.is_none() || self.inner.is_end_stream() {
-            self.guard = None;
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let len = data.len();
+                    // Read: the server may send as much again.
+                    let _ = this.recv.flow_control().release_capacity(len);
+                    if let Some(remaining) = &mut this.remaining {
+                        *remaining = remaining.saturating_sub(len as u64);
+                    }
+                    if let Some(guard) = &this.guard {
+                        guard.sub.read.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                    if this.recv.is_end_stream() {
+                        this.end();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => {
+                    this.end();
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => this.data_done = true,
+            }
         }
-        Poll::Ready(frame)
+        let trailers = ready!(this.recv.poll_trailers(cx));
+        this.end();
+        Poll::Ready(match trailers {
+            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(error) => Some(Err(error)),
+        })
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.recv.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.recv.is_end_stream() {
+            return SizeHint::with_exact(0);
+        }
+        self.remaining
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            pipe.abort();
+        }
     }
 }
 

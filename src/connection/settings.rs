@@ -112,13 +112,13 @@ impl ConnectionSettings {
         self
     }
 
-    /// HTTP/2 initial stream window (default hyper's).
+    /// HTTP/2 initial stream window (default 2 MiB, as hyper's client).
     pub fn initial_stream_window_size(mut self, size: Option<u32>) -> Self {
         self.initial_stream_window_size = size;
         self
     }
 
-    /// HTTP/2 initial connection window (default hyper's).
+    /// HTTP/2 initial connection window (default 5 MiB, as hyper's client).
     pub fn initial_connection_window_size(mut self, size: Option<u32>) -> Self {
         self.initial_connection_window_size = size;
         self
@@ -197,6 +197,30 @@ impl ConnectionSettings {
     }
 
     /// The scheme dialled.
+    /// The HTTP/2 handshake's settings. The defaults are hyper's client's (windows of 2 MiB
+    /// per stream and 5 MiB per connection, 16 KiB frames and header lists, a 1 MiB send
+    /// buffer per stream, 100 streams before the server's SETTINGS arrive), and push is off.
+    pub(crate) fn h2_builder(&self) -> h2::client::Builder {
+        let stream_window = self.stream_window();
+        let connection_window = self.initial_connection_window_size.unwrap_or(5 << 20);
+        let mut builder = h2::client::Builder::new();
+        builder
+            .initial_window_size(stream_window)
+            .initial_connection_window_size(connection_window)
+            .initial_max_send_streams(100)
+            .max_frame_size(16 << 10)
+            .max_header_list_size(16 << 10)
+            .max_send_buffer_size(1 << 20)
+            .max_local_error_reset_streams(Some(1024))
+            .enable_push(false);
+        builder
+    }
+
+    /// The stream window a connection starts with (what adaptive flow control grows from).
+    pub(crate) fn stream_window(&self) -> u32 {
+        self.initial_stream_window_size.unwrap_or(2 << 20)
+    }
+
     pub(crate) fn scheme(&self) -> Scheme {
         if self.tls.is_some() {
             Scheme::HTTPS

@@ -1,0 +1,244 @@
+//! Keepalive and adaptive flow control for one connection, over h2's one user PING (hyper's
+//! client does both the same way).
+//!
+//! - **Keepalive**: when the interval passes with nothing read on the connection (while
+//!   streams are open, or always with `keep_alive_while_idle`), a PING goes out; no PONG
+//!   within the timeout ends the connection, so a half-open one is noticed.
+//! - **Adaptive window** (bandwidth-delay product): while response data arrives, a PING goes
+//!   out; the bytes read until its PONG are one sample of what the path holds, and a sample
+//!   that fills two thirds of the stream window doubles the window toward it (at most
+//!   16 MiB). Samples are taken at most every 100 ms, backing off to 10 s while the window
+//!   stays put.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use h2::{Ping, PingPong};
+use tokio::time::{Instant, Sleep};
+
+use super::settings::ConnectionSettings;
+
+/// The largest window adaptive flow control grows to (hyper's limit too).
+const WINDOW_LIMIT: u32 = 16 << 20;
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+const SAMPLE_AT_MOST_EVERY: Duration = Duration::from_secs(10);
+
+/// What a pong, or its absence, asks of the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ponged {
+    /// Set the stream and connection windows to this size.
+    Window(u32),
+    /// The keepalive ping went unanswered: close the connection.
+    TimedOut,
+}
+
+/// The PING state of one connection.
+pub(crate) struct Pinger {
+    pong: PingPong,
+    /// Response bytes read on the connection so far (its bodies add to it).
+    read: Arc<AtomicU64>,
+    /// The ping out, if one is: the bytes read when it was sent.
+    out: Option<u64>,
+    keepalive: Option<KeepAlive>,
+    adaptive: Option<Adaptive>,
+}
+
+struct KeepAlive {
+    interval: Duration,
+    timeout: Duration,
+    while_idle: bool,
+    timer: Pin<Box<Sleep>>,
+    /// Bytes read when the timer was last set: more since means the connection is alive.
+    seen: u64,
+    /// The timer runs for the answer to a ping, not for the interval.
+    awaiting: bool,
+}
+
+struct Adaptive {
+    window: u32,
+    /// Bytes read at the last sample.
+    sampled: u64,
+    next: Instant,
+    every: Duration,
+}
+
+impl Pinger {
+    /// The pinger the settings ask for, if any.
+    pub(crate) fn new(
+        pong: Option<PingPong>,
+        settings: &ConnectionSettings,
+        read: Arc<AtomicU64>,
+    ) -> Option<Self> {
+        let keepalive = settings.keep_alive_interval.map(|interval| KeepAlive {
+            interval,
+            timeout: settings.keep_alive_timeout,
+            while_idle: settings.keep_alive_while_idle,
+            timer: Box::pin(tokio::time::sleep(interval)),
+            seen: 0,
+            awaiting: false,
+        });
+        let adaptive = settings
+            .adaptive_window
+            .then(|| Adaptive::new(settings.stream_window()));
+        if keepalive.is_none() && adaptive.is_none() {
+            return None;
+        }
+        Some(Self {
+            pong: pong?,
+            read,
+            out: None,
+            keepalive,
+            adaptive,
+        })
+    }
+
+    /// Drives the pings; `streams` is how many streams are open on the connection.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, streams: usize) -> Poll<Ponged> {
+        let read = self.read.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let mut ponged = None;
+        if let Some(sent) = self.out
+            && let Poll::Ready(answer) = self.pong.poll_pong(cx)
+        {
+            self.out = None;
+            if answer.is_ok() {
+                ponged = self.answered(now, read, read.saturating_sub(sent));
+            }
+        }
+        if self.out.is_none()
+            && let Some(adaptive) = &self.adaptive
+            && read > adaptive.sampled
+            && now >= adaptive.next
+        {
+            self.send(read);
+        }
+        if let Some(ponged) = ponged {
+            return Poll::Ready(ponged);
+        }
+        self.poll_keepalive(cx, now, read, streams)
+    }
+
+    /// A pong came: the connection is alive, and the bytes since the ping are a sample.
+    fn answered(&mut self, now: Instant, read: u64, bytes: u64) -> Option<Ponged> {
+        if let Some(keepalive) = &mut self.keepalive {
+            keepalive.rearm(now, read);
+        }
+        let window = self.adaptive.as_mut()?.sample(now, read, bytes)?;
+        Some(Ponged::Window(window))
+    }
+
+    fn poll_keepalive(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+        read: u64,
+        streams: usize,
+    ) -> Poll<Ponged> {
+        loop {
+            let Some(keepalive) = &mut self.keepalive else {
+                return Poll::Pending;
+            };
+            if keepalive.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if keepalive.awaiting {
+                return Poll::Ready(Ponged::TimedOut);
+            }
+            if read != keepalive.seen || (streams == 0 && !keepalive.while_idle) {
+                keepalive.rearm(now, read);
+                continue;
+            }
+            keepalive.awaiting = true;
+            let deadline = after(now, keepalive.timeout);
+            keepalive.timer.as_mut().reset(deadline);
+            // A ping already out (for a window sample) answers for this one too.
+            if self.out.is_none() {
+                self.send(read);
+            }
+        }
+    }
+
+    fn send(&mut self, read: u64) {
+        if self.pong.send_ping(Ping::opaque()).is_ok() {
+            self.out = Some(read);
+        }
+    }
+}
+
+impl Adaptive {
+    fn new(window: u32) -> Self {
+        Self {
+            window,
+            sampled: 0,
+            next: Instant::now(),
+            every: SAMPLE_EVERY,
+        }
+    }
+
+    /// `bytes` were read in one round trip: a sample that fills two thirds of the window
+    /// grows it to twice the sample (the new window, to set), else sampling slows down.
+    fn sample(&mut self, now: Instant, read: u64, bytes: u64) -> Option<u32> {
+        self.sampled = read;
+        let window = u64::from(self.window);
+        let grown = if self.window < WINDOW_LIMIT && bytes * 3 >= window * 2 {
+            let doubled = (bytes * 2).min(u64::from(WINDOW_LIMIT));
+            self.window = u32::try_from(doubled)
+                .unwrap_or(WINDOW_LIMIT)
+                .max(self.window);
+            self.every = SAMPLE_EVERY;
+            Some(self.window)
+        } else {
+            self.every = (self.every * 2).min(SAMPLE_AT_MOST_EVERY);
+            None
+        };
+        self.next = after(now, self.every);
+        grown
+    }
+}
+
+impl KeepAlive {
+    fn rearm(&mut self, now: Instant, read: u64) {
+        self.seen = read;
+        self.awaiting = false;
+        let next = after(now, self.interval);
+        self.timer.as_mut().reset(next);
+    }
+}
+
+/// `now + duration`, saturating far in the future (a configured duration may be huge).
+fn after(now: Instant, duration: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    now.checked_add(duration.min(FAR)).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Catches a window that never grows, grows on a small sample, passes the limit, or
+    /// keeps sampling at full rate while nothing changes.
+    #[test]
+    fn a_sample_filling_two_thirds_of_the_window_doubles_it_up_to_the_limit() {
+        let now = Instant::now();
+        let mut adaptive = Adaptive::new(1 << 20);
+        assert_eq!(
+            adaptive.sample(now, 100, 600 << 10),
+            None,
+            "under two thirds"
+        );
+        assert_eq!(adaptive.every, SAMPLE_EVERY * 2, "sampling slows down");
+        assert_eq!(adaptive.next, now + SAMPLE_EVERY * 2);
+        assert_eq!(adaptive.sampled, 100);
+        assert_eq!(adaptive.sample(now, 200, 700 << 10), Some(1400 << 10));
+        assert_eq!(adaptive.every, SAMPLE_EVERY, "a change samples again soon");
+        assert_eq!(adaptive.sample(now, 300, 12 << 20), Some(WINDOW_LIMIT));
+        assert_eq!(adaptive.sample(now, 400, 64 << 20), None, "at the limit");
+        for _ in 0..10 {
+            adaptive.sample(now, 500, 0);
+        }
+        assert_eq!(adaptive.every, SAMPLE_AT_MOST_EVERY);
+    }
+}
