@@ -17,10 +17,24 @@ use super::SendBody;
 use super::replay::ReplayBody;
 use crate::error::BoxError;
 
-/// The stream closed while its request body was being sent.
+/// Why a body was not sent whole.
 #[derive(Debug, thiserror::Error)]
-#[error("the stream closed before the request body was sent")]
-struct StreamClosed;
+pub(crate) enum PipeError {
+    /// The caller's body failed; the stream is reset.
+    #[error("the request body failed")]
+    Body(#[source] BoxError),
+    /// The stream would take no more: the server reset it or ended it (it may have answered
+    /// already, without reading the rest; RFC 9113, 8.1), or the connection closed. The
+    /// response, or its error, says what happened.
+    #[error("the stream took no more of the request body")]
+    Stream(#[source] Option<h2::Error>),
+}
+
+impl From<h2::Error> for PipeError {
+    fn from(error: h2::Error) -> Self {
+        Self::Stream(Some(error))
+    }
+}
 
 /// A request body on its way to its stream.
 pub(crate) struct Pipe<B> {
@@ -29,10 +43,11 @@ pub(crate) struct Pipe<B> {
     /// A chunk read and not yet sent: it goes with the end of the stream if the body ends
     /// right after it.
     held: Option<Bytes>,
-    /// The first chunk is read without waiting for capacity (the stream starts with the
-    /// server's initial window); each later one waits for room, so at most one chunk more
-    /// than the stream can take is ever buffered.
-    started: bool,
+    /// Chunks read so far. The first one, and whether the body ends right after it, are
+    /// read without waiting for capacity (a unary request queues HEADERS and its one DATA
+    /// frame without a round trip through the connection's task); from then on each chunk
+    /// waits for room, so at most two chunks more than the stream can take are buffered.
+    chunks: usize,
 }
 
 impl<B: SendBody> Pipe<B> {
@@ -41,18 +56,17 @@ impl<B: SendBody> Pipe<B> {
             body,
             stream,
             held: None,
-            started: false,
+            chunks: 0,
         }
     }
 
     /// Sends what the body has; ready when all of it is sent (or sending failed, in which
     /// case the stream is reset).
-    pub(crate) fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    pub(crate) fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PipeError>> {
         loop {
-            if self.started {
+            if self.chunks >= 2 || (self.chunks == 1 && self.held.is_none()) {
                 ready!(self.poll_room(cx))?;
             }
-            self.started = true;
             let frame = match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Pending => {
                     if let Some(data) = self.held.take() {
@@ -60,8 +74,8 @@ impl<B: SendBody> Pipe<B> {
                     }
                     // Waiting for the caller's body: notice a reset from the server meanwhile.
                     if let Poll::Ready(reason) = self.stream.poll_reset(cx) {
-                        let reason = reason?;
-                        return Poll::Ready(Err(Box::new(h2::Error::from(reason))));
+                        let error = reason.map_or_else(|error| error, h2::Error::from);
+                        return Poll::Ready(Err(PipeError::Stream(Some(error))));
                     }
                     return Poll::Pending;
                 }
@@ -75,10 +89,11 @@ impl<B: SendBody> Pipe<B> {
                 }
                 Some(Err(error)) => {
                     self.stream.send_reset(h2::Reason::CANCEL);
-                    return Poll::Ready(Err(error.into()));
+                    return Poll::Ready(Err(PipeError::Body(error.into())));
                 }
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
+                        self.chunks = self.chunks.saturating_add(1);
                         if let Some(earlier) = self.held.replace(data) {
                             self.stream.send_data(earlier, false)?;
                         }
@@ -100,13 +115,13 @@ impl<B: SendBody> Pipe<B> {
     }
 
     /// Waits until the stream has room for more data.
-    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PipeError>> {
         self.stream.reserve_capacity(1);
         while self.stream.capacity() == 0 {
             match ready!(self.stream.poll_capacity(cx)) {
                 Some(Ok(_)) => {}
-                Some(Err(error)) => return Poll::Ready(Err(Box::new(error))),
-                None => return Poll::Ready(Err(Box::new(StreamClosed))),
+                Some(Err(error)) => return Poll::Ready(Err(error.into())),
+                None => return Poll::Ready(Err(PipeError::Stream(None))),
             }
         }
         Poll::Ready(Ok(()))
@@ -115,7 +130,7 @@ impl<B: SendBody> Pipe<B> {
     /// Sends the rest of the body (in a task of its own).
     pub(crate) async fn send(mut self) {
         if let Err(error) = std::future::poll_fn(|cx| self.poll_send(cx)).await {
-            tracing::debug!(error = %crate::error::Chain(&*error), "request body not sent whole");
+            tracing::debug!(error = %crate::error::Chain(&error), "request body not sent whole");
         }
     }
 }

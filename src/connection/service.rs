@@ -18,11 +18,12 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::debug;
 
 use super::SendBody;
 use super::driver::{State, Sub};
 use super::error::{ConnectionError, never_processed};
-use super::pipe::Pipe;
+use super::pipe::{Pipe, PipeError};
 use super::replay::ReplayBody;
 use crate::balance::{Connectivity, Readiness};
 
@@ -398,14 +399,22 @@ impl<B: SendBody> Future for ResponseFuture<B> {
             && let Poll::Ready(sent) = pipe.poll_send(cx)
         {
             inner.pipe = None;
-            if let Err(error) = sent {
-                // Dropping the stream's halves resets it.
-                let authority = inner.handle.state.authority.clone();
-                this.inner = None;
-                return Poll::Ready(Err(ConnectionError::Request {
-                    authority,
-                    source: error,
-                }));
+            match sent {
+                Ok(()) => {}
+                // The stream took no more: the response (perhaps sent without reading the
+                // rest, RFC 9113, 8.1) or its error tells the caller what happened.
+                Err(PipeError::Stream(error)) => {
+                    debug!(error = ?error, "request body not sent whole");
+                }
+                Err(PipeError::Body(error)) => {
+                    let authority = inner.handle.state.authority.clone();
+                    // Dropping the stream's halves resets it.
+                    this.inner = None;
+                    return Poll::Ready(Err(ConnectionError::Request {
+                        authority,
+                        source: error,
+                    }));
+                }
             }
         }
         let outcome = ready!(Pin::new(&mut inner.response).poll(cx));
