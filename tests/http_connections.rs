@@ -145,8 +145,8 @@ fn chunk(_: u32) -> Chunk {
 /// ready (here 1 GiB, to a server that never reads it) would be buffered whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_is_read_no_faster_than_the_stream_takes_it() {
-    use tower::ServiceExt;
     let _limit = support::time_limit(60);
+    use tower::ServiceExt;
     let registry = Arc::new(MemoryRegistry::new());
     let _servers = start(&registry, "r", 1).await;
     let client: ConnectionDiscovery<Endless> = DiscoveryLayer::new(registry.clone())
@@ -173,8 +173,8 @@ async fn a_request_body_is_read_no_faster_than_the_stream_takes_it() {
 /// every request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_specific_headers_are_not_sent_over_http2() {
-    use tower::ServiceExt;
     let _limit = support::time_limit(60);
+    use tower::ServiceExt;
     let registry = Arc::new(MemoryRegistry::new());
     let _servers = start(&registry, "x", 1).await;
     let client = client(&registry);
