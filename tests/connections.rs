@@ -229,6 +229,51 @@ async fn a_connection_whose_peer_went_silent_is_closed_by_keepalive() {
     );
 }
 
+/// Catches keepalive pings on an idle connection when `keep_alive_while_idle` is off
+/// (servers may count them as abuse: grpc-go allows one per 5 minutes by default) and
+/// keepalive that ignores the streams open on a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_pinged_only_once_a_stream_is_open() {
+    let _limit = support::time_limit(60);
+    let server = TestServer::grpc("idle").await;
+    let proxy = support::proxy::Proxy::start(([127, 0, 0, 1], server.port).into()).await;
+    let registry = Arc::new(MemoryRegistry::new());
+    let instance = ServiceInstance::new("idle", SERVICE, "127.0.0.1", proxy.addr.port());
+    registry.register(instance).await.unwrap();
+    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
+        .outlier_detection(None)
+        .http2_keep_alive_interval(Duration::from_millis(300))
+        .keep_alive_timeout(Duration::from_millis(300))
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    until_connectivity(&channel, "idle", &[Connectivity::Ready]).await;
+    check(&mut HealthClient::new(channel.clone()))
+        .await
+        .unwrap();
+    // Silent from now on: a ping would go unanswered and close the connection.
+    proxy.freeze();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        connectivity(&channel, "idle"),
+        Some(Connectivity::Ready),
+        "an idle connection was pinged"
+    );
+    let mut client = HealthClient::new(channel.clone());
+    let stuck = tokio::spawn(async move { check(&mut client).await });
+    until_connectivity(
+        &channel,
+        "idle",
+        &[Connectivity::Connecting, Connectivity::TransientFailure],
+    )
+    .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), stuck).await;
+    assert!(
+        matches!(outcome, Ok(Ok(Err(_)))),
+        "the request on the silent connection ends with an error: {outcome:?}"
+    );
+}
+
 /// Catches picking an instance that never connects: every request sent to it would fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_accepts_no_connection_is_never_picked() {

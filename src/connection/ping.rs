@@ -110,8 +110,7 @@ impl Pinger {
         }
         if self.out.is_none()
             && let Some(adaptive) = &self.adaptive
-            && read > adaptive.sampled
-            && now >= adaptive.next
+            && adaptive.wants_sample(now, read)
         {
             self.send(read);
         }
@@ -178,6 +177,11 @@ impl Adaptive {
         }
     }
 
+    /// Whether to ping for a sample: data arrived since the last one, and it is time.
+    fn wants_sample(&self, now: Instant, read: u64) -> bool {
+        read > self.sampled && now >= self.next
+    }
+
     /// `bytes` were read in one round trip: a sample that fills two thirds of the window
     /// grows it to twice the sample (the new window, to set), else sampling slows down.
     fn sample(&mut self, now: Instant, read: u64, bytes: u64) -> Option<u32> {
@@ -240,5 +244,42 @@ mod tests {
             adaptive.sample(now, 500, 0);
         }
         assert_eq!(adaptive.every, SAMPLE_AT_MOST_EVERY);
+    }
+
+    /// Catches sampling with no data flowing (pings a server may count as abuse), before the
+    /// sampling delay, or never.
+    #[test]
+    fn a_sample_is_taken_only_when_data_arrived_and_it_is_time() {
+        let mut adaptive = Adaptive::new(1 << 20);
+        let now = adaptive.next;
+        assert!(
+            adaptive.wants_sample(now, 1),
+            "data arrived, and it is time"
+        );
+        assert!(
+            !adaptive.wants_sample(now, 0),
+            "no data since the last sample"
+        );
+        adaptive.sample(now, 10, 0);
+        let next = adaptive.next;
+        assert!(!adaptive.wants_sample(next - Duration::from_millis(1), 11));
+        assert!(adaptive.wants_sample(next, 11), "exactly when due");
+        assert!(
+            !adaptive.wants_sample(next, 10),
+            "nothing new since the sample"
+        );
+    }
+
+    /// Catches a saturation that is no saturation (a huge configured interval would panic)
+    /// or one that cuts ordinary durations short (pings would go out at once).
+    #[test]
+    fn later_saturates_far_ahead_and_keeps_ordinary_durations() {
+        let now = Instant::now();
+        assert_eq!(
+            after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let year = Duration::from_secs(365 * 24 * 3600);
+        assert!(after(now, Duration::MAX) > now + 20 * year);
     }
 }
