@@ -189,3 +189,59 @@ async fn connection_specific_headers_are_not_sent_over_http2() {
     let response = client.oneshot(request).await.unwrap();
     assert_eq!(response.status(), http::StatusCode::OK);
 }
+
+type Streamed = http_body_util::StreamBody<futures_util::stream::BoxStream<'static, Chunk>>;
+
+/// Catches a request body that stops once the response has arrived (a bidirectional
+/// stream): the server below answers at once and echoes the body, which the caller sends
+/// only after it has the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_still_streaming_when_the_response_arrives_is_sent_whole() {
+    let _limit = support::time_limit(60);
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let registry = Arc::new(MemoryRegistry::new());
+    let echo = TestServer::start("echo", true, Arc::default(), || {
+        tower::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+            Ok::<_, std::convert::Infallible>(http::Response::new(request.into_body()))
+        })
+    })
+    .await;
+    tower_sd::ServiceRegistry::register(&*registry, echo.instance(SERVICE))
+        .await
+        .unwrap();
+    let client: ConnectionDiscovery<Streamed> = DiscoveryLayer::new(registry.clone())
+        .balancer(|b| b.outlier_detection(None))
+        .over_connections(ConnectionSettings::default());
+    let (chunks, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok(http_body::Frame::data(chunk)), rx))
+    });
+    let body = http_body_util::StreamBody::new(stream.boxed());
+    let request = http::Request::post("http://backend/").body(body).unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    let mut body = response.into_body();
+    for word in ["one", "two", "three"] {
+        chunks.send(Bytes::from(word)).await.unwrap();
+        let mut echoed = Vec::new();
+        while echoed.len() < word.len() {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+                .await
+                .expect("echoed within 5 s")
+                .expect("the body goes on")
+                .unwrap();
+            echoed.extend_from_slice(&frame.into_data().unwrap());
+        }
+        assert_eq!(echoed, word.as_bytes());
+    }
+    drop(chunks);
+    // The end of the request (an empty DATA frame with END_STREAM) ends the echo.
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(5), body.collect())
+        .await
+        .expect("the echo ends with the request")
+        .unwrap()
+        .to_bytes();
+    assert!(rest.is_empty(), "nothing more echoed: {rest:?}");
+}
