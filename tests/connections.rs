@@ -186,28 +186,38 @@ async fn a_new_instance_takes_traffic_only_once_connected() {
     );
 }
 
+/// One server behind a proxy (to freeze), and a channel with 300 ms keepalive pings and
+/// timeout, connected and once used.
+async fn behind_a_proxy(
+    key: &str,
+    while_idle: bool,
+) -> (TestServer, support::proxy::Proxy, LoadBalancedChannel) {
+    let server = TestServer::grpc(key).await;
+    let proxy = support::proxy::Proxy::start(([127, 0, 0, 1], server.port).into()).await;
+    let registry = Arc::new(MemoryRegistry::new());
+    let instance = ServiceInstance::new(key, SERVICE, "127.0.0.1", proxy.addr.port());
+    registry.register(instance).await.unwrap();
+    let channel = LoadBalancedChannel::builder(registry, SERVICE)
+        .outlier_detection(None)
+        .http2_keep_alive_interval(Duration::from_millis(300))
+        .keep_alive_timeout(Duration::from_millis(300))
+        .keep_alive_while_idle(while_idle)
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    until_connectivity(&channel, key, &[Connectivity::Ready]).await;
+    check(&mut HealthClient::new(channel.clone()))
+        .await
+        .unwrap();
+    (server, proxy, channel)
+}
+
 /// Catches a connection that stays ready after its peer went silent (no keepalive pings, or
 /// pings whose missing answer is never noticed): every request sent on it would hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_peer_went_silent_is_closed_by_keepalive() {
     let _limit = support::time_limit(60);
-    let server = TestServer::grpc("silent").await;
-    let proxy = support::proxy::Proxy::start(([127, 0, 0, 1], server.port).into()).await;
-    let registry = Arc::new(MemoryRegistry::new());
-    let instance = ServiceInstance::new("silent", SERVICE, "127.0.0.1", proxy.addr.port());
-    registry.register(instance).await.unwrap();
-    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
-        .outlier_detection(None)
-        .http2_keep_alive_interval(Duration::from_millis(300))
-        .keep_alive_timeout(Duration::from_millis(300))
-        .keep_alive_while_idle(true)
-        .connect(Duration::from_secs(5))
-        .await
-        .unwrap();
-    until_connectivity(&channel, "silent", &[Connectivity::Ready]).await;
-    check(&mut HealthClient::new(channel.clone()))
-        .await
-        .unwrap();
+    let (server, proxy, channel) = behind_a_proxy("silent", true).await;
     // Idle pings are answered: the connection stays up well past a few intervals.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(connectivity(&channel, "silent"), Some(Connectivity::Ready));
@@ -235,22 +245,7 @@ async fn a_connection_whose_peer_went_silent_is_closed_by_keepalive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_pinged_only_once_a_stream_is_open() {
     let _limit = support::time_limit(60);
-    let server = TestServer::grpc("idle").await;
-    let proxy = support::proxy::Proxy::start(([127, 0, 0, 1], server.port).into()).await;
-    let registry = Arc::new(MemoryRegistry::new());
-    let instance = ServiceInstance::new("idle", SERVICE, "127.0.0.1", proxy.addr.port());
-    registry.register(instance).await.unwrap();
-    let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
-        .outlier_detection(None)
-        .http2_keep_alive_interval(Duration::from_millis(300))
-        .keep_alive_timeout(Duration::from_millis(300))
-        .connect(Duration::from_secs(5))
-        .await
-        .unwrap();
-    until_connectivity(&channel, "idle", &[Connectivity::Ready]).await;
-    check(&mut HealthClient::new(channel.clone()))
-        .await
-        .unwrap();
+    let (_server, proxy, channel) = behind_a_proxy("idle", false).await;
     // Silent from now on: a ping would go unanswered and close the connection.
     proxy.freeze();
     tokio::time::sleep(Duration::from_millis(1500)).await;
