@@ -166,6 +166,15 @@ impl<B: Send + 'static> Connection<B> {
         }
     }
 
+    /// The cached connection takes no new streams: mark it so that every handle passes it
+    /// over, wake the driver (it replaces the connection), and let go of it here.
+    fn forget_closed(&mut self) {
+        if let Some(cached) = self.cached.take() {
+            cached.sub.closed.store(true, Ordering::Relaxed);
+            self.state().demand.notify_one();
+        }
+    }
+
     fn not_connected(&self, state: Connectivity) -> ConnectionError {
         let source = self.state().readiness.last_error();
         ConnectionError::NotConnected {
@@ -241,11 +250,7 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
             match cached.send.poll_ready(cx) {
                 Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(_)) => {
-                    cached.sub.closed.store(true, Ordering::Relaxed);
-                    self.state().demand.notify_one();
-                    self.cached = None;
-                }
+                Poll::Ready(Err(_)) => self.forget_closed(),
             }
         }
     }
@@ -292,9 +297,7 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
                 if !(source.is_go_away() || source.is_io()) {
                     return ResponseFuture::failed(ConnectionError::Request { authority, source });
                 }
-                cached.sub.closed.store(true, Ordering::Relaxed);
-                state.demand.notify_one();
-                self.cached = None;
+                self.forget_closed();
                 ResponseFuture::failed(ConnectionError::Unprocessed { authority, source })
             }
         }
