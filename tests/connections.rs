@@ -11,7 +11,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::grpc::{Callers, check, connectivity, until_endpoints};
@@ -522,7 +522,9 @@ async fn a_dropped_call_resets_its_stream_and_releases_its_load() {
 /// server allows few streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_connection_opens_when_the_server_allows_few_streams() {
-    let _limit = support::time_limit(60);
+    // Each stream runs 20 s (100 numbers, 200 ms apart): a call queued behind a full
+    // connection's streams (in h2's queue) would wait that long, and fails the 5 s bound.
+    let _limit = support::time_limit(40);
     let registry = Arc::new(MemoryRegistry::new());
     let events = Arc::new(numbers::Events::default());
     let limited =
@@ -541,23 +543,38 @@ async fn a_second_connection_opens_when_the_server_allows_few_streams() {
         .connect(Duration::from_secs(5))
         .await
         .unwrap();
-    let opened = Arc::new(AtomicUsize::new(0));
-    let mut streams = Vec::new();
-    for _ in 0..6 {
-        let mut client = numbers::Client::new(channel.clone());
+    let open = |channel: LoadBalancedChannel| async move {
+        let mut client = numbers::Client::new(channel);
         let mut stream = client.count(100).await.unwrap();
         stream.message().await.unwrap().unwrap();
-        opened.fetch_add(1, Ordering::SeqCst);
+        stream
+    };
+    let mut streams = Vec::new();
+    for n in 1..=6 {
+        let stream = tokio::time::timeout(Duration::from_secs(5), open(channel.clone()))
+            .await
+            .unwrap_or_else(|_| panic!("stream {n} waited behind a full connection"));
         streams.push(stream);
     }
-    assert_eq!(
-        opened.load(Ordering::SeqCst),
-        6,
-        "6 streams on a 2-stream server"
-    );
     assert_eq!(
         limited.connections(),
         3,
         "three connections of two streams each"
+    );
+
+    // Every connection full, at the maximum: a seventh call waits for room, and takes the
+    // room a cancelled stream leaves on the last connection (not the first one's queue).
+    let seventh = tokio::spawn(open(channel.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!seventh.is_finished(), "a seventh stream on 3 x 2 streams");
+    drop(streams.pop());
+    tokio::time::timeout(Duration::from_secs(5), seventh)
+        .await
+        .expect("the seventh call took the room a cancelled stream left")
+        .unwrap();
+    assert_eq!(
+        limited.connections(),
+        3,
+        "no fourth connection past the maximum"
     );
 }

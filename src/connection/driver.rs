@@ -46,6 +46,8 @@ pub(crate) struct Sub {
     pub(crate) read: Arc<AtomicU64>,
     /// It takes no new stream (a GOAWAY came, or it failed): set by whoever notices first.
     pub(crate) closed: AtomicBool,
+    /// The instance's [`State::changed`]: woken when this connection, full, gets room.
+    pub(crate) changed: Arc<Notify>,
 }
 
 impl Sub {
@@ -59,6 +61,26 @@ impl Sub {
     #[inline]
     pub(crate) fn has_room(&self) -> bool {
         self.streams.load(Ordering::Relaxed) < self.max_streams.load(Ordering::Relaxed)
+    }
+
+    /// One of its streams ended: wakes the handles waiting for room if it was full.
+    #[inline]
+    pub(crate) fn stream_ended(&self) {
+        let before = self.streams.fetch_sub(1, Ordering::Relaxed);
+        if before >= self.max_streams.load(Ordering::Relaxed) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Records the server's current stream limit, waking the waiting handles if it grew.
+    fn set_max_streams(&self, max: usize) {
+        let before = self.max_streams.load(Ordering::Relaxed);
+        if max != before {
+            self.max_streams.store(max, Ordering::Relaxed);
+            if max > before {
+                self.changed.notify_waiters();
+            }
+        }
     }
 }
 
@@ -77,8 +99,9 @@ pub(crate) struct State {
     pub(crate) subs: ArcSwap<Vec<Arc<Sub>>>,
     /// Bumped whenever `subs` changes, so handles know to look again.
     pub(crate) generation: AtomicU64,
-    /// Woken on every change of `subs` or the readiness: handles waiting for a connection.
-    pub(crate) changed: Notify,
+    /// Woken on every change of `subs` or the readiness, and when a full connection gets
+    /// room: handles waiting for a connection with room.
+    pub(crate) changed: Arc<Notify>,
     /// Woken by handles: a lazy connection is wanted, or every open one is full.
     pub(crate) demand: Notify,
     pub(crate) settings: Arc<ConnectionSettings>,
@@ -261,6 +284,7 @@ impl Task {
             max_streams: AtomicUsize::new(connection.max_concurrent_send_streams().max(1)),
             read,
             closed: AtomicBool::new(false),
+            changed: Arc::clone(&self.state.changed),
         });
         let mut subs = self.state.subs.load().as_ref().clone();
         subs.push(Arc::clone(&sub));
@@ -349,10 +373,8 @@ impl Future for Open {
         }
         let ended = Pin::new(&mut *connection).poll(cx);
         // The server may change its limit at any time (a SETTINGS frame).
-        this.sub.max_streams.store(
-            connection.max_concurrent_send_streams().max(1),
-            Ordering::Relaxed,
-        );
+        this.sub
+            .set_max_streams(connection.max_concurrent_send_streams().max(1));
         if let Poll::Ready(result) = ended {
             if let Err(error) = result {
                 debug!(error = %crate::error::Chain(&error), "connection ended with an error");

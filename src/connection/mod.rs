@@ -16,7 +16,9 @@
 //! connection that closes (the server died, or sent GOAWAY) takes no new stream from that
 //! moment; streams already open on it finish, and the driver opens the next one at once. When
 //! every open connection has as many streams as the server's `MAX_CONCURRENT_STREAMS`, it
-//! opens another, up to [`max_connections_per_instance`].
+//! opens another, up to [`max_connections_per_instance`], and `poll_ready` waits for the
+//! first room (on the new connection, or when a stream ends) instead of queueing the request
+//! behind a full connection's streams.
 //!
 //! [`max_connections_per_instance`]: ConnectionSettings::max_connections_per_instance
 
@@ -135,7 +137,7 @@ impl Connector {
             readiness: Readiness::new(initial),
             subs: ArcSwap::from_pointee(Vec::new()),
             generation: AtomicU64::new(0),
-            changed: Notify::new(),
+            changed: Arc::new(Notify::new()),
             demand: Notify::new(),
             settings: Arc::clone(&self.settings),
             connects: Arc::clone(&self.connects),

@@ -31,8 +31,9 @@ use crate::balance::{Connectivity, Readiness};
 /// keeping its own copy of the sender it last used.
 ///
 /// Made by a [`Connector`](super::Connector). Its [`readiness`](Self::readiness) tells the
-/// balancer whether it is connected; `poll_ready` is ready at once when it is, waits while
-/// it connects, and fails ([`ConnectionError::NotConnected`]) while its last connect failed.
+/// balancer whether it is connected; `poll_ready` is ready at once when it is and one of
+/// its connections has room under the server's stream limit, waits while it connects or
+/// while every connection is full, and fails ([`ConnectionError::NotConnected`]) while its last connect failed.
 /// Requests take a [`ReplayBody`], which the integrations wrap around the caller's body
 /// so that a request the server did not process can be sent again.
 pub struct Connection<B> {
@@ -104,37 +105,32 @@ impl<B: Send + 'static> Connection<B> {
         })
     }
 
-    /// Takes a sender from the current set: the first with room, else the least busy (and
-    /// asks the driver for another connection). `false` when none is open.
+    /// Takes a sender from the current set: the first open connection with room. `false`
+    /// when none has room; then, if some are open, every one is full, and the driver is
+    /// asked for another (it opens one unless the instance has its maximum).
     fn refresh(&mut self) -> bool {
         let state = &self.handle.state;
         let generation = state.generation.load(Ordering::Acquire);
         let subs = state.subs.load();
-        let open = subs.iter().filter(|sub| sub.is_open());
-        let chosen = match open.clone().find(|sub| sub.has_room()) {
-            Some(sub) => Some(sub),
-            None => {
-                let busy = open.min_by_key(|sub| sub.streams.load(Ordering::Relaxed));
-                if busy.is_some() {
-                    state.demand.notify_one();
-                }
-                busy
+        let mut open = subs.iter().filter(|sub| sub.is_open()).peekable();
+        let full = open.peek().is_some();
+        let Some(sub) = open.find(|sub| sub.has_room()) else {
+            // Not queued behind a full connection's streams in h2: the request waits for
+            // the first room, on a new connection or when a stream ends.
+            if full {
+                state.demand.notify_one();
             }
+            return false;
         };
-        match chosen {
-            Some(sub) => {
-                self.cached = Some(Cached {
-                    generation,
-                    sub: Arc::clone(sub),
-                    send: sub.send.clone(),
-                });
-                true
-            }
-            None => false,
-        }
+        self.cached = Some(Cached {
+            generation,
+            sub: Arc::clone(sub),
+            send: sub.send.clone(),
+        });
+        true
     }
 
-    /// Waits for an open connection.
+    /// Waits for an open connection with room.
     fn poll_connected(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectionError>> {
         loop {
             if self.cached_usable() || self.refresh() {
@@ -357,7 +353,7 @@ impl StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.sub.streams.fetch_sub(1, Ordering::Relaxed);
+        self.sub.stream_ended();
     }
 }
 

@@ -147,7 +147,8 @@ impl ConnectionSettings {
     }
 
     /// Connections to one instance at most (default 4). A second one opens when every open
-    /// one has as many streams as the server's `MAX_CONCURRENT_STREAMS` allows.
+    /// one has as many streams as the server's `MAX_CONCURRENT_STREAMS` allows; with all of
+    /// them full, the instance's `poll_ready` waits until a stream ends.
     pub fn max_connections_per_instance(mut self, connections: usize) -> Self {
         self.max_connections_per_instance = connections.max(1);
         self
