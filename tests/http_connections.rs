@@ -6,6 +6,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -244,4 +245,111 @@ async fn a_body_still_streaming_when_the_response_arrives_is_sent_whole() {
         .unwrap()
         .to_bytes();
     assert!(rest.is_empty(), "nothing more echoed: {rest:?}");
+}
+
+/// A client whose instance is one hand-driven HTTP/2 server starting each connection at
+/// `max` streams, with at most `connections` connections to it.
+async fn raw_server(
+    max: u32,
+    connections: usize,
+) -> (support::raw_h2::RawH2, Client, Arc<MemoryRegistry>) {
+    let server = support::raw_h2::RawH2::start(max).await;
+    let registry = Arc::new(MemoryRegistry::new());
+    let instance = tower_sd::ServiceInstance::new("raw", SERVICE, "127.0.0.1", server.port);
+    tower_sd::ServiceRegistry::register(&*registry, instance)
+        .await
+        .unwrap();
+    let settings = ConnectionSettings::default().max_connections_per_instance(connections);
+    let client = DiscoveryLayer::new(registry.clone())
+        .balancer(|b| b.outlier_detection(None))
+        .over_connections(settings);
+    (server, client, registry)
+}
+
+/// A GET to the service in a task of its own: its status.
+fn send(client: &Client) -> tokio::task::JoinHandle<Result<http::StatusCode, tower::BoxError>> {
+    use tower::ServiceExt;
+    let client = client.clone();
+    tokio::spawn(async move {
+        let request = http::Request::get("http://backend/").body(Empty::new())?;
+        Ok(client.oneshot(request).await?.status())
+    })
+}
+
+/// Catches a limit read once at connect: a server that raises its `MAX_CONCURRENT_STREAMS`
+/// on an open connection (SETTINGS, RFC 9113 6.5.2) must get the request that waited for
+/// room at once, not when the open stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_raising_its_stream_limit_takes_the_waiting_request() {
+    use support::raw_h2::Seen;
+    let _limit = support::time_limit(30);
+    let wait = Duration::from_secs(5);
+    let (mut server, client, _registry) = raw_server(1, 1).await;
+    let first = send(&client);
+    let held = Seen {
+        connection: 0,
+        stream: 1,
+    };
+    assert_eq!(server.request(wait).await, Some(held));
+    let second = send(&client);
+    let early = server.request(Duration::from_millis(300)).await;
+    assert_eq!(early, None, "a second stream on a 1-stream connection");
+
+    server.set_max_streams(0, 2);
+    let raised = Seen {
+        connection: 0,
+        stream: 3,
+    };
+    assert_eq!(
+        server.request(wait).await,
+        Some(raised),
+        "the waiting request goes out under the raised limit"
+    );
+    server.respond(0, 1);
+    server.respond(0, 3);
+    assert_eq!(first.await.unwrap().unwrap(), http::StatusCode::OK);
+    assert_eq!(second.await.unwrap().unwrap(), http::StatusCode::OK);
+    assert_eq!(server.connections(), 1);
+}
+
+/// Catches a limit read once at connect, the other way: a server that lowers its limit to
+/// the streams already open makes the next request open a second connection, where a stale
+/// limit would queue it in h2 behind the open stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_lowering_its_stream_limit_gets_a_second_connection() {
+    use support::raw_h2::Seen;
+    let _limit = support::time_limit(30);
+    let wait = Duration::from_secs(5);
+    let (mut server, client, _registry) = raw_server(2, 2).await;
+    let first = send(&client);
+    let held = Seen {
+        connection: 0,
+        stream: 1,
+    };
+    assert_eq!(server.request(wait).await, Some(held));
+    // The client acknowledged the first SETTINGS before its request; wait for the second.
+    let acked = server.acks(0);
+    server.set_max_streams(0, 1);
+    support::until("the client acknowledges the lower limit", || {
+        server.acks(0) > acked
+    })
+    .await;
+    // The ack is written while the client applies the frame; give its connection's task a
+    // moment to record the new limit after it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let second = send(&client);
+    let other = Seen {
+        connection: 1,
+        stream: 1,
+    };
+    assert_eq!(
+        server.request(wait).await,
+        Some(other),
+        "the request goes out on a second connection, not behind the open stream"
+    );
+    server.respond(0, 1);
+    server.respond(1, 1);
+    assert_eq!(first.await.unwrap().unwrap(), http::StatusCode::OK);
+    assert_eq!(second.await.unwrap().unwrap(), http::StatusCode::OK);
 }

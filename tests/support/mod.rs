@@ -21,6 +21,7 @@ pub mod numbers;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod raw_h2;
 pub mod servers;
 pub mod unreliable;
 

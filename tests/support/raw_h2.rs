@@ -1,0 +1,163 @@
+//! An HTTP/2 server on 127.0.0.1 written frame by frame, for what no server library lets a
+//! test do: change its `MAX_CONCURRENT_STREAMS` on an open connection (a SETTINGS frame
+//! mid-connection, RFC 9113 6.5) and answer each stream only when the test says so.
+//!
+//! It sends its SETTINGS first, acknowledges the client's, answers pings, counts its
+//! connections and the client's SETTINGS acks, reports each request's HEADERS, and answers a stream with `:status 200` and no
+//! body (HPACK static index 8, one byte) when asked. Everything else is read and ignored.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// A request's HEADERS: on which connection (counted from 0), on which stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub connection: usize,
+    pub stream: u32,
+}
+
+/// Each connection's writer (frames to send) and the SETTINGS acks it got.
+type Connections = Arc<Mutex<Vec<(mpsc::UnboundedSender<Vec<u8>>, usize)>>>;
+
+pub struct RawH2 {
+    pub port: u16,
+    requests: mpsc::UnboundedReceiver<Seen>,
+    writers: Connections,
+    task: tokio::task::JoinHandle<()>,
+}
+
+const SETTINGS: u8 = 0x4;
+const HEADERS: u8 = 0x1;
+const PING: u8 = 0x6;
+const ACK: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut bytes = vec![len[1], len[2], len[3], kind, flags];
+    bytes.extend_from_slice(&stream.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+fn max_streams(max: u32) -> Vec<u8> {
+    let mut payload = MAX_CONCURRENT_STREAMS.to_be_bytes().to_vec();
+    payload.extend_from_slice(&max.to_be_bytes());
+    frame(SETTINGS, 0, 0, &payload)
+}
+
+impl RawH2 {
+    /// Starts the server; each connection begins with `MAX_CONCURRENT_STREAMS = max`.
+    pub async fn start(max: u32) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen, requests) = mpsc::unbounded_channel();
+        let writers = Connections::default();
+        let shared = Arc::clone(&writers);
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (mut read, mut write) = tcp.into_split();
+                let (out, mut frames) = mpsc::unbounded_channel::<Vec<u8>>();
+                let n = {
+                    let mut writers = shared.lock().unwrap();
+                    writers.push((out.clone(), 0));
+                    writers.len() - 1
+                };
+                let _ = out.send(max_streams(max));
+                tokio::spawn(async move {
+                    while let Some(bytes) = frames.recv().await {
+                        if write.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let (seen, acks) = (seen.clone(), Arc::clone(&shared));
+                tokio::spawn(async move {
+                    let mut preface = [0; PREFACE.len()];
+                    if read.read_exact(&mut preface).await.is_err() || preface != PREFACE {
+                        return;
+                    }
+                    let mut head = [0u8; 9];
+                    while read.read_exact(&mut head).await.is_ok() {
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let (kind, flags) = (head[3], head[4]);
+                        let stream =
+                            u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                        let mut payload = vec![0; len];
+                        if read.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        match (kind, flags & ACK) {
+                            (SETTINGS, 0) => {
+                                let _ = out.send(frame(SETTINGS, ACK, 0, &[]));
+                            }
+                            (SETTINGS, _) => acks.lock().unwrap()[n].1 += 1,
+                            (PING, 0) => {
+                                let _ = out.send(frame(PING, ACK, 0, &payload));
+                            }
+                            (HEADERS, _) => {
+                                let _ = seen.send(Seen {
+                                    connection: n,
+                                    stream,
+                                });
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            requests,
+            writers,
+            task,
+        }
+    }
+
+    /// The next request within `within`, if any.
+    pub async fn request(&mut self, within: Duration) -> Option<Seen> {
+        tokio::time::timeout(within, self.requests.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.writers.lock().unwrap().len()
+    }
+
+    /// SETTINGS frames the client acknowledged on connection `n`.
+    pub fn acks(&self, n: usize) -> usize {
+        self.writers.lock().unwrap()[n].1
+    }
+
+    /// Sends connection `n` a SETTINGS frame with a new `MAX_CONCURRENT_STREAMS`.
+    pub fn set_max_streams(&self, n: usize, max: u32) {
+        self.send(n, max_streams(max));
+    }
+
+    /// Answers `stream` on connection `n`: `200`, no body.
+    pub fn respond(&self, n: usize, stream: u32) {
+        self.send(n, frame(HEADERS, END_HEADERS | END_STREAM, stream, &[0x88]));
+    }
+
+    fn send(&self, n: usize, bytes: Vec<u8>) {
+        let writers = self.writers.lock().unwrap();
+        writers[n].0.send(bytes).expect("the connection is open");
+    }
+}
+
+impl Drop for RawH2 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
