@@ -267,7 +267,7 @@ async fn raw_server(
 }
 
 /// A GET to the service in a task of its own: its status.
-fn send(client: &Client) -> tokio::task::JoinHandle<Result<http::StatusCode, tower::BoxError>> {
+fn send(client: &Client) -> Call {
     use tower::ServiceExt;
     let client = client.clone();
     tokio::spawn(async move {
@@ -275,6 +275,19 @@ fn send(client: &Client) -> tokio::task::JoinHandle<Result<http::StatusCode, tow
         Ok(client.oneshot(request).await?.status())
     })
 }
+
+/// Answers each request on the server; each call then gets its `200`.
+async fn answer<const N: usize>(
+    server: &support::raw_h2::RawH2,
+    calls: [(support::raw_h2::Seen, Call); N],
+) {
+    for (seen, call) in calls {
+        server.respond(seen);
+        assert_eq!(call.await.unwrap().unwrap(), http::StatusCode::OK);
+    }
+}
+
+type Call = tokio::task::JoinHandle<Result<http::StatusCode, tower::BoxError>>;
 
 /// Catches a limit read once at connect: a server that raises its `MAX_CONCURRENT_STREAMS`
 /// on an open connection (SETTINGS, RFC 9113 6.5.2) must get the request that waited for
@@ -305,10 +318,7 @@ async fn a_server_raising_its_stream_limit_takes_the_waiting_request() {
         Some(raised),
         "the waiting request goes out under the raised limit"
     );
-    server.respond(0, 1);
-    server.respond(0, 3);
-    assert_eq!(first.await.unwrap().unwrap(), http::StatusCode::OK);
-    assert_eq!(second.await.unwrap().unwrap(), http::StatusCode::OK);
+    answer(&server, [(held, first), (raised, second)]).await;
     assert_eq!(server.connections(), 1);
 }
 
@@ -348,8 +358,5 @@ async fn a_server_lowering_its_stream_limit_gets_a_second_connection() {
         Some(other),
         "the request goes out on a second connection, not behind the open stream"
     );
-    server.respond(0, 1);
-    server.respond(1, 1);
-    assert_eq!(first.await.unwrap().unwrap(), http::StatusCode::OK);
-    assert_eq!(second.await.unwrap().unwrap(), http::StatusCode::OK);
+    answer(&server, [(held, first), (other, second)]).await;
 }

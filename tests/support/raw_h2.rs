@@ -145,9 +145,10 @@ impl RawH2 {
         self.send(n, max_streams(max));
     }
 
-    /// Answers `stream` on connection `n`: `200`, no body.
-    pub fn respond(&self, n: usize, stream: u32) {
-        self.send(n, frame(HEADERS, END_HEADERS | END_STREAM, stream, &[0x88]));
+    /// Answers a request: `200`, no body.
+    pub fn respond(&self, seen: Seen) {
+        let response = frame(HEADERS, END_HEADERS | END_STREAM, seen.stream, &[0x88]);
+        self.send(seen.connection, response);
     }
 
     fn send(&self, n: usize, bytes: Vec<u8>) {
