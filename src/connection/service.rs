@@ -33,7 +33,8 @@ use crate::balance::{Connectivity, Readiness};
 /// Made by a [`Connector`](super::Connector). Its [`readiness`](Self::readiness) tells the
 /// balancer whether it is connected; `poll_ready` is ready at once when it is and one of
 /// its connections has room under the server's stream limit, waits while it connects or
-/// while every connection is full, and fails ([`ConnectionError::NotConnected`]) while its last connect failed.
+/// while every connection is full, and fails ([`ConnectionError::NotConnected`]) while its
+/// last connect failed.
 /// Requests take a [`ReplayBody`], which the integrations wrap around the caller's body
 /// so that a request the server did not process can be sent again.
 pub struct Connection<B> {
