@@ -522,9 +522,9 @@ async fn a_dropped_call_resets_its_stream_and_releases_its_load() {
 /// server allows few streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_connection_opens_when_the_server_allows_few_streams() {
+    let _limit = support::time_limit(40);
     // Each stream runs 20 s (100 numbers, 200 ms apart): a call queued behind a full
     // connection's streams (in h2's queue) would wait that long, and fails the 5 s bound.
-    let _limit = support::time_limit(40);
     let registry = Arc::new(MemoryRegistry::new());
     let events = Arc::new(numbers::Events::default());
     let limited =

@@ -294,8 +294,8 @@ type Call = tokio::task::JoinHandle<Result<http::StatusCode, tower::BoxError>>;
 /// room at once, not when the open stream ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_raising_its_stream_limit_takes_the_waiting_request() {
-    use support::raw_h2::Seen;
     let _limit = support::time_limit(30);
+    use support::raw_h2::Seen;
     let wait = Duration::from_secs(5);
     let (mut server, client, _registry) = raw_server(1, 1).await;
     let first = send(&client);
@@ -327,8 +327,8 @@ async fn a_server_raising_its_stream_limit_takes_the_waiting_request() {
 /// limit would queue it in h2 behind the open stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_lowering_its_stream_limit_gets_a_second_connection() {
-    use support::raw_h2::Seen;
     let _limit = support::time_limit(30);
+    use support::raw_h2::Seen;
     let wait = Duration::from_secs(5);
     let (mut server, client, _registry) = raw_server(2, 2).await;
     let first = send(&client);
