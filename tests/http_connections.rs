@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
+use support::raw_h2::Seen;
 use support::servers::{TestServer, get};
 use tower_sd::MemoryRegistry;
 use tower_sd::balance::{Connectivity, EndpointState};
@@ -247,13 +248,11 @@ async fn a_body_still_streaming_when_the_response_arrives_is_sent_whole() {
     assert!(rest.is_empty(), "nothing more echoed: {rest:?}");
 }
 
-/// A client whose instance is one hand-driven HTTP/2 server starting each connection at
-/// `max` streams, with at most `connections` connections to it.
-async fn raw_server(
-    max: u32,
-    connections: usize,
-) -> (support::raw_h2::RawH2, Client, Arc<MemoryRegistry>) {
-    let server = support::raw_h2::RawH2::start(max).await;
+/// A hand-driven HTTP/2 server starting each connection at `max` streams, a client allowed
+/// `connections` connections to it, and a first request the server holds (connection 0,
+/// stream 1).
+async fn one_held_request(max: u32, connections: usize) -> HeldRequest {
+    let mut server = support::raw_h2::RawH2::start(max).await;
     let registry = Arc::new(MemoryRegistry::new());
     let instance = tower_sd::ServiceInstance::new("raw", SERVICE, "127.0.0.1", server.port);
     tower_sd::ServiceRegistry::register(&*registry, instance)
@@ -263,8 +262,31 @@ async fn raw_server(
     let client = DiscoveryLayer::new(registry.clone())
         .balancer(|b| b.outlier_detection(None))
         .over_connections(settings);
-    (server, client, registry)
+    let first = send(&client);
+    let held = Seen {
+        connection: 0,
+        stream: 1,
+    };
+    assert_eq!(server.request(WAIT).await, Some(held));
+    HeldRequest {
+        server,
+        client,
+        _registry: registry,
+        first,
+        held,
+    }
 }
+
+struct HeldRequest {
+    server: support::raw_h2::RawH2,
+    client: Client,
+    _registry: Arc<MemoryRegistry>,
+    first: Call,
+    held: Seen,
+}
+
+/// How long the raw-h2 tests wait for what must happen.
+const WAIT: Duration = Duration::from_secs(5);
 
 /// A GET to the service in a task of its own: its status.
 fn send(client: &Client) -> Call {
@@ -277,10 +299,7 @@ fn send(client: &Client) -> Call {
 }
 
 /// Answers each request on the server; each call then gets its `200`.
-async fn answer<const N: usize>(
-    server: &support::raw_h2::RawH2,
-    calls: [(support::raw_h2::Seen, Call); N],
-) {
+async fn answer<const N: usize>(server: &support::raw_h2::RawH2, calls: [(Seen, Call); N]) {
     for (seen, call) in calls {
         server.respond(seen);
         assert_eq!(call.await.unwrap().unwrap(), http::StatusCode::OK);
@@ -295,15 +314,13 @@ type Call = tokio::task::JoinHandle<Result<http::StatusCode, tower::BoxError>>;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_raising_its_stream_limit_takes_the_waiting_request() {
     let _limit = support::time_limit(30);
-    use support::raw_h2::Seen;
-    let wait = Duration::from_secs(5);
-    let (mut server, client, _registry) = raw_server(1, 1).await;
-    let first = send(&client);
-    let held = Seen {
-        connection: 0,
-        stream: 1,
-    };
-    assert_eq!(server.request(wait).await, Some(held));
+    let HeldRequest {
+        mut server,
+        client,
+        first,
+        held,
+        ..
+    } = one_held_request(1, 1).await;
     let second = send(&client);
     let early = server.request(Duration::from_millis(300)).await;
     assert_eq!(early, None, "a second stream on a 1-stream connection");
@@ -314,7 +331,7 @@ async fn a_server_raising_its_stream_limit_takes_the_waiting_request() {
         stream: 3,
     };
     assert_eq!(
-        server.request(wait).await,
+        server.request(WAIT).await,
         Some(raised),
         "the waiting request goes out under the raised limit"
     );
@@ -328,15 +345,13 @@ async fn a_server_raising_its_stream_limit_takes_the_waiting_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_lowering_its_stream_limit_gets_a_second_connection() {
     let _limit = support::time_limit(30);
-    use support::raw_h2::Seen;
-    let wait = Duration::from_secs(5);
-    let (mut server, client, _registry) = raw_server(2, 2).await;
-    let first = send(&client);
-    let held = Seen {
-        connection: 0,
-        stream: 1,
-    };
-    assert_eq!(server.request(wait).await, Some(held));
+    let HeldRequest {
+        mut server,
+        client,
+        first,
+        held,
+        ..
+    } = one_held_request(2, 2).await;
     // The client acknowledged the first SETTINGS before its request; wait for the second.
     let acked = server.acks(0);
     server.set_max_streams(0, 1);
@@ -354,7 +369,7 @@ async fn a_server_lowering_its_stream_limit_gets_a_second_connection() {
         stream: 1,
     };
     assert_eq!(
-        server.request(wait).await,
+        server.request(WAIT).await,
         Some(other),
         "the request goes out on a second connection, not behind the open stream"
     );

@@ -114,11 +114,11 @@ impl<B: Send + 'static> Connection<B> {
         let generation = state.generation.load(Ordering::Acquire);
         let subs = state.subs.load();
         let mut open = subs.iter().filter(|sub| sub.is_open()).peekable();
-        let full = open.peek().is_some();
+        let any_open = open.peek().is_some();
         let Some(sub) = open.find(|sub| sub.has_room()) else {
             // Not queued behind a full connection's streams in h2: the request waits for
             // the first room, on a new connection or when a stream ends.
-            if full {
+            if any_open {
                 state.demand.notify_one();
             }
             return false;

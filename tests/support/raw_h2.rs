@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 
 /// A request's HEADERS: on which connection (counted from 0), on which stream.
@@ -63,7 +64,7 @@ impl RawH2 {
         let shared = Arc::clone(&writers);
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let (mut read, mut write) = tcp.into_split();
+                let (read, mut write) = tcp.into_split();
                 let (out, mut frames) = mpsc::unbounded_channel::<Vec<u8>>();
                 let n = {
                     let mut writers = shared.lock().unwrap();
@@ -78,40 +79,7 @@ impl RawH2 {
                         }
                     }
                 });
-                let (seen, acks) = (seen.clone(), Arc::clone(&shared));
-                tokio::spawn(async move {
-                    let mut preface = [0; PREFACE.len()];
-                    if read.read_exact(&mut preface).await.is_err() || preface != PREFACE {
-                        return;
-                    }
-                    let mut head = [0u8; 9];
-                    while read.read_exact(&mut head).await.is_ok() {
-                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                        let (kind, flags) = (head[3], head[4]);
-                        let stream =
-                            u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-                        let mut payload = vec![0; len];
-                        if read.read_exact(&mut payload).await.is_err() {
-                            return;
-                        }
-                        match (kind, flags & ACK) {
-                            (SETTINGS, 0) => {
-                                let _ = out.send(frame(SETTINGS, ACK, 0, &[]));
-                            }
-                            (SETTINGS, _) => acks.lock().unwrap()[n].1 += 1,
-                            (PING, 0) => {
-                                let _ = out.send(frame(PING, ACK, 0, &payload));
-                            }
-                            (HEADERS, _) => {
-                                let _ = seen.send(Seen {
-                                    connection: n,
-                                    stream,
-                                });
-                            }
-                            _ => {}
-                        }
-                    }
-                });
+                tokio::spawn(read_frames(read, out, seen.clone(), Arc::clone(&shared), n));
             }
         });
         Self {
@@ -154,6 +122,47 @@ impl RawH2 {
     fn send(&self, n: usize, bytes: Vec<u8>) {
         let writers = self.writers.lock().unwrap();
         writers[n].0.send(bytes).expect("the connection is open");
+    }
+}
+
+/// Reads connection `n`'s frames: acks SETTINGS, answers pings, counts the client's acks
+/// and reports each request's HEADERS.
+async fn read_frames(
+    mut read: OwnedReadHalf,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    seen: mpsc::UnboundedSender<Seen>,
+    acks: Connections,
+    n: usize,
+) {
+    let mut preface = [0; PREFACE.len()];
+    if read.read_exact(&mut preface).await.is_err() || preface != PREFACE {
+        return;
+    }
+    let mut head = [0u8; 9];
+    while read.read_exact(&mut head).await.is_ok() {
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; len];
+        if read.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        match (kind, flags & ACK) {
+            (SETTINGS, 0) => {
+                let _ = out.send(frame(SETTINGS, ACK, 0, &[]));
+            }
+            (SETTINGS, _) => acks.lock().unwrap()[n].1 += 1,
+            (PING, 0) => {
+                let _ = out.send(frame(PING, ACK, 0, &payload));
+            }
+            (HEADERS, _) => {
+                let _ = seen.send(Seen {
+                    connection: n,
+                    stream,
+                });
+            }
+            _ => {}
+        }
     }
 }
 
