@@ -62,6 +62,15 @@ impl<B> ReplayBody<B> {
     }
 }
 
+/// A body sent once: nothing of it is kept, so a request that carries it is not sent
+/// again. For calling a [`Connection`](super::Connection) directly; the integrations make
+/// their own, which keep what a retry needs.
+impl<B> From<B> for ReplayBody<B> {
+    fn from(body: B) -> Self {
+        Self::new(body, 0).0
+    }
+}
+
 /// What a retry needs of a request's body.
 pub(crate) struct Replay<B>(Arc<Mutex<Recording<B>>>);
 

@@ -36,7 +36,8 @@ use crate::balance::{Connectivity, Readiness};
 /// while every connection is full, and fails ([`ConnectionError::NotConnected`]) while its
 /// last connect failed.
 /// Requests take a [`ReplayBody`], which the integrations wrap around the caller's body
-/// so that a request the server did not process can be sent again.
+/// so that a request the server did not process can be sent again; called directly, a
+/// body converts with `ReplayBody::from(body)` (sent once).
 pub struct Connection<B> {
     handle: Arc<Handle>,
     /// The sender this clone last used, with the generation of the set it came from.

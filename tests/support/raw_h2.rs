@@ -3,8 +3,10 @@
 //! mid-connection, RFC 9113 6.5) and answer each stream only when the test says so.
 //!
 //! It sends its SETTINGS first, acknowledges the client's, answers pings, counts its
-//! connections and the client's SETTINGS acks, reports each request's HEADERS, and answers a stream with `:status 200` and no
-//! body (HPACK static index 8, one byte) when asked. Everything else is read and ignored.
+//! connections and the client's SETTINGS acks, notes when the client closes a connection,
+//! reports each request's HEADERS, and when asked answers a stream with `:status 200` (HPACK
+//! static index 8, one byte), with or without a body, or sends a GOAWAY. Everything else is
+//! read and ignored.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,8 +23,17 @@ pub struct Seen {
     pub stream: u32,
 }
 
-/// Each connection's writer (frames to send) and the SETTINGS acks it got.
-type Connections = Arc<Mutex<Vec<(mpsc::UnboundedSender<Vec<u8>>, usize)>>>;
+/// One accepted connection, as the server sees it.
+struct Accepted {
+    /// Frames to send on it.
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    /// SETTINGS frames the client acknowledged.
+    acks: usize,
+    /// The client closed it (its side read the end of the stream).
+    closed: bool,
+}
+
+type Connections = Arc<Mutex<Vec<Accepted>>>;
 
 pub struct RawH2 {
     pub port: u16,
@@ -33,6 +44,8 @@ pub struct RawH2 {
 
 const SETTINGS: u8 = 0x4;
 const HEADERS: u8 = 0x1;
+const DATA: u8 = 0x0;
+const GOAWAY: u8 = 0x7;
 const PING: u8 = 0x6;
 const ACK: u8 = 0x1;
 const END_STREAM: u8 = 0x1;
@@ -68,7 +81,11 @@ impl RawH2 {
                 let (out, mut frames) = mpsc::unbounded_channel::<Vec<u8>>();
                 let n = {
                     let mut writers = shared.lock().unwrap();
-                    writers.push((out.clone(), 0));
+                    writers.push(Accepted {
+                        out: out.clone(),
+                        acks: 0,
+                        closed: false,
+                    });
                     writers.len() - 1
                 };
                 let _ = out.send(max_streams(max));
@@ -79,7 +96,12 @@ impl RawH2 {
                         }
                     }
                 });
-                tokio::spawn(read_frames(read, out, seen.clone(), Arc::clone(&shared), n));
+                let connections = Arc::clone(&shared);
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    read_frames(read, out, seen, Arc::clone(&connections), n).await;
+                    connections.lock().unwrap()[n].closed = true;
+                });
             }
         });
         Self {
@@ -105,7 +127,19 @@ impl RawH2 {
 
     /// SETTINGS frames the client acknowledged on connection `n`.
     pub fn acks(&self, n: usize) -> usize {
-        self.writers.lock().unwrap()[n].1
+        self.writers.lock().unwrap()[n].acks
+    }
+
+    /// Whether the client has closed connection `n`.
+    pub fn closed(&self, n: usize) -> bool {
+        self.writers.lock().unwrap()[n].closed
+    }
+
+    /// Sends connection `n` a GOAWAY (no error) that lets streams up to `last` finish.
+    pub fn go_away(&self, n: usize, last: u32) {
+        let mut payload = last.to_be_bytes().to_vec();
+        payload.extend_from_slice(&0u32.to_be_bytes());
+        self.send(n, frame(GOAWAY, 0, 0, &payload));
     }
 
     /// Sends connection `n` a SETTINGS frame with a new `MAX_CONCURRENT_STREAMS`.
@@ -119,9 +153,21 @@ impl RawH2 {
         self.send(seen.connection, response);
     }
 
+    /// Answers a request with `200` and leaves the response open (a body still to come).
+    pub fn respond_open(&self, seen: Seen) {
+        let response = frame(HEADERS, END_HEADERS, seen.stream, &[0x88]);
+        self.send(seen.connection, response);
+    }
+
+    /// Answers a request with `200` and a body of one DATA frame that ends the stream.
+    pub fn respond_with_body(&self, seen: Seen, body: &[u8]) {
+        self.respond_open(seen);
+        self.send(seen.connection, frame(DATA, END_STREAM, seen.stream, body));
+    }
+
     fn send(&self, n: usize, bytes: Vec<u8>) {
         let writers = self.writers.lock().unwrap();
-        writers[n].0.send(bytes).expect("the connection is open");
+        writers[n].out.send(bytes).expect("the connection is open");
     }
 }
 
@@ -151,7 +197,7 @@ async fn read_frames(
             (SETTINGS, 0) => {
                 let _ = out.send(frame(SETTINGS, ACK, 0, &[]));
             }
-            (SETTINGS, _) => acks.lock().unwrap()[n].1 += 1,
+            (SETTINGS, _) => acks.lock().unwrap()[n].acks += 1,
             (PING, 0) => {
                 let _ = out.send(frame(PING, ACK, 0, &payload));
             }

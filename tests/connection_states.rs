@@ -1,0 +1,484 @@
+//! One [`Connection`] on its own, no balancer in front, against servers on 127.0.0.1 that do
+//! what a real one does only at its worst: close every connection at once, accept and never
+//! answer, send GOAWAY. What is checked is what the balancer relies on: the state the
+//! connection reports, when it dials again (and when it must not), what `poll_ready` says,
+//! which connection a request goes on, and what stays open after it is done with.
+#![cfg(feature = "connections")]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use support::raw_h2::{RawH2, Seen};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tower::{Service, ServiceExt};
+use tower_sd::ServiceInstance;
+use tower_sd::balance::Connectivity;
+use tower_sd::connection::{
+    Connection, ConnectionError, ConnectionSettings, Connector, ReplayBody,
+};
+
+type Conn = Connection<Empty<Bytes>>;
+type Call =
+    tokio::task::JoinHandle<Result<http::Response<tower_sd::connection::Body>, ConnectionError>>;
+
+/// How long what must happen may take.
+const WAIT: Duration = Duration::from_secs(5);
+
+fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+/// Settings that reconnect at once, so a test waits for what it checks, not for a backoff.
+fn settings() -> ConnectionSettings {
+    ConnectionSettings::default().reconnect_backoff(ms(1), ms(10))
+}
+
+fn connect<B: tower_sd::connection::SendBody>(
+    port: u16,
+    settings: ConnectionSettings,
+) -> Connection<B> {
+    let instance = ServiceInstance::new("raw", "raw", "127.0.0.1", port);
+    Connector::new(settings).connect(&instance).unwrap()
+}
+
+fn get() -> http::Request<ReplayBody<Empty<Bytes>>> {
+    http::Request::get("/")
+        .body(ReplayBody::from(Empty::new()))
+        .unwrap()
+}
+
+/// A GET on a clone of `connection`, in a task of its own.
+fn send(connection: &Conn) -> Call {
+    let connection = connection.clone();
+    tokio::spawn(connection.oneshot(get()))
+}
+
+async fn until_state(connection: &Conn, want: Connectivity) {
+    let readiness = connection.readiness();
+    support::until(&format!("the connection is {want:?}"), || {
+        readiness.get() == want
+    })
+    .await;
+}
+
+fn at(connection: usize, stream: u32) -> Option<Seen> {
+    Some(Seen { connection, stream })
+}
+
+/// Catches a closed connection left in the set (its replacement then counts twice, and the
+/// set grows with every reconnect), a connection not replaced after GOAWAY, one that keeps
+/// taking streams after it, and a drained connection never closed (or closed under its
+/// open stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_sent_goaway_is_replaced_then_closed_once_its_stream_ends() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(100).await;
+    let connection: Conn = connect(server.port, settings());
+    until_state(&connection, Connectivity::Ready).await;
+    let first = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(0, 1));
+
+    // Stream 1 may finish; nothing new may start on connection 0.
+    server.go_away(0, 1);
+    support::until("one open connection, the replacement", || {
+        server.connections() == 2 && connection.open_connections() == 1
+    })
+    .await;
+    until_state(&connection, Connectivity::Ready).await;
+    let second = send(&connection);
+    assert_eq!(
+        server.request(WAIT).await,
+        at(1, 1),
+        "on the new connection"
+    );
+
+    tokio::time::sleep(ms(300)).await;
+    assert!(!server.closed(0), "closed under its open stream");
+    server.respond(Seen {
+        connection: 0,
+        stream: 1,
+    });
+    assert_eq!(first.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    support::until("the drained connection is closed", || server.closed(0)).await;
+
+    server.respond(Seen {
+        connection: 1,
+        stream: 1,
+    });
+    assert_eq!(
+        second.await.unwrap().unwrap().status(),
+        http::StatusCode::OK
+    );
+    assert_eq!(connection.open_connections(), 1);
+    assert!(!server.closed(1));
+}
+
+/// Catches a connection that closes on one of two connections taken for the whole
+/// instance: the other still serves, so the instance must stay ready (not reported as
+/// connecting or failed, which takes it out of the balancer's picks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_on_one_of_two_connections_leaves_the_instance_ready() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(1).await;
+    let connection: Conn = connect(server.port, settings());
+    until_state(&connection, Connectivity::Ready).await;
+    let first = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(0, 1));
+    let second = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(1, 1), "a second connection");
+    server.respond(Seen {
+        connection: 1,
+        stream: 1,
+    });
+    assert_eq!(
+        second.await.unwrap().unwrap().status(),
+        http::StatusCode::OK
+    );
+
+    // Connection 1 has room again: nothing calls for a third connection.
+    server.go_away(0, 1);
+    support::until("connection 0 left the set", || {
+        connection.open_connections() == 1
+    })
+    .await;
+    let readiness = connection.readiness();
+    for _ in 0..30 {
+        assert_eq!(readiness.get(), Connectivity::Ready);
+        tokio::time::sleep(ms(10)).await;
+    }
+    let third = send(&connection);
+    assert_eq!(
+        server.request(WAIT).await,
+        at(1, 3),
+        "on the connection left"
+    );
+    server.respond(Seen {
+        connection: 1,
+        stream: 3,
+    });
+    server.respond(Seen {
+        connection: 0,
+        stream: 1,
+    });
+    for call in [third, first] {
+        assert_eq!(call.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    }
+    assert_eq!(server.connections(), 2);
+}
+
+/// A listener whose every connection gets the server's SETTINGS (so the dial succeeds) and
+/// is then closed; counts the connections.
+async fn closes_at_once() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let empty_settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+                let _ = tcp.write_all(&empty_settings).await;
+                // The end of the stream, then whatever the client still sends, so that no
+                // unread byte turns the close into a reset.
+                let _ = tcp.shutdown().await;
+                let _ = tcp.read_to_end(&mut Vec::new()).await;
+            });
+        }
+    });
+    (port, accepted)
+}
+
+/// Catches a connection that closes right after it opened being redialled at once, in a
+/// loop (the backoff skipped, or the close taken for a stable one), and reported as
+/// connecting instead of failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_closes_every_connection_at_once_is_backed_off() {
+    let _limit = support::time_limit(30);
+    let (port, accepted) = closes_at_once().await;
+    let settings = ConnectionSettings::default().reconnect_backoff(ms(50), ms(400));
+    let connection: Conn = connect(port, settings);
+    until_state(&connection, Connectivity::TransientFailure).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dials = accepted.load(Ordering::SeqCst);
+    // Full jitter under a 400 ms cap averages 200 ms a pause: about 10 in 2 s; a redial
+    // loop makes thousands.
+    println!("{dials} connections in 2 s");
+    assert!((2..=40).contains(&dials), "{dials} connections in 2 s");
+    assert_eq!(connection.readiness().get(), Connectivity::TransientFailure);
+    let error = connection.readiness().last_error().expect("a reason");
+    assert!(error.to_string().contains("closed"), "{error}");
+}
+
+/// Catches a failed instance reported as connecting again while it redials (the balancer
+/// would then wait on it instead of passing it over), and `poll_ready` waiting on a failed
+/// instance instead of failing at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_instance_stays_failed_and_fails_poll_ready_at_once_while_it_redials() {
+    let _limit = support::time_limit(30);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let settings = ConnectionSettings::default()
+        .connect_timeout(ms(200))
+        .reconnect_backoff(ms(10), ms(50));
+    let mut connection: Conn = connect(port, settings);
+    until_state(&connection, Connectivity::TransientFailure).await;
+    let readiness = connection.readiness();
+    for _ in 0..100 {
+        assert_eq!(readiness.get(), Connectivity::TransientFailure);
+        let ready = tokio::time::timeout(ms(50), connection.ready()).await;
+        match ready {
+            Ok(Err(ConnectionError::NotConnected { state, .. })) => {
+                assert_eq!(state, Connectivity::TransientFailure);
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => panic!("poll_ready waits on a failed instance"),
+        }
+        tokio::time::sleep(ms(10)).await;
+    }
+    let dials = accepted.load(Ordering::SeqCst);
+    assert!(dials >= 3, "it redials: {dials} connections");
+    assert!(
+        readiness
+            .last_error()
+            .is_some_and(|e| e.to_string().contains("timed out")),
+        "{:?}",
+        readiness.last_error()
+    );
+}
+
+/// Catches a lazy connection that never connects (nothing asks its driver), one that
+/// connects before a request wants it, and one that reconnects by itself after a close
+/// (or reports itself as connecting then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_connection_connects_for_a_request_and_idles_after_a_close() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(100).await;
+    let connection: Conn = connect(server.port, settings().eager(false));
+    tokio::time::sleep(ms(200)).await;
+    assert_eq!(server.connections(), 0, "connected before a request");
+    assert_eq!(connection.readiness().get(), Connectivity::Idle);
+
+    let first = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(0, 1));
+    server.respond(Seen {
+        connection: 0,
+        stream: 1,
+    });
+    assert_eq!(first.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    assert_eq!(connection.readiness().get(), Connectivity::Ready);
+
+    // Open long enough that its close is no failure.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    server.go_away(0, 1);
+    until_state(&connection, Connectivity::Idle).await;
+    tokio::time::sleep(ms(300)).await;
+    assert_eq!(server.connections(), 1, "reconnected with no request");
+    assert_eq!(connection.open_connections(), 0);
+
+    let again = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(1, 1));
+    server.respond(Seen {
+        connection: 1,
+        stream: 1,
+    });
+    assert_eq!(again.await.unwrap().unwrap().status(), http::StatusCode::OK);
+}
+
+/// Catches a driver task that outlives the connection's last handle: its connections would
+/// stay open (and reconnect) for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_closes_the_connection() {
+    let _limit = support::time_limit(30);
+    let server = RawH2::start(100).await;
+    let connection: Conn = connect(server.port, settings());
+    until_state(&connection, Connectivity::Ready).await;
+    let readiness = connection.readiness();
+    let clone = connection.clone();
+    drop(connection);
+    tokio::time::sleep(ms(100)).await;
+    assert!(!server.closed(0), "closed while a clone is alive");
+    drop(clone);
+    support::until("the server sees the connection closed", || server.closed(0)).await;
+    assert_eq!(readiness.get(), Connectivity::Shutdown);
+    tokio::time::sleep(ms(100)).await;
+    assert_eq!(
+        server.connections(),
+        1,
+        "reconnected after the last handle went"
+    );
+}
+
+/// Catches the concurrency limit not applied: with a limit of 1, a second request must
+/// wait in `poll_ready` until the first one's response is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_limit_holds_a_request_until_one_ends() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(100).await;
+    let connection: Conn = connect(server.port, settings().concurrency_limit(Some(1)));
+    let first = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(0, 1));
+    let second = send(&connection);
+    assert_eq!(
+        server.request(ms(300)).await,
+        None,
+        "a second request in flight"
+    );
+    server.respond(Seen {
+        connection: 0,
+        stream: 1,
+    });
+    assert_eq!(first.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    assert_eq!(server.request(WAIT).await, at(0, 3));
+    server.respond(Seen {
+        connection: 0,
+        stream: 3,
+    });
+    assert_eq!(
+        second.await.unwrap().unwrap().status(),
+        http::StatusCode::OK
+    );
+}
+
+/// Catches a request refused by a connection that got GOAWAY after `poll_ready` reported
+/// it ready taken for one the server may have seen: it never left, so it is
+/// [`ConnectionError::Unprocessed`] (which the integrations send again), and the next
+/// request goes on the replacement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_after_goaway_is_unprocessed() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(100).await;
+    let mut connection: Conn = connect(server.port, settings());
+    connection.ready().await.unwrap();
+    server.go_away(0, 0);
+    support::until("the replacement is dialled", || server.connections() == 2).await;
+    let error = connection.call(get()).await.unwrap_err();
+    assert!(
+        matches!(error, ConnectionError::Unprocessed { .. }),
+        "{error:?}"
+    );
+
+    let next = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(1, 1));
+    server.respond(Seen {
+        connection: 1,
+        stream: 1,
+    });
+    assert_eq!(next.await.unwrap().unwrap().status(), http::StatusCode::OK);
+}
+
+/// Catches a stream counted open after its body ended: on a one-stream connection, the next
+/// request would wait for a second connection (or for the body to be dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_read_to_its_end_frees_its_stream_while_it_is_held() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(1).await;
+    let connection: Conn = connect(server.port, settings());
+    let first = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(0, 1));
+    server.respond_with_body(
+        Seen {
+            connection: 0,
+            stream: 1,
+        },
+        b"done",
+    );
+    let mut body = first.await.unwrap().unwrap().into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"done"));
+    assert!(http_body::Body::is_end_stream(&body));
+
+    // The body is still held, read to its end.
+    let second = send(&connection);
+    assert_eq!(
+        server.request(WAIT).await,
+        at(0, 3),
+        "on the same connection"
+    );
+    server.respond(Seen {
+        connection: 0,
+        stream: 3,
+    });
+    assert_eq!(
+        second.await.unwrap().unwrap().status(),
+        http::StatusCode::OK
+    );
+    assert_eq!(server.connections(), 1);
+    drop(body);
+}
+
+type Chunks = http_body_util::StreamBody<
+    futures_util::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, std::io::Error>>,
+>;
+
+/// Catches the task sending a still-streaming request body left running after the caller
+/// dropped the response: it would hold the caller's body (and read it) for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_response_stops_sending_its_request_body() {
+    let _limit = support::time_limit(30);
+    use futures_util::StreamExt;
+    let mut server = RawH2::start(100).await;
+    let mut connection: Connection<Chunks> = connect(server.port, settings());
+    let (chunks, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok(http_body::Frame::data(chunk)), rx))
+    });
+    let body = ReplayBody::from(http_body_util::StreamBody::new(stream.boxed()));
+    let request = http::Request::post("/").body(body).unwrap();
+    connection.ready().await.unwrap();
+    let response = connection.call(request);
+    let stream = server.request(WAIT).await.expect("the request's headers");
+    server.respond_open(stream);
+    let response = tokio::time::timeout(WAIT, response).await.unwrap().unwrap();
+    chunks.send(Bytes::from_static(b"more")).await.unwrap();
+
+    drop(response);
+    tokio::time::timeout(WAIT, chunks.closed())
+        .await
+        .expect("the request body is dropped with the response");
+}
+
+/// Catches the configured user agent not sent (or put over the caller's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_agent_is_sent_unless_the_request_has_one() {
+    let _limit = support::time_limit(30);
+    let server = support::servers::TestServer::start("ua", true, Arc::default(), || {
+        tower::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+            let seen = request
+                .headers()
+                .get(http::header::USER_AGENT)
+                .map(|ua| Bytes::copy_from_slice(ua.as_bytes()))
+                .unwrap_or_default();
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(seen)))
+        })
+    })
+    .await;
+    let settings = settings().user_agent(http::HeaderValue::from_static("configured/1"));
+    let connection: Conn = connect(server.port, settings);
+    let mut own = get();
+    own.headers_mut().insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static("own/2"),
+    );
+    for (request, want) in [(get(), "configured/1"), (own, "own/2")] {
+        let response = connection.clone().oneshot(request).await.unwrap();
+        let seen = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(seen, want.as_bytes());
+    }
+}
