@@ -482,3 +482,37 @@ async fn the_user_agent_is_sent_unless_the_request_has_one() {
         assert_eq!(seen, want.as_bytes());
     }
 }
+
+/// Catches a connection more than the per-instance maximum: with two allowed, each taking
+/// one stream, a third request waits for room instead of opening a third connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_at_its_connection_maximum_waits_for_room() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(1).await;
+    let connection: Conn = connect(server.port, settings().max_connections_per_instance(2));
+    let first = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(0, 1));
+    let second = send(&connection);
+    assert_eq!(server.request(WAIT).await, at(1, 1));
+    let third = send(&connection);
+    assert_eq!(server.request(ms(300)).await, None, "a third stream");
+    assert_eq!(server.connections(), 2, "a third connection");
+
+    server.respond(Seen {
+        connection: 1,
+        stream: 1,
+    });
+    assert_eq!(
+        second.await.unwrap().unwrap().status(),
+        http::StatusCode::OK
+    );
+    assert_eq!(
+        server.request(WAIT).await,
+        at(1, 3),
+        "the room the second left"
+    );
+    for (connection, stream, call) in [(0, 1, first), (1, 3, third)] {
+        server.respond(Seen { connection, stream });
+        assert_eq!(call.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    }
+}

@@ -14,6 +14,7 @@
 //! loop.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use h2::client::SendRequest;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -146,13 +148,15 @@ pub(crate) async fn run(state: Arc<State>) {
             ..
         } = &mut task;
         let event = tokio::select! {
-            Some(ended) = open.join_next_with_id(), if !open.is_empty() => Event::Ended(ended),
+            Some(ended) = open.join_next(), if !open.is_empty() => Event::Ended(ended),
             dialed = async { dialing.as_mut().expect("checked").await }, if dialing.is_some() => Event::Dialed(dialed),
             () = async { pause.as_mut().expect("checked").await }, if pause.is_some() => Event::Resumed,
             () = state.demand.notified() => Event::Wanted,
         };
         match event {
-            Event::Ended(ended) => task.ended(ended),
+            Event::Ended(Ok((id, lived))) => task.closed(id, lived),
+            // Only an abort cancels a connection's task: the driver's own, with the task set.
+            Event::Ended(Err(_)) => {}
             Event::Dialed(Ok((send, connection))) => task.connected(send, connection),
             Event::Dialed(Err(error)) => task.dial_failed(error),
             Event::Resumed => task.pause = None,
@@ -168,8 +172,9 @@ type Dial = Pin<Box<dyn Future<Output = Dialed> + Send>>;
 // One per wake-up, moved once: boxing the dialled connection would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Event {
-    /// An open connection's task ended: it can take no more streams.
-    Ended(Result<(tokio::task::Id, (u64, Duration)), tokio::task::JoinError>),
+    /// An open connection's task ended (its id, how long it was open): it can take no more
+    /// streams.
+    Ended(Result<(u64, Duration), tokio::task::JoinError>),
     Dialed(Dialed),
     /// The backoff pause is over.
     Resumed,
@@ -182,9 +187,8 @@ struct Task {
     state: Arc<State>,
     backoff: Backoff,
     /// Each open connection runs in a task of its own (polled by itself, it never wakes
-    /// another task), with the id of its [`Sub`].
+    /// another task), which ends with the id of its [`Sub`].
     open: JoinSet<(u64, Duration)>,
-    tasks: Vec<(tokio::task::Id, u64)>,
     dialing: Option<Dial>,
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A lazy connection connects once a request wants it, and again after it closes.
@@ -200,7 +204,6 @@ impl Task {
             wanted: settings.eager,
             state,
             open: JoinSet::new(),
-            tasks: Vec::new(),
             dialing: None,
             pause: None,
             next_id: 0,
@@ -292,32 +295,21 @@ impl Task {
         self.state.set(Connectivity::Ready);
         debug!(instance = %self.state.authority, connections = self.open.len() + 1, "connected");
         let id = sub.id;
-        let task = self.open.spawn(Open {
+        let open = Open {
             connection: Some(connection),
             pinger,
             probe: sub.send.clone(),
             sub,
             opened: tokio::time::Instant::now(),
-        });
-        self.tasks.push((task.id(), id));
-    }
-
-    /// The event of a connection's task that ended: its connection takes no more streams
-    /// (or the task panicked, which ends the connection as well).
-    fn ended(&mut self, ended: Result<(tokio::task::Id, (u64, Duration)), tokio::task::JoinError>) {
-        let task = match &ended {
-            Ok((task, _)) => *task,
-            Err(error) => error.id(),
         };
-        let position = self.tasks.iter().position(|(t, _)| *t == task);
-        let id = position.map_or(0, |i| self.tasks.swap_remove(i).1);
-        match ended {
-            Ok((_, (id, lived))) => self.closed(id, lived),
-            Err(error) => {
-                warn!(instance = %self.state.authority, error = %error, "connection task failed");
-                self.closed(id, Duration::ZERO);
-            }
-        }
+        let authority = self.state.authority.clone();
+        self.open.spawn(async move {
+            // A panic (in h2) ends the connection too: it leaves the set like any other.
+            AssertUnwindSafe(open).catch_unwind().await.unwrap_or_else(|_| {
+                warn!(instance = %authority, "connection task panicked");
+                (id, Duration::ZERO)
+            })
+        });
     }
 
     fn dial_failed(&mut self, error: DialError) {
@@ -387,25 +379,18 @@ impl Future for Open {
         if let Poll::Ready(Err(_)) = this.probe.poll_ready(cx) {
             this.sub.closed.store(true, Ordering::Relaxed);
             let connection = this.connection.take().expect("checked");
-            tokio::spawn(drain(connection, Arc::clone(&this.sub)));
+            tokio::spawn(drain(connection));
             return Poll::Ready(done);
         }
         Poll::Pending
     }
 }
 
-/// Drives a connection that takes no new streams until it ends or its last response is
-/// over (looked at whenever it wakes, and every second), then closes it.
-async fn drain(mut connection: Driver, sub: Arc<Sub>) {
-    let mut tick = tokio::time::interval(STABLE);
-    std::future::poll_fn(|cx| {
-        let _ = tick.poll_tick(cx);
-        if Pin::new(&mut connection).poll(cx).is_ready() || sub.streams.load(Ordering::Relaxed) == 0
-        {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
+/// Drives a connection that takes no new streams until it ends: h2 closes it by itself once
+/// the last stream open on it is over (after a GOAWAY, RFC 9113 6.8) or at once (after a
+/// connection error).
+async fn drain(connection: Driver) {
+    if let Err(error) = connection.await {
+        debug!(error = %crate::error::Chain(&error), "draining connection ended with an error");
+    }
 }
