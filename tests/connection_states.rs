@@ -67,8 +67,26 @@ async fn until_state(connection: &Conn, want: Connectivity) {
     .await;
 }
 
+fn seen(connection: usize, stream: u32) -> Seen {
+    Seen { connection, stream }
+}
+
 fn at(connection: usize, stream: u32) -> Option<Seen> {
-    Some(Seen { connection, stream })
+    Some(seen(connection, stream))
+}
+
+/// A GET on `connection` that the server must get on its connection `n`, stream `stream`.
+async fn sent(server: &mut RawH2, connection: &Conn, n: usize, stream: u32) -> (Seen, Call) {
+    let call = send(connection);
+    let want = seen(n, stream);
+    assert_eq!(server.request(WAIT).await, Some(want), "where it went");
+    (want, call)
+}
+
+/// Answers a request the server got; its call must get the `200`.
+async fn answer(server: &RawH2, (seen, call): (Seen, Call)) {
+    server.respond(seen);
+    assert_eq!(call.await.unwrap().unwrap().status(), http::StatusCode::OK);
 }
 
 /// Catches a closed connection left in the set (its replacement then counts twice, and the
@@ -81,8 +99,7 @@ async fn a_connection_sent_goaway_is_replaced_then_closed_once_its_stream_ends()
     let mut server = RawH2::start(100).await;
     let connection: Conn = connect(server.port, settings());
     until_state(&connection, Connectivity::Ready).await;
-    let first = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(0, 1));
+    let first = sent(&mut server, &connection, 0, 1).await;
 
     // Stream 1 may finish; nothing new may start on connection 0.
     server.go_away(0, 1);
@@ -91,30 +108,14 @@ async fn a_connection_sent_goaway_is_replaced_then_closed_once_its_stream_ends()
     })
     .await;
     until_state(&connection, Connectivity::Ready).await;
-    let second = send(&connection);
-    assert_eq!(
-        server.request(WAIT).await,
-        at(1, 1),
-        "on the new connection"
-    );
+    let second = sent(&mut server, &connection, 1, 1).await;
 
     tokio::time::sleep(ms(300)).await;
     assert!(!server.closed(0), "closed under its open stream");
-    server.respond(Seen {
-        connection: 0,
-        stream: 1,
-    });
-    assert_eq!(first.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    answer(&server, first).await;
     support::until("the drained connection is closed", || server.closed(0)).await;
 
-    server.respond(Seen {
-        connection: 1,
-        stream: 1,
-    });
-    assert_eq!(
-        second.await.unwrap().unwrap().status(),
-        http::StatusCode::OK
-    );
+    answer(&server, second).await;
     assert_eq!(connection.open_connections(), 1);
     assert!(!server.closed(1));
 }
@@ -128,18 +129,9 @@ async fn goaway_on_one_of_two_connections_leaves_the_instance_ready() {
     let mut server = RawH2::start(1).await;
     let connection: Conn = connect(server.port, settings());
     until_state(&connection, Connectivity::Ready).await;
-    let first = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(0, 1));
-    let second = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(1, 1), "a second connection");
-    server.respond(Seen {
-        connection: 1,
-        stream: 1,
-    });
-    assert_eq!(
-        second.await.unwrap().unwrap().status(),
-        http::StatusCode::OK
-    );
+    let first = sent(&mut server, &connection, 0, 1).await;
+    let second = sent(&mut server, &connection, 1, 1).await;
+    answer(&server, second).await;
 
     // Connection 1 has room again: nothing calls for a third connection.
     server.go_away(0, 1);
@@ -152,23 +144,9 @@ async fn goaway_on_one_of_two_connections_leaves_the_instance_ready() {
         assert_eq!(readiness.get(), Connectivity::Ready);
         tokio::time::sleep(ms(10)).await;
     }
-    let third = send(&connection);
-    assert_eq!(
-        server.request(WAIT).await,
-        at(1, 3),
-        "on the connection left"
-    );
-    server.respond(Seen {
-        connection: 1,
-        stream: 3,
-    });
-    server.respond(Seen {
-        connection: 0,
-        stream: 1,
-    });
-    for call in [third, first] {
-        assert_eq!(call.await.unwrap().unwrap().status(), http::StatusCode::OK);
-    }
+    let third = sent(&mut server, &connection, 1, 3).await;
+    answer(&server, third).await;
+    answer(&server, first).await;
     assert_eq!(server.connections(), 2);
 }
 
@@ -274,13 +252,8 @@ async fn a_lazy_connection_connects_for_a_request_and_idles_after_a_close() {
     assert_eq!(server.connections(), 0, "connected before a request");
     assert_eq!(connection.readiness().get(), Connectivity::Idle);
 
-    let first = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(0, 1));
-    server.respond(Seen {
-        connection: 0,
-        stream: 1,
-    });
-    assert_eq!(first.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    let first = sent(&mut server, &connection, 0, 1).await;
+    answer(&server, first).await;
     assert_eq!(connection.readiness().get(), Connectivity::Ready);
 
     // Open long enough that its close is no failure.
@@ -291,13 +264,8 @@ async fn a_lazy_connection_connects_for_a_request_and_idles_after_a_close() {
     assert_eq!(server.connections(), 1, "reconnected with no request");
     assert_eq!(connection.open_connections(), 0);
 
-    let again = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(1, 1));
-    server.respond(Seen {
-        connection: 1,
-        stream: 1,
-    });
-    assert_eq!(again.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    let again = sent(&mut server, &connection, 1, 1).await;
+    answer(&server, again).await;
 }
 
 /// Catches a driver task that outlives the connection's last handle: its connections would
@@ -331,28 +299,16 @@ async fn the_concurrency_limit_holds_a_request_until_one_ends() {
     let _limit = support::time_limit(30);
     let mut server = RawH2::start(100).await;
     let connection: Conn = connect(server.port, settings().concurrency_limit(Some(1)));
-    let first = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(0, 1));
+    let first = sent(&mut server, &connection, 0, 1).await;
     let second = send(&connection);
     assert_eq!(
         server.request(ms(300)).await,
         None,
         "a second request in flight"
     );
-    server.respond(Seen {
-        connection: 0,
-        stream: 1,
-    });
-    assert_eq!(first.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    answer(&server, first).await;
     assert_eq!(server.request(WAIT).await, at(0, 3));
-    server.respond(Seen {
-        connection: 0,
-        stream: 3,
-    });
-    assert_eq!(
-        second.await.unwrap().unwrap().status(),
-        http::StatusCode::OK
-    );
+    answer(&server, (seen(0, 3), second)).await;
 }
 
 /// Catches a request refused by a connection that got GOAWAY after `poll_ready` reported
@@ -373,13 +329,8 @@ async fn a_request_refused_after_goaway_is_unprocessed() {
         "{error:?}"
     );
 
-    let next = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(1, 1));
-    server.respond(Seen {
-        connection: 1,
-        stream: 1,
-    });
-    assert_eq!(next.await.unwrap().unwrap().status(), http::StatusCode::OK);
+    let next = sent(&mut server, &connection, 1, 1).await;
+    answer(&server, next).await;
 }
 
 /// Catches a stream counted open after its body ended: on a one-stream connection, the next
@@ -389,35 +340,16 @@ async fn a_response_read_to_its_end_frees_its_stream_while_it_is_held() {
     let _limit = support::time_limit(30);
     let mut server = RawH2::start(1).await;
     let connection: Conn = connect(server.port, settings());
-    let first = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(0, 1));
-    server.respond_with_body(
-        Seen {
-            connection: 0,
-            stream: 1,
-        },
-        b"done",
-    );
-    let mut body = first.await.unwrap().unwrap().into_body();
+    let (first, call) = sent(&mut server, &connection, 0, 1).await;
+    server.respond_with_body(first, b"done");
+    let mut body = call.await.unwrap().unwrap().into_body();
     let frame = body.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"done"));
     assert!(http_body::Body::is_end_stream(&body));
 
     // The body is still held, read to its end.
-    let second = send(&connection);
-    assert_eq!(
-        server.request(WAIT).await,
-        at(0, 3),
-        "on the same connection"
-    );
-    server.respond(Seen {
-        connection: 0,
-        stream: 3,
-    });
-    assert_eq!(
-        second.await.unwrap().unwrap().status(),
-        http::StatusCode::OK
-    );
+    let second = sent(&mut server, &connection, 0, 3).await;
+    answer(&server, second).await;
     assert_eq!(server.connections(), 1);
     drop(body);
 }
@@ -490,29 +422,18 @@ async fn an_instance_at_its_connection_maximum_waits_for_room() {
     let _limit = support::time_limit(30);
     let mut server = RawH2::start(1).await;
     let connection: Conn = connect(server.port, settings().max_connections_per_instance(2));
-    let first = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(0, 1));
-    let second = send(&connection);
-    assert_eq!(server.request(WAIT).await, at(1, 1));
+    let first = sent(&mut server, &connection, 0, 1).await;
+    let second = sent(&mut server, &connection, 1, 1).await;
     let third = send(&connection);
     assert_eq!(server.request(ms(300)).await, None, "a third stream");
     assert_eq!(server.connections(), 2, "a third connection");
 
-    server.respond(Seen {
-        connection: 1,
-        stream: 1,
-    });
-    assert_eq!(
-        second.await.unwrap().unwrap().status(),
-        http::StatusCode::OK
-    );
+    answer(&server, second).await;
     assert_eq!(
         server.request(WAIT).await,
         at(1, 3),
         "the room the second left"
     );
-    for (connection, stream, call) in [(0, 1, first), (1, 3, third)] {
-        server.respond(Seen { connection, stream });
-        assert_eq!(call.await.unwrap().unwrap().status(), http::StatusCode::OK);
-    }
+    answer(&server, first).await;
+    answer(&server, (seen(1, 3), third)).await;
 }

@@ -305,10 +305,13 @@ impl Task {
         let authority = self.state.authority.clone();
         self.open.spawn(async move {
             // A panic (in h2) ends the connection too: it leaves the set like any other.
-            AssertUnwindSafe(open).catch_unwind().await.unwrap_or_else(|_| {
-                warn!(instance = %authority, "connection task panicked");
-                (id, Duration::ZERO)
-            })
+            AssertUnwindSafe(open)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    warn!(instance = %authority, "connection task panicked");
+                    (id, Duration::ZERO)
+                })
         });
     }
 
