@@ -343,9 +343,16 @@ async fn a_response_read_to_its_end_frees_its_stream_while_it_is_held() {
     let (first, call) = sent(&mut server, &connection, 0, 1).await;
     server.respond_with_body(first, b"done");
     let mut body = call.await.unwrap().unwrap().into_body();
+    assert_eq!(
+        http_body::Body::size_hint(&body).exact(),
+        Some(4),
+        "its length"
+    );
     let frame = body.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"done"));
     assert!(http_body::Body::is_end_stream(&body));
+    assert_eq!(http_body::Body::size_hint(&body).exact(), Some(0));
+    assert!(format!("{body:?}").contains("open: false"), "{body:?}");
 
     // The body is still held, read to its end.
     let second = sent(&mut server, &connection, 0, 3).await;
@@ -436,4 +443,26 @@ async fn an_instance_at_its_connection_maximum_waits_for_room() {
     );
     answer(&server, first).await;
     answer(&server, (seen(1, 3), third)).await;
+}
+
+/// Catches Debug output that says nothing: a connection names its instance, its state and
+/// its open connections; a response future whether it was sent; a body whether its stream
+/// is still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_output_says_what_each_part_is() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(100).await;
+    let mut connection: Conn = connect(server.port, settings());
+    connection.ready().await.unwrap();
+    let printed = format!("{connection:?}");
+    let instance = format!("127.0.0.1:{}", server.port);
+    for part in [instance.as_str(), "Ready", "open: 1"] {
+        assert!(printed.contains(part), "{part} in {printed}");
+    }
+    let future = connection.call(get());
+    assert!(format!("{future:?}").contains("sent: true"), "{future:?}");
+    let stream = server.request(WAIT).await.expect("sent");
+    server.respond_open(stream);
+    let body = future.await.unwrap().into_body();
+    assert!(format!("{body:?}").contains("open: true"), "{body:?}");
 }

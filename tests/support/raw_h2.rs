@@ -159,9 +159,18 @@ impl RawH2 {
         self.send(seen.connection, response);
     }
 
-    /// Answers a request with `200` and a body of one DATA frame that ends the stream.
+    /// Answers a request with `200`, its `content-length` and a body of one DATA frame
+    /// that ends the stream (a body under 127 bytes).
     pub fn respond_with_body(&self, seen: Seen, body: &[u8]) {
-        self.respond_open(seen);
+        // :status 200 (static index 8), then content-length (static index 28) as a literal
+        // without indexing: 0x0f and 28 - 15 in the 4-bit prefix integer, the value raw.
+        let length = body.len().to_string();
+        let mut block = vec![0x88, 0x0f, 28 - 15, u8::try_from(length.len()).unwrap()];
+        block.extend_from_slice(length.as_bytes());
+        self.send(
+            seen.connection,
+            frame(HEADERS, END_HEADERS, seen.stream, &block),
+        );
         self.send(seen.connection, frame(DATA, END_STREAM, seen.stream, body));
     }
 
