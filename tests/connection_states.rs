@@ -127,7 +127,8 @@ async fn a_connection_sent_goaway_is_replaced_then_closed_once_its_stream_ends()
 async fn goaway_on_one_of_two_connections_leaves_the_instance_ready() {
     let _limit = support::time_limit(30);
     let mut server = RawH2::start(1).await;
-    let connection: Conn = connect(server.port, settings());
+    // Two at most: a third may be opened ahead while both are full.
+    let connection: Conn = connect(server.port, settings().max_connections_per_instance(2));
     until_state(&connection, Connectivity::Ready).await;
     let first = sent(&mut server, &connection, 0, 1).await;
     let second = sent(&mut server, &connection, 1, 1).await;
@@ -328,18 +329,21 @@ async fn a_request_refused_after_goaway_is_unprocessed() {
         matches!(error, ConnectionError::Unprocessed { .. }),
         "{error:?}"
     );
+    // Closed within a second of opening: failed until the replacement has answered.
+    until_state(&connection, Connectivity::Ready).await;
 
     let next = sent(&mut server, &connection, 1, 1).await;
     answer(&server, next).await;
 }
 
 /// Catches a stream counted open after its body ended: on a one-stream connection, the next
-/// request would wait for a second connection (or for the body to be dropped).
+/// request would wait until the body is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_read_to_its_end_frees_its_stream_while_it_is_held() {
     let _limit = support::time_limit(30);
     let mut server = RawH2::start(1).await;
-    let connection: Conn = connect(server.port, settings());
+    // One connection: the next request can only take the stream the first one left.
+    let connection: Conn = connect(server.port, settings().max_connections_per_instance(1));
     let (first, call) = sent(&mut server, &connection, 0, 1).await;
     server.respond_with_body(first, b"done");
     let mut body = call.await.unwrap().unwrap().into_body();
@@ -453,6 +457,7 @@ async fn debug_output_says_what_each_part_is() {
     let _limit = support::time_limit(30);
     let mut server = RawH2::start(100).await;
     let mut connection: Conn = connect(server.port, settings());
+    until_state(&connection, Connectivity::Ready).await;
     connection.ready().await.unwrap();
     let printed = format!("{connection:?}");
     let instance = format!("127.0.0.1:{}", server.port);
