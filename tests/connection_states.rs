@@ -471,3 +471,24 @@ async fn debug_output_says_what_each_part_is() {
     let body = future.await.unwrap().into_body();
     assert!(format!("{body:?}").contains("open: true"), "{body:?}");
 }
+
+/// Catches a handle that sends again on the connection it used last while that one is
+/// full: the second request would queue in h2 behind the first instead of going out on a
+/// second connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_handle_sends_its_next_request_where_there_is_room() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(1).await;
+    let mut connection: Conn = connect(server.port, settings().max_connections_per_instance(2));
+    connection.ready().await.unwrap();
+    let first = tokio::spawn(connection.call(get()));
+    assert_eq!(server.request(WAIT).await, at(0, 1));
+    tokio::time::timeout(WAIT, connection.ready())
+        .await
+        .expect("a second connection")
+        .unwrap();
+    let second = tokio::spawn(connection.call(get()));
+    assert_eq!(server.request(WAIT).await, at(1, 1), "not behind the first");
+    answer(&server, (seen(1, 1), second)).await;
+    answer(&server, (seen(0, 1), first)).await;
+}
