@@ -120,9 +120,9 @@ async fn a_connection_sent_goaway_is_replaced_then_closed_once_its_stream_ends()
     assert!(!server.closed(1));
 }
 
-/// Catches a connection that closes on one of two connections taken for the whole
-/// instance: the other still serves, so the instance must stay ready (not reported as
-/// connecting or failed, which takes it out of the balancer's picks).
+/// Catches the close of one of two connections taken for the close of the instance's
+/// last: the other still serves, so the instance must stay ready (reported as connecting
+/// or failed, the balancer would stop picking it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_on_one_of_two_connections_leaves_the_instance_ready() {
     let _limit = support::time_limit(30);
@@ -312,9 +312,9 @@ async fn the_concurrency_limit_holds_a_request_until_one_ends() {
     answer(&server, (seen(0, 3), second)).await;
 }
 
-/// Catches a request refused by a connection that got GOAWAY after `poll_ready` reported
-/// it ready taken for one the server may have seen: it never left, so it is
-/// [`ConnectionError::Unprocessed`] (which the integrations send again), and the next
+/// Catches a request that h2 refused to send (its connection got GOAWAY between
+/// `poll_ready` and `call`) reported as one the server may have seen: it never left, so it
+/// is [`ConnectionError::Unprocessed`] (which the integrations send again), and the next
 /// request goes on the replacement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_refused_after_goaway_is_unprocessed() {
@@ -426,7 +426,7 @@ async fn the_user_agent_is_sent_unless_the_request_has_one() {
     }
 }
 
-/// Catches a connection more than the per-instance maximum: with two allowed, each taking
+/// Catches one connection more than the per-instance maximum: with two allowed, each taking
 /// one stream, a third request waits for room instead of opening a third connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_at_its_connection_maximum_waits_for_room() {

@@ -160,7 +160,7 @@ impl RawH2 {
     }
 
     /// Answers a request with `200`, its `content-length` and a body of one DATA frame
-    /// that ends the stream (a body under 127 bytes).
+    /// that ends the stream (so no more than 16 KiB, the default largest frame).
     pub fn respond_with_body(&self, seen: Seen, body: &[u8]) {
         // :status 200 (static index 8), then content-length (static index 28) as a literal
         // without indexing: 0x0f and 28 - 15 in the 4-bit prefix integer, the value raw.
@@ -186,7 +186,7 @@ async fn read_frames(
     mut read: OwnedReadHalf,
     out: mpsc::UnboundedSender<Vec<u8>>,
     seen: mpsc::UnboundedSender<Seen>,
-    acks: Connections,
+    connections: Connections,
     n: usize,
 ) {
     let mut preface = [0; PREFACE.len()];
@@ -206,7 +206,7 @@ async fn read_frames(
             (SETTINGS, 0) => {
                 let _ = out.send(frame(SETTINGS, ACK, 0, &[]));
             }
-            (SETTINGS, _) => acks.lock().unwrap()[n].acks += 1,
+            (SETTINGS, _) => connections.lock().unwrap()[n].acks += 1,
             (PING, 0) => {
                 let _ = out.send(frame(PING, ACK, 0, &payload));
             }
