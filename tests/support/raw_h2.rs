@@ -4,9 +4,10 @@
 //!
 //! It sends its SETTINGS first, acknowledges the client's, answers pings, counts its
 //! connections and the client's SETTINGS acks, notes when the client closes a connection,
-//! reports each request's HEADERS, and when asked answers a stream with `:status 200` (HPACK
+//! reports each request's HEADERS and which requests ended, and when asked answers a stream with `:status 200` (HPACK
 //! static index 8, one byte), with or without a body, or sends a GOAWAY. Everything else is
-//! read and ignored.
+//! read and ignored; it never sends WINDOW_UPDATE, so a client may send it no more than
+//! HTTP/2's initial window of request data (65,535 bytes per connection).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +32,8 @@ struct Accepted {
     acks: usize,
     /// The client closed it (its side read the end of the stream).
     closed: bool,
+    /// Streams whose request ended (`END_STREAM` on its HEADERS or DATA), in order.
+    ended: Vec<u32>,
 }
 
 type Connections = Arc<Mutex<Vec<Accepted>>>;
@@ -85,6 +88,7 @@ impl RawH2 {
                         out: out.clone(),
                         acks: 0,
                         closed: false,
+                        ended: Vec::new(),
                     });
                     writers.len() - 1
                 };
@@ -135,6 +139,11 @@ impl RawH2 {
         self.writers.lock().unwrap()[n].closed
     }
 
+    /// The streams of connection `n` whose request has ended, in the order they ended.
+    pub fn ended(&self, n: usize) -> Vec<u32> {
+        self.writers.lock().unwrap()[n].ended.clone()
+    }
+
     /// Sends connection `n` a GOAWAY (no error) that lets streams up to `last` finish.
     pub fn go_away(&self, n: usize, last: u32) {
         let mut payload = last.to_be_bytes().to_vec();
@@ -180,8 +189,8 @@ impl RawH2 {
     }
 }
 
-/// Reads connection `n`'s frames: acks SETTINGS, answers pings, counts the client's acks
-/// and reports each request's HEADERS.
+/// Reads connection `n`'s frames: acks SETTINGS, answers pings, counts the client's acks,
+/// reports each request's HEADERS and notes each request's end.
 async fn read_frames(
     mut read: OwnedReadHalf,
     out: mpsc::UnboundedSender<Vec<u8>>,
@@ -217,6 +226,9 @@ async fn read_frames(
                 });
             }
             _ => {}
+        }
+        if matches!(kind, HEADERS | DATA) && flags & END_STREAM != 0 {
+            connections.lock().unwrap()[n].ended.push(stream);
         }
     }
 }
