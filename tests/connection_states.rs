@@ -505,8 +505,8 @@ async fn an_instance_at_its_connection_maximum_waits_for_room() {
 }
 
 /// Catches Debug output that says nothing: a connection names its instance, its state and
-/// its open connections; a response future whether it was sent; a body whether its stream
-/// is still open.
+/// its open connections; a response future whether it was sent; a response body whether
+/// its stream is still open; a request body what it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_output_says_what_each_part_is() {
     let _limit = support::time_limit(30);
@@ -525,6 +525,11 @@ async fn debug_output_says_what_each_part_is() {
     server.respond_open(stream);
     let body = future.await.unwrap().into_body();
     assert!(format!("{body:?}").contains("open: true"), "{body:?}");
+    let request_body = ReplayBody::from(Empty::<Bytes>::new());
+    assert!(
+        format!("{request_body:?}").contains("ReplayBody"),
+        "{request_body:?}"
+    );
 }
 
 /// Catches a handle that sends again on the connection it used last while that one is

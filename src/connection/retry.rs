@@ -8,7 +8,6 @@
 //! pick, which passes over the connection that failed, and the caller sees only the second
 //! outcome. Anything else, or a body that outgrew the buffer, is the caller's to see.
 
-use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -55,15 +54,6 @@ impl<S: Clone, B> Clone for Retry<S, B> {
             service: Arc::clone(&self.service),
             _body: PhantomData,
         }
-    }
-}
-
-impl<S, B> fmt::Debug for Retry<S, B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Retry")
-            .field("service", &self.service)
-            .field("buffer", &self.buffer)
-            .finish_non_exhaustive()
     }
 }
 
