@@ -13,39 +13,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use support::one_connection::{WAIT, connect, ms, settings};
 use support::raw_h2::{RawH2, Seen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tower::{Service, ServiceExt};
-use tower_sd::ServiceInstance;
 use tower_sd::balance::Connectivity;
-use tower_sd::connection::{
-    Connection, ConnectionError, ConnectionSettings, Connector, ReplayBody,
-};
+use tower_sd::connection::{Connection, ConnectionError, ConnectionSettings, ReplayBody};
 
 type Conn = Connection<Empty<Bytes>>;
 type Call =
     tokio::task::JoinHandle<Result<http::Response<tower_sd::connection::Body>, ConnectionError>>;
-
-/// How long what must happen may take.
-const WAIT: Duration = Duration::from_secs(5);
-
-fn ms(ms: u64) -> Duration {
-    Duration::from_millis(ms)
-}
-
-/// Settings that reconnect at once, so a test waits for what it checks, not for a backoff.
-fn settings() -> ConnectionSettings {
-    ConnectionSettings::default().reconnect_backoff(ms(1), ms(10))
-}
-
-fn connect<B: tower_sd::connection::SendBody>(
-    port: u16,
-    settings: ConnectionSettings,
-) -> Connection<B> {
-    let instance = ServiceInstance::new("raw", "raw", "127.0.0.1", port);
-    Connector::new(settings).connect(&instance).unwrap()
-}
 
 fn get() -> http::Request<ReplayBody<Empty<Bytes>>> {
     http::Request::get("/")
@@ -395,61 +373,6 @@ async fn dropping_a_response_stops_sending_its_request_body() {
     tokio::time::timeout(WAIT, chunks.closed())
         .await
         .expect("the request body is dropped with the response");
-}
-
-/// Catches a request body read faster than the server takes it. This server never opens
-/// its flow-control window past HTTP/2's initial 65,535 bytes, so about 16 chunks of 4 KiB
-/// fit, and at most two more may wait in the client; a pipe that does not wait for room
-/// pulls the whole 256 KiB body into h2's send queue (and would pull any body, however
-/// large, into memory).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_body_is_read_no_faster_than_the_server_takes_it() {
-    let _limit = support::time_limit(30);
-    use futures_util::StreamExt;
-    let mut server = RawH2::start(100).await;
-    let mut connection: Connection<Chunks> = connect(server.port, settings());
-    let read = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&read);
-    let chunks = futures_util::stream::iter(0..64).map(move |_| {
-        counted.fetch_add(1, Ordering::SeqCst);
-        Ok(http_body::Frame::data(Bytes::from(vec![0; 4096])))
-    });
-    let body = ReplayBody::from(http_body_util::StreamBody::new(chunks.boxed()));
-    connection.ready().await.unwrap();
-    let call = tokio::spawn(connection.call(http::Request::post("/").body(body).unwrap()));
-    server.request(WAIT).await.expect("the request's headers");
-    support::until("a window's worth read", || {
-        read.load(Ordering::SeqCst) >= 16
-    })
-    .await;
-
-    tokio::time::sleep(ms(300)).await;
-    let chunks = read.load(Ordering::SeqCst);
-    assert!(
-        chunks <= 18,
-        "{chunks} chunks of 4 KiB read into a 64 KiB window"
-    );
-    assert_eq!(server.ended(0), [0u32; 0], "the body cannot have ended");
-    call.abort();
-}
-
-/// Catches a unary request whose body waits for another poll (a round trip through the
-/// connection's task) before it is queued: polled once, and never again, the request must
-/// still reach the server whole, its HEADERS and DATA with the end of the stream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_unary_request_is_sent_whole_from_one_poll() {
-    let _limit = support::time_limit(30);
-    let mut server = RawH2::start(100).await;
-    let mut connection: Connection<http_body_util::Full<Bytes>> = connect(server.port, settings());
-    let body = ReplayBody::from(http_body_util::Full::new(Bytes::from_static(b"hello")));
-    connection.ready().await.unwrap();
-    let mut response =
-        std::pin::pin!(connection.call(http::Request::post("/").body(body).unwrap()));
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    assert!(std::future::Future::poll(response.as_mut(), &mut cx).is_pending());
-
-    assert_eq!(server.request(WAIT).await, at(0, 1));
-    support::until("the request's end", || server.ended(0) == [1]).await;
 }
 
 /// Catches the configured user agent not sent (or put over the caller's own).

@@ -360,6 +360,11 @@ async fn mutual_tls_with_a_private_ca() {
             client_cert.key_pem.as_bytes(),
         )
         .unwrap();
+    // Its Debug output says what it is, and never prints the client's private key.
+    let printed = format!("{with_cert:?}");
+    assert!(printed.starts_with("TlsConfig"), "{printed}");
+    let key_line = client_cert.key_pem.lines().nth(1).expect("a PEM body");
+    assert!(!printed.contains(key_line), "{printed}");
     let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
         .tls_config(with_cert)
         .tls_server_name("health.internal")

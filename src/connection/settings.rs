@@ -197,7 +197,6 @@ impl ConnectionSettings {
         self
     }
 
-    /// The scheme dialled.
     /// The HTTP/2 handshake's settings. The defaults are hyper's client's (windows of 2 MiB
     /// per stream and 5 MiB per connection, 16 KiB frames and header lists, a 1 MiB send
     /// buffer per stream, 100 streams before the server's SETTINGS arrive), and push is off.
@@ -222,11 +221,65 @@ impl ConnectionSettings {
         self.initial_stream_window_size.unwrap_or(2 << 20)
     }
 
+    /// The scheme dialled.
     pub(crate) fn scheme(&self) -> Scheme {
         if self.tls.is_some() {
             Scheme::HTTPS
         } else {
             Scheme::HTTP
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Catches a setter that sets nothing, or that starts from the defaults again (it would
+    /// drop every setting made before it): each is chained after the others, every one to
+    /// something other than its default, and all must hold at the end.
+    #[test]
+    fn every_setter_sets_its_own_setting_and_keeps_the_others() {
+        let ms = Duration::from_millis;
+        let settings = ConnectionSettings::new()
+            .connect_timeout(ms(1))
+            .tcp_keepalive(Some(ms(2)))
+            .tcp_nodelay(false)
+            .http2_keep_alive_interval(Some(ms(3)))
+            .keep_alive_timeout(ms(4))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(Some(5))
+            .initial_connection_window_size(Some(6))
+            .adaptive_window(true)
+            .eager(false)
+            .max_concurrent_connects(7)
+            .max_connections_per_instance(8)
+            .concurrency_limit(Some(9))
+            .retry_buffer(10)
+            .reconnect_backoff(ms(11), ms(12))
+            .user_agent(HeaderValue::from_static("agent"))
+            .origin(Scheme::HTTPS, Authority::from_static("example.com"));
+        assert_eq!(settings.connect_timeout, ms(1));
+        assert_eq!(settings.tcp_keepalive, Some(ms(2)));
+        assert!(!settings.tcp_nodelay);
+        assert_eq!(settings.keep_alive_interval, Some(ms(3)));
+        assert_eq!(settings.keep_alive_timeout, ms(4));
+        assert!(settings.keep_alive_while_idle);
+        assert_eq!(settings.stream_window(), 5);
+        assert_eq!(settings.initial_connection_window_size, Some(6));
+        assert!(settings.adaptive_window);
+        assert!(!settings.eager);
+        assert_eq!(settings.max_concurrent_connects, 7);
+        assert_eq!(settings.max_connections_per_instance, 8);
+        assert_eq!(settings.concurrency_limit, Some(9));
+        assert_eq!(settings.retry_buffer_bytes, 10);
+        assert_eq!(
+            (settings.reconnect_base, settings.reconnect_max),
+            (ms(11), ms(12))
+        );
+        assert_eq!(settings.user_agent, Some(HeaderValue::from_static("agent")));
+        let origin = Some((Scheme::HTTPS, Authority::from_static("example.com")));
+        assert_eq!(settings.origin, origin);
+        assert_eq!(settings.scheme(), Scheme::HTTP, "no TLS was set");
     }
 }

@@ -18,6 +18,8 @@ pub mod limit;
 pub mod logs;
 #[cfg(feature = "tonic")]
 pub mod numbers;
+#[cfg(feature = "connections")]
+pub mod one_connection;
 pub mod pki;
 pub mod process;
 pub mod proxy;

@@ -2,7 +2,8 @@
 //! test do: change its `MAX_CONCURRENT_STREAMS` on an open connection (a SETTINGS frame
 //! mid-connection, RFC 9113 6.5) and answer each stream only when the test says so.
 //!
-//! It sends its SETTINGS first, acknowledges the client's, answers pings, counts its
+//! It sends its SETTINGS first, acknowledges the client's (and notes their parameters and
+//! the client's connection window updates), answers pings, counts its
 //! connections and the client's SETTINGS acks, notes when the client closes a connection,
 //! reports each request's HEADERS and which requests ended, and when asked answers a stream with `:status 200` (HPACK
 //! static index 8, one byte), with or without a body, or sends a GOAWAY. Everything else is
@@ -34,6 +35,10 @@ struct Accepted {
     closed: bool,
     /// Streams whose request ended (`END_STREAM` on its HEADERS or DATA), in order.
     ended: Vec<u32>,
+    /// The parameters of the client's SETTINGS frames, in order.
+    settings: Vec<(u16, u32)>,
+    /// What the client's WINDOW_UPDATE frames added to the connection's window.
+    window_added: u64,
 }
 
 type Connections = Arc<Mutex<Vec<Accepted>>>;
@@ -50,6 +55,7 @@ const HEADERS: u8 = 0x1;
 const DATA: u8 = 0x0;
 const GOAWAY: u8 = 0x7;
 const PING: u8 = 0x6;
+const WINDOW_UPDATE: u8 = 0x8;
 const ACK: u8 = 0x1;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -89,6 +95,8 @@ impl RawH2 {
                         acks: 0,
                         closed: false,
                         ended: Vec::new(),
+                        settings: Vec::new(),
+                        window_added: 0,
                     });
                     writers.len() - 1
                 };
@@ -142,6 +150,17 @@ impl RawH2 {
     /// The streams of connection `n` whose request has ended, in the order they ended.
     pub fn ended(&self, n: usize) -> Vec<u32> {
         self.writers.lock().unwrap()[n].ended.clone()
+    }
+
+    /// The client's SETTINGS parameters on connection `n` (identifier, value), in order.
+    pub fn client_settings(&self, n: usize) -> Vec<(u16, u32)> {
+        self.writers.lock().unwrap()[n].settings.clone()
+    }
+
+    /// What the client's WINDOW_UPDATE frames on connection `n` added to the connection's
+    /// receive window.
+    pub fn connection_window_added(&self, n: usize) -> u64 {
+        self.writers.lock().unwrap()[n].window_added
     }
 
     /// Sends connection `n` a GOAWAY (no error) that lets streams up to `last` finish.
@@ -213,7 +232,16 @@ async fn read_frames(
         }
         match (kind, flags & ACK) {
             (SETTINGS, 0) => {
+                let parameters = payload.chunks_exact(6).map(|p| {
+                    let value = u32::from_be_bytes([p[2], p[3], p[4], p[5]]);
+                    (u16::from_be_bytes([p[0], p[1]]), value)
+                });
+                connections.lock().unwrap()[n].settings.extend(parameters);
                 let _ = out.send(frame(SETTINGS, ACK, 0, &[]));
+            }
+            (WINDOW_UPDATE, _) if stream == 0 && payload.len() == 4 => {
+                let added = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                connections.lock().unwrap()[n].window_added += u64::from(added & 0x7fff_ffff);
             }
             (SETTINGS, _) => connections.lock().unwrap()[n].acks += 1,
             (PING, 0) => {
