@@ -16,6 +16,11 @@
 //! count, timing each one, and prints a table: throughput, p50 and p99 latency, and the
 //! process's CPU time per request (from `/proc/self/stat`): both sides' cost in `unary`,
 //! where client and servers share the process, the client's alone in `unary_remote`.
+//!
+//! `cargo bench --bench end_to_end --features tonic -- nomatch` runs the latency passes
+//! alone. Built with `RUSTFLAGS="--cfg tokio_unstable"` and run with
+//! `TOWER_SD_BENCH_NO_LIFO=1`, every runtime of the bench (the servers' too) runs with
+//! tokio's LIFO slot off.
 
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
@@ -216,11 +221,15 @@ async fn four_servers() -> Vec<TestServer> {
 }
 
 fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    // How much of the tail comes from tokio's LIFO slot (a woken task run next on the
+    // worker that woke it): see the module docs.
+    #[cfg(tokio_unstable)]
+    if std::env::var_os("TOWER_SD_BENCH_NO_LIFO").is_some() {
+        builder.disable_lifo_slot();
+    }
+    builder.build().unwrap()
 }
 
 /// Benches `LoadBalancedChannel`, a direct `Channel` and `balance_channel` against servers
