@@ -85,26 +85,51 @@ pub(crate) struct Tally {
     pub(crate) failed: AtomicUsize,
 }
 
-/// An endpoint as the balancer holds it: what the snapshots list (each snapshot that lists
-/// it shares this one `Slot`).
+/// An endpoint as the balancer holds it: what the snapshots list, each its own `Slot` (a
+/// clone), all sharing one state.
 ///
-/// Its state lives behind one more `Arc`, held once by the slot and once by each request in
-/// flight, so that `Arc`'s reference count is the in-flight count plus one. A request then
-/// costs two atomic operations on its endpoint (the clone at the pick, the drop at completion)
-/// rather than four (a reference count and a separate in-flight counter, up and down), and
-/// the state, with its service, lives until the last request on it completes.
+/// The state lives behind an `Arc` held by each slot (the updater's, and one per snapshot
+/// that lists the endpoint) and by each request in flight; the state counts its slots
+/// (`listed`), so the `Arc`'s reference count less that is the in-flight count. A request
+/// then costs two atomic operations on its endpoint (the clone at the pick, the drop at
+/// completion) rather than four (a reference count and a separate in-flight counter, up and
+/// down), a pick reads a candidate's state straight from the snapshot (one dependent load,
+/// not two), and the state, with its service, lives until the last request on it completes.
+///
+/// While a snapshot is being built or dropped, a slot's clone or drop and the count of
+/// slots change one after the other, so a concurrent pick may see one request more in
+/// flight than there is (never fewer, once both have happened; never below 0).
 pub(crate) struct Slot<S, K> {
     inner: Arc<SlotState<S, K>>,
 }
 
+impl<S, K> Clone for Slot<S, K> {
+    fn clone(&self) -> Self {
+        let inner = Arc::clone(&self.inner);
+        inner.listed.fetch_add(1, Ordering::Relaxed);
+        Self { inner }
+    }
+}
+
+impl<S, K> Drop for Slot<S, K> {
+    fn drop(&mut self) {
+        // Before the reference goes (with the field, right after): in between, the
+        // endpoint counts one request more, never one fewer.
+        self.inner.listed.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The state of a [`Slot`], shared with the requests in flight on it.
 ///
-/// `repr(C)` keeps what a pick reads first, right after the `Arc`'s own reference count (the
-/// in-flight count): the flags, the owner's readiness, the weight and the ejection, 48 bytes
-/// that with the count make one cache line when the allocation starts on one. The cold
+/// `repr(C)` keeps what a pick reads first, right after the `Arc`'s own reference count:
+/// the count of slots (the two give the in-flight count), the flags, the owner's readiness,
+/// the weight and the ejection, 48 bytes that with the count make one cache line when the
+/// allocation starts on one. The cold
 /// fields (service, key) stay out of the way of pickers on other cores.
 #[repr(C)]
 pub(crate) struct SlotState<S, K> {
+    /// The [`Slot`]s that share this state: its references that are not requests.
+    listed: AtomicU32,
     /// `poll_ready` failed; skipped by the pick while others are usable, except for a retry
     /// once `retry_at` has passed.
     failed: AtomicBool,
@@ -145,6 +170,7 @@ impl<S, K> Slot<S, K> {
             readiness.listen(published);
         }
         let state = SlotState {
+            listed: AtomicU32::new(1),
             ewma,
             failed: AtomicBool::new(false),
             failures: AtomicU32::new(0),
@@ -166,10 +192,11 @@ impl<S, K> Slot<S, K> {
     }
 
     /// Requests picked for it and not yet complete (a response body still streaming counts):
-    /// every reference to the state but the slot's own is a request's.
+    /// every reference to the state that is not a slot's is a request's.
     #[inline]
     pub(crate) fn in_flight(&self) -> u64 {
-        (Arc::strong_count(&self.inner) - 1) as u64
+        let listed = self.inner.listed.load(Ordering::Relaxed) as usize;
+        Arc::strong_count(&self.inner).saturating_sub(listed) as u64
     }
 
     /// A request is picked: it holds the state (counted in flight) until it completes.

@@ -21,7 +21,6 @@
 use std::cell::Cell;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -186,12 +185,7 @@ const DRAWS: usize = 4;
 /// ejected candidate) takes the cold path, which applies the panic threshold and scans for
 /// usable endpoints when sampling keeps hitting unusable ones.
 #[inline]
-pub(crate) fn pick<S, K>(
-    slots: &[Arc<Slot<S, K>>],
-    pool: &Pool,
-    cost: Cost,
-    rules: &Rules<'_>,
-) -> Pick {
+pub(crate) fn pick<S, K>(slots: &[Slot<S, K>], pool: &Pool, cost: Cost, rules: &Rules<'_>) -> Pick {
     let n = pool.len();
     if n == 0 {
         return Pick::Empty;
@@ -224,7 +218,7 @@ pub(crate) fn pick<S, K>(
 /// An ejected endpoint whose probe is due, claimed for this request. The check costs one
 /// load while something is ejected; the scan runs only when a probe is due.
 #[inline]
-fn due_probe<S, K>(slots: &[Arc<Slot<S, K>>], detector: &Detector) -> Option<usize> {
+fn due_probe<S, K>(slots: &[Slot<S, K>], detector: &Detector) -> Option<usize> {
     if detector.ejected.load(std::sync::atomic::Ordering::Relaxed) == 0 {
         return None;
     }
@@ -236,11 +230,7 @@ fn due_probe<S, K>(slots: &[Arc<Slot<S, K>>], detector: &Detector) -> Option<usi
 }
 
 #[cold]
-fn claim_due_probe<S, K>(
-    slots: &[Arc<Slot<S, K>>],
-    detector: &Detector,
-    now: u64,
-) -> Option<usize> {
+fn claim_due_probe<S, K>(slots: &[Slot<S, K>], detector: &Detector, now: u64) -> Option<usize> {
     detector.rescan();
     let mut claimed = None;
     for (index, slot) in slots.iter().enumerate() {
@@ -261,7 +251,7 @@ fn claim_due_probe<S, K>(
 /// The less loaded of two usable endpoints, with slow start applied.
 #[inline]
 fn choose<S, K>(
-    slots: &[Arc<Slot<S, K>>],
+    slots: &[Slot<S, K>],
     a: usize,
     b: usize,
     weighted: bool,
@@ -289,12 +279,7 @@ fn choose<S, K>(
 }
 
 #[cold]
-fn pick_unusual<S, K>(
-    slots: &[Arc<Slot<S, K>>],
-    pool: &Pool,
-    cost: Cost,
-    rules: &Rules<'_>,
-) -> Pick {
+fn pick_unusual<S, K>(slots: &[Slot<S, K>], pool: &Pool, cost: Cost, rules: &Rules<'_>) -> Pick {
     let n = pool.len();
     let mut respect_ejection = true;
     if let Some(detector) = rules.detector {

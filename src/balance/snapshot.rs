@@ -23,7 +23,7 @@ use super::{PanicMode, ZonePreference};
 
 /// An immutable set of endpoints, as pickers see it.
 pub(crate) struct Snapshot<S, K> {
-    pub(crate) slots: Box<[Arc<Slot<S, K>>]>,
+    pub(crate) slots: Box<[Slot<S, K>]>,
     /// Every endpoint.
     pub(crate) all: Pool,
     /// The local zone's endpoints, with zone preference.
@@ -40,7 +40,7 @@ impl<S, K> Snapshot<S, K> {
     }
 
     /// The snapshot of `slots`, with the local zone's pool when `zone` is set.
-    pub(crate) fn new(slots: Vec<Arc<Slot<S, K>>>, zone: Option<&ZonePreference>) -> Self {
+    pub(crate) fn new(slots: Vec<Slot<S, K>>, zone: Option<&ZonePreference>) -> Self {
         let weights: Vec<u64> = slots.iter().map(|slot| slot.weight).collect();
         let local = zone.map(|zone| {
             let (indices, weights): (Vec<usize>, Vec<u64>) = slots

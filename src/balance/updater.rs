@@ -2,7 +2,8 @@
 //!
 //! It drains every change that is ready, applies the batch to its own list, and publishes a
 //! new snapshot once per batch, whether or not requests arrive. Endpoints that stay are
-//! carried over as the same `Arc<Slot>`, so they keep their slot order and their counters.
+//! carried over as clones of the same `Slot` (one shared state), so they keep their slot
+//! order and their counters.
 //! It ends when discovery ends (the last endpoints stay in use) or the last handle is
 //! dropped. If it panics, the panic is logged and the balancer fails its picks rather than
 //! serve a set that no longer follows discovery.
@@ -71,7 +72,7 @@ pub(crate) fn spawn<D, S, F>(
 
 /// The updater's own view: the current endpoints in slot order and where each key sits.
 struct Endpoints<S, K> {
-    list: Vec<Arc<Slot<S, K>>>,
+    list: Vec<Slot<S, K>>,
     places: HashMap<K, usize>,
 }
 
@@ -87,7 +88,7 @@ impl<S, K: Hash + Eq + Clone + fmt::Debug> Endpoints<S, K> {
         for change in batch {
             match change {
                 Change::Insert(key, endpoint) => {
-                    let slot = Arc::new(make(key.clone(), endpoint));
+                    let slot = make(key.clone(), endpoint);
                     changed = true;
                     match self.places.get(&key) {
                         Some(&place) => {
@@ -233,7 +234,7 @@ async fn run<D, S, F>(
 }
 
 /// Stores the snapshot of `list` and wakes whoever waits for one.
-fn publish<S, K>(shared: &Shared<S, K>, list: &[Arc<Slot<S, K>>]) {
+fn publish<S, K>(shared: &Shared<S, K>, list: &[Slot<S, K>]) {
     let next = Snapshot::new(list.to_vec(), shared.config.zone.as_ref());
     let count = next.slots.len();
     if let Some(detector) = &shared.detector {
