@@ -21,7 +21,8 @@
 //!   requests arrive; endpoints that stay keep their slot and counters;
 //! - every **clone** of [`Balance`] picks from the current snapshot on its own thread with no
 //!   lock and no channel; an endpoint's in-flight count is the reference count of its state
-//!   (held once by the balancer and once by each request), so a request costs two atomic
+//!   (held by each request and by its slots: one per snapshot that lists it, and the
+//!   updater's) less the slots, which the state counts, so a request costs two atomic
 //!   operations on its endpoint, up at the pick and down at completion;
 //! - an **empty set** makes callers wait at most `wait_for_endpoints`, then fail with
 //!   [`Error::NoEndpoints`](crate::Error::NoEndpoints).
