@@ -97,8 +97,8 @@ pub(crate) struct Tally {
 /// not two), and the state, with its service, lives until the last request on it completes.
 ///
 /// While a snapshot is being built or dropped, a slot's clone or drop and the count of
-/// slots change one after the other, so a concurrent pick may see one request more in
-/// flight than there is (never fewer, once both have happened; never below 0).
+/// slots change one after the other, so a pick at that moment may count one request more
+/// or fewer on the endpoint (never below 0); once both have changed, the count is exact.
 pub(crate) struct Slot<S, K> {
     inner: Arc<SlotState<S, K>>,
 }
@@ -113,8 +113,8 @@ impl<S, K> Clone for Slot<S, K> {
 
 impl<S, K> Drop for Slot<S, K> {
     fn drop(&mut self) {
-        // Before the reference goes (with the field, right after): in between, the
-        // endpoint counts one request more, never one fewer.
+        // Before the reference goes (with the field, right after), while the state is
+        // surely alive.
         self.inner.listed.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -124,8 +124,8 @@ impl<S, K> Drop for Slot<S, K> {
 /// `repr(C)` keeps what a pick reads first, right after the `Arc`'s own reference count:
 /// the count of slots (the two give the in-flight count), the flags, the owner's readiness,
 /// the weight and the ejection, 48 bytes that with the count make one cache line when the
-/// allocation starts on one. The cold
-/// fields (service, key) stay out of the way of pickers on other cores.
+/// allocation starts on one. The cold fields (service, key) stay out of the way of pickers
+/// on other cores.
 #[repr(C)]
 pub(crate) struct SlotState<S, K> {
     /// The [`Slot`]s that share this state: its references that are not requests.
