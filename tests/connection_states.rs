@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use support::one_connection::{WAIT, connect, ms, settings};
+use support::one_connection::{WAIT, connect, ms, settings, until_state};
 use support::raw_h2::{RawH2, Seen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -35,14 +35,6 @@ fn get() -> http::Request<ReplayBody<Empty<Bytes>>> {
 fn send(connection: &Conn) -> Call {
     let connection = connection.clone();
     tokio::spawn(connection.oneshot(get()))
-}
-
-async fn until_state(connection: &Conn, want: Connectivity) {
-    let readiness = connection.readiness();
-    support::until(&format!("the connection is {want:?}"), || {
-        readiness.get() == want
-    })
-    .await;
 }
 
 fn seen(connection: usize, stream: u32) -> Seen {

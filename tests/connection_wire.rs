@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http_body_util::{Empty, Full};
-use support::one_connection::{WAIT, connect, ms, settings};
+use support::one_connection::{WAIT, connect, ms, settings, until_state};
 use support::raw_h2::RawH2;
 use tower::{Service, ServiceExt};
 use tower_sd::balance::Connectivity;
@@ -19,14 +19,6 @@ use tower_sd::connection::{Connection, ReplayBody};
 type Chunks = http_body_util::StreamBody<
     futures_util::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, std::io::Error>>,
 >;
-
-async fn until_ready<B: tower_sd::connection::SendBody>(connection: &Connection<B>) {
-    let readiness = connection.readiness();
-    support::until("the connection is ready", || {
-        readiness.get() == Connectivity::Ready
-    })
-    .await;
-}
 
 /// Catches a request body read faster than the server takes it. This server never opens
 /// its flow-control window past HTTP/2's initial 65,535 bytes, so about 16 chunks of 4 KiB
@@ -96,7 +88,7 @@ async fn the_client_advertises_its_flow_control_windows() {
     const MAX_HEADER_LIST_SIZE: u16 = 0x6;
     let server = RawH2::start(100).await;
     let connection: Connection<Empty<Bytes>> = connect(server.port, settings());
-    until_ready(&connection).await;
+    until_state(&connection, Connectivity::Ready).await;
     let settings_of = |n| server.client_settings(n);
     for want in [
         (ENABLE_PUSH, 0),
@@ -118,7 +110,7 @@ async fn the_client_advertises_its_flow_control_windows() {
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(3 << 20));
     let connection: Connection<Empty<Bytes>> = connect(server.port, other);
-    until_ready(&connection).await;
+    until_state(&connection, Connectivity::Ready).await;
     assert!(
         settings_of(1).contains(&(INITIAL_WINDOW_SIZE, 1 << 20)),
         "{:?}",

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tower_sd::ServiceInstance;
+use tower_sd::balance::Connectivity;
 use tower_sd::connection::{Connection, ConnectionSettings, Connector, SendBody};
 
 /// How long what must happen may take.
@@ -22,4 +23,13 @@ pub fn settings() -> ConnectionSettings {
 pub fn connect<B: SendBody>(port: u16, settings: ConnectionSettings) -> Connection<B> {
     let instance = ServiceInstance::new("raw", "raw", "127.0.0.1", port);
     Connector::new(settings).connect(&instance).unwrap()
+}
+
+/// Waits until `connection` reports `want`.
+pub async fn until_state<B: SendBody>(connection: &Connection<B>, want: Connectivity) {
+    let readiness = connection.readiness();
+    super::until(&format!("the connection is {want:?}"), || {
+        readiness.get() == want
+    })
+    .await;
 }

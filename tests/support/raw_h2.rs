@@ -2,13 +2,14 @@
 //! test do: change its `MAX_CONCURRENT_STREAMS` on an open connection (a SETTINGS frame
 //! mid-connection, RFC 9113 6.5) and answer each stream only when the test says so.
 //!
-//! It sends its SETTINGS first, acknowledges the client's (and notes their parameters and
-//! the client's connection window updates), answers pings, counts its
-//! connections and the client's SETTINGS acks, notes when the client closes a connection,
-//! reports each request's HEADERS and which requests ended, and when asked answers a stream with `:status 200` (HPACK
-//! static index 8, one byte), with or without a body, or sends a GOAWAY. Everything else is
-//! read and ignored; it never sends WINDOW_UPDATE, so a client may send it no more than
-//! HTTP/2's initial window of request data (65,535 bytes per connection).
+//! It sends its SETTINGS first, acknowledges the client's (noting their parameters, and
+//! what the client's WINDOW_UPDATEs add to the connection's window), answers pings, counts
+//! its connections and the client's SETTINGS acks, notes when the client closes a
+//! connection, reports each request's HEADERS and notes which requests ended, and when
+//! asked answers a stream with `:status 200` (HPACK static index 8, one byte), with or
+//! without a body, or sends a GOAWAY. Everything else is read and ignored; it never sends
+//! WINDOW_UPDATE, so a client may send it no more than HTTP/2's initial window of request
+//! data (65,535 bytes per connection).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
