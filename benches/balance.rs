@@ -8,6 +8,9 @@
 //!   always-ready endpoints, pending-requests load; the time of one `poll_ready` + `call` +
 //!   response. `tower_sd` has the default outlier detection on; `tower_sd_no_outlier` turns
 //!   it off; `tower_sd_weighted` gives the endpoints weights 1 to 4 (drawn by alias table).
+//! - `per_request/shared_count`: no balancing, only an `Arc` cloned and dropped, the two
+//!   locked read-modify-writes by which any count shared between handles follows one request
+//!   (ours and tower's p2c both pay them): the floor under the rows above.
 //! - `throughput/{tower_sd,tower_buffer}/T`: T tasks on a 2-worker runtime share one
 //!   balancer over 16 endpoints: clones of ours, or clones of `Buffer(tower p2c)`. The time is
 //!   per request (all tasks together), so requests/s = 1 / time.
@@ -108,6 +111,10 @@ fn per_request(c: &mut Criterion) {
     let rt = runtime(1);
     let mut group = c.benchmark_group("per_request");
     let mut cx = Context::from_waker(Waker::noop());
+    let count = Arc::new(());
+    group.bench_function("shared_count", |b| {
+        b.iter(|| drop(std::hint::black_box(Arc::clone(&count))));
+    });
     for n in [2usize, 16, 256, 10_000] {
         let mut balance = ours(&rt, n);
         group.bench_function(BenchmarkId::new("tower_sd", n), |b| {
