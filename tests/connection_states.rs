@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use support::one_connection::{WAIT, connect, ms, settings, until_state};
+use support::one_connection::{Chunks, WAIT, connect, ms, settings, until_state};
 use support::raw_h2::{RawH2, Seen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -334,10 +334,6 @@ async fn a_response_read_to_its_end_frees_its_stream_while_it_is_held() {
     assert_eq!(server.connections(), 1);
     drop(body);
 }
-
-type Chunks = http_body_util::StreamBody<
-    futures_util::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, std::io::Error>>,
->;
 
 /// Catches the task sending a still-streaming request body left running after the caller
 /// dropped the response: it would hold the caller's body (and read it) for good.

@@ -7,6 +7,14 @@ use tower_sd::ServiceInstance;
 use tower_sd::balance::Connectivity;
 use tower_sd::connection::{Connection, ConnectionSettings, Connector, SendBody};
 
+/// A request body streamed chunk by chunk, for the tests that pace or drop one.
+pub type Chunks = http_body_util::StreamBody<
+    futures_util::stream::BoxStream<
+        'static,
+        Result<http_body::Frame<bytes::Bytes>, std::io::Error>,
+    >,
+>;
+
 /// How long what must happen may take.
 pub const WAIT: Duration = Duration::from_secs(5);
 
