@@ -9,20 +9,23 @@ use support::process::{installed, required};
 
 /// A server some tests start.
 struct Server {
-    /// The programs the tests run.
-    binaries: &'static [&'static str],
-    /// The Debian packages that install them.
-    packages: &'static str,
+    /// What the tests run.
+    what: &'static str,
+    /// Whether it is installed.
+    installed: fn() -> bool,
+    /// How to install it.
+    install: &'static str,
     /// What a test calls to start it.
     marker: &'static str,
     /// The test files whose tests skip without it, when compiled in this run.
     files: &'static [(&'static str, bool)],
 }
 
-const SERVERS: [Server; 2] = [
+const SERVERS: [Server; 5] = [
     Server {
-        binaries: &["etcd", "etcdctl"],
-        packages: "etcd-server etcd-client",
+        what: "etcd and etcdctl",
+        installed: || installed("etcd") && installed("etcdctl"),
+        install: "apt-get install -y etcd-server etcd-client",
         marker: "Etcd::start",
         files: &[
             ("tests/etcd.rs", cfg!(feature = "etcd")),
@@ -30,10 +33,35 @@ const SERVERS: [Server; 2] = [
         ],
     },
     Server {
-        binaries: &["dnsmasq"],
-        packages: "dnsmasq-base",
+        what: "dnsmasq",
+        installed: || installed("dnsmasq"),
+        install: "apt-get install -y dnsmasq-base",
         marker: "Dnsmasq::start",
         files: &[("tests/dns.rs", cfg!(feature = "dns"))],
+    },
+    Server {
+        what: "Python grpcio",
+        installed: support::grpcio::installed,
+        install: "pip install grpcio grpcio-health-checking",
+        marker: "servers(&registry,",
+        files: &[("tests/conformance_grpc.rs", cfg!(feature = "tonic"))],
+    },
+    Server {
+        what: "nginx",
+        installed: || installed("nginx"),
+        install: "apt-get install -y nginx-light",
+        marker: "Nginx::start",
+        files: &[(
+            "tests/conformance_nginx.rs",
+            cfg!(all(feature = "http", feature = "tonic")),
+        )],
+    },
+    Server {
+        what: "nghttpd",
+        installed: || installed("nghttpd"),
+        install: "apt-get install -y nghttp2-server",
+        marker: "Nghttpd::start",
+        files: &[("tests/conformance_nghttpd.rs", cfg!(feature = "http"))],
     },
 ];
 
@@ -49,7 +77,7 @@ fn skipped_server_tests() {
     let mut skipped = 0;
     let mut lines = Vec::new();
     for server in SERVERS {
-        if server.binaries.iter().all(|binary| installed(binary)) {
+        if (server.installed)() {
             continue;
         }
         let compiled: Vec<&str> = server
@@ -65,10 +93,10 @@ fn skipped_server_tests() {
         if tests > 0 {
             skipped += tests;
             lines.push(format!(
-                "  {tests} tests in {} need {}: apt-get install -y {}",
+                "  {tests} tests in {} need {}: {}",
                 compiled.join(", "),
-                server.binaries.join(" and "),
-                server.packages
+                server.what,
+                server.install
             ));
         }
     }

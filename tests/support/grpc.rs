@@ -73,6 +73,8 @@ pub fn connectivity(
 pub struct Callers {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
+    /// Each caller's successes.
+    each: Vec<Arc<AtomicUsize>>,
     tasks: Vec<tokio::task::JoinHandle<Vec<tonic::Status>>>,
 }
 
@@ -81,16 +83,19 @@ impl Callers {
     pub fn start(channel: &LoadBalancedChannel, tasks: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
-        let tasks = (0..tasks)
-            .map(|_| {
+        let each: Vec<_> = (0..tasks).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let tasks = each
+            .iter()
+            .map(|mine| {
                 let mut client = HealthClient::new(channel.clone());
-                let (stop, ok) = (Arc::clone(&stop), Arc::clone(&ok));
+                let (stop, ok, mine) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(mine));
                 tokio::spawn(async move {
                     let mut failed = Vec::new();
                     while !stop.load(Ordering::SeqCst) {
                         match check(&mut client).await {
                             Ok(()) => {
                                 ok.fetch_add(1, Ordering::SeqCst);
+                                mine.fetch_add(1, Ordering::SeqCst);
                             }
                             Err(status) => failed.push(status),
                         }
@@ -99,7 +104,17 @@ impl Callers {
                 })
             })
             .collect();
-        Self { stop, ok, tasks }
+        Self {
+            stop,
+            ok,
+            each,
+            tasks,
+        }
+    }
+
+    /// Each caller's successful checks so far.
+    pub fn each(&self) -> Vec<usize> {
+        self.each.iter().map(|n| n.load(Ordering::SeqCst)).collect()
     }
 
     /// Successful checks so far.

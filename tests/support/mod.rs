@@ -14,8 +14,11 @@ pub mod fake_consul;
 pub mod fake_kube;
 #[cfg(feature = "tonic")]
 pub mod grpc;
+pub mod grpcio;
 pub mod limit;
 pub mod logs;
+pub mod nghttpd;
+pub mod nginx;
 #[cfg(feature = "tonic")]
 pub mod numbers;
 #[cfg(feature = "connections")]
@@ -32,12 +35,17 @@ use tower_sd::ServiceInstance;
 
 /// Waits until `done()` holds, checking every millisecond of tokio time (which paused-time
 /// tests advance by themselves), and fails the test after 10 s of it, naming `what`.
-pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+pub async fn until(what: &str, done: impl FnMut() -> bool) {
+    until_within(what, std::time::Duration::from_secs(10), done).await;
+}
+
+/// [`until`], giving up after `limit`.
+pub async fn until_within(what: &str, limit: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
     while !done() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "gave up waiting until {what}"
+            "gave up waiting {limit:?} until {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }

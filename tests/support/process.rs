@@ -14,14 +14,23 @@ use std::sync::{Mutex, PoisonError};
 /// Whether `binary` can be run. When it cannot, says on the terminal which test is skipped
 /// and what to install, and returns `false`; or panics when the environment requires the
 /// servers (`TOWER_SD_REQUIRE_SERVERS=1`, set by `.ci/run`, which installs them).
+pub fn have(binary: &str, package: &str) -> bool {
+    have_with(
+        &format!("`{binary}`"),
+        || installed(binary),
+        &format!("apt-get install -y {package}"),
+    )
+}
+
+/// [`have`] for a server that `check` finds (a Python package, say), installed by `hint`.
 ///
 /// The line goes to the process's stderr directly, not through `eprintln!`, which the test
 /// harness captures and shows only for failing tests: a skip must be seen.
-pub fn have(binary: &str, package: &str) -> bool {
-    if installed(binary) {
+pub fn have_with(what: &str, check: impl FnOnce() -> bool, hint: &str) -> bool {
+    if check() {
         return true;
     }
-    let message = format!("`{binary}` is not installed (`apt-get install -y {package}`)");
+    let message = format!("{what} is not installed (`{hint}`)");
     if required() {
         panic!("{message}, and TOWER_SD_REQUIRE_SERVERS=1");
     }

@@ -203,6 +203,11 @@ impl RawH2 {
         self.send(seen.connection, frame(DATA, END_STREAM, seen.stream, body));
     }
 
+    /// Ends a response left open: one DATA frame with `body` and `END_STREAM`.
+    pub fn end_stream(&self, seen: Seen, body: &[u8]) {
+        self.send(seen.connection, frame(DATA, END_STREAM, seen.stream, body));
+    }
+
     fn send(&self, n: usize, bytes: Vec<u8>) {
         let writers = self.writers.lock().unwrap();
         writers[n].out.send(bytes).expect("the connection is open");
