@@ -37,8 +37,6 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use http::uri::{Authority, Scheme};
-use http_body_util::BodyExt;
-use http_body_util::combinators::MapErr;
 use tonic::body::Body;
 use tower::Service;
 
@@ -56,8 +54,68 @@ use crate::registry::ServiceRegistry;
 pub type ChannelBalance = Balance<Connection<Body>, String, HttpStatus>;
 
 /// The response body of a [`LoadBalancedChannel`]: the connection's, kept in flight by the
-/// balancer until it ends, with transport errors as gRPC statuses.
-pub type ResponseBodyOf = MapErr<ResponseBody<connection::Body>, fn(h2::Error) -> tonic::Status>;
+/// balancer until it ends, with transport errors as gRPC statuses, and ended with
+/// `DEADLINE_EXCEEDED` when the call's deadline passes before it does.
+pub struct ChannelBody {
+    inner: Option<ResponseBody<connection::Body>>,
+    /// The call's deadline, with its length for the message.
+    deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+            return Poll::Ready(
+                frame.map(|frame| frame.map_err(|error| status_of_transport(&error))),
+            );
+        }
+        if let Some((limit, sleep)) = &mut this.deadline
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            let status = deadline_exceeded(*limit);
+            // Dropping the body resets its stream.
+            this.inner = None;
+            return Poll::Ready(Some(Err(status)));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.as_ref().map_or_else(
+            || http_body::SizeHint::with_exact(0),
+            http_body::Body::size_hint,
+        )
+    }
+}
+
+impl fmt::Debug for ChannelBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChannelBody")
+            .field("ended", &self.inner.is_none())
+            .field("deadline", &self.deadline.as_ref().map(|(limit, _)| limit))
+            .finish()
+    }
+}
+
+fn deadline_exceeded(limit: Duration) -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!("the call's deadline of {limit:?} passed"))
+}
 
 /// A `Clone`able tonic channel that balances every request over the healthy instances of one
 /// service, following the registry.
@@ -118,7 +176,7 @@ impl LoadBalancedChannel {
 }
 
 impl Service<http::Request<Body>> for LoadBalancedChannel {
-    type Response = http::Response<ResponseBodyOf>;
+    type Response = http::Response<ChannelBody>;
     type Error = BoxError;
     type Future = ResponseFuture;
 
@@ -136,7 +194,7 @@ impl Service<http::Request<Body>> for LoadBalancedChannel {
         }
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         if let Some(status) = self.failed.take() {
             return ResponseFuture {
                 inner: None,
@@ -144,10 +202,18 @@ impl Service<http::Request<Body>> for LoadBalancedChannel {
                 failed: Some(status),
             };
         }
-        // The caller's deadline (`grpc-timeout`) or the channel's, whichever is sooner.
+        // The caller's deadline (`grpc-timeout`) or the channel's, whichever is sooner: for
+        // the whole call, and the server's to know too.
         let limit = match (grpc_timeout(request.headers()), self.timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+            (Some(caller), Some(channel)) if channel < caller => {
+                set_grpc_timeout(request.headers_mut(), channel);
+                Some(channel)
+            }
+            (None, Some(channel)) => {
+                set_grpc_timeout(request.headers_mut(), channel);
+                Some(channel)
+            }
+            (caller, _) => caller,
         };
         ResponseFuture {
             inner: Some(self.retry.call(request)),
@@ -205,9 +271,27 @@ fn status_of_transport(error: &(dyn std::error::Error + 'static)) -> tonic::Stat
     tonic::Status::unavailable(message)
 }
 
-/// [`status_of_transport`] for a response body's error.
-fn status_of_h2(error: h2::Error) -> tonic::Status {
-    status_of_transport(&error)
+/// Sets `grpc-timeout` to `limit`, in the finest unit whose count has at most 8 digits,
+/// rounded up (as grpc-go writes it).
+fn set_grpc_timeout(headers: &mut http::HeaderMap, limit: Duration) {
+    const MAX: u128 = 99_999_999;
+    let nanos = limit.as_nanos().max(1);
+    let units: [(u128, &str); 6] = [
+        (1, "n"),
+        (1_000, "u"),
+        (1_000_000, "m"),
+        (1_000_000_000, "S"),
+        (60_000_000_000, "M"),
+        (3_600_000_000_000, "H"),
+    ];
+    let (count, unit) = units
+        .iter()
+        .map(|&(size, unit)| (nanos.div_ceil(size), unit))
+        .find(|&(count, _)| count <= MAX)
+        .unwrap_or((MAX, "H"));
+    if let Ok(value) = http::HeaderValue::from_str(&format!("{count}{unit}")) {
+        headers.insert("grpc-timeout", value);
+    }
 }
 
 /// `grpc-timeout` (a number of at most 8 digits and a unit), as the gRPC protocol defines it.
@@ -258,7 +342,7 @@ pub struct ResponseFuture {
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<http::Response<ResponseBodyOf>, BoxError>;
+    type Output = Result<http::Response<ChannelBody>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -269,8 +353,11 @@ impl Future for ResponseFuture {
         if let Poll::Ready(outcome) = Pin::new(inner).poll(cx) {
             this.inner = None;
             return Poll::Ready(match outcome {
-                Ok(response) => Ok(response
-                    .map(|body| body.map_err(status_of_h2 as fn(h2::Error) -> tonic::Status))),
+                // The deadline goes on with the body.
+                Ok(response) => Ok(response.map(|body| ChannelBody {
+                    inner: Some(body),
+                    deadline: this.deadline.take(),
+                })),
                 Err(error) => Err(Box::new(status_of(error))),
             });
         }
@@ -279,9 +366,7 @@ impl Future for ResponseFuture {
         {
             // Dropping the request resets its stream.
             this.inner = None;
-            let status =
-                tonic::Status::deadline_exceeded(format!("request timed out after {limit:?}"));
-            return Poll::Ready(Err(Box::new(status)));
+            return Poll::Ready(Err(Box::new(deadline_exceeded(*limit))));
         }
         Poll::Pending
     }
@@ -310,8 +395,10 @@ impl LoadBalancedChannelBuilder {
         self
     }
 
-    /// Time limit for each request (a shorter `grpc-timeout` from the caller wins); a
-    /// request past it fails with `DEADLINE_EXCEEDED` and its stream is reset.
+    /// The deadline of each call, as gRPC's: for the whole call, its response body
+    /// included (a server stream too), and sent to the server as `grpc-timeout` (a shorter
+    /// one the caller set wins). A call past it fails with `DEADLINE_EXCEEDED` and its
+    /// stream is reset. tonic's `Endpoint::timeout` stops at the response headers instead.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -464,5 +551,45 @@ impl fmt::Debug for LoadBalancedChannelBuilder {
             .field("query", &self.query)
             .field("connections", &self.connections)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(limit: Duration) -> String {
+        let mut headers = http::HeaderMap::new();
+        set_grpc_timeout(&mut headers, limit);
+        headers["grpc-timeout"].to_str().unwrap().to_owned()
+    }
+
+    /// Catches a unit too coarse (a deadline cut to 0, or rounded down, which would end a
+    /// call early), a count past the 8 digits gRPC allows, and a header its reader does
+    /// not take back.
+    #[test]
+    fn grpc_timeout_is_written_in_the_finest_unit_that_fits_and_read_back() {
+        let ms = Duration::from_millis;
+        assert_eq!(written(ms(1)), "1000000n");
+        assert_eq!(written(ms(150)), "150000u");
+        assert_eq!(written(Duration::from_secs(100)), "100000m");
+        assert_eq!(written(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(
+            written(Duration::from_nanos(100_000_001)),
+            "100001u",
+            "rounded up"
+        );
+        assert_eq!(written(Duration::ZERO), "1n");
+        assert_eq!(written(Duration::MAX), "99999999H", "at most 8 digits");
+        for limit in [
+            ms(1),
+            ms(150),
+            Duration::from_secs(7),
+            Duration::from_secs(90_000),
+        ] {
+            let mut headers = http::HeaderMap::new();
+            set_grpc_timeout(&mut headers, limit);
+            assert_eq!(grpc_timeout(&headers), Some(limit), "{limit:?}");
+        }
     }
 }

@@ -284,10 +284,10 @@ async fn the_concurrency_limit_holds_a_request_until_one_ends() {
 
 /// Catches a request that h2 refused to send (its connection got GOAWAY between
 /// `poll_ready` and `call`) reported as one the server may have seen: it never left, so it
-/// is [`ConnectionError::Unprocessed`] (which the integrations send again), and the next
+/// is [`ConnectionError::NotSent`] (which the integrations send again), and the next
 /// request goes on the replacement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_refused_after_goaway_is_unprocessed() {
+async fn a_request_refused_after_goaway_is_not_sent() {
     let _limit = support::time_limit(30);
     let mut server = RawH2::start(100).await;
     let mut connection: Conn = connect(server.port, settings());
@@ -296,10 +296,10 @@ async fn a_request_refused_after_goaway_is_unprocessed() {
     support::until("the replacement is dialled", || server.connections() == 2).await;
     let error = connection.call(get()).await.unwrap_err();
     assert!(
-        matches!(error, ConnectionError::Unprocessed { .. }),
+        matches!(error, ConnectionError::NotSent { .. }),
         "{error:?}"
     );
-    // Closed within a second of opening: failed until the replacement has answered.
+    assert!(error.never_sent() && error.is_unprocessed(), "{error:?}");
     until_state(&connection, Connectivity::Ready).await;
 
     let next = sent(&mut server, &connection, 1, 1).await;
@@ -333,6 +333,36 @@ async fn a_response_read_to_its_end_frees_its_stream_while_it_is_held() {
     answer(&server, second).await;
     assert_eq!(server.connections(), 1);
     drop(body);
+}
+
+/// Catches a stream slot held until the caller reads its body: HTTP/2 frees a stream when
+/// its last frame arrives. On a one-stream connection, responses the caller holds unread,
+/// whole when their headers came or ended later, leave the stream to the next request; and
+/// what was read ahead still reaches the caller, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_response_frees_its_stream_unread() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(1).await;
+    let connection: Conn = connect(server.port, settings().max_connections_per_instance(1));
+    let (first, call) = sent(&mut server, &connection, 0, 1).await;
+    server.respond_with_body(first, b"whole");
+    let whole = call.await.unwrap().unwrap().into_body();
+
+    let (second, call) = sent(&mut server, &connection, 0, 3).await;
+    server.respond_open(second);
+    let later = call.await.unwrap().unwrap().into_body();
+    assert!(format!("{later:?}").contains("open: true"), "{later:?}");
+    server.end_stream(second, b"later");
+
+    // Both held unread: the next request still goes out on the one stream allowed.
+    let third = sent(&mut server, &connection, 0, 5).await;
+    answer(&server, third).await;
+    assert!(format!("{later:?}").contains("open: false"), "{later:?}");
+    for (body, want) in [(whole, &b"whole"[..]), (later, &b"later"[..])] {
+        let read = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&read[..], want);
+    }
+    assert_eq!(server.connections(), 1);
 }
 
 /// Catches the task sending a still-streaming request body left running after the caller
@@ -462,4 +492,166 @@ async fn one_handle_sends_its_next_request_where_there_is_room() {
     assert_eq!(server.request(WAIT).await, at(1, 1), "not behind the first");
     answer(&server, (seen(1, 1), second)).await;
     answer(&server, (seen(0, 1), first)).await;
+}
+
+/// Catches a draining connection driven without its keepalive (a detached task with the
+/// pinger dropped): after a GOAWAY that lets a stream finish, the server vanishes, and the
+/// stream must end once a ping goes unanswered, not when TCP gives up minutes later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_connection_keeps_its_keepalive() {
+    let _limit = support::time_limit(60);
+    let mut server = RawH2::start(100).await;
+    let proxy = support::proxy::Proxy::start(([127, 0, 0, 1], server.port).into()).await;
+    let pinging = settings()
+        .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+        .keep_alive_timeout(ms(300));
+    let connection: Conn = connect(proxy.addr.port(), pinging);
+    until_state(&connection, Connectivity::Ready).await;
+    let (seen, call) = sent(&mut server, &connection, 0, 1).await;
+    server.respond_open(seen);
+    let mut body = call.await.unwrap().unwrap().into_body();
+    // Stream 1 may go on; the connection drains.
+    server.go_away(0, 1);
+    support::until("the replacement is open", || server.connections() == 2).await;
+    proxy.freeze();
+    let frozen = tokio::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(30), body.frame()).await;
+    let took = frozen.elapsed();
+    assert!(
+        matches!(ended, Ok(Some(Err(_)) | None)),
+        "the stream on the vanished server ends: {ended:?}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "after {took:?}: one interval and the timeout"
+    );
+}
+
+/// Catches a stream slot checked in `poll_ready` but taken only in `call`: four handles made
+/// ready together on a 2-stream connection would all send on it, and h2 would queue two of
+/// them behind streams that may never end, while a second connection could take them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_ready_together_never_overfill_a_connection() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(2).await;
+    let connection: Conn = connect(server.port, settings().max_connections_per_instance(2));
+    until_state(&connection, Connectivity::Ready).await;
+    let mut handles: Vec<Conn> = (0..4).map(|_| connection.clone()).collect();
+    let mut calls = Vec::new();
+    for handle in &mut handles[..2] {
+        handle.ready().await.unwrap();
+    }
+    // The other two claim their slots on a second connection.
+    let (third, fourth) = handles.split_at_mut(3);
+    let (third, fourth) = (&mut third[2], &mut fourth[0]);
+    tokio::time::timeout(WAIT, async {
+        third.ready().await.unwrap();
+        fourth.ready().await.unwrap();
+    })
+    .await
+    .expect("ready on the second connection");
+    for handle in &mut handles {
+        calls.push(tokio::spawn(handle.call(get())));
+    }
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(server.request(WAIT).await.expect("all four sent"));
+    }
+    let on = |n| seen.iter().filter(|s| s.connection == n).count();
+    assert_eq!((on(0), on(1)), (2, 2), "two on each connection: {seen:?}");
+    for (seen, call) in seen.into_iter().zip(calls) {
+        server.respond(seen);
+        drop(call);
+    }
+}
+
+/// Whether `handle` becomes ready within `within`.
+async fn ready_within(handle: &mut Conn, within: Duration) -> bool {
+    tokio::time::timeout(within, handle.ready()).await.is_ok()
+}
+
+/// Catches waiters served out of order (every one woken at once, the quickest winning) and
+/// newcomers taking a freed slot ahead of those already waiting: on a one-stream
+/// connection, the first waiter gets the first freed slot, the second the next, and a
+/// newcomer waits behind both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_a_stream_get_it_in_the_order_they_came() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(1).await;
+    let connection: Conn = connect(server.port, settings().max_connections_per_instance(1));
+    until_state(&connection, Connectivity::Ready).await;
+    let held = sent(&mut server, &connection, 0, 1).await;
+    let (mut first, mut second, mut newcomer) =
+        (connection.clone(), connection.clone(), connection.clone());
+    assert!(!ready_within(&mut first, ms(100)).await, "no slot yet");
+    assert!(!ready_within(&mut second, ms(100)).await, "no slot yet");
+
+    answer(&server, held).await;
+    assert!(
+        ready_within(&mut first, WAIT).await,
+        "the first waiter takes it"
+    );
+    assert!(
+        !ready_within(&mut second, ms(200)).await,
+        "one slot, one waiter"
+    );
+    assert!(
+        !ready_within(&mut newcomer, ms(200)).await,
+        "behind the waiters"
+    );
+
+    let call = tokio::spawn(first.call(get()));
+    let next = server.request(WAIT).await.unwrap();
+    answer(&server, (next, call)).await;
+    assert!(
+        ready_within(&mut second, WAIT).await,
+        "the second waiter is next"
+    );
+    assert!(!ready_within(&mut newcomer, ms(200)).await, "still behind");
+    drop(second);
+    assert!(
+        ready_within(&mut newcomer, WAIT).await,
+        "its turn, once the others left"
+    );
+}
+
+/// Catches a wait for a stream that never ends (a caller hangs on a connection full of
+/// streams that do not end), one that ends as a failure of the instance, and an error that
+/// does not say why: with the stream wait at 200 ms, the call fails with the limit named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_for_a_stream_no_longer_than_the_stream_wait() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(1).await;
+    let limited = settings()
+        .max_connections_per_instance(1)
+        .stream_wait(ms(200));
+    let connection: Conn = connect(server.port, limited);
+    until_state(&connection, Connectivity::Ready).await;
+    let held = sent(&mut server, &connection, 0, 1).await;
+    let mut waiting = connection.clone();
+    let started = tokio::time::Instant::now();
+    waiting
+        .ready()
+        .await
+        .expect("not a failure of the instance");
+    let error = waiting.call(get()).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(
+            error,
+            ConnectionError::StreamLimit {
+                limit: 1,
+                connections: 1,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("limit of 1 concurrent streams"),
+        "{error}"
+    );
+    assert!((ms(200)..ms(2_000)).contains(&waited), "{waited:?}");
+    assert_eq!(server.request(ms(100)).await, None, "nothing was sent");
+    answer(&server, held).await;
 }

@@ -624,3 +624,64 @@ async fn an_allowed_call_against_a_real_agent() {
     result.unwrap();
     assert_eq!(server.connections(), 1);
 }
+
+/// A stand-in for an Envoy sidecar in front of a `tcp` service (Consul's default protocol):
+/// it terminates the mesh's mTLS with the service's leaf, negotiating no ALPN, and passes
+/// the bytes to a plain tonic server.
+async fn sidecar(consul: &ConsulRegistry, service: &str) -> tokio::task::JoinHandle<()> {
+    let identity = mesh(consul, service).await;
+    let mut config = (*identity.server_config().unwrap()).clone();
+    config.alpn_protocols.clear();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let app = support::servers::TestServer::grpc("app").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    consul
+        .register(ServiceInstance::new("sidecar", service, "127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _identity = identity;
+        let _app = &app;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app_port) = (acceptor.clone(), app.port);
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut upstream = tokio::net::TcpStream::connect(("127.0.0.1", app_port))
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    })
+}
+
+/// Catches a mesh client that refuses a sidecar negotiating no ALPN (Envoy does for `tcp`
+/// services, Consul's default protocol, whose bytes it passes through as they are): the
+/// call must succeed over HTTP/2. Without `http2_without_alpn`, the dial fails with an
+/// error that names the Consul setting to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_of_a_tcp_service_is_reached_over_http2_without_alpn() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = consul(&fake.url());
+    let _tcp = sidecar(&consul, "api").await;
+    let web = mesh(&consul, "web").await;
+    let mut client = HealthClient::new(channel(&consul, "api", &web));
+    for _ in 0..3 {
+        check(&mut client).await.unwrap();
+    }
+
+    let strict = LoadBalancedChannel::builder(Arc::new(consul.clone()), "api")
+        .tls_config(web.client_tls().unwrap().http2_without_alpn(false))
+        .wait_for_endpoints(Duration::from_secs(1))
+        .build();
+    let status = check(&mut HealthClient::new(strict)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("it chose none") && status.message().contains("service-defaults"),
+        "{status:?}"
+    );
+}

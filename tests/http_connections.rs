@@ -375,3 +375,32 @@ async fn a_server_lowering_its_stream_limit_gets_a_second_connection() {
     );
     answer(&server, [(held, first), (other, second)]).await;
 }
+
+/// Catches saturation hidden from the balancer: an instance whose every connection is at
+/// the server's limit is reported `Saturated` (picked only when no other has room), and
+/// `Ready` again once a stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_at_its_stream_limit_is_reported_saturated() {
+    let _limit = support::time_limit(30);
+    let HeldRequest {
+        mut server,
+        client,
+        first,
+        held,
+        ..
+    } = one_held_request(1, 1).await;
+    let second = send(&client);
+    let state = |client: &Client| client.endpoints(SERVICE)[0].state;
+    support::until("the instance is saturated", || {
+        state(&client) == EndpointState::Saturated
+    })
+    .await;
+    server.respond(held);
+    assert_eq!(first.await.unwrap().unwrap(), http::StatusCode::OK);
+    let next = server
+        .request(WAIT)
+        .await
+        .expect("the waiting request goes out");
+    answer(&server, [(next, second)]).await;
+    support::until("ready again", || state(&client) == EndpointState::Ready).await;
+}

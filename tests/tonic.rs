@@ -285,3 +285,45 @@ async fn a_server_answering_unavailable_is_ejected() {
         .state;
     assert_eq!(state, tower_sd::balance::EndpointState::Ejected);
 }
+
+/// Catches a deadline kept only until the response headers, against a server that ignores
+/// `grpc-timeout` and leaves its response open: the body must end with `DEADLINE_EXCEEDED`
+/// when the channel's deadline passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_ends_a_response_body_the_server_leaves_open() {
+    let _limit = support::time_limit(30);
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+    let mut server = support::raw_h2::RawH2::start(100).await;
+    let registry = Arc::new(MemoryRegistry::new());
+    let instance = tower_sd::ServiceInstance::new("raw", SERVICE, "127.0.0.1", server.port);
+    registry.register(instance).await.unwrap();
+    let mut channel = LoadBalancedChannel::builder(registry, SERVICE)
+        .timeout(Duration::from_millis(500))
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let request = http::Request::post("/grpc.health.v1.Health/Watch")
+        .body(tonic::body::Body::empty())
+        .unwrap();
+    let call = channel.ready().await.unwrap().call(request);
+    let seen = server
+        .request(Duration::from_secs(5))
+        .await
+        .expect("the request");
+    server.respond_open(seen);
+    let response = call.await.unwrap();
+    let frame = response
+        .into_body()
+        .frame()
+        .await
+        .expect("a frame, or its error");
+    let status = frame.expect_err("the deadline ends the body");
+    let took = started.elapsed();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        (Duration::from_millis(450)..Duration::from_secs(3)).contains(&took),
+        "after {took:?}"
+    );
+}

@@ -62,7 +62,8 @@ mod http_status {
 
     use super::{BoxError, Classify, Completion};
 
-    /// For HTTP and gRPC: errors (transport, connect, timeout), HTTP 5xx, and the gRPC codes
+    /// For HTTP and gRPC: errors (transport, connect, timeout; not a request the server
+    /// provably did not process, which says nothing of it), HTTP 5xx, and the gRPC codes
     /// that mean the server cannot serve: `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
     /// `RESOURCE_EXHAUSTED` and `INTERNAL`, read from `grpc-status` in the response headers
     /// (a trailers-only response, the usual way a unary call fails) or in the trailers (a
@@ -77,6 +78,13 @@ mod http_status {
     /// gRPC codes that count as failures: DEADLINE_EXCEEDED 4, RESOURCE_EXHAUSTED 8,
     /// INTERNAL 13, UNAVAILABLE 14.
     const GRPC_FAILURES: [&[u8]; 4] = [b"4", b"8", b"13", b"14"];
+
+    /// Whether the server provably did not process the request.
+    fn unprocessed(error: &BoxError) -> bool {
+        error
+            .downcast_ref::<crate::connection::ConnectionError>()
+            .is_some_and(crate::connection::ConnectionError::is_unprocessed)
+    }
 
     fn grpc_failure(headers: &http::HeaderMap) -> bool {
         headers
@@ -94,6 +102,12 @@ mod http_status {
         ) -> Result<Self::Response, BoxError> {
             let response = match outcome {
                 Ok(response) => response,
+                // Never sent, or refused unprocessed (and retried elsewhere): no verdict on
+                // the endpoint, as a request its caller gave up on.
+                Err(error) if unprocessed(&error) => {
+                    drop(completion);
+                    return Err(error);
+                }
                 Err(error) => {
                     completion.complete(true);
                     return Err(error);

@@ -250,17 +250,24 @@ impl<S, K> SlotState<S, K> {
         self.removed.load(Ordering::SeqCst)
     }
 
-    /// Whether the pick may take it without looking closer: connected (or idle), not
-    /// failed, not ejected.
+    /// Whether the pick may take it without looking closer: connected (or idle) with room,
+    /// not failed, not ejected.
     #[inline]
     pub(crate) fn plainly_usable(&self) -> bool {
-        self.is_pickable() && !self.is_failed() && !self.health.is_ejected()
+        self.has_room() && !self.is_failed() && !self.health.is_ejected()
     }
 
-    /// Whether its owner says it may be picked (always, when it says nothing).
+    /// Whether its owner says it may be picked (always, when it says nothing), whether or
+    /// not it has room.
     #[inline]
     pub(crate) fn is_pickable(&self) -> bool {
         self.readiness.as_ref().is_none_or(Readiness::is_pickable)
+    }
+
+    /// Whether its owner says it may be picked and has room for another request.
+    #[inline]
+    pub(crate) fn has_room(&self) -> bool {
+        self.readiness.as_ref().is_none_or(Readiness::is_usable)
     }
 
     /// What its owner says of its connectivity.
@@ -340,6 +347,7 @@ impl<S, K> SlotState<S, K> {
             EndpointState::Failed
         } else {
             match self.connectivity() {
+                Some(Connectivity::Ready) if !self.has_room() => EndpointState::Saturated,
                 None | Some(Connectivity::Ready | Connectivity::Idle) => EndpointState::Ready,
                 Some(Connectivity::Connecting) => EndpointState::Connecting,
                 Some(_) => EndpointState::Failed,
@@ -365,6 +373,10 @@ pub enum EndpointState {
     Failed,
     /// Ejected by outlier detection; a single probe decides when the ejection ends.
     Ejected,
+    /// Connected, but every connection is at its server's stream limit
+    /// ([`Readiness::is_saturated`]): not picked while another endpoint has room; when
+    /// none has, requests wait for a stream in the order they came.
+    Saturated,
     /// Removed by discovery; only requests already in flight still use it.
     Draining,
 }

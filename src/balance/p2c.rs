@@ -302,7 +302,7 @@ fn pick_unusual<S, K>(slots: &[Slot<S, K>], pool: &Pool, cost: Cost, rules: &Rul
     // its next retry back, so it is tried again, not hammered.
     let usable = |i: usize| {
         let slot = &slots[i];
-        slot.is_pickable()
+        slot.has_room()
             && (!slot.is_failed() || slot.retry_due())
             && (!respect_ejection || !slot.health.is_ejected())
     };
@@ -337,14 +337,20 @@ fn pick_unusual<S, K>(slots: &[Slot<S, K>], pool: &Pool, cost: Cost, rules: &Rul
         (Some(a), Some(b)) => endpoint(choose(slots, a, b, pool.is_weighted(), cost, rules)),
         (Some(a), None) => endpoint(a),
         // Nothing usable: let the service's own readiness decide, for an endpoint whose owner
-        // does not say it is unready; when every owner says so, wait for one to be ready.
-        (None, _) => match (0..n)
-            .map(|i| pool.at((start + i) % n))
-            .find(|&i| slots[i].is_pickable())
-        {
-            Some(index) => endpoint(index),
-            None => Pick::NotReady,
-        },
+        // does not say it is unready (a saturated one queues the request for a stream:
+        // the less loaded of two); when every owner says so, wait for one to be ready.
+        (None, _) => {
+            let mut pickable = (0..n)
+                .map(|i| pool.at((start + i) % n))
+                .filter(|&i| slots[i].is_pickable());
+            match (pickable.next(), pickable.next()) {
+                (Some(a), Some(b)) => {
+                    endpoint(choose(slots, a, b, pool.is_weighted(), cost, rules))
+                }
+                (Some(a), None) => endpoint(a),
+                (None, _) => Pick::NotReady,
+            }
+        }
     }
 }
 

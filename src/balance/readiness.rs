@@ -67,12 +67,16 @@ pub struct Readiness {
 }
 
 struct Inner {
+    /// The [`Connectivity`] in the low bits, and [`SATURATED`].
     state: AtomicU8,
     /// Why the last attempt failed, for errors that say why no endpoint is ready.
     error: Mutex<Option<ReadinessError>>,
     /// The balancers holding this endpoint, woken when it changes.
     listeners: Mutex<Vec<Weak<Notify>>>,
 }
+
+/// The bit of the state byte that says the endpoint has no room for another request now.
+const SATURATED: u8 = 0x80;
 
 /// Why an endpoint is not ready, as its owner reported it with [`Readiness::fail`].
 pub type ReadinessError = Arc<dyn std::error::Error + Send + Sync>;
@@ -92,23 +96,68 @@ impl Readiness {
     /// The current state.
     #[inline]
     pub fn get(&self) -> Connectivity {
-        let state = self.inner.state.load(Ordering::Acquire);
+        let state = self.inner.state.load(Ordering::Acquire) & !SATURATED;
         Connectivity::ALL[usize::from(state).min(Connectivity::ALL.len() - 1)]
     }
 
-    /// Whether a pick may take the endpoint now.
+    /// Whether a pick may take the endpoint now (it may still be
+    /// [saturated](Self::is_saturated)).
     #[inline]
     pub fn is_pickable(&self) -> bool {
         self.get().is_pickable()
     }
 
+    /// Whether a pick may take the endpoint now and it has room for the request: pickable
+    /// and not saturated, in one load.
+    #[inline]
+    pub fn is_usable(&self) -> bool {
+        let state = self.inner.state.load(Ordering::Acquire);
+        state & SATURATED == 0
+            && Connectivity::ALL[usize::from(state).min(Connectivity::ALL.len() - 1)].is_pickable()
+    }
+
+    /// Whether the owner says the endpoint has no room for another request now (every
+    /// connection at its server's stream limit): the balancer picks it only when no other
+    /// endpoint has room.
+    #[inline]
+    pub fn is_saturated(&self) -> bool {
+        self.inner.state.load(Ordering::Acquire) & SATURATED != 0
+    }
+
     /// Sets the state; a change wakes the balancers holding the endpoint, so one waiting for
-    /// a ready endpoint picks again.
+    /// a ready endpoint picks again. Saturation is kept.
     pub fn set(&self, state: Connectivity) {
-        let previous = self.inner.state.swap(state as u8, Ordering::AcqRel);
-        if previous == state as u8 {
+        let previous = self
+            .inner
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                Some(old & SATURATED | state as u8)
+            })
+            .unwrap_or_else(|old| old);
+        if previous & !SATURATED != state as u8 {
+            self.wake();
+        }
+    }
+
+    /// Marks the endpoint saturated, or not (see [`is_saturated`](Self::is_saturated)); the
+    /// end of saturation wakes the balancers holding it. Cheap when nothing changes: one
+    /// load.
+    #[inline]
+    pub fn set_saturated(&self, saturated: bool) {
+        if self.is_saturated() == saturated {
             return;
         }
+        let previous = if saturated {
+            self.inner.state.fetch_or(SATURATED, Ordering::AcqRel)
+        } else {
+            self.inner.state.fetch_and(!SATURATED, Ordering::AcqRel)
+        };
+        if !saturated && previous & SATURATED != 0 {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
         let listeners = self
             .inner
             .listeners
@@ -218,10 +267,34 @@ mod tests {
         for state in Connectivity::ALL {
             readiness.set(state);
             assert_eq!(readiness.get(), state);
-            assert_eq!(
-                readiness.is_pickable(),
-                matches!(state, Connectivity::Idle | Connectivity::Ready)
-            );
+            let pickable = matches!(state, Connectivity::Idle | Connectivity::Ready);
+            assert_eq!(readiness.is_pickable(), pickable);
+            assert_eq!(readiness.is_usable(), pickable);
         }
+    }
+
+    /// Catches saturation that hides the connectivity, is lost when the connectivity
+    /// changes, leaves the endpoint usable, or ends without waking the balancers that wait
+    /// for a usable endpoint.
+    #[tokio::test]
+    async fn saturation_is_kept_beside_the_state_and_its_end_wakes_the_balancers() {
+        let readiness = Readiness::new(Connectivity::Ready);
+        let balancer = Arc::new(Notify::new());
+        readiness.listen(&balancer);
+        readiness.set_saturated(true);
+        assert!(readiness.is_saturated() && readiness.is_pickable() && !readiness.is_usable());
+        readiness.set(Connectivity::Connecting);
+        readiness.set(Connectivity::Ready);
+        assert_eq!(readiness.get(), Connectivity::Ready);
+        assert!(readiness.is_saturated(), "kept across state changes");
+
+        let woken = balancer.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        readiness.set_saturated(false);
+        tokio::time::timeout(tokio::time::Duration::ZERO, woken)
+            .await
+            .expect("the end of saturation wakes the balancer");
+        assert!(readiness.is_usable());
     }
 }

@@ -48,10 +48,7 @@ pub(crate) async fn dial(
         tcp.set_nodelay(settings.tcp_nodelay)
             .map_err(DialError::Connect)?;
         if let Some(idle) = settings.tcp_keepalive {
-            let keepalive = socket2::TcpKeepalive::new().with_time(idle);
-            socket2::SockRef::from(&tcp)
-                .set_tcp_keepalive(&keepalive)
-                .map_err(DialError::Connect)?;
+            set_tcp_keepalive(&tcp, idle).map_err(DialError::Connect)?;
         }
         let stream = match &settings.tls {
             None => Stream::Plain(tcp),
@@ -61,8 +58,10 @@ pub(crate) async fn dial(
                     .map_err(|e| DialError::Tls(io::Error::other(e)))?;
                 let connector = tokio_rustls::TlsConnector::from(tls.client_config());
                 let stream = connector.connect(name, tcp).await.map_err(DialError::Tls)?;
-                if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-                    return Err(DialError::NoHttp2);
+                let alpn = stream.get_ref().1.alpn_protocol();
+                if !tls.speaks_http2(alpn) {
+                    let negotiated = alpn.map(|p| String::from_utf8_lossy(p).into_owned());
+                    return Err(DialError::NoHttp2 { negotiated });
                 }
                 Stream::Tls(Box::new(stream))
             }
@@ -90,6 +89,42 @@ pub(crate) async fn dial(
         .await
         .map_err(|_| DialError::TimedOut(settings.connect_timeout))?
 }
+
+/// Probes a connection silent for `idle` every [`PROBE_EVERY`], and gives up after
+/// [`PROBES`] unanswered ones; data unacknowledged for as long closes it too, where the
+/// platform has `TCP_USER_TIMEOUT`. None of this reaches the server's HTTP/2 stack, so no
+/// ping policy counts it.
+fn set_tcp_keepalive(tcp: &TcpStream, idle: std::time::Duration) -> io::Result<()> {
+    let socket = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new().with_time(idle);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "windows",
+        target_os = "freebsd"
+    ))]
+    let keepalive = keepalive.with_interval(PROBE_EVERY);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "windows",
+        target_os = "freebsd"
+    ))]
+    let keepalive = keepalive.with_retries(PROBES);
+    socket.set_tcp_keepalive(&keepalive)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_tcp_user_timeout(Some(idle.saturating_add(PROBE_EVERY * PROBES)))?;
+    Ok(())
+}
+
+/// How often TCP keepalive probes a silent connection.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Unanswered probes before the connection is closed.
+const PROBES: u32 = 3;
 
 impl AsyncRead for Io {
     fn poll_read(

@@ -1,17 +1,31 @@
-//! The driver: one task per instance that opens its connections, drives them, notices when
-//! one closes (the peer went away, or sent GOAWAY), opens the next, and reports the
+//! The driver: one task per instance that opens its connections, notices when one stops
+//! taking streams (the peer went away, or sent GOAWAY), opens the next, and reports the
 //! instance's [`Connectivity`] to the balancer.
-//!
-//! A connection that gets a GOAWAY takes no new stream from then on: it leaves the set at
-//! once and is driven by a task of its own until its open streams end.
 //!
 //! It keeps at least one connection open (or, for a lazy connection, one once a request
 //! wanted it), and opens another, up to the per-instance maximum, when every open one has as
-//! many streams as the server allows. A failed connect backs off (full jitter) before the
-//! next; a connection that closes after [`STABLE`] is replaced at once, and one that closes
-//! sooner (a server that accepts and drops, a client certificate refused after the
-//! handshake) counts as a failed connect, so no server can make the driver reconnect in a
-//! loop.
+//! many streams as the server allows.
+//!
+//! Each open connection runs in a task of its own, and leaves the set the moment it takes
+//! no new streams. After a GOAWAY it goes on draining in a task the driver owns (keepalive
+//! still running, so a server that vanishes meanwhile is noticed), until its last stream
+//! ends; aborting the driver ends every one of them.
+//!
+//! A failed connect backs off (full jitter) before the next. A connection that leaves is
+//! no failure when it carried a response or lived [`STABLE`]: the backoff is reset and the
+//! next one is dialled at once, as grpc-go does once a connection was ready. One that
+//! leaves sooner having carried nothing waits out a backoff before the next dial, so no
+//! server can make the driver reconnect in a loop; it counts as a failed connect (the
+//! instance backs off in `TransientFailure`) unless the server closed it with a graceful
+//! GOAWAY (`NO_ERROR`), which says nothing against the instance.
+//!
+//! A server that closes connections gracefully within a second of opening them (nginx does
+//! after `keepalive_requests` requests, 1,000 by default, which takes well under a second
+//! under load) gets a spare connection: requests go on there while the next one connects,
+//! instead of waiting for it.
+//!
+//! A GOAWAY with `ENHANCE_YOUR_CALM` and `too_many_pings` (gRFC A8: the server's ping
+//! policy) doubles the keepalive interval of the service's new connections.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -31,7 +45,8 @@ use tracing::{debug, warn};
 
 use super::dial::{Driver, dial};
 use super::error::DialError;
-use super::ping::{Pinger, Ponged};
+use super::ping::{KeepAliveInterval, Pinger, Ponged};
+use super::room::Room;
 use super::settings::ConnectionSettings;
 use crate::backoff::Backoff;
 use crate::balance::{Connectivity, Readiness};
@@ -40,7 +55,8 @@ use crate::balance::{Connectivity, Readiness};
 pub(crate) struct Sub {
     pub(crate) id: u64,
     pub(crate) send: SendRequest<Bytes>,
-    /// Streams open on it: sent and not yet ended.
+    /// Stream slots taken: claimed by a handle for its next request, or held by a stream
+    /// until it ends.
     pub(crate) streams: AtomicUsize,
     /// The server's `MAX_CONCURRENT_STREAMS`, as h2 last reported it.
     pub(crate) max_streams: AtomicUsize,
@@ -48,8 +64,10 @@ pub(crate) struct Sub {
     pub(crate) read: Arc<AtomicU64>,
     /// It takes no new stream (a GOAWAY came, or it failed): set by whoever notices first.
     pub(crate) closed: AtomicBool,
-    /// The instance's [`State::changed`]: woken when this connection, full, gets room.
-    pub(crate) changed: Arc<Notify>,
+    /// A response arrived on it: however it closes, it was no failed connect.
+    pub(crate) carried: AtomicBool,
+    /// The instance's slot queue.
+    pub(crate) room: Arc<Room>,
 }
 
 impl Sub {
@@ -65,23 +83,40 @@ impl Sub {
         self.streams.load(Ordering::Relaxed) < self.max_streams.load(Ordering::Relaxed)
     }
 
-    /// One of its streams ended: wakes the handles waiting for room if it was full.
+    /// Takes a stream slot, if one is free.
     #[inline]
-    pub(crate) fn stream_ended(&self) {
-        let before = self.streams.fetch_sub(1, Ordering::Relaxed);
-        if before >= self.max_streams.load(Ordering::Relaxed) {
-            self.changed.notify_waiters();
+    pub(crate) fn try_claim(&self) -> bool {
+        let max = self.max_streams.load(Ordering::Relaxed);
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |taken| {
+                (taken < max).then_some(taken + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a slot back (its stream ended, or its claim was not used): the oldest waiter
+    /// may take it.
+    #[inline]
+    pub(crate) fn release(&self) {
+        let before = self.streams.fetch_sub(1, Ordering::AcqRel);
+        if self.is_open() && before <= self.max_streams.load(Ordering::Relaxed) {
+            self.room.free(1);
         }
     }
 
-    /// Records the server's current stream limit, waking the waiting handles if it grew.
+    /// A response arrived on it.
+    #[inline]
+    pub(crate) fn answered(&self) {
+        if !self.carried.load(Ordering::Relaxed) {
+            self.carried.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Records the server's current stream limit, freeing the slots it added.
     fn set_max_streams(&self, max: usize) {
-        let before = self.max_streams.load(Ordering::Relaxed);
-        if max != before {
-            self.max_streams.store(max, Ordering::Relaxed);
-            if max > before {
-                self.changed.notify_waiters();
-            }
+        let before = self.max_streams.swap(max, Ordering::AcqRel);
+        if max > before && self.is_open() {
+            self.room.free(max - before);
         }
     }
 }
@@ -101,12 +136,16 @@ pub(crate) struct State {
     pub(crate) subs: ArcSwap<Vec<Arc<Sub>>>,
     /// Bumped whenever `subs` changes, so handles know to look again.
     pub(crate) generation: AtomicU64,
-    /// Woken on every change of `subs` or the readiness, and when a full connection gets
-    /// room: handles waiting for a connection with room.
-    pub(crate) changed: Arc<Notify>,
-    /// Woken by handles: a lazy connection is wanted, or every open one is full.
+    /// Woken on every change of `subs` or the readiness: handles waiting for a connection.
+    pub(crate) changed: Notify,
+    /// The stream slots, taken in arrival order.
+    pub(crate) room: Arc<Room>,
+    /// Woken by handles: a lazy connection is wanted, every open one is full, or one they
+    /// used takes no new streams.
     pub(crate) demand: Notify,
     pub(crate) settings: Arc<ConnectionSettings>,
+    /// The keepalive interval of new connections, shared by the service's instances.
+    pub(crate) keepalive: Arc<KeepAliveInterval>,
     /// Connects in progress at once, shared by the instances of one service.
     pub(crate) connects: Arc<Semaphore>,
     /// Requests in flight at most, when the settings limit them.
@@ -132,7 +171,8 @@ impl State {
     }
 }
 
-/// How long a connection must stay open for its close to be no failure.
+/// How long a connection must stay open for its close to be no failure, when it carried
+/// no response.
 pub(crate) const STABLE: Duration = Duration::from_secs(1);
 
 /// Runs the instance's connections until the task is aborted (with the last handle).
@@ -143,24 +183,29 @@ pub(crate) async fn run(state: Arc<State>) {
         let Task {
             state,
             open,
+            draining,
             dialing,
             pause,
             ..
         } = &mut task;
         let event = tokio::select! {
-            Some(ended) = open.join_next(), if !open.is_empty() => Event::Ended(ended),
+            Some(left) = open.join_next(), if !open.is_empty() => Event::Left(left),
+            Some(_) = draining.join_next(), if !draining.is_empty() => continue,
             dialed = async { dialing.as_mut().expect("checked").await }, if dialing.is_some() => Event::Dialed(dialed),
             () = async { pause.as_mut().expect("checked").await }, if pause.is_some() => Event::Resumed,
             () = state.demand.notified() => Event::Wanted,
         };
         match event {
-            Event::Ended(Ok((id, lived))) => task.closed(id, lived),
+            Event::Left(Ok(left)) => task.left(left),
             // Only an abort cancels a connection's task: the driver's own, with the task set.
-            Event::Ended(Err(_)) => {}
+            Event::Left(Err(_)) => {}
             Event::Dialed(Ok((send, connection))) => task.connected(send, connection),
             Event::Dialed(Err(error)) => task.dial_failed(error),
             Event::Resumed => task.pause = None,
-            Event::Wanted => task.wanted = true,
+            Event::Wanted => {
+                task.wanted = true;
+                task.prune();
+            }
         }
     }
 }
@@ -172,13 +217,12 @@ type Dial = Pin<Box<dyn Future<Output = Dialed> + Send>>;
 // One per wake-up, moved once: boxing the dialled connection would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Event {
-    /// An open connection's task ended (its id, how long it was open): it can take no more
-    /// streams.
-    Ended(Result<(u64, Duration), tokio::task::JoinError>),
+    /// An open connection takes no more streams.
+    Left(Result<Left, tokio::task::JoinError>),
     Dialed(Dialed),
     /// The backoff pause is over.
     Resumed,
-    /// A handle wants a connection (lazy, or every open one is full).
+    /// A handle wants a connection (lazy, or every open one is full), or saw one close.
     Wanted,
 }
 
@@ -186,13 +230,19 @@ enum Event {
 struct Task {
     state: Arc<State>,
     backoff: Backoff,
-    /// Each open connection runs in a task of its own (polled by itself, it never wakes
-    /// another task), which ends with the id of its [`Sub`].
-    open: JoinSet<(u64, Duration)>,
+    /// The connections that take new streams, each in a task of its own (polled by itself,
+    /// it never wakes another task), which ends when it leaves the set.
+    open: JoinSet<Left>,
+    /// Connections that left the set after a GOAWAY, until their last stream ends.
+    draining: JoinSet<()>,
     dialing: Option<Dial>,
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A lazy connection connects once a request wants it, and again after it closes.
     wanted: bool,
+    /// The server closes connections soon after they open (a GOAWAY under a second, as
+    /// nginx does after `keepalive_requests`): keep a spare open, so that requests go on
+    /// there while the next one connects.
+    spare: bool,
     next_id: u64,
 }
 
@@ -204,8 +254,10 @@ impl Task {
             wanted: settings.eager,
             state,
             open: JoinSet::new(),
+            draining: JoinSet::new(),
             dialing: None,
             pause: None,
+            spare: false,
             next_id: 0,
         }
     }
@@ -214,8 +266,9 @@ impl Task {
     /// the first connection, or for one more when every open one is full.
     fn dial_if_wanted(&mut self) {
         let settings = &self.state.settings;
-        let more = self.open.is_empty()
-            || (self.open.len() < settings.max_connections_per_instance && self.state.saturated());
+        let max = settings.max_connections_per_instance;
+        let base = if self.spare { 2.min(max) } else { 1 };
+        let more = self.open.len() < base || (self.open.len() < max && self.state.saturated());
         if !(self.wanted && more && self.dialing.is_none() && self.pause.is_none()) {
             return;
         }
@@ -235,34 +288,54 @@ impl Task {
         }));
     }
 
-    fn closed(&mut self, id: u64, lived: Duration) {
+    /// Takes the connections handles saw close out of the set at once; their tasks say
+    /// how they ended when they notice it too.
+    fn prune(&self) {
+        let subs = self.state.subs.load();
+        if subs.iter().all(|sub| sub.is_open()) {
+            return;
+        }
+        let open = subs.iter().filter(|sub| sub.is_open()).cloned().collect();
+        self.state.publish(open);
+    }
+
+    fn left(&mut self, left: Left) {
         let state = &self.state;
         let subs: Vec<_> = state
             .subs
             .load()
             .iter()
-            .filter(|sub| sub.id != id)
+            .filter(|sub| sub.id != left.id)
             .cloned()
             .collect();
         let none_left = subs.is_empty();
         state.publish(subs);
-        let stable = lived >= STABLE;
-        if stable {
+        if let Some(rest) = left.rest {
+            self.draining.spawn(rest.run());
+        }
+        if left.how == How::TooManyPings {
+            let interval = state.keepalive.double();
+            warn!(instance = %state.authority, ?interval, "the server sent GOAWAY `too_many_pings` (its keepalive policy): new connections ping every {interval:?}");
+        }
+        let graceful = matches!(left.how, How::GoAway { graceful: true });
+        let progress = left.carried || left.lived >= STABLE;
+        self.spare = graceful && left.carried && left.lived < STABLE;
+        if progress {
             self.backoff.reset();
         } else if self.pause.is_none() {
             let delay = self.backoff.next_delay();
-            debug!(instance = %state.authority, ?lived, ?delay, "connection closed right after it opened; backing off");
+            debug!(instance = %state.authority, lived = ?left.lived, ?delay, how = ?left.how, "connection closed before it carried a response; backing off");
             self.pause = Some(Box::pin(tokio::time::sleep(delay)));
         }
         if !none_left || self.dialing.is_some() {
             return;
         }
-        debug!(instance = %state.authority, "connection closed; reconnecting");
+        debug!(instance = %state.authority, how = ?left.how, "connection closed; reconnecting");
         self.wanted = state.settings.eager;
-        if !stable {
+        if !progress && !graceful {
             state
                 .readiness
-                .fail(Arc::new(DialError::ClosedEarly(lived)));
+                .fail(Arc::new(DialError::ClosedEarly(left.lived)));
             state.changed.notify_waiters();
         } else if self.wanted {
             state.set(Connectivity::Connecting);
@@ -278,22 +351,26 @@ impl Task {
         let pinger = Pinger::new(
             connection.ping_pong(),
             &self.state.settings,
+            self.state.keepalive.get(),
             Arc::clone(&read),
         );
+        let max_streams = connection.max_concurrent_send_streams().max(1);
         let sub = Arc::new(Sub {
             id: self.next_id,
             send,
             streams: AtomicUsize::new(0),
-            max_streams: AtomicUsize::new(connection.max_concurrent_send_streams().max(1)),
+            max_streams: AtomicUsize::new(max_streams),
             read,
             closed: AtomicBool::new(false),
-            changed: Arc::clone(&self.state.changed),
+            carried: AtomicBool::new(false),
+            room: Arc::clone(&self.state.room),
         });
         let mut subs = self.state.subs.load().as_ref().clone();
         subs.push(Arc::clone(&sub));
         self.state.publish(subs);
         self.state.set(Connectivity::Ready);
-        debug!(instance = %self.state.authority, connections = self.open.len() + 1, "connected");
+        self.state.room.free(max_streams);
+        debug!(instance = %self.state.authority, connections = self.open.len() + 1, max_streams, "connected");
         let id = sub.id;
         let open = Open {
             connection: Some(connection),
@@ -310,7 +387,13 @@ impl Task {
                 .await
                 .unwrap_or_else(|_| {
                     warn!(instance = %authority, "connection task panicked");
-                    (id, Duration::ZERO)
+                    Left {
+                        id,
+                        lived: Duration::ZERO,
+                        carried: false,
+                        how: How::Failed,
+                        rest: None,
+                    }
                 })
         });
     }
@@ -327,11 +410,32 @@ impl Task {
     }
 }
 
-/// An open connection, driven until it can take no new streams; yields its id and how long
-/// it was open. After a GOAWAY, what is left of it (its open streams) goes on in a task of
-/// its own.
+/// How a connection left the set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum How {
+    /// The server sent GOAWAY; `graceful` for `NO_ERROR`.
+    GoAway { graceful: bool },
+    /// GOAWAY `ENHANCE_YOUR_CALM` `too_many_pings`: the server's ping policy.
+    TooManyPings,
+    /// The connection ended (closed by the peer, or an error) or its task panicked.
+    Failed,
+    /// A keepalive ping went unanswered.
+    Silent,
+}
+
+/// A connection that left the set: its id, how long it was open, whether it carried a
+/// response, and what is left of it to drain.
+struct Left {
+    id: u64,
+    lived: Duration,
+    carried: bool,
+    how: How,
+    rest: Option<Draining>,
+}
+
+/// An open connection, driven until it takes no new streams.
 struct Open {
-    /// `None` once handed to its drain task.
+    /// `None` once handed on to drain.
     connection: Option<Driver>,
     pinger: Option<Pinger>,
     /// A sender of its own, never used to send: its readiness says whether h2 still takes
@@ -341,29 +445,52 @@ struct Open {
     opened: tokio::time::Instant,
 }
 
-impl Future for Open {
-    type Output = (u64, Duration);
+impl Open {
+    fn leave(&mut self, how: How, drain: bool) -> Poll<Left> {
+        self.sub.closed.store(true, Ordering::Relaxed);
+        let rest = if drain {
+            self.connection.take().map(|connection| Draining {
+                connection,
+                pinger: self.pinger.take(),
+                sub: Arc::clone(&self.sub),
+            })
+        } else {
+            None
+        };
+        Poll::Ready(Left {
+            id: self.sub.id,
+            lived: self.opened.elapsed(),
+            carried: self.sub.carried.load(Ordering::Relaxed),
+            how,
+            rest,
+        })
+    }
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+impl Future for Open {
+    type Output = Left;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Left> {
         let this = self.get_mut();
-        let done = (this.sub.id, this.opened.elapsed());
         let Some(connection) = this.connection.as_mut() else {
-            return Poll::Ready(done);
+            return this.leave(How::Failed, false);
         };
         if let Some(pinger) = &mut this.pinger {
-            match pinger.poll(cx, this.sub.streams.load(Ordering::Relaxed)) {
-                Poll::Ready(Ponged::Window(size)) => {
-                    connection.set_target_window_size(size);
-                    if let Err(error) = connection.set_initial_window_size(size) {
-                        debug!(error = %error, "could not grow the stream window");
+            // Until it is pending, so its timer is set to wake the task.
+            loop {
+                match pinger.poll(cx, this.sub.streams.load(Ordering::Relaxed)) {
+                    Poll::Ready(Ponged::Window(size)) => {
+                        connection.set_target_window_size(size);
+                        if let Err(error) = connection.set_initial_window_size(size) {
+                            debug!(error = %error, "could not grow the stream window");
+                        }
                     }
+                    Poll::Ready(Ponged::TimedOut) => {
+                        debug!("keepalive ping unanswered; closing the connection");
+                        return this.leave(How::Silent, false);
+                    }
+                    Poll::Pending => break,
                 }
-                Poll::Ready(Ponged::TimedOut) => {
-                    debug!("keepalive ping unanswered; closing the connection");
-                    this.sub.closed.store(true, Ordering::Relaxed);
-                    return Poll::Ready(done);
-                }
-                Poll::Pending => {}
             }
         }
         let ended = Pin::new(&mut *connection).poll(cx);
@@ -371,29 +498,66 @@ impl Future for Open {
         this.sub
             .set_max_streams(connection.max_concurrent_send_streams().max(1));
         if let Poll::Ready(result) = ended {
-            if let Err(error) = result {
-                debug!(error = %crate::error::Chain(&error), "connection ended with an error");
-            }
-            this.sub.closed.store(true, Ordering::Relaxed);
-            return Poll::Ready(done);
+            let how = match &result {
+                Err(error) => {
+                    debug!(error = %crate::error::Chain(error), "connection ended with an error");
+                    how_it_ended(error)
+                }
+                Ok(()) => How::Failed,
+            };
+            return this.leave(how, false);
         }
         // A GOAWAY (or a connection error) makes h2 refuse new streams: leave the set now,
         // and let the streams already open finish.
-        if let Poll::Ready(Err(_)) = this.probe.poll_ready(cx) {
-            this.sub.closed.store(true, Ordering::Relaxed);
-            let connection = this.connection.take().expect("checked");
-            tokio::spawn(drain(connection));
-            return Poll::Ready(done);
+        if let Poll::Ready(Err(error)) = this.probe.poll_ready(cx) {
+            return this.leave(how_it_ended(&error), true);
         }
         Poll::Pending
     }
 }
 
-/// Drives a connection that takes no new streams until it ends: h2 closes it by itself once
-/// the last stream open on it is over (after a GOAWAY, RFC 9113 6.8) or at once (after a
-/// connection error).
-async fn drain(connection: Driver) {
-    if let Err(error) = connection.await {
-        debug!(error = %crate::error::Chain(&error), "draining connection ended with an error");
+/// What h2's error says of how the connection ended.
+fn how_it_ended(error: &h2::Error) -> How {
+    if !(error.is_go_away() && error.is_remote()) {
+        return How::Failed;
+    }
+    match error.reason() {
+        Some(h2::Reason::NO_ERROR) => How::GoAway { graceful: true },
+        // h2 shows the GOAWAY's debug data only in its message.
+        Some(h2::Reason::ENHANCE_YOUR_CALM) if error.to_string().contains("too_many_pings") => {
+            How::TooManyPings
+        }
+        _ => How::GoAway { graceful: false },
+    }
+}
+
+/// A connection that takes no new streams, driven (with its keepalive) until its last
+/// stream ends and h2 closes it (RFC 9113, 6.8), or until its peer stops answering pings.
+struct Draining {
+    connection: Driver,
+    pinger: Option<Pinger>,
+    sub: Arc<Sub>,
+}
+
+impl Draining {
+    async fn run(mut self) {
+        let ended = std::future::poll_fn(|cx| {
+            while let Some(pinger) = &mut self.pinger {
+                match pinger.poll(cx, self.sub.streams.load(Ordering::Relaxed)) {
+                    // The window no longer matters: no stream opens on it.
+                    Poll::Ready(Ponged::Window(_)) => {}
+                    Poll::Ready(Ponged::TimedOut) => {
+                        debug!("keepalive ping unanswered while draining; closing the connection");
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            Pin::new(&mut self.connection).poll(cx)
+        })
+        .await;
+        if let Err(error) = ended {
+            debug!(error = %crate::error::Chain(&error), "draining connection ended with an error");
+        }
     }
 }

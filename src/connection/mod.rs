@@ -10,23 +10,36 @@
 //! | [`Idle`](crate::balance::Connectivity::Idle) | lazy, before the first request (and after a close) | yes: the pick connects |
 //! | [`Connecting`](crate::balance::Connectivity::Connecting) | dialling, the first time or after a close | no, while another instance is ready |
 //! | [`Ready`](crate::balance::Connectivity::Ready) | a connection is open | yes |
-//! | [`TransientFailure`](crate::balance::Connectivity::TransientFailure) | the last connect failed; the next waits for a backoff | no, while another instance is ready |
+//! | [`TransientFailure`](crate::balance::Connectivity::TransientFailure) | the last connect failed (or a connection closed within 1 s, carrying nothing, without a graceful GOAWAY); the next waits for a backoff | no, while another instance is ready |
 //!
-//! A request goes straight to h2 from the caller's task: no `Buffer`, no task hop. A
-//! connection that closes (the server died, or sent GOAWAY) takes no new stream from that
-//! moment; streams already open on it finish, and the driver opens the next one at once. When
-//! every open connection has as many streams as the server's `MAX_CONCURRENT_STREAMS`, it
-//! opens another, up to [`max_connections_per_instance`], and `poll_ready` waits for the
-//! first room (on the new connection, or when a stream ends) instead of queueing the request
-//! behind a full connection's streams.
+//! A request goes straight to h2 from the caller's task: no `Buffer`, no task hop. It
+//! claims a stream slot under the server's `MAX_CONCURRENT_STREAMS` when it is picked, and
+//! gives it back when its stream is over for HTTP/2 (see `room.rs` and `body.rs`). When
+//! every open connection is full, the driver opens another, up to
+//! [`max_connections_per_instance`], and requests wait for a slot in the order they came (at
+//! most [`stream_wait`]) instead of queueing inside h2 behind a full connection's streams;
+//! meanwhile the instance is [saturated](crate::balance::Readiness::is_saturated), and the
+//! balancer picks others.
 //!
+//! A connection that closes (the server died, or sent GOAWAY) takes no new stream from that
+//! moment; streams already open on it finish, and the driver opens the next one at once. A
+//! graceful GOAWAY (nginx after `keepalive_requests`, gRPC servers at
+//! `max_connection_age`) is no failure of the instance (see `driver.rs`).
+//!
+//! HTTP/2 keepalive pings are off by default (gRFC A8), since gRPC servers close
+//! connections that ping more than their policy allows; TCP keepalive finds half-open
+//! connections (see [`ConnectionSettings`]).
+//!
+//! [`stream_wait`]: ConnectionSettings::stream_wait
 //! [`max_connections_per_instance`]: ConnectionSettings::max_connections_per_instance
 
+mod body;
 mod dial;
 mod driver;
 mod error;
 mod ping;
 mod pipe;
+mod room;
 // The transparent retry is used by the integrations (`tonic`, `http`); a build with only
 // `consul-connect` uses the TLS types.
 #[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
@@ -37,9 +50,10 @@ mod service;
 mod settings;
 mod tls;
 
+pub use body::Body;
 pub use error::{ConnectionError, DialError};
 pub use replay::ReplayBody;
-pub use service::{Body, Connection, ResponseFuture};
+pub use service::{Connection, ResponseFuture};
 pub use settings::ConnectionSettings;
 pub use tls::{ClientConfigSource, TlsConfig};
 
@@ -73,6 +87,8 @@ impl<T> SendBody for T where
 pub struct Connector {
     settings: Arc<ConnectionSettings>,
     connects: Arc<Semaphore>,
+    /// The keepalive interval of new connections, doubled by `too_many_pings` GOAWAYs.
+    keepalive: Arc<ping::KeepAliveInterval>,
     /// The TLS server name when the settings give none.
     server_name: Option<String>,
 }
@@ -82,6 +98,7 @@ impl Connector {
     pub fn new(settings: ConnectionSettings) -> Self {
         Self {
             connects: Arc::new(Semaphore::new(settings.max_concurrent_connects)),
+            keepalive: Arc::new(ping::KeepAliveInterval::new(settings.keep_alive_interval)),
             settings: Arc::new(settings),
             server_name: None,
         }
@@ -128,18 +145,21 @@ impl Connector {
         } else {
             Connectivity::Idle
         };
+        let readiness = Readiness::new(initial);
         let state = Arc::new(driver::State {
             host: instance.address.clone(),
             port: instance.port,
             authority,
             origin,
             server_name: self.server_name.clone(),
-            readiness: Readiness::new(initial),
+            room: Arc::new(room::Room::new(readiness.clone())),
+            readiness,
             subs: ArcSwap::from_pointee(Vec::new()),
             generation: AtomicU64::new(0),
-            changed: Arc::new(Notify::new()),
+            changed: Notify::new(),
             demand: Notify::new(),
             settings: Arc::clone(&self.settings),
+            keepalive: Arc::clone(&self.keepalive),
             connects: Arc::clone(&self.connects),
             limit: self
                 .settings

@@ -1,9 +1,11 @@
 //! Keepalive and adaptive flow control for one connection, over h2's one user PING (hyper's
 //! client does both the same way).
 //!
-//! - **Keepalive**: when the interval passes with nothing read on the connection (while
-//!   streams are open, or always with `keep_alive_while_idle`), a PING goes out; no PONG
-//!   within the timeout ends the connection, so a half-open one is noticed.
+//! - **Keepalive** (off by default; gRFC A8): when the interval passes with nothing read on
+//!   the connection (while streams are open, or always with `keep_alive_while_idle`), a
+//!   PING goes out; no PONG within the timeout ends the connection, so a half-open one is
+//!   noticed. The interval is at least 10 s, and doubles for the service's new connections
+//!   each time a server answers with GOAWAY `too_many_pings` ([`KeepAliveInterval`]).
 //! - **Adaptive window** (bandwidth-delay product): while response data arrives, a PING goes
 //!   out; the bytes read until its PONG are one sample of what the path holds, and a sample
 //!   that fills two thirds of the stream window doubles the window toward it (at most
@@ -25,6 +27,40 @@ use super::settings::ConnectionSettings;
 const WINDOW_LIMIT: u32 = 16 << 20;
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 const SAMPLE_AT_MOST_EVERY: Duration = Duration::from_secs(10);
+
+/// The shortest keepalive interval (gRFC A8's floor: servers police pings, and grpc-go and
+/// C-core servers allow one per 5 minutes by default while they send no data).
+pub(crate) const KEEPALIVE_FLOOR: Duration = Duration::from_secs(10);
+
+/// The keepalive interval of a service's new connections (nanoseconds; 0 for off), shared
+/// by its instances: a server's `too_many_pings` GOAWAY doubles it (gRFC A8).
+#[derive(Debug)]
+pub(crate) struct KeepAliveInterval(AtomicU64);
+
+impl KeepAliveInterval {
+    pub(crate) fn new(interval: Option<Duration>) -> Self {
+        let nanos = interval.map_or(0, |i| u64::try_from(i.as_nanos()).unwrap_or(u64::MAX));
+        Self(AtomicU64::new(nanos))
+    }
+
+    /// The interval for a connection opened now.
+    pub(crate) fn get(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Doubles the interval (saturating); returns the new one.
+    pub(crate) fn double(&self) -> Option<Duration> {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |nanos| {
+                Some(nanos.saturating_mul(2))
+            });
+        self.get()
+    }
+}
 
 /// What a pong, or its absence, asks of the connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,16 +103,18 @@ struct Adaptive {
 
 impl Pinger {
     /// The pinger the settings ask for, if any.
+    /// `interval` is the keepalive interval for this connection (`None` for off).
     pub(crate) fn new(
         pong: Option<PingPong>,
         settings: &ConnectionSettings,
+        interval: Option<Duration>,
         read: Arc<AtomicU64>,
     ) -> Option<Self> {
-        let keepalive = settings.keep_alive_interval.map(|interval| KeepAlive {
+        let keepalive = interval.map(|interval| KeepAlive {
             interval,
             timeout: settings.keep_alive_timeout,
             while_idle: settings.keep_alive_while_idle,
-            timer: Box::pin(tokio::time::sleep(interval)),
+            timer: Box::pin(tokio::time::sleep_until(after(Instant::now(), interval))),
             seen: 0,
             awaiting: false,
         });
@@ -268,6 +306,20 @@ mod tests {
             !adaptive.wants_sample(next, 10),
             "nothing new since the sample"
         );
+    }
+
+    /// Catches an interval that does not double on `too_many_pings` (the server would
+    /// close every new connection the same way), one that overflows, and "off" turned on.
+    #[test]
+    fn the_keepalive_interval_doubles_and_saturates() {
+        let interval = KeepAliveInterval::new(Some(Duration::from_secs(10)));
+        assert_eq!(interval.get(), Some(Duration::from_secs(10)));
+        assert_eq!(interval.double(), Some(Duration::from_secs(20)));
+        assert_eq!(interval.get(), Some(Duration::from_secs(20)));
+        let huge = KeepAliveInterval::new(Some(Duration::MAX));
+        assert_eq!(huge.double(), Some(Duration::from_nanos(u64::MAX)));
+        let off = KeepAliveInterval::new(None);
+        assert_eq!((off.double(), off.get()), (None, None));
     }
 
     /// Catches a saturation that is no saturation (a huge configured interval would panic)

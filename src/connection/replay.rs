@@ -44,7 +44,8 @@ impl<B> ReplayBody<B> {
             trailers: None,
             bytes: 0,
             limit,
-            overflowed: limit == 0,
+            // A body none of which was sent can be sent again whatever the limit.
+            overflowed: false,
         }));
         let handle = Replay(Arc::clone(&recording));
         let body = Self {
@@ -75,8 +76,9 @@ impl<B> From<B> for ReplayBody<B> {
 pub(crate) struct Replay<B>(Arc<Mutex<Recording<B>>>);
 
 impl<B> Replay<B> {
-    /// A body that sends the same bytes again, unless more was sent than the limit kept.
-    pub(crate) fn again(&self) -> Option<ReplayBody<B>> {
+    /// A body that sends the same bytes again, with what the attempt after it needs;
+    /// `None` when more was sent than the limit kept.
+    pub(crate) fn again(&self) -> Option<(ReplayBody<B>, Replay<B>)> {
         let mut recording = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if recording.overflowed {
             return None;
@@ -89,11 +91,13 @@ impl<B> Replay<B> {
             limit: recording.limit,
             overflowed: false,
         };
-        Some(ReplayBody {
+        let again = Arc::new(Mutex::new(again));
+        let body = ReplayBody {
             replay: recording.sent.iter().cloned().collect(),
             replay_trailers: recording.trailers.clone(),
-            recording: Arc::new(Mutex::new(again)),
-        })
+            recording: Arc::clone(&again),
+        };
+        Some((body, Replay(again)))
     }
 }
 
@@ -213,7 +217,7 @@ mod tests {
             for _ in 0..read_first {
                 body.frame().await.unwrap().unwrap();
             }
-            let again = replay.again().expect("within the limit");
+            let (again, _) = replay.again().expect("within the limit");
             assert_eq!(collect(again).await, b"abcdef", "after {read_first} frames");
             // The first attempt's body ends: its rest went to the retry.
             assert!(body.frame().await.is_none());
@@ -229,8 +233,32 @@ mod tests {
         assert!(body.is_end_stream());
         assert!(replay.again().is_none(), "5 bytes over a 4-byte limit");
 
-        let (body, replay) = ReplayBody::new(Full::new(Bytes::from_static(b"xyz")), 0);
-        assert!(replay.again().is_none(), "a 0 limit keeps nothing");
-        assert_eq!(collect(body).await, b"xyz");
+        let (mut body, replay) = ReplayBody::new(Full::new(Bytes::from_static(b"xyz")), 0);
+        body.frame().await.unwrap().unwrap();
+        assert!(
+            replay.again().is_none(),
+            "a 0 limit keeps nothing once sent"
+        );
+    }
+
+    /// Catches a body that cannot be sent again when none of it was sent (a request that
+    /// never left the client), with a 0 limit, and a replay that cannot be replayed again.
+    #[tokio::test]
+    async fn a_body_none_of_which_was_sent_goes_again_whatever_the_limit() {
+        let (_first, replay) = ReplayBody::new(Full::new(Bytes::from_static(b"xyz")), 0);
+        let (second, replay) = replay.again().expect("nothing was sent");
+        let (third, _) = replay.again().expect("the second sent nothing either");
+        drop(second);
+        assert_eq!(collect(third).await, b"xyz");
+
+        let (mut first, replay) = ReplayBody::new(Full::new(Bytes::from_static(b"abc")), 16);
+        first.frame().await.unwrap().unwrap();
+        let (mut second, replay) = replay.again().unwrap();
+        assert_eq!(
+            second.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+        let (third, _) = replay.again().expect("the second kept what it replayed");
+        assert_eq!(collect(third).await, b"abc");
     }
 }

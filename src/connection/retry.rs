@@ -1,12 +1,28 @@
-//! [`Retry`]: gRPC A6's transparent retry, once, for a request the server provably did not
+//! [`Retry`]: gRPC A6's transparent retry, for a request the server provably did not
 //! process.
 //!
 //! It wraps a balancer of [`Connection`](super::Connection)s. Each request's body goes into
 //! a [`ReplayBody`] that keeps what it sends (up to the retry buffer). When the request
-//! fails with [`ConnectionError::Unprocessed`] (it never left this process, or the server
-//! refused its stream or sent a GOAWAY below it), it is sent once more through a fresh
-//! pick, which passes over the connection that failed, and the caller sees only the second
-//! outcome. Anything else, or a body that outgrew the buffer, is the caller's to see.
+//! fails without the server having processed it, it is sent again through a fresh pick
+//! (which passes over the connection that failed: it is marked closed), and the caller sees
+//! only the last outcome:
+//!
+//! - a request that never left this process (no connection, or h2 refused to open its
+//!   stream on a closing connection) is sent again whatever the buffer holds, since none
+//!   of its body was read: gRFC A6 retries these until the deadline; here at most
+//!   [`NEVER_SENT_ATTEMPTS`] attempts, so that no request loops;
+//! - a request the server refused unprocessed, by a GOAWAY (its stream above the last one
+//!   the server processes) or with `REFUSED_STREAM`, is sent again up to
+//!   [`REFUSED_ATTEMPTS`] attempts in all. gRFC A6 retries a refused request once; but
+//!   such refusals come in runs that say nothing of the next attempt. A server that closes
+//!   every connection after so many requests (nginx's `keepalive_requests`) refuses the
+//!   retry too whenever it lands on a connection at that count. And a server counts a
+//!   stream against its `MAX_CONCURRENT_STREAMS` until it has cleaned it up, a moment
+//!   after the client saw it end (C-core does), so a client that keeps to the limit still
+//!   meets `REFUSED_STREAM` on a busy connection, retry included.
+//!
+//! Anything else, a body that outgrew the buffer, or a request that waited out the stream
+//! wait, is the caller's to see.
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -22,6 +38,11 @@ use tracing::debug;
 use super::error::ConnectionError;
 use super::replay::{Replay, ReplayBody};
 use crate::error::BoxError;
+
+/// Attempts at most for a request that never left this process.
+pub(crate) const NEVER_SENT_ATTEMPTS: u32 = 10;
+/// Attempts at most for a request the server refused unprocessed.
+pub(crate) const REFUSED_ATTEMPTS: u32 = 5;
 
 /// Sends a request the server did not process once more (see the module docs).
 pub(crate) struct Retry<S, B> {
@@ -74,56 +95,50 @@ where
     fn call(&mut self, request: Request<B>) -> RetryFuture<S, B> {
         let (parts, body) = request.into_parts();
         let (body, replay) = ReplayBody::new(body, self.buffer);
-        // The head is kept only when the body is: without the body there is no second
-        // attempt.
-        let head = (self.buffer > 0).then(|| parts.clone());
+        let head = parts.clone();
         let first = self.inner.call(Request::from_parts(parts, body));
-        // A fresh handle for the second attempt: this one's readiness went to the first.
-        let again = self.inner.clone();
         RetryFuture {
-            state: State::First {
-                first,
-                again: Some(Again {
-                    service: again,
-                    head,
-                    replay,
-                }),
+            state: State::Sending(first),
+            // A fresh handle for another attempt: this one's readiness went to the first.
+            again: Again {
+                service: self.inner.clone(),
+                head,
+                replay,
             },
+            attempts: 1,
             service: Arc::clone(&self.service),
         }
     }
 }
 
-/// What a second attempt needs.
+/// What another attempt needs.
 struct Again<S, B> {
     service: S,
-    head: Option<Parts>,
+    head: Parts,
+    /// The body of the last attempt, to send again.
     replay: Replay<B>,
 }
 
 /// The response future of [`Retry`].
 pub(crate) struct RetryFuture<S: Service<Request<ReplayBody<B>>>, B> {
     state: State<S, B>,
+    again: Again<S, B>,
+    attempts: u32,
     service: Arc<str>,
 }
 
 enum State<S: Service<Request<ReplayBody<B>>>, B> {
-    First {
-        first: S::Future,
-        again: Option<Again<S, B>>,
-    },
+    Sending(S::Future),
+    /// A retry, the rare case: boxed, so the first attempt's future stays small.
     Readying {
         service: S,
-        request: Option<Request<ReplayBody<B>>>,
-    },
-    Second {
-        second: S::Future,
+        request: Option<Box<Request<ReplayBody<B>>>>,
     },
 }
 
 impl<S, B> Future for RetryFuture<S, B>
 where
-    S: Service<Request<ReplayBody<B>>, Error = BoxError> + Unpin,
+    S: Service<Request<ReplayBody<B>>, Error = BoxError> + Clone + Unpin,
     S::Future: Unpin,
     B: 'static,
 {
@@ -133,49 +148,51 @@ where
         let this = self.get_mut();
         loop {
             match &mut this.state {
-                State::First { first, again } => {
-                    let error = match ready!(Pin::new(first).poll(cx)) {
+                State::Sending(attempt) => {
+                    let error = match ready!(Pin::new(attempt).poll(cx)) {
                         Ok(response) => return Poll::Ready(Ok(response)),
                         Err(error) => error,
                     };
-                    let Some((request, service)) =
-                        again.take().and_then(|again| again.request(&error))
-                    else {
+                    let Some(request) = this.again(&error) else {
                         return Poll::Ready(Err(error));
                     };
-                    debug!(service = %this.service, error = %crate::error::Chain(&*error), "request not processed; sending it again");
+                    debug!(service = %this.service, attempt = this.attempts, error = %crate::error::Chain(&*error), "request not processed; sending it again");
                     #[cfg(feature = "metrics")]
                     metrics::counter!("tower_sd_transparent_retries_total", "service" => this.service.to_string()).increment(1);
+                    this.attempts += 1;
                     this.state = State::Readying {
-                        service,
-                        request: Some(request),
+                        service: this.again.service.clone(),
+                        request: Some(Box::new(request)),
                     };
                 }
                 State::Readying { service, request } => {
                     ready!(service.poll_ready(cx))?;
                     let request = request.take().expect("set when readying");
-                    let second = service.call(request);
-                    this.state = State::Second { second };
+                    this.state = State::Sending(service.call(*request));
                 }
-                State::Second { second } => return Pin::new(second).poll(cx),
             }
         }
     }
 }
 
-impl<S, B> Again<S, B> {
-    /// The request to send again, with the service to send it through, when `error` says
-    /// the server did not process it and its body can be sent again.
-    fn request(self, error: &BoxError) -> Option<(Request<ReplayBody<B>>, S)>
-    where
-        B: 'static,
-    {
+impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
+    /// The request to send again, when `error` says the server did not process it, the
+    /// attempts allow another, and its body can be sent again.
+    fn again(&mut self, error: &BoxError) -> Option<Request<ReplayBody<B>>> {
         let error: &ConnectionError = error.downcast_ref()?;
-        if !error.is_unprocessed() {
+        let more = match error {
+            _ if error.never_sent() => self.attempts < NEVER_SENT_ATTEMPTS,
+            ConnectionError::GoAway { .. } | ConnectionError::Unprocessed { .. } => {
+                self.attempts < REFUSED_ATTEMPTS
+            }
+            _ => false,
+        };
+        if !more {
             return None;
         }
-        let body = self.replay.again()?;
-        Some((Request::from_parts(self.head?, body), self.service))
+        let (body, replay) = self.again.replay.again()?;
+        self.again.replay = replay;
+        Some(Request::from_parts(self.again.head.clone(), body))
     }
 }
 
@@ -194,7 +211,7 @@ mod tests {
     type Body = ReplayBody<Full<Bytes>>;
 
     /// An inner service that answers with the next scripted outcome and records each
-    /// request's body (read to the end before answering).
+    /// request's body (read to the end before answering, unless it never left).
     #[derive(Clone)]
     struct Script {
         outcomes: Arc<Mutex<Vec<Outcome>>>,
@@ -204,7 +221,13 @@ mod tests {
     #[derive(Clone, Copy, Debug)]
     enum Outcome {
         Ok,
-        Unprocessed,
+        /// No connection: nothing of the request was read.
+        NeverSent,
+        /// Above a GOAWAY's last stream id, after the body went out.
+        GoAway,
+        /// `REFUSED_STREAM`, after the body went out.
+        Refused,
+        /// Reset after the server read the request.
         Failed,
     }
 
@@ -221,6 +244,34 @@ mod tests {
         fn bodies(&self) -> Vec<Bytes> {
             self.bodies.lock().unwrap().clone()
         }
+
+        fn attempts(&self) -> usize {
+            self.bodies().len()
+        }
+    }
+
+    fn error(outcome: Outcome) -> BoxError {
+        let authority = "10.0.0.1:80".to_owned();
+        let source = || Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)) as BoxError;
+        Box::new(match outcome {
+            Outcome::NeverSent => ConnectionError::NotConnected {
+                authority,
+                state: Connectivity::Connecting,
+                source: None,
+            },
+            Outcome::GoAway => ConnectionError::GoAway {
+                authority,
+                source: source(),
+            },
+            Outcome::Refused => ConnectionError::Unprocessed {
+                authority,
+                source: source(),
+            },
+            _ => ConnectionError::Request {
+                authority,
+                source: "reset by the server after it read the request".into(),
+            },
+        })
     }
 
     impl Service<Request<Body>> for Script {
@@ -241,16 +292,15 @@ mod tests {
                 .expect("a scripted outcome");
             let bodies = Arc::clone(&self.bodies);
             Box::pin(async move {
+                if let Outcome::NeverSent = outcome {
+                    bodies.lock().unwrap().push(Bytes::new());
+                    return Err(error(outcome));
+                }
                 let body = request.into_body().collect().await?.to_bytes();
                 bodies.lock().unwrap().push(body);
                 match outcome {
                     Outcome::Ok => Ok("answered"),
-                    Outcome::Unprocessed => Err(Box::new(ConnectionError::NotConnected {
-                        authority: "10.0.0.1:80".into(),
-                        state: Connectivity::Connecting,
-                        source: None,
-                    }) as BoxError),
-                    Outcome::Failed => Err("reset by the server after it read the request".into()),
+                    outcome => Err(error(outcome)),
                 }
             })
         }
@@ -270,19 +320,55 @@ mod tests {
     /// Catches no retry, a retry that sends an empty or partial body, and a second
     /// outcome the caller does not see.
     #[test]
-    fn an_unprocessed_request_is_sent_once_more_with_the_same_body() {
-        let script = Script::new(&[Outcome::Unprocessed, Outcome::Ok]);
+    fn a_refused_request_is_sent_once_more_with_the_same_body() {
+        let script = Script::new(&[Outcome::Refused, Outcome::Ok]);
         assert_eq!(send(&script, 1024, "hello").unwrap(), "answered");
         assert_eq!(script.bodies(), ["hello", "hello"]);
     }
 
-    /// Catches retrying until it works (a loop): once, then the caller sees the error.
+    /// Catches a refused request surfacing after one retry (refusals come in runs: a
+    /// server closing connections after so many requests, or one that counts streams a
+    /// moment longer than the client), and one retried without end.
     #[test]
-    fn it_is_sent_again_once_only() {
-        let script = Script::new(&[Outcome::Unprocessed, Outcome::Unprocessed, Outcome::Ok]);
-        let error = send(&script, 1024, "hello").unwrap_err();
-        assert!(error.downcast_ref::<ConnectionError>().is_some(), "{error}");
-        assert_eq!(script.bodies().len(), 2);
+    fn a_refused_request_is_sent_again_up_to_five_attempts() {
+        for refusal in [Outcome::GoAway, Outcome::Refused] {
+            let mut outcomes = vec![refusal; 4];
+            outcomes.push(Outcome::Ok);
+            let script = Script::new(&outcomes);
+            assert_eq!(send(&script, 1024, "hello").unwrap(), "answered");
+            assert_eq!(script.bodies(), ["hello"; 5]);
+
+            let script = Script::new(&[refusal; 6]);
+            assert!(send(&script, 1024, "hello").is_err());
+            assert_eq!(script.attempts(), REFUSED_ATTEMPTS as usize);
+        }
+        let mixed = [
+            Outcome::Refused,
+            Outcome::GoAway,
+            Outcome::Refused,
+            Outcome::Ok,
+        ];
+        assert_eq!(send(&Script::new(&mixed), 1024, "hi").unwrap(), "answered");
+    }
+
+    /// Catches a request that never left the client given up after one retry, or with a
+    /// 0-byte buffer (nothing of its body was read, so nothing needs keeping), and one
+    /// retried without end.
+    #[test]
+    fn a_request_that_never_left_is_sent_again_whatever_the_buffer() {
+        let mut outcomes = vec![Outcome::NeverSent; 9];
+        outcomes.push(Outcome::Ok);
+        let script = Script::new(&outcomes);
+        assert_eq!(send(&script, 0, "hello").unwrap(), "answered");
+        assert_eq!(
+            script.bodies().last().unwrap(),
+            "hello",
+            "sent whole at last"
+        );
+
+        let script = Script::new(&[Outcome::NeverSent; 11]);
+        assert!(send(&script, 0, "hello").is_err());
+        assert_eq!(script.attempts(), NEVER_SENT_ATTEMPTS as usize);
     }
 
     /// Catches retrying a request the server may have processed (not idempotent-safe).
@@ -290,19 +376,24 @@ mod tests {
     fn a_request_that_may_have_been_processed_is_not_sent_again() {
         let script = Script::new(&[Outcome::Failed, Outcome::Ok]);
         let error = send(&script, 1024, "hello").unwrap_err();
-        assert!(error.to_string().contains("reset by the server"), "{error}");
-        assert_eq!(script.bodies().len(), 1);
+        assert!(
+            crate::error::Chain(&*error)
+                .to_string()
+                .contains("reset by the server"),
+            "{error}"
+        );
+        assert_eq!(script.attempts(), 1);
     }
 
     /// Catches a retry that sends a body it could not keep: past the buffer, the bytes
     /// already sent are gone, so the caller sees the error.
     #[test]
     fn a_body_larger_than_the_buffer_is_not_sent_again() {
-        let script = Script::new(&[Outcome::Unprocessed, Outcome::Ok]);
+        let script = Script::new(&[Outcome::Refused, Outcome::Ok]);
         let error = send(&script, 4, "hello").unwrap_err();
         assert!(error.downcast_ref::<ConnectionError>().is_some(), "{error}");
         assert_eq!(script.bodies(), ["hello"]);
-        let script = Script::new(&[Outcome::Unprocessed, Outcome::Ok]);
+        let script = Script::new(&[Outcome::Refused, Outcome::Ok]);
         assert_eq!(send(&script, 5, "hello").unwrap(), "answered");
     }
 }

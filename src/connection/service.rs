@@ -16,25 +16,33 @@ use h2::client::SendRequest;
 use http::header::USER_AGENT;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri};
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::Body as HttpBody;
+use std::time::Duration;
+
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
 use super::SendBody;
+use super::body::{Body, StreamGuard};
 use super::driver::{State, Sub};
-use super::error::{ConnectionError, never_processed};
+use super::error::ConnectionError;
 use super::pipe::{Pipe, PipeError};
 use super::replay::ReplayBody;
+use super::room::{Slot, Waiting};
 use crate::balance::{Connectivity, Readiness};
 
 /// The connection to one instance, as the balancer holds it: cheap to clone, each clone
 /// keeping its own copy of the sender it last used.
 ///
 /// Made by a [`Connector`](super::Connector). Its [`readiness`](Self::readiness) tells the
-/// balancer whether it is connected; `poll_ready` is ready at once when it is and one of
-/// its connections has room under the server's stream limit, waits while it connects or
-/// while every connection is full, and fails ([`ConnectionError::NotConnected`]) while its
-/// last connect failed.
+/// balancer whether it is connected, and whether it has room. `poll_ready` claims a stream
+/// slot on an open connection under the server's stream limit (see
+/// [`ConnectionSettings::stream_wait`](super::ConnectionSettings::stream_wait)); it waits
+/// while the instance connects or while every connection is full (in arrival order), and
+/// fails ([`ConnectionError::NotConnected`]) while its last connect failed. Dropping the
+/// handle between `poll_ready` and `call` gives the slot back.
+///
 /// Requests take a [`ReplayBody`], which the integrations wrap around the caller's body
 /// so that a request the server did not process can be sent again; called directly, a
 /// body converts with `ReplayBody::from(body)` (sent once).
@@ -42,8 +50,15 @@ pub struct Connection<B> {
     handle: Arc<Handle>,
     /// The sender this clone last used, with the generation of the set it came from.
     cached: Option<Cached>,
-    /// While waiting for a connection: resolves on the next change.
+    /// The stream slot `poll_ready` claimed for the next call (on the cached sender's
+    /// connection).
+    claimed: Option<Slot>,
+    /// While waiting for a connection or a slot: resolves on the next change.
     waiting: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    /// While waiting for a slot: this handle's place in the queue, and the end of its wait.
+    queued: Option<Queued>,
+    /// What `poll_ready` found in place of a slot (the wait ran out), for the next `call`.
+    failed: Option<ConnectionError>,
     /// The concurrency-limit permit taken by `poll_ready`, for the next call.
     permit: Option<OwnedSemaphorePermit>,
     acquiring: Option<Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send + Sync>>>,
@@ -54,6 +69,13 @@ struct Cached {
     generation: u64,
     sub: Arc<Sub>,
     send: SendRequest<Bytes>,
+}
+
+/// A handle waiting for a stream slot.
+struct Queued {
+    _place: Waiting,
+    since: Instant,
+    until: Pin<Box<Sleep>>,
 }
 
 /// Owns the driver task: the last clone's drop ends it (and its connections). Responses in
@@ -75,7 +97,10 @@ impl<B: Send + 'static> Connection<B> {
         Self {
             handle: Arc::new(Handle { state, task }),
             cached: None,
+            claimed: None,
             waiting: None,
+            queued: None,
+            failed: None,
             permit: None,
             acquiring: None,
             _body: std::marker::PhantomData,
@@ -96,34 +121,25 @@ impl<B: Send + 'static> Connection<B> {
         &self.handle.state
     }
 
-    /// Whether the cached sender is still current, open and not full.
+    /// Claims a slot on an open connection with room: the cached one if it still is one,
+    /// else the first in the current set.
     #[inline]
-    fn cached_usable(&self) -> bool {
-        let state = self.state();
-        self.cached.as_ref().is_some_and(|cached| {
-            cached.generation == state.generation.load(Ordering::Acquire)
-                && cached.sub.is_open()
-                && cached.sub.has_room()
-        })
-    }
-
-    /// Takes a sender from the current set: the first open connection with room. `false`
-    /// when none has room; then, if some are open, every one is full, and the driver is
-    /// asked for another (it opens one unless the instance has its maximum).
-    fn refresh(&mut self) -> bool {
+    fn claim(&mut self) -> bool {
         let state = &self.handle.state;
         let generation = state.generation.load(Ordering::Acquire);
+        if let Some(cached) = &self.cached
+            && cached.generation == generation
+            && cached.sub.is_open()
+            && cached.sub.try_claim()
+        {
+            self.claimed = Some(Slot::claimed(&cached.sub));
+            return true;
+        }
         let subs = state.subs.load();
-        let mut open = subs.iter().filter(|sub| sub.is_open()).peekable();
-        let any_open = open.peek().is_some();
-        let Some(sub) = open.find(|sub| sub.has_room()) else {
-            // Not queued behind a full connection's streams in h2: the request waits for
-            // the first room, on a new connection or when a stream ends.
-            if any_open {
-                state.demand.notify_one();
-            }
+        let Some(sub) = subs.iter().find(|sub| sub.is_open() && sub.try_claim()) else {
             return false;
         };
+        self.claimed = Some(Slot::claimed(sub));
         self.cached = Some(Cached {
             generation,
             sub: Arc::clone(sub),
@@ -132,41 +148,89 @@ impl<B: Send + 'static> Connection<B> {
         true
     }
 
-    /// Waits for an open connection with room.
-    fn poll_connected(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectionError>> {
+    /// Claims a stream slot, waiting for a connection, or (in arrival order, for at most
+    /// the stream wait) for a slot while every open connection is full.
+    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectionError>> {
         loop {
-            if self.cached_usable() || self.refresh() {
-                self.waiting = None;
+            // While others wait for a slot, a newcomer queues behind them.
+            let may_take = self.queued.is_some() || !self.state().room.queued();
+            if may_take && self.claim() {
+                self.end_wait();
                 return Poll::Ready(Ok(()));
             }
             let state = Arc::clone(&self.handle.state);
             match state.readiness.get() {
                 connectivity @ (Connectivity::TransientFailure | Connectivity::Shutdown) => {
-                    self.waiting = None;
+                    self.end_wait();
                     return Poll::Ready(Err(self.not_connected(connectivity)));
                 }
                 Connectivity::Idle => state.demand.notify_one(),
                 _ => {}
             }
-            let waiting = self
-                .waiting
-                .get_or_insert_with(|| Box::pin(async move { state.changed.notified().await }));
+            if self.queued.is_none() && state.subs.load().iter().any(|sub| sub.is_open()) {
+                // Every open connection is full: queue, let the balancer pick others, ask
+                // for one more connection, and look once more (a slot may have come free).
+                self.queued = Some(Queued {
+                    _place: state.room.enter(),
+                    since: Instant::now(),
+                    until: Box::pin(tokio::time::sleep(state.settings.stream_wait)),
+                });
+                state.room.saturated();
+                state.demand.notify_one();
+                continue;
+            }
+            if let Some(queued) = &mut self.queued
+                && queued.until.as_mut().poll(cx).is_ready()
+            {
+                let error = self.stream_limit();
+                self.end_wait();
+                return Poll::Ready(Err(error));
+            }
+            let waiting = self.waiting.get_or_insert_with(|| {
+                Box::pin(async move {
+                    tokio::select! {
+                        () = state.room.notified() => {}
+                        () = state.changed.notified() => {}
+                    }
+                })
+            });
             if waiting.as_mut().poll(cx).is_ready() {
                 self.waiting = None;
                 continue;
             }
             // Registered for the next change; look once more, so none is missed.
-            if self.refresh() {
-                self.waiting = None;
+            let may_take = self.queued.is_some() || !self.state().room.queued();
+            if may_take && self.claim() {
+                self.end_wait();
                 return Poll::Ready(Ok(()));
             }
             return Poll::Pending;
         }
     }
 
+    /// Leaves the queue, if in it. A slot this handle was woken for and did not take goes
+    /// to the next waiter.
+    fn end_wait(&mut self) {
+        self.waiting = None;
+        if self.queued.take().is_none() {
+            return;
+        }
+        let state = self.state();
+        if state.room.queued()
+            && state
+                .subs
+                .load()
+                .iter()
+                .any(|s| s.is_open() && s.has_room())
+        {
+            state.room.free(1);
+        }
+    }
+
     /// The cached connection takes no new streams: mark it so that every handle passes it
     /// over, wake the driver (it replaces the connection), and let go of it here.
     fn forget_closed(&mut self) {
+        self.claimed = None;
         if let Some(cached) = self.cached.take() {
             cached.sub.closed.store(true, Ordering::Relaxed);
             self.state().demand.notify_one();
@@ -179,6 +243,24 @@ impl<B: Send + 'static> Connection<B> {
             authority: self.state().authority.clone(),
             state,
             source,
+        }
+    }
+
+    fn stream_limit(&self) -> ConnectionError {
+        let subs = self.state().subs.load();
+        let open = subs.iter().filter(|sub| sub.is_open());
+        ConnectionError::StreamLimit {
+            authority: self.state().authority.clone(),
+            limit: open
+                .clone()
+                .map(|sub| sub.max_streams.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or_default(),
+            connections: open.count(),
+            waited: self
+                .queued
+                .as_ref()
+                .map_or(Duration::ZERO, |queued| queued.since.elapsed()),
         }
     }
 
@@ -207,6 +289,8 @@ impl<B: Send + 'static> Connection<B> {
 }
 
 impl<B> Clone for Connection<B> {
+    /// A new handle on the same connection; it does not inherit readiness (nor a claimed
+    /// slot).
     fn clone(&self) -> Self {
         Self {
             handle: Arc::clone(&self.handle),
@@ -215,7 +299,10 @@ impl<B> Clone for Connection<B> {
                 sub: Arc::clone(&cached.sub),
                 send: cached.send.clone(),
             }),
+            claimed: None,
             waiting: None,
+            queued: None,
+            failed: None,
             permit: None,
             acquiring: None,
             _body: std::marker::PhantomData,
@@ -239,10 +326,23 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
     type Future = ResponseFuture<B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectionError>> {
+        if self.failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
         ready!(self.poll_permit(cx));
         loop {
-            ready!(self.poll_connected(cx))?;
-            let cached = self.cached.as_mut().expect("connected");
+            if self.claimed.is_none() {
+                match ready!(self.poll_slot(cx)) {
+                    Ok(()) => {}
+                    // Not a failure of the instance: the call says so.
+                    Err(error @ ConnectionError::StreamLimit { .. }) => {
+                        self.failed = Some(error);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
+            }
+            let cached = self.cached.as_mut().expect("a slot comes with its sender");
             // h2 is ready unless this sender's last stream still waits for the server's
             // stream limit; an error means the connection takes no new streams.
             match cached.send.poll_ready(cx) {
@@ -254,9 +354,13 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
     }
 
     fn call(&mut self, mut request: Request<ReplayBody<B>>) -> ResponseFuture<B> {
+        if let Some(error) = self.failed.take() {
+            self.permit = None;
+            return ResponseFuture::failed(error);
+        }
         let handle = Arc::clone(&self.handle);
         let state = &handle.state;
-        let Some(cached) = self.cached.as_mut() else {
+        let (Some(slot), Some(cached)) = (self.claimed.take(), self.cached.as_mut()) else {
             let error = self.not_connected(state.readiness.get());
             return ResponseFuture::failed(error);
         };
@@ -275,7 +379,7 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
             .send_request(Request::from_parts(parts, ()), end)
         {
             Ok((response, stream)) => {
-                let guard = StreamGuard::new(&cached.sub, self.permit.take());
+                let guard = StreamGuard::new(slot, self.permit.take());
                 ResponseFuture {
                     inner: Some(Inner {
                         response,
@@ -289,6 +393,7 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
             // Refused before anything was written: the connection takes no new streams, or
             // the request is one HTTP/2 cannot carry.
             Err(error) => {
+                drop(slot);
                 self.permit = None;
                 let authority = state.authority.clone();
                 let source = Box::new(error);
@@ -296,22 +401,30 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
                     return ResponseFuture::failed(ConnectionError::Request { authority, source });
                 }
                 self.forget_closed();
-                ResponseFuture::failed(ConnectionError::Unprocessed { authority, source })
+                ResponseFuture::failed(ConnectionError::NotSent { authority, source })
             }
         }
     }
 }
 
-/// Puts the origin on the request URI: the configured one, else the dialled address.
+/// Puts the origin on the request URI, which h2 sends as `:scheme` and `:authority`: the
+/// configured origin, else the authority the request names (a routed request's logical
+/// host), else the dialled address. A `Host` header goes: over HTTP/2 it must not differ
+/// from `:authority` (RFC 9113, 8.3.1), and nginx refuses a request that has both.
 fn set_origin<T>(request: &mut Request<T>, state: &State) {
-    let (scheme, authority) = state.origin.clone();
+    let (scheme, dialled) = &state.origin;
+    request.headers_mut().remove(http::header::HOST);
+    let authority = match (&state.settings.origin, request.uri().authority()) {
+        (None, Some(named)) => named.clone(),
+        _ => dialled.clone(),
+    };
     let path = request
         .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(scheme);
+    parts.scheme = Some(scheme.clone());
     parts.authority = Some(authority);
     parts.path_and_query = Some(path);
     if let Ok(uri) = Uri::from_parts(parts) {
@@ -333,29 +446,6 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
     if headers.get(TE).is_some_and(|te| te != "trailers") {
         headers.remove(TE);
-    }
-}
-
-/// Counts a stream open on its connection (and holds the concurrency permit) until the
-/// response ends or is dropped.
-struct StreamGuard {
-    sub: Arc<Sub>,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl StreamGuard {
-    fn new(sub: &Arc<Sub>, permit: Option<OwnedSemaphorePermit>) -> Self {
-        sub.streams.fetch_add(1, Ordering::Relaxed);
-        Self {
-            sub: Arc::clone(sub),
-            _permit: permit,
-        }
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.sub.stream_ended();
     }
 }
 
@@ -427,25 +517,21 @@ impl<B: SendBody> Future for ResponseFuture<B> {
         } = this.inner.take().expect("polled");
         match outcome {
             Ok(response) => {
+                guard.sub().answered();
                 // A body still streaming (a client or bidi stream) goes on by itself.
                 let pipe = pipe.map(|pipe| tokio::spawn(pipe.send()).abort_handle());
                 let (parts, recv) = response.into_parts();
-                let body = Body::new(recv, guard, pipe, handle).with_length(&parts.headers);
+                let body = Body::new(recv, guard, pipe, handle, &parts.headers);
                 Poll::Ready(Ok(Response::from_parts(parts, body)))
             }
             Err(error) => {
+                if error.is_go_away() {
+                    // No retry may pick it before its driver notices.
+                    guard.sub().closed.store(true, Ordering::Relaxed);
+                    handle.state.demand.notify_one();
+                }
                 let authority = handle.state.authority.clone();
-                Poll::Ready(Err(if never_processed(&error) {
-                    ConnectionError::Unprocessed {
-                        authority,
-                        source: Box::new(error),
-                    }
-                } else {
-                    ConnectionError::Request {
-                        authority,
-                        source: Box::new(error),
-                    }
-                }))
+                Poll::Ready(Err(ConnectionError::of_stream(authority, error)))
             }
         }
     }
@@ -455,120 +541,6 @@ impl<B> fmt::Debug for ResponseFuture<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("sent", &self.inner.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-/// A response body from a [`Connection`]: h2's, counting its stream open until it ends.
-pub struct Body {
-    recv: h2::RecvStream,
-    /// The data frames are over; the trailers are next.
-    data_done: bool,
-    guard: Option<StreamGuard>,
-    /// The task sending the rest of the request body, stopped with the response.
-    pipe: Option<tokio::task::AbortHandle>,
-    /// What is left of a `content-length`, for the size hint.
-    remaining: Option<u64>,
-    _handle: Arc<Handle>,
-}
-
-impl Body {
-    fn new(
-        recv: h2::RecvStream,
-        guard: StreamGuard,
-        pipe: Option<tokio::task::AbortHandle>,
-        handle: Arc<Handle>,
-    ) -> Self {
-        let ended = recv.is_end_stream();
-        Self {
-            recv,
-            data_done: false,
-            guard: (!ended).then_some(guard),
-            pipe,
-            remaining: None,
-            _handle: handle,
-        }
-    }
-
-    fn with_length(mut self, headers: &HeaderMap) -> Self {
-        self.remaining = headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|length| length.to_str().ok()?.parse().ok());
-        self
-    }
-
-    fn end(&mut self) {
-        self.guard = None;
-    }
-}
-
-impl HttpBody for Body {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let len = data.len();
-                    // Read: the server may send as much again.
-                    let _ = this.recv.flow_control().release_capacity(len);
-                    if let Some(remaining) = &mut this.remaining {
-                        *remaining = remaining.saturating_sub(len as u64);
-                    }
-                    if let Some(guard) = &this.guard {
-                        guard.sub.read.fetch_add(len as u64, Ordering::Relaxed);
-                    }
-                    if this.recv.is_end_stream() {
-                        this.end();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(error)) => {
-                    this.end();
-                    return Poll::Ready(Some(Err(error)));
-                }
-                None => this.data_done = true,
-            }
-        }
-        let trailers = ready!(this.recv.poll_trailers(cx));
-        this.end();
-        Poll::Ready(match trailers {
-            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
-            Ok(None) => None,
-            Err(error) => Some(Err(error)),
-        })
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.recv.is_end_stream() {
-            return SizeHint::with_exact(0);
-        }
-        self.remaining
-            .map_or_else(SizeHint::default, SizeHint::with_exact)
-    }
-}
-
-impl Drop for Body {
-    fn drop(&mut self) {
-        if let Some(pipe) = self.pipe.take() {
-            pipe.abort();
-        }
-    }
-}
-
-impl fmt::Debug for Body {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Body")
-            .field("open", &self.guard.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -5,17 +5,27 @@ use std::time::Duration;
 use http::HeaderValue;
 use http::uri::{Authority, Scheme};
 
+use super::ping::KEEPALIVE_FLOOR;
 use super::tls::TlsConfig;
 
 /// How the connections to the instances of one service are made and kept: one HTTP/2
 /// connection per instance (more when the server's `MAX_CONCURRENT_STREAMS` is reached),
 /// opened as soon as the instance is discovered.
 ///
-/// The defaults are safe for production: a 5 s connect timeout, TCP keepalive after 60 s
-/// idle, HTTP/2 keepalive pings every 30 s while streams are open with a 10 s answer
-/// timeout (so a half-open connection is noticed), reconnects backing off from 100 ms to
-/// 10 s with full jitter, at most 16 connects at a time per service, at most 4 connections
-/// per instance, and a 64 KiB buffer per request for transparent retries.
+/// The defaults are safe for production and for the servers production runs:
+///
+/// - a 5 s connect timeout; reconnects backing off from 100 ms to 10 s with full jitter; at
+///   most 16 connects at a time per service and 4 connections per instance;
+/// - **no HTTP/2 keepalive pings** (gRFC A8's default, as grpc-go, tonic and hyper):
+///   gRPC servers (C-core, grpc-go) allow one ping per 5 minutes by default while they send
+///   no data, and close the connection with GOAWAY `too_many_pings` after two more, failing
+///   its streams. A half-open connection is found by **TCP keepalive** instead, which no
+///   server sees: the kernel probes a connection that has been silent for 60 s every 10 s,
+///   and closes it after 3 unanswered probes (or when data it sent goes unacknowledged for
+///   as long), whether it is idle, waits for a response or holds a quiet stream;
+/// - a request waits at most 10 s for a stream when every connection to its instance is at
+///   the server's stream limit;
+/// - a 64 KiB buffer per request for transparent retries.
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct ConnectionSettings {
@@ -30,6 +40,7 @@ pub struct ConnectionSettings {
     pub(crate) adaptive_window: bool,
     pub(crate) eager: bool,
     pub(crate) max_concurrent_connects: usize,
+    pub(crate) stream_wait: Duration,
     pub(crate) max_connections_per_instance: usize,
     pub(crate) concurrency_limit: Option<usize>,
     pub(crate) retry_buffer_bytes: usize,
@@ -46,14 +57,15 @@ impl Default for ConnectionSettings {
             connect_timeout: Duration::from_secs(5),
             tcp_keepalive: Some(Duration::from_secs(60)),
             tcp_nodelay: true,
-            keep_alive_interval: Some(Duration::from_secs(30)),
-            keep_alive_timeout: Duration::from_secs(10),
+            keep_alive_interval: None,
+            keep_alive_timeout: Duration::from_secs(20),
             keep_alive_while_idle: false,
             initial_stream_window_size: None,
             initial_connection_window_size: None,
             adaptive_window: false,
             eager: true,
             max_concurrent_connects: 16,
+            stream_wait: Duration::from_secs(10),
             max_connections_per_instance: 4,
             concurrency_limit: None,
             retry_buffer_bytes: 64 << 10,
@@ -78,7 +90,10 @@ impl ConnectionSettings {
         self
     }
 
-    /// TCP keepalive after this long idle (default 60 s; `None` for off).
+    /// TCP keepalive: the kernel probes a connection silent this long (default 60 s;
+    /// `None` for off), every 10 s, and closes it after 3 unanswered probes; data left
+    /// unacknowledged for as long closes it too (`TCP_USER_TIMEOUT`). Servers never see the
+    /// probes.
     pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
         self.tcp_keepalive = idle;
         self
@@ -90,23 +105,33 @@ impl ConnectionSettings {
         self
     }
 
-    /// HTTP/2 keepalive ping interval (default 30 s; `None` for off). Servers may limit how
-    /// often clients ping (grpc-go's default policy allows one ping per 5 minutes while no
-    /// stream is open), so pings go only while streams are open unless
+    /// HTTP/2 keepalive ping interval (default `None`: off). At least 10 s (gRFC A8's floor;
+    /// a shorter one is raised to it). Servers police pings: gRPC servers allow one per 5
+    /// minutes by default while they send no data, so a shorter interval needs the
+    /// server's permission (`grpc.http2.min_ping_interval_without_data_ms` in C-core,
+    /// `keepalive.EnforcementPolicy.MinTime` in grpc-go). When a server answers with GOAWAY
+    /// `too_many_pings`, the interval doubles for the service's new connections, and a
+    /// warning says so. Pings go only while streams are open unless
     /// [`keep_alive_while_idle`](Self::keep_alive_while_idle) says otherwise.
     pub fn http2_keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
-        self.keep_alive_interval = interval;
+        self.keep_alive_interval = interval.map(|interval| {
+            if interval < KEEPALIVE_FLOOR {
+                tracing::warn!(?interval, floor = ?KEEPALIVE_FLOOR, "keepalive interval raised to the floor");
+            }
+            interval.max(KEEPALIVE_FLOOR)
+        });
         self
     }
 
     /// How long a keepalive ping may go unanswered before the connection is closed
-    /// (default 10 s).
+    /// (default 20 s, as gRFC A8).
     pub fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
         self.keep_alive_timeout = timeout;
         self
     }
 
-    /// Ping idle connections too (default off).
+    /// Ping idle connections too (default off; gRPC servers refuse such pings unless they
+    /// permit them, `grpc.keepalive_permit_without_calls`).
     pub fn keep_alive_while_idle(mut self, enabled: bool) -> Self {
         self.keep_alive_while_idle = enabled;
         self
@@ -151,6 +176,16 @@ impl ConnectionSettings {
     /// them full, the instance's `poll_ready` waits until a stream ends.
     pub fn max_connections_per_instance(mut self, connections: usize) -> Self {
         self.max_connections_per_instance = connections.max(1);
+        self
+    }
+
+    /// How long a request waits for a stream when every connection to its instance is at the
+    /// server's `MAX_CONCURRENT_STREAMS` and no more may open (default 10 s). Requests wait
+    /// in the order they came; past this, the request fails with
+    /// [`ConnectionError::StreamLimit`](super::ConnectionError::StreamLimit) (gRPC
+    /// `UNAVAILABLE`), naming the limit.
+    pub fn stream_wait(mut self, wait: Duration) -> Self {
+        self.stream_wait = wait;
         self
     }
 
@@ -245,7 +280,7 @@ mod tests {
             .connect_timeout(ms(1))
             .tcp_keepalive(Some(ms(2)))
             .tcp_nodelay(false)
-            .http2_keep_alive_interval(Some(ms(3)))
+            .http2_keep_alive_interval(Some(ms(30_000)))
             .keep_alive_timeout(ms(4))
             .keep_alive_while_idle(true)
             .initial_stream_window_size(Some(5))
@@ -253,6 +288,7 @@ mod tests {
             .adaptive_window(true)
             .eager(false)
             .max_concurrent_connects(7)
+            .stream_wait(ms(13))
             .max_connections_per_instance(8)
             .concurrency_limit(Some(9))
             .retry_buffer(10)
@@ -262,7 +298,7 @@ mod tests {
         assert_eq!(settings.connect_timeout, ms(1));
         assert_eq!(settings.tcp_keepalive, Some(ms(2)));
         assert!(!settings.tcp_nodelay);
-        assert_eq!(settings.keep_alive_interval, Some(ms(3)));
+        assert_eq!(settings.keep_alive_interval, Some(ms(30_000)));
         assert_eq!(settings.keep_alive_timeout, ms(4));
         assert!(settings.keep_alive_while_idle);
         assert_eq!(settings.stream_window(), 5);
@@ -270,6 +306,7 @@ mod tests {
         assert!(settings.adaptive_window);
         assert!(!settings.eager);
         assert_eq!(settings.max_concurrent_connects, 7);
+        assert_eq!(settings.stream_wait, ms(13));
         assert_eq!(settings.max_connections_per_instance, 8);
         assert_eq!(settings.concurrency_limit, Some(9));
         assert_eq!(settings.retry_buffer_bytes, 10);
@@ -281,5 +318,20 @@ mod tests {
         let origin = Some((Scheme::HTTPS, Authority::from_static("example.com")));
         assert_eq!(settings.origin, origin);
         assert_eq!(settings.scheme(), Scheme::HTTP, "no TLS was set");
+    }
+
+    /// Catches keepalive pings on by default (gRPC servers close connections that ping more
+    /// than once per 5 minutes with no data, failing their streams) and an interval under
+    /// gRFC A8's floor.
+    #[test]
+    fn keepalive_is_off_by_default_and_never_under_the_floor() {
+        let defaults = ConnectionSettings::default();
+        assert_eq!(defaults.keep_alive_interval, None);
+        assert_eq!(defaults.keep_alive_timeout, Duration::from_secs(20));
+        assert_eq!(defaults.tcp_keepalive, Some(Duration::from_secs(60)));
+        let fast = defaults.http2_keep_alive_interval(Some(Duration::from_millis(300)));
+        assert_eq!(fast.keep_alive_interval, Some(Duration::from_secs(10)));
+        let off = fast.http2_keep_alive_interval(None);
+        assert_eq!(off.keep_alive_interval, None);
     }
 }

@@ -47,6 +47,8 @@ impl ClientConfigSource for Arc<ClientConfig> {
 pub struct TlsConfig {
     source: Arc<dyn ClientConfigSource>,
     server_name: Option<String>,
+    /// A server that negotiates no ALPN speaks HTTP/2 (prior knowledge).
+    http2_without_alpn: bool,
     /// Kept to rebuild the configuration with a client certificate.
     roots: Option<Arc<rustls::RootCertStore>>,
 }
@@ -103,6 +105,7 @@ impl TlsConfig {
         Ok(Self {
             source: Arc::new(with_alpn(config)),
             server_name: None,
+            http2_without_alpn: false,
             roots: Some(roots),
         })
     }
@@ -118,6 +121,7 @@ impl TlsConfig {
         Self {
             source,
             server_name: None,
+            http2_without_alpn: false,
             roots: None,
         }
     }
@@ -161,6 +165,30 @@ impl TlsConfig {
         self
     }
 
+    /// Takes a server that negotiates no ALPN protocol at all to speak HTTP/2 (prior
+    /// knowledge), instead of failing the dial with
+    /// [`DialError::NoHttp2`](super::DialError::NoHttp2) (the default, since such a server
+    /// usually speaks HTTP/1.1). A server that negotiates another protocol still fails it.
+    ///
+    /// Envoy sidecars in a Consul service mesh negotiate `h2` only for services whose
+    /// protocol is `http2` or `grpc`; for the default protocol, `tcp`, they proxy the bytes
+    /// to the service and negotiate no ALPN, so
+    /// [`ConsulConnect::client_tls`](crate::mesh::ConsulConnect::client_tls) turns this on.
+    #[must_use]
+    pub fn http2_without_alpn(mut self, enabled: bool) -> Self {
+        self.http2_without_alpn = enabled;
+        self
+    }
+
+    /// Whether the negotiated ALPN protocol (`None`: none) lets the connection speak
+    /// HTTP/2.
+    pub(crate) fn speaks_http2(&self, alpn: Option<&[u8]>) -> bool {
+        match alpn {
+            Some(protocol) => protocol == b"h2",
+            None => self.http2_without_alpn,
+        }
+    }
+
     fn builder(
         roots: &Arc<rustls::RootCertStore>,
     ) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>> {
@@ -185,6 +213,7 @@ impl fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsConfig")
             .field("server_name", &self.server_name)
+            .field("http2_without_alpn", &self.http2_without_alpn)
             .finish_non_exhaustive()
     }
 }

@@ -16,7 +16,7 @@ use http::Request;
 use tower::{Service, ServiceExt};
 
 use super::balancers::Balancers;
-use super::rewrite::Rewrite;
+use super::rewrite::{Rewrite, Wire};
 use super::{DiscoveryLayer, Route, Settings, TooManyServices, UnknownHost};
 use crate::balance::{self, Balance, Endpoint, HttpStatus, ResponseBody};
 use crate::connection::retry::Retry;
@@ -84,7 +84,12 @@ impl<B: SendBody> ConnectionDiscovery<B> {
                 move |instance: &ServiceInstance| -> Result<_, BoxError> {
                     let endpoint = connector.endpoint::<B>(instance)?;
                     Ok(Endpoint {
-                        service: Rewrite::new(endpoint.service, instance, host_header)?,
+                        service: Rewrite::new(
+                            endpoint.service,
+                            instance,
+                            host_header,
+                            Wire::Http2,
+                        )?,
                         weight: endpoint.weight,
                         zone: endpoint.zone,
                         readiness: endpoint.readiness,

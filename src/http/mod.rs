@@ -61,9 +61,24 @@ use crate::instance::ServiceInstance;
 use crate::registry::ServiceRegistry;
 use balancers::Balancers;
 pub use connections::ConnectionDiscovery;
-use rewrite::Rewrite;
+use rewrite::{Rewrite, Wire};
 
-/// What the `Host` header of a routed request says.
+/// Which host a routed request names: the service name the caller wrote, or the chosen
+/// instance's address.
+///
+/// What goes on the wire depends on the transport:
+///
+/// | policy | wrapped client (HTTP/1.1) | [`over_connections`](DiscoveryLayer::over_connections) (HTTP/2) |
+/// | --- | --- | --- |
+/// | [`Logical`](Self::Logical) | `Host: greeter`, the request line to the instance | `:authority: greeter`, no `Host` |
+/// | [`Instance`](Self::Instance) | `Host: 10.0.0.7:8080` (written by the client from the URI) | `:authority: 10.0.0.7:8080`, no `Host` |
+///
+/// Over HTTP/2 a `Host` header that differs from `:authority` must not be sent (RFC 9113,
+/// 8.3.1), and nginx rejects any request that has both ("client sent duplicate host
+/// header"), so a caller's `Host` header becomes `:authority` there. A wrapped client that
+/// speaks HTTP/2 dials the URI's authority, the instance, and sends it as `:authority`:
+/// with it, use [`Instance`](Self::Instance) (or `over_connections`, which sends the
+/// logical host as `:authority`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HostHeader {
@@ -71,7 +86,8 @@ pub enum HostHeader {
     /// `Host` header (the default): virtual hosting and logs see the service name.
     #[default]
     Logical,
-    /// The chosen instance's address (`10.0.0.7:8080`).
+    /// The chosen instance's address (`10.0.0.7:8080`); a `Host` header the request had is
+    /// dropped.
     Instance,
 }
 
@@ -286,7 +302,7 @@ where
                 &*shared.registry,
                 service.to_owned(),
                 move |instance: &ServiceInstance| {
-                    Rewrite::new(inner.clone(), instance, host_header)
+                    Rewrite::new(inner.clone(), instance, host_header, Wire::Client)
                 },
             );
             shared

@@ -267,14 +267,18 @@ impl ConsulConnect {
 
     /// TLS for calling mesh services: see the [module docs](self). The server name of each
     /// connection (the service name, with the integrations) is the service expected in the
-    /// server's SPIFFE ID.
+    /// server's SPIFFE ID. A server that negotiates no ALPN is taken to speak HTTP/2, as an
+    /// Envoy sidecar of a service of Consul's default protocol (`tcp`) does: it negotiates
+    /// `h2` only for `http2` and `grpc` services
+    /// ([`TlsConfig::http2_without_alpn`]).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] when rustls cannot be set up (not expected with ring).
     pub fn client_tls(&self) -> Result<TlsConfig> {
         let config = client::client_config(&self.inner.keeper).map_err(tls_error)?;
-        Ok(TlsConfig::from_rustls(config))
+        // Envoy sidecars of `tcp` services (Consul's default protocol) negotiate no ALPN.
+        Ok(TlsConfig::from_rustls(config).http2_without_alpn(true))
     }
 
     /// The rustls server configuration: serves the current leaf, requires a client

@@ -1,0 +1,298 @@
+//! Conformance with nginx's HTTP/2 server, which nobody here wrote: what it rejects, when it
+//! closes connections (GOAWAY after `keepalive_requests`), and its stream limit.
+#![cfg(all(feature = "http", feature = "tonic"))]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use support::grpc::Callers;
+use support::nginx::{Config, Nginx};
+use support::servers::TestServer;
+use tower::ServiceExt;
+use tower_sd::connection::{ConnectionSettings, TlsConfig};
+use tower_sd::http::{DiscoveryLayer, HostHeader};
+use tower_sd::tonic::LoadBalancedChannel;
+use tower_sd::{MemoryRegistry, ServiceRegistry};
+
+async fn get(
+    client: &tower_sd::http::ConnectionDiscovery<Empty<Bytes>>,
+    uri: &str,
+) -> Result<(http::StatusCode, Bytes), tower::BoxError> {
+    let request = http::Request::get(uri).body(Empty::new())?;
+    let response = client.clone().oneshot(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// Catches a `Host` header sent beside `:authority` (nginx answers 400 "client sent
+/// duplicate host header" to any such request), and a logical host lost on the way: nginx
+/// must see the service name as the host under the default policy, and the instance's
+/// address under `HostHeader::Instance`.
+#[tokio::test]
+async fn nginx_takes_requests_over_connections_with_the_host_in_authority() {
+    let _limit = support::time_limit(60);
+    let Some(nginx) = Nginx::start(&Config::default()).await else {
+        return;
+    };
+    let registry = Arc::new(MemoryRegistry::new());
+    registry
+        .register(nginx.instance("n0", "web"))
+        .await
+        .unwrap();
+    let logical = DiscoveryLayer::new(registry.clone())
+        .over_connections::<Empty<Bytes>>(ConnectionSettings::default());
+    let (status, body) = get(&logical, "http://web/a").await.unwrap();
+    assert_eq!(
+        (status, &body[..]),
+        (http::StatusCode::OK, &b"ok"[..]),
+        "{}",
+        nginx.log()
+    );
+
+    let instance = DiscoveryLayer::new(registry.clone())
+        .host_header(HostHeader::Instance)
+        .over_connections::<Empty<Bytes>>(ConnectionSettings::default());
+    let (status, _) = get(&instance, "http://web/b").await.unwrap();
+    assert_eq!(status, http::StatusCode::OK, "{}", nginx.log());
+
+    let logged = nginx.requests();
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert_eq!(logged[0].host, "web", "{logged:?}");
+    assert_eq!(logged[0].protocol, "HTTP/2.0");
+    assert_eq!(logged[1].host, "127.0.0.1", "{logged:?}");
+}
+
+/// Catches a TLS dial that checks the certificate against the dialled IP address (the
+/// server name defaults to the service name) or an `h2` ALPN nginx does not see, against
+/// nginx's TLS listener.
+#[tokio::test]
+async fn nginx_takes_requests_over_tls() {
+    let _limit = support::time_limit(60);
+    let ca = support::pki::Ca::new("conformance CA");
+    let leaf = ca.leaf(&["web"], &[]);
+    let Some(nginx) = Nginx::start(&Config::default().tls(&leaf)).await else {
+        return;
+    };
+    let registry = Arc::new(MemoryRegistry::new());
+    registry
+        .register(nginx.instance("n0", "web"))
+        .await
+        .unwrap();
+    let tls = TlsConfig::with_ca_pem(ca.cert_pem.as_bytes()).unwrap();
+    let client = DiscoveryLayer::new(registry.clone())
+        .over_connections::<Empty<Bytes>>(ConnectionSettings::default().tls(tls));
+    for _ in 0..3 {
+        let (status, body) = get(&client, "http://web/").await.unwrap();
+        assert_eq!(
+            (status, &body[..]),
+            (http::StatusCode::OK, &b"ok"[..]),
+            "{}",
+            nginx.log()
+        );
+    }
+    let logged = nginx.requests();
+    assert_eq!(logged.len(), 3, "{logged:?}");
+    assert!(
+        logged
+            .iter()
+            .all(|r| r.host == "web" && r.protocol == "HTTP/2.0"),
+        "{logged:?}"
+    );
+    assert_eq!(
+        nginx.connections(),
+        1,
+        "one connection carries them all: {logged:?}"
+    );
+}
+
+/// Two nginx instances in front of one tonic server, each closing every connection with
+/// GOAWAY(NO_ERROR) after 10 requests.
+async fn nginx_pair(
+    keepalive_requests: u32,
+) -> Option<(TestServer, [Nginx; 2], Arc<MemoryRegistry>)> {
+    let backend = TestServer::grpc("backend").await;
+    let config = Config::grpc_pass(backend.port).keepalive_requests(keepalive_requests);
+    let first = Nginx::start(&config).await?;
+    let second = Nginx::start(&config).await?;
+    let registry = Arc::new(MemoryRegistry::new());
+    registry
+        .register(first.instance("n0", "health"))
+        .await
+        .unwrap();
+    registry
+        .register(second.instance("n1", "health"))
+        .await
+        .unwrap();
+    Some((backend, [first, second], registry))
+}
+
+/// Catches a graceful GOAWAY treated as a failed connect (the instance backs off, and
+/// throughput falls to a few requests a second), requests refused by a GOAWAY reaching the
+/// caller, and outlier detection ejecting instances for requests that were never
+/// processed: nginx closes each connection after 10 requests, and 3,000 calls from 8
+/// callers must all succeed, with nothing ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_closing_connections_after_ten_requests_fails_no_call() {
+    let _limit = support::time_limit(120);
+    let Some((backend, nginx, registry)) = nginx_pair(10).await else {
+        return;
+    };
+    let channel = LoadBalancedChannel::builder(registry, "health")
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let running = Callers::start(&channel, 8);
+    running.succeed(3_000).await;
+    let ejected = channel.balance().ejected();
+    let (ok, failed) = running.stop().await;
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        failed.first()
+    );
+    assert_eq!(ejected, 0, "nothing failed, so nothing is ejected");
+    let connections = nginx[0].connections() + nginx[1].connections();
+    assert!(
+        connections >= ok / 10,
+        "nginx closed a connection every 10 requests: {connections} connections for {ok} calls"
+    );
+    assert!(backend.served() >= ok);
+}
+
+/// `requests` GETs from each of `callers` tasks through `client`; the failures.
+async fn load(
+    client: &tower_sd::http::ConnectionDiscovery<Empty<Bytes>>,
+    callers: usize,
+    requests: usize,
+) -> Vec<String> {
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for _ in 0..requests {
+                    match get(&client, "http://web/").await {
+                        Ok((http::StatusCode::OK, _)) => {}
+                        Ok((status, _)) => failed.push(status.to_string()),
+                        Err(error) => failed.push(error.to_string()),
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for task in tasks {
+        failed.extend(task.await.unwrap());
+    }
+    failed
+}
+
+/// Catches, over `DiscoveryLayer::over_connections`, what the gRPC test above catches for
+/// the channel: nginx closes each connection after 10 requests, and 2,000 GETs from 8
+/// callers all succeed, without any instance reported failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_connections_nginx_closing_connections_fails_no_request() {
+    let _limit = support::time_limit(120);
+    let config = Config::default().keepalive_requests(10);
+    let Some(first) = Nginx::start(&config).await else {
+        return;
+    };
+    let Some(second) = Nginx::start(&config).await else {
+        return;
+    };
+    let registry = Arc::new(MemoryRegistry::new());
+    registry
+        .register(first.instance("n0", "web"))
+        .await
+        .unwrap();
+    registry
+        .register(second.instance("n1", "web"))
+        .await
+        .unwrap();
+    let client = DiscoveryLayer::new(registry.clone())
+        .over_connections::<Empty<Bytes>>(ConnectionSettings::default());
+    let failed = load(&client, 8, 250).await;
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let served = first.requests().len() + second.requests().len();
+    assert_eq!(
+        served, 2_000,
+        "each GET once: nothing lost, nothing sent twice"
+    );
+    let connections = first.connections() + second.connections();
+    assert!(
+        connections >= 200,
+        "a GOAWAY every 10 requests: {connections} connections"
+    );
+    assert!(
+        client
+            .endpoints("web")
+            .iter()
+            .all(|e| e.state != tower_sd::balance::EndpointState::Failed),
+        "{:?}",
+        client.endpoints("web")
+    );
+}
+
+/// Catches callers overfilling nginx's connections (its `http2_max_concurrent_streams`,
+/// here 2) and waiters starved behind long streams: 5 quiet `Watch` streams through nginx
+/// hold 5 of the 8 slots of the instance's 4 connections, and 6 unary callers share the
+/// rest; none may fail and each must make progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_with_two_streams_per_connection_starves_no_caller() {
+    let _limit = support::time_limit(120);
+    let backend = TestServer::grpc("backend").await;
+    let Some(nginx) = Nginx::start(&Config::grpc_pass(backend.port).max_streams(2)).await else {
+        return;
+    };
+    let registry = Arc::new(MemoryRegistry::new());
+    registry
+        .register(nginx.instance("n0", "health"))
+        .await
+        .unwrap();
+    let channel = LoadBalancedChannel::builder(registry, "health")
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut watches = Vec::new();
+    for _ in 0..5 {
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let mut stream = client.watch(request).await.unwrap().into_inner();
+        stream.message().await.unwrap().expect("the first status");
+        watches.push(stream);
+    }
+    let running = Callers::start(&channel, 6);
+    running.succeed(1_500).await;
+    let each = running.each();
+    let (ok, failed) = running.stop().await;
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        failed.first()
+    );
+    let fewest = *each.iter().min().unwrap();
+    assert!(fewest * 6 * 4 >= ok, "a caller was starved: {each:?}");
+    assert!(
+        nginx.connections() <= 4,
+        "at most 4 connections: {}",
+        nginx.connections()
+    );
+    drop(watches);
+}
