@@ -37,6 +37,7 @@ use tower::discover::{Change, ServiceList};
 use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 use tower::{Service, ServiceExt};
 use tower_sd::balance::Balance;
+use tower_sd::endpoint::Endpoints;
 
 #[path = "../tests/support/trivial.rs"]
 mod trivial;
@@ -64,7 +65,7 @@ fn ours_with(
 ) -> Balance<Trivial, usize> {
     rt.block_on(async {
         let changes = (0..n).map(|key| Ok::<_, Infallible>(Change::Insert(key, Trivial)));
-        let balance = builder.build(stream::iter(changes.collect::<Vec<_>>()));
+        let balance = builder.build(Endpoints::new(stream::iter(changes.collect::<Vec<_>>())));
         while balance.endpoints().len() < n {
             tokio::task::yield_now().await;
         }
@@ -76,10 +77,10 @@ fn ours_with(
 fn ours_weighted(rt: &Runtime, n: usize) -> Balance<Trivial, usize> {
     rt.block_on(async {
         let changes = (0..n).map(|key| {
-            let endpoint = tower_sd::balance::Endpoint::new(Trivial).weight(1 + (key % 4) as u32);
+            let endpoint = tower_sd::endpoint::Endpoint::new(Trivial).weight(1 + (key % 4) as u32);
             Ok::<_, Infallible>(Change::Insert(key, endpoint))
         });
-        let balance = Balance::builder().build_endpoints(stream::iter(changes.collect::<Vec<_>>()));
+        let balance = Balance::builder().build(stream::iter(changes.collect::<Vec<_>>()));
         while balance.endpoints().len() < n {
             tokio::task::yield_now().await;
         }
@@ -198,7 +199,8 @@ fn publish(c: &mut Criterion) {
                 .unwrap();
         }
         let balance = rt.block_on(async {
-            let balance = Balance::builder().build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+            let balance = Balance::builder()
+                .build(Endpoints::new(stream::poll_fn(move |cx| rx.poll_recv(cx))));
             while balance.endpoints().len() < n {
                 tokio::task::yield_now().await;
             }

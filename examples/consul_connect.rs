@@ -78,7 +78,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         web.leaf().map(|l| l.id.to_string()).unwrap_or_default()
     );
     let channel = LoadBalancedChannel::builder(registry, SERVER)
-        .tls_config(web.client_tls()?)
+        .tls(web.client_tls()?)
         .connect(Duration::from_secs(30))
         .await?;
     let mut client = HealthClient::new(channel);

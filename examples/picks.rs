@@ -22,7 +22,8 @@ use std::task::{Context, Waker};
 use futures_util::stream;
 use tower::Service;
 use tower::discover::Change;
-use tower_sd::balance::{Balance, Endpoint};
+use tower_sd::balance::Balance;
+use tower_sd::endpoint::Endpoint;
 
 #[path = "../tests/support/trivial.rs"]
 mod trivial;
@@ -67,7 +68,7 @@ fn main() {
         } else {
             Balance::builder()
         };
-        let balance = builder.build_endpoints(stream::iter(changes));
+        let balance = builder.build(stream::iter(changes));
         while balance.endpoints().len() < endpoints as usize {
             tokio::task::yield_now().await;
         }

@@ -205,7 +205,7 @@ async fn main() -> Result<(), BoxError> {
     let client = Client::builder(TokioExecutor::new()).build_http();
     let balance = Balance::builder()
         .wait_for_endpoints(Duration::from_secs(2))
-        .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+        .build(tower_sd::RegistryDiscover::new(
             &*registry,
             SERVICE,
             move |instance| Ok::<_, Infallible>(endpoint(&client, instance)),

@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use tower::discover::Change;
 use tracing::{debug, warn};
 
-use crate::balance::Endpoint;
+use crate::endpoint::Endpoint;
 use crate::error::{BoxError, Result};
 use crate::instance::{ServiceInstance, ServiceQuery};
 use crate::registry::ServiceRegistry;
@@ -32,8 +32,10 @@ use crate::registry::ServiceRegistry;
 /// Turns a registry's watch into a stream of [`Change`]s, so it can drive any tower balancer:
 /// tower's `p2c::Balance` as well as this crate's.
 ///
-/// Keys are instance ids. `make` builds the service for an instance (typically a lazily
-/// connecting client for its address).
+/// Keys are instance ids, and services [`Endpoint`]s: `make` builds the service for an
+/// instance (typically a client for its address), which goes with the instance's weight
+/// and zone. An `Endpoint` is a service itself, forwarding to its own, so tower's
+/// balancers take them as they are.
 ///
 /// Failures never remove endpoints:
 ///
@@ -71,8 +73,8 @@ use crate::registry::ServiceRegistry;
 ///     Ok::<_, std::convert::Infallible>(instance.authority())
 /// });
 /// match discover.next().await {
-///     Some(Ok(Change::Insert(id, authority))) => {
-///         assert_eq!((id.as_str(), authority.as_str()), ("g-1", "10.0.0.1:50051"));
+///     Some(Ok(Change::Insert(id, endpoint))) => {
+///         assert_eq!((id.as_str(), endpoint.service.as_str()), ("g-1", "10.0.0.1:50051"));
 ///     }
 ///     other => panic!("unexpected {other:?}"),
 /// }
@@ -84,7 +86,7 @@ pub struct RegistryDiscover<S, F> {
     watch: BoxStream<'static, Result<Vec<ServiceInstance>>>,
     make: F,
     diff: Diff,
-    pending: VecDeque<Change<String, S>>,
+    pending: VecDeque<Change<String, Endpoint<S>>>,
     ended: bool,
 }
 
@@ -94,24 +96,65 @@ impl<S, F> Unpin for RegistryDiscover<S, F> {}
 
 // ===== impl RegistryDiscover =====
 
+impl<S> RegistryDiscover<S, ()> {
+    /// Watches `query` on `registry`, and makes a service for each instance with `make`;
+    /// each is yielded as an [`Endpoint`] with its instance's weight and zone.
+    pub fn new<R, Q, E, M>(
+        registry: &R,
+        query: Q,
+        make: M,
+    ) -> RegistryDiscover<S, impl Fn(&ServiceInstance) -> Result<Endpoint<S>, E> + use<S, R, Q, E, M>>
+    where
+        R: ServiceRegistry + ?Sized,
+        Q: Into<ServiceQuery>,
+        E: Into<BoxError>,
+        M: Fn(&ServiceInstance) -> Result<S, E>,
+    {
+        RegistryDiscover::of_endpoints(registry, query, for_instance(make))
+    }
+
+    /// Diffs the sets of any stream of full instance sets, such as a
+    /// [`WatchStream`](crate::registry::WatchStream), as [`new`](RegistryDiscover::new)
+    /// does a registry's. `service` names the service in logs.
+    pub fn from_stream<N, W, E, M>(
+        service: N,
+        watch: W,
+        make: M,
+    ) -> RegistryDiscover<S, impl Fn(&ServiceInstance) -> Result<Endpoint<S>, E> + use<S, N, W, E, M>>
+    where
+        N: Into<String>,
+        W: Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static,
+        E: Into<BoxError>,
+        M: Fn(&ServiceInstance) -> Result<S, E>,
+    {
+        RegistryDiscover::stream_of_endpoints(service, watch, for_instance(make))
+    }
+}
+
+/// `make`, with the instance's weight and zone around its service.
+fn for_instance<S, E>(
+    make: impl Fn(&ServiceInstance) -> Result<S, E>,
+) -> impl Fn(&ServiceInstance) -> Result<Endpoint<S>, E> {
+    move |instance| Ok(Endpoint::for_instance(make(instance)?, instance))
+}
+
 impl<S, F, E> RegistryDiscover<S, F>
 where
-    F: Fn(&ServiceInstance) -> Result<S, E>,
+    F: Fn(&ServiceInstance) -> Result<Endpoint<S>, E>,
     E: Into<BoxError>,
 {
-    /// Watches `query` on `registry` and makes a service for each instance with `make`.
-    pub fn new<R>(registry: &R, query: impl Into<ServiceQuery>, make: F) -> Self
+    /// [`new`](RegistryDiscover::new), with `make` making the whole endpoint (a connection
+    /// adds its readiness).
+    pub(crate) fn of_endpoints<R>(registry: &R, query: impl Into<ServiceQuery>, make: F) -> Self
     where
         R: ServiceRegistry + ?Sized,
     {
         let query = query.into();
         let watch = registry.watch(&query);
-        Self::from_stream(query.name, watch, make)
+        Self::stream_of_endpoints(query.name, watch, make)
     }
 
-    /// Diffs the sets of any stream of full instance sets, such as a
-    /// [`WatchStream`](crate::registry::WatchStream). `service` names the service in logs.
-    pub fn from_stream<W>(service: impl Into<String>, watch: W, make: F) -> Self
+    fn stream_of_endpoints<W>(service: impl Into<String>, watch: W, make: F) -> Self
     where
         W: Stream<Item = Result<Vec<ServiceInstance>>> + Send + 'static,
     {
@@ -155,68 +198,12 @@ where
     }
 }
 
-impl<S> RegistryDiscover<Endpoint<S>, ()> {
-    /// Like [`new`](RegistryDiscover::new), but each service is a balancer
-    /// [`Endpoint`] carrying its instance's weight and zone, for
-    /// [`BalanceBuilder::build_endpoints`](crate::balance::BalanceBuilder::build_endpoints).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use std::convert::Infallible;
-    /// use tower::{ServiceExt, service_fn};
-    /// use tower_sd::balance::Balance;
-    /// use tower_sd::{MemoryRegistry, RegistryDiscover, ServiceInstance, ServiceRegistry};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), tower::BoxError> {
-    /// let registry = MemoryRegistry::new();
-    /// let heavy = ServiceInstance::new("a", "echo", "10.0.0.1", 80).with_weight(9);
-    /// registry.register(heavy).await?;
-    /// let discover = RegistryDiscover::endpoints(&registry, "echo", |instance| {
-    ///     let id = instance.id.clone();
-    ///     Ok::<_, Infallible>(service_fn(move |()| {
-    ///         let id = id.clone();
-    ///         async move { Ok::<_, Infallible>(id) }
-    ///     }))
-    /// });
-    /// let balance = Balance::builder().build_endpoints(discover);
-    /// assert_eq!(balance.clone().oneshot(()).await?, "a");
-    /// assert_eq!(balance.endpoints()[0].weight, 9);
-    /// # Ok(())
-    /// # }
-    /// ```
-    #[allow(clippy::type_complexity)]
-    pub fn endpoints<R, Q, E, F>(
-        registry: &R,
-        query: Q,
-        make: F,
-    ) -> RegistryDiscover<
-        Endpoint<S>,
-        impl Fn(&ServiceInstance) -> Result<Endpoint<S>, E> + use<S, R, Q, E, F>,
-    >
-    where
-        R: ServiceRegistry + ?Sized,
-        Q: Into<ServiceQuery>,
-        E: Into<BoxError>,
-        F: Fn(&ServiceInstance) -> Result<S, E>,
-    {
-        RegistryDiscover::new(registry, query, move |instance: &ServiceInstance| {
-            let endpoint = Endpoint::new(make(instance)?).weight(instance.weight);
-            Ok(match &instance.zone {
-                Some(zone) => endpoint.zone(zone.clone()),
-                None => endpoint,
-            })
-        })
-    }
-}
-
 impl<S, F, E> Stream for RegistryDiscover<S, F>
 where
-    F: Fn(&ServiceInstance) -> Result<S, E>,
+    F: Fn(&ServiceInstance) -> Result<Endpoint<S>, E>,
     E: Into<BoxError>,
 {
-    type Item = Result<Change<String, S>, Infallible>;
+    type Item = Result<Change<String, Endpoint<S>>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;

@@ -114,7 +114,7 @@ pub enum Error {
         waited: std::time::Duration,
         /// Why one of them failed to connect, when one did.
         #[source]
-        last_error: Option<crate::balance::ReadinessError>,
+        last_error: Option<crate::endpoint::ReadinessError>,
     },
 
     /// Too few endpoints are usable (the rest are ejected) and the balancer is set to fail

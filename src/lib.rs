@@ -77,17 +77,21 @@
 
 mod backoff;
 pub mod balance;
+#[cfg(any(feature = "http", feature = "tonic"))]
+pub mod classify;
 #[cfg(feature = "config")]
 pub mod config;
 #[cfg(feature = "connections")]
 pub mod connection;
 pub mod discover;
+pub mod endpoint;
 mod error;
 #[cfg(feature = "http")]
 pub mod http;
 mod instance;
 #[cfg(feature = "consul-connect")]
 pub mod mesh;
+mod metrics;
 pub mod registration;
 pub mod registry;
 #[cfg(feature = "tonic")]

@@ -40,7 +40,8 @@ use http::uri::{Authority, Scheme};
 use tonic::body::Body;
 use tower::Service;
 
-use crate::balance::{self, Balance, HttpStatus, LoadMetric, OutlierDetection, ResponseBody};
+use crate::balance::{self, Balance, LoadMetric, OutlierDetection};
+use crate::classify::{HttpStatus, ResponseBody};
 use crate::connection::retry::{Retry, RetryFuture};
 use crate::connection::{
     self, Connection, ConnectionError, ConnectionSettings, Connector, TlsConfig,
@@ -141,7 +142,6 @@ pub struct LoadBalancedChannelBuilder {
     query: ServiceQuery,
     connections: ConnectionSettings,
     timeout: Option<Duration>,
-    tls_server_name: Option<String>,
     balance: balance::BalanceBuilder,
 }
 
@@ -164,7 +164,6 @@ impl LoadBalancedChannel {
                 concat!("tower-sd/", env!("CARGO_PKG_VERSION")),
             )),
             timeout: None,
-            tls_server_name: None,
         }
     }
 
@@ -410,13 +409,14 @@ impl LoadBalancedChannelBuilder {
         self
     }
 
-    /// HTTP/2 keepalive ping interval (default 30 s, while streams are open).
-    pub fn http2_keep_alive_interval(mut self, interval: Duration) -> Self {
-        self.connections = self.connections.http2_keep_alive_interval(Some(interval));
+    /// HTTP/2 keepalive pings (default off; see
+    /// [`ConnectionSettings::http2_keep_alive_interval`]).
+    pub fn http2_keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
+        self.connections = self.connections.http2_keep_alive_interval(interval);
         self
     }
 
-    /// How long to wait for a keepalive ping's answer (default 10 s).
+    /// How long to wait for a keepalive ping's answer (default 20 s).
     pub fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
         self.connections = self.connections.keep_alive_timeout(timeout);
         self
@@ -428,25 +428,17 @@ impl LoadBalancedChannelBuilder {
         self
     }
 
-    /// Requests in flight per endpoint, at most.
-    pub fn concurrency_limit(mut self, limit: usize) -> Self {
-        self.connections = self.connections.concurrency_limit(Some(limit));
+    /// Requests in flight per endpoint, at most (default unlimited).
+    pub fn concurrency_limit(mut self, limit: Option<usize>) -> Self {
+        self.connections = self.connections.concurrency_limit(limit);
         self
     }
 
     /// Dial every instance over TLS with this configuration. The server name checked
-    /// against certificates is the configuration's, else
-    /// [`tls_server_name`](Self::tls_server_name), else the service name, never the dialled
-    /// IP address.
-    pub fn tls_config(mut self, config: TlsConfig) -> Self {
+    /// against certificates is the configuration's ([`TlsConfig::server_name`]), else the
+    /// service name, never the dialled IP address.
+    pub fn tls(mut self, config: TlsConfig) -> Self {
         self.connections = self.connections.tls(config);
-        self
-    }
-
-    /// The TLS server name (SNI and certificate check) when the [`TlsConfig`] names none;
-    /// default: the service name.
-    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
-        self.tls_server_name = Some(name.into());
         self
     }
 
@@ -510,21 +502,17 @@ impl LoadBalancedChannelBuilder {
     /// When called outside a tokio runtime (the balancer's updater is spawned on it).
     pub fn build(self) -> LoadBalancedChannel {
         let service = self.query.name.clone();
-        let server_name = self.tls_server_name.unwrap_or_else(|| service.clone());
         let buffer = self.connections.retry_buffer_bytes;
-        let connector = Connector::new(self.connections).default_server_name(server_name);
+        let connector = Connector::new(self.connections).service(service.as_str());
         let registry = self.registry;
         let watched = Arc::clone(&registry);
-        let discover = RegistryDiscover::new(&*registry, self.query, move |instance| {
+        let discover = RegistryDiscover::of_endpoints(&*registry, self.query, move |instance| {
             // Holding the registry here keeps it alive as long as discovery runs, even when
             // the caller handed over its only reference.
             let _alive = &watched;
             connector.endpoint::<Body>(instance)
         });
-        let balance = self
-            .balance
-            .build_endpoints(discover)
-            .with_classifier(HttpStatus);
+        let balance = self.balance.build(discover).with_classifier(HttpStatus);
         LoadBalancedChannel {
             retry: Retry::new(balance, buffer, &service),
             timeout: self.timeout,

@@ -13,23 +13,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{FutureExt, stream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
 use tower::discover::Change;
 use tower::{Service, ServiceExt};
-use tower_sd::balance::{Balance, Connectivity, Endpoint, EndpointState, LoadMetric, Readiness};
+use tower_sd::balance::{Balance, EndpointState, LoadMetric};
+use tower_sd::endpoint::{Connectivity, Endpoint, Endpoints, Readiness};
 use tower_sd::{Error, MemoryRegistry, ServiceInstance, ServiceRegistry};
 
-type Feed<S> = mpsc::UnboundedSender<Result<Change<usize, S>, Infallible>>;
+type Feed<S> = support::feed::Feed<usize, S>;
 
 /// A discover fed by hand, and a balancer over it.
 fn fed<S>(builder: tower_sd::balance::BalanceBuilder) -> (Feed<S>, Balance<S, usize>)
 where
     S: Send + Sync + 'static,
 {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let discover = stream::poll_fn(move |cx| rx.poll_recv(cx));
-    (tx, builder.build(discover))
+    let (feed, discover) = support::feed::feed();
+    (feed, builder.build(discover))
 }
 
 /// Waits until the balancer has published `n` snapshots.
@@ -122,8 +122,7 @@ impl Service<()> for Counted {
 }
 
 fn insert(feed: &Feed<Counted>, probe: &Probe) {
-    feed.send(Ok(Change::Insert(probe.id, Counted(probe.clone()))))
-        .unwrap();
+    feed.insert(probe.id, Counted(probe.clone()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -211,7 +210,7 @@ async fn call_uses_the_endpoint_chosen_in_poll_ready() {
     balance.ready().await.unwrap();
 
     // The set changes completely between poll_ready and call (tower #856).
-    feed.send(Ok(Change::Remove(1))).unwrap();
+    feed.remove(1);
     insert(&feed, &Probe::new(2));
     published(&balance, 2).await;
     assert_eq!(balance.call(()).await.unwrap(), 1);
@@ -258,7 +257,7 @@ async fn a_pending_endpoint_is_called_only_once_ready() {
     let (mock, mut handle) = tower_test::mock::pair::<(), &'static str>();
     handle.allow(0);
     let (feed, mut balance) = fed(Balance::builder());
-    feed.send(Ok(Change::Insert(1, mock))).unwrap();
+    feed.insert(1, mock);
     published(&balance, 1).await;
 
     let mut task = tokio_test::task::spawn(());
@@ -278,15 +277,15 @@ async fn a_caller_waiting_on_a_pending_endpoint_moves_on_when_it_is_removed() {
     let (stuck, mut stuck_handle) = tower_test::mock::pair::<(), &'static str>();
     stuck_handle.allow(0);
     let (feed, mut balance) = fed(Balance::builder());
-    feed.send(Ok(Change::Insert(1, stuck))).unwrap();
+    feed.insert(1, stuck);
     published(&balance, 1).await;
     let mut task = tokio_test::task::spawn(());
     assert_pending!(task.enter(|cx, _| balance.poll_ready(cx)));
 
     let (fresh, mut fresh_handle) = tower_test::mock::pair::<(), &'static str>();
     fresh_handle.allow(1);
-    feed.send(Ok(Change::Remove(1))).unwrap();
-    feed.send(Ok(Change::Insert(2, fresh))).unwrap();
+    feed.remove(1);
+    feed.insert(2, fresh);
     listed(&balance, 2).await;
     assert!(task.is_woken(), "the publish wakes the caller");
     assert_ready_ok!(task.enter(|cx, _| balance.poll_ready(cx)));
@@ -309,7 +308,7 @@ async fn an_idle_handle_releases_a_removed_service_at_its_next_use() {
     published(&balance, 1).await;
     assert_eq!((&mut balance).oneshot(()).await.unwrap(), 1);
 
-    feed.send(Ok(Change::Remove(1))).unwrap();
+    feed.remove(1);
     insert(&feed, &Probe::new(2));
     listed(&balance, 2).await;
     assert_eq!(
@@ -341,7 +340,7 @@ async fn removal_drains_in_flight_requests_then_drops_the_service() {
         balance.endpoints().first().map(|e| e.in_flight) == Some(3)
     })
     .await;
-    feed.send(Ok(Change::Remove(1))).unwrap();
+    feed.remove(1);
     published(&balance, 2).await;
     assert!(balance.endpoints().is_empty());
     assert!(probe.clones.load(Ordering::SeqCst) > 0, "still draining");
@@ -380,7 +379,7 @@ async fn an_endpoint_failing_poll_ready_is_not_picked() {
 
     // It recovers when its poll_ready succeeds again (tried once nothing else is usable).
     bad.fail_ready.store(false, Ordering::SeqCst);
-    feed.send(Ok(Change::Remove(2))).unwrap();
+    feed.remove(2);
     published(&balance, 2).await;
     assert_eq!(balance.clone().oneshot(()).await.unwrap(), 1);
     assert_eq!(balance.endpoints()[0].state, EndpointState::Ready);
@@ -406,7 +405,7 @@ async fn weights_scale_the_share_of_in_flight_requests() {
         .unwrap();
     let probes: HashMap<u16, Probe> =
         [(1, Probe::gated(1, &gate)), (2, Probe::gated(2, &gate))].into();
-    let balance = Balance::builder().build_endpoints(tower_sd::RegistryDiscover::endpoints(
+    let balance = Balance::builder().build(tower_sd::RegistryDiscover::new(
         &registry,
         "svc",
         move |instance| Ok::<_, Infallible>(Counted(probes[&instance.port].clone())),
@@ -437,21 +436,20 @@ async fn weights_scale_the_share_of_in_flight_requests() {
 #[tokio::test(start_paused = true)]
 async fn peak_ewma_sends_less_to_a_slow_endpoint() {
     let _limit = support::time_limit(60);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, fed) = support::feed::feed();
     for (id, latency_ms) in [(0usize, 1u64), (1, 1), (2, 1), (3, 10)] {
         let service = tower::service_fn(move |()| async move {
             tokio::time::sleep(Duration::from_millis(latency_ms)).await;
             Ok::<_, Infallible>(id)
         });
-        tx.send(Ok::<_, Infallible>(Change::Insert(id, service)))
-            .unwrap();
+        tx.insert(id, service);
     }
     let balance = Balance::builder()
         .load(LoadMetric::PeakEwma {
             default_rtt: Duration::from_millis(1),
             decay: Duration::from_secs(10),
         })
-        .build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        .build(fed);
     published(&balance, 1).await;
 
     let served = served_by_eight_callers(&balance).await;
@@ -483,7 +481,7 @@ async fn discovery_end_and_errors_keep_the_current_endpoints() {
         Err("registry hiccup"),
         Ok(Change::Insert(2, Counted(Probe::new(2)))),
     ];
-    let balance = Balance::builder().build(stream::iter(changes));
+    let balance = Balance::builder().build(Endpoints::new(stream::iter(changes)));
     support::until("the error is skipped and the later change applied", || {
         balance.endpoints().len() == 2
     })
@@ -544,8 +542,8 @@ async fn stress_churn() {
     let removed_at: Arc<Vec<AtomicU64>> =
         Arc::new((0..IDS).map(|_| AtomicU64::new(u64::MAX)).collect());
     let epoch = Arc::new(AtomicU64::new(0));
-    let (feed, mut rx) = mpsc::unbounded_channel();
-    let balance = Balance::builder().build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let (feed, fed) = support::feed::feed();
+    let balance = Balance::builder().build(fed);
     let mut live = [false; IDS];
     let insert = |id: usize, live: &mut [bool; IDS]| {
         live[id] = true;
@@ -555,8 +553,7 @@ async fn stress_churn() {
             token: Arc::new(Token),
             removed_at: Arc::clone(&removed_at),
         };
-        feed.send(Ok::<_, Infallible>(Change::Insert(id, service)))
-            .unwrap();
+        feed.insert(id, service);
     };
     for id in 0..IDS / 2 {
         insert(id, &mut live);
@@ -591,7 +588,7 @@ async fn stress_churn() {
         if live[id] && live.iter().filter(|&&l| l).count() > 1 {
             live[id] = false;
             let before = balance.updates();
-            feed.send(Ok(Change::Remove(id))).unwrap();
+            feed.remove(id);
             // Published means counted in `updates()`: pickers switch snapshots on that count.
             support::until("the removal is published", || {
                 balance.updates() > before && !balance.endpoints().iter().any(|e| e.key == id)
@@ -628,7 +625,7 @@ async fn kept_clones_are_reused_and_released_with_the_snapshot() {
     // The balancer's own copy plus the one clone this handle keeps and reuses.
     assert_eq!(probe.clones.load(Ordering::SeqCst), 2);
 
-    feed.send(Ok(Change::Remove(1))).unwrap();
+    feed.remove(1);
     insert(&feed, &Probe::new(2));
     listed(&balance, 2).await;
     assert_eq!((&mut balance).oneshot(()).await.unwrap(), 2);
@@ -639,20 +636,18 @@ async fn kept_clones_are_reused_and_released_with_the_snapshot() {
     );
 }
 
-type EndpointFeed = mpsc::UnboundedSender<Result<Change<usize, Endpoint<Counted>>, Infallible>>;
+type EndpointFeed = Feed<Counted>;
 
 /// A balancer over endpoints that carry a [`Readiness`], fed by hand.
 fn fed_endpoints(
     builder: tower_sd::balance::BalanceBuilder,
 ) -> (EndpointFeed, Balance<Counted, usize>) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let discover = stream::poll_fn(move |cx| rx.poll_recv(cx));
-    (tx, builder.build_endpoints(discover))
+    fed(builder)
 }
 
 fn insert_with(feed: &EndpointFeed, probe: &Probe, readiness: &Readiness) {
     let endpoint = Endpoint::new(Counted(probe.clone())).readiness(readiness.clone());
-    feed.send(Ok(Change::Insert(probe.id, endpoint))).unwrap();
+    feed.insert_endpoint(probe.id, endpoint);
 }
 
 /// Catches a picker that ignores the connectivity its owner reports (the service's own
@@ -775,22 +770,21 @@ fn timed_service(
 #[tokio::test(start_paused = true)]
 async fn peak_ewma_weighs_latency_by_the_requests_in_flight() {
     let _limit = support::time_limit(60);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, fed) = support::feed::feed();
     let balance = Balance::builder()
         .load(LoadMetric::PeakEwma {
             default_rtt: Duration::from_micros(1_200),
             decay: Duration::from_secs(10),
         })
-        .build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        .build(fed);
     // B alone first, so its estimate is its latency.
     let b = timed_service(1, Duration::from_millis(3), None);
-    tx.send(Ok::<_, Infallible>(Change::Insert(1usize, b)))
-        .unwrap();
+    tx.insert(1usize, b);
     published(&balance, 1).await;
     assert_eq!(balance.clone().oneshot(()).await.unwrap(), 1);
     let gate = Arc::new(Semaphore::new(0));
     let a = timed_service(0, Duration::from_millis(1), Some(Arc::clone(&gate)));
-    tx.send(Ok(Change::Insert(0, a))).unwrap();
+    tx.insert(0, a);
     published(&balance, 2).await;
     let in_flight_on_a = |balance: &Balance<_, usize>| {
         balance
@@ -846,19 +840,18 @@ async fn the_one_connected_endpoint_of_ten_is_found_wherever_it_is() {
 #[tokio::test(start_paused = true)]
 async fn peak_ewma_sends_less_to_a_slow_endpoint_when_weights_differ() {
     let _limit = support::time_limit(60);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, fed) = support::feed::feed();
     for (id, latency_ms, weight) in [(0usize, 1u64, 1u32), (1, 1, 1), (2, 1, 1), (3, 10, 2)] {
         let service = timed_service(id, Duration::from_millis(latency_ms), None);
         let endpoint = Endpoint::new(service).weight(weight);
-        tx.send(Ok::<_, Infallible>(Change::Insert(id, endpoint)))
-            .unwrap();
+        tx.insert_endpoint(id, endpoint);
     }
     let balance = Balance::builder()
         .load(LoadMetric::PeakEwma {
             default_rtt: Duration::from_millis(1),
             decay: Duration::from_secs(10),
         })
-        .build_endpoints(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        .build(fed);
     published(&balance, 1).await;
 
     let served = served_by_eight_callers(&balance).await;

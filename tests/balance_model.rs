@@ -16,7 +16,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -25,10 +24,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tower::discover::Change;
 use tower::{BoxError, Service};
-use tower_sd::balance::{Balance, Endpoint, EndpointState, OutlierDetection};
+use tower_sd::balance::{Balance, EndpointState, OutlierDetection};
+use tower_sd::endpoint::Endpoint;
 
 /// How a running request ends.
 #[derive(Clone, Copy, Debug)]
@@ -109,7 +109,7 @@ type Response = Pin<Box<dyn Future<Output = Result<u64, BoxError>>>>;
 /// The model: what runs where, and which generation of each key is live.
 struct Harness {
     balance: Balance<ModelEndpoint, usize>,
-    feed: mpsc::UnboundedSender<Result<Change<usize, Endpoint<ModelEndpoint>>, Infallible>>,
+    feed: support::feed::Feed<usize, ModelEndpoint>,
     inbox: Inbox,
     live: HashMap<usize, u64>,
     generations: u64,
@@ -121,7 +121,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let (feed, mut rx) = mpsc::unbounded_channel();
+        let (feed, fed) = support::feed::feed();
         let detection = OutlierDetection::default()
             .consecutive_failures(2)
             .base_ejection_time(Duration::from_secs(10))
@@ -131,7 +131,7 @@ impl Harness {
             .outlier_detection(Some(detection))
             .panic_threshold(0)
             .wait_for_endpoints(Duration::ZERO)
-            .build_endpoints(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+            .build(fed);
         Self {
             balance,
             feed,
@@ -146,7 +146,10 @@ impl Harness {
     /// Sends a discovery change and waits until it is published.
     async fn discover(&mut self, change: Change<usize, Endpoint<ModelEndpoint>>) {
         let before = self.balance.updates();
-        self.feed.send(Ok(change)).unwrap();
+        match change {
+            Change::Insert(key, endpoint) => self.feed.insert_endpoint(key, endpoint),
+            Change::Remove(key) => self.feed.remove(key),
+        }
         support::until("the change is published", || {
             self.balance.updates() > before
         })

@@ -54,7 +54,7 @@ fn watch_for_failures(channel: &LoadBalancedChannel) -> tokio::task::JoinHandle<
             let endpoints = channel.balance().endpoints();
             if endpoints
                 .iter()
-                .any(|e| e.connectivity == Some(tower_sd::balance::Connectivity::TransientFailure))
+                .any(|e| e.connectivity == Some(tower_sd::endpoint::Connectivity::TransientFailure))
             {
                 return;
             }
@@ -243,7 +243,7 @@ async fn too_many_pings_doubles_the_keepalive_interval() {
         return;
     };
     let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
-        .http2_keep_alive_interval(Duration::from_secs(10))
+        .http2_keep_alive_interval(Some(Duration::from_secs(10)))
         .connect(Duration::from_secs(5))
         .await
         .unwrap();

@@ -18,8 +18,8 @@ use support::raw_h2::{RawH2, Seen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tower::{Service, ServiceExt};
-use tower_sd::balance::Connectivity;
 use tower_sd::connection::{Connection, ConnectionError, ConnectionSettings, ReplayBody};
+use tower_sd::endpoint::Connectivity;
 
 type Conn = Connection<Empty<Bytes>>;
 type Call =

@@ -13,8 +13,8 @@ use http_body_util::{Empty, Full};
 use support::one_connection::{Chunks, WAIT, connect, ms, settings, until_state};
 use support::raw_h2::RawH2;
 use tower::{Service, ServiceExt};
-use tower_sd::balance::Connectivity;
 use tower_sd::connection::{Connection, ReplayBody};
+use tower_sd::endpoint::Connectivity;
 
 /// Catches a request body read faster than the server takes it. This server never opens
 /// its flow-control window past HTTP/2's initial 65,535 bytes, so about 16 chunks of 4 KiB

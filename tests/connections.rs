@@ -19,8 +19,9 @@ use support::numbers;
 use support::servers::TestServer;
 use tokio::time::Instant;
 use tonic_health::pb::health_client::HealthClient;
-use tower_sd::balance::{Connectivity, EndpointState};
+use tower_sd::balance::EndpointState;
 use tower_sd::connection::TlsConfig;
+use tower_sd::endpoint::Connectivity;
 use tower_sd::tonic::LoadBalancedChannel;
 use tower_sd::{MemoryRegistry, ServiceInstance, ServiceRegistry};
 
@@ -203,7 +204,7 @@ async fn behind_a_proxy(
     registry.register(instance).await.unwrap();
     let channel = LoadBalancedChannel::builder(registry, SERVICE)
         .outlier_detection(None)
-        .http2_keep_alive_interval(PING_EVERY)
+        .http2_keep_alive_interval(Some(PING_EVERY))
         .keep_alive_timeout(Duration::from_millis(300))
         .keep_alive_while_idle(while_idle)
         .connect(Duration::from_secs(5))
@@ -371,8 +372,7 @@ async fn mutual_tls_with_a_private_ca() {
     let key_line = client_cert.key_pem.lines().nth(1).expect("a PEM body");
     assert!(!printed.contains(key_line), "{printed}");
     let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
-        .tls_config(with_cert)
-        .tls_server_name("health.internal")
+        .tls(with_cert.server_name("health.internal"))
         .build();
     let mut client = HealthClient::new(channel);
     for _ in 0..20 {
@@ -380,8 +380,7 @@ async fn mutual_tls_with_a_private_ca() {
     }
 
     let without_cert = LoadBalancedChannel::builder(registry.clone(), SERVICE)
-        .tls_config(trusted)
-        .tls_server_name("health.internal")
+        .tls(trusted.server_name("health.internal"))
         .wait_for_endpoints(Duration::from_secs(1))
         .build();
     let status = check(&mut HealthClient::new(without_cert))
@@ -391,8 +390,11 @@ async fn mutual_tls_with_a_private_ca() {
 
     let other_ca = support::pki::Ca::new("another CA");
     let untrusting = LoadBalancedChannel::builder(registry, SERVICE)
-        .tls_config(TlsConfig::with_ca_pem(other_ca.cert_pem.as_bytes()).unwrap())
-        .tls_server_name("health.internal")
+        .tls(
+            TlsConfig::with_ca_pem(other_ca.cert_pem.as_bytes())
+                .unwrap()
+                .server_name("health.internal"),
+        )
         .wait_for_endpoints(Duration::from_secs(1))
         .build();
     let status = check(&mut HealthClient::new(untrusting)).await.unwrap_err();

@@ -533,14 +533,14 @@ async fn the_same_service_id_on_three_nodes_is_three_instances() {
     assert_eq!(ids(&set), ["node-1/web", "node-2/web", "node-3/web"]);
 
     // A balancer keyed by id sees three endpoints, not one.
-    let discover = RegistryDiscover::endpoints(&consul, "web", |instance| {
+    let discover = RegistryDiscover::new(&consul, "web", |instance| {
         let id = instance.id.clone();
         Ok::<_, Infallible>(tower::service_fn(move |()| {
             let id = id.clone();
             async move { Ok::<_, Infallible>(id) }
         }))
     });
-    let balance = Balance::builder().build_endpoints(discover);
+    let balance = Balance::builder().build(discover);
     balance
         .await_endpoints(Duration::from_secs(2))
         .await

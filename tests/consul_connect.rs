@@ -15,8 +15,8 @@ use http_body_util::Empty;
 use support::fake_consul::FakeConsul;
 use support::grpc::{Callers, check};
 use tonic_health::pb::health_client::HealthClient;
-use tower_sd::balance::Connectivity;
 use tower_sd::connection::ConnectionSettings;
+use tower_sd::endpoint::Connectivity;
 use tower_sd::http::DiscoveryLayer;
 use tower_sd::mesh::ConsulConnect;
 use tower_sd::registry::consul::{ConsulRegistry, MeshRegistration};
@@ -118,7 +118,7 @@ impl Drop for MeshServer {
 /// A channel to `service`, as the mesh identity `me`.
 fn channel(consul: &ConsulRegistry, service: &str, me: &ConsulConnect) -> LoadBalancedChannel {
     LoadBalancedChannel::builder(Arc::new(consul.clone()), service)
-        .tls_config(me.client_tls().unwrap())
+        .tls(me.client_tls().unwrap())
         .wait_for_endpoints(Duration::from_secs(3))
         .build()
 }
@@ -220,7 +220,7 @@ async fn an_allowed_call_succeeds() {
 
     // A client without the mesh's certificate is refused at the handshake.
     let plain = LoadBalancedChannel::builder(Arc::new(consul.clone()), "api")
-        .tls_config(tower_sd::connection::TlsConfig::with_platform_roots().unwrap())
+        .tls(tower_sd::connection::TlsConfig::with_platform_roots().unwrap())
         .wait_for_endpoints(Duration::from_secs(1))
         .build();
     let status = check(&mut HealthClient::new(plain)).await.unwrap_err();
@@ -675,7 +675,7 @@ async fn a_sidecar_of_a_tcp_service_is_reached_over_http2_without_alpn() {
     }
 
     let strict = LoadBalancedChannel::builder(Arc::new(consul.clone()), "api")
-        .tls_config(web.client_tls().unwrap().http2_without_alpn(false))
+        .tls(web.client_tls().unwrap().http2_without_alpn(false))
         .wait_for_endpoints(Duration::from_secs(1))
         .build();
     let status = check(&mut HealthClient::new(strict)).await.unwrap_err();

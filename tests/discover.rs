@@ -13,24 +13,31 @@ use support::instance;
 use tokio::sync::mpsc;
 use tower::discover::Change;
 use tower::{Service, ServiceExt};
+use tower_sd::endpoint::Endpoint;
 use tower_sd::{Error, MemoryRegistry, RegistryDiscover, ServiceInstance, ServiceRegistry};
 
 type Feed = mpsc::UnboundedSender<tower_sd::Result<Vec<ServiceInstance>>>;
 
 /// A discover over a hand-fed stream of sets whose "service" is a copy of the instance.
-fn fed_discover<F>(make: F) -> (Feed, RegistryDiscover<ServiceInstance, F>)
-where
-    F: Fn(&ServiceInstance) -> Result<ServiceInstance, &'static str>,
-{
+#[allow(clippy::type_complexity)]
+fn fed_discover(
+    make: impl Fn(&ServiceInstance) -> Result<ServiceInstance, &'static str>,
+) -> (
+    Feed,
+    RegistryDiscover<
+        ServiceInstance,
+        impl Fn(&ServiceInstance) -> Result<Endpoint<ServiceInstance>, &'static str>,
+    >,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watch = stream::poll_fn(move |cx| rx.poll_recv(cx));
     (tx, RegistryDiscover::from_stream("svc", watch, make))
 }
 
 /// Every change ready now, without waiting.
-fn ready_changes<S, F>(discover: &mut RegistryDiscover<S, F>) -> Vec<Change<String, S>>
+fn ready_changes<S, F>(discover: &mut RegistryDiscover<S, F>) -> Vec<Change<String, Endpoint<S>>>
 where
-    F: Fn(&ServiceInstance) -> Result<S, &'static str>,
+    F: Fn(&ServiceInstance) -> Result<Endpoint<S>, &'static str>,
 {
     let mut changes = Vec::new();
     while let Some(item) = discover.next().now_or_never() {
@@ -99,10 +106,10 @@ proptest! {
                         prop_assert!(applied.remove(id).is_some(), "removed an unknown id {}", id);
                         removed_seen.insert(id.clone());
                     }
-                    Change::Insert(id, service) => {
+                    Change::Insert(id, endpoint) => {
                         inserting = true;
-                        prop_assert_eq!(id, &service.id);
-                        applied.insert(id.clone(), service.clone());
+                        prop_assert_eq!(id, &endpoint.service.id);
+                        applied.insert(id.clone(), endpoint.service.clone());
                     }
                 }
             }

@@ -13,8 +13,9 @@ use http_body_util::Empty;
 use support::raw_h2::Seen;
 use support::servers::{TestServer, get};
 use tower_sd::MemoryRegistry;
-use tower_sd::balance::{Connectivity, EndpointState};
+use tower_sd::balance::EndpointState;
 use tower_sd::connection::ConnectionSettings;
+use tower_sd::endpoint::Connectivity;
 use tower_sd::http::{ConnectionDiscovery, DiscoveryLayer, UnknownHost};
 
 const SERVICE: &str = "backend";

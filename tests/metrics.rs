@@ -38,7 +38,7 @@ fn requests_ejections_and_updates_are_counted() {
             let balance = Balance::builder()
                 .service_name("metered")
                 .outlier_detection(Some(OutlierDetection::default().consecutive_failures(2)))
-                .build(stream::iter(changes));
+                .build(tower_sd::endpoint::Endpoints::new(stream::iter(changes)));
             support::until("both endpoints are listed", || {
                 balance.endpoints().len() == 2
             })

@@ -10,10 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::stream;
-use tokio::sync::mpsc;
 use tokio::time::advance;
-use tower::discover::Change;
 use tower::{BoxError, Service, ServiceExt};
 use tower_sd::balance::{
     Balance, BalanceBuilder, EndpointState, OutlierDetection, PanicMode, ZonePreference,
@@ -91,14 +88,14 @@ struct Fleet {
     hangs: Vec<Arc<AtomicBool>>,
     unready: Vec<Arc<AtomicBool>>,
     refusals: Vec<Arc<AtomicUsize>>,
-    feed: mpsc::UnboundedSender<Result<Change<usize, Flaky>, Infallible>>,
+    feed: support::feed::Feed<usize, Flaky>,
     balance: Balance<Flaky, usize>,
 }
 
 impl Fleet {
     async fn new(n: usize, builder: BalanceBuilder) -> Self {
-        let (feed, mut rx) = mpsc::unbounded_channel();
-        let balance = builder.build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let (feed, fed) = support::feed::feed();
+        let balance = builder.build(fed);
         let mut fleet = Self {
             switches: Vec::new(),
             calls: Vec::new(),
@@ -122,7 +119,7 @@ impl Fleet {
         self.hangs.push(Arc::clone(&flaky.hang));
         self.unready.push(Arc::clone(&flaky.unready));
         self.refusals.push(Arc::clone(&flaky.refusals));
-        self.feed.send(Ok(Change::Insert(id, flaky))).unwrap();
+        self.feed.insert(id, flaky);
         support::until("the endpoint is listed", || {
             self.balance.endpoints().iter().any(|e| e.key == id)
         })
@@ -388,7 +385,7 @@ async fn zone_preference_stays_local_then_falls_back() {
     let balance = Balance::builder()
         .zone_preference(ZonePreference::new("a").min_endpoints(2))
         .outlier_detection(Some(detection()))
-        .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+        .build(tower_sd::RegistryDiscover::new(
             &registry,
             "svc",
             move |instance| {
@@ -719,7 +716,7 @@ async fn failures_on_removed_endpoints_do_not_leak_the_ejected_count() {
             handle.ready().await.unwrap();
             requests.push(tokio::spawn(handle.call(())));
         }
-        fleet.feed.send(Ok(Change::Remove(old))).unwrap();
+        fleet.feed.remove(old);
         fleet.add().await;
         support::until("removed", || {
             !fleet.balance.endpoints().iter().any(|e| e.key == old)
@@ -757,7 +754,7 @@ async fn zone_preference_skips_a_zone_whose_endpoints_are_not_ready() {
     let make = unready.clone();
     let balance = Balance::builder()
         .zone_preference(ZonePreference::new("a").min_endpoints(2))
-        .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+        .build(tower_sd::RegistryDiscover::new(
             &registry,
             "svc",
             move |instance| {
@@ -814,7 +811,7 @@ async fn a_local_zone_below_its_minimum_share_is_not_preferred() {
                     .min_endpoints(1)
                     .min_share_percent(percent),
             )
-            .build_endpoints(tower_sd::RegistryDiscover::endpoints(
+            .build(tower_sd::RegistryDiscover::new(
                 &registry,
                 "svc",
                 move |instance| {

@@ -328,17 +328,13 @@ mod with_consul {
         cached.register(instance("a")).await.unwrap();
         let balance = Balance::builder()
             .wait_for_endpoints(Duration::from_millis(100))
-            .build_endpoints(tower_sd::RegistryDiscover::endpoints(
-                &*cached,
-                "api",
-                |i| {
-                    let id = i.id.clone();
-                    Ok::<_, std::convert::Infallible>(tower::service_fn(move |()| {
-                        let id = id.clone();
-                        async move { Ok::<_, std::convert::Infallible>(id) }
-                    }))
-                },
-            ));
+            .build(tower_sd::RegistryDiscover::new(&*cached, "api", |i| {
+                let id = i.id.clone();
+                Ok::<_, std::convert::Infallible>(tower::service_fn(move |()| {
+                    let id = id.clone();
+                    async move { Ok::<_, std::convert::Infallible>(id) }
+                }))
+            }));
         balance
             .await_endpoints(Duration::from_secs(5))
             .await
@@ -372,17 +368,13 @@ mod with_consul {
         // time) gets its endpoints from the cache: Consul itself answers nothing but errors.
         let late = Balance::builder()
             .wait_for_endpoints(Duration::from_secs(5))
-            .build_endpoints(tower_sd::RegistryDiscover::endpoints(
-                &*cached,
-                "api",
-                |i| {
-                    let id = i.id.clone();
-                    Ok::<_, std::convert::Infallible>(tower::service_fn(move |()| {
-                        let id = id.clone();
-                        async move { Ok::<_, std::convert::Infallible>(id) }
-                    }))
-                },
-            ));
+            .build(tower_sd::RegistryDiscover::new(&*cached, "api", |i| {
+                let id = i.id.clone();
+                Ok::<_, std::convert::Infallible>(tower::service_fn(move |()| {
+                    let id = id.clone();
+                    async move { Ok::<_, std::convert::Infallible>(id) }
+                }))
+            }));
         // The cached set: `a`, and `poke` if its change was answered before the outage.
         let served = late.oneshot(()).await.expect("served from the cache");
         assert!(

@@ -23,9 +23,8 @@ use tokio::sync::mpsc;
 use tower::ServiceExt;
 use tower::discover::Change;
 use tower::util::BoxCloneSyncService;
-use tower_sd::balance::{
-    Balance, BalanceBuilder, EndpointState, HttpStatus, LoadMetric, OutlierDetection,
-};
+use tower_sd::balance::{Balance, BalanceBuilder, EndpointState, LoadMetric, OutlierDetection};
+use tower_sd::classify::HttpStatus;
 
 type Body = BoxBody<Bytes, Infallible>;
 type Svc = BoxCloneSyncService<http::Request<()>, http::Response<Body>, Infallible>;
@@ -70,7 +69,9 @@ async fn balancer(
         .map(|id| Ok::<_, Infallible>(Change::Insert(id, endpoint(id, &answers[id]))))
         .collect();
     let balance = builder
-        .build(stream::iter(changes).chain(stream::pending()))
+        .build(tower_sd::endpoint::Endpoints::new(
+            stream::iter(changes).chain(stream::pending()),
+        ))
         .with_classifier(HttpStatus);
     support::until("listed", || balance.endpoints().len() == n).await;
     (balance, answers)
@@ -230,10 +231,10 @@ async fn a_response_without_a_body_completes_at_once() {
         .max_ejection_percent(100);
     let balance = Balance::builder()
         .outlier_detection(Some(detection))
-        .build(
+        .build(tower_sd::endpoint::Endpoints::new(
             stream::iter([Ok::<_, Infallible>(Change::Insert(0usize, empty))])
                 .chain(stream::pending()),
-        )
+        ))
         .with_classifier(HttpStatus);
     support::until("listed", || balance.endpoints().len() == 1).await;
     let response = balance.clone().oneshot(get("/")).await.unwrap();

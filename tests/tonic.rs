@@ -229,14 +229,13 @@ async fn tls_checks_the_configured_server_name_not_the_dialled_ip() {
 
     // The certificate names `health.internal`; we dial 127.0.0.1 and check that name.
     let channel = LoadBalancedChannel::builder(registry.clone(), SERVICE)
-        .tls_config(tls.clone())
-        .tls_server_name("health.internal")
+        .tls(tls.clone().server_name("health.internal"))
         .build();
     check(&mut HealthClient::new(channel)).await.unwrap();
 
     // By default the name checked is the service name, which this certificate does not carry.
     let channel = LoadBalancedChannel::builder(registry, SERVICE)
-        .tls_config(tls)
+        .tls(tls)
         .wait_for_endpoints(Duration::from_secs(2))
         .build();
     let status = check(&mut HealthClient::new(channel)).await.unwrap_err();

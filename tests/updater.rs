@@ -11,8 +11,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::stream;
-use tokio::sync::mpsc;
 use tower::ServiceExt;
 use tower::discover::Change;
 use tower_sd::Error;
@@ -34,7 +32,7 @@ async fn durations_that_overflow_saturate() {
         .consecutive_failures(1)
         .base_ejection_time(forever)
         .max_ejection_time(forever);
-    let (feed, mut rx) = mpsc::unbounded_channel::<Result<Change<usize, Ping>, Infallible>>();
+    let (feed, fed) = support::feed::feed();
     let balance = Balance::builder()
         .wait_for_endpoints(forever)
         .slow_start(forever)
@@ -44,10 +42,9 @@ async fn durations_that_overflow_saturate() {
             default_rtt: forever,
             decay: forever,
         })
-        .build(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        .build(fed);
     for id in 0..4 {
-        feed.send(Ok(Change::Insert(id, ping(id, id == 0))))
-            .unwrap();
+        feed.insert(id, ping(id, id == 0));
     }
     support::until("listed", || balance.endpoints().len() == 4).await;
     for _ in 0..200 {
@@ -56,7 +53,7 @@ async fn durations_that_overflow_saturate() {
     }
     // Still following discovery: a change is applied.
     let before = balance.updates();
-    feed.send(Ok(Change::Remove(3))).unwrap();
+    feed.remove(3);
     support::until("the change is applied", || balance.updates() > before).await;
     assert_eq!(balance.endpoints().len(), 3);
     let ejected = balance
@@ -88,9 +85,12 @@ impl futures_core::Stream for Panicking {
 async fn a_panicking_updater_fails_picks_instead_of_freezing_the_set() {
     let _limit = support::time_limit(60);
     let logs = support::logs::Logs::capture();
-    let balance = Balance::builder()
-        .service_name("frozen")
-        .build(Panicking(vec![Change::Insert(1, ping(1, false))]));
+    let balance =
+        Balance::builder()
+            .service_name("frozen")
+            .build(tower_sd::endpoint::Endpoints::new(Panicking(vec![
+                Change::Insert(1, ping(1, false)),
+            ])));
     support::until("the updater died", || {
         balance.clone().oneshot(()).now_or_never_err()
     })
@@ -106,7 +106,7 @@ async fn a_panicking_updater_fails_picks_instead_of_freezing_the_set() {
     let empty = Balance::builder()
         .service_name("empty")
         .wait_for_endpoints(Duration::from_secs(3600))
-        .build(Panicking(Vec::new()));
+        .build(tower_sd::endpoint::Endpoints::new(Panicking(Vec::new())));
     let started = tokio::time::Instant::now();
     let error = empty.oneshot(()).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1), "woken at once");

@@ -13,15 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::stream;
-use tokio::sync::{Semaphore, mpsc};
-use tower::discover::Change;
+use tokio::sync::Semaphore;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
-use tower_sd::balance::{Balance, BalanceBuilder, Endpoint, LoadMetric};
+use tower_sd::balance::{Balance, BalanceBuilder, LoadMetric};
+use tower_sd::endpoint::Endpoint;
 
 type Svc = BoxCloneSyncService<(), usize, Infallible>;
-type Feed = mpsc::UnboundedSender<Result<Change<usize, Endpoint<Svc>>, Infallible>>;
+type Feed = support::feed::Feed<usize, Svc>;
 
 /// An endpoint answering its id after `latency(request number)` of (paused) time, counting
 /// the requests it got.
@@ -52,17 +51,13 @@ async fn weighted(
 ) -> (Balance<Svc, usize>, Arc<Vec<AtomicUsize>>, Feed) {
     let served: Arc<Vec<AtomicUsize>> =
         Arc::new((0..weights.len()).map(|_| AtomicUsize::new(0)).collect());
-    let (feed, mut rx) = mpsc::unbounded_channel();
+    let (feed, fed) = support::feed::feed();
     for (id, &weight) in weights.iter().enumerate() {
         let latency = latency.clone();
         let service = endpoint(id, &served, move |n| latency(id, n));
-        feed.send(Ok(Change::Insert(
-            id,
-            Endpoint::new(service).weight(weight),
-        )))
-        .unwrap();
+        feed.insert_endpoint(id, Endpoint::new(service).weight(weight));
     }
-    let balance = builder.build_endpoints(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let balance = builder.build(fed);
     support::until("every endpoint is listed", || {
         balance.endpoints().len() == weights.len()
     })
@@ -174,8 +169,7 @@ async fn held_requests_follow_weights() {
     let hold = Arc::clone(&gate);
     let (weights, want) = ONE_ONE_ONE_FIVE;
     let served: Arc<Vec<AtomicUsize>> = Arc::new((0..4).map(|_| AtomicUsize::new(0)).collect());
-    let (feed, mut rx) =
-        mpsc::unbounded_channel::<Result<Change<usize, Endpoint<Svc>>, Infallible>>();
+    let (feed, fed) = support::feed::feed::<usize, Svc>();
     for (id, &weight) in weights.iter().enumerate() {
         let (hold, served) = (Arc::clone(&hold), Arc::clone(&served));
         let service = BoxCloneSyncService::new(tower::service_fn(move |()| {
@@ -186,13 +180,9 @@ async fn held_requests_follow_weights() {
                 Ok::<_, Infallible>(id)
             }
         }));
-        feed.send(Ok(Change::Insert(
-            id,
-            Endpoint::new(service).weight(weight),
-        )))
-        .unwrap();
+        feed.insert_endpoint(id, Endpoint::new(service).weight(weight));
     }
-    let balance = Balance::builder().build_endpoints(stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let balance = Balance::builder().build(fed);
     support::until("listed", || balance.endpoints().len() == 4).await;
     let mut requests = Vec::new();
     for _ in 0..400 {
@@ -262,8 +252,7 @@ async fn slow_start_ramps_a_new_endpoint_up_over_its_window() {
         counter.fetch_add(1, Ordering::SeqCst);
         id
     }));
-    feed.send(Ok(Change::Insert(3, Endpoint::new(new))))
-        .unwrap();
+    feed.insert_endpoint(3, Endpoint::new(new));
     support::until("the new endpoint is listed", || {
         balance.endpoints().len() == 4
     })

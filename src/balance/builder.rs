@@ -1,67 +1,17 @@
 //! [`BalanceBuilder`] and the policies it sets: [`PanicMode`] and [`ZonePreference`].
 
+use std::fmt;
 use std::hash::Hash;
 use std::time::Duration;
 
 use tower::discover::Discover;
 
-use super::endpoint::Endpoint;
+use super::config::{Config, PanicMode, ZonePreference};
 use super::load::LoadMetric;
 use super::outlier::OutlierDetection;
 use super::service::Balance;
-use super::snapshot::Config;
+use crate::endpoint::Endpoint;
 use crate::error::BoxError;
-
-/// What happens when fewer endpoints than the panic threshold are usable.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum PanicMode {
-    /// Ignore ejections and balance across every endpoint (Envoy's panic mode; the default).
-    #[default]
-    BalanceAll,
-    /// Fail requests with [`Error::NoHealthyEndpoints`](crate::Error::NoHealthyEndpoints).
-    Fail,
-}
-
-/// Prefer endpoints in the local zone while it has enough usable ones.
-///
-/// An endpoint is usable when it is neither ejected by outlier detection nor failing its
-/// `poll_ready`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ZonePreference {
-    /// This client's zone, compared with each endpoint's `zone`.
-    pub local: String,
-    /// The local zone is used while it has at least this many usable endpoints (default 2).
-    pub min_endpoints: usize,
-    /// ... and at least this percentage of all endpoints (default 0).
-    pub min_share_percent: u8,
-}
-
-impl ZonePreference {
-    /// Prefer `local`, with at least 2 usable endpoints there.
-    pub fn new(local: impl Into<String>) -> Self {
-        Self {
-            local: local.into(),
-            min_endpoints: 2,
-            min_share_percent: 0,
-        }
-    }
-
-    /// Sets [`min_endpoints`](Self::min_endpoints) (at least 1).
-    #[must_use]
-    pub fn min_endpoints(mut self, endpoints: usize) -> Self {
-        self.min_endpoints = endpoints.max(1);
-        self
-    }
-
-    /// Sets [`min_share_percent`](Self::min_share_percent).
-    #[must_use]
-    pub fn min_share_percent(mut self, percent: u8) -> Self {
-        self.min_share_percent = percent.min(100);
-        self
-    }
-}
 
 /// Configures a [`Balance`].
 ///
@@ -77,7 +27,7 @@ impl ZonePreference {
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let registry = MemoryRegistry::new();
-/// let discover = RegistryDiscover::endpoints(&registry, "greeter", |instance| {
+/// let discover = RegistryDiscover::new(&registry, "greeter", |instance| {
 ///     let authority = instance.authority();
 ///     Ok::<_, Infallible>(service_fn(move |()| {
 ///         let authority = authority.clone();
@@ -88,7 +38,7 @@ impl ZonePreference {
 ///     .service_name("greeter")
 ///     .load(LoadMetric::peak_ewma())
 ///     .wait_for_endpoints(Duration::from_secs(1))
-///     .build_endpoints(discover);
+///     .build(discover);
 /// assert_eq!(balance.service_name(), "greeter");
 /// # }
 /// ```
@@ -178,34 +128,49 @@ impl BalanceBuilder {
         self
     }
 
-    /// A balancer over any tower [`Discover`]; every endpoint has weight 1 and no zone.
+    /// A balancer over a [`Discover`] of [`Endpoint`]s: each service with its weight, zone
+    /// and readiness ([`RegistryDiscover`](crate::RegistryDiscover) makes them from a
+    /// registry; [`Endpoints`](crate::endpoint::Endpoints) from any tower `Discover`).
     ///
     /// # Panics
     ///
     /// When called outside a tokio runtime: the updater task is spawned on the current one.
-    pub fn build<D>(self, discover: D) -> Balance<D::Service, D::Key>
-    where
-        D: Discover + Unpin + Send + 'static,
-        D::Key: Hash + Eq + Clone + std::fmt::Debug + Send + Sync + 'static,
-        D::Service: Send + Sync + 'static,
-        D::Error: Into<BoxError> + Send,
-    {
-        Balance::spawn(self.config, discover, Endpoint::new)
-    }
-
-    /// A balancer over a [`Discover`] whose services are [`Endpoint`]s, with their weights
-    /// and zones (such as [`RegistryDiscover::endpoints`](crate::RegistryDiscover::endpoints)).
-    ///
-    /// # Panics
-    ///
-    /// When called outside a tokio runtime: the updater task is spawned on the current one.
-    pub fn build_endpoints<D, S>(self, discover: D) -> Balance<S, D::Key>
+    pub fn build<D, S>(self, discover: D) -> Balance<S, D::Key>
     where
         D: Discover<Service = Endpoint<S>> + Unpin + Send + 'static,
         D::Key: Hash + Eq + Clone + std::fmt::Debug + Send + Sync + 'static,
         S: Send + Sync + 'static,
         D::Error: Into<BoxError> + Send,
     {
-        Balance::spawn(self.config, discover, |endpoint| endpoint)
+        Balance::spawn(self.config, discover)
+    }
+}
+
+// ===== constructors of Balance =====
+
+impl Balance<(), ()> {
+    /// A [`BalanceBuilder`] for a balancer with non-default settings.
+    pub fn builder() -> BalanceBuilder {
+        BalanceBuilder::default()
+    }
+}
+
+impl<S, K> Balance<S, K>
+where
+    S: Send + Sync + 'static,
+    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+{
+    /// A balancer over a [`Discover`] of [`Endpoint`]s, with default settings (see
+    /// [`BalanceBuilder::build`]).
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime: the updater task is spawned on the current one.
+    pub fn new<D>(discover: D) -> Self
+    where
+        D: Discover<Key = K, Service = Endpoint<S>> + Unpin + Send + 'static,
+        D::Error: Into<BoxError> + Send,
+    {
+        BalanceBuilder::default().build(discover)
     }
 }

@@ -3,17 +3,18 @@
 
 use crate::error::BoxError;
 
-use super::future::Completion;
+use super::completion::Completion;
 
 /// Decides when a request is complete and whether it counts as a failure of the endpoint
 /// that served it, for [outlier detection](super::OutlierDetection) and the load metrics.
 ///
 /// `classify` receives the outcome with the request's [`Completion`]: complete it now, or
-/// keep it in the response (as [`HttpStatus`] keeps it in the response body) so that the
+/// keep it in the response (as `HttpStatus` keeps it in the response body) so that the
 /// request stays in flight, and its latency is measured, until the response ends.
 ///
-/// Implement it for your own response types; [`ErrorsOnly`] and `HttpStatus` (features
-/// `http` or `tonic`) cover the common cases.
+/// Implement it for your own response types; [`ErrorsOnly`] and
+/// [`HttpStatus`](crate::classify::HttpStatus) (features `http` or `tonic`) cover the
+/// common cases.
 pub trait Classify<Res>: Clone + Send + Sync + 'static {
     /// The response the caller gets.
     type Response;
@@ -46,162 +47,5 @@ impl<Res> Classify<Res> for ErrorsOnly {
     ) -> Result<Res, BoxError> {
         completion.complete(outcome.is_err());
         outcome
-    }
-}
-
-#[cfg(any(feature = "http", feature = "tonic"))]
-pub use http_status::{HttpStatus, ResponseBody};
-
-#[cfg(any(feature = "http", feature = "tonic"))]
-mod http_status {
-    use std::pin::Pin;
-    use std::task::{Context, Poll, ready};
-
-    use http_body::{Body, Frame, SizeHint};
-    use pin_project_lite::pin_project;
-
-    use super::{BoxError, Classify, Completion};
-
-    /// For HTTP and gRPC: errors (transport, connect, timeout; not a request the server
-    /// provably did not process, which says nothing of it), HTTP 5xx, and the gRPC codes
-    /// that mean the server cannot serve: `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
-    /// `RESOURCE_EXHAUSTED` and `INTERNAL`, read from `grpc-status` in the response headers
-    /// (a trailers-only response, the usual way a unary call fails) or in the trailers (a
-    /// call that streamed data and then failed).
-    ///
-    /// The request stays in flight until its response body ends or is dropped, so an open
-    /// stream counts as load, and peak EWMA measures the whole response. A body dropped
-    /// before its end counts as abandoned, not as a failure.
-    #[derive(Clone, Copy, Debug, Default)]
-    pub struct HttpStatus;
-
-    /// gRPC codes that count as failures: DEADLINE_EXCEEDED 4, RESOURCE_EXHAUSTED 8,
-    /// INTERNAL 13, UNAVAILABLE 14.
-    const GRPC_FAILURES: [&[u8]; 4] = [b"4", b"8", b"13", b"14"];
-
-    /// Whether the server provably did not process the request.
-    fn unprocessed(error: &BoxError) -> bool {
-        error
-            .downcast_ref::<crate::connection::ConnectionError>()
-            .is_some_and(crate::connection::ConnectionError::is_unprocessed)
-    }
-
-    fn grpc_failure(headers: &http::HeaderMap) -> bool {
-        headers
-            .get("grpc-status")
-            .is_some_and(|code| GRPC_FAILURES.contains(&code.as_bytes()))
-    }
-
-    impl<B: Body> Classify<http::Response<B>> for HttpStatus {
-        type Response = http::Response<ResponseBody<B>>;
-
-        fn classify(
-            &self,
-            outcome: Result<http::Response<B>, BoxError>,
-            completion: Completion,
-        ) -> Result<Self::Response, BoxError> {
-            let response = match outcome {
-                Ok(response) => response,
-                // Never sent, or refused unprocessed (and retried elsewhere): no verdict on
-                // the endpoint, as a request its caller gave up on.
-                Err(error) if unprocessed(&error) => {
-                    drop(completion);
-                    return Err(error);
-                }
-                Err(error) => {
-                    completion.complete(true);
-                    return Err(error);
-                }
-            };
-            let failure = response.status().is_server_error() || grpc_failure(response.headers());
-            Ok(response.map(|body| {
-                let mut body = ResponseBody {
-                    inner: body,
-                    completion: Some(completion),
-                    failure,
-                };
-                if body.inner.is_end_stream() {
-                    body.end();
-                }
-                body
-            }))
-        }
-    }
-
-    pin_project! {
-        /// A response body that keeps its request in flight until it ends (see
-        /// [`HttpStatus`]).
-        pub struct ResponseBody<B> {
-            #[pin]
-            inner: B,
-            completion: Option<Completion>,
-            failure: bool,
-        }
-    }
-
-    impl<B> ResponseBody<B> {
-        /// A body no balancer tracks (a request the HTTP layer passed through).
-        #[cfg(feature = "http")]
-        pub(crate) fn untracked(inner: B) -> Self {
-            Self {
-                inner,
-                completion: None,
-                failure: false,
-            }
-        }
-
-        fn end(&mut self) {
-            if let Some(completion) = self.completion.take() {
-                completion.complete(self.failure);
-            }
-        }
-    }
-
-    impl<B: Body> Body for ResponseBody<B> {
-        type Data = B::Data;
-        type Error = B::Error;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-            let mut this = self.project();
-            let frame = ready!(this.inner.as_mut().poll_frame(cx));
-            let end = |completion: &mut Option<Completion>, failure: bool| {
-                if let Some(completion) = completion.take() {
-                    completion.complete(failure);
-                }
-            };
-            match &frame {
-                Some(Ok(frame)) => {
-                    if let Some(trailers) = frame.trailers_ref() {
-                        *this.failure |= grpc_failure(trailers);
-                    }
-                    if this.inner.is_end_stream() {
-                        end(this.completion, *this.failure);
-                    }
-                }
-                Some(Err(_)) => end(this.completion, true),
-                None => end(this.completion, *this.failure),
-            }
-            Poll::Ready(frame)
-        }
-
-        fn is_end_stream(&self) -> bool {
-            self.inner.is_end_stream()
-        }
-
-        fn size_hint(&self) -> SizeHint {
-            self.inner.size_hint()
-        }
-    }
-
-    impl<B> std::fmt::Debug for ResponseBody<B> {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("ResponseBody")
-                .field("ended", &self.completion.is_none())
-                .field("failure", &self.failure)
-                .finish_non_exhaustive()
-        }
     }
 }

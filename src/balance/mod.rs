@@ -27,34 +27,36 @@
 //! - an **empty set** makes callers wait at most `wait_for_endpoints`, then fail with
 //!   [`Error::NoEndpoints`](crate::Error::NoEndpoints).
 //!
-//! The balancer knows [`Discover`] streams, not registries: any `Discover` drives it, and one
-//! whose services are [`Endpoint`]s gives it weights and zones
-//! ([`RegistryDiscover::endpoints`](crate::RegistryDiscover::endpoints) makes such a stream
-//! from a registry).
+//! The balancer knows [`Discover`] streams of [`Endpoint`]s, not registries or connections:
+//! each endpoint brings its service, weight, zone and readiness.
+//! [`RegistryDiscover`](crate::RegistryDiscover) makes such a stream from a registry, and
+//! [`Endpoints`](crate::endpoint::Endpoints) from any tower `Discover`.
 //!
 //! [`Discover`]: tower::discover::Discover
+//! [`Endpoint`]: crate::endpoint::Endpoint
 
 mod builder;
 mod classify;
-mod endpoint;
+mod completion;
+mod config;
 mod future;
 mod load;
-#[cfg(feature = "metrics")]
-mod metrics;
 mod outlier;
 mod p2c;
-mod readiness;
 mod service;
+mod slot;
 mod snapshot;
+mod stats;
 mod updater;
 
-pub use builder::{BalanceBuilder, PanicMode, ZonePreference};
+pub use builder::BalanceBuilder;
 pub use classify::{Classify, ErrorsOnly};
-#[cfg(any(feature = "http", feature = "tonic"))]
-pub use classify::{HttpStatus, ResponseBody};
-pub use endpoint::{Endpoint, EndpointState, EndpointStats};
-pub use future::{Completion, ResponseFuture};
+pub use completion::Completion;
+#[cfg(all(test, any(feature = "http", feature = "tonic")))]
+pub(crate) use completion::Track;
+pub use config::{PanicMode, ZonePreference};
+pub use future::ResponseFuture;
 pub use load::LoadMetric;
 pub use outlier::OutlierDetection;
-pub use readiness::{Connectivity, Readiness, ReadinessError};
 pub use service::Balance;
+pub use stats::{EndpointState, EndpointStats};

@@ -116,16 +116,14 @@ pub(crate) struct Detector {
     /// The earliest time (ns since the epoch) an ejection ends and its probe is due;
     /// `u64::MAX` when none is.
     next_probe: AtomicU64,
-    #[cfg(feature = "metrics")]
-    requests: super::metrics::Requests,
+    requests: crate::metrics::Requests,
 }
 
 impl Detector {
     pub(crate) fn new(config: OutlierDetection, service: String, epoch: Instant) -> Self {
         Self {
             config,
-            #[cfg(feature = "metrics")]
-            requests: super::metrics::Requests::new(&service),
+            requests: crate::metrics::Requests::new(&service),
             service,
             epoch,
             ejected: AtomicUsize::new(0),
@@ -239,11 +237,9 @@ impl Health {
     #[inline]
     pub(crate) fn quiet_success(&self, detector: &Detector) -> bool {
         let quiet = self.consecutive.load(Ordering::Relaxed) == 0;
-        #[cfg(feature = "metrics")]
         if quiet {
             detector.requests.record(false);
         }
-        let _ = detector;
         quiet
     }
 
@@ -255,7 +251,6 @@ impl Health {
         failure: bool,
         probe: bool,
     ) -> Recorded {
-        #[cfg(feature = "metrics")]
         detector.requests.record(failure);
         if probe {
             return self.record_probe(detector, key, failure);
@@ -287,8 +282,7 @@ impl Health {
         detector.ejected.fetch_add(1, Ordering::SeqCst);
         detector.probe_at(until);
         warn!(service = %detector.service, endpoint = ?key, failures, ?time, times, "endpoint ejected");
-        #[cfg(feature = "metrics")]
-        super::metrics::ejected(&detector.service);
+        crate::metrics::ejected(&detector.service);
         Recorded::Ejected
     }
 
@@ -305,8 +299,7 @@ impl Health {
             if self.ejected_until.swap(0, Ordering::SeqCst) != 0 {
                 detector.ejected.fetch_sub(1, Ordering::SeqCst);
                 info!(service = %detector.service, endpoint = ?key, "probe succeeded; endpoint returns");
-                #[cfg(feature = "metrics")]
-                super::metrics::returned(&detector.service);
+                crate::metrics::returned(&detector.service);
             }
             return Recorded::Nothing;
         }
@@ -326,8 +319,7 @@ impl Health {
         }
         detector.probe_at(next);
         warn!(service = %detector.service, endpoint = ?key, ?time, times, "probe failed; endpoint ejected again");
-        #[cfg(feature = "metrics")]
-        super::metrics::ejected(&detector.service);
+        crate::metrics::ejected(&detector.service);
         Recorded::Ejected
     }
 

@@ -24,10 +24,10 @@ use std::hash::BuildHasher;
 
 use tokio::time::Instant;
 
-use super::builder::PanicMode;
-use super::endpoint::Slot;
+use super::config::{Config, PanicMode};
 use super::outlier::Detector;
-use super::snapshot::{Config, Pool, below};
+use super::slot::Slot;
+use super::snapshot::{Pool, below};
 
 thread_local! {
     // `const` keeps the access a plain TLS load; the seed is drawn on first use.
@@ -294,8 +294,7 @@ fn pick_unusual<S, K>(slots: &[Slot<S, K>], pool: &Pool, cost: Cost, rules: &Rul
             }
             // Envoy's panic mode: too few are healthy, so balance across all of them.
             respect_ejection = false;
-            #[cfg(feature = "metrics")]
-            super::metrics::panic_pick(&detector.service);
+            crate::metrics::panic_pick(&detector.service);
         }
     }
     // A failed endpoint whose retry is due counts as usable: the pick that takes it pushes

@@ -13,14 +13,17 @@ use tower::Service;
 use tower::discover::Discover;
 use tracing::debug;
 
-use super::builder::BalanceBuilder;
 use super::classify::{Classify, ErrorsOnly};
-use super::endpoint::{Endpoint, EndpointStats, SlotState};
-use super::future::{Completion, ResponseFuture};
+use super::completion::Completion;
+use super::config::Config;
+use super::future::ResponseFuture;
 use super::load::LoadMetric;
 use super::p2c::{Cost, Pick, Rules, pick};
-use super::snapshot::{Config, Pool, Shared, Snapshot};
+use super::slot::SlotState;
+use super::snapshot::{Pool, Shared, Snapshot};
+use super::stats::EndpointStats;
 use super::updater;
+use crate::endpoint::Endpoint;
 use crate::error::{BoxError, Elapsed, Error};
 
 /// A power-of-two-choices load balancer that every clone can use at once.
@@ -70,14 +73,14 @@ use crate::error::{BoxError, Elapsed, Error};
 /// let registry = MemoryRegistry::new();
 /// registry.register(ServiceInstance::new("a", "echo", "127.0.0.1", 8080)).await?;
 ///
-/// let discover = RegistryDiscover::endpoints(&registry, "echo", |instance| {
+/// let discover = RegistryDiscover::new(&registry, "echo", |instance| {
 ///     let authority = instance.authority();
 ///     Ok::<_, Infallible>(service_fn(move |request: String| {
 ///         let reply = format!("{authority} got {request}");
 ///         async move { Ok::<_, Infallible>(reply) }
 ///     }))
 /// });
-/// let mut balance = Balance::builder().build_endpoints(discover);
+/// let mut balance = Balance::builder().build(discover);
 /// let reply = balance.ready().await?.call("hello".to_owned()).await?;
 /// assert_eq!(reply, "127.0.0.1:8080 got hello");
 /// # Ok(())
@@ -165,29 +168,14 @@ where
     S: Send + Sync + 'static,
     K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
 {
-    /// A balancer over any tower [`Discover`], with default settings.
-    ///
-    /// # Panics
-    ///
-    /// When called outside a tokio runtime: the updater task is spawned on the current one.
-    pub fn new<D>(discover: D) -> Self
+    pub(crate) fn spawn<D>(config: Config, discover: D) -> Self
     where
-        D: Discover<Key = K, Service = S> + Unpin + Send + 'static,
+        D: Discover<Key = K, Service = Endpoint<S>> + Unpin + Send + 'static,
         D::Error: Into<BoxError> + Send,
-    {
-        BalanceBuilder::default().build(discover)
-    }
-
-    pub(crate) fn spawn<D, F>(config: Config, discover: D, split: F) -> Self
-    where
-        D: Discover<Key = K> + Unpin + Send + 'static,
-        D::Service: Send,
-        D::Error: Into<BoxError> + Send,
-        F: Fn(D::Service) -> Endpoint<S> + Send + 'static,
     {
         let (shared, gone) = Shared::new(config);
         let shared = Arc::new(shared);
-        updater::spawn(discover, split, &shared, gone);
+        updater::spawn(discover, &shared, gone);
         Self {
             shared,
             classify: ErrorsOnly,
@@ -197,13 +185,6 @@ where
             waiting: None,
             next_publish: None,
         }
-    }
-}
-
-impl Balance<(), ()> {
-    /// A [`BalanceBuilder`] for a balancer with non-default settings.
-    pub fn builder() -> BalanceBuilder {
-        BalanceBuilder::default()
     }
 }
 

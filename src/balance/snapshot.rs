@@ -10,16 +10,14 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use super::endpoint::{Slot, Tally};
-use super::load::LoadMetric;
-use super::outlier::{Detector, OutlierDetection};
-use super::{PanicMode, ZonePreference};
+use super::config::{Config, ZonePreference};
+use super::outlier::Detector;
+use super::slot::{Slot, Tally};
 
 /// An immutable set of endpoints, as pickers see it.
 pub(crate) struct Snapshot<S, K> {
@@ -171,21 +169,6 @@ fn alias_table(weights: &[u64]) -> Box<[Alias]> {
 #[inline]
 pub(crate) fn below(random: u32, n: usize) -> usize {
     ((u64::from(random) * n as u64) >> 32) as usize
-}
-
-/// Settings every handle and the updater read.
-#[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub(crate) service: String,
-    pub(crate) metric: LoadMetric,
-    pub(crate) wait_for_endpoints: Duration,
-    pub(crate) outlier: Option<OutlierDetection>,
-    pub(crate) panic_threshold: u8,
-    pub(crate) panic_mode: PanicMode,
-    pub(crate) slow_start: Option<Duration>,
-    pub(crate) zone: Option<ZonePreference>,
-    /// Service clones each handle keeps for reuse.
-    pub(crate) keep_clones: usize,
 }
 
 /// What all clones of one `Balance` share.

@@ -24,10 +24,11 @@ use tokio::time::Instant;
 use tower::discover::{Change, Discover};
 use tracing::{debug, error, warn};
 
-use super::endpoint::{Endpoint, Slot};
 use super::load::{Load, LoadMetric};
+use super::slot::Slot;
 use super::snapshot::{Shared, Snapshot};
 use crate::backoff::Backoff;
+use crate::endpoint::Endpoint;
 use crate::error::BoxError;
 
 /// Changes applied in one batch at most, so a discovery stream that is always ready cannot
@@ -38,23 +39,17 @@ const MAX_BATCH: usize = 4096;
 const ERROR_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
 
 /// Spawns the updater of `shared` on the current runtime.
-pub(crate) fn spawn<D, S, F>(
-    discover: D,
-    split: F,
-    shared: &Arc<Shared<S, D::Key>>,
-    gone: oneshot::Receiver<()>,
-) where
-    D: Discover + Unpin + Send + 'static,
+pub(crate) fn spawn<D, S>(discover: D, shared: &Arc<Shared<S, D::Key>>, gone: oneshot::Receiver<()>)
+where
+    D: Discover<Service = Endpoint<S>> + Unpin + Send + 'static,
     D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
-    D::Service: Send,
     D::Error: Into<BoxError> + Send,
     S: Send + Sync + 'static,
-    F: Fn(D::Service) -> Endpoint<S> + Send + 'static,
 {
     let weak = Arc::downgrade(shared);
     let service = shared.config.service.clone();
     tokio::spawn(async move {
-        let run = AssertUnwindSafe(run(discover, split, weak.clone(), gone));
+        let run = AssertUnwindSafe(run(discover, weak.clone(), gone));
         if let Err(panic) = run.catch_unwind().await {
             let message = panic
                 .downcast_ref::<&str>()
@@ -166,16 +161,14 @@ async fn next_batch<D: Discover + Unpin>(
 }
 
 /// Runs until discovery ends or the last handle is dropped.
-async fn run<D, S, F>(
+async fn run<D, S>(
     mut discover: D,
-    split: F,
     shared: Weak<Shared<S, D::Key>>,
     mut gone: oneshot::Receiver<()>,
 ) where
-    D: Discover + Unpin,
+    D: Discover<Service = Endpoint<S>> + Unpin,
     D::Key: Hash + Eq + Clone + fmt::Debug,
     D::Error: Into<BoxError>,
-    F: Fn(D::Service) -> Endpoint<S>,
 {
     let mut endpoints = Endpoints {
         list: Vec::new(),
@@ -194,10 +187,7 @@ async fn run<D, S, F>(
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let changes = batch.changes.into_iter().map(|change| match change {
-            Change::Insert(key, service) => Change::Insert(key, split(service)),
-            Change::Remove(key) => Change::Remove(key),
-        });
+        let changes = batch.changes.into_iter();
         let make = |key, endpoint| {
             let load = match shared.config.metric {
                 LoadMetric::PendingRequests => None,
@@ -240,8 +230,7 @@ fn publish<S, K>(shared: &Shared<S, K>, list: &[Slot<S, K>]) {
     if let Some(detector) = &shared.detector {
         detector.total.store(count, Ordering::Relaxed);
     }
-    #[cfg(feature = "metrics")]
-    super::metrics::published(
+    crate::metrics::published(
         &shared.config.service,
         count,
         shared

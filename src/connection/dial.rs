@@ -38,7 +38,7 @@ pub(crate) type Driver = Connection<Io, Bytes>;
 pub(crate) async fn dial(
     host: &str,
     port: u16,
-    server_name: Option<&str>,
+    service: &str,
     settings: &ConnectionSettings,
 ) -> Result<(SendRequest<Bytes>, Driver), DialError> {
     let attempt = async {
@@ -54,7 +54,7 @@ pub(crate) async fn dial(
             None => Stream::Plain(tcp),
             Some(tls) => {
                 let name = tls
-                    .name_or(server_name.unwrap_or(host))
+                    .name_or(if service.is_empty() { host } else { service })
                     .map_err(|e| DialError::Tls(io::Error::other(e)))?;
                 let connector = tokio_rustls::TlsConnector::from(tls.client_config());
                 let stream = connector.connect(name, tcp).await.map_err(DialError::Tls)?;

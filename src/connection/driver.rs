@@ -49,7 +49,7 @@ use super::ping::{KeepAliveInterval, Pinger, Ponged};
 use super::room::Room;
 use super::settings::ConnectionSettings;
 use crate::backoff::Backoff;
-use crate::balance::{Connectivity, Readiness};
+use crate::endpoint::{Connectivity, Readiness};
 
 /// One open HTTP/2 connection to the instance.
 pub(crate) struct Sub {
@@ -129,8 +129,8 @@ pub(crate) struct State {
     pub(crate) authority: String,
     /// The scheme and authority requests are sent with (parsed once, not per request).
     pub(crate) origin: (http::uri::Scheme, http::uri::Authority),
-    /// The TLS name when the settings name none.
-    pub(crate) server_name: Option<String>,
+    /// The service: the TLS name when the settings name none, and the metrics' label.
+    pub(crate) service: Arc<str>,
     pub(crate) readiness: Readiness,
     /// The open connections that take new streams.
     pub(crate) subs: ArcSwap<Vec<Arc<Sub>>>,
@@ -278,13 +278,7 @@ impl Task {
         let state = Arc::clone(&self.state);
         self.dialing = Some(Box::pin(async move {
             let _permit = state.connects.acquire().await;
-            dial(
-                &state.host,
-                state.port,
-                state.server_name.as_deref(),
-                &state.settings,
-            )
-            .await
+            dial(&state.host, state.port, &state.service, &state.settings).await
         }));
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::balance::Connectivity;
+use crate::endpoint::Connectivity;
 
 /// Why one dial failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +57,7 @@ pub enum ConnectionError {
         state: Connectivity,
         /// The last dial error, if a dial failed.
         #[source]
-        source: Option<crate::balance::ReadinessError>,
+        source: Option<crate::endpoint::ReadinessError>,
     },
     /// h2 refused to open the request's stream: the connection had closed, or was closing
     /// (a GOAWAY came). Nothing was written; the integrations send it again on another

@@ -7,10 +7,10 @@
 //!
 //! | state | when | picked |
 //! | --- | --- | --- |
-//! | [`Idle`](crate::balance::Connectivity::Idle) | lazy, before the first request (and after a close) | yes: the pick connects |
-//! | [`Connecting`](crate::balance::Connectivity::Connecting) | dialling, the first time or after a close | no, while another instance is ready |
-//! | [`Ready`](crate::balance::Connectivity::Ready) | a connection is open | yes |
-//! | [`TransientFailure`](crate::balance::Connectivity::TransientFailure) | the last connect failed (or a connection closed within 1 s, carrying nothing, without a graceful GOAWAY); the next waits for a backoff | no, while another instance is ready |
+//! | [`Idle`](crate::endpoint::Connectivity::Idle) | lazy, before the first request (and after a close) | yes: the pick connects |
+//! | [`Connecting`](crate::endpoint::Connectivity::Connecting) | dialling, the first time or after a close | no, while another instance is ready |
+//! | [`Ready`](crate::endpoint::Connectivity::Ready) | a connection is open | yes |
+//! | [`TransientFailure`](crate::endpoint::Connectivity::TransientFailure) | the last connect failed (or a connection closed within 1 s, carrying nothing, without a graceful GOAWAY); the next waits for a backoff | no, while another instance is ready |
 //!
 //! A request goes straight to h2 from the caller's task: no `Buffer`, no task hop. It
 //! claims a stream slot under the server's `MAX_CONCURRENT_STREAMS` when it is picked, and
@@ -18,7 +18,7 @@
 //! every open connection is full, the driver opens another, up to
 //! [`max_connections_per_instance`], and requests wait for a slot in the order they came (at
 //! most [`stream_wait`]) instead of queueing inside h2 behind a full connection's streams;
-//! meanwhile the instance is [saturated](crate::balance::Readiness::is_saturated), and the
+//! meanwhile the instance is [saturated](crate::endpoint::Readiness::is_saturated), and the
 //! balancer picks others.
 //!
 //! A connection that closes (the server died, or sent GOAWAY) takes no new stream from that
@@ -64,7 +64,7 @@ use std::sync::atomic::AtomicU64;
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::balance::{Connectivity, Endpoint, Readiness};
+use crate::endpoint::{Connectivity, Endpoint, Readiness};
 use crate::error::BoxError;
 use crate::error::{Error, InvalidValue, Result};
 use crate::instance::ServiceInstance;
@@ -89,8 +89,8 @@ pub struct Connector {
     connects: Arc<Semaphore>,
     /// The keepalive interval of new connections, doubled by `too_many_pings` GOAWAYs.
     keepalive: Arc<ping::KeepAliveInterval>,
-    /// The TLS server name when the settings give none.
-    server_name: Option<String>,
+    /// The service the connections are for.
+    service: Arc<str>,
 }
 
 impl Connector {
@@ -100,15 +100,15 @@ impl Connector {
             connects: Arc::new(Semaphore::new(settings.max_concurrent_connects)),
             keepalive: Arc::new(ping::KeepAliveInterval::new(settings.keep_alive_interval)),
             settings: Arc::new(settings),
-            server_name: None,
+            service: Arc::from(""),
         }
     }
 
-    /// The TLS server name used when the [`TlsConfig`] names none (the integrations pass
-    /// the service name).
+    /// The service the connections are for: the TLS server name when the [`TlsConfig`]
+    /// names none (never the dialled address), and the `service` label of the metrics.
     #[must_use]
-    pub fn default_server_name(mut self, name: impl Into<String>) -> Self {
-        self.server_name = Some(name.into());
+    pub fn service(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.service = name.into();
         self
     }
 
@@ -151,7 +151,7 @@ impl Connector {
             port: instance.port,
             authority,
             origin,
-            server_name: self.server_name.clone(),
+            service: Arc::clone(&self.service),
             room: Arc::new(room::Room::new(readiness.clone())),
             readiness,
             subs: ArcSwap::from_pointee(Vec::new()),
@@ -182,13 +182,7 @@ impl Connector {
     ) -> Result<Endpoint<Connection<B>>> {
         let connection = self.connect(instance)?;
         let readiness = connection.readiness();
-        let endpoint = Endpoint::new(connection)
-            .weight(instance.weight)
-            .readiness(readiness);
-        Ok(match &instance.zone {
-            Some(zone) => endpoint.zone(zone.clone()),
-            None => endpoint,
-        })
+        Ok(Endpoint::for_instance(connection, instance).readiness(readiness))
     }
 }
 

@@ -157,8 +157,7 @@ where
                         return Poll::Ready(Err(error));
                     };
                     debug!(service = %this.service, attempt = this.attempts, error = %crate::error::Chain(&*error), "request not processed; sending it again");
-                    #[cfg(feature = "metrics")]
-                    metrics::counter!("tower_sd_transparent_retries_total", "service" => this.service.to_string()).increment(1);
+                    crate::metrics::transparent_retry(&this.service);
                     this.attempts += 1;
                     this.state = State::Readying {
                         service: this.again.service.clone(),
@@ -206,7 +205,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::balance::Connectivity;
+    use crate::endpoint::Connectivity;
 
     type Body = ReplayBody<Full<Bytes>>;
 

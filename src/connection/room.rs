@@ -10,7 +10,7 @@
 //! When every open connection is full, a request waits for a slot, in arrival order: one
 //! freed slot wakes the oldest waiter, and while anyone waits a newcomer queues behind
 //! them instead of taking a slot that comes free. Meanwhile the instance is marked
-//! [saturated](crate::balance::Readiness::is_saturated), so the balancer sends new
+//! [saturated](crate::endpoint::Readiness::is_saturated), so the balancer sends new
 //! requests to instances with room.
 
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
 use super::driver::Sub;
-use crate::balance::Readiness;
+use crate::endpoint::Readiness;
 
 /// The slot queue of one instance (see the module docs).
 pub(crate) struct Room {

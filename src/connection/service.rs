@@ -30,7 +30,7 @@ use super::error::ConnectionError;
 use super::pipe::{Pipe, PipeError};
 use super::replay::ReplayBody;
 use super::room::{Slot, Waiting};
-use crate::balance::{Connectivity, Readiness};
+use crate::endpoint::{Connectivity, Readiness};
 
 /// The connection to one instance, as the balancer holds it: cheap to clone, each clone
 /// keeping its own copy of the sender it last used.
@@ -177,6 +177,7 @@ impl<B: Send + 'static> Connection<B> {
                 });
                 state.room.saturated();
                 state.demand.notify_one();
+                crate::metrics::stream_wait(&state.service);
                 continue;
             }
             if let Some(queued) = &mut self.queued
@@ -184,6 +185,7 @@ impl<B: Send + 'static> Connection<B> {
             {
                 let error = self.stream_limit();
                 self.end_wait();
+                crate::metrics::stream_wait_timeout(&state.service);
                 return Poll::Ready(Err(error));
             }
             let waiting = self.waiting.get_or_insert_with(|| {

@@ -18,10 +18,12 @@ use tower::{Service, ServiceExt};
 use super::balancers::Balancers;
 use super::rewrite::{Rewrite, Wire};
 use super::{DiscoveryLayer, Route, Settings, TooManyServices, UnknownHost};
-use crate::balance::{self, Balance, Endpoint, HttpStatus, ResponseBody};
+use crate::balance::{self, Balance};
+use crate::classify::{HttpStatus, ResponseBody};
 use crate::connection::retry::Retry;
 use crate::connection::{self, Connection, ConnectionSettings, Connector, SendBody};
 use crate::discover::RegistryDiscover;
+use crate::endpoint::Endpoint;
 use crate::error::BoxError;
 use crate::instance::ServiceInstance;
 use crate::registry::ServiceRegistry;
@@ -76,31 +78,23 @@ impl<B: SendBody> ConnectionDiscovery<B> {
     fn balancer(&self, service: &str) -> Result<ServiceBalance<B>, TooManyServices> {
         let shared = &self.shared;
         shared.balancers.get_or_make(service, || {
-            let connector = shared.connector.clone().default_server_name(service);
+            let connector = shared.connector.clone().service(service);
             let host_header = shared.settings.host_header;
-            let discover = RegistryDiscover::new(
+            let discover = RegistryDiscover::of_endpoints(
                 &*shared.registry,
                 service.to_owned(),
                 move |instance: &ServiceInstance| -> Result<_, BoxError> {
-                    let endpoint = connector.endpoint::<B>(instance)?;
-                    Ok(Endpoint {
-                        service: Rewrite::new(
-                            endpoint.service,
-                            instance,
-                            host_header,
-                            Wire::Http2,
-                        )?,
-                        weight: endpoint.weight,
-                        zone: endpoint.zone,
-                        readiness: endpoint.readiness,
-                    })
+                    let connection = connector.connect::<B>(instance)?;
+                    let readiness = connection.readiness();
+                    let service = Rewrite::new(connection, instance, host_header, Wire::Http2)?;
+                    Ok(Endpoint::for_instance(service, instance).readiness(readiness))
                 },
             );
             let balance = shared
                 .balance
                 .clone()
                 .service_name(service)
-                .build_endpoints(discover)
+                .build(discover)
                 .with_classifier(HttpStatus);
             let buffer = shared.connector.settings().retry_buffer_bytes;
             Retry::new(balance, buffer, service)

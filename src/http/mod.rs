@@ -54,7 +54,8 @@ use futures_core::future::BoxFuture;
 use http::{Request, Uri};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::balance::{self, Balance, HttpStatus, LoadMetric, ResponseBody};
+use crate::balance::{self, Balance, LoadMetric};
+use crate::classify::{HttpStatus, ResponseBody};
 use crate::discover::RegistryDiscover;
 use crate::error::BoxError;
 use crate::instance::ServiceInstance;
@@ -298,7 +299,7 @@ where
         shared.balancers.get_or_make(service, || {
             let inner = self.inner.clone();
             let host_header = shared.settings.host_header;
-            let discover = RegistryDiscover::endpoints(
+            let discover = RegistryDiscover::new(
                 &*shared.registry,
                 service.to_owned(),
                 move |instance: &ServiceInstance| {
@@ -309,7 +310,7 @@ where
                 .balance
                 .clone()
                 .service_name(service)
-                .build_endpoints(discover)
+                .build(discover)
                 .with_classifier(HttpStatus)
         })
     }

@@ -43,7 +43,7 @@
 //! # async fn main() -> Result<(), tower_sd::Error> {
 //! let consul = ConsulRegistry::builder().from_env().build()?;
 //! let mesh = ConsulConnect::builder(&consul, "web").start(Duration::from_secs(10)).await?;
-//! let tls = mesh.client_tls()?; // for LoadBalancedChannel::builder(..).tls_config(tls)
+//! let tls = mesh.client_tls()?; // for LoadBalancedChannel::builder(..).tls(tls)
 //! # drop(tls);
 //! # Ok(())
 //! # }

@@ -108,13 +108,11 @@ impl Follow {
     /// With the `metrics` feature, `tower_sd_fallback_active{service, registry}`: the
     /// position in the chain of the registry followed (0 for the primary).
     fn followed(&self) {
-        #[cfg(feature = "metrics")]
-        metrics::gauge!(
-            "tower_sd_fallback_active",
-            "service" => self.query.name.clone(),
-            "registry" => self.chain[self.active].kind(),
-        )
-        .set(self.active as f64);
+        crate::metrics::fallback_active(
+            &self.query.name,
+            self.chain[self.active].kind(),
+            self.active,
+        );
     }
 
     async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {

@@ -115,8 +115,11 @@ impl<S: Source> Driver<S> {
                         "{} watch failed; retrying",
                         self.registry
                     );
-                    #[cfg(feature = "metrics")]
-                    metrics::failed(self.registry, &self.query.name, &error);
+                    crate::metrics::registry_failed(
+                        self.registry,
+                        &self.query.name,
+                        error.kind_name(),
+                    );
                     self.pause = Some(pause);
                     self.after_error = true;
                     return Some((Err(error), self));
@@ -127,40 +130,7 @@ impl<S: Source> Driver<S> {
 
     fn answered(&mut self) {
         self.backoff.reset();
-        #[cfg(feature = "metrics")]
-        metrics::answered(self.registry, &self.query.name);
-    }
-}
-
-#[cfg(feature = "metrics")]
-mod metrics {
-    use metrics::{counter, gauge};
-
-    use crate::error::Error;
-
-    /// A watch error, counted by kind.
-    pub(super) fn failed(registry: &'static str, service: &str, error: &Error) {
-        counter!(
-            "tower_sd_registry_errors_total",
-            "registry" => registry,
-            "service" => service.to_owned(),
-            "kind" => error.kind_name(),
-        )
-        .increment(1);
-    }
-
-    /// The registry answered: the time of the last good answer, as Unix seconds (a
-    /// dashboard shows the time since as `time() - tower_sd_registry_last_answer_seconds`).
-    pub(super) fn answered(registry: &'static str, service: &str) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        gauge!(
-            "tower_sd_registry_last_answer_seconds",
-            "registry" => registry,
-            "service" => service.to_owned(),
-        )
-        .set(now.as_secs_f64());
+        crate::metrics::registry_answered(self.registry, &self.query.name);
     }
 }
 

@@ -60,7 +60,7 @@ pub async fn until_endpoints(channel: &LoadBalancedChannel, names: &[&str]) {
 pub fn connectivity(
     channel: &LoadBalancedChannel,
     key: &str,
-) -> Option<tower_sd::balance::Connectivity> {
+) -> Option<tower_sd::endpoint::Connectivity> {
     channel
         .balance()
         .endpoints()

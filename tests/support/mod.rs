@@ -12,6 +12,7 @@ pub mod fake_connect;
 pub mod fake_consul;
 #[cfg(feature = "kubernetes")]
 pub mod fake_kube;
+pub mod feed;
 #[cfg(feature = "tonic")]
 pub mod grpc;
 pub mod grpcio;

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use tower_sd::ServiceInstance;
-use tower_sd::balance::Connectivity;
 use tower_sd::connection::{Connection, ConnectionSettings, Connector, SendBody};
+use tower_sd::endpoint::Connectivity;
 
 /// A request body streamed chunk by chunk, for the tests that pace or drop one.
 pub type Chunks = http_body_util::StreamBody<

@@ -257,8 +257,7 @@ impl State {
             },
         );
         table.evict(self.max_entries, self.idle_after);
-        #[cfg(feature = "metrics")]
-        metrics::serving(self.registry, query, None);
+        crate::metrics::cache_serving(self.registry, &query.name, None);
         if changed && let Some(writer) = &self.writer {
             writer.write(table.entries.values().cloned().collect());
         }
@@ -274,8 +273,7 @@ impl State {
             return None;
         }
         entry.stale = true;
-        #[cfg(feature = "metrics")]
-        metrics::serving(self.registry, query, Some(age));
+        crate::metrics::cache_serving(self.registry, &query.name, Some(age));
         Some(entry.instances.clone())
     }
 
@@ -353,25 +351,6 @@ impl Drop for Watching {
     }
 }
 
-#[cfg(feature = "metrics")]
-mod metrics {
-    use std::time::Duration;
-
-    use metrics::gauge;
-
-    use crate::instance::ServiceQuery;
-
-    /// Whether a cached set is served for `query` because the registry failed (with its
-    /// age), or the registry answers (`None`).
-    pub(super) fn serving(registry: &'static str, query: &ServiceQuery, age: Option<Duration>) {
-        let service = query.name.clone();
-        gauge!("tower_sd_cache_serving", "registry" => registry, "service" => service.clone())
-            .set(if age.is_some() { 1.0 } else { 0.0 });
-        gauge!("tower_sd_cache_age_seconds", "registry" => registry, "service" => service)
-            .set(age.unwrap_or_default().as_secs_f64());
-    }
-}
-
 impl fmt::Debug for CachedRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedRegistry")
@@ -446,8 +425,7 @@ impl ServiceRegistry for CachedRegistry {
                     debug!(service = %query, error = %Chain(&error), "registry watch failed; the cached set stands");
                     if let Some(entry) = state.lock().entries.get_mut(&query) {
                         entry.stale = true;
-                        #[cfg(feature = "metrics")]
-                        metrics::serving(state.registry, &query, Some(entry.age()));
+                        crate::metrics::cache_serving(state.registry, &query.name, Some(entry.age()));
                     }
                     Some(Err(error))
                 }

@@ -1,5 +1,5 @@
-//! Endpoints: the public [`Endpoint`] a `Discover` yields to describe one, and the balancer's
-//! own [`Slot`] for it, with the hot per-endpoint counters.
+//! [`Slot`]: the balancer's own record of an endpoint, with the hot per-endpoint counters
+//! a pick reads.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -11,71 +11,8 @@ use tokio::sync::Notify;
 
 use super::load::Load;
 use super::outlier::{Detector, Health};
-use super::readiness::{Connectivity, Readiness};
-
-/// A service with what the balancer needs to know about it besides its load: its weight, its
-/// locality zone, and whether it is connected.
-///
-/// A [`Discover`](tower::discover::Discover) whose services are `Endpoint`s gives the balancer
-/// these facts (see [`BalanceBuilder::build_endpoints`](super::BalanceBuilder::build_endpoints));
-/// [`RegistryDiscover::endpoints`](crate::RegistryDiscover::endpoints) makes them from a
-/// registry's instances. A plain service is an endpoint of weight 1 and no zone.
-///
-/// # Examples
-///
-/// ```
-/// use tower_sd::balance::Endpoint;
-///
-/// let endpoint = Endpoint::new("a client").weight(3).zone("eu-west-1a");
-/// assert_eq!((endpoint.weight, endpoint.zone.as_deref()), (3, Some("eu-west-1a")));
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Endpoint<S> {
-    /// The service requests go to.
-    pub service: S,
-    /// Its share of traffic relative to the others when loads are equal (at least 1).
-    pub weight: u32,
-    /// Its locality zone, for [zone preference](super::ZonePreference).
-    pub zone: Option<String>,
-    /// Its connectivity, as the service's owner reports it; `None`: the service's own
-    /// `poll_ready` is all the balancer knows.
-    pub readiness: Option<Readiness>,
-}
-
-impl<S> Endpoint<S> {
-    /// An endpoint of weight 1 in no zone.
-    pub fn new(service: S) -> Self {
-        Self {
-            service,
-            weight: 1,
-            zone: None,
-            readiness: None,
-        }
-    }
-
-    /// Sets the weight (0 counts as 1).
-    #[must_use]
-    pub fn weight(mut self, weight: u32) -> Self {
-        self.weight = weight.max(1);
-        self
-    }
-
-    /// Sets the zone.
-    #[must_use]
-    pub fn zone(mut self, zone: impl Into<String>) -> Self {
-        self.zone = Some(zone.into());
-        self
-    }
-
-    /// Sets the readiness the balancer reads: while another endpoint is ready, it never
-    /// picks this one unless it is [pickable](Connectivity::is_pickable).
-    #[must_use]
-    pub fn readiness(mut self, readiness: Readiness) -> Self {
-        self.readiness = Some(readiness);
-        self
-    }
-}
+use super::stats::{EndpointState, EndpointStats};
+use crate::endpoint::{Connectivity, Endpoint, Readiness, ReadinessError};
 
 /// Counts shared by the slots of one balancer, so pickers can tell in one load whether any
 /// endpoint is unusable.
@@ -276,7 +213,7 @@ impl<S, K> SlotState<S, K> {
     }
 
     /// Why its owner last said it failed.
-    pub(crate) fn readiness_error(&self) -> Option<super::ReadinessError> {
+    pub(crate) fn readiness_error(&self) -> Option<ReadinessError> {
         self.readiness.as_ref().and_then(Readiness::last_error)
     }
 
@@ -354,57 +291,6 @@ impl<S, K> SlotState<S, K> {
             }
         }
     }
-}
-
-/// Whether the balancer picks an endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum EndpointState {
-    /// Picked normally.
-    Ready,
-    /// Its owner reports it connecting ([`Connectivity::Connecting`]): not picked while
-    /// another endpoint is ready.
-    Connecting,
-    /// Its `poll_ready` failed, or its owner reports a failed connection
-    /// ([`Connectivity::TransientFailure`]). Either way it is not picked while another
-    /// endpoint is usable. After a `poll_ready` failure, it is tried again after a backoff (50 ms doubling to 5 s)
-    /// or when no other endpoint is usable, and is ready again when a `poll_ready` on it
-    /// succeeds or discovery replaces it.
-    Failed,
-    /// Ejected by outlier detection; a single probe decides when the ejection ends.
-    Ejected,
-    /// Connected, but every connection is at its server's stream limit
-    /// ([`Readiness::is_saturated`]): not picked while another endpoint has room; when
-    /// none has, requests wait for a stream in the order they came.
-    Saturated,
-    /// Removed by discovery; only requests already in flight still use it.
-    Draining,
-}
-
-/// A point-in-time view of one endpoint, from [`Balance::endpoints`].
-///
-/// [`Balance::endpoints`]: super::Balance::endpoints
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct EndpointStats<K> {
-    /// The discovery key (the instance id, for registry discovery).
-    pub key: K,
-    /// Requests picked for it and not yet complete: counted from the `poll_ready` that picked
-    /// it, until the response (a streaming body included) is complete or dropped.
-    pub in_flight: u64,
-    /// Peak-EWMA latency estimate; `None` unless the balancer uses that load.
-    pub ewma: Option<Duration>,
-    /// Weight.
-    pub weight: u32,
-    /// Locality zone.
-    pub zone: Option<String>,
-    /// Whether it is picked.
-    pub state: EndpointState,
-    /// Time left in its ejection, when ejected.
-    pub ejected_for: Option<Duration>,
-    /// What its owner reports of its connection, when it reports anything (see
-    /// [`Readiness`]).
-    pub connectivity: Option<Connectivity>,
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ impl Connectivity {
 /// # Examples
 ///
 /// ```
-/// use tower_sd::balance::{Connectivity, Readiness};
+/// use tower_sd::endpoint::{Connectivity, Readiness};
 ///
 /// let readiness = Readiness::new(Connectivity::Connecting);
 /// let seen_by_the_balancer = readiness.clone();
