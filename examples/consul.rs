@@ -58,7 +58,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ServiceInstance::new(format!("health-{port}"), "tower-sd-demo", "127.0.0.1", port);
     let registration = Registration::builder(Arc::clone(&consul), instance)
         .drain_delay(Duration::from_secs(2))
-        .start();
+        .build();
     registration.registered(Duration::from_secs(10)).await?;
 
     // The client: waits for Consul's first passing check, then calls through the balancer.

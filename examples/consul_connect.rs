@@ -47,9 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
 
     // The server: its identity, and tonic on the authorized connections.
-    let api = ConsulConnect::builder(&consul, SERVER)
-        .start(Duration::from_secs(10))
-        .await?;
+    let api = ConsulConnect::builder(&consul, SERVER).build().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let (_reporter, health) = tonic_health::server::health_reporter();
@@ -62,7 +60,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let instance = ServiceInstance::new(format!("{SERVER}-{port}"), SERVER, "127.0.0.1", port);
     let registration = Registration::builder(Arc::clone(&registry), instance)
         .drain_delay(Duration::from_secs(1))
-        .start();
+        .build();
     registration.registered(Duration::from_secs(10)).await?;
     println!(
         "server: {}",
@@ -70,9 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // The client: its own identity, as the channel's TLS.
-    let web = ConsulConnect::builder(&consul, CLIENT)
-        .start(Duration::from_secs(10))
-        .await?;
+    let web = ConsulConnect::builder(&consul, CLIENT).build().await?;
     println!(
         "client: {}",
         web.leaf().map(|l| l.id.to_string()).unwrap_or_default()

@@ -14,7 +14,7 @@
 //! let registration = Registration::builder(registry, instance)
 //!     .heartbeat(Duration::from_secs(5))      // for TTL checks
 //!     .drain_delay(Duration::from_secs(10))   // time for clients to see the change
-//!     .start();
+//!     .build();
 //! registration.registered(Duration::from_secs(30)).await?;
 //! // ... serve; on SIGTERM:
 //! registration.shutdown().await?;
@@ -51,7 +51,7 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::error::{Chain, Elapsed, Error, Result};
 use crate::instance::{HealthStatus, ServiceInstance};
-use crate::registry::ServiceRegistry;
+use crate::registry::{IntoRegistry, ServiceRegistry};
 
 /// Configures a [`Registration`].
 #[must_use]
@@ -109,13 +109,13 @@ impl RegistrationBuilder {
         self
     }
 
-    /// Starts registering in the background (retrying with backoff, logging each failure),
-    /// then keeping the instance registered.
+    /// The registration, registering in the background at once (retrying with backoff,
+    /// logging each failure), then keeping the instance registered.
     ///
     /// # Panics
     ///
     /// When called outside a tokio runtime.
-    pub fn start(self) -> Registration {
+    pub fn build(self) -> Registration {
         let draining = Arc::new(AtomicBool::new(false));
         let (progress, registered) = watch::channel(Progress::Registering);
         let (stop, stopped) = oneshot::channel();
@@ -223,12 +223,9 @@ impl fmt::Debug for Registration {
 
 impl Registration {
     /// A builder registering `instance` with `registry`.
-    pub fn builder(
-        registry: Arc<dyn ServiceRegistry>,
-        instance: ServiceInstance,
-    ) -> RegistrationBuilder {
+    pub fn builder(registry: impl IntoRegistry, instance: ServiceInstance) -> RegistrationBuilder {
         RegistrationBuilder {
-            registry,
+            registry: registry.into_registry(),
             instance,
             heartbeat: None,
             check_every: Duration::from_secs(30),

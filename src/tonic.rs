@@ -49,7 +49,7 @@ use crate::connection::{
 use crate::discover::RegistryDiscover;
 use crate::error::{BoxError, Error};
 use crate::instance::ServiceQuery;
-use crate::registry::ServiceRegistry;
+use crate::registry::{IntoRegistry, ServiceRegistry};
 
 /// The balancer under a channel: one connection per instance.
 pub type ChannelBalance = Balance<Connection<Body>, String, HttpStatus>;
@@ -150,7 +150,7 @@ pub struct LoadBalancedChannelBuilder {
 impl LoadBalancedChannel {
     /// A builder for a channel to the instances of `query` in `registry`.
     pub fn builder(
-        registry: Arc<dyn ServiceRegistry>,
+        registry: impl IntoRegistry,
         query: impl Into<ServiceQuery>,
     ) -> LoadBalancedChannelBuilder {
         let query = query.into();
@@ -158,7 +158,7 @@ impl LoadBalancedChannel {
             balance: Balance::builder()
                 .service_name(query.name.clone())
                 .keep_clones(16),
-            registry,
+            registry: registry.into_registry(),
             query,
             connections: ConnectionSettings::default().user_agent(HeaderValue::from_static(
                 concat!("tower-sd/", env!("CARGO_PKG_VERSION")),
@@ -504,14 +504,10 @@ impl LoadBalancedChannelBuilder {
         let service = self.query.name.clone();
         let buffer = self.connections.retry_buffer_bytes;
         let connector = Connector::new(self.connections).service(service.as_str());
-        let registry = self.registry;
-        let watched = Arc::clone(&registry);
-        let discover = RegistryDiscover::of_endpoints(&*registry, self.query, move |instance| {
-            // Holding the registry here keeps it alive as long as discovery runs, even when
-            // the caller handed over its only reference.
-            let _alive = &watched;
-            connector.endpoint::<Body>(instance)
-        });
+        let discover =
+            RegistryDiscover::of_endpoints(&*self.registry, self.query, move |instance| {
+                connector.endpoint::<Body>(instance)
+            });
         let balance = self.balance.build(discover).with_classifier(HttpStatus);
         LoadBalancedChannel {
             retry: Retry::new(balance, buffer, &service),

@@ -37,7 +37,7 @@ fn consul(address: &str) -> ConsulRegistry {
 
 async fn mesh(consul: &ConsulRegistry, service: &str) -> ConsulConnect {
     ConsulConnect::builder(consul, service)
-        .start(Duration::from_secs(10))
+        .build()
         .await
         .unwrap()
 }
@@ -66,7 +66,7 @@ impl MeshServer {
     ) -> Self {
         let mesh = ConsulConnect::builder(consul, service)
             .authorization_cache(ttl)
-            .start(Duration::from_secs(10))
+            .build()
             .await
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -524,7 +524,8 @@ async fn an_agent_down_at_start_is_a_typed_error() {
     let closed = support::process::ClosedPort::new();
     let down = consul(&format!("127.0.0.1:{}", closed.port));
     let error = ConsulConnect::builder(&down, "web")
-        .start(Duration::from_secs(2))
+        .certificates_within(Duration::from_secs(2))
+        .build()
         .await
         .unwrap_err();
     assert!(
@@ -552,7 +553,8 @@ async fn an_agent_down_at_start_is_a_typed_error() {
         .build()
         .unwrap();
     let error = ConsulConnect::builder(&reader, "web")
-        .start(Duration::from_secs(2))
+        .certificates_within(Duration::from_secs(2))
+        .build()
         .await
         .unwrap_err();
     assert!(

@@ -26,7 +26,7 @@ async fn a_stale_leaf_is_warned_about_once_and_no_secret_is_logged() {
         .build()
         .unwrap();
     let web = ConsulConnect::builder(&consul, "web")
-        .start(Duration::from_secs(10))
+        .build()
         .await
         .unwrap();
     // Past the renewal point the leaf is asked for every second; wait for three such polls.

@@ -265,14 +265,25 @@ async fn per_instance_ttl_and_manual_critical_reaping() {
     assert_eq!(registry.health("p").await.unwrap(), HealthStatus::Passing);
 }
 
-#[tokio::test]
-async fn watch_ends_when_the_registry_is_dropped() {
+/// Catches a watch that ends with the handle it came from (a balancer built from a
+/// registry handed over by value would lose its endpoints): the watch keeps the registry
+/// alive, and the registry goes on answering it (a TTL check running out) after its last
+/// handle is gone.
+#[tokio::test(start_paused = true)]
+async fn a_watch_keeps_the_registry_alive() {
     let _limit = support::time_limit(60);
     let registry = MemoryRegistry::new();
+    registry
+        .register_with_ttl(instance("t", "svc", 1), Duration::from_secs(5))
+        .unwrap();
     let mut watch = registry.watch(&"svc".into());
-    assert!(watch.next().await.unwrap().unwrap().is_empty());
+    assert_eq!(ids(&watch.next().await.unwrap().unwrap()), ["t"]);
     drop(registry);
-    assert!(watch.next().await.is_none());
+    let set = watch.next().await.expect("the watch goes on").unwrap();
+    assert!(
+        set.is_empty(),
+        "the TTL ran out with no handle left: {set:?}"
+    );
 }
 
 #[tokio::test]
@@ -288,12 +299,14 @@ async fn works_as_a_trait_object() {
 #[tokio::test(start_paused = true)]
 async fn static_registry_is_read_only_and_filters() {
     let _limit = support::time_limit(60);
-    let registry = StaticRegistry::new(vec![
-        instance("b", "svc", 2).with_tag("v2"),
-        instance("a", "svc", 1),
-        instance("c", "other", 3),
-    ])
-    .unwrap();
+    let registry = StaticRegistry::builder()
+        .instances(vec![
+            instance("b", "svc", 2).with_tag("v2"),
+            instance("a", "svc", 1),
+            instance("c", "other", 3),
+        ])
+        .build()
+        .unwrap();
     assert_eq!(
         ids(&registry.discover(&"svc".into()).await.unwrap()),
         ["a", "b"]
@@ -328,12 +341,16 @@ async fn static_registry_is_read_only_and_filters() {
         Err(Error::Unsupported { .. })
     ));
 
-    let duplicate = StaticRegistry::new(vec![instance("a", "svc", 1), instance("a", "svc", 2)]);
+    let duplicate = StaticRegistry::builder()
+        .instances(vec![instance("a", "svc", 1), instance("a", "svc", 2)])
+        .build();
     assert!(matches!(
         duplicate,
         Err(Error::InvalidInstance { field: "id", .. })
     ));
-    let invalid = StaticRegistry::new(vec![instance("a", "svc", 0)]);
+    let invalid = StaticRegistry::builder()
+        .instances(vec![instance("a", "svc", 0)])
+        .build();
     assert!(matches!(
         invalid,
         Err(Error::InvalidInstance { field: "port", .. })

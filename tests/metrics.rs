@@ -132,12 +132,16 @@ fn registry_metrics_say_what_fails_what_is_served_and_what_is_followed() {
                 .unwrap();
             let cached: Arc<dyn ServiceRegistry> =
                 Arc::new(CachedRegistry::builder(consul.clone()).build());
-            let last_resort =
-                StaticRegistry::new(vec![ServiceInstance::new("s", "api", "10.0.0.9", 80)])
-                    .unwrap();
-            let chain = FallbackRegistry::new(vec![cached, Arc::new(last_resort)])
-                .unwrap()
-                .failover_after(Duration::from_millis(200));
+            let last_resort = StaticRegistry::builder()
+                .instances(vec![ServiceInstance::new("s", "api", "10.0.0.9", 80)])
+                .build()
+                .unwrap();
+            let chain = FallbackRegistry::builder()
+                .then(cached)
+                .then(last_resort)
+                .failover_after(Duration::from_millis(200))
+                .build()
+                .unwrap();
             let mut watch = chain.watch(&"api".into());
             assert!(watch.next().await.unwrap().is_ok());
             // A snapshot takes what was recorded since the last one: one per phase.

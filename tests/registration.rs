@@ -23,7 +23,7 @@ async fn registration_retries_with_backoff_until_accepted() {
     registry.register_failures.store(4, Ordering::SeqCst);
     let registration = Registration::builder(registry.clone(), instance())
         .retry_backoff(Duration::from_millis(100), Duration::from_secs(2))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(60))
         .await
@@ -56,7 +56,7 @@ async fn heartbeats_keep_a_ttl_instance_passing_and_shutdown_drains() {
     let registration = Registration::builder(registry.clone(), instance())
         .heartbeat(Duration::from_secs(1))
         .drain_delay(Duration::from_secs(10))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(5))
         .await
@@ -99,7 +99,7 @@ async fn an_invalid_instance_is_not_retried() {
     let _limit = support::time_limit(60);
     let registry = Arc::new(Unreliable::default());
     let bad = ServiceInstance::new("x", "api", "not a host", 80);
-    let registration = Registration::builder(registry.clone(), bad).start();
+    let registration = Registration::builder(registry.clone(), bad).build();
     let started = tokio::time::Instant::now();
     assert!(matches!(
         registration.registered(Duration::from_secs(5)).await,
@@ -136,7 +136,7 @@ async fn consul_ttl_heartbeats_and_drain() {
     let registration = Registration::builder(Arc::clone(&consul), instance())
         .heartbeat(Duration::from_millis(200))
         .drain_delay(Duration::from_secs(2))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(5))
         .await
@@ -176,7 +176,7 @@ async fn the_health_endpoint_turns_503_when_draining() {
     let registry = Arc::new(MemoryRegistry::new());
     let registration = Registration::builder(registry, instance())
         .drain_delay(Duration::from_millis(50))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(5))
         .await
@@ -203,7 +203,7 @@ async fn a_registry_that_cannot_register_is_not_retried() {
     let _limit = support::time_limit(60);
     let registry = Arc::new(Unreliable::default());
     registry.read_only.store(true, Ordering::SeqCst);
-    let registration = Registration::builder(registry.clone(), instance()).start();
+    let registration = Registration::builder(registry.clone(), instance()).build();
     assert!(matches!(
         registration.registered(Duration::from_secs(5)).await,
         Err(Error::Unsupported {
@@ -226,7 +226,7 @@ async fn an_instance_the_registry_forgot_is_registered_again() {
     );
     let registration = Registration::builder(registry.clone(), instance())
         .heartbeat(Duration::from_secs(1))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(5))
         .await
@@ -242,7 +242,7 @@ async fn an_instance_the_registry_forgot_is_registered_again() {
     let registry = Arc::new(Unreliable::default());
     let registration = Registration::builder(registry.clone(), instance())
         .check_every(Duration::from_secs(10))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(5))
         .await
@@ -264,7 +264,7 @@ async fn without_maintenance_mode_shutdown_deregisters_first_then_drains() {
     registry.no_maintenance.store(true, Ordering::SeqCst);
     let registration = Registration::builder(registry.clone(), instance())
         .drain_delay(Duration::from_secs(10))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(5))
         .await
@@ -295,7 +295,7 @@ async fn a_failed_deregistration_is_retried_within_the_shutdown_deadline() {
     let registration = Registration::builder(registry.clone(), instance())
         .drain_delay(Duration::from_secs(1))
         .retry_backoff(Duration::from_millis(100), Duration::from_secs(1))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(5))
         .await
@@ -312,7 +312,7 @@ async fn a_failed_deregistration_is_retried_within_the_shutdown_deadline() {
     let registration = Registration::builder(registry.clone(), instance())
         .drain_delay(Duration::from_secs(1))
         .shutdown_timeout(Duration::from_secs(20))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(5))
         .await
@@ -331,7 +331,7 @@ async fn a_failed_deregistration_is_retried_within_the_shutdown_deadline() {
 async fn a_registration_dropped_without_shutdown_leaves_the_registry() {
     let _limit = support::time_limit(60);
     let registry = Arc::new(MemoryRegistry::new());
-    let registration = Registration::builder(registry.clone(), instance()).start();
+    let registration = Registration::builder(registry.clone(), instance()).build();
     registration
         .registered(Duration::from_secs(5))
         .await
@@ -363,7 +363,7 @@ async fn a_restarted_consul_agent_gets_the_instance_again() {
     );
     let registration = Registration::builder(Arc::clone(&consul), instance())
         .heartbeat(Duration::from_millis(100))
-        .start();
+        .build();
     registration
         .registered(Duration::from_secs(5))
         .await

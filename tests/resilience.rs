@@ -91,8 +91,15 @@ async fn fallback_discover_asks_down_the_chain() {
     let _limit = support::time_limit(60);
     let primary = Arc::new(Unreliable::default());
     primary.register(instance("primary")).await.unwrap();
-    let backup = StaticRegistry::new(vec![instance("backup")]).unwrap();
-    let chain = FallbackRegistry::new(vec![primary.clone(), Arc::new(backup)]).unwrap();
+    let backup = StaticRegistry::builder()
+        .instances(vec![instance("backup")])
+        .build()
+        .unwrap();
+    let chain = FallbackRegistry::builder()
+        .then(primary.clone())
+        .then(backup)
+        .build()
+        .unwrap();
     assert_eq!(
         chain.discover(&"api".into()).await.unwrap()[0].id,
         "primary"
@@ -105,7 +112,7 @@ async fn fallback_discover_asks_down_the_chain() {
         primary.inner.discover(&"api".into()).await.unwrap().len(),
         2
     );
-    assert!(FallbackRegistry::new(Vec::new()).is_err());
+    assert!(FallbackRegistry::builder().build().is_err());
 }
 
 /// A scratch directory for cache files.
@@ -275,10 +282,16 @@ mod with_consul {
         let fake = FakeConsul::start(None).await;
         let primary = consul(&fake);
         primary.register(instance("from-consul")).await.unwrap();
-        let backup = StaticRegistry::new(vec![instance("from-static")]).unwrap();
-        let chain = FallbackRegistry::new(vec![primary.clone(), Arc::new(backup)])
-            .unwrap()
-            .failover_after(Duration::from_millis(300));
+        let backup = StaticRegistry::builder()
+            .instances(vec![instance("from-static")])
+            .build()
+            .unwrap();
+        let chain = FallbackRegistry::builder()
+            .then(primary.clone())
+            .then(backup)
+            .failover_after(Duration::from_millis(300))
+            .build()
+            .unwrap();
         let mut watch = chain.watch(&"api".into());
         let mut sets = Vec::new();
         let next = async |watch: &mut WatchStream, sets: &mut Vec<Vec<String>>| loop {
@@ -439,15 +452,22 @@ mod with_consul {
         primary: Arc<dyn ServiceRegistry>,
         rest: Vec<Arc<dyn ServiceRegistry>>,
     ) -> FallbackRegistry {
-        let mut all = vec![primary];
-        all.extend(rest);
-        FallbackRegistry::new(all)
-            .unwrap()
+        rest.into_iter()
+            .fold(FallbackRegistry::builder().then(primary), |chain, next| {
+                chain.then(next)
+            })
             .failover_after(Duration::from_millis(300))
+            .build()
+            .unwrap()
     }
 
     fn last_resort() -> Arc<dyn ServiceRegistry> {
-        Arc::new(StaticRegistry::new(vec![instance("from-static")]).unwrap())
+        Arc::new(
+            StaticRegistry::builder()
+                .instances(vec![instance("from-static")])
+                .build()
+                .unwrap(),
+        )
     }
 
     #[tokio::test]

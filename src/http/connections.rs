@@ -15,10 +15,11 @@ use futures_core::future::BoxFuture;
 use http::Request;
 use tower::{Service, ServiceExt};
 
-use super::balancers::Balancers;
 use super::rewrite::{Rewrite, Wire};
-use super::{DiscoveryLayer, Route, Settings, TooManyServices, UnknownHost};
-use crate::balance::{self, Balance};
+use super::route::Route;
+use super::router::{Reported, Router};
+use super::{DiscoveryLayer, TooManyServices, UnknownHost};
+use crate::balance::{Balance, EndpointStats};
 use crate::classify::{HttpStatus, ResponseBody};
 use crate::connection::retry::Retry;
 use crate::connection::{self, Connection, ConnectionSettings, Connector, SendBody};
@@ -26,7 +27,6 @@ use crate::discover::RegistryDiscover;
 use crate::endpoint::Endpoint;
 use crate::error::BoxError;
 use crate::instance::ServiceInstance;
-use crate::registry::ServiceRegistry;
 
 /// Routes `http://<service>/...` requests over per-instance HTTP/2 connections; made by
 /// [`DiscoveryLayer::over_connections`]. Cheap to clone; clones share the balancers and
@@ -35,19 +35,18 @@ use crate::registry::ServiceRegistry;
 /// A request whose host is not a service name fails with [`UnknownHost`]: there is no
 /// client to pass it to.
 pub struct ConnectionDiscovery<B> {
-    shared: Arc<Shared<B>>,
-}
-
-struct Shared<B> {
-    registry: Arc<dyn ServiceRegistry>,
-    balance: balance::BalanceBuilder,
-    settings: Settings,
+    router: Arc<Router<ServiceBalance<B>>>,
     connector: Connector,
-    balancers: Arc<Balancers<ServiceBalance<B>>>,
 }
 
 /// The balancer of one service, with the transparent retry in front.
 type ServiceBalance<B> = Retry<Balance<Rewrite<Connection<B>>, String, HttpStatus>, B>;
+
+impl<B> Reported for ServiceBalance<B> {
+    fn endpoints(&self) -> Vec<EndpointStats<String>> {
+        self.get_ref().endpoints()
+    }
+}
 
 impl DiscoveryLayer {
     /// Routes requests for service names over tower-sd's own HTTP/2 connections, one set
@@ -59,16 +58,8 @@ impl DiscoveryLayer {
         connections: ConnectionSettings,
     ) -> ConnectionDiscovery<B> {
         ConnectionDiscovery {
-            shared: Arc::new(Shared {
-                balancers: Arc::new(Balancers::new(
-                    self.settings.max_services,
-                    self.settings.idle_timeout,
-                )),
-                registry: self.registry,
-                balance: self.balance,
-                settings: self.settings,
-                connector: Connector::new(connections),
-            }),
+            router: self.router(),
+            connector: Connector::new(connections),
         }
     }
 }
@@ -76,12 +67,12 @@ impl DiscoveryLayer {
 impl<B: SendBody> ConnectionDiscovery<B> {
     /// The shared balancer for `service`, created on first use.
     fn balancer(&self, service: &str) -> Result<ServiceBalance<B>, TooManyServices> {
-        let shared = &self.shared;
-        shared.balancers.get_or_make(service, || {
-            let connector = shared.connector.clone().service(service);
-            let host_header = shared.settings.host_header;
+        let router = &self.router;
+        router.balancer(service, || {
+            let connector = self.connector.clone().service(service);
+            let host_header = router.settings.host_header;
             let discover = RegistryDiscover::of_endpoints(
-                &*shared.registry,
+                &*router.registry,
                 service.to_owned(),
                 move |instance: &ServiceInstance| -> Result<_, BoxError> {
                     let connection = connector.connect::<B>(instance)?;
@@ -90,13 +81,11 @@ impl<B: SendBody> ConnectionDiscovery<B> {
                     Ok(Endpoint::for_instance(service, instance).readiness(readiness))
                 },
             );
-            let balance = shared
-                .balance
-                .clone()
-                .service_name(service)
+            let balance = router
+                .balance_for(service)
                 .build(discover)
                 .with_classifier(HttpStatus);
-            let buffer = shared.connector.settings().retry_buffer_bytes;
+            let buffer = self.connector.settings().retry_buffer_bytes;
             Retry::new(balance, buffer, service)
         })
     }
@@ -105,24 +94,21 @@ impl<B: SendBody> ConnectionDiscovery<B> {
 impl<B> ConnectionDiscovery<B> {
     /// The endpoints of `service`'s balancer, with each connection's state; empty when the
     /// service has no balancer (yet, or any more).
-    pub fn endpoints(&self, service: &str) -> Vec<balance::EndpointStats<String>> {
-        self.shared
-            .balancers
-            .get(&service.to_ascii_lowercase())
-            .map(|retry| retry.get_ref().endpoints())
-            .unwrap_or_default()
+    pub fn endpoints(&self, service: &str) -> Vec<EndpointStats<String>> {
+        self.router.endpoints(service)
     }
 
     /// The services that currently have a balancer, sorted.
     pub fn active_services(&self) -> Vec<String> {
-        self.shared.balancers.names()
+        self.router.active_services()
     }
 }
 
 impl<B> Clone for ConnectionDiscovery<B> {
     fn clone(&self) -> Self {
         Self {
-            shared: Arc::clone(&self.shared),
+            router: Arc::clone(&self.router),
+            connector: self.connector.clone(),
         }
     }
 }
@@ -130,9 +116,8 @@ impl<B> Clone for ConnectionDiscovery<B> {
 impl<B> fmt::Debug for ConnectionDiscovery<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectionDiscovery")
-            .field("settings", &self.shared.settings)
-            .field("connector", &self.shared.connector)
-            .field("balancers", &self.shared.balancers.names().len())
+            .field("router", &self.router)
+            .field("connector", &self.connector)
             .finish_non_exhaustive()
     }
 }
@@ -148,7 +133,7 @@ impl<B: SendBody> Service<Request<B>> for ConnectionDiscovery<B> {
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        match self.shared.settings.route(request.uri()) {
+        match self.router.route(request.uri()) {
             Route::Service(service) => match self.balancer(&service) {
                 Ok(balance) => Box::pin(balance.oneshot(request)),
                 Err(error) => Box::pin(std::future::ready(Err(error.into()))),

@@ -42,7 +42,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower_sd::Error> {
 //! let consul = ConsulRegistry::builder().from_env().build()?;
-//! let mesh = ConsulConnect::builder(&consul, "web").start(Duration::from_secs(10)).await?;
+//! let mesh = ConsulConnect::builder(&consul, "web").build().await?;
 //! let tls = mesh.client_tls()?; // for LoadBalancedChannel::builder(..).tls(tls)
 //! # drop(tls);
 //! # Ok(())
@@ -86,9 +86,17 @@ pub struct ConsulConnectBuilder {
     service: String,
     authorization_cache: Duration,
     handshake_timeout: Duration,
+    certificates_within: Duration,
 }
 
 impl ConsulConnectBuilder {
+    /// How long [`build`](Self::build) waits for the agent's leaf certificate and CA roots
+    /// (default 10 s).
+    pub fn certificates_within(mut self, limit: Duration) -> Self {
+        self.certificates_within = limit;
+        self
+    }
+
     /// How long an answer of the authorize endpoint is reused for connections from the same
     /// client certificate (default 1 s). The agent answers from its own cache in
     /// microseconds, so this only spares a request per connection under connection churn;
@@ -104,12 +112,13 @@ impl ConsulConnectBuilder {
         self
     }
 
-    /// Starts following the leaf and the roots, and waits up to `limit` for both.
+    /// Starts following the leaf and the roots, and waits for both, up to
+    /// [`certificates_within`](Self::certificates_within).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] for an empty service name or one with `/`. When the leaf
-    /// and the roots have not both arrived within `limit`: the agent's last error
+    /// and the roots have not both arrived in time: the agent's last error
     /// ([`Error::Unreachable`] for an agent that is down, [`Error::Status`] 403 for a token
     /// without `service:write`), or [`Error::Timeout`] when no answer came at all. The
     /// background task is stopped.
@@ -117,7 +126,8 @@ impl ConsulConnectBuilder {
     /// # Panics
     ///
     /// When called outside a tokio runtime.
-    pub async fn start(self, limit: Duration) -> Result<ConsulConnect> {
+    pub async fn build(self) -> Result<ConsulConnect> {
+        let limit = self.certificates_within;
         if self.service.is_empty() || self.service.contains('/') {
             return Err(Error::InvalidConfig {
                 key: "service".to_owned(),
@@ -231,6 +241,7 @@ impl ConsulConnect {
             service: service.into(),
             authorization_cache: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(10),
+            certificates_within: Duration::from_secs(10),
         }
     }
 

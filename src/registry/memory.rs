@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_core::future::BoxFuture;
@@ -232,7 +232,7 @@ impl ServiceRegistry for MemoryRegistry {
 
     fn watch(&self, query: &ServiceQuery) -> WatchStream {
         let state = WatchState {
-            inner: Arc::downgrade(&self.inner),
+            inner: Arc::clone(&self.inner),
             changed: self.inner.changed.subscribe(),
             query: query.clone(),
             last: None,
@@ -390,9 +390,9 @@ impl Entry {
 // ===== watch =====
 
 struct WatchState {
-    /// Weak, so a watcher does not keep the registry alive: the stream ends when the last
-    /// `MemoryRegistry` handle is dropped.
-    inner: Weak<Inner>,
+    /// The registry: a watch keeps it alive, so a balancer built from a handle that was
+    /// handed over goes on following it (and TTL checks go on expiring).
+    inner: Arc<Inner>,
     changed: watch::Receiver<u64>,
     query: ServiceQuery,
     last: Option<Vec<ServiceInstance>>,
@@ -402,9 +402,8 @@ impl WatchState {
     async fn next(mut self) -> Option<(Result<Vec<ServiceInstance>>, Self)> {
         loop {
             let (set, deadline) = {
-                let inner = self.inner.upgrade()?;
                 self.changed.borrow_and_update();
-                inner.healthy(&self.query, Instant::now())
+                self.inner.healthy(&self.query, Instant::now())
             };
             if self.last.as_ref() != Some(&set) {
                 self.last = Some(set.clone());
@@ -417,7 +416,7 @@ impl WatchState {
                 },
                 None => self.changed.changed().await,
             };
-            // The sender lives in `Inner`: an error means the registry is gone.
+            // The sender lives in `Inner`, which this watch keeps: it never errs.
             changed.ok()?;
         }
     }

@@ -43,9 +43,9 @@ mod static_list;
 mod watch;
 
 pub use cached::{CacheStats, CachedRegistry, CachedRegistryBuilder};
-pub use fallback::FallbackRegistry;
+pub use fallback::{FallbackRegistry, FallbackRegistryBuilder};
 pub use memory::{MemoryRegistry, MemoryRegistryBuilder};
-pub use static_list::StaticRegistry;
+pub use static_list::{StaticRegistry, StaticRegistryBuilder};
 
 use std::sync::Arc;
 
@@ -165,6 +165,31 @@ pub trait ServiceRegistry: Send + Sync + std::fmt::Debug {
                 "the registry has no TTL checks",
             ))
         })
+    }
+}
+
+/// A registry the integrations hold: any [`ServiceRegistry`], by value (registries are
+/// cheap to clone, or an `Arc` of one, or an `Arc<dyn ServiceRegistry>`).
+///
+/// # Examples
+///
+/// ```
+/// use tower_sd::MemoryRegistry;
+/// use tower_sd::ServiceRegistry;
+/// use tower_sd::registry::IntoRegistry;
+///
+/// let registry = MemoryRegistry::new();
+/// let held = registry.clone().into_registry();
+/// assert_eq!(held.kind(), "memory");
+/// ```
+pub trait IntoRegistry {
+    /// The registry, shared.
+    fn into_registry(self) -> Arc<dyn ServiceRegistry>;
+}
+
+impl<R: ServiceRegistry + 'static> IntoRegistry for R {
+    fn into_registry(self) -> Arc<dyn ServiceRegistry> {
+        Arc::new(self)
     }
 }
 

@@ -21,10 +21,10 @@ use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower_sd::Error> {
-/// let registry = StaticRegistry::new(vec![
-///     ServiceInstance::new("a", "greeter", "127.0.0.1", 50051),
-///     ServiceInstance::new("b", "greeter", "127.0.0.1", 50052),
-/// ])?;
+/// let registry = StaticRegistry::builder()
+///     .instance(ServiceInstance::new("a", "greeter", "127.0.0.1", 50051))
+///     .instance(ServiceInstance::new("b", "greeter", "127.0.0.1", 50052))
+///     .build()?;
 /// assert_eq!(registry.discover(&"greeter".into()).await?.len(), 2);
 /// assert!(registry.deregister("a").await.is_err());
 /// # Ok(())
@@ -35,19 +35,45 @@ pub struct StaticRegistry {
     instances: std::sync::Arc<[ServiceInstance]>,
 }
 
-impl StaticRegistry {
-    /// A registry serving exactly `instances`.
+/// Builds a [`StaticRegistry`] from its instances.
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct StaticRegistryBuilder {
+    instances: Vec<ServiceInstance>,
+}
+
+impl StaticRegistryBuilder {
+    /// One more instance.
+    pub fn instance(mut self, instance: ServiceInstance) -> Self {
+        self.instances.push(instance);
+        self
+    }
+
+    /// These instances too.
+    pub fn instances(mut self, instances: impl IntoIterator<Item = ServiceInstance>) -> Self {
+        self.instances.extend(instances);
+        self
+    }
+
+    /// A registry serving exactly the instances given.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidInstance`] when an instance does not validate or an id repeats.
-    pub fn new(instances: Vec<ServiceInstance>) -> Result<Self> {
-        validate_all(&instances)?;
-        let mut instances = instances;
+    pub fn build(self) -> Result<StaticRegistry> {
+        validate_all(&self.instances)?;
+        let mut instances = self.instances;
         instances.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(Self {
+        Ok(StaticRegistry {
             instances: instances.into(),
         })
+    }
+}
+
+impl StaticRegistry {
+    /// A builder with no instances yet.
+    pub fn builder() -> StaticRegistryBuilder {
+        StaticRegistryBuilder::default()
     }
 
     fn matching(&self, query: &ServiceQuery) -> Vec<ServiceInstance> {

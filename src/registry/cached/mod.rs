@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{ServiceRegistry, WatchStream};
+use super::{IntoRegistry, ServiceRegistry, WatchStream};
 use crate::error::{Chain, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
 use persist::Writer;
@@ -198,9 +198,9 @@ impl CachedRegistryBuilder {
 
 impl CachedRegistry {
     /// A builder wrapping `inner`.
-    pub fn builder(inner: Arc<dyn ServiceRegistry>) -> CachedRegistryBuilder {
+    pub fn builder(inner: impl IntoRegistry) -> CachedRegistryBuilder {
         CachedRegistryBuilder {
-            inner,
+            inner: inner.into_registry(),
             max_stale: None,
             persist: None,
             max_entries: 1024,
