@@ -42,7 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let consul = ConsulRegistry::builder()
         .from_env()
         .mesh_registration(MeshRegistration::Native)
-        .connect_discovery(true)
+        .mesh_discovery(true)
         .health_check(HealthCheck::new(HealthCheckKind::Tcp).interval(Duration::from_secs(2)))
         .build()?;
 

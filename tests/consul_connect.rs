@@ -30,7 +30,7 @@ fn consul(address: &str) -> ConsulRegistry {
         .retry_backoff(Duration::from_millis(10), Duration::from_millis(200))
         .requests_per_second(50.0)
         .mesh_registration(MeshRegistration::Native)
-        .connect_discovery(true)
+        .mesh_discovery(true)
         .build()
         .unwrap()
 }

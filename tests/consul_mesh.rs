@@ -76,10 +76,7 @@ async fn a_sidecar_registration_is_discovered_at_the_proxy_and_leaves_with_its_s
     );
     server.heartbeat("api-1").await.unwrap();
 
-    let mesh = builder(&fake.url())
-        .connect_discovery(true)
-        .build()
-        .unwrap();
+    let mesh = builder(&fake.url()).mesh_discovery(true).build().unwrap();
     let plain = builder(&fake.url()).build().unwrap();
     let query = ServiceQuery::new("api").with_tag("v2");
     let mut watch = mesh.watch(&query);
@@ -141,10 +138,7 @@ async fn a_native_instance_is_a_mesh_endpoint_and_a_plain_one_is_not() {
     for id in ["api-1", "api-2"] {
         native.heartbeat(id).await.unwrap();
     }
-    let mesh = builder(&fake.url())
-        .connect_discovery(true)
-        .build()
-        .unwrap();
+    let mesh = builder(&fake.url()).mesh_discovery(true).build().unwrap();
     let mut watch = mesh.watch(&ServiceQuery::new("api"));
     assert_eq!(
         next(&mut watch).await,
@@ -188,7 +182,7 @@ async fn sidecar_and_native_against_a_real_agent() {
         .await
         .unwrap();
     server.heartbeat("api-1").await.unwrap();
-    let mesh = builder(&address).connect_discovery(true).build().unwrap();
+    let mesh = builder(&address).mesh_discovery(true).build().unwrap();
     let set = mesh.discover(&ServiceQuery::new("api")).await.unwrap();
     // The sidecar's own TCP check fails without a running proxy; the query may be empty,
     // but never answers the service's own port.

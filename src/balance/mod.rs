@@ -36,6 +36,7 @@
 //! [`Endpoint`]: crate::endpoint::Endpoint
 
 mod builder;
+mod claim;
 mod classify;
 mod completion;
 mod config;
@@ -48,6 +49,7 @@ mod slot;
 mod snapshot;
 mod stats;
 mod updater;
+mod zone;
 
 pub use builder::BalanceBuilder;
 pub use classify::{Classify, ErrorsOnly};

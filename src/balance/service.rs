@@ -13,16 +13,17 @@ use tower::Service;
 use tower::discover::Discover;
 use tracing::debug;
 
+use super::claim::{Chosen, Claim};
 use super::classify::{Classify, ErrorsOnly};
-use super::completion::Completion;
 use super::config::Config;
 use super::future::ResponseFuture;
 use super::load::LoadMetric;
 use super::p2c::{Cost, Pick, Rules, pick};
 use super::slot::SlotState;
-use super::snapshot::{Pool, Shared, Snapshot};
+use super::snapshot::{Shared, Snapshot};
 use super::stats::EndpointStats;
 use super::updater;
+use super::zone::pool;
 use crate::endpoint::Endpoint;
 use crate::error::{BoxError, Elapsed, Error};
 
@@ -101,53 +102,6 @@ pub struct Balance<S, K = String, C = ErrorsOnly> {
     waiting: Option<Pin<Box<dyn Future<Output = bool> + Send + Sync>>>,
     /// While the chosen endpoint is pending: resolves at the next publish.
     next_publish: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
-}
-
-/// The endpoint picked by `poll_ready`, and the clone of its service that `call` uses.
-struct Chosen<S, K> {
-    claim: Claim<S, K>,
-    service: S,
-}
-
-/// The chosen endpoint, claimed for the request: it counts as in flight from the pick (so
-/// concurrent pickers see it), and holds the endpoint's outlier probe if the pick is one.
-/// `call` turns it into the request's [`Completion`]; dropped before that (the caller gave
-/// up, or the endpoint failed or left), it releases both.
-struct Claim<S, K> {
-    /// `None` only once handed to the request.
-    state: Option<Arc<SlotState<S, K>>>,
-    probe: bool,
-}
-
-impl<S, K> Claim<S, K> {
-    #[inline]
-    fn state(&self) -> &SlotState<S, K> {
-        self.state.as_deref().expect("claimed until call")
-    }
-}
-
-impl<S, K> Claim<S, K>
-where
-    S: Send + Sync + 'static,
-    K: fmt::Debug + Send + Sync + 'static,
-{
-    /// The request takes the claim over.
-    #[inline]
-    fn into_completion(mut self) -> Completion {
-        let state = self.state.take().expect("claimed until call");
-        Completion::start(state, self.probe)
-    }
-}
-
-impl<S, K> Drop for Claim<S, K> {
-    fn drop(&mut self) {
-        if let Some(state) = self.state.take()
-            && self.probe
-            && let Some(detector) = &state.detector
-        {
-            state.health.release_probe(detector);
-        }
-    }
 }
 
 /// What driving the chosen endpoint's readiness gave.
@@ -404,32 +358,6 @@ fn rules<S, K>(shared: &Shared<S, K>) -> Rules<'_> {
     Rules {
         detector: shared.detector.as_deref(),
         config: &shared.config,
-    }
-}
-
-/// The local zone's pool while it has enough usable endpoints, else all of them. Counting
-/// the usable ones scans the zone only while some endpoint is failed or ejected.
-#[inline]
-fn pool<'a, S, K>(snapshot: &'a Snapshot<S, K>, shared: &Shared<S, K>) -> &'a Pool {
-    let (Some(zone), Some(local)) = (&shared.config.zone, &snapshot.local) else {
-        return &snapshot.all;
-    };
-    let ejected = shared
-        .detector
-        .as_ref()
-        .is_some_and(|detector| detector.ejected.load(Ordering::Relaxed) > 0);
-    let usable = if ejected || shared.tally.failed.load(Ordering::Relaxed) > 0 {
-        (0..local.len())
-            .filter(|&i| snapshot.slots[local.at(i)].plainly_usable())
-            .count()
-    } else {
-        local.len()
-    };
-    let share = (snapshot.slots.len() * usize::from(zone.min_share_percent)).div_ceil(100);
-    if usable >= zone.min_endpoints.max(share).max(1) {
-        local
-    } else {
-        &snapshot.all
     }
 }
 

@@ -27,7 +27,7 @@ use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::driver::Sub;
+use super::open::OpenConnection;
 use super::room::Slot;
 
 /// A stream open on its connection: holds its slot (and the concurrency permit) until the
@@ -45,8 +45,8 @@ impl StreamGuard {
         }
     }
 
-    pub(crate) fn sub(&self) -> &Sub {
-        self.slot.sub()
+    pub(crate) fn conn(&self) -> &OpenConnection {
+        self.slot.conn()
     }
 }
 
@@ -173,7 +173,7 @@ impl Stream {
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     if let Some(guard) = &self.guard {
-                        let read = &guard.sub().read;
+                        let read = &guard.conn().read;
                         read.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
                     if self.recv.is_end_stream() {

@@ -32,7 +32,7 @@ enum Stream {
 }
 
 /// The HTTP/2 connection h2 hands back, to be polled for as long as it has streams.
-pub(crate) type Driver = Connection<Io, Bytes>;
+pub(crate) type H2Connection = Connection<Io, Bytes>;
 
 /// Dials `host:port` and hands back the request sender and the connection to drive.
 pub(crate) async fn dial(
@@ -40,7 +40,7 @@ pub(crate) async fn dial(
     port: u16,
     service: &str,
     settings: &ConnectionSettings,
-) -> Result<(SendRequest<Bytes>, Driver), DialError> {
+) -> Result<(SendRequest<Bytes>, H2Connection), DialError> {
     let attempt = async {
         let tcp = TcpStream::connect((host, port))
             .await

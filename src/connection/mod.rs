@@ -35,10 +35,13 @@
 
 mod body;
 mod dial;
-mod driver;
 mod error;
+mod future;
+mod head;
+mod open;
 mod ping;
 mod pipe;
+mod pool;
 mod room;
 // The transparent retry is used by the integrations (`tonic`, `http`); a build with only
 // `consul-connect` uses the TLS types.
@@ -48,12 +51,14 @@ mod replay;
 pub(crate) mod retry;
 mod service;
 mod settings;
+mod task;
 mod tls;
 
 pub use body::Body;
 pub use error::{ConnectionError, DialError};
+pub use future::ResponseFuture;
 pub use replay::ReplayBody;
-pub use service::{Connection, ResponseFuture};
+pub use service::Connection;
 pub use settings::ConnectionSettings;
 pub use tls::{ClientConfigSource, TlsConfig};
 
@@ -146,7 +151,7 @@ impl Connector {
             Connectivity::Idle
         };
         let readiness = Readiness::new(initial);
-        let state = Arc::new(driver::State {
+        let state = Arc::new(pool::Shared {
             host: instance.address.clone(),
             port: instance.port,
             authority,
@@ -154,7 +159,7 @@ impl Connector {
             service: Arc::clone(&self.service),
             room: Arc::new(room::Room::new(readiness.clone())),
             readiness,
-            subs: ArcSwap::from_pointee(Vec::new()),
+            connections: ArcSwap::from_pointee(Vec::new()),
             generation: AtomicU64::new(0),
             changed: Notify::new(),
             demand: Notify::new(),
@@ -166,7 +171,7 @@ impl Connector {
                 .concurrency_limit
                 .map(|limit| Arc::new(Semaphore::new(limit))),
         });
-        let task = tokio::spawn(driver::run(Arc::clone(&state))).abort_handle();
+        let task = tokio::spawn(pool::run(Arc::clone(&state))).abort_handle();
         Ok(Connection::new(state, task))
     }
 

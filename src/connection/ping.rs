@@ -64,7 +64,7 @@ impl KeepAliveInterval {
 
 /// What a pong, or its absence, asks of the connection.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Ponged {
+pub(crate) enum PingOutcome {
     /// Set the stream and connection windows to this size.
     Window(u32),
     /// The keepalive ping went unanswered: close the connection.
@@ -134,7 +134,7 @@ impl Pinger {
     }
 
     /// Drives the pings; `streams` is how many streams are open on the connection.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, streams: usize) -> Poll<Ponged> {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, streams: usize) -> Poll<PingOutcome> {
         let read = self.read.load(Ordering::Relaxed);
         let now = Instant::now();
         let mut ponged = None;
@@ -159,12 +159,12 @@ impl Pinger {
     }
 
     /// A pong came: the connection is alive, and the bytes since the ping are a sample.
-    fn answered(&mut self, now: Instant, read: u64, bytes: u64) -> Option<Ponged> {
+    fn answered(&mut self, now: Instant, read: u64, bytes: u64) -> Option<PingOutcome> {
         if let Some(keepalive) = &mut self.keepalive {
             keepalive.rearm(now, read);
         }
         let window = self.adaptive.as_mut()?.sample(now, read, bytes)?;
-        Some(Ponged::Window(window))
+        Some(PingOutcome::Window(window))
     }
 
     fn poll_keepalive(
@@ -173,7 +173,7 @@ impl Pinger {
         now: Instant,
         read: u64,
         streams: usize,
-    ) -> Poll<Ponged> {
+    ) -> Poll<PingOutcome> {
         loop {
             let Some(keepalive) = &mut self.keepalive else {
                 return Poll::Pending;
@@ -182,7 +182,7 @@ impl Pinger {
                 return Poll::Pending;
             }
             if keepalive.awaiting {
-                return Poll::Ready(Ponged::TimedOut);
+                return Poll::Ready(PingOutcome::TimedOut);
             }
             if read != keepalive.seen || (streams == 0 && !keepalive.while_idle) {
                 keepalive.rearm(now, read);

@@ -100,7 +100,7 @@ where
         RetryFuture {
             state: State::Sending(first),
             // A fresh handle for another attempt: this one's readiness went to the first.
-            again: Again {
+            again: NextAttempt {
                 service: self.inner.clone(),
                 head,
                 replay,
@@ -112,7 +112,7 @@ where
 }
 
 /// What another attempt needs.
-struct Again<S, B> {
+struct NextAttempt<S, B> {
     service: S,
     head: Parts,
     /// The body of the last attempt, to send again.
@@ -122,7 +122,7 @@ struct Again<S, B> {
 /// The response future of [`Retry`].
 pub(crate) struct RetryFuture<S: Service<Request<ReplayBody<B>>>, B> {
     state: State<S, B>,
-    again: Again<S, B>,
+    again: NextAttempt<S, B>,
     attempts: u32,
     service: Arc<str>,
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
-use super::driver::Sub;
+use super::open::OpenConnection;
 use crate::endpoint::Readiness;
 
 /// The slot queue of one instance (see the module docs).
@@ -91,15 +91,15 @@ impl Drop for Waiting {
 }
 
 /// A stream slot claimed on a connection: given back when dropped.
-pub(crate) struct Slot(Arc<Sub>);
+pub(crate) struct Slot(Arc<OpenConnection>);
 
 impl Slot {
-    /// The slot just claimed on `sub` (see [`Sub::try_claim`]).
-    pub(crate) fn claimed(sub: &Arc<Sub>) -> Self {
-        Self(Arc::clone(sub))
+    /// The slot just claimed on `conn` (see [`OpenConnection::try_claim`]).
+    pub(crate) fn claimed(conn: &Arc<OpenConnection>) -> Self {
+        Self(Arc::clone(conn))
     }
 
-    pub(crate) fn sub(&self) -> &Arc<Sub> {
+    pub(crate) fn conn(&self) -> &Arc<OpenConnection> {
         &self.0
     }
 }

@@ -14,20 +14,21 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::header::USER_AGENT;
-use http::uri::PathAndQuery;
-use http::{HeaderMap, Request, Response, Uri};
+use http::{Request, Response};
 use http_body::Body as HttpBody;
 use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
-use tracing::debug;
 
 use super::SendBody;
 use super::body::{Body, StreamGuard};
-use super::driver::{State, Sub};
 use super::error::ConnectionError;
-use super::pipe::{Pipe, PipeError};
+use super::future::ResponseFuture;
+use super::head::{set_origin, strip_connection_headers};
+use super::open::OpenConnection;
+use super::pipe::Pipe;
+use super::pool::Shared;
 use super::replay::ReplayBody;
 use super::room::{Slot, Waiting};
 use crate::endpoint::{Connectivity, Readiness};
@@ -67,7 +68,7 @@ pub struct Connection<B> {
 
 struct Cached {
     generation: u64,
-    sub: Arc<Sub>,
+    conn: Arc<OpenConnection>,
     send: SendRequest<Bytes>,
 }
 
@@ -78,10 +79,10 @@ struct Queued {
     until: Pin<Box<Sleep>>,
 }
 
-/// Owns the driver task: the last clone's drop ends it (and its connections). Responses in
+/// Owns the pool task: the last clone's drop ends it (and its connections). Responses in
 /// flight hold it too, so their streams outlive the handles.
-struct Handle {
-    state: Arc<State>,
+pub(crate) struct Handle {
+    pub(crate) state: Arc<Shared>,
     task: tokio::task::AbortHandle,
 }
 
@@ -93,7 +94,7 @@ impl Drop for Handle {
 }
 
 impl<B: Send + 'static> Connection<B> {
-    pub(crate) fn new(state: Arc<State>, task: tokio::task::AbortHandle) -> Self {
+    pub(crate) fn new(state: Arc<Shared>, task: tokio::task::AbortHandle) -> Self {
         Self {
             handle: Arc::new(Handle { state, task }),
             cached: None,
@@ -114,10 +115,10 @@ impl<B: Send + 'static> Connection<B> {
 
     /// The open connections to the instance.
     pub fn open_connections(&self) -> usize {
-        self.handle.state.subs.load().len()
+        self.handle.state.connections.load().len()
     }
 
-    fn state(&self) -> &State {
+    fn state(&self) -> &Shared {
         &self.handle.state
     }
 
@@ -129,21 +130,24 @@ impl<B: Send + 'static> Connection<B> {
         let generation = state.generation.load(Ordering::Acquire);
         if let Some(cached) = &self.cached
             && cached.generation == generation
-            && cached.sub.is_open()
-            && cached.sub.try_claim()
+            && cached.conn.is_open()
+            && cached.conn.try_claim()
         {
-            self.claimed = Some(Slot::claimed(&cached.sub));
+            self.claimed = Some(Slot::claimed(&cached.conn));
             return true;
         }
-        let subs = state.subs.load();
-        let Some(sub) = subs.iter().find(|sub| sub.is_open() && sub.try_claim()) else {
+        let connections = state.connections.load();
+        let Some(conn) = connections
+            .iter()
+            .find(|conn| conn.is_open() && conn.try_claim())
+        else {
             return false;
         };
-        self.claimed = Some(Slot::claimed(sub));
+        self.claimed = Some(Slot::claimed(conn));
         self.cached = Some(Cached {
             generation,
-            sub: Arc::clone(sub),
-            send: sub.send.clone(),
+            conn: Arc::clone(conn),
+            send: conn.send.clone(),
         });
         true
     }
@@ -167,7 +171,7 @@ impl<B: Send + 'static> Connection<B> {
                 Connectivity::Idle => state.demand.notify_one(),
                 _ => {}
             }
-            if self.queued.is_none() && state.subs.load().iter().any(|sub| sub.is_open()) {
+            if self.queued.is_none() && state.connections.load().iter().any(|conn| conn.is_open()) {
                 // Every open connection is full: queue, let the balancer pick others, ask
                 // for one more connection, and look once more (a slot may have come free).
                 self.queued = Some(Queued {
@@ -220,7 +224,7 @@ impl<B: Send + 'static> Connection<B> {
         let state = self.state();
         if state.room.queued()
             && state
-                .subs
+                .connections
                 .load()
                 .iter()
                 .any(|s| s.is_open() && s.has_room())
@@ -234,7 +238,7 @@ impl<B: Send + 'static> Connection<B> {
     fn forget_closed(&mut self) {
         self.claimed = None;
         if let Some(cached) = self.cached.take() {
-            cached.sub.closed.store(true, Ordering::Relaxed);
+            cached.conn.closed.store(true, Ordering::Relaxed);
             self.state().demand.notify_one();
         }
     }
@@ -249,13 +253,13 @@ impl<B: Send + 'static> Connection<B> {
     }
 
     fn stream_limit(&self) -> ConnectionError {
-        let subs = self.state().subs.load();
-        let open = subs.iter().filter(|sub| sub.is_open());
+        let connections = self.state().connections.load();
+        let open = connections.iter().filter(|conn| conn.is_open());
         ConnectionError::StreamLimit {
             authority: self.state().authority.clone(),
             limit: open
                 .clone()
-                .map(|sub| sub.max_streams.load(Ordering::Relaxed))
+                .map(|conn| conn.max_streams.load(Ordering::Relaxed))
                 .max()
                 .unwrap_or_default(),
             connections: open.count(),
@@ -298,7 +302,7 @@ impl<B> Clone for Connection<B> {
             handle: Arc::clone(&self.handle),
             cached: self.cached.as_ref().map(|cached| Cached {
                 generation: cached.generation,
-                sub: Arc::clone(&cached.sub),
+                conn: Arc::clone(&cached.conn),
                 send: cached.send.clone(),
             }),
             claimed: None,
@@ -382,15 +386,8 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
         {
             Ok((response, stream)) => {
                 let guard = StreamGuard::new(slot, self.permit.take());
-                ResponseFuture {
-                    inner: Some(Inner {
-                        response,
-                        pipe: (!end).then(|| Pipe::new(body, stream)),
-                        guard,
-                        handle,
-                    }),
-                    failed: None,
-                }
+                let pipe = (!end).then(|| Pipe::new(body, stream));
+                ResponseFuture::sent(response, pipe, guard, handle)
             }
             // Refused before anything was written: the connection takes no new streams, or
             // the request is one HTTP/2 cannot carry.
@@ -406,143 +403,5 @@ impl<B: SendBody> tower::Service<Request<ReplayBody<B>>> for Connection<B> {
                 ResponseFuture::failed(ConnectionError::NotSent { authority, source })
             }
         }
-    }
-}
-
-/// Puts the origin on the request URI, which h2 sends as `:scheme` and `:authority`: the
-/// configured origin, else the authority the request names (a routed request's logical
-/// host), else the dialled address. A `Host` header goes: over HTTP/2 it must not differ
-/// from `:authority` (RFC 9113, 8.3.1), and nginx refuses a request that has both.
-fn set_origin<T>(request: &mut Request<T>, state: &State) {
-    let (scheme, dialled) = &state.origin;
-    request.headers_mut().remove(http::header::HOST);
-    let authority = match (&state.settings.origin, request.uri().authority()) {
-        (None, Some(named)) => named.clone(),
-        _ => dialled.clone(),
-    };
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(scheme.clone());
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(path);
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *request.uri_mut() = uri;
-    }
-}
-
-/// Removes the connection-specific headers HTTP/2 forbids (RFC 9113, 8.2.2), as hyper does:
-/// h2 refuses a request that has them.
-fn strip_connection_headers(headers: &mut HeaderMap) {
-    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
-    if headers.is_empty() {
-        return;
-    }
-    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    if headers.get(TE).is_some_and(|te| te != "trailers") {
-        headers.remove(TE);
-    }
-}
-
-/// The response future of a [`Connection`]. It sends the request body while it waits: all
-/// of it, for a body that is ready at once.
-#[must_use = "futures do nothing unless polled"]
-pub struct ResponseFuture<B> {
-    inner: Option<Inner<B>>,
-    failed: Option<ConnectionError>,
-}
-
-struct Inner<B> {
-    response: h2::client::ResponseFuture,
-    /// The request body still to send, if any.
-    pipe: Option<Pipe<B>>,
-    guard: StreamGuard,
-    handle: Arc<Handle>,
-}
-
-impl<B> ResponseFuture<B> {
-    fn failed(error: ConnectionError) -> Self {
-        Self {
-            inner: None,
-            failed: Some(error),
-        }
-    }
-}
-
-impl<B: SendBody> Future for ResponseFuture<B> {
-    type Output = Result<Response<Body>, ConnectionError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            let error = this
-                .failed
-                .take()
-                .expect("ResponseFuture polled after completion");
-            return Poll::Ready(Err(error));
-        };
-        if let Some(pipe) = &mut inner.pipe
-            && let Poll::Ready(sent) = pipe.poll_send(cx)
-        {
-            inner.pipe = None;
-            match sent {
-                Ok(()) => {}
-                // The stream took no more: the response (perhaps sent without reading the
-                // rest, RFC 9113, 8.1) or its error tells the caller what happened.
-                Err(PipeError::Stream(error)) => {
-                    debug!(error = ?error, "request body not sent whole");
-                }
-                Err(PipeError::Body(error)) => {
-                    let authority = inner.handle.state.authority.clone();
-                    // Dropping the stream's halves resets it.
-                    this.inner = None;
-                    return Poll::Ready(Err(ConnectionError::Request {
-                        authority,
-                        source: error,
-                    }));
-                }
-            }
-        }
-        let outcome = ready!(Pin::new(&mut inner.response).poll(cx));
-        let Inner {
-            guard,
-            handle,
-            pipe,
-            ..
-        } = this.inner.take().expect("polled");
-        match outcome {
-            Ok(response) => {
-                guard.sub().answered();
-                // A body still streaming (a client or bidi stream) goes on by itself.
-                let pipe = pipe.map(|pipe| tokio::spawn(pipe.send()).abort_handle());
-                let (parts, recv) = response.into_parts();
-                let body = Body::new(recv, guard, pipe, handle, &parts.headers);
-                Poll::Ready(Ok(Response::from_parts(parts, body)))
-            }
-            Err(error) => {
-                if error.is_go_away() {
-                    // No retry may pick it before its driver notices.
-                    guard.sub().closed.store(true, Ordering::Relaxed);
-                    handle.state.demand.notify_one();
-                }
-                let authority = handle.state.authority.clone();
-                Poll::Ready(Err(ConnectionError::of_stream(authority, error)))
-            }
-        }
-    }
-}
-
-impl<B> fmt::Debug for ResponseFuture<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("sent", &self.inner.is_some())
-            .finish_non_exhaustive()
     }
 }

@@ -273,6 +273,28 @@ mod tests {
         }
     }
 
+    /// Catches a wake-up for a change that is none (every balancer waiting on the endpoint
+    /// would look again for nothing), whether or not the endpoint is saturated.
+    #[tokio::test]
+    async fn setting_the_same_state_wakes_no_balancer() {
+        let readiness = Readiness::new(Connectivity::Ready);
+        let balancer = Arc::new(Notify::new());
+        readiness.listen(&balancer);
+        for saturated in [false, true] {
+            readiness.set_saturated(saturated);
+            let woken = balancer.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            readiness.set(Connectivity::Ready);
+            readiness.set_saturated(saturated);
+            let waited = tokio::time::timeout(tokio::time::Duration::ZERO, woken).await;
+            assert!(
+                waited.is_err(),
+                "woken for nothing (saturated: {saturated})"
+            );
+        }
+    }
+
     /// Catches saturation that hides the connectivity, is lost when the connectivity
     /// changes, leaves the endpoint usable, or ends without waking the balancers that wait
     /// for a usable endpoint.

@@ -19,9 +19,9 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::agent::{AgentWatch, CaRoots, LeafCert};
 use super::identity::CertFacts;
 use crate::error::{BoxError, Chain, Error, Result};
-use crate::registry::consul::connect::{CaRoots, Follow, LeafCert};
 
 const REGISTRY: &str = "consul";
 
@@ -152,10 +152,10 @@ fn leaf_wait(leaf: Option<&Leaf>, max: Duration) -> Duration {
 /// Follows the roots and the leaf of `service` until dropped.
 pub(crate) async fn refresh(
     store: Arc<Store>,
-    mut roots: Follow<CaRoots>,
-    mut leaf: Follow<LeafCert>,
+    mut roots: AgentWatch<CaRoots>,
+    mut leaf: AgentWatch<LeafCert>,
 ) {
-    // The registry's wait (`Follow` caps every wait at it).
+    // The registry's wait (`AgentWatch` caps every wait at it).
     let wait = Duration::MAX;
     let roots = async {
         loop {

@@ -24,7 +24,7 @@
 //! status `PERMISSION_DENIED` and the agent's reason (see [`Authorization`]).
 //!
 //! Discover the instances to call with the Consul registry's
-//! [`connect_discovery`](crate::registry::consul::ConsulRegistryBuilder::connect_discovery),
+//! [`mesh_discovery`](crate::registry::consul::ConsulRegistryBuilder::mesh_discovery),
 //! and register this one with
 //! [`MeshRegistration::Native`](crate::registry::consul::MeshRegistration::Native).
 //!
@@ -49,6 +49,7 @@
 //! # }
 //! ```
 
+mod agent;
 mod certs;
 mod client;
 mod identity;
@@ -74,7 +75,7 @@ use tracing::{debug, info, warn};
 use crate::connection::TlsConfig;
 use crate::error::{Elapsed, Error, Result};
 use crate::registry::consul::ConsulRegistry;
-use crate::registry::consul::connect::Follow;
+use agent::AgentWatch;
 use certs::Store;
 use server::Authorizer;
 
@@ -138,8 +139,8 @@ impl ConsulConnectBuilder {
         let store = Arc::new(Store::new());
         let task = tokio::spawn(certs::refresh(
             Arc::clone(&store),
-            Follow::roots(Arc::clone(&client)),
-            Follow::leaf(Arc::clone(&client), &self.service),
+            AgentWatch::roots(Arc::clone(&client)),
+            AgentWatch::leaf(Arc::clone(&client), &self.service),
         ));
         let keeper = Arc::new(Keeper { store, task });
         let mut changes = keeper.store.changes.subscribe();

@@ -151,8 +151,8 @@ impl ConsulRegistryBuilder {
     /// instances of the service: each sidecar proxy's address and port, or a Connect-native
     /// instance's own. Instances keep the queried service's name; their ids are the
     /// proxy's (`{node}/{proxy service ID}`). The blocking-query rules are the same.
-    pub fn connect_discovery(mut self, connect: bool) -> Self {
-        self.settings.connect_discovery = connect;
+    pub fn mesh_discovery(mut self, connect: bool) -> Self {
+        self.settings.mesh_discovery = connect;
         self
     }
 

@@ -23,7 +23,7 @@ const ERROR_BODY_BYTES: usize = 512;
 pub(crate) struct Client {
     http: reqwest::Client,
     base: Url,
-    pub(super) settings: Settings,
+    pub(crate) settings: Settings,
     mapping: Mapping,
 }
 
@@ -78,7 +78,7 @@ fn tls_config(ca_file: Option<&std::path::Path>, https: bool) -> Result<rustls::
 }
 
 impl Client {
-    pub(super) fn new(settings: Settings) -> Result<Self> {
+    pub(crate) fn new(settings: Settings) -> Result<Self> {
         let address = if settings.address.contains("://") {
             settings.address.clone()
         } else {
@@ -120,7 +120,7 @@ impl Client {
         })
     }
 
-    pub(super) fn url(&self, segments: &[&str]) -> Url {
+    pub(crate) fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .expect("http(s) URLs have paths")
@@ -129,7 +129,7 @@ impl Client {
         url
     }
 
-    pub(super) fn request(&self, method: Method, url: Url) -> RequestBuilder {
+    pub(crate) fn request(&self, method: Method, url: Url) -> RequestBuilder {
         let mut request = self.http.request(method, url);
         if let Some(Secret(token)) = &self.settings.token {
             request = request.header("X-Consul-Token", token);
@@ -141,7 +141,7 @@ impl Client {
     }
 
     /// Sends a request; returns the status, the `X-Consul-Index` and the body (capped).
-    pub(super) async fn send(
+    pub(crate) async fn send(
         &self,
         request: RequestBuilder,
         timeout: Duration,
@@ -187,7 +187,7 @@ impl Client {
     /// With `index`, makes `request` a blocking query from it waiting at most `wait`, and
     /// returns the time limit to give it (the wait, Consul's jitter of up to wait/16, and
     /// slack); without, the request timeout.
-    pub(super) fn blocking(
+    pub(crate) fn blocking(
         &self,
         request: RequestBuilder,
         index: Option<u64>,
@@ -324,7 +324,7 @@ impl Client {
         query: &ServiceQuery,
         blocking: Option<u64>,
     ) -> Result<(Vec<ServiceInstance>, Option<u64>)> {
-        let kind = if self.settings.connect_discovery {
+        let kind = if self.settings.mesh_discovery {
             "connect"
         } else {
             "service"
@@ -437,7 +437,7 @@ fn transport(error: reqwest::Error, timeout: Duration) -> Error {
     }
 }
 
-pub(super) fn status_error(status: StatusCode, body: &[u8]) -> Error {
+pub(crate) fn status_error(status: StatusCode, body: &[u8]) -> Error {
     let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_BYTES)]);
     let message = match status.as_u16() {
         403 => format!("ACL denied: {}", text.trim()),

@@ -19,10 +19,9 @@ mod api;
 mod builder;
 pub(crate) mod client;
 #[cfg(feature = "consul-connect")]
-pub(crate) mod connect;
 mod mesh;
 mod settings;
-mod watch;
+pub(crate) mod watch;
 
 pub use builder::ConsulRegistryBuilder;
 pub use mesh::{MeshRegistration, SidecarService, Upstream};
@@ -47,7 +46,7 @@ use client::Client;
 /// - `discover` and `watch` read `/v1/health/service/:name`, pushing every [`ServiceQuery`]
 ///   filter to Consul (`tag`, `dc`, `ns`, and metadata as a `filter` expression). Instances with
 ///   a critical check are left out; warning ones stay, at their `Weights.Warning` weight.
-/// - With [`ConsulRegistryBuilder::connect_discovery`], both read
+/// - With [`ConsulRegistryBuilder::mesh_discovery`], both read
 ///   `/v1/health/connect/:name` instead: the service's mesh endpoints (sidecar proxies, or
 ///   Connect-native instances). [`ConsulRegistryBuilder::mesh_registration`] registers
 ///   instances into the mesh.

@@ -7,9 +7,9 @@ use std::time::Duration;
 use crate::registry::Secret;
 
 /// Consul raises a `DeregisterCriticalServiceAfter` below this to it, with a warning.
-pub(super) const CONSUL_MIN_DEREGISTER: Duration = Duration::from_secs(60);
+pub(crate) const CONSUL_MIN_DEREGISTER: Duration = Duration::from_secs(60);
 /// Consul's longest blocking-query wait.
-pub(super) const MAX_WAIT: Duration = Duration::from_secs(600);
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// The health check registered with every instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,30 +84,30 @@ impl HealthCheck {
 
 /// The settings of a [`ConsulRegistry`](super::ConsulRegistry), as its builder set them.
 #[derive(Clone, Debug)]
-pub(super) struct Settings {
-    pub(super) address: String,
-    pub(super) datacenter: Option<String>,
-    pub(super) namespace: Option<String>,
-    pub(super) token: Option<Secret>,
-    pub(super) ca_file: Option<PathBuf>,
-    pub(super) wait: Duration,
-    pub(super) stale: bool,
-    pub(super) cached: bool,
-    pub(super) request_timeout: Duration,
-    pub(super) check: HealthCheck,
-    pub(super) zone_key: String,
-    pub(super) tagged_address: Option<String>,
-    pub(super) max_body_bytes: usize,
-    pub(super) retry_base: Duration,
-    pub(super) retry_max: Duration,
-    pub(super) requests_per_second: f64,
+pub(crate) struct Settings {
+    pub(crate) address: String,
+    pub(crate) datacenter: Option<String>,
+    pub(crate) namespace: Option<String>,
+    pub(crate) token: Option<Secret>,
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) wait: Duration,
+    pub(crate) stale: bool,
+    pub(crate) cached: bool,
+    pub(crate) request_timeout: Duration,
+    pub(crate) check: HealthCheck,
+    pub(crate) zone_key: String,
+    pub(crate) tagged_address: Option<String>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) retry_base: Duration,
+    pub(crate) retry_max: Duration,
+    pub(crate) requests_per_second: f64,
     /// Whether requests may go through the system's proxy (`HTTP_PROXY` and friends);
     /// `None`: not for a loopback agent, else as the system says.
-    pub(super) system_proxy: Option<bool>,
+    pub(crate) system_proxy: Option<bool>,
     /// The `Connect` block of every registration.
-    pub(super) mesh: Option<super::MeshRegistration>,
+    pub(crate) mesh: Option<super::MeshRegistration>,
     /// Discover through `/v1/health/connect/:service` (mesh endpoints).
-    pub(super) connect_discovery: bool,
+    pub(crate) mesh_discovery: bool,
 }
 
 impl Default for Settings {
@@ -131,7 +131,7 @@ impl Default for Settings {
             requests_per_second: 5.0,
             system_proxy: None,
             mesh: None,
-            connect_discovery: false,
+            mesh_discovery: false,
         }
     }
 }

@@ -11,11 +11,11 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::sleep;
 
-use super::client::Client;
-use super::watch::{TokenBucket, next_index};
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::registry::Secret;
+use crate::registry::consul::client::Client;
+use crate::registry::consul::watch::{TokenBucket, next_index};
 
 const REGISTRY: &str = "consul";
 
@@ -61,7 +61,7 @@ struct Authorization {
 /// One blocking query followed over time, with the rules of the health watch
 /// (`watch.rs`): the next index from the answer, a reset when it goes backwards, a
 /// non-blocking query after an error, a token bucket, and a jittered backoff after errors.
-pub(crate) struct Follow<T> {
+pub(crate) struct AgentWatch<T> {
     client: Arc<Client>,
     path: Vec<String>,
     index: u64,
@@ -71,30 +71,30 @@ pub(crate) struct Follow<T> {
     answer: PhantomData<fn() -> T>,
 }
 
-impl<T> std::fmt::Debug for Follow<T> {
+impl<T> std::fmt::Debug for AgentWatch<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Follow")
+        f.debug_struct("AgentWatch")
             .field("path", &self.path)
             .field("index", &self.index)
             .finish_non_exhaustive()
     }
 }
 
-impl Follow<CaRoots> {
+impl AgentWatch<CaRoots> {
     /// Follows the CA roots.
     pub(crate) fn roots(client: Arc<Client>) -> Self {
         Self::new(client, &["v1", "agent", "connect", "ca", "roots"])
     }
 }
 
-impl Follow<LeafCert> {
+impl AgentWatch<LeafCert> {
     /// Follows `service`'s leaf certificate.
     pub(crate) fn leaf(client: Arc<Client>, service: &str) -> Self {
         Self::new(client, &["v1", "agent", "connect", "ca", "leaf", service])
     }
 }
 
-impl<T: serde::de::DeserializeOwned> Follow<T> {
+impl<T: serde::de::DeserializeOwned> AgentWatch<T> {
     fn new(client: Arc<Client>, path: &[&str]) -> Self {
         let settings = &client.settings;
         Self {
@@ -163,7 +163,7 @@ impl Client {
         let (request, timeout) = self.blocking(request, index, wait);
         let (status, index, body) = self.send(request, timeout).await?;
         if !status.is_success() {
-            return Err(super::client::status_error(status, &body));
+            return Err(crate::registry::consul::client::status_error(status, &body));
         }
         let value = serde_json::from_slice(&body).map_err(|e| Error::Malformed {
             registry: REGISTRY,

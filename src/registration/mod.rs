@@ -50,103 +50,19 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::error::{Chain, Elapsed, Error, Result};
-use crate::instance::{HealthStatus, ServiceInstance};
+use crate::instance::ServiceInstance;
 use crate::registry::{IntoRegistry, ServiceRegistry};
 
-/// Configures a [`Registration`].
-#[must_use]
-pub struct RegistrationBuilder {
-    registry: Arc<dyn ServiceRegistry>,
-    instance: ServiceInstance,
-    heartbeat: Option<Duration>,
-    check_every: Duration,
-    drain_delay: Duration,
-    shutdown_timeout: Option<Duration>,
-    retry: (Duration, Duration),
-}
+mod builder;
+mod keeper;
+mod probe;
 
-impl fmt::Debug for RegistrationBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RegistrationBuilder")
-            .field("instance", &self.instance.id)
-            .field("heartbeat", &self.heartbeat)
-            .field("drain_delay", &self.drain_delay)
-            .finish_non_exhaustive()
-    }
-}
-
-impl RegistrationBuilder {
-    /// Renew the instance's TTL check this often (use about a third of the TTL). Off by
-    /// default: HTTP, TCP and gRPC checks need no heartbeat.
-    pub fn heartbeat(mut self, every: Duration) -> Self {
-        self.heartbeat = Some(every);
-        self
-    }
-
-    /// Without heartbeats, check this often that the registry still has the instance, and
-    /// register it again if not (default 30 s).
-    pub fn check_every(mut self, every: Duration) -> Self {
-        self.check_every = every;
-        self
-    }
-
-    /// How long to stay registered, in maintenance, before deregistering (default 5 s).
-    pub fn drain_delay(mut self, delay: Duration) -> Self {
-        self.drain_delay = delay;
-        self
-    }
-
-    /// The most `shutdown` may take, drain included (default: the drain delay plus 10 s).
-    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.shutdown_timeout = Some(timeout);
-        self
-    }
-
-    /// Backoff bounds for retrying registration, heartbeats and deregistration (default
-    /// 100 ms to 30 s).
-    pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.retry = (base, max);
-        self
-    }
-
-    /// The registration, registering in the background at once (retrying with backoff,
-    /// logging each failure), then keeping the instance registered.
-    ///
-    /// # Panics
-    ///
-    /// When called outside a tokio runtime.
-    pub fn build(self) -> Registration {
-        let draining = Arc::new(AtomicBool::new(false));
-        let (progress, registered) = watch::channel(Progress::Registering);
-        let (stop, stopped) = oneshot::channel();
-        let keeper = Keeper {
-            registry: Arc::clone(&self.registry),
-            instance: self.instance.clone(),
-            heartbeat: self.heartbeat,
-            check_every: self.check_every,
-            backoff: Backoff::new(self.retry.0, self.retry.1),
-            progress,
-        };
-        let task = tokio::spawn(keeper.run(stopped));
-        Registration {
-            registry: self.registry,
-            instance: self.instance,
-            drain_delay: self.drain_delay,
-            shutdown_timeout: self
-                .shutdown_timeout
-                .unwrap_or(self.drain_delay.saturating_add(Duration::from_secs(10))),
-            retry: self.retry,
-            draining,
-            registered,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-}
+pub use builder::RegistrationBuilder;
+pub use probe::HealthProbe;
 
 /// How registering goes, as the background task tells it.
 #[derive(Clone, Debug)]
-enum Progress {
+pub(crate) enum Progress {
     Registering,
     Registered,
     /// The registry refused for good (an invalid instance, a registry that cannot
@@ -156,7 +72,7 @@ enum Progress {
 
 /// A refusal, kept in a form that can be handed to every waiter.
 #[derive(Clone, Debug)]
-enum Refusal {
+pub(crate) enum Refusal {
     Invalid(&'static str, crate::error::InvalidValue),
     Unsupported {
         registry: &'static str,
@@ -367,162 +283,5 @@ impl Drop for Registration {
                 Err(_) => warn!(%id, "background deregistration timed out"),
             }
         });
-    }
-}
-
-/// The background task: registers with retries, then keeps the instance registered.
-struct Keeper {
-    registry: Arc<dyn ServiceRegistry>,
-    instance: ServiceInstance,
-    heartbeat: Option<Duration>,
-    check_every: Duration,
-    backoff: Backoff,
-    progress: watch::Sender<Progress>,
-}
-
-impl Keeper {
-    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
-        tokio::select! {
-            _ = &mut stop => {}
-            () = self.keep() => {}
-        }
-    }
-
-    async fn keep(&mut self) {
-        if !self.register().await {
-            return;
-        }
-        loop {
-            let wait = match self.heartbeat {
-                Some(every) => self.beat(every).await,
-                None => self.check().await,
-            };
-            match wait {
-                Some(wait) => tokio::time::sleep(wait).await,
-                None => return,
-            }
-        }
-    }
-
-    /// Registers, retrying with backoff; `false` when the registry refuses for good.
-    async fn register(&mut self) -> bool {
-        let id = self.instance.id.clone();
-        loop {
-            match self.registry.register(self.instance.clone()).await {
-                Ok(()) => {
-                    self.backoff.reset();
-                    info!(%id, registry = self.registry.kind(), "registered");
-                    self.progress.send_replace(Progress::Registered);
-                    return true;
-                }
-                Err(error) => {
-                    if let Some(refusal) = Refusal::of(&error) {
-                        warn!(%id, error = %Chain(&error), "registration refused; not retrying");
-                        self.progress.send_replace(Progress::Refused(refusal));
-                        return false;
-                    }
-                    let delay = self.backoff.next_delay();
-                    warn!(%id, error = %Chain(&error), ?delay, attempt = self.backoff.failures(), "registration failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
-    }
-
-    /// One heartbeat; the wait before the next, or `None` to stop heartbeating.
-    async fn beat(&mut self, every: Duration) -> Option<Duration> {
-        let id = self.instance.id.clone();
-        match self.registry.heartbeat(&id).await {
-            Ok(()) => {
-                self.backoff.reset();
-                Some(every)
-            }
-            Err(error) if forgotten(&error) => {
-                warn!(%id, "the registry forgot the instance; registering again");
-                self.register().await.then_some(Duration::ZERO)
-            }
-            Err(error @ Error::Unsupported { .. }) => {
-                warn!(%id, error = %Chain(&error), "the registry has no heartbeats; not sending them");
-                self.heartbeat = None;
-                Some(self.check_every)
-            }
-            Err(error) => {
-                let delay = self.backoff.next_delay().min(every);
-                warn!(%id, error = %Chain(&error), ?delay, "heartbeat failed; retrying");
-                Some(delay)
-            }
-        }
-    }
-
-    /// Without heartbeats: whether the registry still has the instance; registers it
-    /// again when not. The wait before the next check, or `None` to stop checking.
-    async fn check(&mut self) -> Option<Duration> {
-        let id = self.instance.id.clone();
-        match self.registry.health(&id).await {
-            Ok(HealthStatus::Unknown) => {
-                warn!(%id, "the registry no longer has the instance; registering again");
-                self.register().await.then_some(self.check_every)
-            }
-            Ok(_) => Some(self.check_every),
-            Err(Error::Unsupported { .. }) => None,
-            Err(error) => {
-                warn!(%id, error = %Chain(&error), "checking the registration failed");
-                Some(self.check_every)
-            }
-        }
-    }
-}
-
-/// Whether an error says the registry does not know the instance any more.
-fn forgotten(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::UnknownInstance { .. } | Error::Status { status: 404, .. }
-    )
-}
-
-/// Whether the instance is serving; cheap to clone into a health handler.
-#[derive(Clone, Debug)]
-pub struct HealthProbe {
-    draining: Arc<AtomicBool>,
-}
-
-impl HealthProbe {
-    /// `false` once shutdown started.
-    pub fn is_serving(&self) -> bool {
-        !self.draining.load(Ordering::SeqCst)
-    }
-}
-
-#[cfg(feature = "http")]
-mod health_service {
-    use std::convert::Infallible;
-    use std::future::{Ready, ready};
-    use std::task::{Context, Poll};
-
-    use super::HealthProbe;
-
-    /// A health endpoint: `200 ok` while serving, `503 draining` once shutdown started, so
-    /// an HTTP check sees the drain before the instance leaves the registry. Mount it as a
-    /// route, e.g. `Router::new().route_service("/healthz", registration.health())` in axum.
-    impl<B> tower::Service<http::Request<B>> for HealthProbe {
-        type Response = http::Response<String>;
-        type Error = Infallible;
-        type Future = Ready<Result<Self::Response, Infallible>>;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, _: http::Request<B>) -> Self::Future {
-            let (status, body) = if self.is_serving() {
-                (http::StatusCode::OK, "ok")
-            } else {
-                (http::StatusCode::SERVICE_UNAVAILABLE, "draining")
-            };
-            let mut response = http::Response::new(body.to_owned());
-            *response.status_mut() = status;
-            ready(Ok(response))
-        }
     }
 }

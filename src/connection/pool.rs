@@ -1,4 +1,4 @@
-//! The driver: one task per instance that opens its connections, notices when one stops
+//! The pool: one task per instance that opens its connections, notices when one stops
 //! taking streams (the peer went away, or sent GOAWAY), opens the next, and reports the
 //! instance's [`Connectivity`] to the balancer.
 //!
@@ -32,7 +32,6 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -43,86 +42,18 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use super::dial::{Driver, dial};
+use super::dial::{H2Connection, dial};
 use super::error::DialError;
-use super::ping::{KeepAliveInterval, Pinger, Ponged};
+use super::open::OpenConnection;
+use super::ping::{KeepAliveInterval, Pinger};
 use super::room::Room;
 use super::settings::ConnectionSettings;
+use super::task::{ConnectionTask, LeaveReason, Left};
 use crate::backoff::Backoff;
 use crate::endpoint::{Connectivity, Readiness};
 
-/// One open HTTP/2 connection to the instance.
-pub(crate) struct Sub {
-    pub(crate) id: u64,
-    pub(crate) send: SendRequest<Bytes>,
-    /// Stream slots taken: claimed by a handle for its next request, or held by a stream
-    /// until it ends.
-    pub(crate) streams: AtomicUsize,
-    /// The server's `MAX_CONCURRENT_STREAMS`, as h2 last reported it.
-    pub(crate) max_streams: AtomicUsize,
-    /// Response bytes read on it (keepalive and adaptive flow control watch them).
-    pub(crate) read: Arc<AtomicU64>,
-    /// It takes no new stream (a GOAWAY came, or it failed): set by whoever notices first.
-    pub(crate) closed: AtomicBool,
-    /// A response arrived on it: however it closes, it was no failed connect.
-    pub(crate) carried: AtomicBool,
-    /// The instance's slot queue.
-    pub(crate) room: Arc<Room>,
-}
-
-impl Sub {
-    /// Whether it may take new streams.
-    #[inline]
-    pub(crate) fn is_open(&self) -> bool {
-        !self.closed.load(Ordering::Relaxed)
-    }
-
-    /// Whether another stream fits under the server's limit.
-    #[inline]
-    pub(crate) fn has_room(&self) -> bool {
-        self.streams.load(Ordering::Relaxed) < self.max_streams.load(Ordering::Relaxed)
-    }
-
-    /// Takes a stream slot, if one is free.
-    #[inline]
-    pub(crate) fn try_claim(&self) -> bool {
-        let max = self.max_streams.load(Ordering::Relaxed);
-        self.streams
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |taken| {
-                (taken < max).then_some(taken + 1)
-            })
-            .is_ok()
-    }
-
-    /// Gives a slot back (its stream ended, or its claim was not used): the oldest waiter
-    /// may take it.
-    #[inline]
-    pub(crate) fn release(&self) {
-        let before = self.streams.fetch_sub(1, Ordering::AcqRel);
-        if self.is_open() && before <= self.max_streams.load(Ordering::Relaxed) {
-            self.room.free(1);
-        }
-    }
-
-    /// A response arrived on it.
-    #[inline]
-    pub(crate) fn answered(&self) {
-        if !self.carried.load(Ordering::Relaxed) {
-            self.carried.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Records the server's current stream limit, freeing the slots it added.
-    fn set_max_streams(&self, max: usize) {
-        let before = self.max_streams.swap(max, Ordering::AcqRel);
-        if max > before && self.is_open() {
-            self.room.free(max - before);
-        }
-    }
-}
-
-/// What the handles of one instance's connection and its driver share.
-pub(crate) struct State {
+/// What the handles of one instance's connection and its pool share.
+pub(crate) struct Shared {
     pub(crate) host: String,
     pub(crate) port: u16,
     /// `host:port`, for errors and logs.
@@ -133,10 +64,10 @@ pub(crate) struct State {
     pub(crate) service: Arc<str>,
     pub(crate) readiness: Readiness,
     /// The open connections that take new streams.
-    pub(crate) subs: ArcSwap<Vec<Arc<Sub>>>,
-    /// Bumped whenever `subs` changes, so handles know to look again.
+    pub(crate) connections: ArcSwap<Vec<Arc<OpenConnection>>>,
+    /// Bumped whenever `connections` changes, so handles know to look again.
     pub(crate) generation: AtomicU64,
-    /// Woken on every change of `subs` or the readiness: handles waiting for a connection.
+    /// Woken on every change of `connections` or the readiness: handles waiting for a connection.
     pub(crate) changed: Notify,
     /// The stream slots, taken in arrival order.
     pub(crate) room: Arc<Room>,
@@ -152,35 +83,38 @@ pub(crate) struct State {
     pub(crate) limit: Option<Arc<Semaphore>>,
 }
 
-impl State {
+impl Shared {
     fn set(&self, connectivity: Connectivity) {
         self.readiness.set(connectivity);
         self.changed.notify_waiters();
     }
 
-    fn publish(&self, subs: Vec<Arc<Sub>>) {
-        self.subs.store(Arc::new(subs));
+    fn publish(&self, connections: Vec<Arc<OpenConnection>>) {
+        self.connections.store(Arc::new(connections));
         self.generation.fetch_add(1, Ordering::Release);
         self.changed.notify_waiters();
     }
 
     /// Whether every open connection is at the server's stream limit.
     fn saturated(&self) -> bool {
-        let subs = self.subs.load();
-        !subs.is_empty() && subs.iter().all(|sub| !sub.is_open() || !sub.has_room())
+        let connections = self.connections.load();
+        !connections.is_empty()
+            && connections
+                .iter()
+                .all(|conn| !conn.is_open() || !conn.has_room())
     }
 }
 
-/// How long a connection must stay open for its close to be no failure, when it carried
+/// LeaveReason long a connection must stay open for its close to be no failure, when it carried
 /// no response.
 pub(crate) const STABLE: Duration = Duration::from_secs(1);
 
 /// Runs the instance's connections until the task is aborted (with the last handle).
-pub(crate) async fn run(state: Arc<State>) {
-    let mut task = Task::new(state);
+pub(crate) async fn run(state: Arc<Shared>) {
+    let mut task = Pool::new(state);
     loop {
         task.dial_if_wanted();
-        let Task {
+        let Pool {
             state,
             open,
             draining,
@@ -210,7 +144,7 @@ pub(crate) async fn run(state: Arc<State>) {
     }
 }
 
-type Dialed = Result<(SendRequest<Bytes>, Driver), DialError>;
+type Dialed = Result<(SendRequest<Bytes>, H2Connection), DialError>;
 type Dial = Pin<Box<dyn Future<Output = Dialed> + Send>>;
 
 /// What woke the driver.
@@ -227,8 +161,8 @@ enum Event {
 }
 
 /// The driver task's own state.
-struct Task {
-    state: Arc<State>,
+struct Pool {
+    state: Arc<Shared>,
     backoff: Backoff,
     /// The connections that take new streams, each in a task of its own (polled by itself,
     /// it never wakes another task), which ends when it leaves the set.
@@ -246,8 +180,8 @@ struct Task {
     next_id: u64,
 }
 
-impl Task {
-    fn new(state: Arc<State>) -> Self {
+impl Pool {
+    fn new(state: Arc<Shared>) -> Self {
         let settings = &state.settings;
         Self {
             backoff: Backoff::new(settings.reconnect_base, settings.reconnect_max),
@@ -285,33 +219,37 @@ impl Task {
     /// Takes the connections handles saw close out of the set at once; their tasks say
     /// how they ended when they notice it too.
     fn prune(&self) {
-        let subs = self.state.subs.load();
-        if subs.iter().all(|sub| sub.is_open()) {
+        let connections = self.state.connections.load();
+        if connections.iter().all(|conn| conn.is_open()) {
             return;
         }
-        let open = subs.iter().filter(|sub| sub.is_open()).cloned().collect();
+        let open = connections
+            .iter()
+            .filter(|conn| conn.is_open())
+            .cloned()
+            .collect();
         self.state.publish(open);
     }
 
     fn left(&mut self, left: Left) {
         let state = &self.state;
-        let subs: Vec<_> = state
-            .subs
+        let connections: Vec<_> = state
+            .connections
             .load()
             .iter()
-            .filter(|sub| sub.id != left.id)
+            .filter(|conn| conn.id != left.id)
             .cloned()
             .collect();
-        let none_left = subs.is_empty();
-        state.publish(subs);
+        let none_left = connections.is_empty();
+        state.publish(connections);
         if let Some(rest) = left.rest {
             self.draining.spawn(rest.run());
         }
-        if left.how == How::TooManyPings {
+        if left.how == LeaveReason::TooManyPings {
             let interval = state.keepalive.double();
             warn!(instance = %state.authority, ?interval, "the server sent GOAWAY `too_many_pings` (its keepalive policy): new connections ping every {interval:?}");
         }
-        let graceful = matches!(left.how, How::GoAway { graceful: true });
+        let graceful = matches!(left.how, LeaveReason::GoAway { graceful: true });
         let progress = left.carried || left.lived >= STABLE;
         self.spare = graceful && left.carried && left.lived < STABLE;
         if progress {
@@ -338,7 +276,7 @@ impl Task {
         }
     }
 
-    fn connected(&mut self, send: SendRequest<Bytes>, mut connection: Driver) {
+    fn connected(&mut self, send: SendRequest<Bytes>, mut connection: H2Connection) {
         self.dialing = None;
         self.next_id += 1;
         let read = Arc::new(AtomicU64::new(0));
@@ -349,7 +287,7 @@ impl Task {
             Arc::clone(&read),
         );
         let max_streams = connection.max_concurrent_send_streams().max(1);
-        let sub = Arc::new(Sub {
+        let conn = Arc::new(OpenConnection {
             id: self.next_id,
             send,
             streams: AtomicUsize::new(0),
@@ -359,24 +297,24 @@ impl Task {
             carried: AtomicBool::new(false),
             room: Arc::clone(&self.state.room),
         });
-        let mut subs = self.state.subs.load().as_ref().clone();
-        subs.push(Arc::clone(&sub));
-        self.state.publish(subs);
+        let mut connections = self.state.connections.load().as_ref().clone();
+        connections.push(Arc::clone(&conn));
+        self.state.publish(connections);
         self.state.set(Connectivity::Ready);
         self.state.room.free(max_streams);
         debug!(instance = %self.state.authority, connections = self.open.len() + 1, max_streams, "connected");
-        let id = sub.id;
-        let open = Open {
+        let id = conn.id;
+        let task = ConnectionTask {
             connection: Some(connection),
             pinger,
-            probe: sub.send.clone(),
-            sub,
+            probe: conn.send.clone(),
+            conn,
             opened: tokio::time::Instant::now(),
         };
         let authority = self.state.authority.clone();
         self.open.spawn(async move {
             // A panic (in h2) ends the connection too: it leaves the set like any other.
-            AssertUnwindSafe(open)
+            AssertUnwindSafe(task)
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
@@ -385,7 +323,7 @@ impl Task {
                         id,
                         lived: Duration::ZERO,
                         carried: false,
-                        how: How::Failed,
+                        how: LeaveReason::Failed,
                         rest: None,
                     }
                 })
@@ -401,157 +339,5 @@ impl Task {
             self.state.changed.notify_waiters();
         }
         self.pause = Some(Box::pin(tokio::time::sleep(delay)));
-    }
-}
-
-/// How a connection left the set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum How {
-    /// The server sent GOAWAY; `graceful` for `NO_ERROR`.
-    GoAway { graceful: bool },
-    /// GOAWAY `ENHANCE_YOUR_CALM` `too_many_pings`: the server's ping policy.
-    TooManyPings,
-    /// The connection ended (closed by the peer, or an error) or its task panicked.
-    Failed,
-    /// A keepalive ping went unanswered.
-    Silent,
-}
-
-/// A connection that left the set: its id, how long it was open, whether it carried a
-/// response, and what is left of it to drain.
-struct Left {
-    id: u64,
-    lived: Duration,
-    carried: bool,
-    how: How,
-    rest: Option<Draining>,
-}
-
-/// An open connection, driven until it takes no new streams.
-struct Open {
-    /// `None` once handed on to drain.
-    connection: Option<Driver>,
-    pinger: Option<Pinger>,
-    /// A sender of its own, never used to send: its readiness says whether h2 still takes
-    /// new streams.
-    probe: SendRequest<Bytes>,
-    sub: Arc<Sub>,
-    opened: tokio::time::Instant,
-}
-
-impl Open {
-    fn leave(&mut self, how: How, drain: bool) -> Poll<Left> {
-        self.sub.closed.store(true, Ordering::Relaxed);
-        let rest = if drain {
-            self.connection.take().map(|connection| Draining {
-                connection,
-                pinger: self.pinger.take(),
-                sub: Arc::clone(&self.sub),
-            })
-        } else {
-            None
-        };
-        Poll::Ready(Left {
-            id: self.sub.id,
-            lived: self.opened.elapsed(),
-            carried: self.sub.carried.load(Ordering::Relaxed),
-            how,
-            rest,
-        })
-    }
-}
-
-impl Future for Open {
-    type Output = Left;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Left> {
-        let this = self.get_mut();
-        let Some(connection) = this.connection.as_mut() else {
-            return this.leave(How::Failed, false);
-        };
-        if let Some(pinger) = &mut this.pinger {
-            // Until it is pending, so its timer is set to wake the task.
-            loop {
-                match pinger.poll(cx, this.sub.streams.load(Ordering::Relaxed)) {
-                    Poll::Ready(Ponged::Window(size)) => {
-                        connection.set_target_window_size(size);
-                        if let Err(error) = connection.set_initial_window_size(size) {
-                            debug!(error = %error, "could not grow the stream window");
-                        }
-                    }
-                    Poll::Ready(Ponged::TimedOut) => {
-                        debug!("keepalive ping unanswered; closing the connection");
-                        return this.leave(How::Silent, false);
-                    }
-                    Poll::Pending => break,
-                }
-            }
-        }
-        let ended = Pin::new(&mut *connection).poll(cx);
-        // The server may change its limit at any time (a SETTINGS frame).
-        this.sub
-            .set_max_streams(connection.max_concurrent_send_streams().max(1));
-        if let Poll::Ready(result) = ended {
-            let how = match &result {
-                Err(error) => {
-                    debug!(error = %crate::error::Chain(error), "connection ended with an error");
-                    how_it_ended(error)
-                }
-                Ok(()) => How::Failed,
-            };
-            return this.leave(how, false);
-        }
-        // A GOAWAY (or a connection error) makes h2 refuse new streams: leave the set now,
-        // and let the streams already open finish.
-        if let Poll::Ready(Err(error)) = this.probe.poll_ready(cx) {
-            return this.leave(how_it_ended(&error), true);
-        }
-        Poll::Pending
-    }
-}
-
-/// What h2's error says of how the connection ended.
-fn how_it_ended(error: &h2::Error) -> How {
-    if !(error.is_go_away() && error.is_remote()) {
-        return How::Failed;
-    }
-    match error.reason() {
-        Some(h2::Reason::NO_ERROR) => How::GoAway { graceful: true },
-        // h2 shows the GOAWAY's debug data only in its message.
-        Some(h2::Reason::ENHANCE_YOUR_CALM) if error.to_string().contains("too_many_pings") => {
-            How::TooManyPings
-        }
-        _ => How::GoAway { graceful: false },
-    }
-}
-
-/// A connection that takes no new streams, driven (with its keepalive) until its last
-/// stream ends and h2 closes it (RFC 9113, 6.8), or until its peer stops answering pings.
-struct Draining {
-    connection: Driver,
-    pinger: Option<Pinger>,
-    sub: Arc<Sub>,
-}
-
-impl Draining {
-    async fn run(mut self) {
-        let ended = std::future::poll_fn(|cx| {
-            while let Some(pinger) = &mut self.pinger {
-                match pinger.poll(cx, self.sub.streams.load(Ordering::Relaxed)) {
-                    // The window no longer matters: no stream opens on it.
-                    Poll::Ready(Ponged::Window(_)) => {}
-                    Poll::Ready(Ponged::TimedOut) => {
-                        debug!("keepalive ping unanswered while draining; closing the connection");
-                        return Poll::Ready(Ok(()));
-                    }
-                    Poll::Pending => break,
-                }
-            }
-            Pin::new(&mut self.connection).poll(cx)
-        })
-        .await;
-        if let Err(error) = ended {
-            debug!(error = %crate::error::Chain(&error), "draining connection ended with an error");
-        }
     }
 }
