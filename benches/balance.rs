@@ -39,8 +39,7 @@ use tower::{Service, ServiceExt};
 use tower_sd::balance::Balance;
 use tower_sd::endpoint::Endpoints;
 
-#[path = "../tests/support/trivial.rs"]
-mod trivial;
+use tower_sd_testkit::trivial;
 
 use trivial::Trivial;
 

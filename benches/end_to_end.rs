@@ -25,8 +25,7 @@
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
 
-#[path = "../tests/support/servers.rs"]
-mod servers;
+use tower_sd_testkit::servers;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,14 +10,9 @@
 //! Needs nginx (`apt-get install -y nginx-light`); without it, says so and measures nothing.
 
 // `criterion_group!` generates an undocumented `pub fn`.
-#![allow(missing_docs, dead_code, unreachable_pub)]
+#![allow(missing_docs)]
 
-#[path = "../tests/support/nginx.rs"]
-mod nginx;
-#[path = "../tests/support/pki.rs"]
-mod pki;
-#[path = "../tests/support/process.rs"]
-mod process;
+use tower_sd_testkit::nginx;
 
 use std::sync::Arc;
 

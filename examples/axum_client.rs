@@ -9,8 +9,7 @@
 //! instance and rewrites the address. The program calls the app a few times and prints what
 //! came back.
 
-#[path = "../tests/support/servers.rs"]
-mod servers;
+use tower_sd_testkit::servers;
 
 use std::sync::Arc;
 

@@ -25,8 +25,7 @@ use tower::discover::Change;
 use tower_sd::balance::Balance;
 use tower_sd::endpoint::Endpoint;
 
-#[path = "../tests/support/trivial.rs"]
-mod trivial;
+use tower_sd_testkit::trivial;
 
 use trivial::Trivial;
 

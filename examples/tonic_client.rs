@@ -11,8 +11,7 @@
 //! generated code (`HealthClient`), taking the channel exactly as it would take a
 //! `tonic::transport::Channel`.
 
-#[path = "../tests/support/servers.rs"]
-mod servers;
+use tower_sd_testkit::servers;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -40,7 +40,7 @@ use http::uri::{Authority, Scheme};
 use tonic::body::Body;
 use tower::Service;
 
-use crate::balance::{self, Balance, LoadMetric, OutlierDetection};
+use crate::balance::{self, Balance, EndpointStats, LoadMetric, OutlierDetection};
 use crate::classify::{HttpStatus, ResponseBody};
 use crate::connection::retry::{Retry, RetryFuture};
 use crate::connection::{
@@ -52,7 +52,7 @@ use crate::instance::ServiceQuery;
 use crate::registry::{IntoRegistry, ServiceRegistry};
 
 /// The balancer under a channel: one connection per instance.
-pub type ChannelBalance = Balance<Connection<Body>, String, HttpStatus>;
+type ChannelBalance = Balance<Connection<Body>, String, HttpStatus>;
 
 /// The response body of a [`LoadBalancedChannel`]: the connection's, kept in flight by the
 /// balancer until it ends, with transport errors as gRPC statuses, and ended with
@@ -167,10 +167,25 @@ impl LoadBalancedChannel {
         }
     }
 
-    /// The balancer underneath, for its statistics ([`Balance::endpoints`]: each endpoint's
-    /// load, state and connectivity).
-    pub fn balance(&self) -> &ChannelBalance {
+    fn balance(&self) -> &ChannelBalance {
         self.retry.get_ref()
+    }
+
+    /// Each endpoint's load, state and connectivity, as
+    /// [`Balance::endpoints`](crate::balance::Balance::endpoints) reports them.
+    pub fn endpoints(&self) -> Vec<EndpointStats<String>> {
+        self.balance().endpoints()
+    }
+
+    /// How many endpoints outlier detection has ejected, as
+    /// [`Balance::ejected`](crate::balance::Balance::ejected) counts them.
+    pub fn ejected(&self) -> usize {
+        self.balance().ejected()
+    }
+
+    /// The service the channel calls.
+    pub fn service_name(&self) -> &str {
+        self.balance().service_name()
     }
 }
 

@@ -1,7 +1,7 @@
 //! `Balance`: readiness, the empty set, drain on removal, unready endpoints, weights, peak
 //! EWMA, the updater's lifetime, and a churn stress test.
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -13,7 +13,7 @@
 //! dropped or panics, an ejection counted for a removed endpoint, a probe left to random
 //! sampling, a removed endpoint still picked.
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -1,7 +1,7 @@
 //! The configuration file and the registry factory.
 #![cfg(feature = "config")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::time::Duration;
 

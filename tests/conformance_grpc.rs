@@ -5,7 +5,7 @@
 //! got.
 #![cfg(feature = "tonic")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,7 +51,7 @@ fn watch_for_failures(channel: &LoadBalancedChannel) -> tokio::task::JoinHandle<
     let channel = channel.clone();
     tokio::spawn(async move {
         loop {
-            let endpoints = channel.balance().endpoints();
+            let endpoints = channel.endpoints();
             if endpoints
                 .iter()
                 .any(|e| e.connectivity == Some(tower_sd::endpoint::Connectivity::TransientFailure))
@@ -84,7 +84,7 @@ async fn goaway_at_the_connection_age_under_load_fails_no_call() {
     running.succeed(500).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     running.succeed(500).await;
-    let ejected = channel.balance().ejected();
+    let ejected = channel.ejected();
     let (ok, failed) = running.stop().await;
     failing.abort();
     assert!(

@@ -2,7 +2,7 @@
 //! POSTs over `DiscoveryLayer::over_connections`, h2c and TLS, under a small stream limit.
 #![cfg(feature = "http")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! closes connections (GOAWAY after `keepalive_requests`), and its stream limit.
 #![cfg(all(feature = "http", feature = "tonic"))]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,7 +148,7 @@ async fn nginx_closing_connections_after_ten_requests_fails_no_call() {
         .unwrap();
     let running = Callers::start(&channel, 8);
     running.succeed(3_000).await;
-    let ejected = channel.balance().ejected();
+    let ejected = channel.ejected();
     let (ok, failed) = running.stop().await;
     assert!(
         failed.is_empty(),

@@ -8,7 +8,7 @@
 //! of the requests (to the dead, closed or draining instance) for as long as it runs.
 #![cfg(feature = "tonic")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -94,7 +94,6 @@ async fn a_killed_server_fails_only_the_requests_in_flight_on_it() {
         failed.first()
     );
     let k0 = channel
-        .balance()
         .endpoints()
         .into_iter()
         .find(|e| e.key == "k0")
@@ -430,7 +429,6 @@ async fn numbers_channel(
 
 fn in_flight(channel: &LoadBalancedChannel, key: &str) -> u64 {
     channel
-        .balance()
         .endpoints()
         .into_iter()
         .find(|e| e.key == key)
@@ -502,7 +500,7 @@ async fn a_stream_outlives_its_instance_leaving_discovery() {
 
 async fn until_endpoints_named(channel: &LoadBalancedChannel, name: &str) {
     support::until(&format!("only {name} is listed"), || {
-        let endpoints = channel.balance().endpoints();
+        let endpoints = channel.endpoints();
         endpoints.len() == 1 && endpoints[0].key == name
     })
     .await;

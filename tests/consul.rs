@@ -2,7 +2,7 @@
 //! scenario against a real agent when `CONSUL_HTTP_ADDR` is set.
 #![cfg(feature = "consul")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! endpoint. The real-agent variant runs with `CONSUL_HTTP_ADDR` set (`consul agent -dev`).
 #![cfg(all(feature = "consul-connect", feature = "tonic", feature = "http"))]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,7 @@
 //! in `Debug` output. Alone in its binary so it can own the global log subscriber.
 #![cfg(feature = "consul-connect")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::time::Duration;
 

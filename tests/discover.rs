@@ -1,7 +1,7 @@
 //! `RegistryDiscover`: set diffing (property-tested), failure handling, and driving tower's
 //! own `p2c::Balance`.
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;

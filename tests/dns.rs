@@ -3,7 +3,7 @@
 //! it), with records changed mid-test through its `hostsdir`.
 #![cfg(feature = "dns")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::time::Duration;
 

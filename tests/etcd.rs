@@ -2,7 +2,7 @@
 //! tests say what to install when it is missing, and `.ci/run` installs it).
 #![cfg(feature = "etcd")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::io::BufRead;
 use std::process::{Command, Stdio};

@@ -2,7 +2,7 @@
 //! logs. Alone in its binary so it can own the global log subscriber.
 #![cfg(feature = "etcd")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::time::Duration;
 

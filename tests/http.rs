@@ -2,7 +2,7 @@
 //! `http://<service>/...` to real HTTP servers on 127.0.0.1.
 #![cfg(feature = "http")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,7 +3,7 @@
 //! real hyper HTTP/2 servers on 127.0.0.1.
 #![cfg(feature = "http")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::time::Duration;

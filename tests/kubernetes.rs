@@ -3,7 +3,7 @@
 //! otherwise). The faults only the fake can stage are in `kubernetes_faults.rs`.
 #![cfg(feature = "kubernetes")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! client following slices to real servers.
 #![cfg(feature = "kubernetes")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::time::Duration;

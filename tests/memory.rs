@@ -1,6 +1,6 @@
 //! `MemoryRegistry` and `StaticRegistry`: the full `ServiceRegistry` semantics.
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::time::Duration;

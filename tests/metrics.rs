@@ -1,7 +1,7 @@
 //! The balancer's metrics, captured with a debugging recorder.
 #![cfg(feature = "metrics")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::convert::Infallible;
 

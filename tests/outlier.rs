@@ -1,7 +1,7 @@
 //! Production balancing on paused time: outlier ejection and its growth and cap, probes,
 //! the max-ejection percentage, panic mode, slow start, zone preference, and retries.
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;

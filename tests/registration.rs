@@ -1,7 +1,7 @@
 //! `Registration`: retries, TTL heartbeats, and the graceful drain, on the in-memory registry
 //! (paused time) and on the fake Consul agent.
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

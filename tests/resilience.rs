@@ -1,7 +1,7 @@
 //! Registry resilience: the last-known-good cache (with persistence), the fallback chain, and
 //! a Consul outage while a balancer serves requests.
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -8,7 +8,7 @@
 //! released.
 #![cfg(feature = "http")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,7 @@
 //! `grpc.health.v1` client, and the in-memory registry.
 #![cfg(feature = "tonic")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use support::grpc::{Callers, check, checks, until_endpoints};
 
@@ -276,7 +276,6 @@ async fn a_server_answering_unavailable_is_ejected() {
     assert!((5..=5 + 2).contains(&failed), "{failed} failures");
     assert!(during <= 5 + 2, "it kept receiving traffic: {during}");
     let state = channel
-        .balance()
         .endpoints()
         .into_iter()
         .find(|e| e.key == "u0")

@@ -4,7 +4,7 @@
 //! Wrong implementations these fail: an `Instant + Duration` that panics inside the task
 //! (discovery then freezes silently), and a dead updater whose last set is served for ever.
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::convert::Infallible;
 use std::pin::Pin;

@@ -6,7 +6,7 @@
 //! request), random picking (a slow endpoint keeps 25%), no ramp (a new endpoint takes its
 //! full share at once).
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Runs last among the test binaries (they run in name order, hence the name): says which
 //! server-backed tests this run skipped, and checks rules the whole suite keeps.
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::io::Write;
 

@@ -91,7 +91,6 @@ async fn client(service: &str) -> Result<(), BoxError> {
             .await;
         // The balancer's endpoints: instance ids `namespace/service/address:port`.
         let pods: Vec<String> = channel
-            .balance()
             .endpoints()
             .into_iter()
             .map(|endpoint| endpoint.key)

@@ -50,7 +50,7 @@ impl StreamGuard {
     }
 }
 
-/// A response body from a [`Connection`](super::Connection) (see the module docs).
+/// A response body from one of the balancer's connections (see the [module docs](super)).
 pub struct Body {
     reader: Reader,
     /// The task sending the rest of the request body, stopped with the response.

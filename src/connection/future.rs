@@ -20,7 +20,7 @@ use super::service::Handle;
 /// The response future of a [`Connection`](super::Connection). It sends the request body while it waits: all
 /// of it, for a body that is ready at once.
 #[must_use = "futures do nothing unless polled"]
-pub struct ResponseFuture<B> {
+pub(crate) struct ResponseFuture<B> {
     inner: Option<Inner<B>>,
     failed: Option<ConnectionError>,
 }

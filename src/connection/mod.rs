@@ -1,6 +1,6 @@
 //! Per-instance HTTP/2 connections (grpc-go's subchannels): eager, state-aware, unbuffered.
 //!
-//! A [`Connector`] makes one [`Connection`] per discovered instance. Each has a driver task
+//! The channel and the HTTP layer keep one connection per discovered instance. Each has a driver task
 //! that connects at once (or, [lazily](ConnectionSettings::eager), on the first request),
 //! over TCP or rustls, and reports the instance's state to the balancer through a
 //! [`Readiness`]:
@@ -24,7 +24,7 @@
 //! A connection that closes (the server died, or sent GOAWAY) takes no new stream from that
 //! moment; streams already open on it finish, and the driver opens the next one at once. A
 //! graceful GOAWAY (nginx after `keepalive_requests`, gRPC servers at
-//! `max_connection_age`) is no failure of the instance (see `driver.rs`).
+//! `max_connection_age`) is no failure of the instance (see `pool.rs`).
 //!
 //! HTTP/2 keepalive pings are off by default (gRFC A8), since gRPC servers close
 //! connections that ping more than their policy allows; TCP keepalive finds half-open
@@ -52,13 +52,13 @@ pub(crate) mod retry;
 mod service;
 mod settings;
 mod task;
+#[cfg(test)]
+mod tests;
 mod tls;
 
 pub use body::Body;
 pub use error::{ConnectionError, DialError};
-pub use future::ResponseFuture;
-pub use replay::ReplayBody;
-pub use service::Connection;
+pub(crate) use service::Connection;
 pub use settings::ConnectionSettings;
 pub use tls::{ClientConfigSource, TlsConfig};
 
@@ -76,7 +76,7 @@ use crate::instance::ServiceInstance;
 
 /// A request body the connections can send: `Bytes` data, an error that boxes, `Send` and
 /// `Unpin` (tonic's body, and `Full`, `Empty` and boxed bodies of http-body-util, are).
-pub trait SendBody:
+pub(crate) trait SendBody:
     http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
 {
 }
@@ -89,7 +89,7 @@ impl<T> SendBody for T where
 /// Makes the [`Connection`]s to the instances of one service, sharing its settings and its
 /// bound on connects in progress.
 #[derive(Clone)]
-pub struct Connector {
+pub(crate) struct Connector {
     settings: Arc<ConnectionSettings>,
     connects: Arc<Semaphore>,
     /// The keepalive interval of new connections, doubled by `too_many_pings` GOAWAYs.
@@ -100,7 +100,7 @@ pub struct Connector {
 
 impl Connector {
     /// A connector with these settings.
-    pub fn new(settings: ConnectionSettings) -> Self {
+    pub(crate) fn new(settings: ConnectionSettings) -> Self {
         Self {
             connects: Arc::new(Semaphore::new(settings.max_concurrent_connects)),
             keepalive: Arc::new(ping::KeepAliveInterval::new(settings.keep_alive_interval)),
@@ -112,13 +112,13 @@ impl Connector {
     /// The service the connections are for: the TLS server name when the [`TlsConfig`]
     /// names none (never the dialled address), and the `service` label of the metrics.
     #[must_use]
-    pub fn service(mut self, name: impl Into<Arc<str>>) -> Self {
+    pub(crate) fn service(mut self, name: impl Into<Arc<str>>) -> Self {
         self.service = name.into();
         self
     }
 
     /// The settings.
-    pub fn settings(&self) -> &ConnectionSettings {
+    pub(crate) fn settings(&self) -> &ConnectionSettings {
         &self.settings
     }
 
@@ -133,7 +133,7 @@ impl Connector {
     /// # Panics
     ///
     /// Outside a tokio runtime (the driver task is spawned on it).
-    pub fn connect<B: SendBody>(&self, instance: &ServiceInstance) -> Result<Connection<B>> {
+    pub(crate) fn connect<B: SendBody>(&self, instance: &ServiceInstance) -> Result<Connection<B>> {
         let authority = instance.authority();
         let Ok(dialled) = authority.parse::<http::uri::Authority>() else {
             return Err(Error::InvalidInstance {
@@ -181,7 +181,7 @@ impl Connector {
     /// # Errors
     ///
     /// As [`connect`](Self::connect).
-    pub fn endpoint<B: SendBody>(
+    pub(crate) fn endpoint<B: SendBody>(
         &self,
         instance: &ServiceInstance,
     ) -> Result<Endpoint<Connection<B>>> {

@@ -16,7 +16,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 /// A request body that records what it sends (see the module docs).
-pub struct ReplayBody<B> {
+pub(crate) struct ReplayBody<B> {
     recording: Arc<Mutex<Recording<B>>>,
     /// Frames of an earlier attempt, sent before the rest of the caller's body.
     replay: VecDeque<Bytes>,

@@ -47,7 +47,7 @@ use crate::endpoint::{Connectivity, Readiness};
 /// Requests take a [`ReplayBody`], which the integrations wrap around the caller's body
 /// so that a request the server did not process can be sent again; called directly, a
 /// body converts with `ReplayBody::from(body)` (sent once).
-pub struct Connection<B> {
+pub(crate) struct Connection<B> {
     handle: Arc<Handle>,
     /// The sender this clone last used, with the generation of the set it came from.
     cached: Option<Cached>,
@@ -109,12 +109,12 @@ impl<B: Send + 'static> Connection<B> {
     }
 
     /// What the balancer reads to tell whether the instance is connected.
-    pub fn readiness(&self) -> Readiness {
+    pub(crate) fn readiness(&self) -> Readiness {
         self.handle.state.readiness.clone()
     }
 
     /// The open connections to the instance.
-    pub fn open_connections(&self) -> usize {
+    pub(crate) fn open_connections(&self) -> usize {
         self.handle.state.connections.load().len()
     }
 

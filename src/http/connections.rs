@@ -22,7 +22,7 @@ use super::{DiscoveryLayer, TooManyServices, UnknownHost};
 use crate::balance::{Balance, EndpointStats};
 use crate::classify::{HttpStatus, ResponseBody};
 use crate::connection::retry::Retry;
-use crate::connection::{self, Connection, ConnectionSettings, Connector, SendBody};
+use crate::connection::{self, Connection, ConnectionSettings, Connector};
 use crate::discover::RegistryDiscover;
 use crate::endpoint::Endpoint;
 use crate::error::BoxError;
@@ -53,10 +53,13 @@ impl DiscoveryLayer {
     /// per instance, made with `connections` (h2c, or h2 over TLS when it has a
     /// [`TlsConfig`](crate::connection::TlsConfig); the TLS server name defaults to the
     /// service name). No client is wrapped, so the servers must speak HTTP/2.
-    pub fn over_connections<B: SendBody>(
-        self,
-        connections: ConnectionSettings,
-    ) -> ConnectionDiscovery<B> {
+    ///
+    /// Request bodies carry `Bytes` and are `Send` and `Unpin` (http-body-util's `Full`,
+    /// `Empty` and boxed bodies are).
+    pub fn over_connections<B>(self, connections: ConnectionSettings) -> ConnectionDiscovery<B>
+    where
+        B: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Unpin + 'static,
+    {
         ConnectionDiscovery {
             router: self.router(),
             connector: Connector::new(connections),
@@ -64,7 +67,10 @@ impl DiscoveryLayer {
     }
 }
 
-impl<B: SendBody> ConnectionDiscovery<B> {
+impl<B> ConnectionDiscovery<B>
+where
+    B: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Unpin + 'static,
+{
     /// The shared balancer for `service`, created on first use.
     fn balancer(&self, service: &str) -> Result<ServiceBalance<B>, TooManyServices> {
         let router = &self.router;
@@ -122,7 +128,10 @@ impl<B> fmt::Debug for ConnectionDiscovery<B> {
     }
 }
 
-impl<B: SendBody> Service<Request<B>> for ConnectionDiscovery<B> {
+impl<B> Service<Request<B>> for ConnectionDiscovery<B>
+where
+    B: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Unpin + 'static,
+{
     type Response = http::Response<ResponseBody<connection::Body>>;
     type Error = BoxError;
     type Future = BoxFuture<'static, Result<Self::Response, BoxError>>;

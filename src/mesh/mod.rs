@@ -35,7 +35,6 @@
 //! `service:write` on the service (leaf and authorize).
 //!
 //! ```no_run
-//! use std::time::Duration;
 //! use tower_sd::mesh::ConsulConnect;
 //! use tower_sd::registry::consul::ConsulRegistry;
 //!

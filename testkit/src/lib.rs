@@ -1,34 +1,28 @@
-//! Helpers shared by the integration tests.
+//! What tower-sd's tests, benches and examples share (see `Cargo.toml`). Every module is
+//! compiled in: the crate depends on tower-sd with every feature.
 
-#![allow(dead_code, unreachable_pub, unused_imports)]
+#![allow(dead_code, unused_imports)]
 
-#[cfg(feature = "dns")]
 pub mod dnsmasq;
-#[cfg(feature = "kubernetes")]
 pub mod endpoint_slices;
-#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod fake_connect;
 pub mod fake_consul;
-#[cfg(feature = "kubernetes")]
 pub mod fake_kube;
 pub mod feed;
-#[cfg(feature = "tonic")]
 pub mod grpc;
 pub mod grpcio;
 pub mod limit;
 pub mod logs;
 pub mod nghttpd;
 pub mod nginx;
-#[cfg(feature = "tonic")]
 pub mod numbers;
-#[cfg(feature = "connections")]
-pub mod one_connection;
 pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod raw_h2;
 pub mod servers;
+pub mod trivial;
 pub mod unreliable;
 
 pub use limit::time_limit;

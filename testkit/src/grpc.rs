@@ -42,7 +42,7 @@ pub async fn until_endpoints(channel: &LoadBalancedChannel, names: &[&str]) {
     want.sort();
     for _ in 0..5_000 {
         let mut have: Vec<String> = channel
-            .balance()
+            
             .endpoints()
             .into_iter()
             .map(|e| e.key)
@@ -62,7 +62,7 @@ pub fn connectivity(
     key: &str,
 ) -> Option<tower_sd::endpoint::Connectivity> {
     channel
-        .balance()
+        
         .endpoints()
         .into_iter()
         .find(|e| e.key == key)

@@ -8,7 +8,7 @@ use tower::Service;
 
 /// Always ready; answers at once.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Trivial;
+pub struct Trivial;
 
 impl Service<()> for Trivial {
     type Response = ();

@@ -3,27 +3,27 @@
 //! answer, send GOAWAY. What is checked is what the balancer relies on: the state the
 //! connection reports, when it dials again (and when it must not), what `poll_ready` says,
 //! which connection a request goes on, and what stays open after it is done with.
-#![cfg(feature = "connections")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use super::{Chunks, WAIT, connect, ms, settings, until_state};
+use crate::connection::replay::ReplayBody;
+use crate::connection::{Connection, ConnectionError, ConnectionSettings};
+use crate::endpoint::Connectivity;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use support::one_connection::{Chunks, WAIT, connect, ms, settings, until_state};
 use support::raw_h2::{RawH2, Seen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tower::{Service, ServiceExt};
-use tower_sd::connection::{Connection, ConnectionError, ConnectionSettings, ReplayBody};
-use tower_sd::endpoint::Connectivity;
 
 type Conn = Connection<Empty<Bytes>>;
 type Call =
-    tokio::task::JoinHandle<Result<http::Response<tower_sd::connection::Body>, ConnectionError>>;
+    tokio::task::JoinHandle<Result<http::Response<crate::connection::Body>, ConnectionError>>;
 
 fn get() -> http::Request<ReplayBody<Empty<Bytes>>> {
     http::Request::get("/")

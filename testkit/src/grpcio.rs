@@ -1,4 +1,4 @@
-//! A gRPC C-core server (Python `grpcio`, `tests/support/grpcio_server.py`) on loopback, with
+//! A gRPC C-core server (Python `grpcio`, `testkit/grpcio_server.py`) on loopback, with
 //! the server options each test sets, for the conformance tests: what C-core's own HTTP/2
 //! transport does (GOAWAY at `max_connection_age`, ping enforcement, stream limits) is what
 //! tower-sd must agree with.
@@ -67,7 +67,7 @@ impl GrpcIo {
             .iter()
             .map(|(name, value)| ((*name).to_owned(), json!(value)))
             .collect();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/grpcio_server.py");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("grpcio_server.py");
         let dir = scratch_dir("grpcio");
         let mut server = Server::spawn(
             Command::new("python3")

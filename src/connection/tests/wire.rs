@@ -1,20 +1,20 @@
 //! What one [`Connection`] puts on the wire: a request body no faster than the server's
 //! flow-control window lets it, a unary request whole from one poll, and the HTTP/2
 //! settings and windows it advertises.
-#![cfg(feature = "connections")]
 
-mod support;
+use tower_sd_testkit as support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::{Chunks, WAIT, connect, ms, settings, until_state};
+use crate::connection::Connection;
+use crate::connection::replay::ReplayBody;
+use crate::endpoint::Connectivity;
 use bytes::Bytes;
 use http_body_util::{Empty, Full};
-use support::one_connection::{Chunks, WAIT, connect, ms, settings, until_state};
 use support::raw_h2::RawH2;
 use tower::{Service, ServiceExt};
-use tower_sd::connection::{Connection, ReplayBody};
-use tower_sd::endpoint::Connectivity;
 
 /// Catches a request body read faster than the server takes it. This server never opens
 /// its flow-control window past HTTP/2's initial 65,535 bytes, so about 16 chunks of 4 KiB
