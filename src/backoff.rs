@@ -24,7 +24,7 @@ use std::time::Duration;
 /// assert!(backoff.next_delay() <= Duration::from_millis(100));
 /// ```
 #[derive(Clone, Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     max: Duration,
     failures: u32,
@@ -35,7 +35,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Starts at `base` and never waits longer than `max`.
-    pub fn new(base: Duration, max: Duration) -> Self {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
         Self {
             base,
             max: max.max(base),
@@ -46,13 +46,13 @@ impl Backoff {
     }
 
     /// The ceiling for the next wait: `base x 2^failures`, capped at `max`.
-    pub fn ceiling(&self) -> Duration {
+    pub(crate) fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.failures.min(31)).unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.max)
     }
 
     /// The wait after one more failure: uniform in `[0, ceiling]`.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
         self.draws = self.draws.wrapping_add(1);
@@ -61,12 +61,12 @@ impl Backoff {
     }
 
     /// Failures since the last reset.
-    pub fn failures(&self) -> u32 {
+    pub(crate) fn failures(&self) -> u32 {
         self.failures
     }
 
     /// Back to `base` after a success.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 }

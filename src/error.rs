@@ -162,8 +162,13 @@ impl Error {
         }
     }
 
-    /// A short name of the variant, for metric labels and logs.
-    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    /// A short name of the variant, for the registries' error metric.
+    #[cfg(any(
+        feature = "consul",
+        feature = "kubernetes",
+        feature = "etcd",
+        feature = "dns"
+    ))]
     pub(crate) fn kind_name(&self) -> &'static str {
         match self {
             Self::Unreachable { .. } => "unreachable",

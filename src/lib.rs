@@ -81,9 +81,9 @@ pub mod balance;
 pub mod classify;
 #[cfg(feature = "config")]
 pub mod config;
-#[cfg(feature = "connections")]
+#[cfg(feature = "_connections")]
 pub mod connection;
-pub mod discover;
+mod discover;
 pub mod endpoint;
 mod error;
 #[cfg(feature = "http")]
@@ -97,7 +97,6 @@ pub mod registry;
 #[cfg(feature = "tonic")]
 pub mod tonic;
 
-pub use backoff::Backoff;
 pub use discover::RegistryDiscover;
 
 /// The README's code blocks, compiled as doctests so they stay true.

@@ -134,16 +134,19 @@ impl Requests {
 // ===== the connections =====
 
 /// A request the server did not process is sent again.
+#[cfg(feature = "_connections")]
 pub(crate) fn transparent_retry(service: &str) {
     count("tower_sd_transparent_retries_total", service);
 }
 
 /// A request waits for a stream: every connection to its instance is full.
+#[cfg(feature = "_connections")]
 pub(crate) fn stream_wait(service: &str) {
     count("tower_sd_stream_waits_total", service);
 }
 
 /// A request waited out the stream wait.
+#[cfg(feature = "_connections")]
 pub(crate) fn stream_wait_timeout(service: &str) {
     count("tower_sd_stream_wait_timeouts_total", service);
 }
@@ -151,6 +154,12 @@ pub(crate) fn stream_wait_timeout(service: &str) {
 // ===== the registries =====
 
 /// A registry's watch failed with `kind` (an [`Error`](crate::Error)'s kind name).
+#[cfg(any(
+    feature = "consul",
+    feature = "kubernetes",
+    feature = "etcd",
+    feature = "dns"
+))]
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn registry_failed(registry: &'static str, service: &str, kind: &'static str) {
     #[cfg(feature = "metrics")]
@@ -164,6 +173,12 @@ pub(crate) fn registry_failed(registry: &'static str, service: &str, kind: &'sta
 }
 
 /// A registry answered.
+#[cfg(any(
+    feature = "consul",
+    feature = "kubernetes",
+    feature = "etcd",
+    feature = "dns"
+))]
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn registry_answered(registry: &'static str, service: &str) {
     #[cfg(feature = "metrics")]

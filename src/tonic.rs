@@ -521,7 +521,7 @@ impl LoadBalancedChannelBuilder {
         let connector = Connector::new(self.connections).service(service.as_str());
         let discover =
             RegistryDiscover::of_endpoints(&*self.registry, self.query, move |instance| {
-                connector.endpoint::<Body>(instance)
+                connector.endpoint(instance, Ok::<Connection<Body>, BoxError>)
             });
         let balance = self.balance.build(discover).with_classifier(HttpStatus);
         LoadBalancedChannel {

@@ -521,7 +521,7 @@ async fn the_leaf_is_asked_for_again_before_it_expires() {
 #[tokio::test]
 async fn an_agent_down_at_start_is_a_typed_error() {
     let _limit = support::time_limit(30);
-    let closed = support::process::ClosedPort::new();
+    let closed = support::process::ClosedPort::bound();
     let down = consul(&format!("127.0.0.1:{}", closed.port));
     let error = ConsulConnect::builder(&down, "web")
         .certificates_within(Duration::from_secs(2))

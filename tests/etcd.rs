@@ -358,7 +358,7 @@ async fn user_and_password_authentication() {
 #[tokio::test]
 async fn an_unreachable_etcd_is_a_transient_error() {
     let _limit = support::time_limit(120);
-    let closed = support::process::ClosedPort::new();
+    let closed = support::process::ClosedPort::bound();
     let registry = EtcdRegistry::builder([format!("http://127.0.0.1:{}", closed.port)])
         .connect_timeout(Duration::from_millis(500))
         .build()

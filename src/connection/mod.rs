@@ -33,6 +33,10 @@
 //! [`stream_wait`]: ConnectionSettings::stream_wait
 //! [`max_connections_per_instance`]: ConnectionSettings::max_connections_per_instance
 
+// The connections serve the integrations (`tonic`, `http`); a build with only
+// `consul-connect` uses the TLS types alone.
+#![cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
+
 mod body;
 mod dial;
 mod error;
@@ -42,13 +46,9 @@ mod open;
 mod ping;
 mod pipe;
 mod pool;
-mod room;
-// The transparent retry is used by the integrations (`tonic`, `http`); a build with only
-// `consul-connect` uses the TLS types.
-#[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
 mod replay;
-#[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
 pub(crate) mod retry;
+mod room;
 mod service;
 mod settings;
 mod task;
@@ -117,11 +117,6 @@ impl Connector {
         self
     }
 
-    /// The settings.
-    pub(crate) fn settings(&self) -> &ConnectionSettings {
-        &self.settings
-    }
-
     /// Starts the connection to `instance`: its driver task connects at once unless the
     /// settings make connections lazy.
     ///
@@ -175,19 +170,22 @@ impl Connector {
         Ok(Connection::new(state, task))
     }
 
-    /// [`connect`](Self::connect), as a balancer [`Endpoint`] with the instance's weight,
-    /// zone and the connection's readiness.
+    /// [`connect`](Self::connect), with the connection wrapped by `wrap` (the integration's
+    /// request rewrite) as a balancer [`Endpoint`] with the instance's weight, zone and the
+    /// connection's readiness.
     ///
     /// # Errors
     ///
-    /// As [`connect`](Self::connect).
-    pub(crate) fn endpoint<B: SendBody>(
+    /// As [`connect`](Self::connect), or `wrap`'s error.
+    pub(crate) fn endpoint<B: SendBody, S, E: Into<BoxError>>(
         &self,
         instance: &ServiceInstance,
-    ) -> Result<Endpoint<Connection<B>>> {
+        wrap: impl FnOnce(Connection<B>) -> std::result::Result<S, E>,
+    ) -> std::result::Result<Endpoint<S>, BoxError> {
         let connection = self.connect(instance)?;
         let readiness = connection.readiness();
-        Ok(Endpoint::for_instance(connection, instance).readiness(readiness))
+        let service = wrap(connection).map_err(Into::into)?;
+        Ok(Endpoint::for_instance(service, instance).readiness(readiness))
     }
 }
 

@@ -24,7 +24,6 @@ use crate::classify::{HttpStatus, ResponseBody};
 use crate::connection::retry::Retry;
 use crate::connection::{self, Connection, ConnectionSettings, Connector};
 use crate::discover::RegistryDiscover;
-use crate::endpoint::Endpoint;
 use crate::error::BoxError;
 use crate::instance::ServiceInstance;
 
@@ -37,6 +36,8 @@ use crate::instance::ServiceInstance;
 pub struct ConnectionDiscovery<B> {
     router: Arc<Router<ServiceBalance<B>>>,
     connector: Connector,
+    /// The transparent retry's buffer (the connection settings' `retry_buffer_bytes`).
+    retry_buffer: usize,
 }
 
 /// The balancer of one service, with the transparent retry in front.
@@ -62,6 +63,7 @@ impl DiscoveryLayer {
     {
         ConnectionDiscovery {
             router: self.router(),
+            retry_buffer: connections.retry_buffer_bytes,
             connector: Connector::new(connections),
         }
     }
@@ -80,19 +82,17 @@ where
             let discover = RegistryDiscover::of_endpoints(
                 &*router.registry,
                 service.to_owned(),
-                move |instance: &ServiceInstance| -> Result<_, BoxError> {
-                    let connection = connector.connect::<B>(instance)?;
-                    let readiness = connection.readiness();
-                    let service = Rewrite::new(connection, instance, host_header, Wire::Http2)?;
-                    Ok(Endpoint::for_instance(service, instance).readiness(readiness))
+                move |instance: &ServiceInstance| {
+                    connector.endpoint(instance, |connection: Connection<B>| {
+                        Rewrite::new(connection, instance, host_header, Wire::Http2)
+                    })
                 },
             );
             let balance = router
                 .balance_for(service)
                 .build(discover)
                 .with_classifier(HttpStatus);
-            let buffer = self.connector.settings().retry_buffer_bytes;
-            Retry::new(balance, buffer, service)
+            Retry::new(balance, self.retry_buffer, service)
         })
     }
 }
@@ -115,6 +115,7 @@ impl<B> Clone for ConnectionDiscovery<B> {
         Self {
             router: Arc::clone(&self.router),
             connector: self.connector.clone(),
+            retry_buffer: self.retry_buffer,
         }
     }
 }

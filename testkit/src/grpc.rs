@@ -41,12 +41,7 @@ pub async fn until_endpoints(channel: &LoadBalancedChannel, names: &[&str]) {
     let mut want: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
     want.sort();
     for _ in 0..5_000 {
-        let mut have: Vec<String> = channel
-            
-            .endpoints()
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
+        let mut have: Vec<String> = channel.endpoints().into_iter().map(|e| e.key).collect();
         have.sort();
         if have == want {
             return;
@@ -62,7 +57,6 @@ pub fn connectivity(
     key: &str,
 ) -> Option<tower_sd::endpoint::Connectivity> {
     channel
-        
         .endpoints()
         .into_iter()
         .find(|e| e.key == key)

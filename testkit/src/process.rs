@@ -107,13 +107,14 @@ impl ClosedPort {
     /// A closed port registered as instance `closed` of `service`.
     pub async fn registered(registry: &tower_sd::MemoryRegistry, service: &str) -> Self {
         use tower_sd::ServiceRegistry;
-        let closed = Self::new();
+        let closed = Self::bound();
         let instance = tower_sd::ServiceInstance::new("closed", service, "127.0.0.1", closed.port);
         registry.register(instance).await.unwrap();
         closed
     }
 
-    pub fn new() -> Self {
+    /// A loopback port bound and never listened on: connecting to it is refused.
+    pub fn bound() -> Self {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         Self {

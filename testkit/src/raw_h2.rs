@@ -7,7 +7,7 @@
 //! its connections and the client's SETTINGS acks, notes when the client closes a
 //! connection, reports each request's HEADERS and notes which requests ended, and when
 //! asked answers a stream with `:status 200` (HPACK static index 8, one byte), with or
-//! without a body, or sends a GOAWAY. Everything else is read and ignored; it never sends
+//! without a body, resets it, or sends a GOAWAY. Everything else is read and ignored; it never sends
 //! WINDOW_UPDATE, so a client may send it no more than HTTP/2's initial window of request
 //! data (65,535 bytes per connection).
 
@@ -54,6 +54,7 @@ pub struct RawH2 {
 const SETTINGS: u8 = 0x4;
 const HEADERS: u8 = 0x1;
 const DATA: u8 = 0x0;
+const RST_STREAM: u8 = 0x3;
 const GOAWAY: u8 = 0x7;
 const PING: u8 = 0x6;
 const WINDOW_UPDATE: u8 = 0x8;
@@ -169,6 +170,12 @@ impl RawH2 {
         let mut payload = last.to_be_bytes().to_vec();
         payload.extend_from_slice(&0u32.to_be_bytes());
         self.send(n, frame(GOAWAY, 0, 0, &payload));
+    }
+
+    /// Resets a request's stream with the HTTP/2 error `code` (`0x7` is `REFUSED_STREAM`).
+    pub fn reset(&self, seen: Seen, code: u32) {
+        let frame = frame(RST_STREAM, 0, seen.stream, &code.to_be_bytes());
+        self.send(seen.connection, frame);
     }
 
     /// Sends connection `n` a SETTINGS frame with a new `MAX_CONCURRENT_STREAMS`.

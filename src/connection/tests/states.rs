@@ -655,3 +655,45 @@ async fn a_request_waits_for_a_stream_no_longer_than_the_stream_wait() {
     assert_eq!(server.request(ms(100)).await, None, "nothing was sent");
     answer(&server, held).await;
 }
+
+/// Catches a stream error judged by the wrong signal: a stream the server reset with
+/// `REFUSED_STREAM`, or left above its GOAWAY's last stream id, was provably not processed
+/// (the integrations send it again, outlier detection does not count it), while any other
+/// reset is a failure the server may have seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_errors_say_whether_the_server_may_have_seen_the_request() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(100).await;
+    let connection: Conn = connect(server.port, settings());
+    until_state(&connection, Connectivity::Ready).await;
+    let error = |call: Call| async move { call.await.unwrap().unwrap_err() };
+
+    let (refused, call) = sent(&mut server, &connection, 0, 1).await;
+    server.reset(refused, 0x7);
+    let refused = error(call).await;
+    assert!(
+        matches!(refused, ConnectionError::Unprocessed { .. }),
+        "{refused:?}"
+    );
+    assert!(refused.is_unprocessed() && !refused.never_sent());
+
+    let (failed, call) = sent(&mut server, &connection, 0, 3).await;
+    server.reset(failed, 0x2);
+    let failed = error(call).await;
+    assert!(
+        matches!(failed, ConnectionError::Request { .. }),
+        "{failed:?}"
+    );
+    assert!(!failed.is_unprocessed());
+
+    let kept = sent(&mut server, &connection, 0, 5).await;
+    let (dropped, call) = sent(&mut server, &connection, 0, 7).await;
+    server.go_away(dropped.connection, kept.0.stream);
+    let dropped = error(call).await;
+    assert!(
+        matches!(dropped, ConnectionError::GoAway { .. }),
+        "{dropped:?}"
+    );
+    assert!(dropped.is_unprocessed() && !dropped.never_sent());
+    answer(&server, kept).await;
+}

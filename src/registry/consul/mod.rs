@@ -18,7 +18,6 @@
 mod api;
 mod builder;
 pub(crate) mod client;
-#[cfg(feature = "consul-connect")]
 mod mesh;
 mod settings;
 pub(crate) mod watch;
