@@ -9,20 +9,6 @@ use std::hash::BuildHasher;
 use std::time::Duration;
 
 /// Exponential backoff with full jitter.
-///
-/// # Examples
-///
-/// ```
-/// use std::time::Duration;
-/// use tower_sd::Backoff;
-///
-/// let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-/// for _ in 0..20 {
-///     assert!(backoff.next_delay() <= Duration::from_secs(10));
-/// }
-/// backoff.reset();
-/// assert!(backoff.next_delay() <= Duration::from_millis(100));
-/// ```
 #[derive(Clone, Debug)]
 pub(crate) struct Backoff {
     base: Duration,

@@ -1,14 +1,6 @@
 //! [`RegistryDiscover`]: a registry watch as a tower [`Discover`] stream.
 //!
-//! A registry reports full instance sets; tower's balancers want changes. `RegistryDiscover`
-//! diffs successive sets by instance id:
-//!
-//! - an id that appears yields [`Change::Insert`] with a service made for it;
-//! - an id that disappears yields [`Change::Remove`];
-//! - an id whose address, port, weight, zone or metadata changed yields [`Change::Insert`]
-//!   again, which replaces the old service (tags alone changing yields nothing).
-//!
-//! Removals of a set are yielded before its insertions.
+//! (The rules are on the type, which the crate root exports.)
 //!
 //! [`Discover`]: tower::discover::Discover
 
@@ -31,6 +23,16 @@ use crate::registry::ServiceRegistry;
 
 /// Turns a registry's watch into a stream of [`Change`]s, so it can drive any tower balancer:
 /// tower's `p2c::Balance` as well as this crate's.
+///
+/// A registry reports *sets* ("these 4 instances of `greeter` are healthy"); balancers want
+/// *changes*. `RegistryDiscover` diffs successive sets by instance id:
+///
+/// - an id that appears yields [`Change::Insert`] with a service made for it;
+/// - an id that disappears yields [`Change::Remove`];
+/// - an id whose address, port, weight, zone or metadata changed yields [`Change::Insert`]
+///   again, which replaces the old service (tags alone changing yields nothing).
+///
+/// Removals of a set are yielded before its insertions.
 ///
 /// Keys are instance ids, and services [`Endpoint`]s: `make` builds the service for an
 /// instance (typically a client for its address), which goes with the instance's weight
@@ -78,6 +80,32 @@ use crate::registry::ServiceRegistry;
 ///     }
 ///     other => panic!("unexpected {other:?}"),
 /// }
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Any tower balancer can consume it:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use tower::{BoxError, ServiceExt, balance::p2c::Balance, load::Constant, service_fn};
+/// use tower_sd::{MemoryRegistry, RegistryDiscover, ServiceInstance, ServiceRegistry};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let registry = MemoryRegistry::new();
+/// registry.register(ServiceInstance::new("greeter-1", "greeter", "10.0.0.1", 50051)).await?;
+/// // `make` builds the client for one instance; here a stand-in that answers with the
+/// // address it would dial.
+/// let discover = RegistryDiscover::new(&registry, "greeter", |instance| {
+///     let authority = instance.authority();
+///     Ok::<_, Infallible>(service_fn(move |_request: ()| {
+///         let authority = authority.clone();
+///         async move { Ok::<_, Infallible>(authority) }
+///     }))
+/// });
+/// let balance = Balance::new(Constant::new(discover, 1));
+/// assert_eq!(balance.oneshot(()).await?, "10.0.0.1:50051");
 /// # Ok(())
 /// # }
 /// ```

@@ -68,9 +68,41 @@
 //! - `config`: [`config::RegistryConfig`](crate::config): YAML/TOML and the registry factory.
 //! - `full`: all of the above.
 //!
+//! # Metrics
+//!
+//! With the `metrics` feature, tower-sd records these through the
+//! [`metrics`](https://docs.rs/metrics) facade (install any recorder, such as
+//! `metrics-exporter-prometheus`). Every metric has a `service` label; the registries' also
+//! have `registry` (the backend's kind). Every endpoint state change (inserted, replaced,
+//! removed, failed, ready again, ejected, probed, returned) is also a `tracing` event.
+//!
+//! | name | kind | more labels | meaning |
+//! | --- | --- | --- | --- |
+//! | `tower_sd_endpoints` | gauge | `state` (`ready`, `ejected`) | endpoints in the balancer's current snapshot |
+//! | `tower_sd_requests_total` | counter | `outcome` (`success`, `failure`) | requests completed, as classified |
+//! | `tower_sd_ejections_total` | counter | | endpoints ejected by outlier detection |
+//! | `tower_sd_returns_total` | counter | | ejected endpoints returned by a successful probe |
+//! | `tower_sd_panic_picks_total` | counter | | picks made in panic mode |
+//! | `tower_sd_updates_total` | counter | | endpoint snapshots published |
+//! | `tower_sd_last_update_seconds` | gauge | | Unix time of the last published snapshot |
+//! | `tower_sd_transparent_retries_total` | counter | | requests sent again because the server did not process them |
+//! | `tower_sd_stream_waits_total` | counter | | requests that waited for a stream, every connection to their instance at the server's limit |
+//! | `tower_sd_stream_wait_timeouts_total` | counter | | requests that waited out the stream wait and failed |
+//! | `tower_sd_registry_errors_total` | counter | `registry`, `kind` | watch errors, by kind (`unreachable`, `status`, `malformed`, `timeout`, ...) |
+//! | `tower_sd_registry_last_answer_seconds` | gauge | `registry` | Unix time of the registry's last good answer |
+//! | `tower_sd_cache_serving` | gauge | `registry` | 1 while a cached set is served because the registry fails |
+//! | `tower_sd_cache_age_seconds` | gauge | `registry` | the age of the cached set served |
+//! | `tower_sd_fallback_active` | gauge | `registry` | the position in a fallback chain of the registry followed (0: the primary) |
+//!
+//! The two `_seconds` gauges let a dashboard show the time since: `time() - ` the gauge.
+//!
 //! # Minimum supported Rust version
 //!
-//! Rust 1.89 (edition 2024; kube 5 needs it). Raising it is a minor version bump.
+//! Rust 1.89 (edition 2024; kube 5, behind the `kubernetes` feature, needs it). Raising it is
+//! a minor version bump. What was checked: the crate is built and tested with Rust 1.95 only
+//! (no older toolchain can be installed here), and every dependency in `Cargo.lock` that
+//! declares a `rust-version` declares 1.89 or older (`cargo metadata --all-features`: 348
+//! packages, 275 declaring one, the highest 1.89); it has not been compiled with 1.89 itself.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms))))]

@@ -5,31 +5,13 @@
 //! site needs a `cfg`. Every metric has a `service` label; the registries' also have
 //! `registry` (the backend's kind).
 //!
-//! | name | kind | more labels | meaning |
-//! | --- | --- | --- | --- |
-//! | `tower_sd_endpoints` | gauge | `state` (`ready`, `ejected`) | endpoints in the balancer's current snapshot |
-//! | `tower_sd_requests_total` | counter | `outcome` (`success`, `failure`) | requests completed, as classified |
-//! | `tower_sd_ejections_total` | counter | | endpoints ejected by outlier detection |
-//! | `tower_sd_returns_total` | counter | | ejected endpoints returned by a successful probe |
-//! | `tower_sd_panic_picks_total` | counter | | picks made in panic mode |
-//! | `tower_sd_updates_total` | counter | | endpoint snapshots published |
-//! | `tower_sd_last_update_seconds` | gauge | | Unix time of the last published snapshot |
-//! | `tower_sd_transparent_retries_total` | counter | | requests sent again because the server did not process them |
-//! | `tower_sd_stream_waits_total` | counter | | requests that waited for a stream, every connection to their instance at the server's limit |
-//! | `tower_sd_stream_wait_timeouts_total` | counter | | requests that waited out the stream wait and failed |
-//! | `tower_sd_registry_errors_total` | counter | `registry`, `kind` | watch errors, by kind (`unreachable`, `status`, `malformed`, `timeout`, ...) |
-//! | `tower_sd_registry_last_answer_seconds` | gauge | `registry` | Unix time of the registry's last good answer |
-//! | `tower_sd_cache_serving` | gauge | `registry` | 1 while a cached set is served because the registry fails |
-//! | `tower_sd_cache_age_seconds` | gauge | `registry` | the age of the cached set served |
-//! | `tower_sd_fallback_active` | gauge | `registry` | the position in a fallback chain of the registry followed (0: the primary) |
-//!
-//! The two `_seconds` gauges let a dashboard show the time since: `time() - ` the gauge.
+//! The metrics and what they mean are listed in the crate docs (`lib.rs`, "Metrics"),
+//! which a test checks against [`NAMES`].
 
 #[cfg(feature = "metrics")]
 use metrics::{Counter, counter, gauge};
 
-/// Every metric name, with its kind: what the table above lists, and what the README's
-/// list is checked against.
+/// Every metric name, with its kind: what the crate docs' table is checked against.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const NAMES: [(&str, &str); 15] = [
     ("tower_sd_endpoints", "gauge"),
@@ -228,13 +210,13 @@ pub(crate) fn fallback_active(service: &str, registry: &'static str, position: u
 mod tests {
     use super::*;
 
-    /// Catches a metric the docs do not list, or one they list that is gone: the README's
-    /// names and the table here are exactly [`NAMES`].
+    /// Catches a metric the docs do not list, or one they list that is gone: the crate docs'
+    /// names are exactly [`NAMES`], and so are the ones this module records.
     #[test]
-    fn the_readme_and_the_module_docs_list_every_metric() {
+    fn the_crate_docs_list_every_metric() {
         let names: std::collections::BTreeSet<&str> = NAMES.iter().map(|(name, _)| *name).collect();
         for (what, text) in [
-            ("README.md", include_str!("../README.md")),
+            ("src/lib.rs", include_str!("lib.rs")),
             ("src/metrics.rs", include_str!("metrics.rs")),
         ] {
             let listed: std::collections::BTreeSet<&str> = text

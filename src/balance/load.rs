@@ -145,6 +145,7 @@ mod tests {
     /// anything but the stamp.
     #[tokio::test(start_paused = true)]
     async fn a_stamped_request_is_timed_from_its_stamp() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let epoch = Instant::now();
         let load = Load::new(
             Duration::from_millis(30),

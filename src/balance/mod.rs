@@ -34,6 +34,80 @@
 //!
 //! [`Discover`]: tower::discover::Discover
 //! [`Endpoint`]: crate::endpoint::Endpoint
+//!
+//! # Example
+//!
+//! ```rust
+//! use std::convert::Infallible;
+//! use std::time::Duration;
+//! use tower::{BoxError, Service, ServiceExt, service_fn};
+//! use tower_sd::balance::{Balance, LoadMetric};
+//! use tower_sd::{MemoryRegistry, RegistryDiscover, ServiceInstance, ServiceRegistry};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), BoxError> {
+//!     let registry = MemoryRegistry::new();
+//!     registry.register(ServiceInstance::new("a", "echo", "127.0.0.1", 8080)).await?;
+//!
+//!     // Each instance as a balancer endpoint with its weight and zone; `make` builds the
+//!     // client for one instance (a real one would be a tonic Channel or an HTTP client bound
+//!     // to `instance.authority()`).
+//!     let discover = RegistryDiscover::new(&registry, "echo", |instance| {
+//!         let authority = instance.authority();
+//!         Ok::<_, Infallible>(service_fn(move |()| {
+//!             let authority = authority.clone();
+//!             async move { Ok::<_, Infallible>(authority) }
+//!         }))
+//!     });
+//!     let balance = Balance::builder()
+//!         .service_name("echo")
+//!         .load(LoadMetric::peak_ewma())                 // or in-flight requests (default)
+//!         .wait_for_endpoints(Duration::from_secs(2))    // then Error::NoEndpoints
+//!         .build(discover);
+//!
+//!     // Every clone balances on its own: no Buffer, no lock, no shared task.
+//!     let mut handle = balance.clone();
+//!     assert_eq!(handle.ready().await?.call(()).await?, "127.0.0.1:8080");
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Guarantees
+//!
+//! What `Balance` guarantees:
+//!
+//! - discovery is applied by one updater task per balancer, whether or not requests arrive, and
+//!   published as an immutable snapshot once per batch of changes;
+//! - `poll_ready` picks by power of two choices (in-flight or peak-EWMA load, divided by the
+//!   instance's weight; a request counts as load from its pick until its response ends) and
+//!   `call` uses that same endpoint even if the set changed in between;
+//! - an empty set makes callers wait at most `wait_for_endpoints`, woken the moment an endpoint
+//!   arrives, then fail with `Error::NoEndpoints` naming the service;
+//! - a removed endpoint drains: its requests in flight finish on it, and no new request picks it;
+//! - an endpoint whose `poll_ready` fails is avoided until it recovers or is replaced;
+//! - `Balance::endpoints()` reports in-flight, EWMA, weight, zone, state and ejection per endpoint;
+//! - the updater stops when discovery ends (the last endpoints stay) or the last handle drops.
+//!
+//! # Production balancing
+//!
+//! - **Failure classification** is pluggable (`Classify`): `ErrorsOnly` for any service, and
+//!   `HttpStatus` (used by the tonic and HTTP integrations) for transport errors, HTTP 5xx and the
+//!   gRPC codes `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `INTERNAL` from the
+//!   `grpc-status` header (trailers-only responses, the usual way a unary call fails).
+//! - **Passive outlier detection** (on by default, Envoy's semantics): 5 consecutive failures eject
+//!   an endpoint for 30 s x the times it was ejected, capped at 300 s; at most 50% are ejected at
+//!   once; when an ejection ends, one probe request decides. All state is per-endpoint atomics.
+//! - **Panic threshold**: below 50% usable endpoints, balance across all of them
+//!   (`PanicMode::BalanceAll`), or fail with `Error::NoHealthyEndpoints` (`PanicMode::Fail`).
+//! - **Slow start** (`slow_start(window)`): a new endpoint's share ramps up over the window.
+//! - **Zone preference** (`ZonePreference::new("eu-west-1a")`): stay in the local zone while it
+//!   has at least `min_endpoints` usable endpoints (and `min_share_percent` of all), else use all.
+//! - **Retries belong to you**: wrap `Balance` in `tower::retry::Retry` with a budget
+//!   (`TpsBudget`). Each retry picks again; with outlier detection, the endpoint that just
+//!   failed is avoided once it is ejected (`tests/retries.rs` shows it with
+//!   `consecutive_failures(1)`: no retried request lands on the failing endpoint).
+//!
+//! The counters and gauges it keeps (feature `metrics`) are listed in the [crate docs](crate#metrics).
 
 mod builder;
 mod claim;

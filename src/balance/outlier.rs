@@ -356,6 +356,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_is_due_at_the_end_of_the_ejection_and_not_before() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let detector = detector();
         assert!(!detector.probe_due(u64::MAX - 1), "nothing ejected");
         let health = Health::default();
@@ -372,6 +373,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn endpoints_that_need_no_probe_schedule_none() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let detector = detector();
         let healthy = Health::default();
         healthy.schedule(&detector);

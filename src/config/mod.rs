@@ -27,6 +27,36 @@
 //! compiled in names its cargo feature. `CONSUL_HTTP_ADDR` and `CONSUL_HTTP_TOKEN` override
 //! the file. Optional wrappers: `cache` (see [`CachedRegistry`](crate::registry::CachedRegistry)) and `fallback`, a list of
 //! further registry sections followed when this one fails (see [`FallbackRegistry`](crate::registry::FallbackRegistry)).
+//!
+//! # The file
+//!
+//! With the `config` feature, the architecture decision record's YAML builds the registry
+//! (`RegistryConfig::from_path(file)?.build()?` returns an `Arc<dyn ServiceRegistry>`); TOML is
+//! accepted too. Durations are human-readable; unknown keys, bad durations, unknown types,
+//! backends not compiled in and addresses without a port are errors naming the key by its
+//! place in the file (`registry.fallback[0].consul.ca_file`; a backend's builder names its own
+//! setter, `ca_file`, and the configuration layer puts it in place). Syntax errors give the
+//! line and column, never the text, so a token cannot leak into a log.
+//! `CONSUL_HTTP_ADDR` and `CONSUL_HTTP_TOKEN` override the primary Consul section only, never
+//! a fallback. `examples/config/` has a file
+//! per backend:
+//!
+//! ```yaml
+//! registry:
+//!   type: consul
+//!   consul:
+//!     address: "localhost:8500"
+//!     health_check: { interval: "10s", timeout: "3s", deregister_after: "1m" }
+//!   cache: { max_stale: "10m", persist: "/var/cache/tower-sd.json" }   # optional
+//!   failover_after: "30s"                                                # optional
+//!   fallback:                                                            # optional
+//!     - type: static
+//!       static: { instances: [ { id: "a", name: "api", address: "10.0.0.1", port: 80 } ] }
+//! ```
+//!
+//! `cargo run --example watch --features config -- --config examples/config/static.yaml greeter`
+//! watches any configured registry (`--etcd ENDPOINT SERVICE`, `--dns NAME` and `--kubernetes
+//! NAMESPACE SERVICE` without a file); `quickstart` and `tonic_client` accept `--config FILE` too.
 
 use std::path::Path;
 use std::sync::Arc;

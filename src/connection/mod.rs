@@ -1,34 +1,100 @@
 //! Per-instance HTTP/2 connections (grpc-go's subchannels): eager, state-aware, unbuffered.
 //!
-//! The channel and the HTTP layer keep one connection per discovered instance. Each has a driver task
-//! that connects at once (or, [lazily](ConnectionSettings::eager), on the first request),
-//! over TCP or rustls, and reports the instance's state to the balancer through a
-//! [`Readiness`]:
+//! [`LoadBalancedChannel`](crate::tonic) and `DiscoveryLayer::over_connections`
+//! ([`http`](crate::http)) give each discovered instance its own HTTP/2 connection: an h2
+//! client connection over TCP or rustls (ring, ALPN `h2`, optional client certificate), driven
+//! by a task of its own. A request goes to h2 straight from the caller's task: its HEADERS and,
+//! for a body that is ready at once (a unary gRPC request's is), its DATA are queued together
+//! and leave in one write, with no `Buffer`, no dispatch channel, no task per request and no
+//! lock of ours (only a body still streaming when the response arrives is sent on by a task of
+//! its own). The balancer sees each connection's state, and the integrations' `endpoints()`
+//! report it:
 //!
 //! | state | when | picked |
 //! | --- | --- | --- |
-//! | [`Idle`](crate::endpoint::Connectivity::Idle) | lazy, before the first request (and after a close) | yes: the pick connects |
-//! | [`Connecting`](crate::endpoint::Connectivity::Connecting) | dialling, the first time or after a close | no, while another instance is ready |
+//! | [`Idle`](crate::endpoint::Connectivity::Idle) | lazy connections only: before the first request, and after a close | yes: the pick connects it |
+//! | [`Connecting`](crate::endpoint::Connectivity::Connecting) | dialling (TCP, TLS, and until the server answers the HTTP/2 handshake) | no, while another instance is ready |
 //! | [`Ready`](crate::endpoint::Connectivity::Ready) | a connection is open | yes |
-//! | [`TransientFailure`](crate::endpoint::Connectivity::TransientFailure) | the last connect failed (or a connection closed within 1 s, carrying nothing, without a graceful GOAWAY); the next waits for a backoff | no, while another instance is ready |
+//! | `Saturated` (an [endpoint state](crate::balance::EndpointState)) | every connection is at the server's `MAX_CONCURRENT_STREAMS` | no, while another instance has room |
+//! | [`TransientFailure`](crate::endpoint::Connectivity::TransientFailure) | the last connect failed (or a connection closed within 1 s having carried nothing, without a graceful GOAWAY): backing off, 100 ms doubling to 10 s, with jitter | no, while another instance is ready |
 //!
-//! A request goes straight to h2 from the caller's task: no `Buffer`, no task hop. It
-//! claims a stream slot under the server's `MAX_CONCURRENT_STREAMS` when it is picked, and
-//! gives it back when its stream is over for HTTP/2 (see `room.rs` and `body.rs`). When
-//! every open connection is full, the driver opens another, up to
-//! [`max_connections_per_instance`], and requests wait for a slot in the order they came (at
-//! most [`stream_wait`]) instead of queueing inside h2 behind a full connection's streams;
-//! meanwhile the instance is [saturated](crate::endpoint::Readiness::is_saturated), and the
-//! balancer picks others.
+//! When no instance is ready, a call waits up to `wait_for_endpoints` for one, then fails
+//! `UNAVAILABLE` with the last connect error.
 //!
-//! A connection that closes (the server died, or sent GOAWAY) takes no new stream from that
-//! moment; streams already open on it finish, and the driver opens the next one at once. A
-//! graceful GOAWAY (nginx after `keepalive_requests`, gRPC servers at
-//! `max_connection_age`) is no failure of the instance (see `pool.rs`).
+//! # GOAWAY and transparent retries
 //!
-//! HTTP/2 keepalive pings are off by default (gRFC A8), since gRPC servers close
-//! connections that ping more than their policy allows; TCP keepalive finds half-open
-//! connections (see [`ConnectionSettings`]).
+//! A connection that closes (crash, GOAWAY) takes its instance out of the picks at once, before
+//! the registry notices; streams already open on a connection that got a GOAWAY finish there
+//! (its keepalive still running), and a new connection is dialled at once. **A graceful GOAWAY
+//! is routine, not a failure**: nginx sends one after `keepalive_requests` requests, gRPC
+//! servers at `max_connection_age`; a connection that carried a response, or was closed with
+//! `NO_ERROR`, never puts its instance into backoff, and a server that closes connections
+//! within a second of opening them gets a spare connection so requests need not wait for the
+//! next (see `pool.rs`).
+//!
+//! A request that provably never reached the server's application is sent again through a new
+//! pick, on a connection that can take it: one that never left the client (up to 10 attempts,
+//! whatever the retry buffer), or one the server refused (`REFUSED_STREAM`, a stream above a
+//! GOAWAY's last stream id; up to 5 attempts, if its body fit in the retry buffer, 64 KiB).
+//! **Where we differ from gRFC A6**: A6 retries a refused request once; refusals come in runs
+//! (nginx refuses a retry too when it lands on another connection at its count, and C-core
+//! counts a stream a moment after the client saw it end), so tower-sd retries more. Such
+//! requests are no verdict on the instance: outlier detection does not count them. They are
+//! counted in `tower_sd_transparent_retries_total`.
+//!
+//! # Stream limits
+//!
+//! A request claims a stream slot on a connection when it is picked, before anything is sent,
+//! so requests made ready together never overfill a connection. When every connection is full,
+//! a second one opens (up to [`max_connections_per_instance`], default 4); when all are full,
+//! requests wait for a slot in the order they came (never in h2's queue behind streams that may
+//! never end), at most [`stream_wait`] (10 s), then fail `UNAVAILABLE` naming the server's
+//! limit. Meanwhile the instance is [saturated](crate::endpoint::Readiness::is_saturated), and
+//! the balancer picks others. A slot goes back when the stream is over for HTTP/2 (its last
+//! frame arrived), whether or not the caller has read the body (see `room.rs` and `body.rs`).
+//!
+//! # Eager or lazy
+//!
+//! Connections are eager by default: an instance starts connecting when it is discovered (at
+//! most `max_concurrent_connects`, default 16, at a time), so scale-out adds no connect time to
+//! requests. For very large sets where each client talks to a few instances,
+//! [`eager(false)`](ConnectionSettings::eager) connects an instance on its first pick instead
+//! (that request pays the connect).
+//!
+//! # Defaults that no common server punishes
+//!
+//! Connect timeout 5 s. **No HTTP/2 keepalive pings** (gRFC A8's default, as grpc-go, tonic and
+//! hyper): gRPC servers (C-core, grpc-go) allow one ping per 5 minutes while they send no data
+//! and close the connection with GOAWAY `too_many_pings` after two more, failing every stream
+//! on it, so 30 s pings ended a quiet `Health/Watch` stream after 150 s. A half-open connection
+//! is found by **TCP keepalive** instead, which servers never see: probes after 60 s of
+//! silence, every 10 s, closed after 3 unanswered (and `TCP_USER_TIMEOUT` for data left
+//! unacknowledged as long), whether the connection is idle, waits for a response or holds a
+//! quiet stream. [`http2_keep_alive_interval`](ConnectionSettings::http2_keep_alive_interval) turns pings
+//! on, at least every 10 s (A8's floor), with a 20 s timeout; a `too_many_pings` GOAWAY doubles
+//! the interval for the service's new connections, with a warning.
+//!
+//! `:authority` carries the host, never a `Host` header beside it (RFC 9113, 8.3.1; nginx
+//! answers 400 to a request with both). `TCP_NODELAY`; hyper's client windows (2 MiB per
+//! stream, 5 MiB per connection), or adaptive flow control (`adaptive_window`, from PING round
+//! trips, up to 16 MiB). A request body is read no faster than its stream takes it, and the
+//! connection-specific headers HTTP/2 forbids (`Connection`, `Keep-Alive`,
+//! `Transfer-Encoding`, `Upgrade`, a `TE` other than `trailers`) are dropped.
+//!
+//! # Deadlines
+//!
+//! Deadlines cover the whole call, as gRPC's do: `LoadBalancedChannel::timeout` (or a shorter
+//! `grpc-timeout` the caller set) goes to the server as `grpc-timeout`, and a call past it,
+//! response body included (a server stream too), ends with `DEADLINE_EXCEEDED`. tonic's
+//! `Endpoint::timeout` stops at the response headers (gRPC's interop case
+//! `timeout_on_sleeping_server` fails through it).
+//!
+//! # TLS
+//!
+//! A [`TlsConfig`] (`with_platform_roots()`, `with_ca_pem(..)`, `identity_pem(..)` for mutual
+//! TLS, `server_name(..)`, or `from_rustls(ClientConfig)`); the server name defaults to the
+//! service name. HTTP/1.1 servers are reached through `DiscoveryLayer` around hyper-util's
+//! pooled client.
 //!
 //! [`stream_wait`]: ConnectionSettings::stream_wait
 //! [`max_connections_per_instance`]: ConnectionSettings::max_connections_per_instance

@@ -205,6 +205,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_sends_the_same_bytes_whether_the_first_attempt_read_all_some_or_none() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let frames = || {
             let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = ["ab", "cd", "ef"]
                 .iter()
@@ -226,6 +227,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_past_the_limit_cannot_be_replayed_and_its_hints_pass_through() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let (mut body, replay) = ReplayBody::new(Full::new(Bytes::from_static(b"12345")), 4);
         assert_eq!(body.size_hint().exact(), Some(5));
         assert!(!body.is_end_stream());
@@ -245,6 +247,7 @@ mod tests {
     /// never left the client), with a 0 limit, and a replay that cannot be replayed again.
     #[tokio::test]
     async fn a_body_none_of_which_was_sent_goes_again_whatever_the_limit() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let (_first, replay) = ReplayBody::new(Full::new(Bytes::from_static(b"xyz")), 0);
         let (second, replay) = replay.again().expect("nothing was sent");
         let (third, _) = replay.again().expect("the second sent nothing either");

@@ -224,6 +224,7 @@ mod tests {
     /// that keeps the ones that are gone.
     #[tokio::test]
     async fn every_live_listener_is_woken_and_gone_ones_are_dropped() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let readiness = Readiness::new(Connectivity::Connecting);
         let first = Arc::new(Notify::new());
         let second = Arc::new(Notify::new());
@@ -277,6 +278,7 @@ mod tests {
     /// would look again for nothing), whether or not the endpoint is saturated.
     #[tokio::test]
     async fn setting_the_same_state_wakes_no_balancer() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let readiness = Readiness::new(Connectivity::Ready);
         let balancer = Arc::new(Notify::new());
         readiness.listen(&balancer);
@@ -300,6 +302,7 @@ mod tests {
     /// for a usable endpoint.
     #[tokio::test]
     async fn saturation_is_kept_beside_the_state_and_its_end_wakes_the_balancers() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let readiness = Readiness::new(Connectivity::Ready);
         let balancer = Arc::new(Notify::new());
         readiness.listen(&balancer);

@@ -1,52 +1,96 @@
 //! Consul Connect-native mutual TLS (feature `consul-connect`): this process takes part in
-//! the Consul service mesh itself, with no sidecar proxy.
+//! the Consul service mesh itself, with no sidecar proxy. Enrollment (the `Connect` block of a
+//! registration) and discovery of mesh endpoints are the Consul registry's
+//! ([`mesh_registration`](crate::registry::consul::ConsulRegistryBuilder::mesh_registration),
+//! [`mesh_discovery`](crate::registry::consul::ConsulRegistryBuilder::mesh_discovery)).
 //!
-//! [`ConsulConnect`] fetches the service's leaf certificate and the CA roots from the local
-//! agent with blocking queries and keeps them fresh in the background. From it come:
-//!
-//! - [`ConsulConnect::client_tls`]: a [`TlsConfig`] for
-//!   [`LoadBalancedChannel`](crate::tonic::LoadBalancedChannel) and
-//!   [`DiscoveryLayer`](crate::http::DiscoveryLayer). Every connection presents the current
-//!   leaf, trusts only the current roots, and checks that the server's certificate carries
-//!   the SPIFFE ID `spiffe://<trust domain>/ns/<ns>/dc/<dc>/svc/<service>` of the service
-//!   called (its TLS server name, which the integrations set to the service name), in this
-//!   service's namespace and datacenter. DNS names are not checked.
-//! - [`ConsulConnect::incoming`]: authorized mTLS connections for tonic's
-//!   `serve_with_incoming` or a hyper server; [`ConsulConnect::accept`] for an accept loop
-//!   of your own; [`ConsulConnect::server_config`] for the bare rustls configuration.
-//!
-//! A rotated leaf or root set applies to new connections; open connections keep the
-//! certificates they were made with. TLS sessions are never resumed, so every connection is
-//! verified against the roots current at its handshake. Each incoming connection is authorized with the
-//! agent's authorize endpoint after its handshake and before any request is read (answers
-//! are cached for a short time, see [`ConsulConnectBuilder::authorization_cache`]). A
-//! denied connection is not refused at the handshake: its requests are answered with gRPC
-//! status `PERMISSION_DENIED` and the agent's reason (see [`Authorization`]).
-//!
-//! Discover the instances to call with the Consul registry's
-//! [`mesh_discovery`](crate::registry::consul::ConsulRegistryBuilder::mesh_discovery),
-//! and register this one with
-//! [`MeshRegistration::Native`](crate::registry::consul::MeshRegistration::Native).
-//!
-//! **Deprecated upstream.** The agent endpoints used here (`/v1/agent/connect/ca/roots`,
-//! `/v1/agent/connect/ca/leaf/:service`, `/v1/agent/connect/authorize`) and Consul's Go SDK
-//! for Connect-native applications are deprecated since Consul 1.18, in favour of a future
-//! proxyless integration. They are still served. The endpoints need a token with
-//! `service:write` on the service (leaf and authorize).
+//! `mesh::ConsulConnect`
+//! fetches the service's leaf certificate and the CA roots from the local agent with blocking
+//! queries and keeps them fresh in the background (the leaf is asked for again at nine tenths
+//! of its lifetime even if the agent's query has not returned); a rotation applies to new
+//! connections, and open ones keep theirs. TLS sessions are never resumed, so every connection
+//! is verified against the roots current at its handshake.
 //!
 //! ```no_run
 //! use tower_sd::mesh::ConsulConnect;
-//! use tower_sd::registry::consul::ConsulRegistry;
+//! use tower_sd::registry::consul::{ConsulRegistry, MeshRegistration};
+//! use tower_sd::tonic::LoadBalancedChannel;
 //!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), tower_sd::Error> {
-//! let consul = ConsulRegistry::builder().from_env().build()?;
-//! let mesh = ConsulConnect::builder(&consul, "web").build().await?;
-//! let tls = mesh.client_tls()?; // for LoadBalancedChannel::builder(..).tls(tls)
-//! # drop(tls);
-//! # Ok(())
-//! # }
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let consul = ConsulRegistry::builder().from_env()
+//!         .mesh_registration(MeshRegistration::Native).mesh_discovery(true).build()?;
+//!     // Server: tonic on authorized mTLS connections only.
+//!     let api = ConsulConnect::builder(&consul, "api").build().await?;
+//!     let listener = tokio::net::TcpListener::bind("0.0.0.0:8443").await?;
+//!     let (_, health) = tonic_health::server::health_reporter();
+//!     tokio::spawn(tonic::transport::Server::builder().add_service(health)
+//!         .serve_with_incoming(api.incoming(listener)));
+//!     // Client: present web's leaf, trust Consul's roots, expect the server to be `api`.
+//!     let web = ConsulConnect::builder(&consul, "web").build().await?;
+//!     let channel = LoadBalancedChannel::builder(consul, "api")
+//!         .tls(web.client_tls()?)
+//!         .build();
+//!     # drop(channel);
+//!     Ok(())
+//! }
 //! ```
+//!
+//! - **Client** (`client_tls()`, a `TlsConfig` for `LoadBalancedChannel` and
+//!   `DiscoveryLayer::over_connections`): presents the current leaf, trusts only the current
+//!   roots, and checks that the server's certificate carries
+//!   `spiffe://<trust domain>/ns/<ns>/dc/<dc>/svc/<service>` for the service called (the TLS
+//!   server name, which the integrations set to the service name), in this service's namespace
+//!   and datacenter. DNS names are not checked; as in Consul's Go SDK, the trust domain is left
+//!   to the roots.
+//! - **Server** (`incoming(listener)` for tonic's `serve_with_incoming` or hyper; `accept(io)`
+//!   for your own loop; `server_config()` for the bare rustls configuration): serves the leaf,
+//!   requires a client certificate from the current roots, and authorizes each new connection
+//!   with the agent (`Target`, `ClientCertURI`, `ClientCertSerial`), caching answers for 1 s
+//!   (`authorization_cache`). **A denied connection is not refused at the handshake** (a rustls
+//!   verifier cannot wait for the agent): its handshake completes, then every request on it is
+//!   answered with gRPC status `PERMISSION_DENIED` and the agent's reason (`Matched L4
+//!   intention: web => api (deny)`), or HTTP 403 for a request that is not gRPC. An agent that
+//!   cannot be asked gives `UNAVAILABLE`; nothing is served unauthorized.
+//! - **Errors**: [`build`](ConsulConnectBuilder::build) fails with the agent's error when leaf and roots have not both
+//!   arrived within [`certificates_within`](ConsulConnectBuilder::certificates_within) (`Error::Unreachable` for an agent that is down, `Error::Status` 403 for a
+//!   token without `service:write`), never hangs. A server certificate naming another service
+//!   fails the connection with `IdentityError::Mismatch`, which the call's `UNAVAILABLE` message
+//!   quotes.
+//!
+//! **Deprecated upstream.** Consul marks the agent's Connect-native endpoints and its Go SDK for
+//! native applications deprecated since 1.18, in favour of a future proxyless integration. They
+//! are still served, and many clusters run older versions; that is why the native part has a
+//! feature of its own. The endpoints it uses:
+//!
+//! | endpoint | for | Consul docs |
+//! | --- | --- | --- |
+//! | `GET /v1/agent/connect/ca/roots` (blocking) | trust anchors, trust domain | `api-docs/agent/connect.mdx`, "List Certificate Authority (CA) Root Certificates" |
+//! | `GET /v1/agent/connect/ca/leaf/:service` (blocking; `service:write`) | the leaf and its key | `api-docs/agent/connect.mdx`, "Service Leaf Certificate" |
+//! | `POST /v1/agent/connect/authorize` (`service:write`) | intentions, per connection | `api-docs/agent/connect.mdx`, "Authorize" |
+//! | `GET /v1/health/connect/:service` (blocking) | mesh endpoints | `api-docs/health.mdx`, "List Service Instances for Mesh-enabled Service" |
+//! | `PUT /v1/agent/service/register` with `Connect` | enrollment | `api-docs/agent/service.mdx`, "Connect Structure"; `connect/proxies/deploy-sidecar-services.mdx` |
+//!
+//! Not supported: L7 intentions (the authorize endpoint treats them as deny), a peer in another
+//! datacenter or namespace than the caller's (the SPIFFE check expects the caller's), mesh
+//! gateways, cluster peering, and the xDS side of the mesh.
+//!
+//! Run the example against a dev agent (it enables Connect):
+//!
+//! ```sh
+//! consul agent -dev &
+//! cargo run --example consul_connect --features consul-connect,tonic   # three "status: Serving"
+//! consul intention create -deny tower-sd-web tower-sd-api
+//! cargo run --example consul_connect --features consul-connect,tonic   # PERMISSION_DENIED, with the reason
+//! ```
+//!
+//! The tests (`tests/consul_connect.rs`, `tests/consul_mesh.rs`) run real tonic and hyper servers
+//! and clients over real mTLS against the fake agent, whose CA (`testkit/src/fake_connect.rs`)
+//! issues rcgen certificates with SPIFFE URI SANs, blocks on roots and leaves, renews leaves,
+//! rotates leaves and roots on demand (with or without cross-signing), and evaluates intentions
+//! with Consul's precedence and default allow or deny. `CONSUL_HTTP_ADDR=127.0.0.1:8500 cargo test
+//! --all-features --test consul_connect --test consul_mesh -- --ignored` runs the real-agent
+//! variants.
 
 mod agent;
 mod certs;

@@ -319,6 +319,7 @@ mod tests {
     /// then everything, and never grows past its capacity.
     #[tokio::test(start_paused = true)]
     async fn answers_expire_and_the_cache_stays_bounded() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let mut answers = Answers {
             ttl: Duration::from_secs(1),
             capacity: 3,

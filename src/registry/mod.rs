@@ -21,6 +21,26 @@
 //! checks), [`StaticRegistry`] (a fixed list), and two wrappers that are registries
 //! themselves: [`CachedRegistry`] (last known good sets) and [`FallbackRegistry`] (an ordered
 //! chain).
+//!
+//! # Resilience
+//!
+//! - `CachedRegistry` serves the last good set of a query while the registry fails (for up to
+//!   `max_stale`), reports it as stale in `stats()` and the logs, and can persist the sets to a
+//!   file and seed from it at start, so a client starts while the registry is down; a saved set
+//!   older than `max_stale` is not used, and one that is used is said to come from the file.
+//!   Its watch never drops to an empty set because of a registry error. It keeps at most
+//!   `max_entries` queries (unwatched, idle ones go first). The file is written off the
+//!   runtime's threads, atomically (a unique temporary file, fsynced, renamed, its directory
+//!   fsynced), readable by its owner only, and under a lock that merges what other processes
+//!   sharing the path wrote, so none erases another's queries.
+//! - `FallbackRegistry` discovers from the first registry that answers, follows the primary's
+//!   watch, switches to the next after `failover_after` of failures and back as soon as the
+//!   primary answers, even with the same set as before (every watch sends its first set after
+//!   an error, and Consul's first query after one does not block on the old index), with no
+//!   empty set in between. Registration goes to the primary.
+//! - Every retry loop backs off (exponential, full jitter, capped, reset on success), and
+//!   Consul's watch adds a token bucket: a registry that always fails sees a bounded trickle of
+//!   requests (tested: at most 15 queries in a 2-second outage).
 
 mod cached;
 #[cfg(feature = "consul")]

@@ -192,6 +192,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn equal_sets_are_emitted_once_but_again_after_an_error() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let script = vec![
             Fetched::Set(set(&["a"])),
             Fetched::Set(set(&["a"])),
@@ -212,6 +213,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failures_back_off_and_an_answer_resets_the_backoff() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let started = tokio::time::Instant::now();
         let script = vec![failure(), failure(), failure(), Fetched::Set(set(&["a"]))];
         assert_eq!(yielded(4, script).await, ["error", "error", "error", "a"]);

@@ -1,6 +1,6 @@
 //! Every async test runs under a wall-clock time limit, so a bug fails the run instead of
 //! hanging CI: `let _limit = support::time_limit(SECS);` as a test's first line. The suite
-//! checks that every async test has one (`tests/zz_summary.rs`).
+//! checks that every async test has one (`tests/suite.rs`).
 //!
 //! The limit is counted on a thread of its own with the wall clock, so it also catches what a
 //! `tokio::time::timeout` cannot: a task spinning under paused time, or a runtime parked with

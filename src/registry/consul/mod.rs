@@ -14,6 +14,95 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Registration and health checks
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_sd::ServiceInstance;
+//! use tower_sd::registration::Registration;
+//! use tower_sd::registry::consul::{ConsulRegistry, HealthCheck, HealthCheckKind};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_sd::Error> {
+//! let consul = ConsulRegistry::builder()
+//!     .from_env()
+//!     .health_check(HealthCheck::new(HealthCheckKind::Http(None))) // GET /healthz, 10 s
+//!     .build()?;
+//! // Server side: register, keep it registered, drain on shutdown.
+//! let me = ServiceInstance::new("api-1", "api", "10.0.0.7", 8080);
+//! let registration = Registration::builder(consul, me).build();
+//! registration.registered(Duration::from_secs(30)).await?;
+//! // ... serve `registration.health()` at /healthz; on SIGTERM:
+//! registration.shutdown().await // 503 + maintenance, drain delay, deregister
+//! # }
+//! ```
+//!
+//! The backend uses the agent API to register (`replace-existing-checks=true`, explicit
+//! `CheckID`; HTTP, TCP, gRPC or TTL checks with `DeregisterCriticalServiceAfter`, warning below
+//! Consul's 1-minute minimum), `/v1/health/service/:name` to discover with every query filter
+//! pushed to Consul (`tag`, `dc`, `ns`, metadata as a `filter` expression), and blocking queries
+//! to watch: `index` and `wait`, a lower index resets to 0, a 0 or missing index becomes 1,
+//! the first query after an error starts from 0 (so the answer comes as soon as Consul is back),
+//! queries are rate limited by a token bucket, errors back off with full jitter and are yielded
+//! on the stream, and sets are compared before being emitted. `Service.Address` falls back to
+//! `Node.Address`; `Weights` and the zone (service or node metadata) are carried over; bodies
+//! are size-limited.
+//!
+//! - **Ids**: Consul's service IDs are unique per agent only (`web` on every node is the usual
+//!   case), so discovered instances are `{node}/{service ID}` (`node-1/web`); agent operations
+//!   (`deregister`, `health`, heartbeats, maintenance) take the ID you registered.
+//! - **ACLs**: the token never appears in `Debug` output, errors or logs. An answer that Consul
+//!   filtered by ACLs (`X-Consul-Results-Filtered-By-ACLs`, a token without `service:read`) is
+//!   logged as a warning naming the problem, and an empty one is an error (403), never an empty
+//!   set.
+//! - **The token stays home**: redirects are never followed, and a loopback agent is never
+//!   reached through the system's proxy unless `system_proxy(true)` asks for it.
+//!
+//! Against a real agent: `consul agent -dev`, then `cargo run --example consul --features
+//! consul,tonic` (a tonic server registers with a gRPC check and a client finds it through
+//! Consul), or `cargo run --example watch --features consul -- --consul 127.0.0.1:8500 SERVICE`.
+//! The tests run against an in-repo fake agent (`testkit/src/fake_consul.rs`) that is as strict
+//! as Consul where the tests can tell (nodes with `serfHealth`, blocking until the index moves
+//! past the one asked, `passing`, the one-minute reaping minimum, `Status` required on check
+//! updates, default-deny ACLs that filter answers); its header lists what it does not model; `CONSUL_HTTP_ADDR=127.0.0.1:8500 cargo test --features consul --test
+//! consul -- --ignored` runs the same scenario against a real agent.
+//!
+//! # Service mesh
+//!
+//! A service joins Consul's mesh (mutual TLS with certificates
+//! from Consul's CA; intentions decide who may call whom) in one of two ways, and tower-sd does
+//! both: enrollment and discovery here, Connect-native mTLS in `tower_sd::mesh` (feature `consul-connect`).
+//!
+//! `mesh_registration` on the Consul registry
+//! adds the service definition's `Connect` block to every registration, and `mesh_discovery`
+//! makes `discover` and `watch` read `/v1/health/connect/:service` (the mesh endpoints: each
+//! sidecar proxy's address and port, or a Connect-native instance's own), with the same
+//! blocking-query rules as the plain watch:
+//!
+//! ```no_run
+//! use tower_sd::registry::consul::{ConsulRegistry, MeshRegistration, SidecarService, Upstream};
+//!
+//! # fn main() -> Result<(), tower_sd::Error> {
+//! // "Connect": {"SidecarService": {"Port": 21000, "Proxy": {"Upstreams":
+//! //     [{"DestinationName": "db", "LocalBindPort": 9191}]}}}
+//! let sidecar = SidecarService::new(Some(21000)).upstream(Upstream::new("db", 9191));
+//! let with_sidecar = ConsulRegistry::builder()
+//!     .mesh_registration(MeshRegistration::Sidecar(sidecar))
+//!     .build()?;
+//! // "Connect": {"Native": true}, and discovery of mesh endpoints.
+//! let native = ConsulRegistry::builder()
+//!     .mesh_registration(MeshRegistration::Native)
+//!     .mesh_discovery(true)
+//!     .build()?;
+//! # drop((with_sidecar, native));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The sidecar gets Consul's defaults (ID `<id>-sidecar-proxy`, the parent's tags and meta, an
+//! alias check following the parent's health); the agent deregisters it with its service. Running
+//! the proxy itself (Envoy, `consul connect envoy`) is outside tower-sd.
 
 mod api;
 mod builder;

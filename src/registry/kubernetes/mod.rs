@@ -30,6 +30,27 @@
 //! The client needs `get`, `list` and `watch` on `endpointslices` (API group
 //! `discovery.k8s.io`) in the namespaces it reads; `examples/kubernetes/rbac.yaml` has the
 //! Role and RoleBinding.
+//!
+//! # Rules
+//!
+//! A service is the union of its slices (label `kubernetes.io/service-name`), deduplicated by
+//! address; a set is applied only once the (re)list is complete, and stays whole across a
+//! 410 relist. Ready endpoints are used; when none is ready, the serving ones that are
+//! terminating (KEP-1669); never non-serving ones. Nil `ready` means ready, nil `serving`
+//! follows `ready` (the API reference's rule; it is ready whenever `ready` is nil), nil
+//! `terminating` means not terminating. The zone comes from the endpoint (or its
+//! `hints.forZones`), and `nodeName`, `hostname` and the pod name go into metadata. IPv4 and
+//! IPv6 slices are read, FQDN slices skipped with a warning. `register` returns `Unsupported`:
+//! Kubernetes owns the endpoints.
+//!
+//! `examples/kubernetes/` has a client and server program and what to apply: the Deployment,
+//! a Service with a named port, and a ServiceAccount with a Role granting get, list and watch on
+//! `endpointslices` plus its RoleBinding. The tests run against an in-repo fake API server
+//! (`testkit/src/fake_kube.rs`: lists with `resourceVersion`, streamed watches with `ADDED`,
+//! `MODIFIED`, `DELETED`, `BOOKMARK` and `ERROR` 410 events, 403s); `KUBECONFIG=... cargo test
+//! --features kubernetes --test kubernetes -- --ignored` runs the same scenarios against a real
+//! cluster. `cargo run --example watch --features kubernetes -- --kubernetes default greeter
+//! grpc` prints a service's sets from your kubeconfig.
 
 mod slices;
 mod watch;

@@ -1,5 +1,6 @@
-//! Runs last among the test binaries (they run in name order, hence the name): says which
-//! server-backed tests this run skipped, and checks rules the whole suite keeps.
+//! Rules the whole suite keeps, and which server-backed tests this run skips. Each skipped
+//! test says so itself when it runs; the summary here is worked out from the installed
+//! servers and the test sources, so it needs no place in the order the binaries run in.
 
 use tower_sd_testkit as support;
 
@@ -70,8 +71,8 @@ fn source(path: &str) -> String {
         .unwrap_or_else(|e| panic!("reading {path}: {e}"))
 }
 
-/// One line on the terminal (not captured by the harness) per server this run lacked, and
-/// one summing up.
+/// One line on the terminal (not captured by the harness) per server this run lacks, and
+/// one summing up; under `TOWER_SD_REQUIRE_SERVERS=1`, a failure instead.
 #[test]
 fn skipped_server_tests() {
     let mut skipped = 0;
@@ -112,39 +113,51 @@ fn skipped_server_tests() {
     );
     let _ = writeln!(
         stderr,
-        "\nSKIPPED in this run: {skipped} server-backed tests did not run\n{}\n",
+        "\nSKIPPED in this run: {skipped} server-backed tests do not run\n{}\n",
         lines.join("\n")
     );
 }
 
-/// Every async test starts with a time limit (`support::time_limit`), so none can hang CI.
+/// Every async test starts with a time limit (`time_limit`), so none can hang CI: the test
+/// files and the crate's unit tests.
 #[test]
 fn every_async_test_has_a_time_limit() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut missing = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "rs") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut lines = text.lines().enumerate().peekable();
-        while let Some((n, line)) = lines.next() {
-            if !line.trim_start().starts_with("#[tokio::test") {
-                continue;
-            }
-            // The body's first statement, after the signature.
-            let body = lines
-                .by_ref()
-                .skip_while(|(_, l)| !l.trim_end().ends_with('{'))
-                .nth(1);
-            if !body.is_some_and(|(_, l)| l.contains("support::time_limit(")) {
-                missing.push(format!("{}:{}", path.display(), n + 1));
+    let mut dirs = vec![root.join("tests"), root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                missing.extend(without_time_limit(&path));
             }
         }
     }
     assert!(
         missing.is_empty(),
-        "async tests without `let _limit = support::time_limit(..);` first: {missing:?}"
+        "async tests without `let _limit = time_limit(..);` first: {missing:?}"
     );
+}
+
+/// The async tests of the file at `path` whose first statement is not a time limit.
+fn without_time_limit(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut missing = Vec::new();
+    let mut lines = text.lines().enumerate().peekable();
+    while let Some((n, line)) = lines.next() {
+        if !line.trim_start().starts_with("#[tokio::test") {
+            continue;
+        }
+        // The body's first statement, after the signature.
+        let body = lines
+            .by_ref()
+            .skip_while(|(_, l)| !l.trim_end().ends_with('{'))
+            .nth(1);
+        if !body.is_some_and(|(_, l)| l.contains("time_limit(")) {
+            missing.push(format!("{}:{}", path.display(), n + 1));
+        }
+    }
+    missing
 }
