@@ -112,9 +112,11 @@ pub enum Error {
         total: usize,
         /// How long the caller waited for one.
         waited: std::time::Duration,
-        /// Why one of them failed to connect, when one did.
+        /// Why one of them failed to connect, when one did (an endpoint's
+        /// [`ReadinessError`](crate::endpoint::ReadinessError), spelt out so that this base
+        /// module imports nothing downstream).
         #[source]
-        last_error: Option<crate::endpoint::ReadinessError>,
+        last_error: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
     },
 
     /// Too few endpoints are usable (the rest are ejected) and the balancer is set to fail

@@ -135,41 +135,43 @@ pub(crate) fn stream_wait_timeout(service: &str) {
 
 // ===== the registries =====
 
-/// A registry's watch failed with `kind` (an [`Error`](crate::Error)'s kind name).
+/// The registries' watch loop (`registry/watch.rs`).
 #[cfg(any(
     feature = "consul",
     feature = "kubernetes",
     feature = "etcd",
     feature = "dns"
 ))]
-#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-pub(crate) fn registry_failed(registry: &'static str, service: &str, kind: &'static str) {
+pub(crate) mod registry {
     #[cfg(feature = "metrics")]
-    counter!(
-        "tower_sd_registry_errors_total",
-        "registry" => registry,
-        "service" => service.to_owned(),
-        "kind" => kind,
-    )
-    .increment(1);
-}
+    use super::unix_now;
+    #[cfg(feature = "metrics")]
+    use metrics::{counter, gauge};
 
-/// A registry answered.
-#[cfg(any(
-    feature = "consul",
-    feature = "kubernetes",
-    feature = "etcd",
-    feature = "dns"
-))]
-#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-pub(crate) fn registry_answered(registry: &'static str, service: &str) {
-    #[cfg(feature = "metrics")]
-    gauge!(
-        "tower_sd_registry_last_answer_seconds",
-        "registry" => registry,
-        "service" => service.to_owned(),
-    )
-    .set(unix_now());
+    /// A registry's watch failed with `kind` (an [`Error`](crate::Error)'s kind name).
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn failed(registry: &'static str, service: &str, kind: &'static str) {
+        #[cfg(feature = "metrics")]
+        counter!(
+            "tower_sd_registry_errors_total",
+            "registry" => registry,
+            "service" => service.to_owned(),
+            "kind" => kind,
+        )
+        .increment(1);
+    }
+
+    /// A registry answered.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn answered(registry: &'static str, service: &str) {
+        #[cfg(feature = "metrics")]
+        gauge!(
+            "tower_sd_registry_last_answer_seconds",
+            "registry" => registry,
+            "service" => service.to_owned(),
+        )
+        .set(unix_now());
+    }
 }
 
 /// A cached set is served for `service` because the registry failed (`Some` of its age),

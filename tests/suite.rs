@@ -161,3 +161,154 @@ fn without_time_limit(path: &std::path::Path) -> Vec<String> {
     }
     missing
 }
+
+/// The crate's modules in the order data flows through them: a module imports only modules
+/// of its own layer or an earlier one (the registries know nothing of balancing, the
+/// balancer nothing of HTTP or connections, the connections nothing of the balancer).
+const LAYERS: [&[&str]; 8] = [
+    &["error", "instance", "backoff", "metrics"],
+    &["registry"],
+    &["endpoint"],
+    &["discover"],
+    &["balance"],
+    &["connection"],
+    &["classify"],
+    &["tonic", "http", "mesh", "registration", "config", "lib"],
+];
+
+/// The source of `path` without comments and without its `#[cfg(test)] mod tests`.
+fn code(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let text = text
+        .split_once("#[cfg(test)]\nmod tests")
+        .map_or(text.as_str(), |(code, _)| code);
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The names that follow `prefix` in `code`: `a` in `prefix a::X` and `a`, `b` in
+/// `prefix {a::X, b}`.
+fn imported(code: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect()
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for (at, _) in code.match_indices(prefix) {
+        let rest = &code[at + prefix.len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let group = &group[..group.find('}').unwrap_or(group.len())];
+            names.extend(group.split(',').map(ident));
+        } else {
+            names.insert(ident(rest));
+        }
+    }
+    names.retain(|name| !name.is_empty());
+    names
+}
+
+/// Every `.rs` file under `dir`, its tests directories and generated code left out.
+fn sources(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() && name != "tests" && name != "proto" {
+                dirs.push(path);
+            } else if name.ends_with(".rs") {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// The cycles in `edges` (a module graph), each as the path that closes it.
+fn cycles(
+    edges: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Vec<Vec<String>> {
+    fn visit(
+        node: &str,
+        edges: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+        found: &mut Vec<Vec<String>>,
+    ) {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(node.to_owned());
+            found.push(cycle);
+            return;
+        }
+        if !done.insert(node.to_owned()) {
+            return;
+        }
+        path.push(node.to_owned());
+        for next in edges.get(node).into_iter().flatten() {
+            visit(next, edges, path, done, found);
+        }
+        path.pop();
+    }
+    let mut found = Vec::new();
+    let mut done = std::collections::BTreeSet::new();
+    for node in edges.keys() {
+        visit(node, edges, &mut Vec::new(), &mut done, &mut found);
+    }
+    found
+}
+
+/// Catches an import against the data flow (the connections reaching into the balancer,
+/// the error type into the endpoints) and an import cycle, between the crate's modules or
+/// between the files of one module.
+#[test]
+fn modules_import_along_the_data_flow_and_never_in_a_circle() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let layer = |module: &str| LAYERS.iter().position(|layer| layer.contains(&module));
+    let mut modules =
+        std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+    let mut files = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+    let mut against = Vec::new();
+    for path in sources(&src) {
+        let relative = path.strip_prefix(&src).unwrap();
+        let module = relative.iter().next().unwrap().to_string_lossy();
+        let module = module.trim_end_matches(".rs").to_owned();
+        let from = layer(&module).unwrap_or_else(|| panic!("`{module}` is in no layer"));
+        let code = code(&path);
+        for to in imported(&code, "crate::") {
+            let Some(to_layer) = layer(&to) else { continue };
+            if to != module {
+                if to_layer > from {
+                    against.push(format!("{} imports `{to}`", relative.display()));
+                }
+                modules.entry(module.clone()).or_default().insert(to);
+            }
+        }
+        // Between the files of one directory: `super::file` and `crate::dir::file`.
+        let Some(dir) = relative.parent().filter(|dir| !dir.as_os_str().is_empty()) else {
+            continue;
+        };
+        let file = relative.file_stem().unwrap().to_string_lossy().into_owned();
+        let crate_path = format!("crate::{}::", dir.display()).replace('/', "::");
+        let siblings = imported(&code, "super::")
+            .into_iter()
+            .chain(imported(&code, &crate_path));
+        for sibling in siblings {
+            if sibling != file && src.join(dir).join(format!("{sibling}.rs")).exists() {
+                let key = |name: &str| format!("{}/{name}", dir.display());
+                files.entry(key(&file)).or_default().insert(key(&sibling));
+            }
+        }
+    }
+    assert!(
+        against.is_empty(),
+        "imports against the data flow: {against:#?}"
+    );
+    let circles: Vec<_> = cycles(&modules).into_iter().chain(cycles(&files)).collect();
+    assert!(circles.is_empty(), "import cycles: {circles:?}");
+}

@@ -28,7 +28,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::open::OpenConnection;
-use super::room::Slot;
+use super::open::Slot;
 
 /// A stream open on its connection: holds its slot (and the concurrency permit) until the
 /// stream is over or its response is dropped.

@@ -105,16 +105,7 @@ fn set_tcp_keepalive(tcp: &TcpStream, idle: std::time::Duration) -> io::Result<(
         target_os = "windows",
         target_os = "freebsd"
     ))]
-    let keepalive = keepalive.with_interval(PROBE_EVERY);
-    #[cfg(any(
-        target_os = "linux",
-        target_os = "android",
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "windows",
-        target_os = "freebsd"
-    ))]
-    let keepalive = keepalive.with_retries(PROBES);
+    let keepalive = keepalive.with_interval(PROBE_EVERY).with_retries(PROBES);
     socket.set_tcp_keepalive(&keepalive)?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     socket.set_tcp_user_timeout(Some(idle.saturating_add(PROBE_EVERY * PROBES)))?;

@@ -15,7 +15,7 @@ use super::SendBody;
 use super::body::{Body, StreamGuard};
 use super::error::ConnectionError;
 use super::pipe::{Pipe, PipeError};
-use super::service::Handle;
+use super::pool::Handle;
 
 /// The response future of a [`Connection`](super::Connection). It sends the request body while it waits: all
 /// of it, for a body that is ready at once.

@@ -79,3 +79,23 @@ impl OpenConnection {
         }
     }
 }
+
+/// A stream slot claimed on a connection: given back when dropped.
+pub(crate) struct Slot(Arc<OpenConnection>);
+
+impl Slot {
+    /// The slot just claimed on `conn` (see [`OpenConnection::try_claim`]).
+    pub(crate) fn claimed(conn: &Arc<OpenConnection>) -> Self {
+        Self(Arc::clone(conn))
+    }
+
+    pub(crate) fn conn(&self) -> &Arc<OpenConnection> {
+        &self.0
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}

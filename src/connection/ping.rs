@@ -28,10 +28,6 @@ const WINDOW_LIMIT: u32 = 16 << 20;
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 const SAMPLE_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 
-/// The shortest keepalive interval (gRFC A8's floor: servers police pings, and grpc-go and
-/// C-core servers allow one per 5 minutes by default while they send no data).
-pub(crate) const KEEPALIVE_FLOOR: Duration = Duration::from_secs(10);
-
 /// The keepalive interval of a service's new connections (nanoseconds; 0 for off), shared
 /// by its instances: a server's `too_many_pings` GOAWAY doubles it (gRFC A8).
 #[derive(Debug)]

@@ -341,3 +341,24 @@ impl Pool {
         self.pause = Some(Box::pin(tokio::time::sleep(delay)));
     }
 }
+
+/// Owns the pool task: the last clone's drop ends it (and its connections). Responses in
+/// flight hold it too, so their streams outlive the handles.
+pub(crate) struct Handle {
+    pub(crate) state: Arc<Shared>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Handle {
+    /// The handle of the pool task `task`, which serves `state`.
+    pub(crate) fn new(state: Arc<Shared>, task: tokio::task::AbortHandle) -> Self {
+        Self { state, task }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.readiness.set(Connectivity::Shutdown);
+    }
+}

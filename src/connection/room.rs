@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
-use super::open::OpenConnection;
 use crate::endpoint::Readiness;
 
 /// The slot queue of one instance (see the module docs).
@@ -87,25 +86,5 @@ pub(crate) struct Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         self.room.waiting.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A stream slot claimed on a connection: given back when dropped.
-pub(crate) struct Slot(Arc<OpenConnection>);
-
-impl Slot {
-    /// The slot just claimed on `conn` (see [`OpenConnection::try_claim`]).
-    pub(crate) fn claimed(conn: &Arc<OpenConnection>) -> Self {
-        Self(Arc::clone(conn))
-    }
-
-    pub(crate) fn conn(&self) -> &Arc<OpenConnection> {
-        &self.0
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.release();
     }
 }

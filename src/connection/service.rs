@@ -27,10 +27,11 @@ use super::error::ConnectionError;
 use super::future::ResponseFuture;
 use super::head::{set_origin, strip_connection_headers};
 use super::open::OpenConnection;
+use super::open::Slot;
 use super::pipe::Pipe;
-use super::pool::Shared;
+use super::pool::{Handle, Shared};
 use super::replay::ReplayBody;
-use super::room::{Slot, Waiting};
+use super::room::Waiting;
 use crate::endpoint::{Connectivity, Readiness};
 
 /// The connection to one instance, as the balancer holds it: cheap to clone, each clone
@@ -79,33 +80,9 @@ struct Queued {
     until: Pin<Box<Sleep>>,
 }
 
-/// Owns the pool task: the last clone's drop ends it (and its connections). Responses in
-/// flight hold it too, so their streams outlive the handles.
-pub(crate) struct Handle {
-    pub(crate) state: Arc<Shared>,
-    task: tokio::task::AbortHandle,
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.state.readiness.set(Connectivity::Shutdown);
-    }
-}
-
 impl<B: Send + 'static> Connection<B> {
     pub(crate) fn new(state: Arc<Shared>, task: tokio::task::AbortHandle) -> Self {
-        Self {
-            handle: Arc::new(Handle { state, task }),
-            cached: None,
-            claimed: None,
-            waiting: None,
-            queued: None,
-            failed: None,
-            permit: None,
-            acquiring: None,
-            _body: std::marker::PhantomData,
-        }
+        Self::handle_on(Arc::new(Handle::new(state, task)), None)
     }
 
     /// What the balancer reads to tell whether the instance is connected.
@@ -298,13 +275,21 @@ impl<B> Clone for Connection<B> {
     /// A new handle on the same connection; it does not inherit readiness (nor a claimed
     /// slot).
     fn clone(&self) -> Self {
+        let cached = self.cached.as_ref().map(|cached| Cached {
+            generation: cached.generation,
+            conn: Arc::clone(&cached.conn),
+            send: cached.send.clone(),
+        });
+        Self::handle_on(Arc::clone(&self.handle), cached)
+    }
+}
+
+impl<B> Connection<B> {
+    /// A handle on the pool `handle` owns, with nothing claimed, awaited or failed yet.
+    fn handle_on(handle: Arc<Handle>, cached: Option<Cached>) -> Self {
         Self {
-            handle: Arc::clone(&self.handle),
-            cached: self.cached.as_ref().map(|cached| Cached {
-                generation: cached.generation,
-                conn: Arc::clone(&cached.conn),
-                send: cached.send.clone(),
-            }),
+            handle,
+            cached,
             claimed: None,
             waiting: None,
             queued: None,

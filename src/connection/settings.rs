@@ -5,8 +5,11 @@ use std::time::Duration;
 use http::HeaderValue;
 use http::uri::{Authority, Scheme};
 
-use super::ping::KEEPALIVE_FLOOR;
 use super::tls::TlsConfig;
+
+/// The shortest keepalive interval (gRFC A8's floor: servers police pings, and grpc-go and
+/// C-core servers allow one per 5 minutes by default while they send no data).
+pub(crate) const KEEPALIVE_FLOOR: Duration = Duration::from_secs(10);
 
 /// How the connections to the instances of one service are made and kept: one HTTP/2
 /// connection per instance (more when the server's `MAX_CONCURRENT_STREAMS` is reached),

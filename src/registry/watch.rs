@@ -115,7 +115,7 @@ impl<S: Source> Driver<S> {
                         "{} watch failed; retrying",
                         self.registry
                     );
-                    crate::metrics::registry_failed(
+                    crate::metrics::registry::failed(
                         self.registry,
                         &self.query.name,
                         error.kind_name(),
@@ -130,7 +130,7 @@ impl<S: Source> Driver<S> {
 
     fn answered(&mut self) {
         self.backoff.reset();
-        crate::metrics::registry_answered(self.registry, &self.query.name);
+        crate::metrics::registry::answered(self.registry, &self.query.name);
     }
 }
 
