@@ -42,8 +42,7 @@ impl Backoff {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
         self.draws = self.draws.wrapping_add(1);
-        let unit = (self.random.hash_one(self.draws) >> 11) as f64 / (1u64 << 53) as f64;
-        ceiling.mul_f64(unit)
+        ceiling.mul_f64(unit(&self.random, self.draws))
     }
 
     /// Failures since the last reset.
@@ -57,9 +56,33 @@ impl Backoff {
     }
 }
 
+/// A number in `[0, 1)` drawn from `random` for the `n`-th draw.
+fn unit(random: &RandomState, n: u64) -> f64 {
+    (random.hash_one(n) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A wait drawn uniformly from `[ceiling / 2, ceiling]` ("equal jitter"): for one pause that
+/// must not be cut to nothing, where [`Backoff`]'s full jitter may draw zero.
+#[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
+pub(crate) fn equal_jitter(ceiling: Duration) -> Duration {
+    let half = ceiling / 2;
+    half + half.mul_f64(unit(&RandomState::new(), 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_jitter_keeps_to_the_upper_half() {
+        let ceiling = Duration::from_millis(8);
+        let draws: Vec<Duration> = (0..200).map(|_| equal_jitter(ceiling)).collect();
+        assert!(
+            draws.iter().all(|d| (ceiling / 2..=ceiling).contains(d)),
+            "{draws:?}"
+        );
+        assert!(draws.iter().any(|d| *d != draws[0]), "jittered: {draws:?}");
+    }
 
     #[test]
     fn ceiling_doubles_up_to_max_and_resets() {

@@ -38,7 +38,9 @@
 //! GOAWAY's last stream id; up to 5 attempts, if its body fit in the retry buffer, 64 KiB).
 //! **Where we differ from gRFC A6**: A6 retries a refused request once; refusals come in runs
 //! (nginx refuses a retry too when it lands on another connection at its count, and C-core
-//! counts a stream a moment after the client saw it end), so tower-sd retries more. Such
+//! counts a stream a moment after the client saw it end), so tower-sd retries more, and
+//! resends a request refused with `REFUSED_STREAM` after a pause of a few milliseconds,
+//! doubling, so that the server can finish counting (A6 does not wait). Such
 //! requests are no verdict on the instance: outlier detection does not count them. They are
 //! counted in `tower_sd_transparent_retries_total`.
 //!

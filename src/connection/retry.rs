@@ -19,7 +19,10 @@
 //!   retry too whenever it lands on a connection at that count. And a server counts a
 //!   stream against its `MAX_CONCURRENT_STREAMS` until it has cleaned it up, a moment
 //!   after the client saw it end (C-core does), so a client that keeps to the limit still
-//!   meets `REFUSED_STREAM` on a busy connection, retry included.
+//!   meets `REFUSED_STREAM` on a busy connection, retry included. So a request refused with
+//!   `REFUSED_STREAM` waits a moment before it goes again (see [`refused_pause`]), giving
+//!   the server time to catch up; one refused by a GOAWAY goes at once, to another
+//!   connection.
 //!
 //! Anything else, a body that outgrew the buffer, or a request that waited out the stream
 //! wait, is the caller's to see.
@@ -29,9 +32,11 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use http::Request;
 use http::request::Parts;
+use tokio::time::Sleep;
 use tower::Service;
 use tracing::debug;
 
@@ -43,6 +48,14 @@ use crate::error::BoxError;
 pub(crate) const NEVER_SENT_ATTEMPTS: u32 = 10;
 /// Attempts at most for a request the server refused unprocessed.
 pub(crate) const REFUSED_ATTEMPTS: u32 = 5;
+
+/// The pause before sending again a request refused with `REFUSED_STREAM` after `attempts`
+/// attempts: 2-4 ms after the first, doubling (at most 60 ms over the 4 resends). A
+/// deviation from gRFC A6, whose transparent retry does not wait.
+pub(crate) fn refused_pause(attempts: u32) -> Duration {
+    let ceiling = Duration::from_millis(4) * 2u32.saturating_pow(attempts.saturating_sub(1));
+    crate::backoff::equal_jitter(ceiling.min(Duration::from_millis(32)))
+}
 
 /// Sends a request the server did not process once more (see the module docs).
 pub(crate) struct Retry<S, B> {
@@ -133,6 +146,8 @@ enum State<S: Service<Request<ReplayBody<B>>>, B> {
     Readying {
         service: S,
         request: Option<Box<Request<ReplayBody<B>>>>,
+        /// The pause before it, after a `REFUSED_STREAM`.
+        pause: Option<Pin<Box<Sleep>>>,
     },
 }
 
@@ -153,18 +168,27 @@ where
                         Ok(response) => return Poll::Ready(Ok(response)),
                         Err(error) => error,
                     };
-                    let Some(request) = this.again(&error) else {
+                    let Some((request, pause)) = this.again(&error) else {
                         return Poll::Ready(Err(error));
                     };
-                    debug!(service = %this.service, attempt = this.attempts, error = %crate::error::Chain(&*error), "request not processed; sending it again");
+                    debug!(service = %this.service, attempt = this.attempts, ?pause, error = %crate::error::Chain(&*error), "request not processed; sending it again");
                     crate::metrics::transparent_retry(&this.service);
                     this.attempts += 1;
                     this.state = State::Readying {
                         service: this.again.service.clone(),
                         request: Some(Box::new(request)),
+                        pause: pause.map(|pause| Box::pin(tokio::time::sleep(pause))),
                     };
                 }
-                State::Readying { service, request } => {
+                State::Readying {
+                    service,
+                    request,
+                    pause,
+                } => {
+                    if let Some(sleep) = pause {
+                        ready!(sleep.as_mut().poll(cx));
+                        *pause = None;
+                    }
                     ready!(service.poll_ready(cx))?;
                     let request = request.take().expect("set when readying");
                     this.state = State::Sending(service.call(*request));
@@ -175,23 +199,25 @@ where
 }
 
 impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
-    /// The request to send again, when `error` says the server did not process it, the
-    /// attempts allow another, and its body can be sent again.
-    fn again(&mut self, error: &BoxError) -> Option<Request<ReplayBody<B>>> {
+    /// The request to send again, and the pause before it, when `error` says the server did
+    /// not process it, the attempts allow another, and its body can be sent again.
+    fn again(&mut self, error: &BoxError) -> Option<(Request<ReplayBody<B>>, Option<Duration>)> {
         let error: &ConnectionError = error.downcast_ref()?;
-        let more = match error {
-            _ if error.never_sent() => self.attempts < NEVER_SENT_ATTEMPTS,
-            ConnectionError::GoAway { .. } | ConnectionError::Unprocessed { .. } => {
-                self.attempts < REFUSED_ATTEMPTS
-            }
-            _ => false,
+        let (more, pause) = match error {
+            _ if error.never_sent() => (self.attempts < NEVER_SENT_ATTEMPTS, None),
+            ConnectionError::GoAway { .. } => (self.attempts < REFUSED_ATTEMPTS, None),
+            ConnectionError::Unprocessed { .. } => (
+                self.attempts < REFUSED_ATTEMPTS,
+                Some(refused_pause(self.attempts)),
+            ),
+            _ => (false, None),
         };
         if !more {
             return None;
         }
         let (body, replay) = self.again.replay.again()?;
         self.again.replay = replay;
-        Some(Request::from_parts(self.again.head.clone(), body))
+        Some((Request::from_parts(self.again.head.clone(), body), pause))
     }
 }
 
@@ -200,7 +226,6 @@ mod tests {
     use std::sync::Mutex;
 
     use bytes::Bytes;
-    use futures_util::FutureExt;
     use http_body_util::{BodyExt, Full};
     use tower::ServiceExt;
 
@@ -215,6 +240,8 @@ mod tests {
     struct Script {
         outcomes: Arc<Mutex<Vec<Outcome>>>,
         bodies: Arc<Mutex<Vec<Bytes>>>,
+        /// When each attempt was sent.
+        sent: Arc<Mutex<Vec<tokio::time::Instant>>>,
     }
 
     #[derive(Clone, Copy, Debug)]
@@ -237,6 +264,7 @@ mod tests {
             Self {
                 outcomes: Arc::new(Mutex::new(outcomes)),
                 bodies: Arc::default(),
+                sent: Arc::default(),
             }
         }
 
@@ -283,6 +311,7 @@ mod tests {
         }
 
         fn call(&mut self, request: Request<Body>) -> Self::Future {
+            self.sent.lock().unwrap().push(tokio::time::Instant::now());
             let outcome = self
                 .outcomes
                 .lock()
@@ -305,40 +334,43 @@ mod tests {
         }
     }
 
-    fn send(script: &Script, buffer: usize, body: &'static str) -> Result<&'static str, BoxError> {
+    async fn send(
+        script: &Script,
+        buffer: usize,
+        body: &'static str,
+    ) -> Result<&'static str, BoxError> {
         let retry = Retry::new(script.clone(), buffer, "svc");
         let request = Request::post("/")
             .body(Full::new(Bytes::from(body)))
             .unwrap();
-        retry
-            .oneshot(request)
-            .now_or_never()
-            .expect("nothing here waits")
+        retry.oneshot(request).await
     }
 
     /// Catches no retry, a retry that sends an empty or partial body, and a second
     /// outcome the caller does not see.
-    #[test]
-    fn a_refused_request_is_sent_once_more_with_the_same_body() {
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_request_is_sent_once_more_with_the_same_body() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let script = Script::new(&[Outcome::Refused, Outcome::Ok]);
-        assert_eq!(send(&script, 1024, "hello").unwrap(), "answered");
+        assert_eq!(send(&script, 1024, "hello").await.unwrap(), "answered");
         assert_eq!(script.bodies(), ["hello", "hello"]);
     }
 
     /// Catches a refused request surfacing after one retry (refusals come in runs: a
     /// server closing connections after so many requests, or one that counts streams a
     /// moment longer than the client), and one retried without end.
-    #[test]
-    fn a_refused_request_is_sent_again_up_to_five_attempts() {
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_request_is_sent_again_up_to_five_attempts() {
+        let _limit = tower_sd_testkit::time_limit(10);
         for refusal in [Outcome::GoAway, Outcome::Refused] {
             let mut outcomes = vec![refusal; 4];
             outcomes.push(Outcome::Ok);
             let script = Script::new(&outcomes);
-            assert_eq!(send(&script, 1024, "hello").unwrap(), "answered");
+            assert_eq!(send(&script, 1024, "hello").await.unwrap(), "answered");
             assert_eq!(script.bodies(), ["hello"; 5]);
 
             let script = Script::new(&[refusal; 6]);
-            assert!(send(&script, 1024, "hello").is_err());
+            assert!(send(&script, 1024, "hello").await.is_err());
             assert_eq!(script.attempts(), REFUSED_ATTEMPTS as usize);
         }
         let mixed = [
@@ -347,18 +379,51 @@ mod tests {
             Outcome::Refused,
             Outcome::Ok,
         ];
-        assert_eq!(send(&Script::new(&mixed), 1024, "hi").unwrap(), "answered");
+        assert_eq!(
+            send(&Script::new(&mixed), 1024, "hi").await.unwrap(),
+            "answered"
+        );
+    }
+
+    /// Catches a request refused with `REFUSED_STREAM` sent again at once (the server that
+    /// refused it is still counting the stream that made it full), a pause that does not
+    /// grow, and a pause after a GOAWAY (the next attempt goes to another connection).
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_stream_waits_a_growing_moment_and_a_goaway_none() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let outcomes = [Outcome::Refused; 4].into_iter().chain([Outcome::Ok]);
+        let script = Script::new(&outcomes.collect::<Vec<_>>());
+        assert_eq!(send(&script, 1024, "hello").await.unwrap(), "answered");
+        let sent = script.sent.lock().unwrap().clone();
+        let pauses: Vec<Duration> = sent.windows(2).map(|w| w[1] - w[0]).collect();
+        let ms = Duration::from_millis;
+        let bounds = [
+            (ms(2), ms(4)),
+            (ms(4), ms(8)),
+            (ms(8), ms(16)),
+            (ms(16), ms(32)),
+        ];
+        for (pause, (low, high)) in pauses.iter().zip(bounds) {
+            assert!((low..=high).contains(pause), "{pauses:?}");
+        }
+        assert_eq!(pauses.len(), 4);
+
+        let script = Script::new(&[Outcome::GoAway, Outcome::GoAway, Outcome::Ok]);
+        assert_eq!(send(&script, 1024, "hello").await.unwrap(), "answered");
+        let sent = script.sent.lock().unwrap().clone();
+        assert!(sent.windows(2).all(|w| w[1] == w[0]), "no pause: {sent:?}");
     }
 
     /// Catches a request that never left the client given up after one retry, or with a
     /// 0-byte buffer (nothing of its body was read, so nothing needs keeping), and one
     /// retried without end.
-    #[test]
-    fn a_request_that_never_left_is_sent_again_whatever_the_buffer() {
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_left_is_sent_again_whatever_the_buffer() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let mut outcomes = vec![Outcome::NeverSent; 9];
         outcomes.push(Outcome::Ok);
         let script = Script::new(&outcomes);
-        assert_eq!(send(&script, 0, "hello").unwrap(), "answered");
+        assert_eq!(send(&script, 0, "hello").await.unwrap(), "answered");
         assert_eq!(
             script.bodies().last().unwrap(),
             "hello",
@@ -366,15 +431,16 @@ mod tests {
         );
 
         let script = Script::new(&[Outcome::NeverSent; 11]);
-        assert!(send(&script, 0, "hello").is_err());
+        assert!(send(&script, 0, "hello").await.is_err());
         assert_eq!(script.attempts(), NEVER_SENT_ATTEMPTS as usize);
     }
 
     /// Catches retrying a request the server may have processed (not idempotent-safe).
-    #[test]
-    fn a_request_that_may_have_been_processed_is_not_sent_again() {
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_may_have_been_processed_is_not_sent_again() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let script = Script::new(&[Outcome::Failed, Outcome::Ok]);
-        let error = send(&script, 1024, "hello").unwrap_err();
+        let error = send(&script, 1024, "hello").await.unwrap_err();
         assert!(
             crate::error::Chain(&*error)
                 .to_string()
@@ -386,13 +452,14 @@ mod tests {
 
     /// Catches a retry that sends a body it could not keep: past the buffer, the bytes
     /// already sent are gone, so the caller sees the error.
-    #[test]
-    fn a_body_larger_than_the_buffer_is_not_sent_again() {
+    #[tokio::test(start_paused = true)]
+    async fn a_body_larger_than_the_buffer_is_not_sent_again() {
+        let _limit = tower_sd_testkit::time_limit(10);
         let script = Script::new(&[Outcome::Refused, Outcome::Ok]);
-        let error = send(&script, 4, "hello").unwrap_err();
+        let error = send(&script, 4, "hello").await.unwrap_err();
         assert!(error.downcast_ref::<ConnectionError>().is_some(), "{error}");
         assert_eq!(script.bodies(), ["hello"]);
         let script = Script::new(&[Outcome::Refused, Outcome::Ok]);
-        assert_eq!(send(&script, 5, "hello").unwrap(), "answered");
+        assert_eq!(send(&script, 5, "hello").await.unwrap(), "answered");
     }
 }
