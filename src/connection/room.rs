@@ -7,14 +7,17 @@
 //! together never overfill a connection, and none waits inside h2's queue behind streams
 //! that may never end while another connection has room.
 //!
-//! When every open connection is full, a request waits for a slot, in arrival order: one
-//! freed slot wakes the oldest waiter, and while anyone waits a newcomer queues behind
-//! them instead of taking a slot that comes free. Meanwhile the instance is marked
+//! When every open connection is full, a request waits for a slot, in arrival order: it
+//! takes a ticket, one freed slot wakes one waiter (the one waiting longest for a wake-up),
+//! and a waiter takes a slot only when a freed slot woke it or its ticket is first in line
+//! (so that a slot freed before anyone was there to wake is not lost). While anyone waits,
+//! a newcomer queues behind them instead of taking a slot that comes free. Meanwhile the instance is marked
 //! [saturated](crate::endpoint::Readiness::is_saturated), so the balancer sends new
 //! requests to instances with room.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
@@ -24,8 +27,13 @@ use crate::endpoint::Readiness;
 pub(crate) struct Room {
     /// Woken once per freed slot: the oldest waiter first.
     freed: Notify,
-    /// Handles waiting for a slot.
+    /// Handles waiting for a slot: the length of `line`, read without its lock.
     waiting: AtomicUsize,
+    /// The waiters' tickets, oldest first. Locked only on the slow path, while requests
+    /// wait.
+    line: Mutex<VecDeque<u64>>,
+    /// The next ticket.
+    tickets: AtomicU64,
     /// Where saturation is shown to the balancer.
     readiness: Readiness,
 }
@@ -35,8 +43,14 @@ impl Room {
         Self {
             freed: Notify::new(),
             waiting: AtomicUsize::new(0),
+            line: Mutex::new(VecDeque::new()),
+            tickets: AtomicU64::new(0),
             readiness,
         }
+    }
+
+    fn line(&self) -> MutexGuard<'_, VecDeque<u64>> {
+        self.line.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether requests wait for a slot: a newcomer queues behind them.
@@ -69,22 +83,41 @@ impl Room {
         self.freed.notified()
     }
 
-    /// Counts the caller among the waiters until the returned guard drops.
+    /// Puts the caller in line, with the next ticket, until the returned guard drops.
     pub(crate) fn enter(self: &Arc<Self>) -> Waiting {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let mut line = self.line();
+        line.push_back(ticket);
+        self.waiting.store(line.len(), Ordering::Release);
         Waiting {
             room: Arc::clone(self),
+            ticket,
         }
     }
 }
 
-/// A place in the queue: dropped when the request got a slot, failed or gave up.
+/// A place in the line: dropped when the request got a slot, failed or gave up.
 pub(crate) struct Waiting {
     room: Arc<Room>,
+    ticket: u64,
+}
+
+impl Waiting {
+    /// Whether no one has waited longer.
+    pub(crate) fn is_first(&self) -> bool {
+        self.room.line().front() == Some(&self.ticket)
+    }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.room.waiting.fetch_sub(1, Ordering::AcqRel);
+        let mut line = self.room.line();
+        // Usually the first in line leaves (it got a slot); any other gave up.
+        if line.front() == Some(&self.ticket) {
+            line.pop_front();
+        } else if let Some(at) = line.iter().position(|ticket| *ticket == self.ticket) {
+            line.remove(at);
+        }
+        self.room.waiting.store(line.len(), Ordering::Release);
     }
 }

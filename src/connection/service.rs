@@ -55,8 +55,9 @@ pub(crate) struct Connection<B> {
     /// The stream slot `poll_ready` claimed for the next call (on the cached sender's
     /// connection).
     claimed: Option<Slot>,
-    /// While waiting for a connection or a slot: resolves on the next change.
-    waiting: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    /// While waiting for a connection or a slot: resolves on the next change, `true` when
+    /// it is a freed slot.
+    waiting: Option<Pin<Box<dyn Future<Output = bool> + Send + Sync>>>,
     /// While waiting for a slot: this handle's place in the queue, and the end of its wait.
     queued: Option<Queued>,
     /// What `poll_ready` found in place of a slot (the wait ran out), for the next `call`.
@@ -75,7 +76,9 @@ struct Cached {
 
 /// A handle waiting for a stream slot.
 struct Queued {
-    _place: Waiting,
+    place: Waiting,
+    /// A freed slot woke it: it may take one, wherever it is in line.
+    woken: bool,
     since: Instant,
     until: Pin<Box<Sleep>>,
 }
@@ -133,9 +136,7 @@ impl<B: Send + 'static> Connection<B> {
     /// the stream wait) for a slot while every open connection is full.
     fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectionError>> {
         loop {
-            // While others wait for a slot, a newcomer queues behind them.
-            let may_take = self.queued.is_some() || !self.state().room.queued();
-            if may_take && self.claim() {
+            if self.may_take() && self.claim() {
                 self.end_wait();
                 return Poll::Ready(Ok(()));
             }
@@ -152,7 +153,8 @@ impl<B: Send + 'static> Connection<B> {
                 // Every open connection is full: queue, let the balancer pick others, ask
                 // for one more connection, and look once more (a slot may have come free).
                 self.queued = Some(Queued {
-                    _place: state.room.enter(),
+                    place: state.room.enter(),
+                    woken: false,
                     since: Instant::now(),
                     until: Box::pin(tokio::time::sleep(state.settings.stream_wait)),
                 });
@@ -172,22 +174,33 @@ impl<B: Send + 'static> Connection<B> {
             let waiting = self.waiting.get_or_insert_with(|| {
                 Box::pin(async move {
                     tokio::select! {
-                        () = state.room.notified() => {}
-                        () = state.changed.notified() => {}
+                        () = state.room.notified() => true,
+                        () = state.changed.notified() => false,
                     }
                 })
             });
-            if waiting.as_mut().poll(cx).is_ready() {
+            if let Poll::Ready(freed) = waiting.as_mut().poll(cx) {
                 self.waiting = None;
+                if let Some(queued) = &mut self.queued {
+                    queued.woken |= freed;
+                }
                 continue;
             }
             // Registered for the next change; look once more, so none is missed.
-            let may_take = self.queued.is_some() || !self.state().room.queued();
-            if may_take && self.claim() {
+            if self.may_take() && self.claim() {
                 self.end_wait();
                 return Poll::Ready(Ok(()));
             }
             return Poll::Pending;
+        }
+    }
+
+    /// Whether this handle may take a free slot: a newcomer when no one waits, a waiter when
+    /// a freed slot woke it or no one has waited longer.
+    fn may_take(&self) -> bool {
+        match &self.queued {
+            None => !self.state().room.queued(),
+            Some(queued) => queued.woken || queued.place.is_first(),
         }
     }
 
