@@ -1,14 +1,15 @@
 //! [`ReplayBody`]: a request body that keeps what it has sent, up to a limit, so a request
 //! the server did not process can be sent again with the same bytes.
 //!
-//! The body hyper reads and the request's response future share one [`Recording`]: the
-//! frames sent so far (while they fit the limit) and the rest of the caller's body. A retry
-//! takes the rest and the frames, and builds a new body that sends the frames first; the
-//! old body, still held by the failed stream, then ends.
+//! Every attempt of a request shares one [`Recording`]: the caller's body, the frames read
+//! from it so far (while they fit the limit), and which attempt is current. An attempt's body
+//! first sends the recorded frames it has not sent, then reads on from the caller's body,
+//! recording as it goes; a retry makes the next attempt current, and the body of the
+//! attempt before it, still held by its failed stream, ends. So an attempt that failed before
+//! it sent anything (no connection took it) loses nothing for the one after it.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -18,21 +19,27 @@ use http_body::{Body, Frame, SizeHint};
 /// A request body that records what it sends (see the module docs).
 pub(crate) struct ReplayBody<B> {
     recording: Arc<Mutex<Recording<B>>>,
-    /// Frames of an earlier attempt, sent before the rest of the caller's body.
-    replay: VecDeque<Bytes>,
-    replay_trailers: Option<HeaderMap>,
+    /// Which attempt this body is: once a later one is current, this one ends.
+    attempt: u32,
+    /// The recorded frames this body has sent.
+    next: usize,
+    /// Whether this body has sent the recorded trailers.
+    sent_trailers: bool,
 }
 
-/// What a body has sent, and the rest of it.
+/// What the caller's body has given so far, and the rest of it.
 pub(crate) struct Recording<B> {
-    /// The caller's body; `None` once it ended or a retry took it.
+    /// The caller's body; `None` once it ended.
     body: Option<B>,
-    sent: Vec<Bytes>,
+    /// The data frames read from `body`, in order.
+    frames: Vec<Bytes>,
     trailers: Option<HeaderMap>,
     bytes: usize,
     /// Bytes kept at most; past that, nothing is kept and no retry is possible.
     limit: usize,
     overflowed: bool,
+    /// The attempt whose body may send.
+    attempt: u32,
 }
 
 impl<B> ReplayBody<B> {
@@ -40,27 +47,30 @@ impl<B> ReplayBody<B> {
     pub(crate) fn new(body: B, limit: usize) -> (Self, Replay<B>) {
         let recording = Arc::new(Mutex::new(Recording {
             body: Some(body),
-            sent: Vec::new(),
+            frames: Vec::new(),
             trailers: None,
             bytes: 0,
             limit,
             // A body none of which was sent can be sent again whatever the limit.
             overflowed: false,
+            attempt: 0,
         }));
         let handle = Replay(Arc::clone(&recording));
-        let body = Self {
-            recording,
-            replay: VecDeque::new(),
-            replay_trailers: None,
-        };
-        (body, handle)
+        (Self::attempt(recording, 0), handle)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Recording<B>> {
-        self.recording
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn attempt(recording: Arc<Mutex<Recording<B>>>, attempt: u32) -> Self {
+        Self {
+            recording,
+            attempt,
+            next: 0,
+            sent_trailers: false,
+        }
     }
+}
+
+fn lock<B>(recording: &Mutex<Recording<B>>) -> MutexGuard<'_, Recording<B>> {
+    recording.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A body sent once: nothing of it is kept, so a request that carries it is not sent
@@ -76,28 +86,16 @@ impl<B> From<B> for ReplayBody<B> {
 pub(crate) struct Replay<B>(Arc<Mutex<Recording<B>>>);
 
 impl<B> Replay<B> {
-    /// A body that sends the same bytes again, with what the attempt after it needs;
-    /// `None` when more was sent than the limit kept.
+    /// The body of the next attempt, which sends the same bytes again, and the handle for
+    /// the attempt after it; `None` when more was sent than the limit kept.
     pub(crate) fn again(&self) -> Option<(ReplayBody<B>, Replay<B>)> {
-        let mut recording = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut recording = lock(&self.0);
         if recording.overflowed {
             return None;
         }
-        let again = Recording {
-            body: recording.body.take(),
-            sent: Vec::new(),
-            trailers: None,
-            bytes: 0,
-            limit: recording.limit,
-            overflowed: false,
-        };
-        let again = Arc::new(Mutex::new(again));
-        let body = ReplayBody {
-            replay: recording.sent.iter().cloned().collect(),
-            replay_trailers: recording.trailers.clone(),
-            recording: Arc::clone(&again),
-        };
-        Some((body, Replay(again)))
+        recording.attempt += 1;
+        let body = ReplayBody::attempt(Arc::clone(&self.0), recording.attempt);
+        Some((body, Replay(Arc::clone(&self.0))))
     }
 }
 
@@ -113,80 +111,99 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
-        let mut recording = this
-            .recording
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(data) = this.replay.pop_front() {
-            recording.keep(&data);
-            return Poll::Ready(Some(Ok(Frame::data(data))));
+        let mut recording = lock(&this.recording);
+        if recording.attempt != this.attempt {
+            // A retry took over.
+            return Poll::Ready(None);
+        }
+        if let Some(data) = recording.frames.get(this.next) {
+            this.next += 1;
+            return Poll::Ready(Some(Ok(Frame::data(data.clone()))));
         }
         let Some(body) = recording.body.as_mut() else {
-            // Ended, or a retry took the rest: what an earlier attempt had as trailers, if any.
-            return Poll::Ready(this.replay_trailers.take().map(|t| Ok(Frame::trailers(t))));
+            return Poll::Ready(recording.trailers_once(&mut this.sent_trailers));
         };
         let frame = std::task::ready!(Pin::new(body).poll_frame(cx));
         match &frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
-                    recording.keep(data);
+                    if recording.keep(data) {
+                        this.next += 1;
+                    }
                 } else if let Some(trailers) = frame.trailers_ref() {
                     recording.trailers = Some(trailers.clone());
+                    this.sent_trailers = true;
                 }
             }
             Some(Err(_)) => recording.body = None,
             None => {
                 recording.body = None;
-                // Trailers an earlier attempt read come after everything else.
-                return Poll::Ready(this.replay_trailers.take().map(|t| Ok(Frame::trailers(t))));
+                return Poll::Ready(recording.trailers_once(&mut this.sent_trailers));
             }
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.replay.is_empty()
-            && self.replay_trailers.is_none()
-            && self.lock().body.as_ref().is_none_or(Body::is_end_stream)
+        let recording = lock(&self.recording);
+        recording.attempt != self.attempt
+            || (self.next >= recording.frames.len()
+                && (self.sent_trailers || recording.trailers.is_none())
+                && recording.body.as_ref().is_none_or(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
-        let replayed: usize = self.replay.iter().map(Bytes::len).sum();
-        let rest = self
-            .lock()
+        let recording = lock(&self.recording);
+        if recording.attempt != self.attempt {
+            return SizeHint::with_exact(0);
+        }
+        let unsent = recording.frames.get(self.next..).unwrap_or_default();
+        let unsent = unsent.iter().map(Bytes::len).sum::<usize>() as u64;
+        let rest = recording
             .body
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
-        let replayed = replayed as u64;
         let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower().saturating_add(replayed));
+        hint.set_lower(rest.lower().saturating_add(unsent));
         if let Some(upper) = rest.upper() {
-            hint.set_upper(upper.saturating_add(replayed));
+            hint.set_upper(upper.saturating_add(unsent));
         }
         hint
     }
 }
 
 impl<B> Recording<B> {
-    /// Keeps a sent data frame, while the kept bytes stay within the limit.
-    fn keep(&mut self, data: &Bytes) {
+    /// The trailers the caller's body ended with, unless `sent` says an attempt's body has
+    /// sent them.
+    fn trailers_once<E>(&self, sent: &mut bool) -> Option<Result<Frame<Bytes>, E>> {
+        if std::mem::replace(sent, true) {
+            return None;
+        }
+        self.trailers.clone().map(|t| Ok(Frame::trailers(t)))
+    }
+
+    /// Keeps a data frame read from the caller's body, while the kept bytes stay within
+    /// the limit; whether it was kept.
+    fn keep(&mut self, data: &Bytes) -> bool {
         if self.overflowed {
-            return;
+            return false;
         }
         self.bytes += data.len();
         if self.bytes > self.limit {
             self.overflowed = true;
-            self.sent = Vec::new();
-        } else {
-            self.sent.push(data.clone());
+            self.frames = Vec::new();
+            return false;
         }
+        self.frames.push(data.clone());
+        true
     }
 }
 
 impl<B> std::fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplayBody")
-            .field("replay", &self.replay.len())
+            .field("attempt", &self.attempt)
+            .field("sent", &self.next)
             .finish_non_exhaustive()
     }
 }
@@ -263,5 +280,45 @@ mod tests {
         );
         let (third, _) = replay.again().expect("the second kept what it replayed");
         assert_eq!(collect(third).await, b"abc");
+    }
+    /// Catches trailers lost or sent twice on a replay, a retry's hints that leave out the
+    /// bytes it replays, and a superseded attempt that keeps sending.
+    #[tokio::test]
+    async fn a_replay_sends_the_trailers_once_and_hints_its_whole_length() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames = vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::trailers(trailers.clone())),
+        ];
+        let (mut first, replay) =
+            ReplayBody::new(StreamBody::new(futures_util::stream::iter(frames)), 16);
+        first.frame().await.unwrap().unwrap();
+        let (second, replay) = replay.again().unwrap();
+        assert_eq!(second.size_hint().lower(), 3);
+        assert!(!second.is_end_stream());
+        assert!(first.is_end_stream(), "superseded");
+        assert!(first.frame().await.is_none());
+        let collected = second.collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(collected.to_bytes(), "abc");
+        let (mut third, _) = replay.again().unwrap();
+        assert_eq!(
+            third.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            third
+                .frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_trailers()
+                .unwrap(),
+            trailers
+        );
+        assert!(third.frame().await.is_none(), "the trailers once");
+        assert!(third.is_end_stream());
     }
 }
