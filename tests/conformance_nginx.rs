@@ -60,7 +60,7 @@ async fn nginx_takes_requests_over_connections_with_the_host_in_authority() {
     let (status, _) = get(&instance, "http://web/b").await.unwrap();
     assert_eq!(status, http::StatusCode::OK, "{}", nginx.log());
 
-    let logged = nginx.requests();
+    let logged = nginx.logged(2).await;
     assert_eq!(logged.len(), 2, "{logged:?}");
     assert_eq!(logged[0].host, "web", "{logged:?}");
     assert_eq!(logged[0].protocol, "HTTP/2.0");
@@ -95,7 +95,7 @@ async fn nginx_takes_requests_over_tls() {
             nginx.log()
         );
     }
-    let logged = nginx.requests();
+    let logged = nginx.logged(3).await;
     assert_eq!(logged.len(), 3, "{logged:?}");
     assert!(
         logged
@@ -226,7 +226,12 @@ async fn over_connections_nginx_closing_connections_fails_no_request() {
         failed.len(),
         failed.first()
     );
-    let served = first.requests().len() + second.requests().len();
+    // nginx logs a request after it answered: wait for the lines, and a moment more for any
+    // request sent twice.
+    let served = || first.requests().len() + second.requests().len();
+    support::until("nginx logs the requests", || served() >= 2_000).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let served = served();
     assert_eq!(
         served, 2_000,
         "each GET once: nothing lost, nothing sent twice"

@@ -141,6 +141,13 @@ impl Nginx {
             .collect()
     }
 
+    /// The first `count` requests nginx logs, once it has logged them: nginx writes a
+    /// request's line after it sent the answer, so a client may read the answer first.
+    pub async fn logged(&self, count: usize) -> Vec<Logged> {
+        crate::until("nginx logs the requests", || self.requests().len() >= count).await;
+        self.requests()
+    }
+
     /// The connections that carried requests.
     pub fn connections(&self) -> usize {
         let mut seen: Vec<u64> = self.requests().iter().map(|r| r.connection).collect();
