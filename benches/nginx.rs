@@ -1,7 +1,10 @@
 //! Throughput through nginx when it closes connections often: `DiscoveryLayer`'s own
-//! connections to nginx (h2c, `return 200`), with `keepalive_requests` 10 (a GOAWAY every 10
-//! requests on each connection) against 1,000 (nginx's default), in the same run. 8
-//! callers, 256 GETs per iteration; the time is per request.
+//! connections to nginx (h2c, `return 200`), with `keepalive_requests` 10 and 100 (a GOAWAY
+//! every 10 or 100 requests on each connection) against 1,000 (nginx's default), in the same
+//! run; beside each, hyper's pooled HTTP/2 client (`hyper_util`'s legacy `Client`,
+//! `http2_only`) to the same nginx, as the baseline of what a reconnect costs any client.
+//! 8 callers, 256 GETs per iteration; the time is per request. hyper's client surfaces the
+//! requests a GOAWAY refused (it does not retry them): they are counted, not failed on.
 //!
 //! ```text
 //! cargo bench --bench nginx --features http
@@ -26,6 +29,38 @@ use tower_sd::{MemoryRegistry, ServiceRegistry};
 
 const PER_ITER: usize = 256;
 const CALLERS: usize = 8;
+
+type Hyper = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Empty<Bytes>,
+>;
+
+/// The baseline: hyper's client, 8 callers; returns the requests that failed.
+async fn hyper_batch(client: &Hyper, uri: &http::Uri) -> usize {
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (client, uri) = (client.clone(), uri.clone());
+            tokio::spawn(async move {
+                let mut failed = 0;
+                for _ in 0..PER_ITER / CALLERS {
+                    let request = http::Request::get(uri.clone()).body(Empty::new()).unwrap();
+                    match client.request(request).await {
+                        Ok(response) => {
+                            response.into_body().collect().await.unwrap();
+                        }
+                        Err(_) => failed += 1,
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for task in tasks {
+        failed += task.await.unwrap();
+    }
+    failed
+}
 
 async fn batch(client: &ConnectionDiscovery<Empty<Bytes>>) {
     let tasks: Vec<_> = (0..CALLERS)
@@ -70,6 +105,24 @@ fn keepalive_requests(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("keepalive_requests", keepalive), |b| {
             b.iter(|| rt.block_on(batch(&client)));
         });
+        let hyper: Hyper = {
+            let _runtime = rt.enter();
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http()
+        };
+        let uri: http::Uri = format!("http://127.0.0.1:{}/", server.port)
+            .parse()
+            .unwrap();
+        let mut failed = 0;
+        let mut sent = 0;
+        group.bench_function(BenchmarkId::new("hyper_client", keepalive), |b| {
+            b.iter(|| {
+                failed += rt.block_on(hyper_batch(&hyper, &uri));
+                sent += PER_ITER;
+            });
+        });
+        println!("hyper_client/{keepalive}: {failed} of {sent} requests failed");
     }
     group.finish();
 }

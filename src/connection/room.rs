@@ -11,9 +11,9 @@
 //! takes a ticket, one freed slot wakes one waiter (the one waiting longest for a wake-up),
 //! and a waiter takes a slot only when a freed slot woke it or its ticket is first in line
 //! (so that a slot freed before anyone was there to wake is not lost). While anyone waits,
-//! a newcomer queues behind them instead of taking a slot that comes free. Meanwhile the instance is marked
-//! [saturated](crate::endpoint::Readiness::is_saturated), so the balancer sends new
-//! requests to instances with room.
+//! a newcomer queues behind them instead of taking a slot that comes free. Meanwhile the
+//! instance is marked [saturated](crate::endpoint::Readiness::is_saturated), so the
+//! balancer sends new requests to instances with room.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -627,6 +627,29 @@ async fn requests_waiting_for_a_stream_get_it_in_the_order_they_came() {
     drop(late);
 }
 
+/// Catches a slot lost with a waiter that gave up: woken for the freed slot, the first
+/// waiter is dropped before it looks (its caller cancelled), and the second must get the
+/// slot instead of waiting for another stream to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_freed_for_a_waiter_that_gave_up_goes_to_the_next() {
+    let _limit = support::time_limit(30);
+    let mut server = RawH2::start(1).await;
+    let connection: Conn = connect(server.port, settings().max_connections_per_instance(1));
+    until_state(&connection, Connectivity::Ready).await;
+    let held = sent(&mut server, &connection, 0, 1).await;
+    let (mut first, mut second) = (connection.clone(), connection.clone());
+    assert!(!ready_within(&mut first, ms(100)).await, "no slot yet");
+    assert!(!ready_within(&mut second, ms(100)).await, "no slot yet");
+    answer(&server, held).await;
+    let readiness = connection.readiness();
+    support::until("the slot is free", || !readiness.is_saturated()).await;
+    drop(first);
+    assert!(
+        ready_within(&mut second, WAIT).await,
+        "the slot passes to the next waiter"
+    );
+}
+
 /// Catches a wait for a stream that never ends (a caller hangs on a connection full of
 /// streams that do not end), one that ends as a failure of the instance, and an error that
 /// does not say why: with the stream wait at 200 ms, the call fails with the limit named.
