@@ -121,3 +121,37 @@ impl Drop for Waiting {
         self.room.waiting.store(line.len(), Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::Connectivity;
+
+    fn room() -> Arc<Room> {
+        Arc::new(Room::new(Readiness::new(Connectivity::Ready)))
+    }
+
+    /// Catches a line that loses its order when a waiter leaves: one that gave up taking
+    /// another's place (the first's ticket removed, or the leaver's left behind), and a
+    /// waiter that is never first. Random arrivals and departures against a plain list.
+    #[test]
+    fn the_line_keeps_its_order_whoever_leaves() {
+        proptest::proptest!(|(steps in proptest::collection::vec(0usize..8, 1..64))| {
+            let room = room();
+            let mut line: Vec<Waiting> = Vec::new();
+            for step in steps {
+                if step < 3 || line.is_empty() {
+                    line.push(room.enter());
+                } else {
+                    // The first (it got a slot) or any other (it gave up).
+                    let leaving = (step - 3) % line.len();
+                    line.remove(leaving);
+                }
+                proptest::prop_assert_eq!(room.queued(), !line.is_empty());
+                for (place, waiting) in line.iter().enumerate() {
+                    proptest::prop_assert_eq!(waiting.is_first(), place == 0, "place {}", place);
+                }
+            }
+        });
+    }
+}
