@@ -49,15 +49,8 @@ impl Nghttpd {
                 }
             }
             server.respawn(&mut command);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while tokio::time::Instant::now() < deadline && !server.exited() {
-                if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-                {
-                    return Some(Self { port, server });
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            if server.accepts_on(port).await {
+                return Some(Self { port, server });
             }
             let log = server.log();
             assert!(

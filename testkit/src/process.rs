@@ -190,6 +190,22 @@ impl Server {
         }
     }
 
+    /// Whether the process accepts TCP connections on `port` within 10 s; `false` when it
+    /// exits first (its log says why: often a port another process took).
+    pub async fn accepts_on(&mut self, port: u16) -> bool {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline && !self.exited() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     /// Whether the process has exited (reaped here; it is not running any more).
     pub fn exited(&mut self) -> bool {
         let exited = self
