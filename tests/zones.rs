@@ -12,11 +12,9 @@ use support::fleet::{Flaky, detection};
 use tower::ServiceExt;
 use tower_sd::balance::{Balance, ZonePreference};
 
-#[tokio::test(start_paused = true)]
-async fn zone_preference_stays_local_then_falls_back() {
-    let _limit = support::time_limit(60);
+/// Instances 0 and 1 in zone `a`, 2 and 3 in zone `b`, of service `svc`.
+async fn two_zones() -> tower_sd::MemoryRegistry {
     let registry = tower_sd::MemoryRegistry::new();
-    let switches: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(false))).collect();
     for (id, zone) in ["a", "a", "b", "b"].into_iter().enumerate() {
         let instance =
             tower_sd::ServiceInstance::new(id.to_string(), "svc", "127.0.0.1", 1000 + id as u16)
@@ -25,6 +23,14 @@ async fn zone_preference_stays_local_then_falls_back() {
             .await
             .unwrap();
     }
+    registry
+}
+
+#[tokio::test(start_paused = true)]
+async fn zone_preference_stays_local_then_falls_back() {
+    let _limit = support::time_limit(60);
+    let registry = two_zones().await;
+    let switches: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(false))).collect();
     let make_switches = switches.clone();
     let balance = Balance::builder()
         .zone_preference(ZonePreference::new("a").min_endpoints(2))
@@ -73,15 +79,7 @@ async fn zone_preference_stays_local_then_falls_back() {
 #[tokio::test(start_paused = true)]
 async fn zone_preference_skips_a_zone_whose_endpoints_are_not_ready() {
     let _limit = support::time_limit(60);
-    let registry = tower_sd::MemoryRegistry::new();
-    for (id, zone) in ["a", "a", "b", "b"].into_iter().enumerate() {
-        let instance =
-            tower_sd::ServiceInstance::new(id.to_string(), "svc", "127.0.0.1", 1000 + id as u16)
-                .with_zone(zone);
-        tower_sd::ServiceRegistry::register(&registry, instance)
-            .await
-            .unwrap();
-    }
+    let registry = two_zones().await;
     let unready: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::default()).collect();
     let make = unready.clone();
     let balance = Balance::builder()
