@@ -61,6 +61,12 @@ fn unit(random: &RandomState, n: u64) -> f64 {
     (random.hash_one(n) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// A number drawn uniformly from `[0, 1)`, for a one-off jittered wait.
+#[cfg(feature = "_connections")]
+pub(crate) fn unit_draw() -> f64 {
+    unit(&RandomState::new(), 0)
+}
+
 /// A wait drawn uniformly from `[ceiling / 2, ceiling]` ("equal jitter"): for one pause that
 /// must not be cut to nothing, where [`Backoff`]'s full jitter may draw zero.
 #[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]

@@ -86,6 +86,9 @@
 //! | `tower_sd_updates_total` | counter | | endpoint snapshots published |
 //! | `tower_sd_last_update_seconds` | gauge | | Unix time of the last published snapshot |
 //! | `tower_sd_transparent_retries_total` | counter | | requests sent again because the server did not process them |
+//! | `tower_sd_retries_total` | counter | `code` | calls sent again by their retry policy, by the status code that made them worth retrying |
+//! | `tower_sd_retries_throttled_total` | counter | | retries the retry throttle refused |
+//! | `tower_sd_call_attempts` | histogram | | attempts per call with a retry policy, transparent resends included |
 //! | `tower_sd_stream_waits_total` | counter | | requests that waited for a stream, every connection to their instance at the server's limit |
 //! | `tower_sd_stream_wait_timeouts_total` | counter | | requests that waited out the stream wait and failed |
 //! | `tower_sd_registry_errors_total` | counter | `registry`, `kind` | watch errors, by kind (`unreachable`, `status`, `malformed`, `timeout`, ...) |

@@ -9,11 +9,11 @@
 //! which a test checks against [`NAMES`].
 
 #[cfg(feature = "metrics")]
-use metrics::{Counter, counter, gauge};
+use metrics::{Counter, counter, gauge, histogram};
 
 /// Every metric name, with its kind: what the crate docs' table is checked against.
 #[cfg_attr(not(test), allow(dead_code))]
-pub(crate) const NAMES: [(&str, &str); 15] = [
+pub(crate) const NAMES: [(&str, &str); 18] = [
     ("tower_sd_endpoints", "gauge"),
     ("tower_sd_requests_total", "counter"),
     ("tower_sd_ejections_total", "counter"),
@@ -22,6 +22,9 @@ pub(crate) const NAMES: [(&str, &str); 15] = [
     ("tower_sd_updates_total", "counter"),
     ("tower_sd_last_update_seconds", "gauge"),
     ("tower_sd_transparent_retries_total", "counter"),
+    ("tower_sd_retries_total", "counter"),
+    ("tower_sd_retries_throttled_total", "counter"),
+    ("tower_sd_call_attempts", "histogram"),
     ("tower_sd_stream_waits_total", "counter"),
     ("tower_sd_stream_wait_timeouts_total", "counter"),
     ("tower_sd_registry_errors_total", "counter"),
@@ -119,6 +122,30 @@ impl Requests {
 #[cfg(feature = "_connections")]
 pub(crate) fn transparent_retry(service: &str) {
     count("tower_sd_transparent_retries_total", service);
+}
+
+/// A call's retry policy sends it again after an answer with status `code`.
+#[cfg(feature = "_connections")]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn policy_retry(service: &str, code: u32) {
+    #[cfg(feature = "metrics")]
+    counter!("tower_sd_retries_total", "service" => service.to_owned(), "code" => code.to_string())
+        .increment(1);
+}
+
+/// The retry throttle refused a retry.
+#[cfg(feature = "_connections")]
+pub(crate) fn retry_throttled(service: &str) {
+    count("tower_sd_retries_throttled_total", service);
+}
+
+/// A call with a retry policy ended after `attempts` attempts.
+#[cfg(feature = "_connections")]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn call_attempts(service: &str, attempts: u32) {
+    #[cfg(feature = "metrics")]
+    histogram!("tower_sd_call_attempts", "service" => service.to_owned())
+        .record(f64::from(attempts));
 }
 
 /// A request waits for a stream: every connection to its instance is full.

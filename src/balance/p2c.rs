@@ -353,6 +353,28 @@ fn pick_unusual<S, K>(slots: &[Slot<S, K>], pool: &Pool, cost: Cost, rules: &Rul
     }
 }
 
+/// A plainly usable endpoint of `pool` that `avoided` does not rule out, the less loaded of
+/// two such when there are two: a retry's pick, which passes over the instances its call
+/// tried. `None` when every usable endpoint is ruled out.
+#[cold]
+pub(crate) fn pick_avoiding<S, K>(
+    slots: &[Slot<S, K>],
+    pool: &Pool,
+    cost: Cost,
+    rules: &Rules<'_>,
+    avoided: impl Fn(&Slot<S, K>) -> bool,
+) -> Option<usize> {
+    let n = pool.len();
+    let start = below(next_u64() as u32, n);
+    let mut scan = (0..n)
+        .map(|i| pool.at((start + i) % n))
+        .filter(|&i| slots[i].plainly_usable() && !avoided(&slots[i]));
+    match (scan.next(), scan.next()) {
+        (Some(a), Some(b)) => Some(choose(slots, a, b, pool.is_weighted(), cost, rules)),
+        (one, _) => one,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

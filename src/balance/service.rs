@@ -18,8 +18,8 @@ use super::classify::{Classify, ErrorsOnly};
 use super::config::Config;
 use super::future::ResponseFuture;
 use super::load::LoadMetric;
-use super::p2c::{Cost, Pick, Rules, pick};
-use super::slot::SlotState;
+use super::p2c::{Cost, Pick, Rules, pick, pick_avoiding};
+use super::slot::{Slot, SlotState};
 use super::snapshot::{Shared, Snapshot};
 use super::stats::EndpointStats;
 use super::updater;
@@ -102,6 +102,9 @@ pub struct Balance<S, K = String, C = ErrorsOnly> {
     waiting: Option<Pin<Box<dyn Future<Output = bool> + Send + Sync>>>,
     /// While the chosen endpoint is pending: resolves at the next publish.
     next_publish: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    /// Endpoints (by [`slot_key`]) to pass over while another is usable: those a retried
+    /// call tried. Empty but for a retry's handle.
+    avoid: Vec<usize>,
 }
 
 /// What driving the chosen endpoint's readiness gave.
@@ -138,6 +141,7 @@ where
             chosen: None,
             waiting: None,
             next_publish: None,
+            avoid: Vec::new(),
         }
     }
 }
@@ -154,6 +158,7 @@ impl<S, K, C> Balance<S, K, C> {
             chosen: None,
             waiting: None,
             next_publish: None,
+            avoid: Vec::new(),
         }
     }
 
@@ -223,7 +228,7 @@ where
                 cost(&shared.config),
                 &rules(shared),
             );
-            let (index, probe) = match picked {
+            let (mut index, probe) = match picked {
                 Pick::Endpoint { index, probe } => (index, probe),
                 Pick::Panic => {
                     let total = snapshot.slots.len();
@@ -236,6 +241,17 @@ where
                     continue;
                 }
             };
+            if !self.avoid.is_empty() && self.avoid.contains(&slot_key(&snapshot.slots[index])) {
+                let avoided = |slot: &Slot<S, K>| self.avoid.contains(&slot_key(slot));
+                let other = pick_avoiding(
+                    &snapshot.slots,
+                    pool(snapshot, shared),
+                    cost(&shared.config),
+                    &rules(shared),
+                    avoided,
+                );
+                index = other.unwrap_or(index);
+            }
             let slot = &snapshot.slots[index];
             let claim = Claim {
                 state: Some(slot.start()),
@@ -475,7 +491,22 @@ impl<S, K, C: Clone> Clone for Balance<S, K, C> {
             chosen: None,
             waiting: None,
             next_publish: None,
+            avoid: Vec::new(),
         }
+    }
+}
+
+#[cfg(feature = "_connections")]
+impl<S, K, C> crate::connection::retry::Picks for Balance<S, K, C> {
+    fn picked(&self) -> Option<usize> {
+        self.chosen
+            .as_ref()
+            .map(|chosen| slot_key(chosen.claim.state()))
+    }
+
+    fn avoid(&mut self, endpoints: &[usize]) {
+        self.avoid.clear();
+        self.avoid.extend_from_slice(endpoints);
     }
 }
 

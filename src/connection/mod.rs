@@ -113,6 +113,7 @@ mod head;
 mod open;
 mod ping;
 mod pipe;
+pub(crate) mod policy;
 mod pool;
 mod replay;
 pub(crate) mod retry;

@@ -25,7 +25,11 @@
 //!   connection.
 //!
 //! Anything else, a body that outgrew the buffer, or a request that waited out the stream
-//! wait, is the caller's to see.
+//! wait, is the caller's to see, unless the call has a retry policy (gRFC A6; see
+//! [`policy`](super::policy)): then an answer the policy finds worth retrying is sent again,
+//! after the policy's wait, to an instance the call has not tried while another is usable,
+//! with `grpc-previous-rpc-attempts`. Transparent resends do not count against the
+//! policy's `maxAttempts` (as in grpc-go).
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -41,8 +45,9 @@ use tower::Service;
 use tracing::debug;
 
 use super::error::ConnectionError;
+use super::policy::{CallPolicy, Verdict};
 use super::replay::{Replay, ReplayBody};
-use crate::error::BoxError;
+use crate::error::{BoxError, Error};
 
 /// Attempts at most for a request that never left this process.
 pub(crate) const NEVER_SENT_ATTEMPTS: u32 = 10;
@@ -55,6 +60,26 @@ pub(crate) const REFUSED_ATTEMPTS: u32 = 5;
 pub(crate) fn refused_pause(attempts: u32) -> Duration {
     let ceiling = Duration::from_millis(4) * 2u32.saturating_pow(attempts.saturating_sub(1));
     crate::backoff::equal_jitter(ceiling.min(Duration::from_millis(32)))
+}
+
+/// A service that says which endpoint its last ready pick chose, and can be told to pass
+/// over some while another is usable: how a retry avoids the instances its call tried.
+pub(crate) trait Picks {
+    /// The endpoint the last `poll_ready` chose (an opaque id), until `call`.
+    fn picked(&self) -> Option<usize>;
+    /// Pass over these endpoints while another is usable.
+    fn avoid(&mut self, endpoints: &[usize]);
+}
+
+/// What a retry policy reads of an answer: its headers, when it has any.
+pub(crate) trait Answer {
+    fn headers(&self) -> Option<&http::HeaderMap>;
+}
+
+impl<B> Answer for http::Response<B> {
+    fn headers(&self) -> Option<&http::HeaderMap> {
+        Some(self.headers())
+    }
 }
 
 /// Sends a request the server did not process once more (see the module docs).
@@ -91,9 +116,74 @@ impl<S: Clone, B> Clone for Retry<S, B> {
     }
 }
 
+impl<S, B> Retry<S, B>
+where
+    S: Service<Request<ReplayBody<B>>, Error = BoxError> + Picks + Clone + Unpin,
+{
+    /// Sends `request` (once `poll_ready` returned ready), under a retry `policy`.
+    pub(crate) fn call_with(
+        &mut self,
+        request: Request<B>,
+        policy: Option<Box<CallPolicy>>,
+    ) -> RetryFuture<S, B> {
+        let (parts, body) = request.into_parts();
+        let (body, replay) = ReplayBody::new(body, self.buffer);
+        let head = parts.clone();
+        let mut tried = Vec::new();
+        if policy.is_some() {
+            tried.extend(self.inner.picked());
+        }
+        let first = self.inner.call(Request::from_parts(parts, body));
+        self.future(State::Sending(first), head, replay, policy, tried)
+    }
+
+    /// Sends `request` under `policy` once an instance is ready, when `poll_ready` failed
+    /// and the policy waits for ready instances.
+    pub(crate) fn wait_then_call(
+        &mut self,
+        request: Request<B>,
+        policy: Box<CallPolicy>,
+    ) -> RetryFuture<S, B> {
+        let (parts, body) = request.into_parts();
+        let (body, replay) = ReplayBody::new(body, self.buffer);
+        let head = parts.clone();
+        let state = State::Readying {
+            service: self.inner.clone(),
+            request: Some(Box::new(Request::from_parts(parts, body))),
+            pause: None,
+        };
+        self.future(state, head, replay, Some(policy), Vec::new())
+    }
+
+    fn future(
+        &self,
+        state: State<S, B>,
+        head: Parts,
+        replay: Replay<B>,
+        policy: Option<Box<CallPolicy>>,
+        tried: Vec<usize>,
+    ) -> RetryFuture<S, B> {
+        RetryFuture {
+            state,
+            // A fresh handle for another attempt: this one's readiness went to the first.
+            again: NextAttempt {
+                service: self.inner.clone(),
+                head,
+                replay,
+            },
+            attempts: 1,
+            retries: 0,
+            policy,
+            tried,
+            service: Arc::clone(&self.service),
+        }
+    }
+}
+
 impl<S, B> Service<Request<B>> for Retry<S, B>
 where
-    S: Service<Request<ReplayBody<B>>, Error = BoxError> + Clone + Unpin + Send + 'static,
+    S: Service<Request<ReplayBody<B>>, Error = BoxError> + Picks + Clone + Unpin + Send + 'static,
+    S::Response: Answer,
     S::Future: Unpin + Send,
     B: Send + 'static,
 {
@@ -106,21 +196,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> RetryFuture<S, B> {
-        let (parts, body) = request.into_parts();
-        let (body, replay) = ReplayBody::new(body, self.buffer);
-        let head = parts.clone();
-        let first = self.inner.call(Request::from_parts(parts, body));
-        RetryFuture {
-            state: State::Sending(first),
-            // A fresh handle for another attempt: this one's readiness went to the first.
-            again: NextAttempt {
-                service: self.inner.clone(),
-                head,
-                replay,
-            },
-            attempts: 1,
-            service: Arc::clone(&self.service),
-        }
+        self.call_with(request, None)
     }
 }
 
@@ -136,7 +212,13 @@ struct NextAttempt<S, B> {
 pub(crate) struct RetryFuture<S: Service<Request<ReplayBody<B>>>, B> {
     state: State<S, B>,
     again: NextAttempt<S, B>,
+    /// Attempts so far, transparent resends included.
     attempts: u32,
+    /// Of them, the retries the policy made.
+    retries: u32,
+    policy: Option<Box<CallPolicy>>,
+    /// The endpoints the attempts went to, while a policy may retry.
+    tried: Vec<usize>,
     service: Arc<str>,
 }
 
@@ -153,7 +235,8 @@ enum State<S: Service<Request<ReplayBody<B>>>, B> {
 
 impl<S, B> Future for RetryFuture<S, B>
 where
-    S: Service<Request<ReplayBody<B>>, Error = BoxError> + Clone + Unpin,
+    S: Service<Request<ReplayBody<B>>, Error = BoxError> + Picks + Clone + Unpin,
+    S::Response: Answer,
     S::Future: Unpin,
     B: 'static,
 {
@@ -164,20 +247,25 @@ where
         loop {
             match &mut this.state {
                 State::Sending(attempt) => {
-                    let error = match ready!(Pin::new(attempt).poll(cx)) {
-                        Ok(response) => return Poll::Ready(Ok(response)),
-                        Err(error) => error,
+                    let next = match ready!(Pin::new(attempt).poll(cx)) {
+                        Ok(response) => match this.retry(&response) {
+                            Some(next) => next,
+                            None => return this.finish(Ok(response)),
+                        },
+                        Err(error) => match this.again(&error) {
+                            Some(next) => next,
+                            None => return this.finish(Err(error)),
+                        },
                     };
-                    let Some((request, pause)) = this.again(&error) else {
-                        return Poll::Ready(Err(error));
-                    };
-                    debug!(service = %this.service, attempt = this.attempts, ?pause, error = %crate::error::Chain(&*error), "request not processed; sending it again");
-                    crate::metrics::transparent_retry(&this.service);
                     this.attempts += 1;
+                    let mut service = this.again.service.clone();
+                    if !this.tried.is_empty() {
+                        service.avoid(&this.tried);
+                    }
                     this.state = State::Readying {
-                        service: this.again.service.clone(),
-                        request: Some(Box::new(request)),
-                        pause: pause.map(|pause| Box::pin(tokio::time::sleep(pause))),
+                        service,
+                        request: Some(Box::new(next.0)),
+                        pause: next.1.map(|pause| Box::pin(tokio::time::sleep(pause))),
                     };
                 }
                 State::Readying {
@@ -189,7 +277,20 @@ where
                         ready!(sleep.as_mut().poll(cx));
                         *pause = None;
                     }
-                    ready!(service.poll_ready(cx))?;
+                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                        if !this.policy.as_ref().is_some_and(|p| p.wait_for_ready)
+                            || !not_ready(&error)
+                        {
+                            return this.finish(Err(error));
+                        }
+                        // Waiting for ready: the balancer waited its `wait_for_endpoints`;
+                        // look again after a moment, until the call's deadline.
+                        *pause = Some(Box::pin(tokio::time::sleep(WAIT_FOR_READY_PAUSE)));
+                        continue;
+                    }
+                    if this.policy.is_some() {
+                        this.tried.extend(service.picked());
+                    }
                     let request = request.take().expect("set when readying");
                     this.state = State::Sending(service.call(*request));
                 }
@@ -198,26 +299,94 @@ where
     }
 }
 
+/// How long a call that waits for ready pauses between two failed picks.
+const WAIT_FOR_READY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Whether a failed pick says only that no instance is ready yet.
+pub(crate) fn not_ready(error: &BoxError) -> bool {
+    match error.downcast_ref::<Error>() {
+        Some(error) => matches!(
+            error,
+            Error::NoEndpoints { .. }
+                | Error::NoReadyEndpoints { .. }
+                | Error::NoHealthyEndpoints { .. }
+        ),
+        None => error.downcast_ref::<ConnectionError>().is_some(),
+    }
+}
+
+/// A request to send again, and the pause before it.
+type Next<B> = (Request<ReplayBody<B>>, Option<Duration>);
+
 impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
+    /// Attempts so far, transparent resends included.
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The call's outcome, its attempts counted when it had a policy.
+    fn finish<T>(&self, outcome: T) -> Poll<T> {
+        if self.policy.is_some() {
+            crate::metrics::call_attempts(&self.service, self.attempts);
+        }
+        Poll::Ready(outcome)
+    }
+
     /// The request to send again, and the pause before it, when `error` says the server did
     /// not process it, the attempts allow another, and its body can be sent again.
-    fn again(&mut self, error: &BoxError) -> Option<(Request<ReplayBody<B>>, Option<Duration>)> {
+    fn again(&mut self, error: &BoxError) -> Option<Next<B>> {
         let error: &ConnectionError = error.downcast_ref()?;
+        let transparent = self.attempts - self.retries;
         let (more, pause) = match error {
-            _ if error.never_sent() => (self.attempts < NEVER_SENT_ATTEMPTS, None),
-            ConnectionError::GoAway { .. } => (self.attempts < REFUSED_ATTEMPTS, None),
+            _ if error.never_sent() => (transparent < NEVER_SENT_ATTEMPTS, None),
+            ConnectionError::GoAway { .. } => (transparent < REFUSED_ATTEMPTS, None),
             ConnectionError::Unprocessed { .. } => (
-                self.attempts < REFUSED_ATTEMPTS,
-                Some(refused_pause(self.attempts)),
+                transparent < REFUSED_ATTEMPTS,
+                Some(refused_pause(transparent)),
             ),
             _ => (false, None),
         };
         if !more {
             return None;
         }
+        let request = self.resend()?;
+        debug!(service = %self.service, attempt = self.attempts, ?pause, error = %crate::error::Chain(error), "request not processed; sending it again");
+        crate::metrics::transparent_retry(&self.service);
+        Some((request, pause))
+    }
+
+    /// The request to send again, and the wait before it, when the call's policy finds
+    /// `response` worth retrying.
+    fn retry(&mut self, response: &S::Response) -> Option<Next<B>>
+    where
+        S::Response: Answer,
+    {
+        let policy = self.policy.as_deref_mut()?;
+        let (after, code) = match policy.verdict(response.headers()?, self.retries + 1) {
+            Verdict::Keep => return None,
+            Verdict::Throttled => {
+                debug!(service = %self.service, attempts = self.attempts, "retry throttled");
+                crate::metrics::retry_throttled(&self.service);
+                return None;
+            }
+            Verdict::Retry { after, code } => (after, code),
+        };
+        let mut request = self.resend()?;
+        self.retries += 1;
+        request
+            .headers_mut()
+            .insert("grpc-previous-rpc-attempts", self.retries.into());
+        debug!(service = %self.service, attempt = self.attempts, code, ?after, "retrying by the call's retry policy");
+        crate::metrics::policy_retry(&self.service, code);
+        Some((request, Some(after)))
+    }
+
+    /// The request again, with its body from the start; `None` when the body outgrew the
+    /// buffer.
+    fn resend(&mut self) -> Option<Request<ReplayBody<B>>> {
         let (body, replay) = self.again.replay.again()?;
         self.again.replay = replay;
-        Some((Request::from_parts(self.again.head.clone(), body), pause))
+        Some(Request::from_parts(self.again.head.clone(), body))
     }
 }
 
@@ -230,6 +399,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+    use crate::connection::policy::{RetryRules, Throttle};
     use crate::endpoint::Connectivity;
 
     type Body = ReplayBody<Full<Bytes>>;
@@ -242,6 +412,12 @@ mod tests {
         bodies: Arc<Mutex<Vec<Bytes>>>,
         /// When each attempt was sent.
         sent: Arc<Mutex<Vec<tokio::time::Instant>>>,
+        /// Each attempt's headers.
+        heads: Arc<Mutex<Vec<http::HeaderMap>>>,
+        /// The endpoints each attempt was told to avoid; each attempt "picks" the endpoint
+        /// numbered by the attempts before it.
+        avoided: Arc<Mutex<Vec<Vec<usize>>>>,
+        avoid: Vec<usize>,
     }
 
     #[derive(Clone, Copy, Debug)]
@@ -255,6 +431,8 @@ mod tests {
         Refused,
         /// Reset after the server read the request.
         Failed,
+        /// A trailers-only answer with this status, and this pushback.
+        Status(u32, Option<&'static str>),
     }
 
     impl Script {
@@ -265,6 +443,9 @@ mod tests {
                 outcomes: Arc::new(Mutex::new(outcomes)),
                 bodies: Arc::default(),
                 sent: Arc::default(),
+                heads: Arc::default(),
+                avoided: Arc::default(),
+                avoid: Vec::new(),
             }
         }
 
@@ -301,10 +482,22 @@ mod tests {
         })
     }
 
+    impl Picks for Script {
+        fn picked(&self) -> Option<usize> {
+            Some(self.sent.lock().unwrap().len())
+        }
+
+        fn avoid(&mut self, endpoints: &[usize]) {
+            self.avoid = endpoints.to_vec();
+        }
+    }
+
+    type Answered = http::Response<&'static str>;
+
     impl Service<Request<Body>> for Script {
-        type Response = &'static str;
+        type Response = Answered;
         type Error = BoxError;
-        type Future = Pin<Box<dyn Future<Output = Result<&'static str, BoxError>> + Send>>;
+        type Future = Pin<Box<dyn Future<Output = Result<Answered, BoxError>> + Send>>;
 
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
             Poll::Ready(Ok(()))
@@ -312,6 +505,8 @@ mod tests {
 
         fn call(&mut self, request: Request<Body>) -> Self::Future {
             self.sent.lock().unwrap().push(tokio::time::Instant::now());
+            self.heads.lock().unwrap().push(request.headers().clone());
+            self.avoided.lock().unwrap().push(self.avoid.clone());
             let outcome = self
                 .outcomes
                 .lock()
@@ -327,7 +522,14 @@ mod tests {
                 let body = request.into_body().collect().await?.to_bytes();
                 bodies.lock().unwrap().push(body);
                 match outcome {
-                    Outcome::Ok => Ok("answered"),
+                    Outcome::Ok => Ok(http::Response::new("answered")),
+                    Outcome::Status(code, pushback) => {
+                        let mut answer = http::Response::builder().header("grpc-status", code);
+                        if let Some(pushback) = pushback {
+                            answer = answer.header("grpc-retry-pushback-ms", pushback);
+                        }
+                        Ok(answer.body("failed").unwrap())
+                    }
                     outcome => Err(error(outcome)),
                 }
             })
@@ -343,7 +545,24 @@ mod tests {
         let request = Request::post("/")
             .body(Full::new(Bytes::from(body)))
             .unwrap();
-        retry.oneshot(request).await
+        Ok(retry.oneshot(request).await?.into_body())
+    }
+
+    /// Sends `body` under `policy`; the answer, and the attempts the call counted.
+    async fn send_with(
+        script: &Script,
+        buffer: usize,
+        body: &'static str,
+        policy: CallPolicy,
+    ) -> (Result<Answered, BoxError>, u32) {
+        let mut retry = Retry::new(script.clone(), buffer, "svc");
+        let request = Request::post("/")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        retry.ready().await.unwrap();
+        let mut call = retry.call_with(request, Some(Box::new(policy)));
+        let outcome = (&mut call).await;
+        (outcome, call.attempts())
     }
 
     /// Catches no retry, a retry that sends an empty or partial body, and a second
@@ -474,5 +693,110 @@ mod tests {
         assert_eq!(script.bodies(), ["hello"]);
         let script = Script::new(&[Outcome::Refused, Outcome::Ok]);
         assert_eq!(send(&script, 5, "hello").await.unwrap(), "answered");
+    }
+
+    fn unavailable_policy(max_attempts: u32, throttle: Option<Arc<Throttle>>) -> CallPolicy {
+        let rules = RetryRules {
+            max_attempts,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            multiplier: 2.0,
+            codes: 1 << 14,
+        };
+        CallPolicy::new(Some(Arc::new(rules)), throttle, false)
+    }
+
+    fn status_of(answer: &Answered) -> Option<u32> {
+        super::super::policy::grpc_status(answer.headers())
+    }
+
+    /// Catches a retry policy that does not resend the body, a retry that goes back to the
+    /// instance that failed (each attempt must avoid all those before it), a missing or
+    /// wrong `grpc-previous-rpc-attempts`, and a backoff skipped.
+    #[tokio::test(start_paused = true)]
+    async fn a_retryable_status_is_retried_elsewhere_with_the_attempt_count() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let unavailable = Outcome::Status(14, None);
+        let script = Script::new(&[unavailable, unavailable, Outcome::Ok]);
+        let started = tokio::time::Instant::now();
+        let (answer, attempts) =
+            send_with(&script, 1024, "hello", unavailable_policy(5, None)).await;
+        assert_eq!(answer.unwrap().into_body(), "answered");
+        assert_eq!(attempts, 3);
+        assert_eq!(script.bodies(), ["hello"; 3]);
+        let avoided = script.avoided.lock().unwrap().clone();
+        assert_eq!(avoided, [vec![], vec![0], vec![0, 1]]);
+        let previous: Vec<Option<String>> = script
+            .heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                h.get("grpc-previous-rpc-attempts")
+                    .map(|v| v.to_str().unwrap().to_owned())
+            })
+            .collect();
+        assert_eq!(previous, [None, Some("1".into()), Some("2".into())]);
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "within the two ceilings"
+        );
+
+        // The fourth attempt's answer is kept at maxAttempts 4.
+        let script = Script::new(&[unavailable; 5]);
+        let (answer, attempts) = send_with(&script, 1024, "hi", unavailable_policy(4, None)).await;
+        assert_eq!(status_of(&answer.unwrap()), Some(14));
+        assert_eq!((attempts, script.attempts()), (4, 4));
+    }
+
+    /// Catches a committed answer retried (response headers without a status), a code the
+    /// policy does not list retried, and a body past the buffer replayed.
+    #[tokio::test(start_paused = true)]
+    async fn a_committed_answer_a_fatal_code_and_an_outgrown_body_are_kept() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        for (outcome, buffer) in [
+            (Outcome::Ok, 1024),
+            (Outcome::Status(13, None), 1024),
+            (Outcome::Status(14, None), 4),
+        ] {
+            let script = Script::new(&[outcome, Outcome::Ok]);
+            let (answer, attempts) =
+                send_with(&script, buffer, "hello", unavailable_policy(5, None)).await;
+            answer.unwrap();
+            assert_eq!((attempts, script.attempts()), (1, 1), "{outcome:?}");
+        }
+    }
+
+    /// Catches pushback ignored (the retry must wait exactly the time the server asked)
+    /// and a retry after a pushback that forbids it.
+    #[tokio::test(start_paused = true)]
+    async fn pushback_sets_when_the_retry_goes_or_forbids_it() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let script = Script::new(&[Outcome::Status(14, Some("200")), Outcome::Ok]);
+        let (answer, _) = send_with(&script, 1024, "hello", unavailable_policy(5, None)).await;
+        answer.unwrap();
+        let sent = script.sent.lock().unwrap().clone();
+        assert_eq!(sent[1] - sent[0], Duration::from_millis(200));
+
+        let script = Script::new(&[Outcome::Status(14, Some("-1")), Outcome::Ok]);
+        let (answer, attempts) =
+            send_with(&script, 1024, "hello", unavailable_policy(5, None)).await;
+        assert_eq!(status_of(&answer.unwrap()), Some(14));
+        assert_eq!(attempts, 1);
+    }
+
+    /// Catches a throttle that does not stop retries once half its tokens are gone.
+    #[tokio::test(start_paused = true)]
+    async fn the_throttle_stops_retries() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let throttle = Arc::new(Throttle::new(3_000, 1_000));
+        let unavailable = Outcome::Status(14, None);
+        // 3 tokens: the first failure leaves 2 (> 1.5), the second 1: throttled.
+        let script = Script::new(&[unavailable; 4]);
+        let policy = unavailable_policy(5, Some(Arc::clone(&throttle)));
+        let (answer, attempts) = send_with(&script, 1024, "hello", policy).await;
+        assert_eq!(status_of(&answer.unwrap()), Some(14));
+        assert_eq!(attempts, 2);
+        assert_eq!(throttle.milli_tokens(), 1_000);
     }
 }

@@ -40,9 +40,17 @@ use http::uri::{Authority, Scheme};
 use tonic::body::Body;
 use tower::Service;
 
+mod service_config;
+
+pub use service_config::{
+    Codes, HedgingPolicy, MethodConfig, RetryPolicy, RetryThrottling, ServiceConfig,
+    ServiceConfigError,
+};
+
 use crate::balance::{self, Balance, EndpointStats, LoadMetric, OutlierDetection};
 use crate::classify::{HttpStatus, ResponseBody};
-use crate::connection::retry::{Retry, RetryFuture};
+use crate::connection::policy::{CallPolicy, Throttle, grpc_status};
+use crate::connection::retry::{Retry, RetryFuture, not_ready};
 use crate::connection::{
     self, Connection, ConnectionError, ConnectionSettings, Connector, TlsConfig,
 };
@@ -61,6 +69,8 @@ pub struct ChannelBody {
     inner: Option<ResponseBody<connection::Body>>,
     /// The call's deadline, with its length for the message.
     deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// The channel's retry throttle, told when the call ends in success.
+    throttle: Option<Arc<Throttle>>,
 }
 
 impl http_body::Body for ChannelBody {
@@ -76,6 +86,11 @@ impl http_body::Body for ChannelBody {
             return Poll::Ready(None);
         };
         if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+            if let (Some(throttle), Some(Ok(frame))) = (&this.throttle, &frame)
+                && frame.trailers_ref().and_then(grpc_status) == Some(0)
+            {
+                throttle.success();
+            }
             return Poll::Ready(
                 frame.map(|frame| frame.map_err(|error| status_of_transport(&error))),
             );
@@ -130,8 +145,40 @@ pub struct LoadBalancedChannel {
     timeout: Option<Duration>,
     /// A failure from `poll_ready`, returned by the next `call`: generated clients turn
     /// readiness errors into `Status::unknown`, so the error waits for the call, where it
-    /// keeps its own status (`unavailable` for no endpoints).
-    failed: Option<tonic::Status>,
+    /// keeps its own status (`unavailable` for no endpoints). With it, whether it says
+    /// only that no instance is ready (a call that waits for ready waits on).
+    failed: Option<(tonic::Status, bool)>,
+    /// The service config's method configurations and the retry throttle, when set.
+    policy: Option<Arc<ChannelPolicy>>,
+}
+
+/// What a channel applies of its service config.
+#[derive(Debug)]
+struct ChannelPolicy {
+    config: ServiceConfig,
+    throttle: Option<Arc<Throttle>>,
+    /// The load metric of its load-balancing policy, when it names one tower-sd has.
+    metric: Option<LoadMetric>,
+}
+
+impl ChannelPolicy {
+    fn new(config: ServiceConfig, service: &str) -> Self {
+        let metric = config.load_metric().unwrap_or_else(|names| {
+            tracing::warn!(service, ?names, "the service config names no load-balancing policy tower-sd has; balancing with P2C by requests in flight");
+            None
+        });
+        let throttle = config.retry_throttling().map(|throttling| {
+            Arc::new(Throttle::new(
+                throttling.max_milli_tokens,
+                throttling.milli_token_ratio,
+            ))
+        });
+        Self {
+            config,
+            throttle,
+            metric,
+        }
+    }
 }
 
 /// Configures a [`LoadBalancedChannel`]: the tonic settings applied to every endpoint it
@@ -143,6 +190,7 @@ pub struct LoadBalancedChannelBuilder {
     connections: ConnectionSettings,
     timeout: Option<Duration>,
     balance: balance::BalanceBuilder,
+    service_config: Option<ServiceConfig>,
 }
 
 // ===== impl LoadBalancedChannel =====
@@ -164,6 +212,7 @@ impl LoadBalancedChannel {
                 concat!("tower-sd/", env!("CARGO_PKG_VERSION")),
             )),
             timeout: None,
+            service_config: None,
         }
     }
 
@@ -202,37 +251,64 @@ impl Service<http::Request<Body>> for LoadBalancedChannel {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(error)) => {
-                self.failed = Some(status_of(error));
+                let waitable = not_ready(&error);
+                self.failed = Some((status_of(error), waitable));
                 Poll::Ready(Ok(()))
             }
         }
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        if let Some(status) = self.failed.take() {
-            return ResponseFuture {
-                inner: None,
-                deadline: None,
-                failed: Some(status),
-            };
-        }
-        // The caller's deadline (`grpc-timeout`) or the channel's, whichever is sooner: for
-        // the whole call, and the server's to know too.
-        let limit = match (grpc_timeout(request.headers()), self.timeout) {
-            (Some(caller), Some(channel)) if channel < caller => {
-                set_grpc_timeout(request.headers_mut(), channel);
-                Some(channel)
+        let method = self.policy.as_deref().and_then(|policy| {
+            let method = policy.config.method(request.uri().path());
+            Some((policy, method?))
+        });
+        // The caller's deadline (`grpc-timeout`), the method's or the channel's, whichever
+        // is soonest: for the whole call, and the server's to know too.
+        let caller = grpc_timeout(request.headers());
+        let ours = [self.timeout, method.and_then(|(_, method)| method.timeout)]
+            .into_iter()
+            .flatten()
+            .min();
+        let limit = match (caller, ours) {
+            (Some(caller), Some(ours)) if ours >= caller => Some(caller),
+            (_, Some(ours)) => {
+                set_grpc_timeout(request.headers_mut(), ours);
+                Some(ours)
             }
-            (None, Some(channel)) => {
-                set_grpc_timeout(request.headers_mut(), channel);
-                Some(channel)
+            (caller, None) => caller,
+        };
+        let throttle = self.policy.as_ref().and_then(|p| p.throttle.clone());
+        let policy = method.and_then(|(channel, method)| {
+            let wait = method.wait_for_ready == Some(true);
+            (method.rules.is_some() || wait).then(|| {
+                Box::new(CallPolicy::new(
+                    method.rules.clone(),
+                    channel.throttle.clone(),
+                    wait,
+                ))
+            })
+        });
+        let inner = match self.failed.take() {
+            None => self.retry.call_with(request, policy),
+            Some((_, true)) if policy.as_ref().is_some_and(|p| p.wait_for_ready) => {
+                let policy = policy.expect("checked");
+                self.retry.wait_then_call(request, policy)
             }
-            (caller, _) => caller,
+            Some((status, _)) => {
+                return ResponseFuture {
+                    inner: None,
+                    deadline: None,
+                    failed: Some(status),
+                    throttle: None,
+                };
+            }
         };
         ResponseFuture {
-            inner: Some(self.retry.call(request)),
+            inner: Some(inner),
             deadline: limit.map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))),
             failed: None,
+            throttle,
         }
     }
 }
@@ -347,12 +423,26 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// Says in a failed answer's `grpc-message` how many attempts the call made.
+fn note_attempts(headers: &mut http::HeaderMap, attempts: u32) {
+    let message = headers
+        .get("grpc-message")
+        .map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned())
+        .unwrap_or_default();
+    // `grpc-message` is percent-encoded; what is added needs no encoding.
+    let noted = format!("{message} ({attempts} attempts)");
+    if let Ok(value) = http::HeaderValue::from_str(noted.trim_start()) {
+        headers.insert("grpc-message", value);
+    }
+}
+
 /// The response future of [`LoadBalancedChannel`].
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture {
     inner: Option<RetryFuture<ChannelBalance, Body>>,
     deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
     failed: Option<tonic::Status>,
+    throttle: Option<Arc<Throttle>>,
 }
 
 impl Future for ResponseFuture {
@@ -364,15 +454,40 @@ impl Future for ResponseFuture {
             let status = this.failed.take().expect("polled after completion");
             return Poll::Ready(Err(Box::new(status)));
         };
-        if let Poll::Ready(outcome) = Pin::new(inner).poll(cx) {
+        if let Poll::Ready(outcome) = Pin::new(&mut *inner).poll(cx) {
+            let attempts = inner.attempts();
             this.inner = None;
             return Poll::Ready(match outcome {
-                // The deadline goes on with the body.
-                Ok(response) => Ok(response.map(|body| ChannelBody {
-                    inner: Some(body),
-                    deadline: this.deadline.take(),
-                })),
-                Err(error) => Err(Box::new(status_of(error))),
+                Ok(mut response) => {
+                    let status = grpc_status(response.headers());
+                    if status == Some(0)
+                        && let Some(throttle) = &this.throttle
+                    {
+                        throttle.success();
+                    }
+                    if status.is_some_and(|code| code != 0) && attempts > 1 {
+                        note_attempts(response.headers_mut(), attempts);
+                    }
+                    // The deadline goes on with the body.
+                    Ok(response.map(|body| ChannelBody {
+                        inner: Some(body),
+                        deadline: this.deadline.take(),
+                        throttle: this.throttle.take(),
+                    }))
+                }
+                Err(error) => {
+                    let status = status_of(error);
+                    Err(Box::new(if attempts > 1 {
+                        tonic::Status::with_details_and_metadata(
+                            status.code(),
+                            format!("{} ({attempts} attempts)", status.message()),
+                            status.details().to_vec().into(),
+                            status.metadata().clone(),
+                        )
+                    } else {
+                        status
+                    }))
+                }
             });
         }
         if let Some((limit, sleep)) = &mut this.deadline
@@ -509,6 +624,36 @@ impl LoadBalancedChannelBuilder {
         self
     }
 
+    /// gRPC's service config: per method, a retry policy, a deadline and wait-for-ready;
+    /// the channel's retry throttle; the load-balancing policy (see [`ServiceConfig`]).
+    ///
+    /// ```
+    /// # use tower_sd::tonic::{LoadBalancedChannel, ServiceConfig};
+    /// # use tower_sd::MemoryRegistry;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config: ServiceConfig = r#"{
+    ///   "methodConfig": [{
+    ///     "name": [{ "service": "helloworld.Greeter" }],
+    ///     "timeout": "2s",
+    ///     "retryPolicy": {
+    ///       "maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s",
+    ///       "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]
+    ///     }
+    ///   }],
+    ///   "retryThrottling": { "maxTokens": 10, "tokenRatio": 0.1 }
+    /// }"#
+    /// .parse()?;
+    /// let builder = LoadBalancedChannel::builder(MemoryRegistry::new(), "greeter")
+    ///     .service_config(config);
+    /// # drop(builder);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn service_config(mut self, config: ServiceConfig) -> Self {
+        self.service_config = Some(config);
+        self
+    }
+
     /// Builds the channel at once; each instance connects as soon as it is discovered
     /// (unless the connection settings make them lazy).
     ///
@@ -517,17 +662,25 @@ impl LoadBalancedChannelBuilder {
     /// When called outside a tokio runtime (the balancer's updater is spawned on it).
     pub fn build(self) -> LoadBalancedChannel {
         let service = self.query.name.clone();
+        let policy = self
+            .service_config
+            .map(|config| Arc::new(ChannelPolicy::new(config, &service)));
+        let mut balance_builder = self.balance;
+        if let Some(metric) = policy.as_ref().and_then(|p| p.metric) {
+            balance_builder = balance_builder.load(metric);
+        }
         let buffer = self.connections.retry_buffer_bytes;
         let connector = Connector::new(self.connections).service(service.as_str());
         let discover =
             RegistryDiscover::of_endpoints(&*self.registry, self.query, move |instance| {
                 connector.endpoint(instance, Ok::<Connection<Body>, BoxError>)
             });
-        let balance = self.balance.build(discover).with_classifier(HttpStatus);
+        let balance = balance_builder.build(discover).with_classifier(HttpStatus);
         LoadBalancedChannel {
             retry: Retry::new(balance, buffer, &service),
             timeout: self.timeout,
             failed: None,
+            policy,
         }
     }
 

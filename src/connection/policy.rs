@@ -1,0 +1,311 @@
+//! Retry policies (gRFC A6): which answers are worth another attempt, when it goes, and the
+//! channel's throttle that stops a storm of them.
+//!
+//! [`Retry`](super::retry::Retry) asks a call's [`CallPolicy`] about each answer that came
+//! back whole in its headers (gRPC's trailers-only answer, the only kind A6 retries: any
+//! other response headers commit the call). The policy says retry, after how long, or keep
+//! the answer:
+//!
+//! - the status must be one of the policy's retryable codes, and the attempts fewer than
+//!   its `maxAttempts` (at most 5);
+//! - the server's `grpc-retry-pushback-ms` sets the wait; a negative, malformed or repeated
+//!   one means do not retry (and counts as a failure for the throttle);
+//! - otherwise the wait is drawn from `[0, min(initialBackoff x multiplier^(n-1),
+//!   maxBackoff))` for the n-th retry since the last pushback, as A6 specifies (grpc-go
+//!   instead draws from 0.8 to 1.2 times that ceiling);
+//! - the [`Throttle`]: every failure with a retryable code takes a token, every successful
+//!   call gives back `tokenRatio` (the channel sees each call's end and tells it), and
+//!   while the tokens are at or below half of `maxTokens` nothing is retried.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use http::HeaderMap;
+
+/// A channel's retry throttle: gRFC A6's token bucket, in thousandths of a token.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    milli_tokens: AtomicU32,
+    max: u32,
+    ratio: u32,
+}
+
+impl Throttle {
+    /// A full bucket of `max` thousandths, refilled by `ratio` thousandths per success.
+    pub(crate) fn new(max: u32, ratio: u32) -> Self {
+        Self {
+            milli_tokens: AtomicU32::new(max),
+            max,
+            ratio,
+        }
+    }
+
+    /// A failure takes a token; whether retries are still allowed after it.
+    pub(crate) fn failure(&self) -> bool {
+        let before = self.update(|tokens| tokens.saturating_sub(1000));
+        before.saturating_sub(1000) > self.max / 2
+    }
+
+    /// A success gives back `ratio`, up to the full bucket.
+    pub(crate) fn success(&self) {
+        self.update(|tokens| tokens.saturating_add(self.ratio).min(self.max));
+    }
+
+    /// Tokens now, in thousandths.
+    #[cfg(test)]
+    pub(crate) fn milli_tokens(&self) -> u32 {
+        self.milli_tokens.load(Ordering::Relaxed)
+    }
+
+    fn update(&self, change: impl Fn(u32) -> u32) -> u32 {
+        let mut now = self.milli_tokens.load(Ordering::Relaxed);
+        loop {
+            match self.milli_tokens.compare_exchange_weak(
+                now,
+                change(now),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(before) => return before,
+                Err(seen) => now = seen,
+            }
+        }
+    }
+}
+
+/// What makes an attempt worth retrying, and how retries are spaced.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct RetryRules {
+    /// Attempts at most, the first included.
+    pub(crate) max_attempts: u32,
+    pub(crate) initial_backoff: Duration,
+    pub(crate) max_backoff: Duration,
+    pub(crate) multiplier: f64,
+    /// The retryable gRPC status codes, as bits.
+    pub(crate) codes: u32,
+}
+
+/// One call's retry policy, and where it stands.
+#[derive(Debug)]
+pub(crate) struct CallPolicy {
+    rules: Option<Arc<RetryRules>>,
+    throttle: Option<Arc<Throttle>>,
+    /// Wait for an instance to be ready rather than fail when none is.
+    pub(crate) wait_for_ready: bool,
+    /// Retries since the last pushback (which resets the backoff).
+    since_pushback: u32,
+}
+
+/// What to do with an answer.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Verdict {
+    /// Keep it: the caller sees it.
+    Keep,
+    /// Send the call again after this wait.
+    Retry { after: Duration, code: u32 },
+    /// It was worth retrying, but the throttle says no.
+    Throttled,
+}
+
+impl CallPolicy {
+    pub(crate) fn new(
+        rules: Option<Arc<RetryRules>>,
+        throttle: Option<Arc<Throttle>>,
+        wait_for_ready: bool,
+    ) -> Self {
+        Self {
+            rules,
+            throttle,
+            wait_for_ready,
+            since_pushback: 0,
+        }
+    }
+
+    /// What to do with an answer whose headers are `headers`, after `attempts` attempts.
+    pub(crate) fn verdict(&mut self, headers: &HeaderMap, attempts: u32) -> Verdict {
+        // Only a trailers-only answer carries its status in its headers; any other commits.
+        let Some(code) = grpc_status(headers) else {
+            return Verdict::Keep;
+        };
+        if code == 0 {
+            // Successes refill the throttle where every call's end is seen (the channel).
+            return Verdict::Keep;
+        }
+        let pushback = match pushback(headers) {
+            Ok(pushback) => pushback,
+            Err(()) => {
+                self.failed();
+                return Verdict::Keep;
+            }
+        };
+        let Some(rules) = &self.rules else {
+            return Verdict::Keep;
+        };
+        if rules.codes & (1 << code.min(31)) == 0 {
+            return Verdict::Keep;
+        }
+        let rules = Arc::clone(rules);
+        if !self.failed() {
+            return Verdict::Throttled;
+        }
+        if attempts >= rules.max_attempts {
+            return Verdict::Keep;
+        }
+        let after = match pushback {
+            Some(after) => {
+                self.since_pushback = 0;
+                after
+            }
+            None => {
+                let ceiling = backoff_ceiling(&rules, self.since_pushback);
+                self.since_pushback += 1;
+                ceiling.mul_f64(crate::backoff::unit_draw())
+            }
+        };
+        Verdict::Retry { after, code }
+    }
+
+    /// Records a failure with the throttle; whether retries are still allowed.
+    fn failed(&self) -> bool {
+        self.throttle
+            .as_ref()
+            .is_none_or(|throttle| throttle.failure())
+    }
+}
+
+/// `min(initialBackoff x multiplier^n, maxBackoff)`.
+fn backoff_ceiling(rules: &RetryRules, n: u32) -> Duration {
+    let factor = rules.multiplier.powi(n.min(64) as i32);
+    let ceiling = rules.initial_backoff.as_secs_f64() * factor;
+    let max = rules.max_backoff.as_secs_f64();
+    Duration::from_secs_f64(if ceiling.is_finite() {
+        ceiling.min(max)
+    } else {
+        max
+    })
+}
+
+/// The status of a trailers-only answer: `grpc-status` in its headers.
+pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// The server's `grpc-retry-pushback-ms`: `Ok(None)` when absent, `Err` when it says do
+/// not retry (negative, malformed, or given more than once).
+fn pushback(headers: &HeaderMap) -> Result<Option<Duration>, ()> {
+    let mut values = headers.get_all("grpc-retry-pushback-ms").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(());
+    }
+    let ms: u64 = value.to_str().map_err(drop)?.parse().map_err(drop)?;
+    Ok(Some(Duration::from_millis(ms)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(max_attempts: u32) -> Arc<RetryRules> {
+        Arc::new(RetryRules {
+            max_attempts,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(350),
+            multiplier: 2.0,
+            codes: 1 << 14,
+        })
+    }
+
+    fn answer(status: u32, pushback: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("grpc-status", status.into());
+        for value in pushback {
+            headers.append("grpc-retry-pushback-ms", value.parse().unwrap());
+        }
+        headers
+    }
+
+    /// Catches a bucket that does not stop at half, one a success does not refill by
+    /// the ratio, and one that refills past its size.
+    #[test]
+    fn the_throttle_stops_retries_at_half_and_successes_refill_it() {
+        let throttle = Throttle::new(10_000, 500);
+        let allowed: Vec<bool> = (0..7).map(|_| throttle.failure()).collect();
+        // 9, 8, 7, 6 tokens allow; 5 (half) and below do not.
+        assert_eq!(allowed, [true, true, true, true, false, false, false]);
+        assert_eq!(throttle.milli_tokens(), 3_000);
+        for _ in 0..5 {
+            throttle.success();
+        }
+        assert_eq!(throttle.milli_tokens(), 5_500);
+        for _ in 0..20 {
+            throttle.success();
+        }
+        assert_eq!(throttle.milli_tokens(), 10_000, "at most full");
+        let empty = Throttle::new(1_000, 1);
+        assert!(!empty.failure());
+        assert!(!empty.failure());
+        assert_eq!(empty.milli_tokens(), 0, "never below 0");
+    }
+
+    /// Catches a retry of a code the policy does not list, of a committed answer (no status
+    /// in its headers), past `maxAttempts`, and a backoff that does not grow or is not
+    /// capped at `maxBackoff`.
+    #[test]
+    fn retries_retryable_codes_with_a_growing_capped_backoff() {
+        let mut policy = CallPolicy::new(Some(rules(5)), None, false);
+        assert_eq!(policy.verdict(&answer(13, &[]), 1), Verdict::Keep);
+        assert_eq!(policy.verdict(&HeaderMap::new(), 1), Verdict::Keep);
+        assert_eq!(policy.verdict(&answer(0, &[]), 1), Verdict::Keep);
+        let ceilings = [100, 200, 350, 350];
+        for (n, ceiling) in ceilings.into_iter().enumerate() {
+            let mut most = Duration::ZERO;
+            for _ in 0..200 {
+                let mut fresh = CallPolicy::new(Some(rules(5)), None, false);
+                fresh.since_pushback = n as u32;
+                match fresh.verdict(&answer(14, &[]), 1) {
+                    Verdict::Retry { after, code: 14 } => most = most.max(after),
+                    other => panic!("{other:?}"),
+                }
+            }
+            let ceiling = Duration::from_millis(ceiling);
+            assert!(most < ceiling && most > ceiling * 8 / 10, "{n}: {most:?}");
+        }
+        assert!(matches!(
+            policy.verdict(&answer(14, &[]), 4),
+            Verdict::Retry { .. }
+        ));
+        assert_eq!(policy.verdict(&answer(14, &[]), 5), Verdict::Keep);
+    }
+
+    /// Catches pushback ignored, a negative, malformed or repeated pushback retried, a
+    /// pushback that does not reset the backoff, and one that does not count for the
+    /// throttle when it says do not retry.
+    #[test]
+    fn pushback_sets_the_wait_or_forbids_the_retry() {
+        let throttle = Arc::new(Throttle::new(10_000, 1_000));
+        let mut policy = CallPolicy::new(Some(rules(5)), Some(Arc::clone(&throttle)), false);
+        policy.since_pushback = 3;
+        assert_eq!(
+            policy.verdict(&answer(14, &["200"]), 1),
+            Verdict::Retry {
+                after: Duration::from_millis(200),
+                code: 14
+            }
+        );
+        assert_eq!(policy.since_pushback, 0, "reset");
+        assert_eq!(throttle.milli_tokens(), 9_000);
+        for forbidding in [&["-1"][..], &["soon"], &["1", "2"], &["1.5"]] {
+            assert_eq!(policy.verdict(&answer(14, forbidding), 1), Verdict::Keep);
+        }
+        assert_eq!(throttle.milli_tokens(), 5_000, "each a failure");
+        assert_eq!(policy.verdict(&answer(14, &["10"]), 1), Verdict::Throttled);
+        // A non-retryable code, or a success, takes no token.
+        policy.verdict(&answer(13, &[]), 1);
+        policy.verdict(&answer(0, &[]), 1);
+        assert_eq!(throttle.milli_tokens(), 4_000);
+    }
+}
