@@ -15,7 +15,10 @@ answers one JSON line:
   request, and the time left to the last call's deadline when it arrived (`null`: none);
 - `{"op": "set", ...}`: how `Check` answers from now on: `delay_ms` before answering,
   `fail_rate` (0 to 1) and `fail_code` (a status name) for failures, `pushback_ms` (sent as
-  `grpc-retry-pushback-ms` on failures; a string is sent as it is);
+  `grpc-retry-pushback-ms` on failures; a string is sent as it is), `headers_first` (send
+  the response headers before failing, so the answer is not trailers-only);
+- `{"op": "attempts"}`: each `Check` call that carried a `call-id`, as `[call id,
+  grpc-previous-rpc-attempts or null, seconds since the server started, failed]`;
 - `{"op": "health", "service": "", "status": "NOT_SERVING"}`: sets a health status (Watch
   streams see it);
 - `{"op": "goaway"}`: stops the server gracefully (GOAWAY on every connection; calls in
@@ -44,6 +47,8 @@ class Stats:
         self.failed = 0
         # The time left to the last call's deadline when it arrived (None: no deadline).
         self.deadline = None
+        # Calls that carried a `call-id` (see the module docs).
+        self.attempts = []
 
 
 class Behaviour:
@@ -52,6 +57,7 @@ class Behaviour:
         self.fail_rate = 0.0
         self.fail_code = "UNAVAILABLE"
         self.pushback_ms = None
+        self.headers_first = False
 
 
 class Servicer(HealthServicer):
@@ -81,8 +87,16 @@ class Servicer(HealthServicer):
             behaviour = self.behaviour
             if behaviour.delay_ms:
                 await asyncio.sleep(behaviour.delay_ms / 1000)
-            if behaviour.fail_rate and random.random() < behaviour.fail_rate:
+            fail = bool(behaviour.fail_rate) and random.random() < behaviour.fail_rate
+            metadata = dict(context.invocation_metadata())
+            if "call-id" in metadata:
+                previous = metadata.get("grpc-previous-rpc-attempts")
+                since = asyncio.get_running_loop().time() - STARTED
+                self.stats.attempts.append([metadata["call-id"], previous, since, fail])
+            if fail:
                 self.stats.failed += 1
+                if behaviour.headers_first:
+                    await context.send_initial_metadata(())
                 if behaviour.pushback_ms is not None:
                     context.set_trailing_metadata(
                         (("grpc-retry-pushback-ms", str(behaviour.pushback_ms)),)
@@ -115,6 +129,8 @@ async def control(reader, writer, server, servicer, stats, behaviour):
                 "failed": stats.failed,
                 "deadline": stats.deadline,
             }
+        elif op == "attempts":
+            answer = {"attempts": stats.attempts}
         elif op == "set":
             for key, value in command.items():
                 setattr(behaviour, key, value)
@@ -130,7 +146,12 @@ async def control(reader, writer, server, servicer, stats, behaviour):
     writer.close()
 
 
+STARTED = 0.0
+
+
 async def main():
+    global STARTED
+    STARTED = asyncio.get_running_loop().time()
     options = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     stats, behaviour = Stats(), Behaviour()
     server = grpc.aio.server(options=list(options.items()))

@@ -15,8 +15,8 @@ use support::grpc::Callers;
 use support::grpcio::GrpcIo;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+use tower_sd::MemoryRegistry;
 use tower_sd::tonic::LoadBalancedChannel;
-use tower_sd::{MemoryRegistry, ServiceRegistry};
 
 const SERVICE: &str = "health";
 
@@ -28,14 +28,7 @@ async fn servers(
     n: usize,
     options: &[(&str, i64)],
 ) -> Option<Vec<GrpcIo>> {
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let server = GrpcIo::start(options).await?;
-        let instance = server.instance(&format!("{prefix}{i}"), SERVICE);
-        registry.register(instance).await.unwrap();
-        servers.push(server);
-    }
-    Some(servers)
+    GrpcIo::registered(registry, SERVICE, prefix, n, options).await
 }
 
 async fn channel(registry: &Arc<MemoryRegistry>) -> LoadBalancedChannel {

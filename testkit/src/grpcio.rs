@@ -48,6 +48,18 @@ pub struct Seen {
     pub deadline: Option<Duration>,
 }
 
+/// A `Check` call the server saw with a `call-id`.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub call: String,
+    /// Its `grpc-previous-rpc-attempts`.
+    pub previous: Option<u32>,
+    /// When it arrived, since the server started.
+    pub at: Duration,
+    /// Whether the server failed it.
+    pub failed: bool,
+}
+
 pub struct GrpcIo {
     /// The gRPC port.
     pub port: u16,
@@ -131,8 +143,22 @@ impl GrpcIo {
         }
     }
 
+    /// Each `Check` call that carried a `call-id`, in the order they came.
+    pub async fn attempts(&self) -> Vec<Attempt> {
+        let answer = self.command(json!({"op": "attempts"})).await;
+        let list = answer["attempts"].as_array().cloned().unwrap_or_default();
+        list.iter()
+            .map(|entry| Attempt {
+                call: entry[0].as_str().unwrap_or_default().to_owned(),
+                previous: entry[1].as_str().and_then(|p| p.parse().ok()),
+                at: Duration::from_secs_f64(entry[2].as_f64().unwrap_or(0.0)),
+                failed: entry[3].as_bool().unwrap_or(false),
+            })
+            .collect()
+    }
+
     /// How `Check` answers from now on (see the script: `delay_ms`, `fail_rate`,
-    /// `fail_code`, `pushback_ms`).
+    /// `fail_code`, `pushback_ms`, `headers_first`).
     pub async fn set(&self, behaviour: Value) {
         let mut command = behaviour;
         command["op"] = json!("set");
@@ -153,6 +179,27 @@ impl GrpcIo {
     /// The server's output so far, for failure messages.
     pub fn log(&self) -> String {
         self.server.log()
+    }
+
+    /// `n` servers with these options, each registered in `registry` as an instance of
+    /// `service` named `{prefix}{i}`; `None` when grpcio is missing (the test is skipped,
+    /// saying so).
+    pub async fn registered(
+        registry: &tower_sd::MemoryRegistry,
+        service: &str,
+        prefix: &str,
+        n: usize,
+        options: &[(&str, i64)],
+    ) -> Option<Vec<Self>> {
+        use tower_sd::ServiceRegistry;
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let server = Self::start(options).await?;
+            let instance = server.instance(&format!("{prefix}{i}"), service);
+            registry.register(instance).await.unwrap();
+            servers.push(server);
+        }
+        Some(servers)
     }
 
     /// An instance of `service` at this server.
