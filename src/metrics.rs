@@ -13,7 +13,7 @@ use metrics::{Counter, counter, gauge, histogram};
 
 /// Every metric name, with its kind: what the crate docs' table is checked against.
 #[cfg_attr(not(test), allow(dead_code))]
-pub(crate) const NAMES: [(&str, &str); 18] = [
+pub(crate) const NAMES: [(&str, &str); 19] = [
     ("tower_sd_endpoints", "gauge"),
     ("tower_sd_requests_total", "counter"),
     ("tower_sd_ejections_total", "counter"),
@@ -25,6 +25,7 @@ pub(crate) const NAMES: [(&str, &str); 18] = [
     ("tower_sd_retries_total", "counter"),
     ("tower_sd_retries_throttled_total", "counter"),
     ("tower_sd_call_attempts", "histogram"),
+    ("tower_sd_health_changes_total", "counter"),
     ("tower_sd_stream_waits_total", "counter"),
     ("tower_sd_stream_wait_timeouts_total", "counter"),
     ("tower_sd_registry_errors_total", "counter"),
@@ -146,6 +147,16 @@ pub(crate) fn call_attempts(service: &str, attempts: u32) {
     #[cfg(feature = "metrics")]
     histogram!("tower_sd_call_attempts", "service" => service.to_owned())
         .record(f64::from(attempts));
+}
+
+/// An instance's health check found it `serving`, `not_serving`, or `unimplemented`
+/// (checking stopped).
+#[cfg(feature = "tonic")]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn health(service: &str, status: &'static str) {
+    #[cfg(feature = "metrics")]
+    counter!("tower_sd_health_changes_total", "service" => service.to_owned(), "status" => status)
+        .increment(1);
 }
 
 /// A request waits for a stream: every connection to its instance is full.

@@ -16,7 +16,9 @@ answers one JSON line:
 - `{"op": "set", ...}`: how `Check` answers from now on: `delay_ms` before answering,
   `fail_rate` (0 to 1) and `fail_code` (a status name) for failures, `pushback_ms` (sent as
   `grpc-retry-pushback-ms` on failures; a string is sent as it is), `headers_first` (send
-  the response headers before failing, so the answer is not trailers-only);
+  the response headers before failing, so the answer is not trailers-only); and how
+  `Watch` answers: `watch_code` (a status name: fail at once with it), `watch_break_ms`
+  (send the current status, then fail with INTERNAL after that long);
 - `{"op": "attempts"}`: each `Check` call that carried a `call-id`, as `[call id,
   grpc-previous-rpc-attempts or null, seconds since the server started, failed]`;
 - `{"op": "health", "service": "", "status": "NOT_SERVING"}`: sets a health status (Watch
@@ -58,6 +60,8 @@ class Behaviour:
         self.fail_code = "UNAVAILABLE"
         self.pushback_ms = None
         self.headers_first = False
+        self.watch_code = None
+        self.watch_break_ms = None
 
 
 class Servicer(HealthServicer):
@@ -109,6 +113,16 @@ class Servicer(HealthServicer):
     async def Watch(self, request, context):
         self._enter("Watch", context)
         try:
+            behaviour = self.behaviour
+            if behaviour.watch_code is not None:
+                await context.abort(getattr(grpc.StatusCode, behaviour.watch_code), "on request")
+            if behaviour.watch_break_ms is not None:
+                status = self._server_status.get(
+                    request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                )
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                await asyncio.sleep(behaviour.watch_break_ms / 1000)
+                await context.abort(grpc.StatusCode.INTERNAL, "breaking the stream on request")
             await super().Watch(request, context)
         finally:
             self._leave(context)

@@ -299,7 +299,7 @@ async fn method_timeout_and_wait_for_ready() {
     waiting.await.unwrap().unwrap();
 
     server.set(json!({"delay_ms": 2000})).await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let status = check(&channel, "slow").await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_millis(1500));

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use super::load::Load;
 use super::outlier::{Detector, Health};
 use super::stats::{EndpointState, EndpointStats};
-use crate::endpoint::{Connectivity, Endpoint, Readiness, ReadinessError};
+use crate::endpoint::{Companion, Connectivity, Endpoint, Readiness, ReadinessError};
 
 /// Counts shared by the slots of one balancer, so pickers can tell in one load whether any
 /// endpoint is unusable.
@@ -92,6 +92,8 @@ pub(crate) struct SlotState<S, K> {
     pub(crate) zone: Option<String>,
     pub(crate) key: K,
     pub(crate) service: S,
+    /// What lives as long as the endpoint does (its health check's task).
+    _companion: Option<Companion>,
 }
 
 impl<S, K> Slot<S, K> {
@@ -122,6 +124,7 @@ impl<S, K> Slot<S, K> {
             readiness: endpoint.readiness,
             key,
             service: endpoint.service,
+            _companion: endpoint.companion,
         };
         Self {
             inner: Arc::new(state),
@@ -282,6 +285,8 @@ impl<S, K> SlotState<S, K> {
             EndpointState::Ejected
         } else if self.is_failed() {
             EndpointState::Failed
+        } else if self.readiness.as_ref().is_some_and(|r| !r.is_serving()) {
+            EndpointState::NotServing
         } else {
             match self.connectivity() {
                 Some(Connectivity::Ready) if !self.has_room() => EndpointState::Saturated,

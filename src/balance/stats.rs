@@ -26,6 +26,10 @@ pub enum EndpointState {
     /// ([`Readiness::is_saturated`](crate::endpoint::Readiness::is_saturated)): not picked while another endpoint has room; when
     /// none has, requests wait for a stream in the order they came.
     Saturated,
+    /// Connected, but its health check finds it not serving
+    /// ([`Readiness::set_serving`](crate::endpoint::Readiness::set_serving)): not picked
+    /// while another endpoint is ready.
+    NotServing,
     /// Removed by discovery; only requests already in flight still use it.
     Draining,
 }

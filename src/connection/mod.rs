@@ -115,7 +115,7 @@ mod ping;
 mod pipe;
 pub(crate) mod policy;
 mod pool;
-mod replay;
+pub(crate) mod replay;
 pub(crate) mod retry;
 mod room;
 mod service;

@@ -41,6 +41,39 @@ pub struct Endpoint<S> {
     /// Its connectivity, as the service's owner reports it; `None`: the service's own
     /// `poll_ready` is all the balancer knows.
     pub readiness: Option<Readiness>,
+    /// What the balancer keeps as long as it keeps the endpoint.
+    pub(crate) companion: Option<Companion>,
+}
+
+/// Something that lives exactly as long as the balancer keeps an endpoint: the abort guard
+/// of a task that serves the endpoint (its health check), which must neither outlive it nor
+/// keep it alive.
+#[derive(Clone)]
+pub(crate) struct Companion(#[allow(dead_code)] std::sync::Arc<dyn Send + Sync>);
+
+impl Companion {
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+    pub(crate) fn new(value: impl Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(value))
+    }
+}
+
+/// Two companions are equal when they are the same value.
+impl PartialEq for Companion {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::addr_eq(
+            std::sync::Arc::as_ptr(&self.0),
+            std::sync::Arc::as_ptr(&other.0),
+        )
+    }
+}
+
+impl Eq for Companion {}
+
+impl std::fmt::Debug for Companion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Companion")
+    }
 }
 
 impl<S> Endpoint<S> {
@@ -51,6 +84,7 @@ impl<S> Endpoint<S> {
             weight: 1,
             zone: None,
             readiness: None,
+            companion: None,
         }
     }
 
@@ -65,6 +99,13 @@ impl<S> Endpoint<S> {
     #[must_use]
     pub fn zone(mut self, zone: impl Into<String>) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// Keeps `companion` as long as the balancer keeps the endpoint.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+    pub(crate) fn companion(mut self, companion: Companion) -> Self {
+        self.companion = Some(companion);
         self
     }
 

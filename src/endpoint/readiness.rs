@@ -77,6 +77,16 @@ struct Inner {
 
 /// The bit of the state byte that says the endpoint has no room for another request now.
 const SATURATED: u8 = 0x80;
+/// The bit of the state byte that says the endpoint's health check finds it not serving.
+const NOT_SERVING: u8 = 0x40;
+/// The bits beside the connectivity.
+const FLAGS: u8 = SATURATED | NOT_SERVING;
+
+/// The connectivity in a state byte.
+#[inline]
+fn connectivity(state: u8) -> Connectivity {
+    Connectivity::ALL[usize::from(state & !FLAGS).min(Connectivity::ALL.len() - 1)]
+}
 
 /// Why an endpoint is not ready, as its owner reported it with [`Readiness::fail`].
 pub type ReadinessError = Arc<dyn std::error::Error + Send + Sync>;
@@ -96,15 +106,15 @@ impl Readiness {
     /// The current state.
     #[inline]
     pub fn get(&self) -> Connectivity {
-        let state = self.inner.state.load(Ordering::Acquire) & !SATURATED;
-        Connectivity::ALL[usize::from(state).min(Connectivity::ALL.len() - 1)]
+        connectivity(self.inner.state.load(Ordering::Acquire))
     }
 
-    /// Whether a pick may take the endpoint now (it may still be
-    /// [saturated](Self::is_saturated)).
+    /// Whether a pick may take the endpoint now: its connectivity allows it and it is
+    /// [serving](Self::is_serving) (it may still be [saturated](Self::is_saturated)).
     #[inline]
     pub fn is_pickable(&self) -> bool {
-        self.get().is_pickable()
+        let state = self.inner.state.load(Ordering::Acquire);
+        state & NOT_SERVING == 0 && connectivity(state).is_pickable()
     }
 
     /// Whether a pick may take the endpoint now and it has room for the request: pickable
@@ -112,8 +122,28 @@ impl Readiness {
     #[inline]
     pub fn is_usable(&self) -> bool {
         let state = self.inner.state.load(Ordering::Acquire);
-        state & SATURATED == 0
-            && Connectivity::ALL[usize::from(state).min(Connectivity::ALL.len() - 1)].is_pickable()
+        state & FLAGS == 0 && connectivity(state).is_pickable()
+    }
+
+    /// Whether the endpoint's health check, if it has one, finds it serving (gRPC's
+    /// `SERVING`; see [`set_serving`](Self::set_serving)).
+    #[inline]
+    pub fn is_serving(&self) -> bool {
+        self.inner.state.load(Ordering::Acquire) & NOT_SERVING == 0
+    }
+
+    /// Marks the endpoint serving or not, as its health check finds it: while it is not,
+    /// the balancer does not pick it, whatever its connectivity (the connection stays
+    /// open). Kept across connectivity changes; a change wakes the balancers holding it.
+    pub fn set_serving(&self, serving: bool) {
+        let previous = if serving {
+            self.inner.state.fetch_and(!NOT_SERVING, Ordering::AcqRel)
+        } else {
+            self.inner.state.fetch_or(NOT_SERVING, Ordering::AcqRel)
+        };
+        if (previous & NOT_SERVING == 0) != serving {
+            self.wake();
+        }
     }
 
     /// Whether the owner says the endpoint has no room for another request now (every
@@ -125,16 +155,16 @@ impl Readiness {
     }
 
     /// Sets the state; a change wakes the balancers holding the endpoint, so one waiting for
-    /// a ready endpoint picks again. Saturation is kept.
+    /// a ready endpoint picks again. Saturation and serving are kept.
     pub fn set(&self, state: Connectivity) {
         let previous = self
             .inner
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
-                Some(old & SATURATED | state as u8)
+                Some(old & FLAGS | state as u8)
             })
             .unwrap_or_else(|old| old);
-        if previous & !SATURATED != state as u8 {
+        if previous & !FLAGS != state as u8 {
             self.wake();
         }
     }
@@ -211,7 +241,12 @@ impl Eq for Readiness {}
 
 impl fmt::Debug for Readiness {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Readiness").field(&self.get()).finish()
+        let mut tuple = f.debug_tuple("Readiness");
+        tuple.field(&self.get());
+        if !self.is_serving() {
+            tuple.field(&"not serving");
+        }
+        tuple.finish()
     }
 }
 
@@ -321,5 +356,38 @@ mod tests {
             .await
             .expect("the end of saturation wakes the balancer");
         assert!(readiness.is_usable());
+    }
+
+    /// Catches a health verdict that leaves a not-serving endpoint pickable, is lost when
+    /// the connectivity changes (a reconnect must not make it serving), hides the
+    /// connectivity, or changes without waking the balancers.
+    #[tokio::test]
+    async fn not_serving_is_kept_beside_the_state_and_keeps_the_endpoint_out() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let readiness = Readiness::new(Connectivity::Ready);
+        let balancer = Arc::new(Notify::new());
+        readiness.listen(&balancer);
+        let woken = |readiness: &Readiness, serving| {
+            let woken = balancer.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            readiness.set_serving(serving);
+            futures_util::FutureExt::now_or_never(woken).is_some()
+        };
+        assert!(woken(&readiness, false), "going out wakes");
+        assert!(!readiness.is_pickable() && !readiness.is_usable() && !readiness.is_serving());
+        assert!(!woken(&readiness, false), "no change, no wake");
+        readiness.set(Connectivity::Connecting);
+        readiness.set(Connectivity::Ready);
+        readiness.set_saturated(true);
+        readiness.set_saturated(false);
+        assert_eq!(readiness.get(), Connectivity::Ready);
+        assert!(!readiness.is_pickable(), "kept across changes");
+        assert_eq!(
+            format!("{readiness:?}"),
+            r#"Readiness(Ready, "not serving")"#
+        );
+        assert!(woken(&readiness, true), "coming back wakes");
+        assert!(readiness.is_usable() && readiness.is_serving());
     }
 }

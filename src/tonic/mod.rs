@@ -40,6 +40,7 @@ use http::uri::{Authority, Scheme};
 use tonic::body::Body;
 use tower::Service;
 
+mod health;
 mod service_config;
 
 pub use service_config::{
@@ -670,10 +671,31 @@ impl LoadBalancedChannelBuilder {
             balance_builder = balance_builder.load(metric);
         }
         let buffer = self.connections.retry_buffer_bytes;
+        let health = policy
+            .as_ref()
+            .and_then(|p| p.config.health_check_service())
+            .map(|name| {
+                Arc::new(health::HealthCheck {
+                    name: name.to_owned(),
+                    service: service.as_str().into(),
+                    backoff: crate::backoff::Backoff::new(
+                        self.connections.reconnect_base,
+                        self.connections.reconnect_max,
+                    ),
+                })
+            });
         let connector = Connector::new(self.connections).service(service.as_str());
         let discover =
             RegistryDiscover::of_endpoints(&*self.registry, self.query, move |instance| {
-                connector.endpoint(instance, Ok::<Connection<Body>, BoxError>)
+                let endpoint = connector.endpoint(instance, Ok::<Connection<Body>, BoxError>)?;
+                Ok::<_, BoxError>(match &health {
+                    Some(check) => {
+                        let companion =
+                            health::start(check, endpoint.service.clone(), instance.id.clone());
+                        endpoint.companion(companion)
+                    }
+                    None => endpoint,
+                })
             });
         let balance = balance_builder.build(discover).with_classifier(HttpStatus);
         LoadBalancedChannel {

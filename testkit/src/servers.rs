@@ -50,11 +50,16 @@ pub struct TestServer {
 impl TestServer {
     /// A tonic server with the health service (its overall status is SERVING).
     pub async fn grpc(name: &str) -> Self {
-        let (_reporter, health) = tonic_health::server::health_reporter();
+        Self::grpc_reporting(name).await.0
+    }
+
+    /// A tonic server with the health service, and the reporter that sets its statuses.
+    pub async fn grpc_reporting(name: &str) -> (Self, tonic_health::server::HealthReporter) {
+        let (reporter, health) = tonic_health::server::health_reporter();
         let routes = tonic::service::Routes::new(health);
         let stats = Arc::new(Stats::default());
         let flags = Arc::clone(&stats);
-        Self::start(name, true, stats, move || {
+        let server = Self::start(name, true, stats, move || {
             let (routes, flags) = (routes.clone(), Arc::clone(&flags));
             tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let mut routes = routes.clone();
@@ -67,7 +72,8 @@ impl TestServer {
                 }
             })
         })
-        .await
+        .await;
+        (server, reporter)
     }
 
     /// A tonic server (tonic's own `Server`, with the health service) that shuts down
