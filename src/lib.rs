@@ -89,6 +89,8 @@
 //! | `tower_sd_retries_total` | counter | `code` | calls sent again by their retry policy, by the status code that made them worth retrying |
 //! | `tower_sd_retries_throttled_total` | counter | | retries the retry throttle refused |
 //! | `tower_sd_call_attempts` | histogram | | attempts per call with a retry policy, transparent resends included |
+//! | `tower_sd_hedges_total` | counter | | attempts a hedging policy sent after a call's first |
+//! | `tower_sd_hedges_won_total` | counter | | hedged calls answered by an attempt after their first |
 //! | `tower_sd_health_changes_total` | counter | `status` (`serving`, `not_serving`, `unimplemented`) | health-check answers that changed an instance's state (`unimplemented`: the server has no health service; checking stopped) |
 //! | `tower_sd_stream_waits_total` | counter | | requests that waited for a stream, every connection to their instance at the server's limit |
 //! | `tower_sd_stream_wait_timeouts_total` | counter | | requests that waited out the stream wait and failed |

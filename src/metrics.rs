@@ -13,7 +13,7 @@ use metrics::{Counter, counter, gauge, histogram};
 
 /// Every metric name, with its kind: what the crate docs' table is checked against.
 #[cfg_attr(not(test), allow(dead_code))]
-pub(crate) const NAMES: [(&str, &str); 19] = [
+pub(crate) const NAMES: [(&str, &str); 21] = [
     ("tower_sd_endpoints", "gauge"),
     ("tower_sd_requests_total", "counter"),
     ("tower_sd_ejections_total", "counter"),
@@ -25,6 +25,8 @@ pub(crate) const NAMES: [(&str, &str); 19] = [
     ("tower_sd_retries_total", "counter"),
     ("tower_sd_retries_throttled_total", "counter"),
     ("tower_sd_call_attempts", "histogram"),
+    ("tower_sd_hedges_total", "counter"),
+    ("tower_sd_hedges_won_total", "counter"),
     ("tower_sd_health_changes_total", "counter"),
     ("tower_sd_stream_waits_total", "counter"),
     ("tower_sd_stream_wait_timeouts_total", "counter"),
@@ -138,6 +140,18 @@ pub(crate) fn policy_retry(service: &str, code: u32) {
 #[cfg(feature = "_connections")]
 pub(crate) fn retry_throttled(service: &str) {
     count("tower_sd_retries_throttled_total", service);
+}
+
+/// A hedged call sent one more attempt.
+#[cfg(feature = "_connections")]
+pub(crate) fn hedge_sent(service: &str) {
+    count("tower_sd_hedges_total", service);
+}
+
+/// A hedged call's answer came from an attempt after its first.
+#[cfg(feature = "_connections")]
+pub(crate) fn hedge_won(service: &str) {
+    count("tower_sd_hedges_won_total", service);
 }
 
 /// A call with a retry policy ended after `attempts` attempts.

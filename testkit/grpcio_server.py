@@ -80,23 +80,24 @@ class Servicer(HealthServicer):
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         stats.deadline = context.time_remaining()
 
-    def _leave(self, context):
+    def _leave(self, context, cancelled=False):
         self.stats.in_flight -= 1
-        if context.cancelled():
+        if cancelled or context.cancelled():
             self.stats.cancelled += 1
 
     async def Check(self, request, context):
         self._enter("Check", context)
+        cancelled = False
         try:
             behaviour = self.behaviour
-            if behaviour.delay_ms:
-                await asyncio.sleep(behaviour.delay_ms / 1000)
             fail = bool(behaviour.fail_rate) and random.random() < behaviour.fail_rate
             metadata = dict(context.invocation_metadata())
             if "call-id" in metadata:
                 previous = metadata.get("grpc-previous-rpc-attempts")
                 since = asyncio.get_running_loop().time() - STARTED
                 self.stats.attempts.append([metadata["call-id"], previous, since, fail])
+            if behaviour.delay_ms:
+                await asyncio.sleep(behaviour.delay_ms / 1000)
             if fail:
                 self.stats.failed += 1
                 if behaviour.headers_first:
@@ -107,8 +108,12 @@ class Servicer(HealthServicer):
                     )
                 await context.abort(getattr(grpc.StatusCode, behaviour.fail_code), "failing on request")
             return await super().Check(request, context)
+        except asyncio.CancelledError:
+            # The client reset the stream: C-core cancels the handler's task.
+            cancelled = True
+            raise
         finally:
-            self._leave(context)
+            self._leave(context, cancelled)
 
     async def Watch(self, request, context):
         self._enter("Watch", context)

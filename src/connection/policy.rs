@@ -41,7 +41,7 @@ impl Throttle {
         }
     }
 
-    /// A failure takes a token; whether retries are still allowed after it.
+    /// A failure takes a token; whether retries (and hedges) are still allowed after it.
     pub(crate) fn failure(&self) -> bool {
         let before = self.update(|tokens| tokens.saturating_sub(1000));
         before.saturating_sub(1000) > self.max / 2
@@ -84,6 +84,26 @@ pub(crate) struct RetryRules {
     pub(crate) multiplier: f64,
     /// The retryable gRPC status codes, as bits.
     pub(crate) codes: u32,
+}
+
+/// gRFC A6's hedging: how many attempts, how far apart, and which answers let the others
+/// go on.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct HedgeRules {
+    /// Attempts at most, the first included.
+    pub(crate) max_attempts: u32,
+    pub(crate) delay: Duration,
+    /// The non-fatal gRPC status codes, as bits.
+    pub(crate) non_fatal: u32,
+}
+
+impl HedgeRules {
+    /// Whether an answer with `headers` lets the other attempts go on: a trailers-only
+    /// answer with a non-fatal code.
+    pub(crate) fn non_fatal(&self, headers: &HeaderMap) -> bool {
+        grpc_status(headers)
+            .is_some_and(|code| code != 0 && self.non_fatal & (1 << code.min(31)) != 0)
+    }
 }
 
 /// One call's retry policy, and where it stands.

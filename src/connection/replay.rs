@@ -42,14 +42,73 @@ pub(crate) struct Recording<B> {
     attempt: u32,
 }
 
+/// A request body as read before any attempt sends it: the frames it had ready, and the
+/// rest (`None` once it ended).
+pub(crate) struct Read<B> {
+    pub(crate) frames: Vec<Bytes>,
+    pub(crate) trailers: Option<HeaderMap>,
+    pub(crate) rest: Option<B>,
+}
+
+impl<B> Read<B> {
+    /// A body none of which is read yet.
+    pub(crate) fn unread(body: B) -> Self {
+        Self {
+            frames: Vec::new(),
+            trailers: None,
+            rest: Some(body),
+        }
+    }
+
+    /// Reads what `body` has ready now, without waiting, until it ends, would wait, or
+    /// more than `limit` bytes are read. A unary gRPC request's body is ready whole.
+    pub(crate) fn ready(mut body: B, limit: usize) -> Result<Self, B::Error>
+    where
+        B: Body<Data = Bytes> + Unpin,
+    {
+        let (mut frames, mut trailers) = (Vec::new(), None);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut bytes = 0;
+        while bytes <= limit {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(frame)) => match frame?.into_data() {
+                    Ok(data) => {
+                        bytes += data.len();
+                        frames.push(data);
+                    }
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                },
+                Poll::Ready(None) => {
+                    return Ok(Self {
+                        frames,
+                        trailers,
+                        rest: None,
+                    });
+                }
+                Poll::Pending => break,
+            }
+        }
+        Ok(Self {
+            frames,
+            trailers,
+            rest: Some(body),
+        })
+    }
+}
+
 impl<B> ReplayBody<B> {
     /// Wraps `body`, keeping up to `limit` bytes; returns the handle a retry needs.
     pub(crate) fn new(body: B, limit: usize) -> (Self, Replay<B>) {
+        Self::of(Read::unread(body), limit)
+    }
+
+    /// The body of which `read` was read, keeping up to `limit` bytes.
+    pub(crate) fn of(read: Read<B>, limit: usize) -> (Self, Replay<B>) {
         let recording = Arc::new(Mutex::new(Recording {
-            body: Some(body),
-            frames: Vec::new(),
-            trailers: None,
-            bytes: 0,
+            bytes: read.frames.iter().map(Bytes::len).sum(),
+            body: read.rest,
+            frames: read.frames,
+            trailers: read.trailers,
             limit,
             // A body none of which was sent can be sent again whatever the limit.
             overflowed: false,

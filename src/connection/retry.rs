@@ -46,7 +46,7 @@ use tracing::debug;
 
 use super::error::ConnectionError;
 use super::policy::{CallPolicy, Verdict};
-use super::replay::{Replay, ReplayBody};
+use super::replay::{Read, Replay, ReplayBody};
 use crate::error::{BoxError, Error};
 
 /// Attempts at most for a request that never left this process.
@@ -103,6 +103,20 @@ impl<S, B> Retry<S, B> {
     pub(crate) fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The retry buffer's size.
+    pub(crate) fn buffer(&self) -> usize {
+        self.buffer
+    }
+
+    /// The service name, for logs and metrics.
+    pub(crate) fn service(&self) -> &Arc<str> {
+        &self.service
+    }
 }
 
 impl<S: Clone, B> Clone for Retry<S, B> {
@@ -127,7 +141,17 @@ where
         policy: Option<Box<CallPolicy>>,
     ) -> RetryFuture<S, B> {
         let (parts, body) = request.into_parts();
-        let (body, replay) = ReplayBody::new(body, self.buffer);
+        self.call_read(parts, Read::unread(body), policy)
+    }
+
+    /// As [`call_with`](Self::call_with), for a request whose body was partly read.
+    pub(crate) fn call_read(
+        &mut self,
+        parts: Parts,
+        read: Read<B>,
+        policy: Option<Box<CallPolicy>>,
+    ) -> RetryFuture<S, B> {
+        let (body, replay) = ReplayBody::of(read, self.buffer);
         let head = parts.clone();
         let mut tried = Vec::new();
         if policy.is_some() {

@@ -50,7 +50,9 @@ pub use service_config::{
 
 use crate::balance::{self, Balance, EndpointStats, LoadMetric, OutlierDetection};
 use crate::classify::{HttpStatus, ResponseBody};
+use crate::connection::hedge::HedgeFuture;
 use crate::connection::policy::{CallPolicy, Throttle, grpc_status};
+use crate::connection::replay::Read;
 use crate::connection::retry::{Retry, RetryFuture, not_ready};
 use crate::connection::{
     self, Connection, ConnectionError, ConnectionSettings, Connector, TlsConfig,
@@ -261,55 +263,132 @@ impl Service<http::Request<Body>> for LoadBalancedChannel {
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let method = self.policy.as_deref().and_then(|policy| {
-            let method = policy.config.method(request.uri().path());
-            Some((policy, method?))
+            let method = policy.config.method(request.uri().path())?;
+            Some(Arc::clone(method))
         });
-        // The caller's deadline (`grpc-timeout`), the method's or the channel's, whichever
-        // is soonest: for the whole call, and the server's to know too.
-        let caller = grpc_timeout(request.headers());
-        let ours = [self.timeout, method.and_then(|(_, method)| method.timeout)]
-            .into_iter()
-            .flatten()
-            .min();
-        let limit = match (caller, ours) {
-            (Some(caller), Some(ours)) if ours >= caller => Some(caller),
-            (_, Some(ours)) => {
-                set_grpc_timeout(request.headers_mut(), ours);
-                Some(ours)
-            }
-            (caller, None) => caller,
-        };
+        let limit = deadline(
+            &mut request,
+            self.timeout,
+            method.as_ref().and_then(|m| m.timeout),
+        );
         let throttle = self.policy.as_ref().and_then(|p| p.throttle.clone());
-        let policy = method.and_then(|(channel, method)| {
-            let wait = method.wait_for_ready == Some(true);
-            (method.rules.is_some() || wait).then(|| {
-                Box::new(CallPolicy::new(
-                    method.rules.clone(),
-                    channel.throttle.clone(),
-                    wait,
+        let wait = method
+            .as_ref()
+            .is_some_and(|m| m.wait_for_ready == Some(true));
+        let sent = match self.failed.take() {
+            None => self.send(request, method.as_deref(), throttle.as_ref()),
+            Some((_, true)) if wait => {
+                let policy = CallPolicy::new(None, None, true);
+                Ok(Attempts::Retry(
+                    self.retry.wait_then_call(request, Box::new(policy)),
                 ))
-            })
-        });
-        let inner = match self.failed.take() {
-            None => self.retry.call_with(request, policy),
-            Some((_, true)) if policy.as_ref().is_some_and(|p| p.wait_for_ready) => {
-                let policy = policy.expect("checked");
-                self.retry.wait_then_call(request, policy)
             }
-            Some((status, _)) => {
-                return ResponseFuture {
-                    inner: None,
-                    deadline: None,
-                    failed: Some(status),
-                    throttle: None,
-                };
-            }
+            Some((status, _)) => Err(status),
         };
-        ResponseFuture {
-            inner: Some(inner),
-            deadline: limit.map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))),
-            failed: None,
-            throttle,
+        match sent {
+            Ok(attempts) => ResponseFuture {
+                inner: Some(attempts),
+                deadline: limit.map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))),
+                failed: None,
+                throttle,
+            },
+            Err(status) => ResponseFuture {
+                inner: None,
+                deadline: None,
+                failed: Some(status),
+                throttle: None,
+            },
+        }
+    }
+}
+
+impl LoadBalancedChannel {
+    /// Sends `request` (the channel is ready) under its method's configuration: hedged
+    /// when the method has a hedging policy and the request's body is at hand whole, else
+    /// under its retry policy, if any.
+    fn send(
+        &mut self,
+        request: http::Request<Body>,
+        method: Option<&MethodConfig>,
+        throttle: Option<&Arc<Throttle>>,
+    ) -> Result<Attempts, tonic::Status> {
+        let Some(method) = method else {
+            return Ok(Attempts::Retry(self.retry.call_with(request, None)));
+        };
+        if let Some(rules) = &method.hedge_rules {
+            let (parts, body) = request.into_parts();
+            let buffer = self.retry.buffer();
+            let read = Read::ready(body, buffer)?;
+            let bytes: usize = read.frames.iter().map(bytes::Bytes::len).sum();
+            if read.rest.is_some() || bytes > buffer {
+                return Ok(Attempts::Retry(self.retry.call_read(parts, read, None)));
+            }
+            let name = Arc::clone(self.retry.service());
+            let hedge = HedgeFuture::start(
+                self.retry.get_mut(),
+                parts,
+                read,
+                Arc::clone(rules),
+                throttle.cloned(),
+                name,
+            );
+            return Ok(Attempts::Hedge(Box::new(hedge)));
+        }
+        let wait = method.wait_for_ready == Some(true);
+        let policy = (method.rules.is_some() || wait).then(|| {
+            Box::new(CallPolicy::new(
+                method.rules.clone(),
+                throttle.cloned(),
+                wait,
+            ))
+        });
+        Ok(Attempts::Retry(self.retry.call_with(request, policy)))
+    }
+}
+
+/// The call's deadline: the caller's (`grpc-timeout`), the method's or the channel's,
+/// whichever is soonest, for the whole call, and sent to the server as `grpc-timeout`.
+fn deadline(
+    request: &mut http::Request<Body>,
+    channel: Option<Duration>,
+    method: Option<Duration>,
+) -> Option<Duration> {
+    let caller = grpc_timeout(request.headers());
+    let ours = [channel, method].into_iter().flatten().min();
+    match (caller, ours) {
+        (Some(caller), Some(ours)) if ours >= caller => Some(caller),
+        (_, Some(ours)) => {
+            set_grpc_timeout(request.headers_mut(), ours);
+            Some(ours)
+        }
+        (caller, None) => caller,
+    }
+}
+
+/// A call's attempts: retried, or hedged. The hedged call, the rare one, is boxed so the
+/// common one costs no allocation.
+#[allow(clippy::large_enum_variant)]
+enum Attempts {
+    Retry(RetryFuture<ChannelBalance, Body>),
+    Hedge(Box<HedgeFuture<ChannelBalance, Body>>),
+}
+
+impl Attempts {
+    fn attempts(&self) -> u32 {
+        match self {
+            Self::Retry(retry) => retry.attempts(),
+            Self::Hedge(hedge) => hedge.attempts(),
+        }
+    }
+}
+
+impl Future for Attempts {
+    type Output = Result<http::Response<ResponseBody<connection::Body>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Retry(retry) => Pin::new(retry).poll(cx),
+            Self::Hedge(hedge) => Pin::new(&mut **hedge).poll(cx),
         }
     }
 }
@@ -440,7 +519,7 @@ fn note_attempts(headers: &mut http::HeaderMap, attempts: u32) {
 /// The response future of [`LoadBalancedChannel`].
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture {
-    inner: Option<RetryFuture<ChannelBalance, Body>>,
+    inner: Option<Attempts>,
     deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
     failed: Option<tonic::Status>,
     throttle: Option<Arc<Throttle>>,

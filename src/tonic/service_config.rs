@@ -34,7 +34,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::balance::LoadMetric;
-use crate::connection::policy::RetryRules;
+use crate::connection::policy::{HedgeRules, RetryRules};
 
 /// gRPC's service config (see the module docs). Parse it from JSON with [`str::parse`];
 /// in a YAML or TOML configuration, it is the same structure.
@@ -63,6 +63,8 @@ pub struct MethodConfig {
     pub hedging: Option<HedgingPolicy>,
     /// The retry policy as the connections apply it.
     pub(crate) rules: Option<Arc<RetryRules>>,
+    /// The hedging policy as the connections apply it.
+    pub(crate) hedge_rules: Option<Arc<HedgeRules>>,
 }
 
 /// gRFC A6's retry policy.
@@ -295,12 +297,20 @@ fn method_of(entry: &Object<'_>) -> Result<MethodConfig, ServiceConfigError> {
             codes: policy.retryable_codes.0,
         })
     });
+    let hedge_rules = hedging.as_ref().map(|policy| {
+        Arc::new(HedgeRules {
+            max_attempts: policy.max_attempts,
+            delay: policy.hedging_delay,
+            non_fatal: policy.non_fatal_codes.0,
+        })
+    });
     Ok(MethodConfig {
         timeout,
         wait_for_ready,
         retry,
         hedging,
         rules,
+        hedge_rules,
     })
 }
 
