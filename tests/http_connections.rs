@@ -405,3 +405,53 @@ async fn an_instance_at_its_stream_limit_is_reported_saturated() {
     answer(&server, [(next, second)]).await;
     support::until("ready again", || state(&client) == EndpointState::Ready).await;
 }
+
+/// Sends a request with `method`, marked idempotent or not; its status.
+async fn send_marked(client: &Client, method: http::Method, idempotent: bool) -> http::StatusCode {
+    use tower::ServiceExt;
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri("http://backend/")
+        .body(Empty::new())
+        .unwrap();
+    if idempotent {
+        request.extensions_mut().insert(tower_sd::http::Idempotent);
+    }
+    client.clone().oneshot(request).await.unwrap().status()
+}
+
+/// Catches a retry policy that does not retry a safe request (a server answering 503 to
+/// everything must cost no GET an error while another serves), a retry back to the server
+/// that failed it (each request reaches the failing one at most once), and a POST retried
+/// without the caller's mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_policy_retries_safe_requests_on_another_instance() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "r", 2).await;
+    servers[0].set_unavailable(true);
+    let client = client(&registry).retry_policy(
+        tower_sd::http::HttpRetryPolicy::new(3)
+            .statuses([503])
+            .backoff(Duration::from_millis(1), Duration::from_millis(5), 2.0),
+    );
+    for _ in 0..50 {
+        assert_eq!(send_marked(&client, http::Method::GET, false).await, 200);
+    }
+    let failing = servers[0].served();
+    assert!(
+        failing > 0 && failing <= 50,
+        "{failing} requests reached the failing server"
+    );
+    assert_eq!(servers[1].served(), 50);
+    for _ in 0..50 {
+        assert_eq!(send_marked(&client, http::Method::POST, true).await, 200);
+    }
+    let mut refused = 0;
+    for _ in 0..50 {
+        if send_marked(&client, http::Method::POST, false).await == 503 {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "an unmarked POST is sent once");
+}

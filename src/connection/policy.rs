@@ -23,6 +23,11 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+use super::retry::Answer;
+
+/// Attempts at most, whatever a policy says (gRFC A6's limit).
+pub(crate) const MAX_ATTEMPTS: u32 = 5;
+
 /// A channel's retry throttle: gRFC A6's token bucket, in thousandths of a token.
 #[derive(Debug)]
 pub(crate) struct Throttle {
@@ -82,8 +87,17 @@ pub(crate) struct RetryRules {
     pub(crate) initial_backoff: Duration,
     pub(crate) max_backoff: Duration,
     pub(crate) multiplier: f64,
-    /// The retryable gRPC status codes, as bits.
-    pub(crate) codes: u32,
+    /// What answers are worth retrying.
+    pub(crate) retryable: Retryable,
+}
+
+/// The answers a policy retries.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Retryable {
+    /// gRPC status codes, as bits, read from trailers-only answers.
+    Grpc(u32),
+    /// HTTP statuses.
+    Http(Box<[u16]>),
 }
 
 /// gRFC A6's hedging: how many attempts, how far apart, and which answers let the others
@@ -142,30 +156,46 @@ impl CallPolicy {
         }
     }
 
-    /// What to do with an answer whose headers are `headers`, after `attempts` attempts.
-    pub(crate) fn verdict(&mut self, headers: &HeaderMap, attempts: u32) -> Verdict {
-        // Only a trailers-only answer carries its status in its headers; any other commits.
-        let Some(code) = grpc_status(headers) else {
+    /// What to do with `answer`, after `attempts` attempts.
+    pub(crate) fn verdict(&mut self, answer: &impl Answer, attempts: u32) -> Verdict {
+        let Some(rules) = self.rules.clone() else {
             return Verdict::Keep;
         };
-        if code == 0 {
-            // Successes refill the throttle where every call's end is seen (the channel).
-            return Verdict::Keep;
-        }
-        let pushback = match pushback(headers) {
-            Ok(pushback) => pushback,
-            Err(()) => {
-                self.failed();
-                return Verdict::Keep;
+        let (code, pushback) = match &rules.retryable {
+            Retryable::Grpc(codes) => {
+                let Some(headers) = answer.headers() else {
+                    return Verdict::Keep;
+                };
+                // Only a trailers-only answer carries its status in its headers; any other
+                // commits. Successes refill the throttle where every call's end is seen
+                // (the channel).
+                let Some(code) = grpc_status(headers).filter(|code| *code != 0) else {
+                    return Verdict::Keep;
+                };
+                let Ok(pushback) = pushback(headers) else {
+                    self.failed();
+                    return Verdict::Keep;
+                };
+                if codes & (1 << code.min(31)) == 0 {
+                    return Verdict::Keep;
+                }
+                (code, pushback)
+            }
+            Retryable::Http(statuses) => {
+                let Some(status) = answer.status() else {
+                    return Verdict::Keep;
+                };
+                if !statuses.contains(&status) {
+                    if status < 500
+                        && let Some(throttle) = &self.throttle
+                    {
+                        throttle.success();
+                    }
+                    return Verdict::Keep;
+                }
+                (u32::from(status), None)
             }
         };
-        let Some(rules) = &self.rules else {
-            return Verdict::Keep;
-        };
-        if rules.codes & (1 << code.min(31)) == 0 {
-            return Verdict::Keep;
-        }
-        let rules = Arc::clone(rules);
         if !self.failed() {
             return Verdict::Throttled;
         }
@@ -184,6 +214,13 @@ impl CallPolicy {
             }
         };
         Verdict::Retry { after, code }
+    }
+
+    /// Whether its retries are gRPC's (and carry `grpc-previous-rpc-attempts`).
+    pub(crate) fn is_grpc(&self) -> bool {
+        self.rules
+            .as_ref()
+            .is_some_and(|rules| matches!(rules.retryable, Retryable::Grpc(_)))
     }
 
     /// Records a failure with the throttle; whether retries are still allowed.
@@ -235,17 +272,18 @@ mod tests {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(350),
             multiplier: 2.0,
-            codes: 1 << 14,
+            retryable: Retryable::Grpc(1 << 14),
         })
     }
 
-    fn answer(status: u32, pushback: &[&str]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
+    fn answer(status: u32, pushback: &[&str]) -> http::Response<()> {
+        let mut answer = http::Response::new(());
+        let headers = answer.headers_mut();
         headers.insert("grpc-status", status.into());
         for value in pushback {
             headers.append("grpc-retry-pushback-ms", value.parse().unwrap());
         }
-        headers
+        answer
     }
 
     /// Catches a bucket that does not stop at half, one a success does not refill by
@@ -278,7 +316,7 @@ mod tests {
     fn retries_retryable_codes_with_a_growing_capped_backoff() {
         let mut policy = CallPolicy::new(Some(rules(5)), None, false);
         assert_eq!(policy.verdict(&answer(13, &[]), 1), Verdict::Keep);
-        assert_eq!(policy.verdict(&HeaderMap::new(), 1), Verdict::Keep);
+        assert_eq!(policy.verdict(&http::Response::new(()), 1), Verdict::Keep);
         assert_eq!(policy.verdict(&answer(0, &[]), 1), Verdict::Keep);
         let ceilings = [100, 200, 350, 350];
         for (n, ceiling) in ceilings.into_iter().enumerate() {
@@ -327,5 +365,42 @@ mod tests {
         policy.verdict(&answer(13, &[]), 1);
         policy.verdict(&answer(0, &[]), 1);
         assert_eq!(throttle.milli_tokens(), 4_000);
+    }
+
+    /// Catches an HTTP policy that reads gRPC's status instead of the HTTP one, retries a
+    /// status it does not list, takes no token for a retryable status, or refills the
+    /// throttle for a server error.
+    #[test]
+    fn http_statuses_retry_and_feed_the_throttle() {
+        let throttle = Arc::new(Throttle::new(10_000, 1_000));
+        let rules = RetryRules {
+            retryable: Retryable::Http(Box::new([503])),
+            ..(*rules(3)).clone()
+        };
+        let mut policy = CallPolicy::new(Some(Arc::new(rules)), Some(Arc::clone(&throttle)), false);
+        let status = |code: u16| {
+            let mut answer = http::Response::new(());
+            *answer.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            answer
+        };
+        assert!(matches!(
+            policy.verdict(&status(503), 1),
+            Verdict::Retry { code: 503, .. }
+        ));
+        assert_eq!(throttle.milli_tokens(), 9_000);
+        assert_eq!(policy.verdict(&status(500), 1), Verdict::Keep);
+        assert_eq!(throttle.milli_tokens(), 9_000, "a 500 gives nothing back");
+        assert_eq!(policy.verdict(&status(404), 1), Verdict::Keep);
+        assert_eq!(
+            throttle.milli_tokens(),
+            10_000,
+            "a 404 is a success for the throttle"
+        );
+        assert_eq!(
+            policy.verdict(&status(503), 3),
+            Verdict::Keep,
+            "at maxAttempts"
+        );
+        assert!(!policy.is_grpc());
     }
 }

@@ -71,14 +71,19 @@ pub(crate) trait Picks {
     fn avoid(&mut self, endpoints: &[usize]);
 }
 
-/// What a retry policy reads of an answer: its headers, when it has any.
+/// What a retry policy reads of an answer: its headers and status, when it has them.
 pub(crate) trait Answer {
     fn headers(&self) -> Option<&http::HeaderMap>;
+    fn status(&self) -> Option<u16>;
 }
 
 impl<B> Answer for http::Response<B> {
     fn headers(&self) -> Option<&http::HeaderMap> {
         Some(self.headers())
+    }
+
+    fn status(&self) -> Option<u16> {
+        Some(self.status().as_u16())
     }
 }
 
@@ -386,7 +391,7 @@ impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
         S::Response: Answer,
     {
         let policy = self.policy.as_deref_mut()?;
-        let (after, code) = match policy.verdict(response.headers()?, self.retries + 1) {
+        let (after, code) = match policy.verdict(response, self.retries + 1) {
             Verdict::Keep => return None,
             Verdict::Throttled => {
                 debug!(service = %self.service, attempts = self.attempts, "retry throttled");
@@ -395,11 +400,14 @@ impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
             }
             Verdict::Retry { after, code } => (after, code),
         };
+        let grpc = policy.is_grpc();
         let mut request = self.resend()?;
         self.retries += 1;
-        request
-            .headers_mut()
-            .insert("grpc-previous-rpc-attempts", self.retries.into());
+        if grpc {
+            request
+                .headers_mut()
+                .insert("grpc-previous-rpc-attempts", self.retries.into());
+        }
         debug!(service = %self.service, attempt = self.attempts, code, ?after, "retrying by the call's retry policy");
         crate::metrics::policy_retry(&self.service, code);
         Some((request, Some(after)))
@@ -423,7 +431,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::connection::policy::{RetryRules, Throttle};
+    use crate::connection::policy::{RetryRules, Retryable, Throttle};
     use crate::endpoint::Connectivity;
 
     type Body = ReplayBody<Full<Bytes>>;
@@ -725,7 +733,7 @@ mod tests {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(1),
             multiplier: 2.0,
-            codes: 1 << 14,
+            retryable: Retryable::Grpc(1 << 14),
         };
         CallPolicy::new(Some(Arc::new(rules)), throttle, false)
     }

@@ -15,12 +15,14 @@ use futures_core::future::BoxFuture;
 use http::Request;
 use tower::{Service, ServiceExt};
 
+use super::retry::{HttpRetryPolicy, is_safe};
 use super::rewrite::{Rewrite, Wire};
 use super::route::Route;
 use super::router::{Reported, Router};
 use super::{DiscoveryLayer, TooManyServices, UnknownHost};
 use crate::balance::{Balance, EndpointStats};
 use crate::classify::{HttpStatus, ResponseBody};
+use crate::connection::policy::{CallPolicy, RetryRules, Throttle};
 use crate::connection::retry::Retry;
 use crate::connection::{self, Connection, ConnectionSettings, Connector};
 use crate::discover::RegistryDiscover;
@@ -38,14 +40,28 @@ pub struct ConnectionDiscovery<B> {
     connector: Connector,
     /// The transparent retry's buffer (the connection settings' `retry_buffer_bytes`).
     retry_buffer: usize,
+    /// The retry policy, with its rules as the connections apply them.
+    policy: Option<(HttpRetryPolicy, Arc<RetryRules>)>,
 }
 
-/// The balancer of one service, with the transparent retry in front.
-type ServiceBalance<B> = Retry<Balance<Rewrite<Connection<B>>, String, HttpStatus>, B>;
+/// The balancer of one service, with the retries in front, and the service's throttle.
+struct ServiceBalance<B> {
+    retry: Retry<Balance<Rewrite<Connection<B>>, String, HttpStatus>, B>,
+    throttle: Option<Arc<Throttle>>,
+}
+
+impl<B> Clone for ServiceBalance<B> {
+    fn clone(&self) -> Self {
+        Self {
+            retry: self.retry.clone(),
+            throttle: self.throttle.clone(),
+        }
+    }
+}
 
 impl<B> Reported for ServiceBalance<B> {
     fn endpoints(&self) -> Vec<EndpointStats<String>> {
-        self.get_ref().endpoints()
+        self.retry.get_ref().endpoints()
     }
 }
 
@@ -65,6 +81,7 @@ impl DiscoveryLayer {
             router: self.router(),
             retry_buffer: connections.retry_buffer_bytes,
             connector: Connector::new(connections),
+            policy: None,
         }
     }
 }
@@ -92,8 +109,20 @@ where
                 .balance_for(service)
                 .build(discover)
                 .with_classifier(HttpStatus);
-            Retry::new(balance, self.retry_buffer, service)
+            ServiceBalance {
+                retry: Retry::new(balance, self.retry_buffer, service),
+                throttle: self.policy.as_ref().and_then(|(p, _)| p.new_throttle()),
+            }
         })
+    }
+
+    /// Retries requests that are safe to send twice by `policy` (see [`HttpRetryPolicy`]);
+    /// set it before the first request (balancers made before keep none).
+    #[must_use]
+    pub fn retry_policy(mut self, policy: HttpRetryPolicy) -> Self {
+        let rules = policy.rules();
+        self.policy = Some((policy, rules));
+        self
     }
 }
 
@@ -116,6 +145,7 @@ impl<B> Clone for ConnectionDiscovery<B> {
             router: Arc::clone(&self.router),
             connector: self.connector.clone(),
             retry_buffer: self.retry_buffer,
+            policy: self.policy.clone(),
         }
     }
 }
@@ -145,7 +175,18 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         match self.router.route(request.uri()) {
             Route::Service(service) => match self.balancer(&service) {
-                Ok(balance) => Box::pin(balance.oneshot(request)),
+                Ok(balance) => {
+                    let policy = self.policy.as_ref().filter(|_| is_safe(&request));
+                    let Some((_, rules)) = policy else {
+                        return Box::pin(balance.retry.oneshot(request));
+                    };
+                    let policy = CallPolicy::new(Some(Arc::clone(rules)), balance.throttle, false);
+                    let mut retry = balance.retry;
+                    Box::pin(async move {
+                        retry.ready().await?;
+                        retry.call_with(request, Some(Box::new(policy))).await
+                    })
+                }
                 Err(error) => Box::pin(std::future::ready(Err(error.into()))),
             },
             Route::Other => {

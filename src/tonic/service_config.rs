@@ -34,7 +34,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::balance::LoadMetric;
-use crate::connection::policy::{HedgeRules, RetryRules};
+use crate::connection::policy::{HedgeRules, MAX_ATTEMPTS, RetryRules, Retryable};
 
 /// gRPC's service config (see the module docs). Parse it from JSON with [`str::parse`];
 /// in a YAML or TOML configuration, it is the same structure.
@@ -150,9 +150,6 @@ pub enum ServiceConfigError {
         reason: String,
     },
 }
-
-/// Attempts at most, whatever a policy says (gRFC A6's limit).
-pub(crate) const MAX_ATTEMPTS: u32 = 5;
 
 // ===== impl ServiceConfig =====
 
@@ -294,7 +291,7 @@ fn method_of(entry: &Object<'_>) -> Result<MethodConfig, ServiceConfigError> {
             initial_backoff: policy.initial_backoff,
             max_backoff: policy.max_backoff,
             multiplier: policy.backoff_multiplier,
-            codes: policy.retryable_codes.0,
+            retryable: Retryable::Grpc(policy.retryable_codes.0),
         })
     });
     let hedge_rules = hedging.as_ref().map(|policy| {

@@ -122,6 +122,7 @@ impl TestServer {
     }
 
     /// Makes a gRPC server answer `UNAVAILABLE` (or serve again).
+    /// From now on, answer every request `UNAVAILABLE` (gRPC) or 503 (HTTP), or not.
     pub fn set_unavailable(&self, unavailable: bool) {
         self.stats.unavailable.store(unavailable, Ordering::SeqCst);
     }
@@ -139,10 +140,16 @@ impl TestServer {
 
     async fn echo_host(name: &str, http2: bool) -> Self {
         let body = Bytes::from(name.to_owned());
-        Self::start(name, http2, Arc::new(Stats::default()), move || {
-            let body = body.clone();
+        let stats = Arc::new(Stats::default());
+        let flags = Arc::clone(&stats);
+        Self::start(name, http2, stats, move || {
+            let (body, flags) = (body.clone(), Arc::clone(&flags));
             tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let mut response = http::Response::new(Full::new(body.clone()));
+                if flags.unavailable.load(Ordering::SeqCst) {
+                    // `set_unavailable`: 503, as a server shedding load answers.
+                    *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                }
                 let host = request
                     .headers()
                     .get(http::header::HOST)
