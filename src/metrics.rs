@@ -143,13 +143,13 @@ pub(crate) fn retry_throttled(service: &str) {
 }
 
 /// A hedged call sent one more attempt.
-#[cfg(feature = "_connections")]
+#[cfg(feature = "tonic")]
 pub(crate) fn hedge_sent(service: &str) {
     count("tower_sd_hedges_total", service);
 }
 
 /// A hedged call's answer came from an attempt after its first.
-#[cfg(feature = "_connections")]
+#[cfg(feature = "tonic")]
 pub(crate) fn hedge_won(service: &str) {
     count("tower_sd_hedges_won_total", service);
 }

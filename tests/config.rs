@@ -451,3 +451,52 @@ fn tower_sd_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Catches a `service_config` section not read (YAML or TOML), read into something other
+/// than gRPC's service config, or an invalid field in it that does not name itself.
+#[cfg(feature = "tonic")]
+#[test]
+fn a_service_config_rides_beside_the_registry() {
+    let yaml = RegistryConfig::from_yaml_str(
+        r#"
+registry: { type: memory }
+service_config:
+  methodConfig:
+    - name: [ { service: "helloworld.Greeter" } ]
+      timeout: "2s"
+      retryPolicy: { maxAttempts: 3, initialBackoff: "0.1s", maxBackoff: "1s",
+                     backoffMultiplier: 2, retryableStatusCodes: [ UNAVAILABLE ] }
+  retryThrottling: { maxTokens: 10, tokenRatio: 0.1 }
+"#,
+    )
+    .unwrap();
+    let toml = RegistryConfig::from_toml_str(
+        r#"
+[registry]
+type = "memory"
+
+[service_config]
+retryThrottling = { maxTokens = 10, tokenRatio = 0.1 }
+
+[[service_config.methodConfig]]
+name = [ { service = "helloworld.Greeter" } ]
+timeout = "2s"
+retryPolicy = { maxAttempts = 3, initialBackoff = "0.1s", maxBackoff = "1s", backoffMultiplier = 2, retryableStatusCodes = [ "UNAVAILABLE" ] }
+"#,
+    )
+    .unwrap();
+    assert_eq!(yaml, toml);
+    let config = yaml.service_config.expect("read");
+    let method = config
+        .method("/helloworld.Greeter/SayHello")
+        .expect("by service");
+    assert_eq!(method.timeout, Some(std::time::Duration::from_secs(2)));
+    assert_eq!(method.retry.as_ref().map(|r| r.max_attempts), Some(3));
+    assert!(config.retry_throttling().is_some());
+
+    let (key, why) = invalid(RegistryConfig::from_yaml_str(
+        "registry: { type: memory }\nservice_config: { retryThrottling: { maxTokens: 0, tokenRatio: 1 } }\n",
+    ));
+    assert!(key.starts_with("service_config"), "{key}");
+    assert!(why.contains("retryThrottling.maxTokens"), "{why}");
+}

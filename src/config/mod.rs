@@ -54,6 +54,18 @@
 //!       static: { instances: [ { id: "a", name: "api", address: "10.0.0.1", port: 80 } ] }
 //! ```
 //!
+//! With the `tonic` feature, a `service_config` section beside `registry` carries gRPC's
+//! service config (see [`ServiceConfig`](crate::tonic::ServiceConfig)), in YAML or TOML:
+//!
+//! ```yaml
+//! service_config:
+//!   methodConfig:
+//!     - name: [ { service: "helloworld.Greeter" } ]
+//!       retryPolicy: { maxAttempts: 3, initialBackoff: "0.1s", maxBackoff: "1s",
+//!                      backoffMultiplier: 2, retryableStatusCodes: [ UNAVAILABLE ] }
+//!   retryThrottling: { maxTokens: 10, tokenRatio: 0.1 }
+//! ```
+//!
 //! `cargo run --example watch --features config -- --config examples/config/static.yaml greeter`
 //! watches any configured registry (`--etcd ENDPOINT SERVICE`, `--dns NAME` and `--kubernetes
 //! NAMESPACE SERVICE` without a file); `quickstart` and `tonic_client` accept `--config FILE` too.
@@ -86,12 +98,20 @@ use parse::{duration_opt, from_value, invalid, parse_location, syntax_error};
 /// The registry types, as `registry.type` names them.
 pub const REGISTRY_TYPES: [&str; 6] = ["consul", "kubernetes", "etcd", "dns", "static", "memory"];
 
-/// A configuration file: one `registry` section.
+/// A configuration file: one `registry` section, and with the `tonic` feature, the gRPC
+/// service config of the channels made from it.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// The registry to use.
     pub registry: RegistrySection,
+    /// gRPC's service config (retry and hedging policies, deadlines, the retry throttle,
+    /// health checking; see [`ServiceConfig`](crate::tonic::ServiceConfig)), as the same
+    /// structure in YAML or TOML; give it to
+    /// [`LoadBalancedChannelBuilder::service_config`](crate::tonic::LoadBalancedChannelBuilder::service_config).
+    #[cfg(feature = "tonic")]
+    #[serde(default)]
+    pub service_config: Option<crate::tonic::ServiceConfig>,
 }
 
 /// The `registry` section (and each entry of its `fallback` list).

@@ -110,6 +110,7 @@ mod dial;
 mod error;
 mod future;
 mod head;
+#[cfg(feature = "tonic")]
 pub(crate) mod hedge;
 mod open;
 mod ping;

@@ -95,13 +95,16 @@ pub(crate) struct RetryRules {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Retryable {
     /// gRPC status codes, as bits, read from trailers-only answers.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     Grpc(u32),
     /// HTTP statuses.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     Http(Box<[u16]>),
 }
 
 /// gRFC A6's hedging: how many attempts, how far apart, and which answers let the others
 /// go on.
+#[cfg(feature = "tonic")]
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct HedgeRules {
     /// Attempts at most, the first included.
@@ -111,6 +114,7 @@ pub(crate) struct HedgeRules {
     pub(crate) non_fatal: u32,
 }
 
+#[cfg(feature = "tonic")]
 impl HedgeRules {
     /// Whether an answer with `headers` lets the other attempts go on: a trailers-only
     /// answer with a non-fatal code.

@@ -62,6 +62,7 @@ impl<B> Read<B> {
 
     /// Reads what `body` has ready now, without waiting, until it ends, would wait, or
     /// more than `limit` bytes are read. A unary gRPC request's body is ready whole.
+    #[cfg(feature = "tonic")]
     pub(crate) fn ready(mut body: B, limit: usize) -> Result<Self, B::Error>
     where
         B: Body<Data = Bytes> + Unpin,

@@ -109,16 +109,19 @@ impl<S, B> Retry<S, B> {
         &self.inner
     }
 
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
     /// The retry buffer's size.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn buffer(&self) -> usize {
         self.buffer
     }
 
     /// The service name, for logs and metrics.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn service(&self) -> &Arc<str> {
         &self.service
     }
@@ -168,6 +171,7 @@ where
 
     /// Sends `request` under `policy` once an instance is ready, when `poll_ready` failed
     /// and the policy waits for ready instances.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn wait_then_call(
         &mut self,
         request: Request<B>,
@@ -349,6 +353,7 @@ type Next<B> = (Request<ReplayBody<B>>, Option<Duration>);
 
 impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
     /// Attempts so far, transparent resends included.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn attempts(&self) -> u32 {
         self.attempts
     }

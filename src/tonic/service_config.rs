@@ -38,7 +38,7 @@ use crate::connection::policy::{HedgeRules, MAX_ATTEMPTS, RetryRules, Retryable}
 
 /// gRPC's service config (see the module docs). Parse it from JSON with [`str::parse`];
 /// in a YAML or TOML configuration, it is the same structure.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceConfig {
     /// Method configurations by path: `/service/method`, `/service/`, or `` (the default).
     methods: HashMap<String, Arc<MethodConfig>>,
