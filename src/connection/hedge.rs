@@ -28,7 +28,7 @@ use tower::Service;
 use tracing::debug;
 
 use super::policy::{HedgeRules, Throttle};
-use super::replay::{Read, ReplayBody};
+use super::replay::{Budget, Read, ReplayBody};
 use super::retry::{Answer, Picks};
 use crate::error::BoxError;
 
@@ -41,6 +41,8 @@ pub(crate) struct HedgeFuture<S: Service<Request<ReplayBody<B>>>, B> {
     trailers: Option<HeaderMap>,
     rules: Arc<HedgeRules>,
     throttle: Option<Arc<Throttle>>,
+    /// The channel's retry budget, which each attempt's body counts against.
+    budget: Arc<Budget>,
     /// The attempts in flight, with their number (0: the first).
     running: Vec<(u32, S::Future)>,
     /// A handle getting ready for the next attempt.
@@ -74,6 +76,7 @@ where
         read: Read<B>,
         rules: Arc<HedgeRules>,
         throttle: Option<Arc<Throttle>>,
+        budget: Arc<Budget>,
         name: Arc<str>,
     ) -> Self {
         let mut hedge = Self {
@@ -84,6 +87,7 @@ where
             next: Box::pin(tokio::time::sleep(rules.delay)),
             rules,
             throttle,
+            budget,
             running: Vec::new(),
             readying: None,
             now: false,
@@ -110,7 +114,7 @@ where
             trailers: self.trailers.clone(),
             rest: None,
         };
-        let (body, _) = ReplayBody::of(read, usize::MAX);
+        let (body, _) = ReplayBody::of(read, usize::MAX, &self.budget);
         let mut request = Request::from_parts(self.head.clone(), body);
         if self.sent > 0 {
             request

@@ -37,6 +37,8 @@ pub(crate) struct Recording<B> {
     bytes: usize,
     /// Bytes kept at most; past that, nothing is kept and no retry is possible.
     limit: usize,
+    /// What every request of the channel keeps together, `bytes` of it this one's.
+    budget: Arc<Budget>,
     overflowed: bool,
     /// The attempt whose body may send.
     attempt: u32,
@@ -99,20 +101,25 @@ impl<B> Read<B> {
 
 impl<B> ReplayBody<B> {
     /// Wraps `body`, keeping up to `limit` bytes; returns the handle a retry needs.
+    #[cfg(test)]
     pub(crate) fn new(body: B, limit: usize) -> (Self, Replay<B>) {
-        Self::of(Read::unread(body), limit)
+        Self::of(Read::unread(body), limit, &Budget::unlimited())
     }
 
-    /// The body of which `read` was read, keeping up to `limit` bytes.
-    pub(crate) fn of(read: Read<B>, limit: usize) -> (Self, Replay<B>) {
+    /// The body of which `read` was read, keeping up to `limit` bytes of `budget`.
+    pub(crate) fn of(read: Read<B>, limit: usize, budget: &Arc<Budget>) -> (Self, Replay<B>) {
+        let bytes = read.frames.iter().map(Bytes::len).sum();
+        // What was read is held anyway; past the budget, it is sent once.
+        let overflowed = !budget.reserve(bytes);
         let recording = Arc::new(Mutex::new(Recording {
-            bytes: read.frames.iter().map(Bytes::len).sum(),
+            bytes: if overflowed { 0 } else { bytes },
             body: read.rest,
             frames: read.frames,
             trailers: read.trailers,
             limit,
+            budget: Arc::clone(budget),
             // A body none of which was sent can be sent again whatever the limit.
-            overflowed: false,
+            overflowed,
             attempt: 0,
         }));
         let handle = Replay(Arc::clone(&recording));
@@ -138,7 +145,9 @@ fn lock<B>(recording: &Mutex<Recording<B>>) -> MutexGuard<'_, Recording<B>> {
 /// their own, which keep what a retry needs.
 impl<B> From<B> for ReplayBody<B> {
     fn from(body: B) -> Self {
-        Self::new(body, 0).0
+        // Nothing is kept, so no budget is spent.
+        static NONE: std::sync::LazyLock<Arc<Budget>> = std::sync::LazyLock::new(|| Budget::new(0));
+        Self::of(Read::unread(body), 0, &NONE).0
     }
 }
 
@@ -232,6 +241,54 @@ where
     }
 }
 
+/// The bytes all the requests of a channel keep for retries, together, at most.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    used: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn unlimited() -> Arc<Self> {
+        Self::new(usize::MAX)
+    }
+
+    /// Takes `bytes` when they fit; whether they did.
+    fn reserve(&self, bytes: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used
+            .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Bytes kept now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl<B> Drop for Recording<B> {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
 impl<B> Recording<B> {
     /// The trailers the caller's body ended with, unless `sent` says an attempt's body has
     /// sent them.
@@ -248,12 +305,14 @@ impl<B> Recording<B> {
         if self.overflowed {
             return false;
         }
-        self.bytes += data.len();
-        if self.bytes > self.limit {
+        let fits = self.bytes + data.len() <= self.limit && self.budget.reserve(data.len());
+        if !fits {
             self.overflowed = true;
+            self.budget.release(std::mem::take(&mut self.bytes));
             self.frames = Vec::new();
             return false;
         }
+        self.bytes += data.len();
         self.frames.push(data.clone());
         true
     }
@@ -380,5 +439,36 @@ mod tests {
         );
         assert!(third.frame().await.is_none(), "the trailers once");
         assert!(third.is_end_stream());
+    }
+
+    /// Catches a channel-wide budget not enforced (a request that would take more than is
+    /// left must not be replayable), bytes never given back (a dropped request frees what
+    /// it kept, and one that overflowed frees what it had taken), and bytes counted twice.
+    #[tokio::test]
+    async fn every_request_keeps_its_bytes_within_the_channel_budget() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let budget = Budget::new(10);
+        let body =
+            |text: &'static str| Read::unread(Full::new(Bytes::from_static(text.as_bytes())));
+        let (mut first, first_replay) = ReplayBody::of(body("12345678"), 1024, &budget);
+        first.frame().await.unwrap().unwrap();
+        assert_eq!(budget.used(), 8);
+        let (mut second, second_replay) = ReplayBody::of(body("abcde"), 1024, &budget);
+        second.frame().await.unwrap().unwrap();
+        assert!(
+            second_replay.again().is_none(),
+            "5 more bytes do not fit in 10"
+        );
+        assert_eq!(budget.used(), 8, "the overflow took nothing");
+        let (again, _) = first_replay.again().expect("the first fits");
+        assert_eq!(collect(again).await, b"12345678");
+        assert_eq!(budget.used(), 8, "a replay keeps the same bytes");
+        drop((first, first_replay));
+        assert_eq!(budget.used(), 0, "given back with the request");
+        let (mut third, third_replay) = ReplayBody::of(body("abcde"), 1024, &budget);
+        third.frame().await.unwrap().unwrap();
+        assert!(third_replay.again().is_some(), "room again");
+        drop((second, second_replay, third, third_replay));
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -46,7 +46,7 @@ use tracing::debug;
 
 use super::error::ConnectionError;
 use super::policy::{CallPolicy, Verdict};
-use super::replay::{Read, Replay, ReplayBody};
+use super::replay::{Budget, Read, Replay, ReplayBody};
 use crate::error::{BoxError, Error};
 
 /// Attempts at most for a request that never left this process.
@@ -91,15 +91,18 @@ impl<B> Answer for http::Response<B> {
 pub(crate) struct Retry<S, B> {
     inner: S,
     buffer: usize,
+    /// The bytes all requests keep together, at most.
+    budget: Arc<Budget>,
     service: Arc<str>,
     _body: PhantomData<fn(B)>,
 }
 
 impl<S, B> Retry<S, B> {
-    pub(crate) fn new(inner: S, buffer: usize, service: &str) -> Self {
+    pub(crate) fn new(inner: S, buffer: usize, budget: Arc<Budget>, service: &str) -> Self {
         Self {
             inner,
             buffer,
+            budget,
             service: service.into(),
             _body: PhantomData,
         }
@@ -120,6 +123,12 @@ impl<S, B> Retry<S, B> {
         self.buffer
     }
 
+    /// What all requests keep together, at most.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
     /// The service name, for logs and metrics.
     #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn service(&self) -> &Arc<str> {
@@ -132,6 +141,7 @@ impl<S: Clone, B> Clone for Retry<S, B> {
         Self {
             inner: self.inner.clone(),
             buffer: self.buffer,
+            budget: Arc::clone(&self.budget),
             service: Arc::clone(&self.service),
             _body: PhantomData,
         }
@@ -159,7 +169,7 @@ where
         read: Read<B>,
         policy: Option<Box<CallPolicy>>,
     ) -> RetryFuture<S, B> {
-        let (body, replay) = ReplayBody::of(read, self.buffer);
+        let (body, replay) = ReplayBody::of(read, self.buffer, &self.budget);
         let head = parts.clone();
         let mut tried = Vec::new();
         if policy.is_some() {
@@ -178,7 +188,7 @@ where
         policy: Box<CallPolicy>,
     ) -> RetryFuture<S, B> {
         let (parts, body) = request.into_parts();
-        let (body, replay) = ReplayBody::new(body, self.buffer);
+        let (body, replay) = ReplayBody::of(Read::unread(body), self.buffer, &self.budget);
         let head = parts.clone();
         let state = State::Readying {
             service: self.inner.clone(),
@@ -578,7 +588,7 @@ mod tests {
         buffer: usize,
         body: &'static str,
     ) -> Result<&'static str, BoxError> {
-        let retry = Retry::new(script.clone(), buffer, "svc");
+        let retry = Retry::new(script.clone(), buffer, Budget::unlimited(), "svc");
         let request = Request::post("/")
             .body(Full::new(Bytes::from(body)))
             .unwrap();
@@ -592,7 +602,7 @@ mod tests {
         body: &'static str,
         policy: CallPolicy,
     ) -> (Result<Answered, BoxError>, u32) {
-        let mut retry = Retry::new(script.clone(), buffer, "svc");
+        let mut retry = Retry::new(script.clone(), buffer, Budget::unlimited(), "svc");
         let request = Request::post("/")
             .body(Full::new(Bytes::from(body)))
             .unwrap();

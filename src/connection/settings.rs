@@ -47,6 +47,7 @@ pub struct ConnectionSettings {
     pub(crate) max_connections_per_instance: usize,
     pub(crate) concurrency_limit: Option<usize>,
     pub(crate) retry_buffer_bytes: usize,
+    pub(crate) retry_buffer_total_bytes: usize,
     pub(crate) reconnect_base: Duration,
     pub(crate) reconnect_max: Duration,
     pub(crate) tls: Option<TlsConfig>,
@@ -72,6 +73,7 @@ impl Default for ConnectionSettings {
             max_connections_per_instance: 4,
             concurrency_limit: None,
             retry_buffer_bytes: 64 << 10,
+            retry_buffer_total_bytes: 16 << 20,
             reconnect_base: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),
             tls: None,
@@ -205,6 +207,15 @@ impl ConnectionSettings {
     /// never left the client are retried whatever this says).
     pub fn retry_buffer(mut self, bytes: usize) -> Self {
         self.retry_buffer_bytes = bytes;
+        self
+    }
+
+    /// Request body bytes kept for retries by all the requests of a channel (or of a
+    /// `DiscoveryLayer`) together (default 16 MiB, grpc-java's): a request whose body
+    /// would take more is not retried once it outgrows what was left, as one past
+    /// [`retry_buffer`](Self::retry_buffer) is not.
+    pub fn retry_buffer_total(mut self, bytes: usize) -> Self {
+        self.retry_buffer_total_bytes = bytes;
         self
     }
 

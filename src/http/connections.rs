@@ -23,6 +23,7 @@ use super::{DiscoveryLayer, TooManyServices, UnknownHost};
 use crate::balance::{Balance, EndpointStats};
 use crate::classify::{HttpStatus, ResponseBody};
 use crate::connection::policy::{CallPolicy, RetryRules, Throttle};
+use crate::connection::replay::Budget;
 use crate::connection::retry::Retry;
 use crate::connection::{self, Connection, ConnectionSettings, Connector};
 use crate::discover::RegistryDiscover;
@@ -40,6 +41,8 @@ pub struct ConnectionDiscovery<B> {
     connector: Connector,
     /// The transparent retry's buffer (the connection settings' `retry_buffer_bytes`).
     retry_buffer: usize,
+    /// What every request keeps for retries, together, at most.
+    budget: Arc<Budget>,
     /// The retry policy, with its rules as the connections apply them.
     policy: Option<(HttpRetryPolicy, Arc<RetryRules>)>,
 }
@@ -80,6 +83,7 @@ impl DiscoveryLayer {
         ConnectionDiscovery {
             router: self.router(),
             retry_buffer: connections.retry_buffer_bytes,
+            budget: Budget::new(connections.retry_buffer_total_bytes),
             connector: Connector::new(connections),
             policy: None,
         }
@@ -110,7 +114,12 @@ where
                 .build(discover)
                 .with_classifier(HttpStatus);
             ServiceBalance {
-                retry: Retry::new(balance, self.retry_buffer, service),
+                retry: Retry::new(
+                    balance,
+                    self.retry_buffer,
+                    Arc::clone(&self.budget),
+                    service,
+                ),
                 throttle: self.policy.as_ref().and_then(|(p, _)| p.new_throttle()),
             }
         })
@@ -145,6 +154,7 @@ impl<B> Clone for ConnectionDiscovery<B> {
             router: Arc::clone(&self.router),
             connector: self.connector.clone(),
             retry_buffer: self.retry_buffer,
+            budget: Arc::clone(&self.budget),
             policy: self.policy.clone(),
         }
     }

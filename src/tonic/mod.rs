@@ -52,7 +52,7 @@ use crate::balance::{self, Balance, EndpointStats, LoadMetric, OutlierDetection}
 use crate::classify::{HttpStatus, ResponseBody};
 use crate::connection::hedge::HedgeFuture;
 use crate::connection::policy::{CallPolicy, Throttle, grpc_status};
-use crate::connection::replay::Read;
+use crate::connection::replay::{Budget, Read};
 use crate::connection::retry::{Retry, RetryFuture, not_ready};
 use crate::connection::{
     self, Connection, ConnectionError, ConnectionSettings, Connector, TlsConfig,
@@ -324,12 +324,14 @@ impl LoadBalancedChannel {
                 return Ok(Attempts::Retry(self.retry.call_read(parts, read, None)));
             }
             let name = Arc::clone(self.retry.service());
+            let budget = Arc::clone(self.retry.budget());
             let hedge = HedgeFuture::start(
                 self.retry.get_mut(),
                 parts,
                 read,
                 Arc::clone(rules),
                 throttle.cloned(),
+                budget,
                 name,
             );
             return Ok(Attempts::Hedge(Box::new(hedge)));
@@ -750,6 +752,7 @@ impl LoadBalancedChannelBuilder {
             balance_builder = balance_builder.load(metric);
         }
         let buffer = self.connections.retry_buffer_bytes;
+        let budget = Budget::new(self.connections.retry_buffer_total_bytes);
         let health = policy
             .as_ref()
             .and_then(|p| p.config.health_check_service())
@@ -778,7 +781,7 @@ impl LoadBalancedChannelBuilder {
             });
         let balance = balance_builder.build(discover).with_classifier(HttpStatus);
         LoadBalancedChannel {
-            retry: Retry::new(balance, buffer, &service),
+            retry: Retry::new(balance, buffer, budget, &service),
             timeout: self.timeout,
             failed: None,
             policy,
