@@ -17,6 +17,10 @@
 //! process's CPU time per request (from `/proc/self/stat`): both sides' cost in `unary`,
 //! where client and servers share the process, the client's alone in `unary_remote`.
 //!
+//! `unary_policies/{plain,retry,health,retry_health}/C`: `LoadBalancedChannel` on the happy
+//! path (in-process servers), without a service config, with a retry policy and throttle
+//! for the method, with health checking, and with both: what each costs when nothing fails.
+//!
 //! `cargo bench --bench end_to_end --features tonic -- nomatch` runs the latency passes
 //! alone. Built with `RUSTFLAGS="--cfg tokio_unstable"` and run with
 //! `TOWER_SD_BENCH_NO_LIFO=1`, every runtime of the bench (the servers' too) runs with
@@ -314,7 +318,55 @@ fn unary_remote(c: &mut Criterion) {
     drop(servers);
 }
 
-criterion_group!(benches, unary, unary_remote);
+/// The happy-path cost of a retry policy and of health checking (see the module docs).
+fn unary_policies(c: &mut Criterion) {
+    let rt = runtime();
+    let servers = rt.block_on(four_servers());
+    let retry = r#""methodConfig": [{ "name": [{ "service": "grpc.health.v1.Health" }],
+        "retryPolicy": { "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"] } }],
+        "retryThrottling": { "maxTokens": 10, "tokenRatio": 0.1 }"#;
+    let health = r#""healthCheckConfig": { "serviceName": "" }"#;
+    let configs = [
+        ("plain", None),
+        ("retry", Some(format!("{{ {retry} }}"))),
+        ("health", Some(format!("{{ {health} }}"))),
+        ("retry_health", Some(format!("{{ {retry}, {health} }}"))),
+    ];
+    let clients: Vec<_> = rt.block_on(async {
+        let registry = Arc::new(MemoryRegistry::new());
+        for server in &servers {
+            registry.register(server.instance("health")).await.unwrap();
+        }
+        let mut clients = Vec::new();
+        for (name, config) in configs {
+            let mut builder = LoadBalancedChannel::builder(registry.clone(), "health");
+            if let Some(config) = config {
+                builder = builder.service_config(config.parse().unwrap());
+            }
+            let channel = builder.connect(Duration::from_secs(5)).await.unwrap();
+            let client = HealthClient::new(channel);
+            // Warm up (and, with health checking, wait for the first answers).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            run(&client, 8, 512).await;
+            clients.push((name, client));
+        }
+        clients
+    });
+    let mut group = c.benchmark_group("unary_policies");
+    group.throughput(criterion::Throughput::Elements(PER_ITER as u64));
+    for callers in [1usize, 8] {
+        for (name, client) in &clients {
+            group.bench_function(BenchmarkId::new(*name, callers), |b| {
+                b.iter_custom(|iters| rt.block_on(run(client, callers, PER_ITER * iters as usize)));
+            });
+        }
+    }
+    group.finish();
+    drop(servers);
+}
+
+criterion_group!(benches, unary, unary_remote, unary_policies);
 
 fn main() {
     if std::env::var_os(SERVE).is_some() {

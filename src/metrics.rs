@@ -165,7 +165,7 @@ pub(crate) fn call_attempts(service: &str, attempts: u32) {
 
 /// An instance's health check found it `serving`, `not_serving`, or `unimplemented`
 /// (checking stopped).
-#[cfg(feature = "tonic")]
+#[cfg(any(feature = "tonic", feature = "http"))]
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn health(service: &str, status: &'static str) {
     #[cfg(feature = "metrics")]

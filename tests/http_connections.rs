@@ -455,3 +455,43 @@ async fn a_retry_policy_retries_safe_requests_on_another_instance() {
     }
     assert!(refused > 0, "an unmarked POST is sent once");
 }
+
+/// Catches a health probe that does not take a failing instance out of the picks (once it
+/// is reported not serving, no request may reach it: each would answer 503), one that
+/// does not bring it back, and one that closes its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_probe_takes_the_instance_out_until_it_passes() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "p", 2).await;
+    let probe = tower_sd::http::HttpProbe::new("/healthz")
+        .unwrap()
+        .interval(Duration::from_millis(20))
+        .timeout(Duration::from_millis(500));
+    let client = client(&registry).health_probe(probe);
+    get(&client, "http://backend/").await.unwrap();
+    let state = |key: &str| {
+        client
+            .endpoints(SERVICE)
+            .into_iter()
+            .find(|e| e.key == key)
+            .map(|e| e.state)
+    };
+    support::until("both serving", || {
+        state("p0") == Some(EndpointState::Ready) && state("p1") == Some(EndpointState::Ready)
+    })
+    .await;
+    servers[0].set_unavailable(true);
+    support::until("p0 out", || state("p0") == Some(EndpointState::NotServing)).await;
+    for _ in 0..50 {
+        assert_eq!(send_marked(&client, http::Method::GET, false).await, 200);
+    }
+    assert_eq!(servers[0].connections(), 1, "its connection stayed open");
+    servers[0].set_unavailable(false);
+    support::until("p0 back", || state("p0") == Some(EndpointState::Ready)).await;
+    let before = servers[0].served();
+    for _ in 0..50 {
+        assert_eq!(send_marked(&client, http::Method::GET, false).await, 200);
+    }
+    assert!(servers[0].served() > before, "p0 serves again");
+}

@@ -51,10 +51,20 @@ pub struct Endpoint<S> {
 #[derive(Clone)]
 pub(crate) struct Companion(#[allow(dead_code)] std::sync::Arc<dyn Send + Sync>);
 
+#[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
 impl Companion {
-    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
-    pub(crate) fn new(value: impl Send + Sync + 'static) -> Self {
-        Self(std::sync::Arc::new(value))
+    /// Aborts `task` when the last clone is dropped.
+    pub(crate) fn task(task: tokio::task::AbortHandle) -> Self {
+        /// Aborts a task when dropped.
+        struct AbortOnDrop(tokio::task::AbortHandle);
+
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+
+        Self(std::sync::Arc::new(AbortOnDrop(task)))
     }
 }
 
@@ -103,7 +113,7 @@ impl<S> Endpoint<S> {
     }
 
     /// Keeps `companion` as long as the balancer keeps the endpoint.
-    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
     pub(crate) fn companion(mut self, companion: Companion) -> Self {
         self.companion = Some(companion);
         self

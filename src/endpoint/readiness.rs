@@ -217,6 +217,22 @@ impl Readiness {
             .clone()
     }
 
+    /// Waits until the endpoint is [`Ready`](Connectivity::Ready) (`true`) or shut down
+    /// for good (`false`); `changed` must [`listen`](Self::listen) to it.
+    #[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
+    pub(crate) async fn until_ready(&self, changed: &Notify) -> bool {
+        loop {
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.get() {
+                Connectivity::Ready => return true,
+                Connectivity::Shutdown => return false,
+                _ => notified.await,
+            }
+        }
+    }
+
     /// Wakes `notify` on every change from now on (until it is dropped).
     pub(crate) fn listen(&self, notify: &Arc<Notify>) {
         let mut listeners = self

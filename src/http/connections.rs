@@ -15,6 +15,7 @@ use futures_core::future::BoxFuture;
 use http::Request;
 use tower::{Service, ServiceExt};
 
+use super::probe::{self, HttpProbe};
 use super::retry::{HttpRetryPolicy, is_safe};
 use super::rewrite::{Rewrite, Wire};
 use super::route::Route;
@@ -27,6 +28,7 @@ use crate::connection::replay::Budget;
 use crate::connection::retry::Retry;
 use crate::connection::{self, Connection, ConnectionSettings, Connector};
 use crate::discover::RegistryDiscover;
+use crate::endpoint::{Companion, Readiness};
 use crate::error::BoxError;
 use crate::instance::ServiceInstance;
 
@@ -45,7 +47,13 @@ pub struct ConnectionDiscovery<B> {
     budget: Arc<Budget>,
     /// The retry policy, with its rules as the connections apply them.
     policy: Option<(HttpRetryPolicy, Arc<RetryRules>)>,
+    /// Starts the health probe of each instance, when set.
+    probe: Option<Prober<B>>,
 }
+
+/// Starts an instance's health probe: its endpoint's service and readiness, and the
+/// service name; stops with the companion.
+type Prober<B> = Arc<dyn Fn(&Rewrite<Connection<B>>, &Readiness, &str) -> Companion + Send + Sync>;
 
 /// The balancer of one service, with the retries in front, and the service's throttle.
 struct ServiceBalance<B> {
@@ -86,6 +94,7 @@ impl DiscoveryLayer {
             budget: Budget::new(connections.retry_buffer_total_bytes),
             connector: Connector::new(connections),
             policy: None,
+            probe: None,
         }
     }
 }
@@ -100,12 +109,20 @@ where
         router.balancer(service, || {
             let connector = self.connector.clone().service(service);
             let host_header = router.settings.host_header;
+            let (probe, name) = (self.probe.clone(), service.to_owned());
             let discover = RegistryDiscover::of_endpoints(
                 &*router.registry,
                 service.to_owned(),
                 move |instance: &ServiceInstance| {
-                    connector.endpoint(instance, |connection: Connection<B>| {
+                    let endpoint = connector.endpoint(instance, |connection: Connection<B>| {
                         Rewrite::new(connection, instance, host_header, Wire::Http2)
+                    })?;
+                    Ok::<_, BoxError>(match (&probe, &endpoint.readiness) {
+                        (Some(start), Some(readiness)) => {
+                            let companion = start(&endpoint.service, readiness, &name);
+                            endpoint.companion(companion)
+                        }
+                        _ => endpoint,
                     })
                 },
             );
@@ -123,6 +140,21 @@ where
                 throttle: self.policy.as_ref().and_then(|(p, _)| p.new_throttle()),
             }
         })
+    }
+
+    /// Probes each instance's health with `probe` (see [`HttpProbe`]): an instance whose
+    /// probe fails gets no requests; set it before the first request (balancers made before
+    /// keep none).
+    #[must_use]
+    pub fn health_probe(mut self, probe: HttpProbe) -> Self
+    where
+        B: Default,
+    {
+        let probe = Arc::new(probe);
+        self.probe = Some(Arc::new(move |service, readiness, name| {
+            probe::start(&probe, service.clone(), readiness.clone(), name)
+        }));
+        self
     }
 
     /// Retries requests that are safe to send twice by `policy` (see [`HttpRetryPolicy`]);
@@ -156,6 +188,7 @@ impl<B> Clone for ConnectionDiscovery<B> {
             retry_buffer: self.retry_buffer,
             budget: Arc::clone(&self.budget),
             policy: self.policy.clone(),
+            probe: self.probe.clone(),
         }
     }
 }

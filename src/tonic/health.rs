@@ -58,15 +58,6 @@ enum Ended {
     Broke { answered: bool },
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Starts checking the health of the instance served by `connection`; the check stops
 /// when the returned companion is dropped with the endpoint.
 pub(crate) fn start(
@@ -78,7 +69,7 @@ pub(crate) fn start(
     // Not picked before the first answer.
     readiness.set_serving(false);
     let task = tokio::spawn(run(Arc::clone(check), connection, readiness, instance));
-    Companion::new(AbortOnDrop(task.abort_handle()))
+    Companion::task(task.abort_handle())
 }
 
 async fn run(
@@ -93,15 +84,8 @@ async fn run(
     // Whether the open connection has had an answer.
     let mut answered = false;
     loop {
-        loop {
-            let notified = changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match readiness.get() {
-                Connectivity::Ready => break,
-                Connectivity::Shutdown => return,
-                _ => notified.await,
-            }
+        if !readiness.until_ready(&changed).await {
+            return;
         }
         let ended = watch(&check, &connection, &readiness).await;
         match ended {

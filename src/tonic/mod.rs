@@ -27,6 +27,39 @@
 //! `wait_for_endpoints`). A request the server provably did not process (its connection
 //! closed first, `REFUSED_STREAM`, a GOAWAY below it) is sent once more on another
 //! instance, unseen by the caller.
+//!
+//! # Retries, hedging and health checks
+//!
+//! [`LoadBalancedChannelBuilder::service_config`] takes gRPC's service config
+//! ([`ServiceConfig`]), and the channel applies it as grpc-go's does:
+//!
+//! - **`retryPolicy`** (gRFC A6): a trailers-only answer with a retryable code is sent again
+//!   after A6's backoff (full jitter; grpc-go draws 0.8-1.2 of the ceiling instead), honouring
+//!   the server's `grpc-retry-pushback-ms`, with `grpc-previous-rpc-attempts`, up to
+//!   `maxAttempts` (at most 5). Any other response headers commit the call, as does a body
+//!   that outgrows the retry buffer (64 KiB per call; 16 MiB for the channel's calls
+//!   together, see [`ConnectionSettings::retry_buffer_total`]). Streaming calls retry while
+//!   not committed, replaying what they sent. **Every retry goes to an instance the call has
+//!   not tried while another is usable**; grpc-go leaves that to its picker.
+//! - **`retryThrottling`**: A6's token bucket per channel; no retries or hedges while the
+//!   tokens are at or below half.
+//! - **`hedgingPolicy`**: a new attempt every `hedgingDelay` (at once after a non-fatal
+//!   answer) to an untried instance; the first final answer wins and the others are reset
+//!   (`RST_STREAM` `CANCEL`) at once. A call is hedged only when its request body is at hand
+//!   whole when it starts (a unary call's is); other calls go out once.
+//! - **`timeout`** and **`waitForReady`**: the method's deadline (the caller's shorter one
+//!   wins), and whether a call waits, until its deadline, for an instance to be ready.
+//! - **`healthCheckConfig`** (gRFC A17): each instance's `grpc.health.v1.Health/Watch`;
+//!   a not-serving instance gets no calls while its connection stays open (see the health
+//!   module docs in `src/tonic/health.rs` for where we differ from A17: a broken Watch keeps
+//!   the instance's last answer).
+//! - **`loadBalancingConfig`**: the first policy tower-sd has (`least_request_experimental`,
+//!   its P2C default, or `peak_ewma`); a config naming none of them keeps P2C, with a
+//!   warning, where gRPC would reject the config.
+//!
+//! A call's error says how many attempts it made (`... (3 attempts)`). Metrics:
+//! `tower_sd_retries_total`, `tower_sd_retries_throttled_total`, `tower_sd_call_attempts`,
+//! `tower_sd_hedges_total`, `tower_sd_hedges_won_total`, `tower_sd_health_changes_total`.
 
 use std::fmt;
 use std::future::Future;

@@ -1,0 +1,153 @@
+//! [`HttpProbe`]: active health checking of HTTP servers reached over tower-sd's
+//! connections ([`ConnectionDiscovery::health_probe`]), for registries that know nothing
+//! of health (DNS, static lists, etcd).
+//!
+//! Each instance gets a task that, while its connection is open, sends `GET <path>` over it
+//! every `interval`, with the service name as the host. An answer with a healthy status
+//! (200-299 by default) within `timeout` marks the instance serving; any other answer, a
+//! timeout or an error marks it
+//! [not serving](crate::endpoint::Readiness::set_serving): out of the picks, its connection
+//! open and its place in discovery kept. A new connection is not picked until its first
+//! answer, as with gRPC's health checks. One probe decides each way (no thresholds).
+//!
+//! [`ConnectionDiscovery::health_probe`]: super::ConnectionDiscovery::health_probe
+
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use tokio::sync::Notify;
+use tower::{Service, ServiceExt};
+use tracing::debug;
+
+use crate::connection::replay::ReplayBody;
+use crate::endpoint::{Companion, Connectivity, Readiness};
+use crate::error::BoxError;
+
+/// An HTTP health probe (see the module docs).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_sd::http::HttpProbe;
+///
+/// let probe = HttpProbe::new("/healthz")?
+///     .interval(Duration::from_secs(2))
+///     .timeout(Duration::from_millis(500));
+/// # drop(probe);
+/// # Ok::<(), http::uri::InvalidUri>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct HttpProbe {
+    path: PathAndQuery,
+    interval: Duration,
+    timeout: Duration,
+    healthy: RangeInclusive<u16>,
+}
+
+impl HttpProbe {
+    /// Probes `path` (with its query, if any) every 5 s, each answer due within 1 s, 200 to
+    /// 299 healthy.
+    ///
+    /// # Errors
+    ///
+    /// When `path` is not a valid path and query.
+    pub fn new(path: &str) -> Result<Self, http::uri::InvalidUri> {
+        Ok(Self {
+            path: path.parse()?,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy: 200..=299,
+        })
+    }
+
+    /// The time between two probes (at least 10 ms).
+    #[must_use]
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long a probe waits for its answer.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The statuses that say healthy.
+    #[must_use]
+    pub fn healthy_statuses(mut self, statuses: RangeInclusive<u16>) -> Self {
+        self.healthy = statuses;
+        self
+    }
+}
+
+/// Starts probing the instance served by `service`, whose connection reports to
+/// `readiness`, as a host of `service_name`; the probing stops when the returned companion
+/// is dropped with the endpoint.
+pub(crate) fn start<S, B>(
+    probe: &Arc<HttpProbe>,
+    service: S,
+    readiness: Readiness,
+    service_name: &str,
+) -> Companion
+where
+    S: Service<http::Request<ReplayBody<B>>, Response = http::Response<crate::connection::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: Default + Send + 'static,
+{
+    readiness.set_serving(false);
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority(service_name)
+        .path_and_query(probe.path.clone())
+        .build();
+    let (probe, name) = (Arc::clone(probe), Arc::<str>::from(service_name));
+    let task = tokio::spawn(async move {
+        let Ok(uri) = uri else {
+            // A service name that is no host: nothing to probe it as; leave it in use.
+            readiness.set_serving(true);
+            return;
+        };
+        let changed = Arc::new(Notify::new());
+        readiness.listen(&changed);
+        loop {
+            if !readiness.until_ready(&changed).await {
+                return;
+            }
+            let serving = healthy(&probe, service.clone(), &uri).await;
+            if readiness.is_serving() != serving {
+                debug!(service = %name, serving, "HTTP health probe");
+                let status = if serving { "serving" } else { "not_serving" };
+                crate::metrics::health(&name, status);
+            }
+            readiness.set_serving(serving);
+            tokio::time::sleep(probe.interval).await;
+            if readiness.get() != Connectivity::Ready {
+                // The connection is gone: the next one waits for its own first answer.
+                readiness.set_serving(false);
+            }
+        }
+    });
+    Companion::task(task.abort_handle())
+}
+
+/// One probe: whether the answer came in time with a healthy status.
+async fn healthy<S, B>(probe: &HttpProbe, service: S, uri: &http::Uri) -> bool
+where
+    S: Service<http::Request<ReplayBody<B>>, Response = http::Response<crate::connection::Body>>,
+    S::Error: Into<BoxError>,
+    B: Default,
+{
+    let mut request = http::Request::new(ReplayBody::from(B::default()));
+    *request.uri_mut() = uri.clone();
+    match tokio::time::timeout(probe.timeout, service.oneshot(request)).await {
+        Ok(Ok(response)) => probe.healthy.contains(&response.status().as_u16()),
+        _ => false,
+    }
+}
