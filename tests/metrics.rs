@@ -233,3 +233,105 @@ fn registry_metrics_say_what_fails_what_is_served_and_what_is_followed() {
         });
     });
 }
+
+/// Catches a retry, a throttle, a hedge or a health change that goes uncounted: a tonic
+/// server answering UNAVAILABLE beside a healthy one, under a retry policy, then hedged
+/// calls, both servers health-checked.
+#[cfg(feature = "tonic")]
+#[test]
+fn retries_hedges_and_health_changes_are_counted() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tower_sd::tonic::LoadBalancedChannel;
+    use tower_sd::{MemoryRegistry, ServiceRegistry};
+
+    let _limit = support::time_limit(60);
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let registry = Arc::new(MemoryRegistry::new());
+            let mut servers = Vec::new();
+            for name in ["m0", "m1"] {
+                let (server, _reporter) = support::servers::TestServer::grpc_reporting(name).await;
+                registry.register(server.instance("metered")).await.unwrap();
+                servers.push(server);
+            }
+            let method = r#""name": [{ "service": "grpc.health.v1.Health", "method": "Check" }]"#;
+            let retry: tower_sd::tonic::ServiceConfig = format!(
+                r#"{{ "methodConfig": [{{ {method}, "retryPolicy": {{ "maxAttempts": 3,
+                    "initialBackoff": "0.001s", "maxBackoff": "0.001s", "backoffMultiplier": 1,
+                    "retryableStatusCodes": ["UNAVAILABLE"] }} }}],
+                   "retryThrottling": {{ "maxTokens": 4, "tokenRatio": 0.1 }},
+                   "healthCheckConfig": {{ "serviceName": "" }} }}"#
+            )
+            .parse()
+            .unwrap();
+            let channel = LoadBalancedChannel::builder(registry.clone(), "metered")
+                .service_config(retry)
+                .outlier_detection(None)
+                .connect(Duration::from_secs(5))
+                .await
+                .unwrap();
+            support::until("both serving", || {
+                channel
+                    .endpoints()
+                    .iter()
+                    .filter(|e| e.state == tower_sd::balance::EndpointState::Ready)
+                    .count()
+                    == 2
+            })
+            .await;
+            servers[0].set_unavailable(true);
+            for _ in 0..20 {
+                let mut client = HealthClient::new(channel.clone());
+                let _ = client.check(HealthCheckRequest::default()).await;
+            }
+            let hedged: tower_sd::tonic::ServiceConfig = format!(
+                r#"{{ "methodConfig": [{{ {method}, "hedgingPolicy": {{ "maxAttempts": 2,
+                    "hedgingDelay": "0s" }} }}] }}"#
+            )
+            .parse()
+            .unwrap();
+            servers[0].set_unavailable(false);
+            let hedging = LoadBalancedChannel::builder(registry.clone(), "metered")
+                .service_config(hedged)
+                .connect(Duration::from_secs(5))
+                .await
+                .unwrap();
+            for _ in 0..10 {
+                let mut client = HealthClient::new(hedging.clone());
+                client.check(HealthCheckRequest::default()).await.unwrap();
+            }
+        });
+    });
+    let values = snapshot(&snapshotter);
+    let counter = |name: &str| match values.get(name) {
+        Some(DebugValue::Counter(n)) => *n,
+        other => panic!(
+            "{name}: {other:?} in {:?}",
+            values.keys().collect::<Vec<_>>()
+        ),
+    };
+    assert!(counter("tower_sd_retries_total code=14,service=metered") >= 1);
+    assert!(counter("tower_sd_retries_throttled_total service=metered") >= 1);
+    assert_eq!(
+        counter("tower_sd_health_changes_total service=metered,status=serving"),
+        2
+    );
+    assert_eq!(counter("tower_sd_hedges_total service=metered"), 10);
+    match values.get("tower_sd_call_attempts service=metered") {
+        Some(DebugValue::Histogram(attempts)) => {
+            assert_eq!(attempts.len(), 20, "one per call with a retry policy");
+            assert!(attempts.iter().any(|a| a.into_inner() > 1.0));
+        }
+        other => panic!("tower_sd_call_attempts: {other:?}"),
+    }
+}
