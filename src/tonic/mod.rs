@@ -190,7 +190,8 @@ impl Service<http::Request<Body>> for LoadBalancedChannel {
         let sent = match self.failed.take() {
             None => self.send(request, method.as_deref(), throttle.as_ref()),
             Some((_, true)) if wait => {
-                let policy = CallPolicy::new(None, None, true);
+                let rules = method.as_ref().and_then(|m| m.rules.clone());
+                let policy = CallPolicy::new(rules, throttle.clone(), true);
                 Ok(Attempts::Retry(
                     self.retry.wait_then_call(request, Box::new(policy)),
                 ))
