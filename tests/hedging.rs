@@ -17,6 +17,10 @@ use tower_sd::tonic::{LoadBalancedChannel, ServiceConfig};
 
 const SERVICE: &str = "health";
 
+/// The tests of this file run one at a time: the tail test measures latency, which the
+/// other's servers would disturb on a 2-core machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn hedging(max_attempts: u32, delay: &str, non_fatal: &[&str]) -> ServiceConfig {
     json!({
         "methodConfig": [{
@@ -92,6 +96,7 @@ fn p99(sorted: &[Duration]) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hedging_cuts_the_tail_of_a_slow_server_and_cancels_the_losers() {
     let _limit = support::time_limit(180);
+    let _alone = ONE_AT_A_TIME.lock().await;
     let registry = Arc::new(MemoryRegistry::new());
     let Some(servers) = GrpcIo::registered(&registry, SERVICE, "h", 4, &[]).await else {
         return;
@@ -148,7 +153,8 @@ async fn hedging_cuts_the_tail_of_a_slow_server_and_cancels_the_losers() {
 /// another instance), and a fatal one that does not (no further attempt).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_fatal_answer_sends_the_next_attempt_at_once() {
-    let _limit = support::time_limit(60);
+    let _limit = support::time_limit(120);
+    let _alone = ONE_AT_A_TIME.lock().await;
     let registry = Arc::new(MemoryRegistry::new());
     let Some(servers) = GrpcIo::registered(&registry, SERVICE, "n", 2, &[]).await else {
         return;
