@@ -219,3 +219,168 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+
+    use super::*;
+
+    type Body = Full<Bytes>;
+
+    /// Each attempt answers after its scripted delay with its scripted status (0: OK), and
+    /// counts itself dropped unanswered.
+    #[derive(Clone, Default)]
+    struct Script {
+        answers: Arc<Mutex<Vec<(u64, u32)>>>,
+        sent: Arc<Mutex<Vec<(Instant, Option<String>)>>>,
+        avoided: Arc<Mutex<Vec<Vec<usize>>>>,
+        cancelled: Arc<AtomicUsize>,
+        avoid: Vec<usize>,
+    }
+
+    struct Cancelled(Arc<AtomicUsize>, bool);
+
+    impl Drop for Cancelled {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl Picks for Script {
+        fn picked(&self) -> Option<usize> {
+            Some(self.sent.lock().unwrap().len())
+        }
+
+        fn avoid(&mut self, endpoints: &[usize]) {
+            self.avoid = endpoints.to_vec();
+        }
+    }
+
+    impl Service<Request<ReplayBody<Body>>> for Script {
+        type Response = http::Response<()>;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<ReplayBody<Body>>) -> Self::Future {
+            let previous = request
+                .headers()
+                .get("grpc-previous-rpc-attempts")
+                .map(|v| v.to_str().unwrap().to_owned());
+            self.sent.lock().unwrap().push((Instant::now(), previous));
+            self.avoided.lock().unwrap().push(self.avoid.clone());
+            let (delay, status) = self.answers.lock().unwrap().remove(0);
+            let cancelled = Arc::clone(&self.cancelled);
+            Box::pin(async move {
+                let mut guard = Cancelled(cancelled, false);
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                guard.1 = true;
+                let mut answer = http::Response::new(());
+                if status != 0 {
+                    answer.headers_mut().insert("grpc-status", status.into());
+                }
+                Ok(answer)
+            })
+        }
+    }
+
+    fn script(answers: &[(u64, u32)]) -> Script {
+        Script {
+            answers: Arc::new(Mutex::new(answers.to_vec())),
+            ..Script::default()
+        }
+    }
+
+    async fn hedge(
+        script: &Script,
+        max_attempts: u32,
+        non_fatal: u32,
+        throttle: Option<Arc<Throttle>>,
+    ) -> (Option<u32>, u32) {
+        let rules = HedgeRules {
+            max_attempts,
+            delay: Duration::from_millis(10),
+            non_fatal,
+        };
+        let read = Read {
+            frames: vec![Bytes::from_static(b"hello")],
+            trailers: None,
+            rest: None,
+        };
+        let head = Request::post("/").body(()).unwrap().into_parts().0;
+        let mut service = script.clone();
+        let mut hedge = HedgeFuture::start(
+            &mut service,
+            head,
+            read,
+            Arc::new(rules),
+            throttle,
+            Budget::new(usize::MAX),
+            "svc".into(),
+        );
+        let answer = (&mut hedge).await.unwrap();
+        let status = super::super::policy::grpc_status(answer.headers());
+        (status, hedge.attempts())
+    }
+
+    /// Catches a hedge sent before its delay or not at all, one sent back to the instance
+    /// already tried, a loser not cancelled, attempts past the one that won, and a missing
+    /// `grpc-previous-rpc-attempts`.
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_goes_after_the_delay_elsewhere_and_the_loser_is_cancelled() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let script = script(&[(100, 0), (1, 0), (1, 0)]);
+        let started = Instant::now();
+        let (status, attempts) = hedge(&script, 3, 0, None).await;
+        assert_eq!((status, attempts), (None, 2));
+        assert_eq!(started.elapsed(), Duration::from_millis(11));
+        let sent = script.sent.lock().unwrap().clone();
+        assert_eq!(sent[1].0 - sent[0].0, Duration::from_millis(10));
+        assert_eq!(sent[1].1.as_deref(), Some("1"));
+        assert_eq!(*script.avoided.lock().unwrap(), [vec![], vec![0]]);
+        assert_eq!(script.cancelled.load(Ordering::SeqCst), 1);
+    }
+
+    /// Catches a non-fatal answer that waits for the hedging delay (the next attempt must
+    /// go at once), a fatal one that lets the others go on, and a call that ends before
+    /// its last attempt when every answer is non-fatal.
+    #[tokio::test(start_paused = true)]
+    async fn non_fatal_answers_send_the_next_at_once_and_a_fatal_one_ends_the_call() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let script1 = script(&[(1, 14), (1, 14), (1, 14)]);
+        let started = Instant::now();
+        let (status, attempts) = hedge(&script1, 3, 1 << 14, None).await;
+        assert_eq!((status, attempts), (Some(14), 3));
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(3),
+            "no delay waited"
+        );
+
+        let script2 = script(&[(1, 13), (50, 0)]);
+        let (status, attempts) = hedge(&script2, 3, 1 << 14, None).await;
+        assert_eq!((status, attempts), (Some(13), 1), "INTERNAL is fatal");
+    }
+
+    /// Catches hedges sent while the throttle forbids them.
+    #[tokio::test(start_paused = true)]
+    async fn the_throttle_stops_further_hedges() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        // 2 tokens: the first non-fatal answer leaves 1, at half: no more attempts.
+        let throttle = Arc::new(Throttle::new(2_000, 100));
+        let script = script(&[(1, 14), (1, 14), (1, 14)]);
+        let (status, attempts) = hedge(&script, 3, 1 << 14, Some(throttle)).await;
+        assert_eq!((status, attempts), (Some(14), 1));
+    }
+}
