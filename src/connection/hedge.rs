@@ -233,12 +233,15 @@ mod tests {
 
     type Body = Full<Bytes>;
 
+    /// When each attempt went, with its `grpc-previous-rpc-attempts`.
+    type Sent = Arc<Mutex<Vec<(Instant, Option<String>)>>>;
+
     /// Each attempt answers after its scripted delay with its scripted status (0: OK), and
     /// counts itself dropped unanswered.
     #[derive(Clone, Default)]
     struct Script {
         answers: Arc<Mutex<Vec<(u64, u32)>>>,
-        sent: Arc<Mutex<Vec<(Instant, Option<String>)>>>,
+        sent: Sent,
         avoided: Arc<Mutex<Vec<Vec<usize>>>>,
         cancelled: Arc<AtomicUsize>,
         avoid: Vec<usize>,
