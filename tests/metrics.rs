@@ -296,17 +296,20 @@ fn retries_hedges_and_health_changes_are_counted() {
             }
             let hedged: tower_sd::tonic::ServiceConfig = format!(
                 r#"{{ "methodConfig": [{{ {method}, "hedgingPolicy": {{ "maxAttempts": 2,
-                    "hedgingDelay": "0s" }} }}] }}"#
+                    "hedgingDelay": "0.05s" }} }}] }}"#
             )
             .parse()
             .unwrap();
             servers[0].set_unavailable(false);
+            // m0 slow: a call that starts there is won by its hedge on m1; one that starts
+            // on m1 answers before its hedging delay.
+            servers[0].set_delay(Duration::from_millis(300));
             let hedging = LoadBalancedChannel::builder(registry.clone(), "metered")
                 .service_config(hedged)
                 .connect(Duration::from_secs(5))
                 .await
                 .unwrap();
-            for _ in 0..10 {
+            for _ in 0..20 {
                 let mut client = HealthClient::new(hedging.clone());
                 client.check(HealthCheckRequest::default()).await.unwrap();
             }
@@ -326,7 +329,13 @@ fn retries_hedges_and_health_changes_are_counted() {
         counter("tower_sd_health_changes_total service=metered,status=serving"),
         2
     );
-    assert_eq!(counter("tower_sd_hedges_total service=metered"), 10);
+    let hedges = counter("tower_sd_hedges_total service=metered");
+    assert!(hedges >= 1, "some calls started on the slow m0");
+    assert_eq!(
+        counter("tower_sd_hedges_won_total service=metered"),
+        hedges,
+        "every hedge won against m0"
+    );
     match values.get("tower_sd_call_attempts service=metered") {
         Some(DebugValue::Histogram(attempts)) => {
             assert_eq!(attempts.len(), 20, "one per call with a retry policy");

@@ -204,16 +204,11 @@ where
                 }
             }
             if this.running.is_empty() && this.readying.is_none() {
-                let more = this.sent < this.rules.max_attempts && !this.stopped;
-                if !more {
-                    let last = this.last.take();
-                    return Poll::Ready(last.unwrap_or_else(|| Err("no attempt was sent".into())));
-                }
-                if !this.now {
-                    // The next attempt waits for its delay with nothing in flight: send it now.
-                    this.now = true;
-                    continue;
-                }
+                // Nothing in flight and none to come: an attempt that ended non-fatally
+                // readies the next at once, so only the last attempt, the throttle or a
+                // failed pick gets here.
+                let last = this.last.take();
+                return Poll::Ready(last.unwrap_or_else(|| Err("no attempt was sent".into())));
             }
             return Poll::Pending;
         }
@@ -350,6 +345,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(11));
         let sent = script.sent.lock().unwrap().clone();
         assert_eq!(sent[1].0 - sent[0].0, Duration::from_millis(10));
+        assert_eq!(sent[0].1, None, "the first attempt is no retry");
         assert_eq!(sent[1].1.as_deref(), Some("1"));
         assert_eq!(*script.avoided.lock().unwrap(), [vec![], vec![0]]);
         assert_eq!(script.cancelled.load(Ordering::SeqCst), 1);

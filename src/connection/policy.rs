@@ -341,6 +341,12 @@ mod tests {
             Verdict::Retry { .. }
         ));
         assert_eq!(policy.verdict(&answer(14, &[]), 5), Verdict::Keep);
+        // Each retry raises the next one's ceiling.
+        let mut growing = CallPolicy::new(Some(rules(5)), None, false);
+        for n in 1..=3 {
+            growing.verdict(&answer(14, &[]), n);
+            assert_eq!(growing.since_pushback, n);
+        }
     }
 
     /// Catches pushback ignored, a negative, malformed or repeated pushback retried, a
