@@ -9,7 +9,7 @@
 //! which a test checks against [`NAMES`].
 
 #[cfg(feature = "metrics")]
-use metrics::{Counter, counter, gauge, histogram};
+use metrics::{Counter, counter, gauge};
 
 /// Every metric name, with its kind: what the crate docs' table is checked against.
 #[cfg_attr(not(test), allow(dead_code))]
@@ -159,7 +159,7 @@ pub(crate) fn hedge_won(service: &str) {
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn call_attempts(service: &str, attempts: u32) {
     #[cfg(feature = "metrics")]
-    histogram!("tower_sd_call_attempts", "service" => service.to_owned())
+    metrics::histogram!("tower_sd_call_attempts", "service" => service.to_owned())
         .record(f64::from(attempts));
 }
 

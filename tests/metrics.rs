@@ -296,7 +296,7 @@ fn retries_hedges_and_health_changes_are_counted() {
             }
             let hedged: tower_sd::tonic::ServiceConfig = format!(
                 r#"{{ "methodConfig": [{{ {method}, "hedgingPolicy": {{ "maxAttempts": 2,
-                    "hedgingDelay": "0.05s" }} }}] }}"#
+                    "hedgingDelay": "0.15s" }} }}] }}"#
             )
             .parse()
             .unwrap();
@@ -309,7 +309,9 @@ fn retries_hedges_and_health_changes_are_counted() {
                 .connect(Duration::from_secs(5))
                 .await
                 .unwrap();
-            for _ in 0..20 {
+            // An odd number of calls: hedges won can equal hedges sent only by counting the
+            // calls a hedge won, not those the first attempt won (the rest).
+            for _ in 0..21 {
                 let mut client = HealthClient::new(hedging.clone());
                 client.check(HealthCheckRequest::default()).await.unwrap();
             }

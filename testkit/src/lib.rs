@@ -144,6 +144,16 @@
 //! 12 mutants, 10 caught, 2 missed (the line's removal of a waiter that gave up), which the
 //! property test `the_line_keeps_its_order_whoever_leaves` now catches (each checked by
 //! hand).
+//!
+//! Stop 37, the retry policy, throttle and hedging of #31: `cargo mutants --in-place
+//! --features full --file src/connection/policy.rs --file src/connection/hedge.rs
+//! --cargo-arg=--lib` (`--cargo-arg`, not `-- --lib`: it keeps the build to the library's
+//! tests, about 20 s a mutant instead of 3 minutes): 90 mutants, 72 caught, 7 missed, 11
+//! unviable. The missed ones led to assertions (no `grpc-previous-rpc-attempts` on a first
+//! attempt; each retry raises the next backoff; hedges won counted in `tests/metrics.rs`,
+//! where `hedge_won`'s three mutants are caught) or to removing a branch of
+//! `HedgeFuture::poll` that no state reaches (2). Not yet measured: `service_config.rs`,
+//! `health.rs`, `http/probe.rs`, `http/retry.rs`.
 
 #![allow(dead_code, unused_imports)]
 
