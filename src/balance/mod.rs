@@ -135,4 +135,6 @@ pub use future::ResponseFuture;
 pub use load::LoadMetric;
 pub use outlier::OutlierDetection;
 pub use service::Balance;
+#[cfg(feature = "_connections")]
+pub(crate) use service::Picks;
 pub use stats::{EndpointState, EndpointStats};

@@ -496,8 +496,18 @@ impl<S, K, C: Clone> Clone for Balance<S, K, C> {
     }
 }
 
+/// A service that says which endpoint its last ready pick chose, and can be told to pass
+/// over some while another is usable: how a retry avoids the instances its call tried.
 #[cfg(feature = "_connections")]
-impl<S, K, C> crate::connection::retry::Picks for Balance<S, K, C> {
+pub(crate) trait Picks {
+    /// The endpoint the last `poll_ready` chose (an opaque id), until `call`.
+    fn picked(&self) -> Option<usize>;
+    /// Pass over these endpoints while another is usable.
+    fn avoid(&mut self, endpoints: &[usize]);
+}
+
+#[cfg(feature = "_connections")]
+impl<S, K, C> Picks for Balance<S, K, C> {
     fn picked(&self) -> Option<usize> {
         self.chosen
             .as_ref()

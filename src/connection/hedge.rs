@@ -27,9 +27,9 @@ use tokio::time::{Instant, Sleep};
 use tower::Service;
 use tracing::debug;
 
-use super::policy::{HedgeRules, Throttle};
+use super::policy::{Answer, HedgeRules, Throttle};
 use super::replay::{Budget, Read, ReplayBody};
-use super::retry::{Answer, Picks};
+use crate::balance::Picks;
 use crate::error::BoxError;
 
 /// The response future of a hedged call.

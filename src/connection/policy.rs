@@ -23,7 +23,21 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
-use super::retry::Answer;
+/// What a retry policy reads of an answer: its headers and status, when it has them.
+pub(crate) trait Answer {
+    fn headers(&self) -> Option<&http::HeaderMap>;
+    fn status(&self) -> Option<u16>;
+}
+
+impl<B> Answer for http::Response<B> {
+    fn headers(&self) -> Option<&http::HeaderMap> {
+        Some(self.headers())
+    }
+
+    fn status(&self) -> Option<u16> {
+        Some(self.status().as_u16())
+    }
+}
 
 /// Attempts at most, whatever a policy says (gRFC A6's limit).
 pub(crate) const MAX_ATTEMPTS: u32 = 5;

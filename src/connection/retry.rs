@@ -45,8 +45,9 @@ use tower::Service;
 use tracing::debug;
 
 use super::error::ConnectionError;
-use super::policy::{CallPolicy, Verdict};
+use super::policy::{Answer, CallPolicy, Verdict};
 use super::replay::{Budget, Read, Replay, ReplayBody};
+use crate::balance::Picks;
 use crate::error::{BoxError, Error};
 
 /// Attempts at most for a request that never left this process.
@@ -60,31 +61,6 @@ pub(crate) const REFUSED_ATTEMPTS: u32 = 5;
 pub(crate) fn refused_pause(attempts: u32) -> Duration {
     let ceiling = Duration::from_millis(4) * 2u32.saturating_pow(attempts.saturating_sub(1));
     crate::backoff::equal_jitter(ceiling.min(Duration::from_millis(32)))
-}
-
-/// A service that says which endpoint its last ready pick chose, and can be told to pass
-/// over some while another is usable: how a retry avoids the instances its call tried.
-pub(crate) trait Picks {
-    /// The endpoint the last `poll_ready` chose (an opaque id), until `call`.
-    fn picked(&self) -> Option<usize>;
-    /// Pass over these endpoints while another is usable.
-    fn avoid(&mut self, endpoints: &[usize]);
-}
-
-/// What a retry policy reads of an answer: its headers and status, when it has them.
-pub(crate) trait Answer {
-    fn headers(&self) -> Option<&http::HeaderMap>;
-    fn status(&self) -> Option<u16>;
-}
-
-impl<B> Answer for http::Response<B> {
-    fn headers(&self) -> Option<&http::HeaderMap> {
-        Some(self.headers())
-    }
-
-    fn status(&self) -> Option<u16> {
-        Some(self.status().as_u16())
-    }
 }
 
 /// Sends a request the server did not process once more (see the module docs).
