@@ -301,3 +301,102 @@ async fn nginx_with_two_streams_per_connection_starves_no_caller() {
     );
     drop(watches);
 }
+
+/// The wrapped client's retry policy and health probe against nginx over HTTP/1.1
+/// (hyper-util's client; neither end written here), counting in nginx's log what reached
+/// it. Catches retries that do not happen (a GET failing while another nginx serves), a
+/// retry back to the nginx that failed it (each GET reaches it at most once), a POST
+/// retried unmarked (nginx would log it twice), a probe that leaves a failing instance in
+/// the picks (its log would grow), and one that does not bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapped_client_retries_and_probes_nginx_over_http1() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tower::Layer;
+    use tower_sd::balance::EndpointState;
+
+    let _limit = support::time_limit(60);
+    let (Some(n0), Some(n1)) = (
+        Nginx::start(&Config::default().http1()).await,
+        Nginx::start(&Config::default().http1()).await,
+    ) else {
+        return;
+    };
+    let registry = Arc::new(MemoryRegistry::new());
+    registry.register(n0.instance("n0", "web")).await.unwrap();
+    registry.register(n1.instance("n1", "web")).await.unwrap();
+    let client = DiscoveryLayer::new(registry)
+        .balancer(|b| b.outlier_detection(None))
+        .layer(Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>())
+        .retry_policy(support::http_policies::retry_policy())
+        .health_probe(support::http_policies::probe());
+    let state = |key: &str| {
+        let endpoints = client.endpoints("web");
+        endpoints
+            .into_iter()
+            .find(|e| e.key == key)
+            .map(|e| e.state)
+    };
+    let send = |method: http::Method, idempotent: bool| {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri("http://web/")
+            .body(Empty::new())
+            .unwrap();
+        if idempotent {
+            request.extensions_mut().insert(tower_sd::http::Idempotent);
+        }
+        let client = client.clone();
+        async move { client.oneshot(request).await.unwrap().status() }
+    };
+    // The first request makes the balancer; the probes start with it.
+    assert_eq!(send(http::Method::GET, false).await, 200);
+    support::until("both serving", || {
+        state("n0") == Some(EndpointState::Ready) && state("n1") == Some(EndpointState::Ready)
+    })
+    .await;
+
+    let start = (n0.requests_for("/"), n1.requests_for("/"));
+    n0.set_failing(true);
+    for _ in 0..100 {
+        assert_eq!(send(http::Method::GET, false).await, 200, "{}", n0.log());
+    }
+    support::until("n1 logs 100 GETs", || n1.requests_for("/") >= start.1 + 100).await;
+    let failed = n0.requests_for("/") - start.0;
+    assert!(
+        (1..=100).contains(&failed),
+        "{failed} GETs reached the failing nginx"
+    );
+    assert_eq!(n1.requests_for("/"), start.1 + 100);
+    let mut refused = 0;
+    for _ in 0..50 {
+        if send(http::Method::POST, false).await == 503 {
+            refused += 1;
+        }
+    }
+    let total = || n0.requests_for("/") + n1.requests_for("/");
+    let sent = start.0 + start.1 + failed + 150;
+    support::until("the POSTs logged", || total() >= sent).await;
+    assert_eq!(total(), sent, "an unmarked POST is sent once");
+    assert!(refused > 0, "no POST reached the failing nginx");
+
+    n0.set_failing(false);
+    n0.set_unhealthy(true);
+    support::until("n0 out", || state("n0") == Some(EndpointState::NotServing)).await;
+    let before = (n0.requests_for("/"), n1.requests_for("/"));
+    for _ in 0..50 {
+        assert_eq!(send(http::Method::GET, false).await, 200);
+    }
+    support::until("n1 logs 50 more", || n1.requests_for("/") >= before.1 + 50).await;
+    assert_eq!(
+        n0.requests_for("/"),
+        before.0,
+        "no GET reached n0 while it failed its probe"
+    );
+    n0.set_unhealthy(false);
+    support::until("n0 back", || state("n0") == Some(EndpointState::Ready)).await;
+    for _ in 0..50 {
+        assert_eq!(send(http::Method::GET, false).await, 200);
+    }
+    support::until("n0 serves again", || n0.requests_for("/") > before.0).await;
+}

@@ -275,3 +275,33 @@ async fn host_names_are_matched_case_insensitively() {
         "one balancer for both spellings"
     );
 }
+
+/// The wrapped client's retries: see [`support::http_policies::check_retry_policy`]
+/// (hyper-util's client, HTTP/1.1 servers; `Empty` is a `Clone` body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_policy_retries_safe_requests_on_another_instance() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "r", 2).await;
+    let layer = DiscoveryLayer::new(registry).balancer(|b| b.outlier_detection(None));
+    let client = client(layer).retry_policy(support::http_policies::retry_policy());
+    support::http_policies::check_retry_policy(&client, &servers).await;
+}
+
+/// The wrapped client's health probe: see [`support::http_policies::check_health_probe`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_probe_takes_the_instance_out_until_it_passes() {
+    let _limit = support::time_limit(60);
+    let registry = Arc::new(MemoryRegistry::new());
+    let servers = start(&registry, "p", 2).await;
+    let layer = DiscoveryLayer::new(registry).balancer(|b| b.outlier_detection(None));
+    let client = client(layer).health_probe(support::http_policies::probe());
+    let state = |key: &str| {
+        client
+            .endpoints(SERVICE)
+            .into_iter()
+            .find(|e| e.key == key)
+            .map(|e| e.state)
+    };
+    support::http_policies::check_health_probe(&client, &servers, state).await;
+}

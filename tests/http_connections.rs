@@ -406,70 +406,24 @@ async fn an_instance_at_its_stream_limit_is_reported_saturated() {
     support::until("ready again", || state(&client) == EndpointState::Ready).await;
 }
 
-/// Sends a request with `method`, marked idempotent or not; its status.
-async fn send_marked(client: &Client, method: http::Method, idempotent: bool) -> http::StatusCode {
-    use tower::ServiceExt;
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri("http://backend/")
-        .body(Empty::new())
-        .unwrap();
-    if idempotent {
-        request.extensions_mut().insert(tower_sd::http::Idempotent);
-    }
-    client.clone().oneshot(request).await.unwrap().status()
-}
-
-/// Catches a retry policy that does not retry a safe request (a server answering 503 to
-/// everything must cost no GET an error while another serves), a retry back to the server
-/// that failed it (each request reaches the failing one at most once), and a POST retried
-/// without the caller's mark.
+/// See [`support::http_policies::check_retry_policy`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_policy_retries_safe_requests_on_another_instance() {
     let _limit = support::time_limit(60);
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "r", 2).await;
-    servers[0].set_unavailable(true);
-    let client = client(&registry).retry_policy(
-        tower_sd::http::HttpRetryPolicy::new(3)
-            .statuses([503])
-            .backoff(Duration::from_millis(1), Duration::from_millis(5), 2.0),
-    );
-    for _ in 0..50 {
-        assert_eq!(send_marked(&client, http::Method::GET, false).await, 200);
-    }
-    let failing = servers[0].served();
-    assert!(
-        failing > 0 && failing <= 50,
-        "{failing} requests reached the failing server"
-    );
-    assert_eq!(servers[1].served(), 50);
-    for _ in 0..50 {
-        assert_eq!(send_marked(&client, http::Method::POST, true).await, 200);
-    }
-    let mut refused = 0;
-    for _ in 0..50 {
-        if send_marked(&client, http::Method::POST, false).await == 503 {
-            refused += 1;
-        }
-    }
-    assert!(refused > 0, "an unmarked POST is sent once");
+    let client = client(&registry).retry_policy(support::http_policies::retry_policy());
+    support::http_policies::check_retry_policy(&client, &servers).await;
 }
 
-/// Catches a health probe that does not take a failing instance out of the picks (once it
-/// is reported not serving, no request may reach it: each would answer 503), one that
-/// does not bring it back, and one that closes its connection.
+/// See [`support::http_policies::check_health_probe`]; also catches a probe that closes
+/// the connection of an instance it takes out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_health_probe_takes_the_instance_out_until_it_passes() {
     let _limit = support::time_limit(60);
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "p", 2).await;
-    let probe = tower_sd::http::HttpProbe::new("/healthz")
-        .unwrap()
-        .interval(Duration::from_millis(20))
-        .timeout(Duration::from_millis(500));
-    let client = client(&registry).health_probe(probe);
-    get(&client, "http://backend/").await.unwrap();
+    let client = client(&registry).health_probe(support::http_policies::probe());
     let state = |key: &str| {
         client
             .endpoints(SERVICE)
@@ -477,21 +431,6 @@ async fn a_failing_health_probe_takes_the_instance_out_until_it_passes() {
             .find(|e| e.key == key)
             .map(|e| e.state)
     };
-    support::until("both serving", || {
-        state("p0") == Some(EndpointState::Ready) && state("p1") == Some(EndpointState::Ready)
-    })
-    .await;
-    servers[0].set_unavailable(true);
-    support::until("p0 out", || state("p0") == Some(EndpointState::NotServing)).await;
-    for _ in 0..50 {
-        assert_eq!(send_marked(&client, http::Method::GET, false).await, 200);
-    }
+    support::http_policies::check_health_probe(&client, &servers, state).await;
     assert_eq!(servers[0].connections(), 1, "its connection stayed open");
-    servers[0].set_unavailable(false);
-    support::until("p0 back", || state("p0") == Some(EndpointState::Ready)).await;
-    let before = servers[0].served();
-    for _ in 0..50 {
-        assert_eq!(send_marked(&client, http::Method::GET, false).await, 200);
-    }
-    assert!(servers[0].served() > before, "p0 serves again");
 }

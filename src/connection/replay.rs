@@ -151,6 +151,13 @@ impl<B> From<B> for ReplayBody<B> {
     }
 }
 
+/// An empty body sent once (as [`From`] makes it).
+impl<B: Default> Default for ReplayBody<B> {
+    fn default() -> Self {
+        Self::from(B::default())
+    }
+}
+
 /// What a retry needs of a request's body.
 pub(crate) struct Replay<B>(Arc<Mutex<Recording<B>>>);
 

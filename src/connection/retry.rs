@@ -133,7 +133,7 @@ where
         &mut self,
         request: Request<B>,
         policy: Option<Box<CallPolicy>>,
-    ) -> RetryFuture<S, B> {
+    ) -> RetryFuture<S, Replay<B>> {
         let (parts, body) = request.into_parts();
         self.call_read(parts, Read::unread(body), policy)
     }
@@ -144,7 +144,7 @@ where
         parts: Parts,
         read: Read<B>,
         policy: Option<Box<CallPolicy>>,
-    ) -> RetryFuture<S, B> {
+    ) -> RetryFuture<S, Replay<B>> {
         let (body, replay) = ReplayBody::of(read, self.buffer, &self.budget);
         let head = parts.clone();
         let mut tried = Vec::new();
@@ -162,26 +162,22 @@ where
         &mut self,
         request: Request<B>,
         policy: Box<CallPolicy>,
-    ) -> RetryFuture<S, B> {
+    ) -> RetryFuture<S, Replay<B>> {
         let (parts, body) = request.into_parts();
         let (body, replay) = ReplayBody::of(Read::unread(body), self.buffer, &self.budget);
-        let head = parts.clone();
-        let state = State::Readying {
-            service: self.inner.clone(),
-            request: Some(Box::new(Request::from_parts(parts, body))),
-            pause: None,
-        };
-        self.future(state, head, replay, Some(policy), Vec::new())
+        let request = Request::from_parts(parts, body);
+        let name = Arc::clone(&self.service);
+        RetryFuture::when_ready(self.inner.clone(), request, replay, policy, name)
     }
 
     fn future(
         &self,
-        state: State<S, B>,
+        state: State<S, Replay<B>>,
         head: Parts,
         replay: Replay<B>,
         policy: Option<Box<CallPolicy>>,
         tried: Vec<usize>,
-    ) -> RetryFuture<S, B> {
+    ) -> RetryFuture<S, Replay<B>> {
         RetryFuture {
             state,
             // A fresh handle for another attempt: this one's readiness went to the first.
@@ -199,6 +195,60 @@ where
     }
 }
 
+/// How another attempt gets the request's body, from its start.
+pub(crate) trait Resend {
+    /// The body each attempt sends.
+    type Body;
+    /// The body again; `None` when it can no longer be sent again (it outgrew the buffer).
+    fn resend(&mut self) -> Option<Self::Body>;
+}
+
+impl<B> Resend for Replay<B> {
+    type Body = ReplayBody<B>;
+
+    fn resend(&mut self) -> Option<ReplayBody<B>> {
+        let (body, replay) = self.again()?;
+        *self = replay;
+        Some(body)
+    }
+}
+
+impl<S, R> RetryFuture<S, R>
+where
+    S: Service<Request<R::Body>> + Clone,
+    R: Resend,
+{
+    /// Sends `request` through `service`, once it is ready, under `policy`; another attempt
+    /// gets its body from `resend`. `name` names the service in logs and metrics.
+    pub(crate) fn when_ready(
+        service: S,
+        request: Request<R::Body>,
+        resend: R,
+        policy: Box<CallPolicy>,
+        name: Arc<str>,
+    ) -> Self {
+        let (head, body) = request.into_parts();
+        let request = Request::from_parts(head.clone(), body);
+        Self {
+            state: State::Readying {
+                service: service.clone(),
+                request: Some(Box::new(request)),
+                pause: None,
+            },
+            again: NextAttempt {
+                service,
+                head,
+                replay: resend,
+            },
+            attempts: 1,
+            retries: 0,
+            policy: Some(policy),
+            tried: Vec::new(),
+            service: name,
+        }
+    }
+}
+
 impl<S, B> Service<Request<B>> for Retry<S, B>
 where
     S: Service<Request<ReplayBody<B>>, Error = BoxError> + Picks + Clone + Unpin + Send + 'static,
@@ -208,29 +258,30 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = RetryFuture<S, B>;
+    type Future = RetryFuture<S, Replay<B>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> RetryFuture<S, B> {
+    fn call(&mut self, request: Request<B>) -> RetryFuture<S, Replay<B>> {
         self.call_with(request, None)
     }
 }
 
 /// What another attempt needs.
-struct NextAttempt<S, B> {
+struct NextAttempt<S, R> {
     service: S,
     head: Parts,
     /// The body of the last attempt, to send again.
-    replay: Replay<B>,
+    replay: R,
 }
 
-/// The response future of [`Retry`].
-pub(crate) struct RetryFuture<S: Service<Request<ReplayBody<B>>>, B> {
-    state: State<S, B>,
-    again: NextAttempt<S, B>,
+/// The response future of [`Retry`] (with `R` a [`Replay`]), and of any call under a retry
+/// policy whose body another attempt gets from `R`.
+pub(crate) struct RetryFuture<S: Service<Request<R::Body>>, R: Resend> {
+    state: State<S, R>,
+    again: NextAttempt<S, R>,
     /// Attempts so far, transparent resends included.
     attempts: u32,
     /// Of them, the retries the policy made.
@@ -241,23 +292,23 @@ pub(crate) struct RetryFuture<S: Service<Request<ReplayBody<B>>>, B> {
     service: Arc<str>,
 }
 
-enum State<S: Service<Request<ReplayBody<B>>>, B> {
+enum State<S: Service<Request<R::Body>>, R: Resend> {
     Sending(S::Future),
     /// A retry, the rare case: boxed, so the first attempt's future stays small.
     Readying {
         service: S,
-        request: Option<Box<Request<ReplayBody<B>>>>,
+        request: Option<Box<Request<R::Body>>>,
         /// The pause before it, after a `REFUSED_STREAM`.
         pause: Option<Pin<Box<Sleep>>>,
     },
 }
 
-impl<S, B> Future for RetryFuture<S, B>
+impl<S, R> Future for RetryFuture<S, R>
 where
-    S: Service<Request<ReplayBody<B>>, Error = BoxError> + Picks + Clone + Unpin,
+    S: Service<Request<R::Body>, Error = BoxError> + Picks + Clone + Unpin,
     S::Response: Answer,
     S::Future: Unpin,
-    B: 'static,
+    R: Resend + Unpin,
 {
     type Output = Result<S::Response, BoxError>;
 
@@ -335,9 +386,9 @@ pub(crate) fn not_ready(error: &BoxError) -> bool {
 }
 
 /// A request to send again, and the pause before it.
-type Next<B> = (Request<ReplayBody<B>>, Option<Duration>);
+type Next<B> = (Request<B>, Option<Duration>);
 
-impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
+impl<S: Service<Request<R::Body>>, R: Resend> RetryFuture<S, R> {
     /// Attempts so far, transparent resends included.
     #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn attempts(&self) -> u32 {
@@ -354,7 +405,7 @@ impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
 
     /// The request to send again, and the pause before it, when `error` says the server did
     /// not process it, the attempts allow another, and its body can be sent again.
-    fn again(&mut self, error: &BoxError) -> Option<Next<B>> {
+    fn again(&mut self, error: &BoxError) -> Option<Next<R::Body>> {
         let error: &ConnectionError = error.downcast_ref()?;
         let transparent = self.attempts - self.retries;
         let (more, pause) = match error {
@@ -377,7 +428,7 @@ impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
 
     /// The request to send again, and the wait before it, when the call's policy finds
     /// `response` worth retrying.
-    fn retry(&mut self, response: &S::Response) -> Option<Next<B>>
+    fn retry(&mut self, response: &S::Response) -> Option<Next<R::Body>>
     where
         S::Response: Answer,
     {
@@ -406,9 +457,8 @@ impl<S: Service<Request<ReplayBody<B>>>, B> RetryFuture<S, B> {
 
     /// The request again, with its body from the start; `None` when the body outgrew the
     /// buffer.
-    fn resend(&mut self) -> Option<Request<ReplayBody<B>>> {
-        let (body, replay) = self.again.replay.again()?;
-        self.again.replay = replay;
+    fn resend(&mut self) -> Option<Request<R::Body>> {
+        let body = self.again.replay.resend()?;
         Some(Request::from_parts(self.again.head.clone(), body))
     }
 }

@@ -15,7 +15,7 @@ use futures_core::future::BoxFuture;
 use http::Request;
 use tower::{Service, ServiceExt};
 
-use super::probe::{self, HttpProbe};
+use super::probe::{self, HttpProbe, Prober};
 use super::retry::{HttpRetryPolicy, is_safe};
 use super::rewrite::{Rewrite, Wire};
 use super::route::Route;
@@ -28,7 +28,6 @@ use crate::connection::replay::Budget;
 use crate::connection::retry::Retry;
 use crate::connection::{self, Connection, ConnectionSettings, Connector};
 use crate::discover::RegistryDiscover;
-use crate::endpoint::{Companion, Readiness};
 use crate::error::BoxError;
 use crate::instance::ServiceInstance;
 
@@ -48,12 +47,8 @@ pub struct ConnectionDiscovery<B> {
     /// The retry policy, with its rules as the connections apply them.
     policy: Option<(HttpRetryPolicy, Arc<RetryRules>)>,
     /// Starts the health probe of each instance, when set.
-    probe: Option<Prober<B>>,
+    probe: Option<Prober<Rewrite<Connection<B>>>>,
 }
-
-/// Starts an instance's health probe: its endpoint's service and readiness, and the
-/// service name; stops with the companion.
-type Prober<B> = Arc<dyn Fn(&Rewrite<Connection<B>>, &Readiness, &str) -> Companion + Send + Sync>;
 
 /// The balancer of one service, with the retries in front, and the service's throttle.
 struct ServiceBalance<B> {
@@ -150,10 +145,7 @@ where
     where
         B: Default,
     {
-        let probe = Arc::new(probe);
-        self.probe = Some(Arc::new(move |service, readiness, name| {
-            probe::start(&probe, service.clone(), readiness.clone(), name)
-        }));
+        self.probe = Some(probe::prober(probe));
         self
     }
 

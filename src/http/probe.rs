@@ -1,6 +1,7 @@
-//! [`HttpProbe`]: active health checking of HTTP servers reached over tower-sd's
-//! connections ([`ConnectionDiscovery::health_probe`]), for registries that know nothing
-//! of health (DNS, static lists, etcd).
+//! [`HttpProbe`]: active health checking of HTTP servers, reached around a wrapped client
+//! ([`Discovery::health_probe`]) or over tower-sd's connections
+//! ([`ConnectionDiscovery::health_probe`]), for registries that know nothing of health
+//! (DNS, static lists, etcd).
 //!
 //! Each instance gets a task that, while its connection is open, sends `GET <path>` over it
 //! every `interval`, with the service name as the host. An answer with a healthy status
@@ -10,6 +11,10 @@
 //! open and its place in discovery kept. A new connection is not picked until its first
 //! answer, as with gRPC's health checks. One probe decides each way (no thresholds).
 //!
+//! Around a wrapped client, the probe goes through the client (which may open a
+//! connection for it) and the instance counts as connected throughout.
+//!
+//! [`Discovery::health_probe`]: super::Discovery::health_probe
 //! [`ConnectionDiscovery::health_probe`]: super::ConnectionDiscovery::health_probe
 
 use std::ops::RangeInclusive;
@@ -21,7 +26,6 @@ use tokio::sync::Notify;
 use tower::{Service, ServiceExt};
 use tracing::debug;
 
-use crate::connection::replay::ReplayBody;
 use crate::endpoint::{Companion, Connectivity, Readiness};
 use crate::error::BoxError;
 
@@ -83,20 +87,36 @@ impl HttpProbe {
     }
 }
 
+/// Starts an instance's health probe, given its endpoint's service `E`, its readiness and
+/// the service name; the probing stops when the companion is dropped with the endpoint.
+pub(super) type Prober<E> = Arc<dyn Fn(&E, &Readiness, &str) -> Companion + Send + Sync>;
+
+/// The prober, by `probe`, of endpoints whose service takes requests with bodies `B` (the
+/// probe sends `B::default()`).
+pub(super) fn prober<E, B, RB>(probe: HttpProbe) -> Prober<E>
+where
+    E: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    E::Error: Into<BoxError>,
+    E::Future: Send,
+    B: Default + Send + 'static,
+{
+    let probe = Arc::new(probe);
+    Arc::new(move |service, readiness, name| {
+        start(&probe, service.clone(), readiness.clone(), name)
+    })
+}
+
 /// Starts probing the instance served by `service`, whose connection reports to
 /// `readiness`, as a host of `service_name`; the probing stops when the returned companion
 /// is dropped with the endpoint.
-pub(crate) fn start<S, B>(
+fn start<S, B, RB>(
     probe: &Arc<HttpProbe>,
     service: S,
     readiness: Readiness,
     service_name: &str,
 ) -> Companion
 where
-    S: Service<http::Request<ReplayBody<B>>, Response = http::Response<crate::connection::Body>>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send,
     B: Default + Send + 'static,
@@ -138,13 +158,13 @@ where
 }
 
 /// One probe: whether the answer came in time with a healthy status.
-async fn healthy<S, B>(probe: &HttpProbe, service: S, uri: &http::Uri) -> bool
+async fn healthy<S, B, RB>(probe: &HttpProbe, service: S, uri: &http::Uri) -> bool
 where
-    S: Service<http::Request<ReplayBody<B>>, Response = http::Response<crate::connection::Body>>,
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
     S::Error: Into<BoxError>,
     B: Default,
 {
-    let mut request = http::Request::new(ReplayBody::from(B::default()));
+    let mut request = http::Request::new(B::default());
     *request.uri_mut() = uri.clone();
     match tokio::time::timeout(probe.timeout, service.oneshot(request)).await {
         Ok(Ok(response)) => probe.healthy.contains(&response.status().as_u16()),

@@ -1,5 +1,6 @@
-//! [`HttpRetryPolicy`]: gRFC A6's retry policy and throttle, for HTTP requests routed over
-//! tower-sd's connections ([`ConnectionDiscovery::retry_policy`]).
+//! [`HttpRetryPolicy`]: gRFC A6's retry policy and throttle, for HTTP requests routed around
+//! a wrapped client ([`Discovery::retry_policy`]) or over tower-sd's connections
+//! ([`ConnectionDiscovery::retry_policy`]).
 //!
 //! A request is retried only when it is safe to send twice: its method is idempotent
 //! (`GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE`, `TRACE`) or the caller marked it
@@ -10,6 +11,12 @@
 //! answer below 500 that is not retryable gives back `token_ratio`, and while the tokens
 //! are at or below half, nothing is retried (per service).
 //!
+//! Over tower-sd's connections, the body is kept as it is sent, up to the connection
+//! settings' retry buffer; around a wrapped client, which takes the caller's body type,
+//! each retry sends a clone of the body, which must be `Clone` with a known size of at most
+//! 64 KiB (other requests are sent once).
+//!
+//! [`Discovery::retry_policy`]: super::Discovery::retry_policy
 //! [`ConnectionDiscovery::retry_policy`]: super::ConnectionDiscovery::retry_policy
 
 use std::sync::Arc;

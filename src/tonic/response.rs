@@ -17,6 +17,7 @@ use crate::classify::ResponseBody;
 use crate::connection;
 use crate::connection::hedge::HedgeFuture;
 use crate::connection::policy::{Throttle, grpc_status};
+use crate::connection::replay::Replay;
 use crate::connection::retry::RetryFuture;
 use crate::error::BoxError;
 
@@ -91,7 +92,7 @@ impl fmt::Debug for ChannelBody {
 /// common one costs no allocation.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Attempts {
-    Retry(RetryFuture<ChannelBalance, Body>),
+    Retry(RetryFuture<ChannelBalance, Replay<Body>>),
     Hedge(Box<HedgeFuture<ChannelBalance, Body>>),
 }
 

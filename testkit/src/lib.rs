@@ -167,6 +167,7 @@ pub mod feed;
 pub mod fleet;
 pub mod grpc;
 pub mod grpcio;
+pub mod http_policies;
 pub mod limit;
 pub mod logs;
 pub mod nghttpd;

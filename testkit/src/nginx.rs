@@ -1,11 +1,13 @@
-//! nginx (Debian's `nginx-light`) as an HTTP/2 server on a free loopback port, h2c or TLS,
-//! with a configuration written per test: `keepalive_requests` (after which nginx closes a
-//! connection with GOAWAY), `http2_max_concurrent_streams`, and what a location answers
-//! (`return 200`, or `grpc_pass` to a gRPC server, so gRPC calls go through nginx's own
-//! HTTP/2 stack).
+//! nginx (Debian's `nginx-light`) as an HTTP/2 server on a free loopback port, h2c or TLS
+//! (or HTTP/1.1), with a configuration written per test: `keepalive_requests` (after which
+//! nginx closes a connection with GOAWAY), `http2_max_concurrent_streams`, and what a
+//! location answers (`return 200`, or `grpc_pass` to a gRPC server, so gRPC calls go
+//! through nginx's own HTTP/2 stack). Two switches, files nginx looks for on each request,
+//! make it fail every request with 503, or only `/healthz` (which answers 200 otherwise).
 //!
 //! Its access log is what the server saw: one line per request with its connection's serial
-//! number, the request's number on that connection, the status, `$host` and the protocol.
+//! number, the request's number on that connection, the status, `$host`, the protocol and
+//! the path.
 
 use std::process::Command;
 use std::time::Duration;
@@ -24,6 +26,8 @@ pub struct Config {
     pub location: String,
     /// Serve TLS with this certificate (ALPN `h2`), instead of h2c.
     pub tls: Option<(String, String)>,
+    /// Serve HTTP/1.1 instead of h2c (plain TCP only).
+    pub http1: bool,
 }
 
 impl Default for Config {
@@ -33,6 +37,7 @@ impl Default for Config {
             max_streams: 128,
             location: "return 200 \"ok\";".into(),
             tls: None,
+            http1: false,
         }
     }
 }
@@ -58,6 +63,13 @@ impl Config {
         self
     }
 
+    /// Serves HTTP/1.1 (plain TCP) instead of h2c.
+    #[must_use]
+    pub fn http1(mut self) -> Self {
+        self.http1 = true;
+        self
+    }
+
     #[must_use]
     pub fn tls(mut self, leaf: &Leaf) -> Self {
         self.tls = Some((leaf.cert_pem.clone(), leaf.key_pem.clone()));
@@ -77,6 +89,8 @@ pub struct Logged {
     /// `Host` header).
     pub host: String,
     pub protocol: String,
+    /// `$uri`: the path.
+    pub path: String,
 }
 
 pub struct Nginx {
@@ -129,6 +143,7 @@ impl Nginx {
                     status: next().parse().unwrap_or_default(),
                     host: next(),
                     protocol: next(),
+                    path: next(),
                 }
             })
             .collect()
@@ -139,6 +154,31 @@ impl Nginx {
     pub async fn logged(&self, count: usize) -> Vec<Logged> {
         crate::until("nginx logs the requests", || self.requests().len() >= count).await;
         self.requests()
+    }
+
+    /// Makes every request but `/healthz` answer 503 (`true`) or as configured (`false`).
+    pub fn set_failing(&self, failing: bool) {
+        self.switch("failing", failing);
+    }
+
+    /// Makes `/healthz` answer 503 (`true`) or 200 (`false`, the start).
+    pub fn set_unhealthy(&self, unhealthy: bool) {
+        self.switch("unhealthy", unhealthy);
+    }
+
+    /// nginx tests for the file on each request (`if (-f ...)`).
+    fn switch(&self, name: &str, on: bool) {
+        let file = self.server.dir.join(name);
+        if on {
+            std::fs::write(file, "").unwrap();
+        } else {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+
+    /// The requests for `path` nginx has logged so far.
+    pub fn requests_for(&self, path: &str) -> usize {
+        self.requests().iter().filter(|r| r.path == path).count()
     }
 
     /// The connections that carried requests.
@@ -164,6 +204,7 @@ impl Nginx {
 fn render(config: &Config, port: u16, dir: &std::path::Path) -> String {
     let dir = dir.display();
     let (listen, tls) = match &config.tls {
+        None if config.http1 => (format!("listen 127.0.0.1:{port};"), String::new()),
         None => (format!("listen 127.0.0.1:{port} http2;"), String::new()),
         Some((cert, key)) => {
             std::fs::write(format!("{dir}/cert.pem"), cert).unwrap();
@@ -182,7 +223,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log info;
 events {{ worker_connections 1024; }}
 http {{
-    log_format counted '$connection $connection_requests $status $host $server_protocol';
+    log_format counted '$connection $connection_requests $status $host $server_protocol $uri';
     access_log {dir}/access.log counted;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
@@ -194,7 +235,8 @@ http {{
     server {{
         {listen}
         {tls}
-        location / {{ {location} }}
+        location = /healthz {{ if (-f {dir}/unhealthy) {{ return 503; }} return 200 "ok"; }}
+        location / {{ if (-f {dir}/failing) {{ return 503; }} {location} }}
     }}
 }}
 "#,
