@@ -716,3 +716,20 @@ async fn raw(method: &str, url: &str, body: &str) -> (u16, http::HeaderMap, Vec<
     let body = body.collect().await.unwrap().to_bytes().to_vec();
     (parts.status.as_u16(), parts.headers, body)
 }
+
+/// Catches exact matching of names and tags against Consul, which matches both without
+/// regard to case: a service registered as `Greeter` with tag `Primary` is what a query
+/// for `greeter` tagged `primary` gets (`DiscoveryLayer` lowercases every host), not an
+/// empty set.
+#[tokio::test]
+async fn names_and_tags_are_matched_without_regard_to_case() {
+    let _limit = support::time_limit(30);
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    let instance = ServiceInstance::new("g1", "Greeter", "10.0.0.1", 1).with_tag("Primary");
+    consul.register(instance).await.unwrap();
+    let query = ServiceQuery::new("greeter").with_tag("primary");
+    assert_eq!(ids(&consul.discover(&query).await.unwrap()), ["node-1/g1"]);
+    let mut watch = consul.watch(&query);
+    assert_eq!(ids(&next_set(&mut watch, Duration::from_secs(5)).await), ["node-1/g1"]);
+}

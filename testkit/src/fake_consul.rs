@@ -14,7 +14,8 @@
 //!   until a test says otherwise. A service critical for `DeregisterCriticalServiceAfter`
 //!   is removed, with Consul's minimum of one minute (lower values are raised, as the agent
 //!   does).
-//! - **Health queries.** `/v1/health/service/:name` with `tag`, `dc`, `filter` (the
+//! - **Health queries.** `/v1/health/service/:name` (the name, and each `tag`, compared
+//!   without regard to case, as Consul does) with `tag`, `dc`, `filter` (the
 //!   `Service.Meta["k"] == "v" and ...` form), `passing` (only entries whose checks all pass)
 //!   and blocking: with `index` and `wait`, the answer waits until the index moves past the
 //!   one asked (not merely differs), or `wait` ends. `X-Consul-Index` on every answer.
@@ -771,15 +772,21 @@ async fn health_connect(
 }
 
 /// Whether `service` answers a health query for `name` (`connect`: a mesh query).
+/// Names compare without regard to case, as Consul's state store indexes them lower-cased.
 fn answers_for(service: &Service, name: &str, connect: bool) -> bool {
     let r = &service.registration;
+    let is = |value: &Value| value.as_str().is_some_and(|v| same_lowered(v, name));
     if !connect {
-        return r["Name"].as_str() == Some(name);
+        return is(&r["Name"]);
     }
-    let proxy_for =
-        r["Kind"] == "connect-proxy" && r["Proxy"]["DestinationServiceName"].as_str() == Some(name);
-    let native = r["Name"].as_str() == Some(name) && r["Connect"]["Native"] == true;
+    let proxy_for = r["Kind"] == "connect-proxy" && is(&r["Proxy"]["DestinationServiceName"]);
+    let native = is(&r["Name"]) && r["Connect"]["Native"] == true;
     proxy_for || native
+}
+
+/// Equal once lower-cased, as Consul compares service names and tags (`strings.ToLower`).
+fn same_lowered(a: &str, b: &str) -> bool {
+    a.to_lowercase() == b.to_lowercase()
 }
 
 async fn health(
@@ -866,8 +873,10 @@ async fn health(
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            tags.iter()
-                .all(|t| have.iter().any(|h| h.as_str() == Some(t)))
+            tags.iter().all(|t| {
+                have.iter()
+                    .any(|h| h.as_str().is_some_and(|h| same_lowered(h, t)))
+            })
         })
         .filter(|s| param("filter").is_none_or(|f| filter_matches(&f, &s.registration["Meta"])))
         .map(|s| {

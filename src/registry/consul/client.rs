@@ -367,8 +367,9 @@ impl Client {
         let mut instances: Vec<ServiceInstance> = entries
             .into_iter()
             .filter_map(|entry| entry.into_instance(&self.mapping))
-            // Consul filtered already; this keeps every backend's semantics identical.
-            .filter(|instance| query.matches(instance))
+            // Consul filtered already; this keeps every backend's semantics identical, with
+            // Consul's case rules.
+            .filter(|instance| matches(query, instance))
             .collect();
         instances.sort_by(|a, b| a.id.cmp(&b.id));
         if answer.filtered {
@@ -410,6 +411,23 @@ fn is_loopback(url: &Url) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether `instance` answers `query` as Consul decides it: the service name and the tags
+/// compared without regard to case (its state store indexes names in lower case, and its
+/// tag filter lowers both sides), the metadata exactly (its filter expressions compare
+/// strings as they are).
+fn matches(query: &ServiceQuery, instance: &ServiceInstance) -> bool {
+    let same = |a: &str, b: &str| a == b || a.to_lowercase() == b.to_lowercase();
+    same(&instance.name, &query.name)
+        && query
+            .tags
+            .iter()
+            .all(|tag| instance.tags.iter().any(|have| same(have, tag)))
+        && query
+            .metadata
+            .iter()
+            .all(|(key, value)| instance.metadata.get(key) == Some(value))
 }
 
 /// Metadata filters as a Consul filter expression: `Service.Meta["k"] == "v" and ...`.
@@ -454,6 +472,25 @@ pub(crate) fn status_error(status: StatusCode, body: &[u8]) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Catches exact matching of names or tags (Consul's are case-insensitive: a service
+    /// registered as `Greeter` is the one `http://greeter/` asks for), and case-insensitive
+    /// metadata (Consul's filter expressions are not).
+    #[test]
+    fn names_and_tags_match_without_regard_to_case_and_metadata_exactly() {
+        let instance = ServiceInstance::new("g1", "Greeter", "10.0.0.1", 1)
+            .with_tag("Primary")
+            .with_tag("EU")
+            .with_metadata("version", "V2");
+        let query = ServiceQuery::new("greeter").with_tag("primary").with_tag("eu");
+        assert!(matches(&query, &instance));
+        assert!(matches(&query.clone().with_metadata("version", "V2"), &instance));
+        assert!(!matches(&query.clone().with_metadata("version", "v2"), &instance));
+        assert!(!matches(&query.clone().with_tag("canary"), &instance));
+        assert!(!matches(&ServiceQuery::new("greeters"), &instance));
+        let unicode = ServiceInstance::new("g2", "ÉCOLE", "10.0.0.1", 1);
+        assert!(matches(&ServiceQuery::new("école"), &unicode));
+    }
 
     #[test]
     fn metadata_becomes_a_quoted_filter_expression() {
