@@ -200,6 +200,30 @@ impl Error {
             _ => false,
         }
     }
+
+    /// How long the registry asked to be left alone: the `Retry-After` of a rate-limited
+    /// answer (an [`Error::Status`] 429 whose source is [`RateLimited`]).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status {
+                status: 429,
+                source,
+                ..
+            } => source.downcast_ref::<RateLimited>()?.retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The source of an [`Error::Status`] 429: what the registry said, and how long it asked
+/// the client to wait before the next request (its `Retry-After`, when it sent one).
+#[derive(Debug, thiserror::Error)]
+#[error("rate limited: {message}")]
+pub struct RateLimited {
+    /// The registry's `Retry-After`, as a duration from when the answer arrived.
+    pub retry_after: Option<Duration>,
+    /// What the registry said, size-limited.
+    pub message: String,
 }
 
 /// What is wrong with an instance field; the source of [`Error::InvalidInstance`].

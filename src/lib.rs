@@ -150,6 +150,6 @@ pub use discover::RegistryDiscover;
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
-pub use error::{BoxError, Elapsed, Error, InvalidValue, Result};
+pub use error::{BoxError, Elapsed, Error, InvalidValue, RateLimited, Result};
 pub use instance::{HealthStatus, ServiceInstance, ServiceQuery};
 pub use registry::{MemoryRegistry, ServiceRegistry, StaticRegistry};

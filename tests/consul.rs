@@ -731,5 +731,47 @@ async fn names_and_tags_are_matched_without_regard_to_case() {
     let query = ServiceQuery::new("greeter").with_tag("primary");
     assert_eq!(ids(&consul.discover(&query).await.unwrap()), ["node-1/g1"]);
     let mut watch = consul.watch(&query);
-    assert_eq!(ids(&next_set(&mut watch, Duration::from_secs(5)).await), ["node-1/g1"]);
+    assert_eq!(
+        ids(&next_set(&mut watch, Duration::from_secs(5)).await),
+        ["node-1/g1"]
+    );
+}
+
+/// Catches a 429's `Retry-After` ignored (the watch's own backoff here is 10-100 ms, so
+/// the next query would come at once) and one taken as the only wait after it passed.
+#[tokio::test(start_paused = true)]
+async fn a_rate_limited_watch_waits_out_retry_after() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    consul
+        .register(ServiceInstance::new("a", "f", "10.0.0.1", 1))
+        .await
+        .unwrap();
+    let mut watch = consul.watch(&"f".into());
+    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 1);
+    fake.inject(Fault::RateLimited("3".into()));
+    consul
+        .register(ServiceInstance::new("b", "f", "10.0.0.2", 1))
+        .await
+        .unwrap();
+    let error = watch.next().await.unwrap().unwrap_err();
+    assert_eq!(
+        error.retry_after(),
+        Some(Duration::from_secs(3)),
+        "{error:?}"
+    );
+    let limited = Instant::now();
+    let queries = fake.health_queries();
+    assert_eq!(next_set(&mut watch, Duration::from_secs(10)).await.len(), 2);
+    let waited = limited.elapsed();
+    assert!(
+        (Duration::from_secs(3)..Duration::from_millis(3_500)).contains(&waited),
+        "{waited:?}"
+    );
+    assert_eq!(
+        fake.health_queries(),
+        queries + 1,
+        "one query after the wait"
+    );
 }

@@ -9,7 +9,8 @@
 //!   (a [`FallbackRegistry`](super::FallbackRegistry)) learns that the registry answers
 //!   again even when nothing changed;
 //! - **failures**: an error is logged and yielded, and the next fetch waits out a backoff
-//!   (exponential, full jitter, capped, reset by the next answer); the stream goes on;
+//!   (exponential, full jitter, capped, reset by the next answer), or the registry's
+//!   `Retry-After` when it is longer ([`Error::retry_after`]); the stream goes on;
 //! - **monitoring** (feature `metrics`): errors by kind and the time of the last good
 //!   answer, per registry and service.
 
@@ -106,7 +107,9 @@ impl<S: Source> Driver<S> {
                     self.pause = Some(self.backoff.next_delay());
                 }
                 Fetched::Failed(error) => {
-                    let pause = self.backoff.next_delay();
+                    // A registry that said how long to leave it alone gets at least that.
+                    let asked = error.retry_after().unwrap_or_default();
+                    let pause = self.backoff.next_delay().max(asked);
                     warn!(
                         registry = self.registry,
                         service = %self.query.name,

@@ -54,6 +54,8 @@ const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug)]
 pub enum Fault {
     Status(u16),
+    /// 429 with this `Retry-After`, as Consul's rate limiting answers.
+    RateLimited(String),
     Slow(Duration),
     MalformedJson,
     /// Answer normally, but with an `X-Consul-Index` lower than any before.
@@ -821,6 +823,15 @@ async fn health(
         Some(Fault::Status(code)) => {
             fake.inner.lock().unwrap().answers.push((asked, None));
             return (StatusCode::from_u16(*code).unwrap(), "injected fault").into_response();
+        }
+        Some(Fault::RateLimited(after)) => {
+            fake.inner.lock().unwrap().answers.push((asked, None));
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("Retry-After", after.clone())],
+                "rate limit exceeded",
+            )
+                .into_response();
         }
         Some(Fault::Redirect(to)) => {
             fake.inner.lock().unwrap().answers.push((asked, None));

@@ -11,7 +11,7 @@ use tracing::warn;
 use super::MeshRegistration;
 use super::api::{HealthEntry, Mapping, Registration, Weights};
 use super::settings::{HealthCheckKind, Settings, go_duration};
-use crate::error::{BoxError, Error, Result};
+use crate::error::{BoxError, Error, RateLimited, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
 use crate::registry::Secret;
 
@@ -168,6 +168,7 @@ impl Client {
         };
         let answer = Answer {
             index: header("X-Consul-Index").and_then(|v| v.parse::<u64>().ok()),
+            retry_after: header("Retry-After").and_then(|v| retry_after(&v)),
             filtered: header("X-Consul-Results-Filtered-By-ACLs").is_some_and(|v| v == "true"),
         };
         let mut body = Vec::new();
@@ -356,7 +357,7 @@ impl Client {
         let (request, timeout) = self.blocking(request, blocking, self.settings.wait);
         let (status, answer, body) = self.send_with_headers(request, timeout).await?;
         if !status.is_success() {
-            return Err(status_error(status, &body));
+            return Err(status_error_after(status, answer.retry_after, &body));
         }
         let index = answer.index;
         let entries: Vec<HealthEntry> =
@@ -399,6 +400,8 @@ impl Client {
 /// The headers of an answer the backend reads.
 struct Answer {
     index: Option<u64>,
+    /// `Retry-After`, as a wait from now.
+    retry_after: Option<Duration>,
     /// `X-Consul-Results-Filtered-By-ACLs: true`.
     filtered: bool,
 }
@@ -456,17 +459,43 @@ fn transport(error: reqwest::Error, timeout: Duration) -> Error {
 }
 
 pub(crate) fn status_error(status: StatusCode, body: &[u8]) -> Error {
+    status_error_after(status, None, body)
+}
+
+/// [`status_error`], with the answer's `Retry-After` kept in a 429's [`RateLimited`].
+fn status_error_after(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Error {
     let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_BYTES)]);
-    let message = match status.as_u16() {
-        403 => format!("ACL denied: {}", text.trim()),
-        429 => format!("rate limited: {}", text.trim()),
-        _ => text.trim().to_owned(),
+    let text = text.trim().to_owned();
+    let source: BoxError = match status.as_u16() {
+        403 => format!("ACL denied: {text}").into(),
+        429 => Box::new(RateLimited {
+            retry_after,
+            message: text,
+        }),
+        _ => text.into(),
     };
     Error::Status {
         registry: REGISTRY,
         status: status.as_u16(),
-        source: message.into(),
+        source,
     }
+}
+
+/// The longest `Retry-After` honoured: Consul's longest blocking wait.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// A `Retry-After` value (RFC 9110: delta-seconds, or an HTTP-date) as a wait from now, at
+/// most [`MAX_RETRY_AFTER`]; a date in the past is no wait.
+fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds.min(MAX_RETRY_AFTER.as_secs())),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -482,14 +511,55 @@ mod tests {
             .with_tag("Primary")
             .with_tag("EU")
             .with_metadata("version", "V2");
-        let query = ServiceQuery::new("greeter").with_tag("primary").with_tag("eu");
+        let query = ServiceQuery::new("greeter")
+            .with_tag("primary")
+            .with_tag("eu");
         assert!(matches(&query, &instance));
-        assert!(matches(&query.clone().with_metadata("version", "V2"), &instance));
-        assert!(!matches(&query.clone().with_metadata("version", "v2"), &instance));
+        assert!(matches(
+            &query.clone().with_metadata("version", "V2"),
+            &instance
+        ));
+        assert!(!matches(
+            &query.clone().with_metadata("version", "v2"),
+            &instance
+        ));
         assert!(!matches(&query.clone().with_tag("canary"), &instance));
         assert!(!matches(&ServiceQuery::new("greeters"), &instance));
         let unicode = ServiceInstance::new("g2", "ÉCOLE", "10.0.0.1", 1);
         assert!(matches(&ServiceQuery::new("école"), &unicode));
+    }
+
+    /// Catches a `Retry-After` read in the wrong unit, an HTTP-date not read, a huge value
+    /// not capped (or overflowing), and garbage taken for a wait.
+    #[test]
+    fn retry_after_takes_seconds_or_a_date_and_is_capped() {
+        assert_eq!(retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(retry_after("18446744073709551615"), Some(MAX_RETRY_AFTER));
+        let soon = std::time::SystemTime::now() + Duration::from_secs(120);
+        let wait = retry_after(&httpdate::fmt_http_date(soon)).unwrap();
+        assert!(
+            wait > Duration::from_secs(115) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon"), None);
+        assert_eq!(retry_after("-1"), None);
+        let error = status_error_after(
+            StatusCode::TOO_MANY_REQUESTS,
+            retry_after("3"),
+            b"slow down",
+        );
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(3)));
+        assert_eq!(
+            crate::error::Chain(&error).to_string(),
+            "consul registry answered with status 429: rate limited: slow down"
+        );
+        let other = status_error_after(StatusCode::SERVICE_UNAVAILABLE, retry_after("3"), b"");
+        assert_eq!(other.retry_after(), None, "only a 429 asks to wait");
     }
 
     #[test]
