@@ -37,6 +37,18 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The registry answered from a copy older than allowed (a Consul `stale` read from a
+    /// server out of touch with its leader for longer than `max_stale`, or with no known
+    /// leader).
+    #[error("{registry} registry answered from a stale copy")]
+    Stale {
+        /// Which registry, e.g. `consul`.
+        registry: &'static str,
+        /// How stale, and the limit.
+        #[source]
+        source: BoxError,
+    },
+
     /// The registry answered with something that could not be understood.
     #[error("malformed response from {registry} registry")]
     Malformed {
@@ -176,6 +188,7 @@ impl Error {
             Self::Unreachable { .. } => "unreachable",
             Self::Status { .. } => "status",
             Self::Malformed { .. } => "malformed",
+            Self::Stale { .. } => "stale",
             Self::InvalidConfig { .. } => "invalid_config",
             Self::InvalidInstance { .. } => "invalid_instance",
             Self::UnknownInstance { .. } => "unknown_instance",
@@ -194,6 +207,7 @@ impl Error {
         match self {
             Self::Unreachable { .. }
             | Self::Timeout { .. }
+            | Self::Stale { .. }
             | Self::NoEndpoints { .. }
             | Self::NoReadyEndpoints { .. } => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,

@@ -500,3 +500,23 @@ retryPolicy = { maxAttempts = 3, initialBackoff = "0.1s", maxBackoff = "1s", bac
     assert!(key.starts_with("service_config"), "{key}");
     assert!(why.contains("retryThrottling.maxTokens"), "{why}");
 }
+
+/// Catches `max_stale` parsed but not applied: the file's limit makes a read from a
+/// server 6 s out of touch with its leader an error.
+#[cfg(feature = "consul")]
+#[tokio::test]
+async fn a_consul_max_stale_from_the_file_refuses_older_answers() {
+    let _limit = support::time_limit(60);
+    let fake = support::fake_consul::FakeConsul::start(None).await;
+    fake.set_leader(true, Duration::from_secs(6));
+    let yaml = format!(
+        "registry:\n  type: consul\n  consul:\n    address: \"{}\"\n    max_stale: \"5s\"\n",
+        fake.addr
+    );
+    let registry = RegistryConfig::from_yaml_str(&yaml)
+        .unwrap()
+        .build()
+        .unwrap();
+    let error = registry.discover(&"web".into()).await.unwrap_err();
+    assert!(matches!(error, Error::Stale { .. }), "{error:?}");
+}

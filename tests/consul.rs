@@ -775,3 +775,47 @@ async fn a_rate_limited_watch_waits_out_retry_after() {
         "one query after the wait"
     );
 }
+
+/// Catches a `stale` read taken from a server out of touch with its leader longer than
+/// `max_stale`, or with no leader, as if it were current (the watch must report it and
+/// keep the last set), and a watch that does not come back once the server catches up.
+#[tokio::test]
+async fn a_stale_read_older_than_max_stale_is_an_error_and_the_last_set_stays() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = ConsulRegistry::builder()
+        .address(fake.url())
+        .wait(Duration::from_secs(2))
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .max_stale(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    consul
+        .register(ServiceInstance::new("a", "f", "10.0.0.1", 1))
+        .await
+        .unwrap();
+    fake.set_leader(true, Duration::from_secs(4));
+    let mut watch = consul.watch(&"f".into());
+    assert_eq!(next_set(&mut watch, Duration::from_secs(2)).await.len(), 1);
+    assert!(fake.requests().iter().any(|r| r.contains("stale")));
+    for (known, contact) in [(true, Duration::from_secs(6)), (false, Duration::ZERO)] {
+        fake.set_leader(known, contact);
+        consul
+            .register(ServiceInstance::new("b", "f", "10.0.0.2", 1))
+            .await
+            .unwrap();
+        let error = timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(error, Error::Stale { .. }), "{error:?}");
+        fake.set_leader(true, Duration::ZERO);
+        assert_eq!(next_set(&mut watch, Duration::from_secs(5)).await.len(), 2);
+        consul.deregister("b").await.unwrap();
+        assert_eq!(next_set(&mut watch, Duration::from_secs(5)).await.len(), 1);
+    }
+    fake.set_leader(true, Duration::from_secs(6));
+    let error = consul.discover(&"f".into()).await.unwrap_err();
+    assert!(matches!(error, Error::Stale { .. }), "{error:?}");
+}

@@ -34,6 +34,9 @@ pub struct ConsulSection {
     /// `stale` reads.
     #[serde(default)]
     pub stale: bool,
+    /// `stale` reads, none from a server out of touch with its leader longer than this.
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub max_stale: Option<Duration>,
     /// `cached` reads.
     #[serde(default)]
     pub cached: bool,
@@ -108,6 +111,7 @@ impl ConsulSection {
             .maybe(self.zone_key, |b, v| b.zone_key(v))
             .maybe(health_check, |b, v| b.health_check(v))
             .stale(self.stale)
+            .maybe(self.max_stale, |b, v| b.max_stale(v))
             .cached(self.cached);
         Ok(Arc::new(builder.build().map_err(|e| at(e, path))?))
     }

@@ -19,6 +19,9 @@
 //!   `Service.Meta["k"] == "v" and ...` form), `passing` (only entries whose checks all pass)
 //!   and blocking: with `index` and `wait`, the answer waits until the index moves past the
 //!   one asked (not merely differs), or `wait` ends. `X-Consul-Index` on every answer.
+//! - **Consistency.** Every health answer carries `X-Consul-KnownLeader` and
+//!   `X-Consul-LastContact`; a `stale` read gets what [`FakeConsul::set_leader`] says (a
+//!   known leader, contact 0, until told otherwise), any other read the leader's own.
 //! - **ACLs** (with [`FakeConsul::start`]`(Some(token))`): default deny. An unknown token
 //!   gets 403 (`ACL not found`). A known token, or no token (the anonymous token), without
 //!   `service:read` on a service gets 200 with that service's entries removed and
@@ -120,6 +123,9 @@ struct Inner {
     tokens: Option<HashMap<String, Policy>>,
     /// Every `X-Consul-Token` value received, for checks that a token went nowhere else.
     tokens_seen: Vec<String>,
+    /// What a `stale` read's server says of its leader: whether it knows one, and how long
+    /// since it heard from it (`X-Consul-KnownLeader`, `X-Consul-LastContact`).
+    leader: (bool, Duration),
 }
 
 pub struct FakeConsul {
@@ -172,6 +178,7 @@ impl FakeConsul {
             inner: Mutex::new(Inner {
                 index: 10,
                 tokens,
+                leader: (true, Duration::ZERO),
                 ..Inner::default()
             }),
             changed: watch::Sender::new(0),
@@ -279,6 +286,12 @@ impl FakeConsul {
         let mut inner = self.inner.lock().unwrap();
         inner.services.retain(|(node, _), _| node != AGENT_NODE);
         self.bump(&mut inner);
+    }
+
+    /// What the server answering a `stale` read says of its leader from now on (a read that
+    /// is not `stale` goes to the leader: known, contact 0).
+    pub fn set_leader(&self, known: bool, last_contact: Duration) {
+        self.inner.lock().unwrap().leader = (known, last_contact);
     }
 
     /// Sets a node's `serfHealth` check: `critical` makes every service on it critical.
@@ -913,6 +926,10 @@ async fn health(
                     .all(|check| check["Status"] == "passing")
         })
         .collect();
+    let (known_leader, last_contact) = match param("stale") {
+        Some(_) => inner.leader,
+        None => (true, Duration::ZERO),
+    };
     let index = match fault {
         Some(Fault::IndexBackwards) => 1,
         Some(Fault::IndexZero) => 0,
@@ -926,6 +943,8 @@ async fn health(
     let mut response = (
         [
             ("X-Consul-Index", index.to_string()),
+            ("X-Consul-KnownLeader", known_leader.to_string()),
+            ("X-Consul-LastContact", last_contact.as_millis().to_string()),
             ("Content-Type", "application/json".to_owned()),
         ],
         body,

@@ -72,9 +72,20 @@ impl ConsulRegistryBuilder {
         self
     }
 
-    /// Allow any server to answer reads (`stale`).
+    /// Allow any server to answer reads (`stale`). An answer from a server that knows no
+    /// leader (`X-Consul-KnownLeader: false`) is then an [`Error::Stale`](crate::Error::Stale)
+    /// the watch reports, keeping the last set.
     pub fn stale(mut self, stale: bool) -> Self {
         self.settings.stale = stale;
+        self
+    }
+
+    /// Reads `stale`, taking no answer from a server that last heard from its leader more
+    /// than `max_stale` ago (`X-Consul-LastContact`): such an answer is an
+    /// [`Error::Stale`](crate::Error::Stale) the watch reports, keeping the last set.
+    pub fn max_stale(mut self, max_stale: Duration) -> Self {
+        self.settings.stale = true;
+        self.settings.max_stale = Some(max_stale);
         self
     }
 

@@ -169,6 +169,10 @@ impl Client {
         let answer = Answer {
             index: header("X-Consul-Index").and_then(|v| v.parse::<u64>().ok()),
             retry_after: header("Retry-After").and_then(|v| retry_after(&v)),
+            last_contact: header("X-Consul-LastContact")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis),
+            known_leader: header("X-Consul-KnownLeader").map(|v| v == "true"),
             filtered: header("X-Consul-Results-Filtered-By-ACLs").is_some_and(|v| v == "true"),
         };
         let mut body = Vec::new();
@@ -359,6 +363,9 @@ impl Client {
         if !status.is_success() {
             return Err(status_error_after(status, answer.retry_after, &body));
         }
+        if self.settings.stale {
+            answer.fresh_enough(self.settings.max_stale)?;
+        }
         let index = answer.index;
         let entries: Vec<HealthEntry> =
             serde_json::from_slice(&body).map_err(|e| Error::Malformed {
@@ -402,8 +409,33 @@ struct Answer {
     index: Option<u64>,
     /// `Retry-After`, as a wait from now.
     retry_after: Option<Duration>,
+    /// `X-Consul-LastContact`: how long since the answering server heard from its leader.
+    last_contact: Option<Duration>,
+    /// `X-Consul-KnownLeader`.
+    known_leader: Option<bool>,
     /// `X-Consul-Results-Filtered-By-ACLs: true`.
     filtered: bool,
+}
+
+impl Answer {
+    /// Whether a `stale` read is fresh enough: its server knows a leader, and (with
+    /// `max_stale`) heard from it at most that long ago. An answer without the headers
+    /// (which Consul always sends on reads) counts as fresh.
+    fn fresh_enough(&self, max_stale: Option<Duration>) -> Result<()> {
+        let stale = |source: String| Error::Stale {
+            registry: REGISTRY,
+            source: source.into(),
+        };
+        if self.known_leader == Some(false) {
+            return Err(stale("the answering server knows no leader".to_owned()));
+        }
+        match (self.last_contact, max_stale) {
+            (Some(contact), Some(max)) if contact > max => Err(stale(format!(
+                "the answering server last heard from its leader {contact:?} ago (max_stale {max:?})"
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Whether the agent is on this machine (`localhost`, `127.0.0.0/8`, `::1`).
@@ -560,6 +592,36 @@ mod tests {
         );
         let other = status_error_after(StatusCode::SERVICE_UNAVAILABLE, retry_after("3"), b"");
         assert_eq!(other.retry_after(), None, "only a 429 asks to wait");
+    }
+
+    /// Catches a stale read taken from a server without a leader, or older than
+    /// `max_stale`, and a fresh one refused (at the limit, or with no limit).
+    #[test]
+    fn a_stale_read_is_taken_only_from_a_server_in_touch_with_its_leader() {
+        let answer = |contact_ms: u64, leader: bool| Answer {
+            index: None,
+            filtered: false,
+            retry_after: None,
+            last_contact: Some(Duration::from_millis(contact_ms)),
+            known_leader: Some(leader),
+        };
+        let max = Some(Duration::from_secs(2));
+        assert!(answer(2_000, true).fresh_enough(max).is_ok());
+        let old = answer(2_001, true).fresh_enough(max).unwrap_err();
+        assert!(
+            matches!(old, Error::Stale { .. }) && old.is_transient(),
+            "{old:?}"
+        );
+        assert!(answer(60_000, true).fresh_enough(None).is_ok());
+        assert!(answer(0, false).fresh_enough(None).is_err());
+        let silent = Answer {
+            index: None,
+            filtered: false,
+            retry_after: None,
+            last_contact: None,
+            known_leader: None,
+        };
+        assert!(silent.fresh_enough(max).is_ok());
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub(crate) struct Settings {
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) wait: Duration,
     pub(crate) stale: bool,
+    /// With `stale`, the oldest answer taken (`X-Consul-LastContact`); `None`: any age.
+    pub(crate) max_stale: Option<Duration>,
     pub(crate) cached: bool,
     pub(crate) request_timeout: Duration,
     pub(crate) check: HealthCheck,
@@ -120,6 +122,7 @@ impl Default for Settings {
             ca_file: None,
             wait: Duration::from_secs(300),
             stale: false,
+            max_stale: None,
             cached: false,
             request_timeout: Duration::from_secs(10),
             check: HealthCheck::default(),
