@@ -819,3 +819,19 @@ async fn a_stale_read_older_than_max_stale_is_an_error_and_the_last_set_stays() 
     let error = consul.discover(&"f".into()).await.unwrap_err();
     assert!(matches!(error, Error::Stale { .. }), "{error:?}");
 }
+
+/// Catches Consul answers taken unchecked: an instance registered (through another agent)
+/// with port 0 or an address that is none must be skipped, not dialled.
+#[tokio::test]
+async fn a_consul_instance_that_cannot_be_dialled_is_skipped() {
+    let _limit = support::time_limit(30);
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    fake.register_on("node-2", on_node("ok", "f", 8080), "passing");
+    fake.register_on("node-2", on_node("zero", "f", 0), "passing");
+    let mut malformed = on_node("bad", "f", 8080);
+    malformed["Address"] = "not an address!".into();
+    fake.register_on("node-2", malformed, "passing");
+    let set = consul.discover(&"f".into()).await.unwrap();
+    assert_eq!(ids(&set), ["node-2/ok"]);
+}

@@ -31,6 +31,8 @@ const GREETER: &[&str] = &[
     "srv-host=_grpc._tcp.dark.test,y.dark.test,7002,1,1",
     // A target with no address record: dialled by name.
     "srv-host=_http._tcp.named.test,nowhere.test,8080,0,0",
+    // No target: dnsmasq answers the record of RFC 2782's "decidedly not available" (`.`).
+    "srv-host=_grpc._tcp.closed.test",
 ];
 
 fn builder(dns: &Dnsmasq) -> DnsRegistryBuilder {
@@ -112,6 +114,23 @@ async fn a_higher_srv_priority_is_the_fallback_while_the_lowest_does_not_resolve
         ["10.0.3.2:50062"],
         "and returns"
     );
+}
+
+/// Catches an SRV target of `.` (RFC 2782: the service is decidedly not available here)
+/// taken for a host: an instance with no address, which would be dialled.
+#[tokio::test]
+async fn an_srv_target_of_dot_means_no_instances() {
+    let _limit = support::time_limit(120);
+    support::trace_init();
+    let Some(dns) = Dnsmasq::start(GREETER, 1).await else {
+        return;
+    };
+    let registry = builder(&dns).build().unwrap();
+    let closed = registry
+        .discover(&ServiceQuery::new("_grpc._tcp.closed.test"))
+        .await
+        .unwrap();
+    assert_eq!(authorities(&closed), Vec::<String>::new());
 }
 
 #[tokio::test]

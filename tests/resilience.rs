@@ -86,6 +86,42 @@ async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Catches the cache file's instances taken unchecked: an entry edited to port 0, an empty
+/// address or a malformed one must be skipped (and logged), never handed out to be dialled.
+#[tokio::test]
+async fn a_cache_file_entry_that_cannot_be_dialled_is_skipped() {
+    let _limit = support::time_limit(60);
+    let dir = std::env::temp_dir().join(format!("tower-sd-cache-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cache.json");
+    let up = Arc::new(Unreliable::default());
+    for id in ["a", "b", "c", "d"] {
+        up.register(instance(id)).await.unwrap();
+    }
+    let cached = CachedRegistry::builder(up).persist_to(&file).build();
+    assert_eq!(cached.discover(&"api".into()).await.unwrap().len(), 4);
+    cached.persisted().await;
+
+    let mut entries: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    for instance in entries[0]["instances"].as_array_mut().unwrap() {
+        match instance["id"].as_str().unwrap() {
+            "b" => instance["port"] = 0.into(),
+            "c" => instance["address"] = "".into(),
+            "d" => instance["address"] = "not an address!".into(),
+            _ => {}
+        }
+    }
+    std::fs::write(&file, serde_json::to_vec(&entries).unwrap()).unwrap();
+    let down = Arc::new(Unreliable::default());
+    down.down.store(true, Ordering::SeqCst);
+    let seeded = CachedRegistry::builder(down).persist_to(&file).build();
+    let set = seeded.discover(&"api".into()).await.unwrap();
+    let ids: Vec<&str> = set.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["a"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[tokio::test]
 async fn fallback_discover_asks_down_the_chain() {
     let _limit = support::time_limit(60);

@@ -423,7 +423,10 @@ mod tests {
             let tried = attempts(client.clone(), small.clone(), &sent).await;
             assert_eq!(tried.len(), 3, "{tried:?}");
             let avoided = tried[0] != tried[1];
-            assert!(avoided, "the retry avoids the instance that failed: {tried:?}");
+            assert!(
+                avoided,
+                "the retry avoids the instance that failed: {tried:?}"
+            );
         }
         let large = Full::new(Bytes::from(vec![0; (64 << 10) + 1]));
         assert_eq!(attempts(client, large, &sent).await.len(), 1);

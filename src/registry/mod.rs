@@ -255,6 +255,19 @@ macro_rules! forward_registry {
 forward_registry!(Arc<R>);
 forward_registry!(Box<R>);
 
+/// Whether an instance read from the network or a file can be dialled (it
+/// [validates](ServiceInstance::validate)); one that cannot is logged, for the caller to
+/// skip: nothing from outside is dialled unchecked.
+pub(crate) fn dialable(source: &str, instance: &ServiceInstance) -> bool {
+    match instance.validate() {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(source, id = %instance.id, service = %instance.name, error = %crate::error::Chain(&error), "skipping an instance that cannot be dialled");
+            false
+        }
+    }
+}
+
 /// Validates each instance and rejects a repeated id.
 pub(crate) fn validate_all(instances: &[ServiceInstance]) -> Result<()> {
     let mut seen = std::collections::HashSet::new();

@@ -174,6 +174,9 @@ impl CachedRegistryBuilder {
             .into_iter()
             .map(|mut entry| {
                 entry.from_file = true;
+                // The file is outside input, checked as a registry's answers are.
+                let dialable = |i: &ServiceInstance| crate::registry::dialable("cache file", i);
+                entry.instances.retain(dialable);
                 (entry.query.clone(), entry)
             })
             .collect();

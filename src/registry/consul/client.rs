@@ -378,6 +378,7 @@ impl Client {
             // Consul filtered already; this keeps every backend's semantics identical, with
             // Consul's case rules.
             .filter(|instance| matches(query, instance))
+            .filter(|instance| crate::registry::dialable(REGISTRY, instance))
             .collect();
         instances.sort_by(|a, b| a.id.cmp(&b.id));
         if answer.filtered {

@@ -6,7 +6,8 @@
 //!   resolves. When no priority has a target that resolves, the lowest is used by name.
 //!   Weight 0 counts as 1 (the balancer has no "rarely" weight). Each target is resolved to
 //!   its addresses (from the answer's additional section when the server sent them), one
-//!   instance per address; a target that does not resolve is kept by name.
+//!   instance per address; a target that does not resolve is kept by name. A target of
+//!   `.` says the service is not available: no instance.
 //! - A, AAAA (or both): one instance per address, on the fixed port.
 //!
 //! The TTL is the lowest of the records used. "No such name" and "no records" are one
@@ -94,7 +95,8 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
         .answers()
         .iter()
         .filter_map(|r| match &r.data {
-            RData::SRV(srv) => Some((r, srv)),
+            // A target of `.`: the service is "decidedly not available" (RFC 2782).
+            RData::SRV(srv) if !srv.target.is_root() => Some((r, srv)),
             _ => None,
         })
         .collect();
