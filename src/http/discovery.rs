@@ -436,6 +436,20 @@ mod tests {
         assert_eq!(attempts(client, Unsized, &sent).await.len(), 1);
     }
 
+    /// Catches a throttle left out of the wrapped client's retries: with 4 tokens and every
+    /// answer a failure, the first call retries once (3 tokens left, more than half), and
+    /// the next calls not at all.
+    #[tokio::test]
+    async fn a_wrapped_client_stops_retrying_once_the_throttle_drains() {
+        let (discovery, sent) = failing().await;
+        let client = discovery.retry_policy::<Full<Bytes>>(policy().throttle(4, 0.1));
+        let body = Full::new(Bytes::new());
+        assert_eq!(attempts(client.clone(), body.clone(), &sent).await.len(), 2);
+        for _ in 0..3 {
+            assert_eq!(attempts(client.clone(), body.clone(), &sent).await.len(), 1);
+        }
+    }
+
     /// Catches a policy applied to a body type it was not set for (whose clone it does
     /// not know), and to an unsafe method.
     #[tokio::test]

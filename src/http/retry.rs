@@ -115,3 +115,56 @@ pub(crate) fn is_safe<B>(request: &http::Request<B>) -> bool {
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     ) || request.extensions().get::<Idempotent>().is_some()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Catches the throttle's tokens or ratio off by the unit (thousandths), a ratio below
+    /// a thousandth taken as 0 (a drained bucket would never refill), and the clamps.
+    #[test]
+    fn the_throttle_counts_thousandths_and_clamps() {
+        let throttle = |tokens, ratio| {
+            let policy = HttpRetryPolicy::new(3).throttle(tokens, ratio);
+            let throttle = policy.new_throttle().expect("a throttle");
+            (throttle.milli_tokens(), policy.throttle.unwrap().1)
+        };
+        assert_eq!(throttle(4, 0.5), (4_000, 500));
+        assert_eq!(throttle(0, 0.0001), (1_000, 1));
+        assert_eq!(throttle(5_000, 1e12), (1_000_000, u32::MAX));
+        assert!(HttpRetryPolicy::new(3).new_throttle().is_none());
+    }
+
+    /// Catches a multiplier below 1 kept (the backoff would shrink), one of 1 or more
+    /// changed, a maximum below the initial kept, and attempts outside 1 to 5.
+    #[test]
+    fn the_backoff_and_attempts_are_kept_sane() {
+        let rules = |policy: HttpRetryPolicy| policy.rules();
+        let second = Duration::from_secs(1);
+        let shrinking = rules(HttpRetryPolicy::new(3).backoff(second, second / 2, 0.5));
+        assert_eq!(shrinking.multiplier, 1.0);
+        assert_eq!(shrinking.max_backoff, second);
+        let growing = rules(HttpRetryPolicy::new(3).backoff(second, second * 4, 1.0));
+        assert_eq!(growing.multiplier, 1.0);
+        assert_eq!(growing.max_backoff, second * 4);
+        assert_eq!(
+            rules(HttpRetryPolicy::new(3).backoff(second, second, 2.5)).multiplier,
+            2.5
+        );
+        assert_eq!(rules(HttpRetryPolicy::new(0)).max_attempts, 1);
+        assert_eq!(rules(HttpRetryPolicy::new(9)).max_attempts, 5);
+    }
+
+    #[test]
+    fn safe_methods_or_a_mark() {
+        let request =
+            |method: http::Method| http::Request::builder().method(method).body(()).unwrap();
+        assert!(is_safe(&request(http::Method::GET)));
+        assert!(is_safe(&request(http::Method::DELETE)));
+        assert!(!is_safe(&request(http::Method::POST)));
+        assert!(!is_safe(&request(http::Method::PATCH)));
+        let mut marked = request(http::Method::POST);
+        marked.extensions_mut().insert(Idempotent);
+        assert!(is_safe(&marked));
+    }
+}
