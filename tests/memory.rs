@@ -356,3 +356,27 @@ async fn static_registry_is_read_only_and_filters() {
         Err(Error::InvalidInstance { field: "port", .. })
     ));
 }
+
+/// Catches a TTL or reap delay added to the clock unchecked (`Duration::MAX` panicked in
+/// `register`, `heartbeat` and the watch): such a TTL never runs out, such a reap never
+/// comes.
+#[tokio::test(start_paused = true)]
+async fn huge_ttls_and_reap_delays_never_panic() {
+    let _limit = support::time_limit(60);
+    let registry = MemoryRegistry::builder()
+        .ttl(Duration::MAX)
+        .deregister_critical_after(Duration::MAX)
+        .build();
+    registry.register(instance("a", "svc", 1)).await.unwrap();
+    registry
+        .register_with_ttl(instance("b", "svc", 2), Duration::MAX)
+        .unwrap();
+    registry.heartbeat("a").await.unwrap();
+    let mut watch = registry.watch(&"svc".into());
+    assert_eq!(ids(&watch.next().await.unwrap().unwrap()), ["a", "b"]);
+    registry.set_health("b", HealthStatus::Critical).unwrap();
+    assert_eq!(ids(&watch.next().await.unwrap().unwrap()), ["a"]);
+    advance(Duration::from_secs(365 * 24 * 60 * 60)).await;
+    assert_eq!(registry.health("a").await.unwrap(), HealthStatus::Passing);
+    assert_eq!(registry.health("b").await.unwrap(), HealthStatus::Critical);
+}

@@ -122,6 +122,30 @@ async fn a_cache_file_entry_that_cannot_be_dialled_is_skipped() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Catches a failover time added to the clock unchecked (`Duration::MAX` would panic in
+/// the watch): such a chain never fails over, and reports the primary's errors.
+#[tokio::test(start_paused = true)]
+async fn a_huge_failover_time_never_fails_over_and_never_panics() {
+    let _limit = support::time_limit(60);
+    let primary = Arc::new(Unreliable::default());
+    primary.down.store(true, Ordering::SeqCst);
+    let backup = StaticRegistry::builder()
+        .instances(vec![instance("backup")])
+        .build()
+        .unwrap();
+    let chain = FallbackRegistry::builder()
+        .then(primary)
+        .then(backup)
+        .failover_after(Duration::MAX)
+        .build()
+        .unwrap();
+    let mut watch = chain.watch(&"api".into());
+    assert!(watch.next().await.unwrap().is_err(), "the primary's error");
+    let year = Duration::from_secs(365 * 24 * 60 * 60);
+    let next = tokio::time::timeout(year, watch.next()).await;
+    assert!(next.is_err(), "no failover within a year: {next:?}");
+}
+
 #[tokio::test]
 async fn fallback_discover_asks_down_the_chain() {
     let _limit = support::time_limit(60);

@@ -268,7 +268,8 @@ impl ServiceRegistry for MemoryRegistry {
     fn heartbeat<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
         let now = Instant::now();
         let result = self.inner.update(id, |entry| {
-            entry.ttl_deadline = entry.ttl.map(|ttl| now + ttl);
+            // A TTL past the clock's range never runs out.
+            entry.ttl_deadline = entry.ttl.and_then(|ttl| now.checked_add(ttl));
         });
         async move { result }.boxed()
     }
@@ -294,7 +295,7 @@ impl Inner {
             status: HealthStatus::Passing,
             critical_since: None,
             ttl,
-            ttl_deadline: ttl.map(|ttl| now + ttl),
+            ttl_deadline: ttl.and_then(|ttl| now.checked_add(ttl)),
             instance,
         };
         self.lock().insert(entry.instance.id.clone(), entry);
@@ -318,7 +319,11 @@ impl Inner {
     /// Drops instances that have been critical longer than `deregister_critical_after`.
     fn reap(&self, state: &mut BTreeMap<String, Entry>, now: Instant) {
         if let Some(after) = self.deregister_critical_after {
-            state.retain(|_, entry| entry.critical_since_at(now).is_none_or(|t| now < t + after));
+            state.retain(|_, entry| {
+                let reaped_at = |since: Instant| since.checked_add(after);
+                let critical = entry.critical_since_at(now);
+                critical.is_none_or(|since| reaped_at(since).is_none_or(|at| now < at))
+            });
         }
     }
 
@@ -339,7 +344,7 @@ impl Inner {
                 let reap = entry
                     .critical_since_at(now)
                     .zip(self.deregister_critical_after)
-                    .map(|(since, after)| since + after);
+                    .and_then(|(since, after)| since.checked_add(after));
                 [entry.ttl_deadline, reap]
             })
             .flatten()

@@ -35,6 +35,9 @@ pub(crate) fn next_index(last: u64, returned: Option<u64>) -> u64 {
     }
 }
 
+/// The longest a token bucket waits for a token, whatever its rate.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// A token bucket: `burst` requests at once, `rate` per second on average.
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
@@ -62,7 +65,10 @@ impl TokenBucket {
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.refilled = now;
         if self.tokens < 1.0 {
-            let wait = Duration::from_secs_f64((1.0 - self.tokens) / self.rate);
+            // A tiny rate would overflow a `Duration` (or the clock): wait a day at most.
+            let wait = Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate)
+                .unwrap_or(MAX_WAIT)
+                .min(MAX_WAIT);
             sleep_until(now + wait).await;
             self.tokens = 1.0;
             self.refilled = now + wait;
@@ -131,6 +137,20 @@ mod tests {
         assert_eq!(next_index(10, Some(7)), 0, "went backwards: reset");
         assert_eq!(next_index(10, Some(10)), 10, "unchanged");
         assert_eq!(next_index(10, Some(12)), 12);
+    }
+
+    /// Catches a wait computed from a tiny rate overflowing a `Duration` or the clock (a
+    /// panic in the watch task).
+    #[tokio::test(start_paused = true)]
+    async fn a_tiny_rate_waits_a_day_at_most() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        for rate in [1e-300, f64::MIN_POSITIVE] {
+            let mut bucket = TokenBucket::new(rate);
+            bucket.take().await;
+            let start = Instant::now();
+            bucket.take().await;
+            assert_eq!(start.elapsed(), MAX_WAIT);
+        }
     }
 
     #[tokio::test(start_paused = true)]
