@@ -250,6 +250,16 @@ pub enum InvalidValue {
     /// The port is 0.
     #[error("port 0 cannot be dialled")]
     ZeroPort,
+    /// The value is outside what the registry takes.
+    #[error("{value} is outside {min}..={max}")]
+    OutOfRange {
+        /// The value given.
+        value: u64,
+        /// The smallest taken.
+        min: u64,
+        /// The largest taken.
+        max: u64,
+    },
     /// The address is neither an IP address nor a DNS host name.
     #[error("`{0}` is neither an IP address nor a valid DNS host name")]
     NotAnAddress(String),

@@ -835,3 +835,39 @@ async fn a_consul_instance_that_cannot_be_dialled_is_skipped() {
     let set = consul.discover(&"f".into()).await.unwrap();
     assert_eq!(ids(&set), ["node-2/ok"]);
 }
+
+/// Catches a weight Consul refuses (0, or over 65535) sent anyway: the agent answers 400,
+/// which a registration loop would retry for ever; it is a typed refusal naming the field,
+/// before any request. And the fake refuses them as the agent does.
+#[tokio::test]
+async fn a_weight_consul_refuses_is_a_typed_error_before_any_request() {
+    let _limit = support::time_limit(30);
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    for weight in [0, 65_536] {
+        let instance = ServiceInstance::new("w", "web", "10.0.0.1", 80).with_weight(weight);
+        match consul.register(instance).await {
+            Err(Error::InvalidInstance {
+                field: "weight", ..
+            }) => {}
+            other => panic!("weight {weight}: {other:?}"),
+        }
+    }
+    assert!(!fake.requests().iter().any(|r| r.contains("register")));
+    let ok = ServiceInstance::new("w", "web", "10.0.0.1", 80).with_weight(65_535);
+    consul.register(ok).await.unwrap();
+    let (status, _, body) = raw(
+        "PUT",
+        &format!("{}/v1/agent/service/register", fake.url()),
+        r#"{"Name": "web", "Weights": {"Passing": 0, "Warning": 1}}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) = raw(
+        "PUT",
+        &format!("{}/v1/agent/service/register", fake.url()),
+        r#"{"ID": "x", "Port": 1}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "a name is required");
+}

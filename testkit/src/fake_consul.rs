@@ -527,15 +527,32 @@ async fn register(
     State(fake): State<Shared>,
     axum::Extension(Caller(policy)): axum::Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
-    Json(body): Json<Value>,
+    Json(mut body): Json<Value>,
 ) -> Response {
     fake.log(format!("PUT register {q:?}"));
     if !policy.write {
         return denied("service:write");
     }
-    let Some(id) = body["ID"].as_str().map(str::to_owned) else {
-        return (StatusCode::BAD_REQUEST, "missing ID").into_response();
+    // As the agent's `AgentRegisterService`: a name is required, the ID defaults to it,
+    // and weights must be 1..=65535 passing, 0..=65535 warning (`ValidateWeights`).
+    let Some(name) = body["Name"].as_str().filter(|n| !n.is_empty()) else {
+        return (StatusCode::BAD_REQUEST, "Missing service name").into_response();
     };
+    let id = body["ID"]
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .unwrap_or(name)
+        .to_owned();
+    let weight = |key: &str| body["Weights"][key].as_i64();
+    if body.get("Weights").is_some_and(|w| !w.is_null()) {
+        let passing = weight("Passing").unwrap_or(0);
+        let warning = weight("Warning").unwrap_or(0);
+        if passing < 1 || warning < 0 || passing > 65_535 || warning > 65_535 {
+            let message = "Invalid Weights: Passing must be greater than 0";
+            return (StatusCode::BAD_REQUEST, message).into_response();
+        }
+    }
+    body["ID"] = id.clone().into();
     let check = &body["Check"];
     let ttl = check["TTL"].as_str().and_then(parse_go_duration);
     let deregister_after = check["DeregisterCriticalServiceAfter"]

@@ -122,7 +122,7 @@ use futures_core::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 
 use super::{ServiceRegistry, WatchStream};
-use crate::error::Result;
+use crate::error::{Error, InvalidValue, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
 use client::Client;
 
@@ -202,6 +202,18 @@ impl ServiceRegistry for ConsulRegistry {
     fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, Result<()>> {
         async move {
             instance.validate()?;
+            // Consul refuses weights outside 1..=65535 (`structs.ValidateWeights`): a
+            // refusal for good, said before asking.
+            if !(1..=65_535).contains(&instance.weight) {
+                return Err(Error::InvalidInstance {
+                    field: "weight",
+                    source: InvalidValue::OutOfRange {
+                        value: instance.weight.into(),
+                        min: 1,
+                        max: 65_535,
+                    },
+                });
+            }
             self.client.register(&instance).await
         }
         .boxed()
