@@ -25,6 +25,8 @@ pub(crate) struct Client {
     base: Url,
     pub(crate) settings: Settings,
     mapping: Mapping,
+    /// `X-Consul-Token`'s value, marked sensitive: HTTP/2's HPACK never indexes it.
+    token: Option<reqwest::header::HeaderValue>,
 }
 
 impl fmt::Debug for Client {
@@ -112,11 +114,22 @@ impl Client {
             zone_key: settings.zone_key.clone(),
             tagged_address: settings.tagged_address.clone(),
         };
+        let token = match &settings.token {
+            Some(Secret(token)) => {
+                // Never the token itself in the error.
+                let mut value = reqwest::header::HeaderValue::from_str(token)
+                    .map_err(|_| invalid("token", "not a valid HTTP header value"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
         Ok(Self {
             http,
             base,
             settings,
             mapping,
+            token,
         })
     }
 
@@ -131,8 +144,8 @@ impl Client {
 
     pub(crate) fn request(&self, method: Method, url: Url) -> RequestBuilder {
         let mut request = self.http.request(method, url);
-        if let Some(Secret(token)) = &self.settings.token {
-            request = request.header("X-Consul-Token", token);
+        if let Some(token) = &self.token {
+            request = request.header("X-Consul-Token", token.clone());
         }
         if let Some(namespace) = &self.settings.namespace {
             request = request.query(&[("ns", namespace)]);
@@ -623,6 +636,28 @@ mod tests {
             known_leader: None,
         };
         assert!(silent.fresh_enough(max).is_ok());
+    }
+
+    /// Catches the token sent as an ordinary header (HPACK would index it in the connection's
+    /// table), and a token that is no header value accepted (the error must not show it).
+    #[test]
+    fn the_token_header_is_sensitive_and_checked() {
+        let settings = |token: &str| Settings {
+            token: Some(Secret(token.to_owned())),
+            ..Settings::default()
+        };
+        let client = Client::new(settings("s3cr3t")).unwrap();
+        let url = client.url(&["v1", "agent", "self"]);
+        let request = client.request(Method::GET, url).build().unwrap();
+        let token = &request.headers()["X-Consul-Token"];
+        assert!(token.is_sensitive());
+        assert_eq!(token, "s3cr3t");
+        let error = Client::new(settings("bad\ntoken")).unwrap_err();
+        let message = crate::error::Chain(&error).to_string();
+        assert!(
+            message.contains("token") && !message.contains("bad"),
+            "{message}"
+        );
     }
 
     #[test]

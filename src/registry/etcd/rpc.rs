@@ -291,10 +291,7 @@ impl Etcd {
             password: auth.password.0.clone(),
         };
         let token = client.authenticate(request).await?.into_inner().token;
-        let token = token
-            .parse()
-            .map_err(|_| Status::internal("etcd sent an auth token that is not ASCII"))?;
-        *auth.token.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
+        *auth.token.write().unwrap_or_else(PoisonError::into_inner) = Some(token_value(&token)?);
         Ok(())
     }
 
@@ -342,9 +339,29 @@ pub(super) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// etcd's token as the `token` metadata value, marked sensitive: HTTP/2's HPACK never
+/// indexes it.
+fn token_value(token: &str) -> Result<MetadataValue<Ascii>, Status> {
+    let mut value: MetadataValue<Ascii> = token
+        .parse()
+        .map_err(|_| Status::internal("etcd sent an auth token that is not ASCII"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Catches the token sent as ordinary metadata, which HPACK would index in the
+    /// connection's table (and say so to anyone reading a dump of it).
+    #[test]
+    fn the_token_is_sensitive_metadata() {
+        let token = token_value("abc.def").unwrap();
+        assert!(token.is_sensitive());
+        assert_eq!(token, "abc.def");
+        assert!(token_value("a\nb").is_err());
+    }
 
     #[test]
     fn prefix_end_increments_the_last_byte_that_can_be() {
