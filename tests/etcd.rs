@@ -562,3 +562,34 @@ async fn a_watch_cut_at_any_moment_loses_no_change() {
         assert!(Instant::now() < deadline, "stuck at {ids:?}, want {want:?}");
     }
 }
+
+/// Catches tonic's 4 MiB default left in place: 6 MiB of instances (60 of 100 KiB of
+/// metadata each; etcd takes 1.5 MiB per put) is one range answer over it, taken whole up
+/// to the configured limit, and a typed error (not a panic, not a partial set) past it.
+#[tokio::test]
+async fn an_answer_over_four_mebibytes_is_taken_up_to_the_limit() {
+    let _limit = support::time_limit(120);
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let registry = builder(&etcd.url()).build().unwrap();
+    let padding = "x".repeat(100 << 10);
+    for n in 0..60 {
+        let instance = instance(&format!("greeter-{n:02}"), 50_000 + n)
+            .with_metadata("padding", padding.clone());
+        registry.register(instance).await.unwrap();
+    }
+    assert_eq!(greeters(&registry).await.len(), 60);
+    let mut watch = follow(&registry, "greeter");
+    assert_eq!(next_ids(&mut watch).await.len(), 60);
+
+    let strict = builder(&etcd.url())
+        .max_response_bytes(1 << 20)
+        .build()
+        .unwrap();
+    let error = strict.discover(&"greeter".into()).await.unwrap_err();
+    assert!(
+        matches!(error, Error::Status { .. } | Error::Malformed { .. }),
+        "{error:?}"
+    );
+}

@@ -124,6 +124,7 @@ impl Inner {
                 let etcd = Etcd::connect(rpc::Connect {
                     endpoints: &settings.endpoints,
                     connect_timeout: settings.connect_timeout,
+                    max_response_bytes: settings.max_response_bytes,
                     ca: settings.ca.clone(),
                     credentials,
                 })

@@ -56,6 +56,8 @@ const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 pub(super) struct Connect<'a> {
     pub(super) endpoints: &'a [String],
     pub(super) connect_timeout: Duration,
+    /// The largest answer decoded.
+    pub(super) max_response_bytes: usize,
     /// PEM of the CA to trust for `https://` endpoints.
     pub(super) ca: Option<Vec<u8>>,
     pub(super) credentials: Option<(String, Secret)>,
@@ -66,6 +68,8 @@ pub(super) struct Connect<'a> {
 pub(super) struct Etcd {
     channel: Channel,
     auth: Option<Arc<Auth>>,
+    /// The largest answer decoded.
+    max_response_bytes: usize,
 }
 
 struct Auth {
@@ -111,11 +115,20 @@ impl Etcd {
                 refreshing: tokio::sync::Mutex::new(()),
             })
         });
-        Ok(Self { channel, auth })
+        Ok(Self {
+            channel,
+            auth,
+            max_response_bytes: options.max_response_bytes,
+        })
+    }
+
+    /// The KV client, taking answers up to the configured size.
+    fn kv(&self) -> KvClient<Channel> {
+        KvClient::new(self.channel.clone()).max_decoding_message_size(self.max_response_bytes)
     }
 
     pub(super) async fn range(&self, request: RangeRequest) -> Result<RangeResponse, Status> {
-        let kv = KvClient::new(self.channel.clone());
+        let kv = self.kv();
         self.unary(request, |r| {
             let mut kv = kv.clone();
             async move { kv.range(r).await }
@@ -124,7 +137,7 @@ impl Etcd {
     }
 
     pub(super) async fn put(&self, request: PutRequest) -> Result<PutResponse, Status> {
-        let kv = KvClient::new(self.channel.clone());
+        let kv = self.kv();
         self.unary(request, |r| {
             let mut kv = kv.clone();
             async move { kv.put(r).await }
@@ -133,7 +146,7 @@ impl Etcd {
     }
 
     pub(super) async fn delete(&self, key: Vec<u8>) -> Result<(), Status> {
-        let kv = KvClient::new(self.channel.clone());
+        let kv = self.kv();
         let request = DeleteRangeRequest {
             key,
             ..Default::default()
@@ -205,7 +218,8 @@ impl Etcd {
         &self,
         create: WatchCreateRequest,
     ) -> Result<Answers<WatchResponse>, Status> {
-        let mut watch = WatchClient::new(self.channel.clone());
+        let mut watch = WatchClient::new(self.channel.clone())
+            .max_decoding_message_size(self.max_response_bytes);
         let request = WatchRequest {
             request_union: Some(watch_request::RequestUnion::CreateRequest(create)),
         };
