@@ -344,6 +344,41 @@ async fn a_registration_dropped_without_shutdown_leaves_the_registry() {
     .await;
 }
 
+/// Catches a shutdown that runs out of time, or is cancelled, mid-drain and leaves the
+/// instance registered (in maintenance: out of discovery, but never reaped) until someone
+/// cleans up: the rest is done in the background, within the shutdown timeout.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_out_of_time_or_cancelled_still_deregisters() {
+    let _limit = support::time_limit(60);
+    for cancelled in [false, true] {
+        let registry = Arc::new(MemoryRegistry::new());
+        let registration = Registration::builder(registry.clone(), instance())
+            .drain_delay(Duration::from_secs(30))
+            .shutdown_timeout(Duration::from_secs(5))
+            .build();
+        registration
+            .registered(Duration::from_secs(5))
+            .await
+            .unwrap();
+        if cancelled {
+            let shutdown = tokio::time::timeout(Duration::from_secs(1), registration.shutdown());
+            assert!(shutdown.await.is_err(), "cancelled mid-drain");
+        } else {
+            let error = registration.shutdown().await.unwrap_err();
+            assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+        }
+        assert_eq!(
+            registry.health("api-1").await.unwrap(),
+            HealthStatus::Maintenance,
+            "still registered when the shutdown ended"
+        );
+        support::until_async("deregistered in the background", || async {
+            registry.health("api-1").await.unwrap() == HealthStatus::Unknown
+        })
+        .await;
+    }
+}
+
 #[cfg(feature = "consul")]
 #[tokio::test]
 async fn a_restarted_consul_agent_gets_the_instance_again() {

@@ -102,6 +102,7 @@ impl RegistrationBuilder {
             registered,
             stop: Some(stop),
             task: Some(task),
+            deregistered: false,
         }
     }
 }

@@ -37,7 +37,11 @@
 //!
 //! Dropping a `Registration` without [`shutdown`](Registration::shutdown) stops its
 //! heartbeats and deregisters it in the background, best effort and without a drain (with
-//! etcd this also ends its lease); call `shutdown` for a graceful exit.
+//! etcd this also ends its lease); call `shutdown` for a graceful exit. The same happens
+//! when `shutdown` is cancelled (its future dropped) or its deadline passes before the
+//! instance is deregistered: a background task on the current runtime keeps trying, with
+//! backoff, for at most the shutdown timeout more, and logs the outcome. What remains is
+//! bounded by that timeout, and by the runtime living that long (none outside a runtime).
 
 use std::fmt;
 use std::sync::Arc;
@@ -125,6 +129,8 @@ pub struct Registration {
     registered: watch::Receiver<Progress>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The registry answered a deregistration: nothing is left to do on drop.
+    deregistered: bool,
 }
 
 impl fmt::Debug for Registration {
@@ -238,44 +244,58 @@ impl Registration {
         }
     }
 
-    /// Deregisters, retrying transient failures with backoff (the shutdown's deadline
-    /// bounds it).
-    async fn deregister(&self) -> Result<()> {
-        let id = &self.instance.id;
-        let mut backoff = Backoff::new(self.retry.0, self.retry.1);
-        loop {
-            match self.registry.deregister(id).await {
-                Ok(()) => {
-                    info!(%id, "deregistered");
-                    return Ok(());
-                }
-                Err(error) if error.is_transient() => {
-                    let delay = backoff.next_delay();
-                    warn!(%id, error = %Chain(&error), ?delay, "deregistering failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(error) => return Err(error),
+    /// Deregisters (see [`leave`]); the shutdown's deadline bounds it.
+    async fn deregister(&mut self) -> Result<()> {
+        leave(&*self.registry, &self.instance.id, self.retry).await?;
+        self.deregistered = true;
+        Ok(())
+    }
+}
+
+/// Deregisters `id`, retrying transient failures with backoff, until the registry answers
+/// (the caller bounds it).
+async fn leave(
+    registry: &dyn ServiceRegistry,
+    id: &str,
+    retry: (Duration, Duration),
+) -> Result<()> {
+    let mut backoff = Backoff::new(retry.0, retry.1);
+    loop {
+        match registry.deregister(id).await {
+            Ok(()) => {
+                info!(%id, "deregistered");
+                return Ok(());
             }
+            Err(error) if error.is_transient() => {
+                let delay = backoff.next_delay();
+                warn!(%id, error = %Chain(&error), ?delay, "deregistering failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) => return Err(error),
         }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let Some(task) = self.task.take() else {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        // Nothing to leave: deregistered already, or refused for good at registration.
+        if self.deregistered || matches!(*self.registered.borrow(), Progress::Refused(_)) {
             return;
-        };
-        task.abort();
-        // Dropped without a shutdown: leave the registry in the background, best effort.
+        }
+        // Dropped without a shutdown, or with one cancelled or out of time: leave the
+        // registry in the background, for at most the shutdown timeout.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let registry = Arc::clone(&self.registry);
+        let (registry, retry) = (Arc::clone(&self.registry), self.retry);
         let id = self.instance.id.clone();
         let limit = self.shutdown_timeout;
-        warn!(%id, "registration dropped without shutdown; deregistering in the background");
+        warn!(%id, "registration dropped before it was deregistered; deregistering in the background");
         runtime.spawn(async move {
-            match tokio::time::timeout(limit, registry.deregister(&id)).await {
+            match tokio::time::timeout(limit, leave(&*registry, &id, retry)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
                     warn!(%id, error = %Chain(&error), "background deregistration failed")
