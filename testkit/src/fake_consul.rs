@@ -24,8 +24,10 @@
 //!   known leader, contact 0, until told otherwise), any other read the leader's own.
 //! - **ACLs** (with [`FakeConsul::start`]`(Some(token))`): default deny. An unknown token
 //!   gets 403 (`ACL not found`). A known token, or no token (the anonymous token), without
-//!   `service:read` on a service gets 200 with that service's entries removed and
-//!   `X-Consul-Results-Filtered-By-ACLs: true`; agent writes without `service:write` get 403.
+//!   `service:read` on a service gets 200 with that service's entries removed, and
+//!   `X-Consul-Results-Filtered-By-ACLs: true` only for a request with a token (Consul's
+//!   servers clear it for requests without one, `maskResultsFilteredByACLs`; the fake has
+//!   no agent default token); agent writes without `service:write` get 403.
 //! - Maintenance mode, the agent health endpoint, and injected faults.
 //!
 //! Not modelled: the catalog and KV APIs, sessions, prepared queries, multiple datacenters
@@ -450,6 +452,11 @@ impl Service {
 #[derive(Clone, Debug)]
 pub(super) struct Caller(pub(super) Policy);
 
+/// The request carried no token (the agent has no default token here): Consul's servers
+/// clear `X-Consul-Results-Filtered-By-ACLs` for it (`maskResultsFilteredByACLs`).
+#[derive(Clone, Copy, Debug)]
+struct Anonymous(bool);
+
 /// Resolves the ACL token (header or `token` query parameter): an unknown one is 403.
 async fn acl(
     State(fake): State<Shared>,
@@ -476,6 +483,7 @@ async fn acl(
     match policy {
         Ok(policy) => {
             request.extensions_mut().insert(Caller(policy));
+            request.extensions_mut().insert(Anonymous(token.is_none()));
             next.run(request).await
         }
         Err(()) => (StatusCode::FORBIDDEN, "ACL not found").into_response(),
@@ -786,10 +794,11 @@ fn entry(service: &Service, node_status: &str, alias: Option<String>, index: u64
 async fn health_service(
     State(fake): State<Shared>,
     axum::Extension(Caller(policy)): axum::Extension<Caller>,
+    axum::Extension(Anonymous(anonymous)): axum::Extension<Anonymous>,
     Path(name): Path<String>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    health(fake, policy, name, raw, false).await
+    health(fake, (policy, anonymous), name, raw, false).await
 }
 
 /// `/v1/health/connect/:name`: the service's sidecar proxies and its Connect-native
@@ -797,10 +806,11 @@ async fn health_service(
 async fn health_connect(
     State(fake): State<Shared>,
     axum::Extension(Caller(policy)): axum::Extension<Caller>,
+    axum::Extension(Anonymous(anonymous)): axum::Extension<Anonymous>,
     Path(name): Path<String>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    health(fake, policy, name, raw, true).await
+    health(fake, (policy, anonymous), name, raw, true).await
 }
 
 /// Whether `service` answers a health query for `name` (`connect`: a mesh query).
@@ -821,9 +831,10 @@ fn same_lowered(a: &str, b: &str) -> bool {
     a.to_lowercase() == b.to_lowercase()
 }
 
+/// `caller`: the token's policy, and whether there was no token.
 async fn health(
     fake: Shared,
-    policy: Policy,
+    (policy, anonymous): (Policy, bool),
     name: String,
     raw: Option<String>,
     connect: bool,
@@ -967,7 +978,7 @@ async fn health(
         body,
     )
         .into_response();
-    if filtered {
+    if filtered && !anonymous {
         response
             .headers_mut()
             .insert("X-Consul-Results-Filtered-By-ACLs", "true".parse().unwrap());

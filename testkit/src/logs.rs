@@ -23,6 +23,21 @@ impl Logs {
         logs
     }
 
+    /// Captures what the current thread logs (TRACE and up) until the guard is dropped:
+    /// for a test on a current-thread runtime, whose tasks all run on its thread.
+    pub fn scoped() -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Self::default();
+        let writer = {
+            let logs = logs.clone();
+            move || Writer(logs.clone())
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(writer)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }

@@ -27,6 +27,8 @@ pub(crate) struct Client {
     mapping: Mapping,
     /// `X-Consul-Token`'s value, marked sensitive: HTTP/2's HPACK never indexes it.
     token: Option<reqwest::header::HeaderValue>,
+    /// Whether the warning about an empty answer without a token was given (once).
+    warned_anonymous: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Client {
@@ -130,6 +132,7 @@ impl Client {
             settings,
             mapping,
             token,
+            warned_anonymous: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -394,6 +397,9 @@ impl Client {
             .filter(|instance| crate::registry::dialable(REGISTRY, instance))
             .collect();
         instances.sort_by(|a, b| a.id.cmp(&b.id));
+        if instances.is_empty() && self.token.is_none() {
+            self.warn_anonymous(&query.name);
+        }
         if answer.filtered {
             // A token Consul knows but that may not read (all of) the service: the answer
             // hides instances. Never the token itself in the message.
@@ -415,6 +421,25 @@ impl Client {
             }
         }
         Ok((instances, index))
+    }
+}
+
+impl Client {
+    /// Consul says nothing when it hides every instance from a request without a token:
+    /// its servers clear `X-Consul-Results-Filtered-By-ACLs` for those
+    /// (`maskResultsFilteredByACLs`). So an empty answer without a token may be ACLs, and
+    /// the user is told once what to do.
+    fn warn_anonymous(&self, service: &str) {
+        if self
+            .warned_anonymous
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        warn!(
+            service,
+            "Consul answered no instances, and no ACL token is configured: if the agent enforces ACLs with default deny, the anonymous token cannot read the service and Consul hides its instances without saying so; configure a token with service:read (ConsulRegistry::builder().token, or `token` in the configuration file). Said once."
+        );
     }
 }
 

@@ -55,7 +55,9 @@
 //! - **ACLs**: the token never appears in `Debug` output, errors or logs. An answer that Consul
 //!   filtered by ACLs (`X-Consul-Results-Filtered-By-ACLs`, a token without `service:read`) is
 //!   logged as a warning naming the problem, and an empty one is an error (403), never an empty
-//!   set.
+//!   set. Without a token, Consul does not say so (its servers clear the header for requests
+//!   without one): an empty answer then is an empty set, with a warning, once, saying how to
+//!   configure a token.
 //! - **The token stays home**: redirects are never followed, and a loopback agent is never
 //!   reached through the system's proxy unless `system_proxy(true)` asks for it.
 //!
@@ -155,6 +157,9 @@ use client::Client;
 /// instances it may not see removed and `X-Consul-Results-Filtered-By-ACLs: true`. Such an
 /// answer is logged as a warning naming the ACL problem, and when it leaves nothing it is an
 /// [`Error::Status`](crate::Error::Status) of 403, not an empty set: the last set stands.
+/// Without a token, Consul clears that header (`maskResultsFilteredByACLs` in its servers),
+/// so a hidden service looks empty: the first empty answer logs a warning saying that ACLs
+/// may hide it and how to configure a token.
 ///
 /// **Redirects and proxies.** Redirects are never followed (the token would go along), and
 /// an agent on a loopback address is always dialled directly, never through the system's
