@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::Empty;
-use support::fake_consul::FakeConsul;
+use support::fake_consul::{FakeConsul, Fault};
 use support::grpc::{Callers, check};
 use tonic_health::pb::health_client::HealthClient;
 use tower_sd::connection::ConnectionSettings;
@@ -685,5 +685,80 @@ async fn a_sidecar_of_a_tcp_service_is_reached_over_http2_without_alpn() {
     assert!(
         status.message().contains("it chose none") && status.message().contains("service-defaults"),
         "{status:?}"
+    );
+}
+
+/// Catches an accept loop that silent sockets can fill: 1,100 TCP connections that never
+/// start their TLS handshake (more than the 1,024 handshakes the loop used to hold, for
+/// 10 s each) must not keep a valid client out: its call succeeds at once, each newcomer
+/// taking the place of the oldest silent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_silent_sockets_do_not_keep_a_client_out() {
+    let _limit = support::time_limit(60);
+    assert!(
+        support::raise_fd_limit(4096),
+        "this test needs 4,096 open files"
+    );
+    let fake = FakeConsul::start(None).await;
+    let consul = consul(&fake.url());
+    let server = MeshServer::start(&consul, "api", "api-1").await;
+    let port = consul.discover(&"api".into()).await.unwrap()[0].port;
+    let mut silent = Vec::new();
+    for _ in 0..1_100 {
+        let socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+        silent.push(socket.unwrap());
+    }
+    let web = mesh(&consul, "web").await;
+    let mut client = HealthClient::new(channel(&consul, "api", &web));
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), check(&mut client))
+        .await
+        .expect("the valid client got in within 3 s")
+        .unwrap();
+    assert_eq!(server.connections(), 1);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(silent);
+}
+
+/// Catches a server that fails open: while the agent's authorize endpoint fails (500) or
+/// answers later than the request timeout, calls fail `UNAVAILABLE` and no connection is
+/// served; the failures are not cached, so once the agent answers, calls go through. The
+/// fake requires `ClientCertSerial`, colon-hex, as the docs do: the library sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_authorize_fails_closed() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = consul(&fake.url());
+    let impatient = ConsulRegistry::builder()
+        .address(fake.url())
+        .request_timeout(Duration::from_millis(500))
+        .mesh_registration(MeshRegistration::Native)
+        .mesh_discovery(true)
+        .build()
+        .unwrap();
+    let server = MeshServer::start(&impatient, "api", "api-1").await;
+    let web = mesh(&consul, "web").await;
+    for fault in [Fault::Status(500), Fault::Slow(Duration::from_secs(2))] {
+        fake.set_authorize_fault(Some(fault.clone()));
+        let status = check(&mut HealthClient::new(channel(&consul, "api", &web)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "{fault:?}: {status:?}"
+        );
+        assert_eq!(server.connections(), 0, "{fault:?}: nothing served");
+    }
+    fake.set_authorize_fault(None);
+    check(&mut HealthClient::new(channel(&consul, "api", &web)))
+        .await
+        .unwrap();
+    assert_eq!(server.connections(), 1);
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|r| r.starts_with("POST connect/authorize web => api")),
+        "the agent answered once the fault was gone"
     );
 }

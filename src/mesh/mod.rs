@@ -96,6 +96,7 @@ mod agent;
 mod certs;
 mod client;
 mod identity;
+mod incoming;
 mod server;
 
 pub use identity::{IdentityError, SpiffeId};
@@ -110,10 +111,9 @@ use std::time::{Duration, SystemTime};
 use futures_core::Stream;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info, warn};
 
 use crate::connection::TlsConfig;
 use crate::error::{Elapsed, Error, Result};
@@ -150,7 +150,7 @@ impl ConsulConnectBuilder {
         self
     }
 
-    /// The most an incoming connection's TLS handshake may take (default 10 s).
+    /// The most an incoming connection's TLS handshake may take (default 5 s).
     pub fn handshake_timeout(mut self, limit: Duration) -> Self {
         self.handshake_timeout = limit;
         self
@@ -284,7 +284,7 @@ impl ConsulConnect {
             consul: consul.clone(),
             service: service.into(),
             authorization_cache: Duration::from_secs(1),
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
             certificates_within: Duration::from_secs(10),
         }
     }
@@ -387,63 +387,26 @@ impl ConsulConnect {
     /// `Server::serve_with_incoming` (tonic implements its `Connected` for this stream type
     /// with its `tls-ring` or `tls-aws-lc` feature) or a hyper server.
     ///
-    /// A background task accepts, handshakes (up to 1,024 at a time) and authorizes; a
-    /// connection that fails its handshake is logged and closed, a denied one is answered
-    /// `PERMISSION_DENIED` (see [`Authorization`]). The task stops when the stream is
-    /// dropped.
+    /// A background task accepts, handshakes and authorizes; a connection that fails its
+    /// handshake is logged and closed, a denied one is answered `PERMISSION_DENIED` (see
+    /// [`Authorization`]). Handshakes in progress and refused connections each have a
+    /// budget of their own, so silent sockets or a denied peer reconnecting cannot keep a
+    /// client out (see [`Incoming`]). The task stops when the stream is dropped.
     pub fn incoming(&self, listener: TcpListener) -> Incoming {
         let (sender, receiver) = mpsc::channel(64);
-        let task = tokio::spawn(accept_loop(self.clone(), listener, sender));
+        let task = tokio::spawn(incoming::accept_loop(self.clone(), listener, sender));
         Incoming { receiver, task }
     }
 }
 
-/// Accepts until the [`Incoming`] is dropped.
-async fn accept_loop(
-    connect: ConsulConnect,
-    listener: TcpListener,
-    sender: mpsc::Sender<std::io::Result<TlsStream<TcpStream>>>,
-) {
-    let permits = Arc::new(Semaphore::new(1024));
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            () = sender.closed() => return,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => accepted,
-        };
-        let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
-            Err(error) => {
-                // Out of file descriptors and the like: do not spin.
-                warn!(%error, "Consul Connect: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            warn!("Consul Connect: 1024 handshakes in progress; closing a new connection");
-            continue;
-        };
-        let (connect, sender) = (connect.clone(), sender.clone());
-        connections.spawn(async move {
-            let _permit = permit;
-            match connect.accept(tcp).await {
-                Ok(accepted) if accepted.authorization == Authorization::Allowed => {
-                    debug!(client = %accepted.client, "Consul Connect: connection authorized");
-                    let _ = sender.send(Ok(accepted.stream)).await;
-                }
-                Ok(accepted) => {
-                    info!(client = %accepted.client, authorization = ?accepted.authorization, "Consul Connect: connection not authorized");
-                    server::refuse(accepted.stream, accepted.authorization).await;
-                }
-                Err(error) => debug!(error = %crate::error::Chain(&error), "Consul Connect: handshake failed"),
-            }
-        });
-    }
-}
-
 /// The authorized connections of [`ConsulConnect::incoming`]. Dropping it stops accepting.
+///
+/// At most 256 handshakes (TLS, then the agent's answer) are in progress at once, each
+/// within the handshake timeout; a new connection past that takes the place of the oldest
+/// one still in progress, which is closed: a socket that says nothing cannot hold its place
+/// against a client that talks. At most 64 refused connections get their answers at once
+/// (for up to 30 s each); past that a refused one is closed at once. Authorized connections
+/// are handed over and count against neither.
 #[derive(Debug)]
 pub struct Incoming {
     receiver: mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>>,

@@ -81,6 +81,8 @@ pub struct Connect {
     authorizations: u64,
     /// Whether leaves are renewed at seven tenths of their lifetime.
     renewal: bool,
+    /// What every authorize call meets, while set.
+    authorize_fault: Option<super::fake_consul::Fault>,
 }
 
 impl Default for Connect {
@@ -98,6 +100,7 @@ impl Default for Connect {
             default_allow: true,
             authorizations: 0,
             renewal: true,
+            authorize_fault: None,
         }
     }
 }
@@ -366,6 +369,12 @@ impl FakeConsul {
             .push((source.to_owned(), destination.to_owned(), allow));
     }
 
+    /// Makes every authorize call fail with a status, or answer late (`Fault::Status`,
+    /// `Fault::Slow`), until `None`.
+    pub fn set_authorize_fault(&self, fault: Option<super::fake_consul::Fault>) {
+        self.connect.lock().unwrap().authorize_fault = fault;
+    }
+
     /// What happens without a matching intention: allow (ACLs off, the default) or deny.
     pub fn set_default_allow(&self, allow: bool) {
         self.connect.lock().unwrap().default_allow = allow;
@@ -484,6 +493,13 @@ pub(super) async fn authorize(
     axum::Extension(Caller(policy)): axum::Extension<Caller>,
     Json(body): Json<Value>,
 ) -> Response {
+    // All three are required (`api-docs/agent/connect.mdx`); the serial is colon-hex.
+    let serial = body["ClientCertSerial"].as_str().unwrap_or_default();
+    let colon_hex = |s: &str| {
+        !s.is_empty()
+            && s.split(':')
+                .all(|byte| byte.len() == 2 && byte.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
     let (Some(target), Some(uri)) = (body["Target"].as_str(), body["ClientCertURI"].as_str())
     else {
         return (
@@ -492,6 +508,19 @@ pub(super) async fn authorize(
         )
             .into_response();
     };
+    if !colon_hex(serial) {
+        let message = "ClientCertSerial is required, colon-hex encoded";
+        return (StatusCode::BAD_REQUEST, message).into_response();
+    }
+    let fault = fake.connect.lock().unwrap().authorize_fault.clone();
+    match fault {
+        Some(super::fake_consul::Fault::Status(code)) => {
+            let status = StatusCode::from_u16(code).unwrap();
+            return (status, "injected fault").into_response();
+        }
+        Some(super::fake_consul::Fault::Slow(delay)) => tokio::time::sleep(delay).await,
+        _ => {}
+    }
     if !policy.write {
         return super::fake_consul::denied("service:write");
     }

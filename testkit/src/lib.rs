@@ -157,6 +157,21 @@
 
 #![allow(dead_code, unused_imports)]
 
+/// Raises this process's soft limit on open files to `at_least` (within the hard limit),
+/// for a test that holds many sockets; `false` when the hard limit is lower.
+pub fn raise_fd_limit(at_least: u64) -> bool {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some_and(|soft| soft >= at_least) {
+        return true;
+    }
+    if limit.maximum.is_some_and(|hard| hard < at_least) {
+        return false;
+    }
+    limit.current = Some(at_least);
+    setrlimit(Resource::Nofile, limit).is_ok()
+}
+
 pub mod dnsmasq;
 pub mod endpoint_slices;
 pub mod etcd;
