@@ -171,3 +171,122 @@ where
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    use super::*;
+
+    /// A server answering each probe after 5 ms with the status it is set to.
+    fn server(
+        status: &Arc<AtomicU16>,
+    ) -> impl Service<
+        http::Request<()>,
+        Response = http::Response<()>,
+        Error = BoxError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        let status = Arc::clone(status);
+        tower::service_fn(move |_: http::Request<()>| {
+            let status = status.load(Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let mut response = http::Response::new(());
+                *response.status_mut() = http::StatusCode::from_u16(status)?;
+                Ok::<_, BoxError>(response)
+            }
+        })
+    }
+
+    /// Whether the instance is serving at each millisecond of the next `ms`.
+    async fn serving_over(readiness: &Readiness, ms: u64) -> Vec<bool> {
+        let mut seen = Vec::new();
+        for _ in 0..ms {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            seen.push(readiness.is_serving());
+        }
+        seen
+    }
+
+    /// Catches a probe that drops a healthy instance out between two answers (or while a
+    /// probe is in flight), one that keeps a failing instance in, one that serves a new
+    /// connection before its first answer, and one that keeps probing a closed connection.
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_serves_exactly_while_its_last_answer_was_healthy() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        #[cfg(feature = "metrics")]
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        #[cfg(feature = "metrics")]
+        let _recording = metrics::set_default_local_recorder(&recorder);
+        let status = Arc::new(AtomicU16::new(200));
+        let probe = Arc::new(
+            HttpProbe::new("/healthz")
+                .unwrap()
+                .interval(Duration::from_millis(20)),
+        );
+        let readiness = Readiness::new(Connectivity::Ready);
+        let _companion = start(&probe, server(&status), readiness.clone(), "svc");
+        assert!(!readiness.is_serving(), "not before the first answer");
+        let seen = serving_over(&readiness, 200).await;
+        let first = seen
+            .iter()
+            .position(|s| *s)
+            .expect("serving after the first answer");
+        assert!(first <= 6, "{first}");
+        assert!(
+            seen[first..].iter().all(|s| *s),
+            "serving throughout: {seen:?}"
+        );
+
+        status.store(503, Ordering::SeqCst);
+        let seen = serving_over(&readiness, 100).await;
+        assert!(
+            seen[30..].iter().all(|s| !*s),
+            "out after a failed probe: {seen:?}"
+        );
+
+        status.store(200, Ordering::SeqCst);
+        readiness.set(Connectivity::Connecting);
+        let seen = serving_over(&readiness, 100).await;
+        assert!(
+            seen[30..].iter().all(|s| !*s),
+            "no connection, not serving: {seen:?}"
+        );
+        readiness.set(Connectivity::Ready);
+        assert!(
+            !readiness.is_serving(),
+            "a new connection waits for its answer"
+        );
+        let seen = serving_over(&readiness, 100).await;
+        assert!(seen[10..].iter().all(|s| *s), "then serves: {seen:?}");
+
+        // Changes are counted, not answers: serving twice (at the start, and on the new
+        // connection), out once.
+        #[cfg(feature = "metrics")]
+        {
+            let mut changes: Vec<(String, u64)> = recorder
+                .snapshotter()
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .filter(|(key, ..)| key.key().name() == "tower_sd_health_changes_total")
+                .map(|(key, _, _, value)| {
+                    let status = key.key().labels().find(|l| l.key() == "status");
+                    let count = match value {
+                        metrics_util::debugging::DebugValue::Counter(n) => n,
+                        _ => 0,
+                    };
+                    (status.unwrap().value().to_owned(), count)
+                })
+                .collect();
+            changes.sort();
+            assert_eq!(
+                changes,
+                [("not_serving".to_owned(), 1), ("serving".to_owned(), 2)]
+            );
+        }
+    }
+}
