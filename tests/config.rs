@@ -81,6 +81,7 @@ async fn the_decision_record_builds_a_consul_registry() {
 
 #[test]
 fn toml_is_accepted_too() {
+    let _limit = support::time_limit(30);
     let config = RegistryConfig::from_toml_str(
         r#"
         [registry]

@@ -449,8 +449,7 @@ async fn tls_with_a_private_ca() {
     let _limit = support::time_limit(60);
     let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let fake = FakeConsul::start_tls(&key.cert.pem(), &key.signing_key.serialize_pem()).await;
-    let dir = std::env::temp_dir().join(format!("tower-sd-ca-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::process::ScratchDir::new("ca");
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, key.cert.pem()).unwrap();
 
@@ -474,7 +473,6 @@ async fn tls_with_a_private_ca() {
         )),
         Err(error) => assert!(matches!(error, Error::InvalidConfig { .. }), "{error:?}"),
     }
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test]

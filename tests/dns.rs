@@ -270,6 +270,7 @@ async fn an_unanswering_server_is_a_transient_error_and_the_watch_goes_on() {
 
 #[test]
 fn registration_and_bad_settings_are_typed_errors() {
+    let _limit = support::time_limit(30);
     let registry = DnsRegistry::builder()
         .nameservers(["127.0.0.1:53".parse().unwrap()])
         .build()

@@ -157,13 +157,15 @@ async fn a_killed_registering_process_disappears_after_its_ttl() {
     let Some(etcd) = Etcd::start().await else {
         return;
     };
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["registering_process", "--exact", "--ignored", "--nocapture"])
-        .env("TOWER_SD_ETCD_URL", etcd.url())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = support::process::KilledChild::new(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["registering_process", "--exact", "--ignored", "--nocapture"])
+            .env("TOWER_SD_ETCD_URL", etcd.url())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
     let registered = tokio::task::spawn_blocking(move || {
         std::io::BufReader::new(stdout)
             .lines()
@@ -186,8 +188,7 @@ async fn a_killed_registering_process_disappears_after_its_ttl() {
         HealthStatus::Passing
     );
 
-    child.kill().unwrap(); // SIGKILL: no deregistration, no revoke
-    child.wait().unwrap();
+    drop(child); // SIGKILL: no deregistration, no revoke
     let killed = Instant::now();
     assert!(next_ids(&mut watch).await.is_empty());
     let gone_after = killed.elapsed();

@@ -49,8 +49,7 @@ async fn the_cache_serves_the_last_good_set_until_max_stale() {
 #[tokio::test]
 async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
     let _limit = support::time_limit(60);
-    let dir = std::env::temp_dir().join(format!("tower-sd-cache-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::process::ScratchDir::new("cache");
     let file = dir.join("cache.json");
 
     let up = Arc::new(Unreliable::default());
@@ -83,7 +82,6 @@ async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
         .persist_to(&file)
         .build();
     assert!(fresh.stats().is_empty());
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Catches the cache file's instances taken unchecked: an entry edited to port 0, an empty
@@ -91,8 +89,7 @@ async fn persisted_sets_seed_a_client_that_starts_while_the_registry_is_down() {
 #[tokio::test]
 async fn a_cache_file_entry_that_cannot_be_dialled_is_skipped() {
     let _limit = support::time_limit(60);
-    let dir = std::env::temp_dir().join(format!("tower-sd-cache-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::process::ScratchDir::new("cache-bad");
     let file = dir.join("cache.json");
     let up = Arc::new(Unreliable::default());
     for id in ["a", "b", "c", "d"] {
@@ -119,7 +116,6 @@ async fn a_cache_file_entry_that_cannot_be_dialled_is_skipped() {
     let set = seeded.discover(&"api".into()).await.unwrap();
     let ids: Vec<&str> = set.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, ["a"]);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Catches a failover time added to the clock unchecked (`Duration::MAX` would panic in
@@ -176,14 +172,11 @@ async fn fallback_discover_asks_down_the_chain() {
 }
 
 /// A scratch directory for cache files.
-fn cache_dir(name: &str) -> std::path::PathBuf {
-    support::process::scratch_dir(name)
-}
-
 #[tokio::test]
 async fn a_persisted_set_older_than_max_stale_is_not_served() {
     let _limit = support::time_limit(60);
-    let file = cache_dir("cache-stale").join("cache.json");
+    let dir = support::process::ScratchDir::new("cache-stale");
+    let file = dir.join("cache.json");
     let up = Arc::new(Unreliable::default());
     up.register(instance("a")).await.unwrap();
     let cached = CachedRegistry::builder(up).persist_to(&file).build();
@@ -263,7 +256,7 @@ async fn the_cache_keeps_a_bounded_number_of_queries_and_never_drops_a_watched_o
 #[tokio::test]
 async fn processes_sharing_a_cache_file_keep_each_others_queries() {
     let _limit = support::time_limit(60);
-    let dir = cache_dir("cache-shared");
+    let dir = support::process::ScratchDir::new("cache-shared");
     let file = dir.join("cache.json");
     let registry = Arc::new(Unreliable::default());
     registry.register(instance("a")).await.unwrap();
@@ -297,7 +290,7 @@ async fn processes_sharing_a_cache_file_keep_each_others_queries() {
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
-    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|name| name.ends_with(".tmp"))

@@ -118,8 +118,9 @@ fn skipped_server_tests() {
     );
 }
 
-/// Every async test starts with a time limit (`time_limit`), so none can hang CI: the test
-/// files and the crate's unit tests.
+/// Every async test, and every test that runs its own runtime (`block_on`), starts with a
+/// time limit held for the whole test (`let _limit = time_limit(..)`; `let _ =` would drop
+/// it at once), so none can hang CI: the test files and the crate's unit tests.
 #[test]
 fn every_async_test_has_a_time_limit() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -141,25 +142,66 @@ fn every_async_test_has_a_time_limit() {
     );
 }
 
-/// The async tests of the file at `path` whose first statement is not a time limit.
+/// The tests of the file at `path` that need a time limit (async, or running a runtime of
+/// their own) and whose first statement does not hold one.
 fn without_time_limit(path: &std::path::Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
     let mut missing = Vec::new();
-    let mut lines = text.lines().enumerate().peekable();
-    while let Some((n, line)) = lines.next() {
-        if !line.trim_start().starts_with("#[tokio::test") {
+    for (n, line) in lines.iter().enumerate() {
+        let line = line.trim_start();
+        let sync = line.starts_with("#[test]");
+        if !line.starts_with("#[tokio::test") && !sync {
             continue;
         }
-        // The body's first statement, after the signature.
-        let body = lines
-            .by_ref()
-            .skip_while(|(_, l)| !l.trim_end().ends_with('{'))
-            .nth(1);
-        if !body.is_some_and(|(_, l)| l.contains("time_limit(")) {
+        // The body: from the line after the signature's `{` to the next test, roughly.
+        let Some(open) = (n..lines.len()).find(|&i| lines[i].trim_end().ends_with('{')) else {
+            continue;
+        };
+        let end = (open + 1..lines.len())
+            .find(|&i| lines[i].starts_with('}') || lines[i].starts_with("    }"))
+            .unwrap_or(lines.len());
+        if sync && !lines[open..end].iter().any(|l| l.contains("block_on(")) {
+            continue;
+        }
+        // The first statement: `use` items and blank lines come before it.
+        let first = lines[open + 1..end]
+            .iter()
+            .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with("use "));
+        if !holds_a_limit(first.copied().unwrap_or_default()) {
             missing.push(format!("{}:{}", path.display(), n + 1));
         }
     }
     missing
+}
+
+/// Whether `line` binds a time limit for the rest of the test: `let _limit = ...`, never
+/// `let _ = ...` (which drops the guard at once).
+fn holds_a_limit(line: &str) -> bool {
+    let line = line.trim_start();
+    line.contains("time_limit(") && line.starts_with("let _") && !line.starts_with("let _ =")
+}
+
+/// Catches the check fooled by a limit dropped at once, or missing from a test that runs
+/// its own runtime.
+#[test]
+fn the_time_limit_check_cannot_be_fooled() {
+    let _limit = tower_sd_testkit::time_limit(30);
+    assert!(holds_a_limit("    let _limit = support::time_limit(60);"));
+    assert!(!holds_a_limit("    let _ = support::time_limit(60);"));
+    assert!(!holds_a_limit("    support::time_limit(60);"));
+    assert!(!holds_a_limit("    let x = 1;"));
+    let dir = tower_sd_testkit::process::ScratchDir::new("suite-check");
+    let file = dir.join("sample.rs");
+    std::fs::write(
+        &file,
+        "#[tokio::test]\nasync fn a() {\n    let _ = support::time_limit(1);\n}\n\n\
+         #[test]\nfn b() {\n    let rt = x();\n    rt.block_on(async {});\n}\n\n\
+         #[test]\nfn c() {\n    assert!(true);\n}\n",
+    )
+    .unwrap();
+    let missing = without_time_limit(&file);
+    assert_eq!(missing.len(), 2, "{missing:?}");
 }
 
 /// The crate's modules in the order data flows through them: a module imports only modules

@@ -416,6 +416,7 @@ mod tests {
     /// instance while the other is usable.
     #[tokio::test]
     async fn a_wrapped_client_retries_only_bodies_of_known_size_within_the_limit() {
+        let _limit = tower_sd_testkit::time_limit(30);
         let (discovery, sent) = failing().await;
         let client = discovery.retry_policy::<Full<Bytes>>(policy());
         let small = Full::new(Bytes::from(vec![0; 64 << 10]));
@@ -441,6 +442,7 @@ mod tests {
     /// the next calls not at all.
     #[tokio::test]
     async fn a_wrapped_client_stops_retrying_once_the_throttle_drains() {
+        let _limit = tower_sd_testkit::time_limit(30);
         let (discovery, sent) = failing().await;
         let client = discovery.retry_policy::<Full<Bytes>>(policy().throttle(4, 0.1));
         let body = Full::new(Bytes::new());
@@ -454,6 +456,7 @@ mod tests {
     /// not know), and to an unsafe method.
     #[tokio::test]
     async fn a_wrapped_client_sends_other_bodies_and_unsafe_methods_once() {
+        let _limit = tower_sd_testkit::time_limit(30);
         let (discovery, sent) = failing().await;
         let client = discovery.retry_policy::<Full<Bytes>>(policy());
         let post = Request::post("http://svc/")

@@ -138,6 +138,54 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A scratch directory removed when dropped: when the test ends, failed or not.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// A fresh, empty directory named after `name`.
+    pub fn new(name: &str) -> Self {
+        Self(scratch_dir(name))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// `file` in the directory.
+    pub fn join(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process the test spawned itself, killed (SIGKILL) and reaped when dropped: when
+/// the test ends, failed or not. Its time limit kills it too.
+pub struct KilledChild(pub std::process::Child);
+
+impl KilledChild {
+    pub fn new(child: std::process::Child) -> Self {
+        running()
+            .get_or_insert_with(HashSet::new)
+            .insert(child.id());
+        Self(child)
+    }
+}
+
+impl Drop for KilledChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if let Some(running) = running().as_mut() {
+            running.remove(&self.0.id());
+        }
+    }
+}
+
 /// A child process killed (SIGKILL) when dropped, with its scratch directory removed.
 pub struct Server {
     pub child: Option<Child>,
