@@ -884,3 +884,101 @@ async fn a_weight_consul_refuses_is_a_typed_error_before_any_request() {
     .await;
     assert_eq!(status, 400, "a name is required");
 }
+
+/// The fake's blocking queries, as strict as Consul's: an index per service (a write to
+/// another service does not end a blocking query, so a client cannot count on it to come
+/// back), `wait` capped at 10 minutes plus at most a sixteenth of jitter, and 400 for a
+/// `wait` that is no duration.
+#[tokio::test(start_paused = true)]
+async fn blocking_queries_follow_an_index_per_service_and_consuls_wait_rules() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    consul
+        .register(ServiceInstance::new("a", "watched", "10.0.0.1", 1))
+        .await
+        .unwrap();
+    let url = format!("{}/v1/health/service/watched", fake.url());
+    let (_, headers, _) = raw("GET", &url, "").await;
+    let index: u64 = headers["X-Consul-Index"].to_str().unwrap().parse().unwrap();
+
+    // Writes elsewhere: the blocking query waits out its 20 s.
+    let blocking = tokio::spawn(async move {
+        let started = Instant::now();
+        let (_, headers, _) = raw("GET", &format!("{url}?index={index}&wait=20s"), "").await;
+        (started.elapsed(), headers["X-Consul-Index"].clone())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in 0..5 {
+        let other = ServiceInstance::new(format!("o{n}"), "other", "10.0.0.2", 1);
+        consul.register(other).await.unwrap();
+    }
+    let (waited, returned) = blocking.await.unwrap();
+    assert!(
+        (Duration::from_secs(20)..=Duration::from_millis(21_250)).contains(&waited),
+        "{waited:?}"
+    );
+    assert_eq!(returned.to_str().unwrap(), index.to_string(), "unchanged");
+
+    // A write to the service itself ends it at once, with a higher index.
+    let url = format!(
+        "{}/v1/health/service/watched?index={index}&wait=20s",
+        fake.url()
+    );
+    let blocking = tokio::spawn(async move {
+        let started = Instant::now();
+        let (_, headers, _) = raw("GET", &url, "").await;
+        (started.elapsed(), headers["X-Consul-Index"].clone())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    consul
+        .register(ServiceInstance::new("b", "watched", "10.0.0.3", 1))
+        .await
+        .unwrap();
+    let (waited, returned) = blocking.await.unwrap();
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    assert!(returned.to_str().unwrap().parse::<u64>().unwrap() > index);
+
+    // `wait` is capped at 10 minutes (plus the jitter); one that is no duration is a 400.
+    let started = Instant::now();
+    let capped = format!(
+        "{}/v1/health/service/watched?index=1000000&wait=30m",
+        fake.url()
+    );
+    raw("GET", &capped, "").await;
+    let waited = started.elapsed();
+    let cap = Duration::from_secs(600);
+    assert!((cap..=cap + cap / 16).contains(&waited), "{waited:?}");
+    let bad = format!("{}/v1/health/service/watched?index=1&wait=soon", fake.url());
+    assert_eq!(raw("GET", &bad, "").await.0, 400);
+}
+
+/// The fake's registrations, as strict as the agent's: a check must be of one kind, with an
+/// interval for the kinds the agent runs, and a TTL runs from registration (a TTL check
+/// registered passing turns critical without an update).
+#[tokio::test(start_paused = true)]
+async fn check_definitions_are_validated_and_a_ttl_runs_from_registration() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let url = format!("{}/v1/agent/service/register", fake.url());
+    for (check, ok) in [
+        (r#"{"HTTP": "http://x/", "Interval": "10s"}"#, true),
+        (r#"{"HTTP": "http://x/"}"#, false),
+        (r#"{"TCP": "x:1", "TTL": "10s", "Interval": "10s"}"#, false),
+        (r#"{"Name": "nothing"}"#, false),
+        (r#"{"TTL": "soon"}"#, false),
+        (r#"{"TTL": "10s", "Status": "passing"}"#, true),
+    ] {
+        let body = format!(r#"{{"ID": "t", "Name": "ttl", "Port": 1, "Check": {check}}}"#);
+        let (status, _, answer) = raw("PUT", &url, &body).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(status == 200, ok, "{check}: {status} {answer}");
+    }
+    let consul = registry(&fake);
+    assert_eq!(consul.discover(&"ttl".into()).await.unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(
+        consul.discover(&"ttl".into()).await.unwrap().is_empty(),
+        "critical after its TTL"
+    );
+}

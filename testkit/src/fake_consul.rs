@@ -8,9 +8,11 @@
 //!   would), with the same service IDs if the test likes: IDs are unique per agent only.
 //!   Each node has a `serfHealth` check ([`FakeConsul::set_node_health`]); a critical node
 //!   check makes every service on the node critical.
-//! - **Checks.** One check per service, `service:<id>`. A TTL check starts critical until its
-//!   first update and turns critical when its TTL passes; an update must carry a `Status`
-//!   (400 otherwise). Other checks are run by the agent; the fake treats them as passing
+//! - **Checks.** One check per service, `service:<id>`, validated as the agent does (one
+//!   kind, an `Interval` for the kinds it runs, a TTL that is a duration; 400 otherwise). A
+//!   TTL check starts critical (unless registered with a `Status`) and turns critical when
+//!   its TTL passes, counted from registration and then from each update; an update must
+//!   carry a `Status` (400 otherwise). Other checks are run by the agent; the fake treats them as passing
 //!   until a test says otherwise. A service critical for `DeregisterCriticalServiceAfter`
 //!   is removed, with Consul's minimum of one minute (lower values are raised, as the agent
 //!   does).
@@ -18,7 +20,11 @@
 //!   without regard to case, as Consul does) with `tag`, `dc`, `filter` (the
 //!   `Service.Meta["k"] == "v" and ...` form), `passing` (only entries whose checks all pass)
 //!   and blocking: with `index` and `wait`, the answer waits until the index moves past the
-//!   one asked (not merely differs), or `wait` ends. `X-Consul-Index` on every answer.
+//!   one asked (not merely differs), or `wait` ends. Each query has its own index, as Consul
+//!   keeps one per service: the index of the last write that changed its answer, so writes
+//!   to other services do not end it. `wait` is capped at 10 minutes, with Consul's jitter
+//!   of up to a sixteenth added; a `wait` that is no duration is a 400. `X-Consul-Index` on
+//!   every answer.
 //! - **Consistency.** Every health answer carries `X-Consul-KnownLeader` and
 //!   `X-Consul-LastContact`; a `stale` read gets what [`FakeConsul::set_leader`] says (a
 //!   known leader, contact 0, until told otherwise), any other read the leader's own.
@@ -31,8 +37,8 @@
 //! - Maintenance mode, the agent health endpoint, and injected faults.
 //!
 //! Not modelled: the catalog and KV APIs, sessions, prepared queries, multiple datacenters
-//! (any `dc` but `dc1` is an error), ACL policies beyond service read and write, the
-//! jitter Consul adds to `wait`.
+//! (any `dc` but `dc1` is an error), ACL policies beyond service read and write (no
+//! `node:read`), several checks per service, node maintenance (`_node_maintenance`).
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -128,6 +134,8 @@ struct Inner {
     /// What a `stale` read's server says of its leader: whether it knows one, and how long
     /// since it heard from it (`X-Consul-KnownLeader`, `X-Consul-LastContact`).
     leader: (bool, Duration),
+    /// Each health query's last answer and its index (see `HealthQuery::answer`).
+    query_indexes: HashMap<HealthQuery, (String, u64)>,
 }
 
 pub struct FakeConsul {
@@ -562,6 +570,9 @@ async fn register(
     }
     body["ID"] = id.clone().into();
     let check = &body["Check"];
+    if let Err(message) = validate_check(check) {
+        return (StatusCode::BAD_REQUEST, message).into_response();
+    }
     let ttl = check["TTL"].as_str().and_then(parse_go_duration);
     let deregister_after = check["DeregisterCriticalServiceAfter"]
         .as_str()
@@ -573,6 +584,9 @@ async fn register(
             .unwrap_or(if ttl.is_some() { "critical" } else { "passing" });
     let mut service = Service::new(AGENT_NODE, body.clone());
     service.ttl = ttl;
+    // A TTL runs from registration: a check registered passing turns critical without an
+    // update within it.
+    service.ttl_deadline = ttl.map(|ttl| Instant::now() + ttl);
     service.deregister_after = deregister_after;
     set_status(&mut service, status);
     let sidecar = sidecar_of(&body);
@@ -585,6 +599,42 @@ async fn register(
     }
     fake.bump(&mut inner);
     StatusCode::OK.into_response()
+}
+
+/// A check definition as the agent validates it (`CheckType.Validate`): exactly one kind,
+/// an `Interval` for the kinds the agent runs, a TTL that is a duration.
+fn validate_check(check: &Value) -> Result<(), &'static str> {
+    if check.is_null() {
+        return Ok(());
+    }
+    let kinds = [
+        "HTTP",
+        "TCP",
+        "GRPC",
+        "H2PING",
+        "UDP",
+        "TTL",
+        "Args",
+        "ScriptArgs",
+        "AliasService",
+        "OSService",
+    ];
+    let given: Vec<&str> = kinds.into_iter().filter(|k| !check[*k].is_null()).collect();
+    match given.as_slice() {
+        [] => Err(
+            "Invalid check: one of Args, HTTP, TCP, GRPC, H2PING, UDP, TTL or AliasService is required",
+        ),
+        [_, _, ..] => Err("Invalid check: only one kind of check per definition"),
+        ["TTL"] => match check["TTL"].as_str().and_then(parse_go_duration) {
+            Some(ttl) if !ttl.is_zero() => Ok(()),
+            _ => Err("Invalid check: TTL must be > 0"),
+        },
+        ["AliasService" | "OSService"] => Ok(()),
+        [_] => match check["Interval"].as_str().and_then(parse_go_duration) {
+            Some(interval) if !interval.is_zero() => Ok(()),
+            _ => Err("Interval must be > 0 for Script, HTTP, H2PING, TCP, UDP or gRPC checks"),
+        },
+    }
 }
 
 /// The sidecar proxy a registration's `Connect.SidecarService` asks for, with Consul's
@@ -780,7 +830,11 @@ fn entry(service: &Service, node_status: &str, alias: Option<String>, index: u64
         "Node": {"ID": format!("id-{node}"), "Node": node, "Address": "127.0.0.1", "Datacenter": "dc1",
                  "Meta": {"zone": "node-zone"}, "CreateIndex": 1, "ModifyIndex": 1},
         "Service": {
-            "ID": id, "Service": r["Name"], "Tags": r["Tags"], "Address": r["Address"], "Port": r["Port"],
+            // Go's zero values where the registration left a field out: "" and 0 (a nil
+            // slice of tags is null).
+            "ID": id, "Service": r["Name"], "Tags": r["Tags"],
+            "Address": r.get("Address").cloned().unwrap_or(json!("")),
+            "Port": r.get("Port").cloned().unwrap_or(json!(0)),
             "Meta": meta, "Weights": r["Weights"], "Namespace": "default", "CreateIndex": 5, "ModifyIndex": index,
             "Kind": r.get("Kind").cloned().unwrap_or(json!("")),
             // Consul renders an empty proxy block for services that are not proxies.
@@ -829,6 +883,100 @@ fn answers_for(service: &Service, name: &str, connect: bool) -> bool {
 /// Equal once lower-cased, as Consul compares service names and tags (`strings.ToLower`).
 fn same_lowered(a: &str, b: &str) -> bool {
     a.to_lowercase() == b.to_lowercase()
+}
+
+/// Consul's longest blocking wait.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// A random duration below `most` (Consul's blocking-query jitter).
+fn jitter(most: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    most.mul_f64(unit)
+}
+
+/// What a health query asks, for its answer and its index.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct HealthQuery {
+    /// Lower-cased, as Consul indexes names.
+    name: String,
+    connect: bool,
+    tags: Vec<String>,
+    filter: Option<String>,
+    passing_only: bool,
+}
+
+impl HealthQuery {
+    /// The entries that answer it now (their `ModifyIndex` left for [`indexed`]), whether
+    /// ACLs hid some, and its index: as Consul keeps an index per service, the index of
+    /// the last write that changed this answer, not of the last write anywhere.
+    fn answer(&self, inner: &mut Inner, policy: &Policy) -> (Vec<Value>, bool, u64) {
+        let mut filtered = false;
+        let entries: Vec<Value> = inner
+            .services
+            .values()
+            .filter(|s| answers_for(s, &self.name, self.connect))
+            .filter(|_| {
+                let readable = policy.can_read(&self.name);
+                filtered |= !readable;
+                readable
+            })
+            .filter(|s| {
+                let have = s.registration["Tags"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                self.tags.iter().all(|t| {
+                    have.iter()
+                        .any(|h| h.as_str().is_some_and(|h| same_lowered(h, t)))
+                })
+            })
+            .filter(|s| {
+                let meta = &s.registration["Meta"];
+                self.filter.as_ref().is_none_or(|f| filter_matches(f, meta))
+            })
+            .map(|s| {
+                let node_status = inner
+                    .nodes
+                    .get(&s.node)
+                    .cloned()
+                    .unwrap_or_else(|| "passing".to_owned());
+                let alias = s.alias_of.as_ref().map(|parent| {
+                    inner
+                        .services
+                        .get(&(s.node.clone(), parent.clone()))
+                        .map_or("critical".to_owned(), |p| effective_status(p, &node_status))
+                });
+                entry(s, &node_status, alias, 0)
+            })
+            .filter(|entry| {
+                !self.passing_only
+                    || entry["Checks"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|check| check["Status"] == "passing")
+            })
+            .collect();
+        let content = Value::Array(entries.clone()).to_string();
+        let global = inner.index;
+        let index = match inner.query_indexes.get(self) {
+            Some((seen, index)) if *seen == content => *index,
+            _ => {
+                inner.query_indexes.insert(self.clone(), (content, global));
+                global
+            }
+        };
+        (entries, filtered, index)
+    }
+}
+
+/// `entry` with the answer's index as its service's `ModifyIndex`.
+fn indexed(mut entry: Value, index: u64) -> Value {
+    entry["Service"]["ModifyIndex"] = index.into();
+    entry
 }
 
 /// `caller`: the token's policy, and whether there was no token.
@@ -887,73 +1035,42 @@ async fn health(
         _ => {}
     }
 
-    // Blocking query: wait until the index moves past the one asked, up to `wait`.
-    let wait = param("wait")
-        .and_then(|w| parse_go_duration(&w))
-        .unwrap_or(Duration::from_secs(300));
-    let give_up = Instant::now() + wait;
+    // Blocking query: wait until this query's index moves past the one asked, up to `wait`
+    // (at most 10 minutes), plus Consul's jitter of up to wait/16.
+    let wait = match param("wait").map(|w| parse_go_duration(&w)) {
+        None => Duration::from_secs(300),
+        Some(Some(wait)) => wait.min(MAX_WAIT),
+        Some(None) => {
+            fake.inner.lock().unwrap().answers.push((asked, None));
+            return (StatusCode::BAD_REQUEST, "Invalid wait time").into_response();
+        }
+    };
+    let give_up = Instant::now() + wait + jitter(wait / 16);
+    let query = HealthQuery {
+        name: name.to_lowercase(),
+        connect,
+        tags,
+        filter: param("filter"),
+        passing_only,
+    };
     let mut changes = fake.changed.subscribe();
-    loop {
-        let (index, next_deadline) = {
+    let (entries, filtered, query_index) = loop {
+        let (answer, next_deadline) = {
             let mut inner = fake.inner.lock().unwrap();
             let next = fake.refresh(&mut inner);
-            (inner.index, next)
+            (query.answer(&mut inner, &policy), next)
         };
-        if asked == 0 || index > asked || Instant::now() >= give_up {
-            break;
+        if asked == 0 || answer.2 > asked || Instant::now() >= give_up {
+            break answer;
         }
         let until = next_deadline.map_or(give_up, |d| d.min(give_up));
         tokio::select! {
             _ = changes.changed() => {}
             () = tokio::time::sleep_until(until) => {}
         }
-    }
+    };
 
     let mut inner = fake.inner.lock().unwrap();
-    let mut filtered = false;
-    let entries: Vec<Value> = inner
-        .services
-        .values()
-        .filter(|s| answers_for(s, &name, connect))
-        .filter(|_| {
-            let readable = policy.can_read(&name);
-            filtered |= !readable;
-            readable
-        })
-        .filter(|s| {
-            let have = s.registration["Tags"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            tags.iter().all(|t| {
-                have.iter()
-                    .any(|h| h.as_str().is_some_and(|h| same_lowered(h, t)))
-            })
-        })
-        .filter(|s| param("filter").is_none_or(|f| filter_matches(&f, &s.registration["Meta"])))
-        .map(|s| {
-            let node_status = inner
-                .nodes
-                .get(&s.node)
-                .cloned()
-                .unwrap_or_else(|| "passing".to_owned());
-            let alias = s.alias_of.as_ref().map(|parent| {
-                inner
-                    .services
-                    .get(&(s.node.clone(), parent.clone()))
-                    .map_or("critical".to_owned(), |p| effective_status(p, &node_status))
-            });
-            entry(s, &node_status, alias, inner.index)
-        })
-        .filter(|entry| {
-            !passing_only
-                || entry["Checks"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|check| check["Status"] == "passing")
-        })
-        .collect();
     let (known_leader, last_contact) = match param("stale") {
         Some(_) => inner.leader,
         None => (true, Duration::ZERO),
@@ -961,12 +1078,12 @@ async fn health(
     let index = match fault {
         Some(Fault::IndexBackwards) => 1,
         Some(Fault::IndexZero) => 0,
-        _ => inner.index,
+        _ => query_index,
     };
     inner.answers.push((asked, Some(index)));
     let body = match fault {
         Some(Fault::MalformedJson) => "[{\"Node\": ".to_owned(),
-        _ => Value::Array(entries).to_string(),
+        _ => Value::Array(entries.into_iter().map(|e| indexed(e, index)).collect()).to_string(),
     };
     let mut response = (
         [
