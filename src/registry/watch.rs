@@ -214,13 +214,89 @@ mod tests {
         );
     }
 
+    /// Answers from a script, then nothing, noting when each fetch was made.
+    struct Timed(
+        VecDeque<Fetched>,
+        std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    );
+
+    impl Source for Timed {
+        async fn fetch(&mut self) -> Fetched {
+            self.1.lock().unwrap().push(tokio::time::Instant::now());
+            match self.0.pop_front() {
+                Some(fetched) => fetched,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// The waits before each fetch after the first, for `script` (10 ms doubling to 100).
+    async fn waits(script: Vec<Fetched>) -> Vec<Duration> {
+        let times = std::sync::Arc::default();
+        let n = script.len();
+        let source = Timed(script.into(), std::sync::Arc::clone(&times));
+        let stream = watch(
+            "test",
+            ServiceQuery::new("svc"),
+            (Duration::from_millis(10), Duration::from_millis(100)),
+            source,
+        );
+        let _: Vec<_> = stream.take(n).collect().await;
+        let times = times.lock().unwrap().clone();
+        times.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// Catches a hot retry loop (no wait after a failure), a backoff that does not grow or
+    /// is not capped, and one that an answer does not reset: each cycle fails six times
+    /// (ceilings 10, 20, 40, 80, 100 and 100 ms), answers, then fails once more, whose wait
+    /// is under the first ceiling again (without the reset, under 100 ms: five cycles would
+    /// all land under 10 ms by chance once in 100,000 runs).
     #[tokio::test(start_paused = true)]
     async fn failures_back_off_and_an_answer_resets_the_backoff() {
         let _limit = tower_sd_testkit::time_limit(10);
-        let started = tokio::time::Instant::now();
-        let script = vec![failure(), failure(), failure(), Fetched::Set(set(&["a"]))];
-        assert_eq!(yielded(4, script).await, ["error", "error", "error", "a"]);
-        // Full jitter under 10, 20 and 40 ms.
-        assert!(started.elapsed() <= Duration::from_millis(70));
+        let mut script = Vec::new();
+        for n in 0..5 {
+            script.extend((0..6).map(|_| failure()));
+            script.push(Fetched::Set(set(&[&format!("a{n}")])));
+            script.push(failure());
+            script.push(Fetched::Set(set(&[&format!("b{n}")])));
+        }
+        let waits = waits(script).await;
+        let ms = |d: &Duration| d.as_millis();
+        for cycle in waits.chunks(9) {
+            let ceilings = [10, 20, 40, 80, 100, 100];
+            for (wait, ceiling) in cycle.iter().zip(ceilings) {
+                assert!(ms(wait) <= ceiling, "{cycle:?}");
+            }
+            assert_eq!(
+                ms(&cycle[6]),
+                0,
+                "an answer is fetched after, not waited for"
+            );
+            assert!(ms(&cycle[7]) <= 10, "reset by the answer: {cycle:?}");
+        }
+        let total: Duration = waits.iter().sum();
+        assert!(
+            total >= Duration::from_millis(200),
+            "not a hot loop: {waits:?}"
+        );
+    }
+
+    /// Catches a registry's `Retry-After` ignored, or taken even when the backoff is longer.
+    #[tokio::test(start_paused = true)]
+    async fn a_registry_asking_to_wait_is_left_alone_that_long() {
+        let _limit = tower_sd_testkit::time_limit(10);
+        let limited = || {
+            Fetched::Failed(Error::Status {
+                registry: "test",
+                status: 429,
+                source: Box::new(crate::error::RateLimited {
+                    retry_after: Some(Duration::from_secs(3)),
+                    message: "slow down".into(),
+                }),
+            })
+        };
+        let waits = waits(vec![limited(), Fetched::Set(set(&["a"]))]).await;
+        assert_eq!(waits[0], Duration::from_secs(3));
     }
 }
