@@ -187,6 +187,42 @@ mod tests {
         verdicts[0]
     }
 
+    /// The verdict on a response with `status` and, if any, `grpc-status: code` in its
+    /// headers (trailers-only), once its body ended.
+    fn verdict_on(status: u16, code: Option<&str>) -> Option<bool> {
+        let verdicts = Arc::new(Verdicts::default());
+        let completion = Completion::tracked_by(Arc::clone(&verdicts) as Arc<dyn Track>);
+        let mut response = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        if let Some(code) = code {
+            response.headers_mut().insert("grpc-status", code.parse().unwrap());
+        }
+        drop(HttpStatus.classify(Ok(response), completion).unwrap());
+        let verdicts = verdicts.0.lock().unwrap();
+        assert_eq!(verdicts.len(), 1, "one verdict");
+        verdicts[0]
+    }
+
+    /// Catches a failure code missed or one too many: gRPC's DEADLINE_EXCEEDED (4),
+    /// RESOURCE_EXHAUSTED (8), INTERNAL (13) and UNAVAILABLE (14) and HTTP 5xx say the
+    /// server cannot serve; every other gRPC code (NOT_FOUND, PERMISSION_DENIED, ...) and
+    /// HTTP 4xx are the caller's business, not the server's health.
+    #[test]
+    fn every_failure_code_and_only_those_count_against_the_server() {
+        for code in 0..=16 {
+            let failure = [4, 8, 13, 14].contains(&code);
+            let verdict = verdict_on(200, Some(&code.to_string()));
+            assert_eq!(verdict, Some(failure), "grpc-status {code}");
+        }
+        for status in [200, 204, 301, 400, 401, 403, 404, 409, 429, 499] {
+            assert_eq!(verdict_on(status, None), Some(false), "HTTP {status}");
+        }
+        for status in [500, 502, 503, 504, 599] {
+            assert_eq!(verdict_on(status, None), Some(true), "HTTP {status}");
+        }
+        assert_eq!(verdict_on(200, Some("140")), Some(false), "not 14");
+    }
+
     /// Catches outlier detection counting requests the server never processed (a GOAWAY's
     /// refusals ejected healthy nginx instances for 30 s) and one that stops counting real
     /// failures.
