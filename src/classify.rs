@@ -195,7 +195,9 @@ mod tests {
         let mut response = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
         *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
         if let Some(code) = code {
-            response.headers_mut().insert("grpc-status", code.parse().unwrap());
+            response
+                .headers_mut()
+                .insert("grpc-status", code.parse().unwrap());
         }
         drop(HttpStatus.classify(Ok(response), completion).unwrap());
         let verdicts = verdicts.0.lock().unwrap();

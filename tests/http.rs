@@ -184,14 +184,25 @@ async fn idle_balancers_are_dropped() {
             .idle_timeout(Duration::from_secs(10)),
     );
     let _ = get(&client, "http://first/").await;
-    assert_eq!(client.active_services(), ["first"]);
-    tokio::time::advance(Duration::from_secs(11)).await;
+    let _ = get(&client, "http://busy/").await;
+    assert_eq!(client.active_services(), ["busy", "first"]);
+    // `busy` is used every 2 s: it outlives the idle timeout many times over, while
+    // `first` goes (a sweep that drops every balancer, or goes by creation time, fails).
+    for _ in 0..15 {
+        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::task::yield_now().await;
+        assert!(
+            client.active_services().contains(&"busy".to_owned()),
+            "kept while used"
+        );
+        let _ = get(&client, "http://busy/").await;
+    }
     support::until("the idle balancer is dropped", || {
-        client.active_services().is_empty()
+        client.active_services() == ["busy"]
     })
     .await;
     let _ = get(&client, "http://second/").await;
-    assert_eq!(client.active_services(), ["second"]);
+    assert_eq!(client.active_services(), ["busy", "second"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -386,7 +386,10 @@ mod with_consul {
         // The first query after the errors asked from index 0, so it answered at once: one
         // that kept the old index would block until the service changed.
         let answers = fake.answers();
-        let last_error = answers.iter().rposition(|(_, index)| index.is_none()).unwrap();
+        let last_error = answers
+            .iter()
+            .rposition(|(_, index)| index.is_none())
+            .unwrap();
         assert_eq!(answers[last_error + 1].0, 0, "{:?}", &answers[last_error..]);
     }
 
