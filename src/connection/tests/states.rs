@@ -123,14 +123,14 @@ async fn goaway_on_one_of_two_connections_leaves_the_instance_ready() {
 
 /// A listener whose every connection gets the server's SETTINGS (so the dial succeeds) and
 /// is then closed; notes when each connection came.
-async fn closes_at_once() -> (u16, Arc<std::sync::Mutex<Vec<std::time::Instant>>>) {
+async fn closes_at_once() -> (u16, Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
     let times = Arc::clone(&accepted);
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
-            times.lock().unwrap().push(std::time::Instant::now());
+            times.lock().unwrap().push(tokio::time::Instant::now());
             tokio::spawn(async move {
                 let empty_settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
                 let _ = tcp.write_all(&empty_settings).await;
