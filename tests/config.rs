@@ -309,6 +309,25 @@ fn the_dns_section_builds_a_dns_registry() {
     )
     .unwrap();
     assert_eq!(config.build().unwrap().kind(), "dns");
+    // Every key reaches the registry (values other than the defaults, so that a key read
+    // and dropped shows).
+    let registry = RegistryConfig::from_yaml_str(
+        "registry:\n  type: dns\n  dns:\n    nameservers: [\"127.0.0.1:5353\"]\n    \
+         min_ttl: \"7s\"\n    max_ttl: \"9m\"\n    record: \"a\"\n    port: 8080\n",
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let shown = format!("{registry:?}");
+    for setting in [
+        "nameservers: [127.0.0.1:5353]",
+        "record: A",
+        "port: Some(8080)",
+        "min_ttl: 7s",
+        "max_ttl: 540s",
+    ] {
+        assert!(shown.contains(setting), "{setting} in {shown}");
+    }
 
     let (key, message) = invalid(
         RegistryConfig::from_yaml_str(
