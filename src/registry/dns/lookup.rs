@@ -262,8 +262,15 @@ fn instance(service: &str, address: &str, port: u16, weight: u32) -> ServiceInst
     instance
 }
 
+/// A lookup's error as the crate's: a timeout is [`Error::Timeout`] (its limit is filled in
+/// by [`resolve`]'s caller, which knows it), a bad answer [`Error::Malformed`], anything
+/// else [`Error::Unreachable`].
 fn dns_error(error: NetError) -> Error {
     match error {
+        NetError::Timeout => Error::Timeout {
+            registry: REGISTRY,
+            source: crate::error::Elapsed(Duration::ZERO),
+        },
         NetError::Proto(_) => Error::Malformed {
             registry: REGISTRY,
             source: error.into(),

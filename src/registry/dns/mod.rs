@@ -51,7 +51,7 @@ use hickory_resolver::TokioResolver;
 use super::{ServiceRegistry, WatchStream};
 use crate::error::{Error, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
-use lookup::{Outcome, Target};
+use lookup::Outcome;
 
 /// The shortest `min_ttl`: re-resolving more often than this is a loop, not a watch.
 const MIN_TTL_FLOOR: Duration = Duration::from_secs(1);
@@ -135,8 +135,18 @@ impl DnsRegistry {
 }
 
 impl Inner {
-    fn target(&self, name: &str) -> Result<Target> {
-        self.settings.target(name)
+    /// Resolves `name` once: the target it asks for, then its records. A lookup that timed
+    /// out is an [`Error::Timeout`] naming the configured limit.
+    async fn resolve(&self, name: &str) -> Result<Outcome> {
+        let target = self.settings.target(name)?;
+        let resolved = lookup::resolve(&self.resolver, &target, name).await;
+        resolved.map_err(|error| match error {
+            Error::Timeout { registry, .. } => Error::Timeout {
+                registry,
+                source: crate::error::Elapsed(self.settings.timeout),
+            },
+            other => other,
+        })
     }
 
     /// The re-resolve delay for a TTL.
@@ -179,8 +189,7 @@ impl ServiceRegistry for DnsRegistry {
         query: &'a ServiceQuery,
     ) -> BoxFuture<'a, Result<Vec<ServiceInstance>>> {
         async move {
-            let target = self.inner.target(&query.name)?;
-            match lookup::resolve(&self.inner.resolver, &target, &query.name).await? {
+            match self.inner.resolve(&query.name).await? {
                 Outcome::Found { mut instances, .. } => {
                     instances.retain(|instance| query.matches(instance));
                     Ok(instances)

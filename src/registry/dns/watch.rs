@@ -12,7 +12,7 @@ use futures_core::Stream;
 use tracing::debug;
 
 use super::Inner;
-use super::lookup::{self, Outcome};
+use super::lookup::Outcome;
 use crate::error::Result;
 use crate::instance::{ServiceInstance, ServiceQuery};
 use crate::registry::watch::{self, Fetched, Source};
@@ -46,10 +46,7 @@ impl Source for Lookups {
         if let Some(delay) = self.next.take() {
             tokio::time::sleep(delay).await;
         }
-        let resolved = match self.inner.target(&self.query.name) {
-            Ok(target) => lookup::resolve(&self.inner.resolver, &target, &self.query.name).await,
-            Err(error) => Err(error),
-        };
+        let resolved = self.inner.resolve(&self.query.name).await;
         match resolved {
             Ok(Outcome::Found { mut instances, ttl }) => {
                 self.misses = 0;
