@@ -762,3 +762,33 @@ async fn an_agent_that_cannot_authorize_fails_closed() {
         "the agent answered once the fault was gone"
     );
 }
+
+/// Catches a server checked against the caller's datacenter instead of the instance's
+/// (#33 item 9): when Consul places the instance in dc2, its server must say dc2; this
+/// one's leaf says dc1, so the call is refused at the handshake, and goes through once the
+/// instance is back in dc1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_must_name_the_datacenter_of_the_instance_dialled() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = consul(&fake.url());
+    let server = MeshServer::start(&consul, "api", "api-1").await;
+    let web = mesh(&consul, "web").await;
+    fake.set_node_datacenter(support::fake_consul::AGENT_NODE, "dc2");
+    let instance = consul.discover(&"api".into()).await.unwrap().remove(0);
+    assert_eq!(instance.metadata["consul-datacenter"], "dc2");
+    let in_dc2 = LoadBalancedChannel::builder(Arc::new(consul.clone()), "api")
+        .tls(web.client_tls().unwrap())
+        .wait_for_endpoints(Duration::from_secs(1))
+        .build();
+    let status = check(&mut HealthClient::new(in_dc2)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("dc2"), "{status:?}");
+    assert_eq!(server.connections(), 0, "refused before any request");
+
+    fake.set_node_datacenter(support::fake_consul::AGENT_NODE, "dc1");
+    check(&mut HealthClient::new(channel(&consul, "api", &web)))
+        .await
+        .unwrap();
+    assert_eq!(server.connections(), 1);
+}

@@ -34,11 +34,12 @@ enum Stream {
 /// The HTTP/2 connection h2 hands back, to be polled for as long as it has streams.
 pub(crate) type H2Connection = Connection<Io, Bytes>;
 
-/// Dials `host:port` and hands back the request sender and the connection to drive.
+/// Dials `host:port` (TLS with the server name `name` unless the settings set one) and
+/// hands back the request sender and the connection to drive.
 pub(crate) async fn dial(
     host: &str,
     port: u16,
-    service: &str,
+    name: &str,
     settings: &ConnectionSettings,
 ) -> Result<(SendRequest<Bytes>, H2Connection), DialError> {
     let attempt = async {
@@ -54,7 +55,7 @@ pub(crate) async fn dial(
             None => Stream::Plain(tcp),
             Some(tls) => {
                 let name = tls
-                    .name_or(if service.is_empty() { host } else { service })
+                    .name_or(if name.is_empty() { host } else { name })
                     .map_err(|e| DialError::Tls(io::Error::other(e)))?;
                 let connector = tokio_rustls::TlsConnector::from(tls.client_config());
                 let stream = connector.connect(name, tcp).await.map_err(DialError::Tls)?;

@@ -223,6 +223,11 @@ impl Connector {
             authority,
             origin,
             service: Arc::clone(&self.service),
+            tls_name: self
+                .settings
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.instance_name(instance)),
             room: Arc::new(room::Room::new(readiness.clone())),
             readiness,
             connections: ArcSwap::from_pointee(Vec::new()),

@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) origin: (http::uri::Scheme, http::uri::Authority),
     /// The service: the TLS name when the settings name none, and the metrics' label.
     pub(crate) service: Arc<str>,
+    /// The TLS name this instance is dialled with, when the settings name one for it.
+    pub(crate) tls_name: Option<String>,
     pub(crate) readiness: Readiness,
     /// The open connections that take new streams.
     pub(crate) connections: ArcSwap<Vec<Arc<OpenConnection>>>,
@@ -212,7 +214,8 @@ impl Pool {
         let state = Arc::clone(&self.state);
         self.dialing = Some(Box::pin(async move {
             let _permit = state.connects.acquire().await;
-            dial(&state.host, state.port, &state.service, &state.settings).await
+            let name = state.tls_name.as_deref().unwrap_or(&state.service);
+            dial(&state.host, state.port, name, &state.settings).await
         }));
     }
 

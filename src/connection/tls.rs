@@ -47,11 +47,18 @@ impl ClientConfigSource for Arc<ClientConfig> {
 pub struct TlsConfig {
     source: Arc<dyn ClientConfigSource>,
     server_name: Option<String>,
+    /// The server name for an instance, when it says more than its service (the mesh's:
+    /// the datacenter and namespace the server's identity must name).
+    name_of_instance: Option<NameOfInstance>,
     /// A server that negotiates no ALPN speaks HTTP/2 (prior knowledge).
     http2_without_alpn: bool,
     /// Kept to rebuild the configuration with a client certificate.
     roots: Option<Arc<rustls::RootCertStore>>,
 }
+
+/// The server name to dial an instance with, when there is one for it.
+pub(crate) type NameOfInstance =
+    Arc<dyn Fn(&crate::instance::ServiceInstance) -> Option<String> + Send + Sync>;
 
 fn invalid(key: &str, source: impl Into<BoxError>) -> Error {
     Error::InvalidConfig {
@@ -105,6 +112,7 @@ impl TlsConfig {
         Ok(Self {
             source: Arc::new(with_alpn(config)),
             server_name: None,
+            name_of_instance: None,
             http2_without_alpn: false,
             roots: Some(roots),
         })
@@ -121,6 +129,7 @@ impl TlsConfig {
         Self {
             source,
             server_name: None,
+            name_of_instance: None,
             http2_without_alpn: false,
             roots: None,
         }
@@ -196,6 +205,24 @@ impl TlsConfig {
             .with_safe_default_protocol_versions()
             .map_err(|e| invalid("tls", e))?
             .with_root_certificates(Arc::clone(roots)))
+    }
+
+    /// Names each instance's server by `name_of` when it returns a name (unless a
+    /// [`server_name`](Self::server_name) is set).
+    #[cfg_attr(not(feature = "consul-connect"), allow(dead_code))]
+    pub(crate) fn name_instances(mut self, name_of: NameOfInstance) -> Self {
+        self.name_of_instance = Some(name_of);
+        self
+    }
+
+    /// The server name `instance` is to be dialled with, when one is set for it.
+    pub(crate) fn instance_name(
+        &self,
+        instance: &crate::instance::ServiceInstance,
+    ) -> Option<String> {
+        self.name_of_instance
+            .as_ref()
+            .and_then(|name_of| name_of(instance))
     }
 
     /// The server name, or `default` when none is set.

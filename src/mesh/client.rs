@@ -1,6 +1,9 @@
 //! The client side of Connect-native mTLS: present the current leaf, trust only the current
 //! CA roots, and check that the server's SPIFFE ID names the service being called (the TLS
-//! server name, which the integrations set to the service name). DNS names are not checked.
+//! server name, which the integrations set to the service name), in the datacenter and
+//! namespace of the instance when Consul said them (then the server name is Consul's
+//! `<service>.<namespace>.<datacenter>.internal.<trust domain>`), else in this client's.
+//! DNS names are not checked.
 
 use std::sync::Arc;
 
@@ -67,9 +70,12 @@ impl ServerCertVerifier for ServerVerifier {
         };
         let me = self.keeper.store.leaf.load_full().ok_or_else(not_ready)?;
         let peer = CertFacts::read(end_entity).map_err(identity_error)?;
-        me.facts
-            .id
-            .check_peer(&peer.id, service.as_ref())
+        // The instance's own datacenter and namespace when it was dialled by Consul's
+        // service name for it, else this client's.
+        let target = service.as_ref();
+        let checked = me.facts.id.check_peer_at(&peer.id, target);
+        checked
+            .unwrap_or_else(|| me.facts.id.check_peer(&peer.id, target))
             .map_err(identity_error)?;
         Ok(ServerCertVerified::assertion())
     }

@@ -76,23 +76,74 @@ impl SpiffeId {
     /// The trust domain is not compared, as Consul's own Go SDK does not: only the CA roots
     /// decide which trust domains are accepted (so a trust-domain migration keeps working).
     pub(crate) fn check_peer(&self, other: &SpiffeId, service: &str) -> Result<(), IdentityError> {
-        let same = other.service.eq_ignore_ascii_case(service)
+        let expected = SpiffeId {
+            trust_domain: "*".to_owned(),
+            service: service.to_owned(),
+            ..self.clone()
+        };
+        expected.check(other)
+    }
+
+    /// Whether `other` names the service, namespace and datacenter of `target` (Consul's
+    /// service SNI, `<service>.<namespace>.<datacenter>.internal.<trust domain>`), in this
+    /// ID's partition, as Consul's Go SDK checks a server against the catalog entry it
+    /// dialled; `None` when `target` is no such name.
+    pub(crate) fn check_peer_at(
+        &self,
+        other: &SpiffeId,
+        target: &str,
+    ) -> Option<Result<(), IdentityError>> {
+        let labels: Vec<&str> = target.split('.').collect();
+        let [service, namespace, datacenter, "internal", _, ..] = labels.as_slice() else {
+            return None;
+        };
+        let expected = SpiffeId {
+            trust_domain: "*".to_owned(),
+            partition: self.partition.clone(),
+            namespace: (*namespace).to_owned(),
+            datacenter: (*datacenter).to_owned(),
+            service: (*service).to_owned(),
+        };
+        Some(expected.check(other))
+    }
+
+    /// Whether `other` is this ID, in any trust domain (names compared without regard to
+    /// case, as Consul's are).
+    fn check(&self, other: &SpiffeId) -> Result<(), IdentityError> {
+        let same = other.service.eq_ignore_ascii_case(&self.service)
             && other.namespace.eq_ignore_ascii_case(&self.namespace)
             && other.partition.eq_ignore_ascii_case(&self.partition)
             && other.datacenter.eq_ignore_ascii_case(&self.datacenter);
         if same {
             Ok(())
         } else {
-            let expected = SpiffeId {
-                trust_domain: "*".to_owned(),
-                service: service.to_owned(),
-                ..self.clone()
-            };
             Err(IdentityError::Mismatch {
                 got: other.to_string(),
-                expected: expected.to_string(),
+                expected: self.to_string(),
             })
         }
+    }
+
+    /// Consul's server name for `service` in `namespace` and `datacenter`, which
+    /// [`check_peer_at`](Self::check_peer_at) reads back; `None` when a part would not make
+    /// a DNS label.
+    pub(crate) fn service_sni(
+        &self,
+        service: &str,
+        namespace: &str,
+        datacenter: &str,
+    ) -> Option<String> {
+        let label = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        let parts = [service, namespace, datacenter];
+        let domain = &self.trust_domain;
+        parts
+            .iter()
+            .all(|p| label(p))
+            .then(|| format!("{service}.{namespace}.{datacenter}.internal.{domain}"))
     }
 }
 
@@ -164,6 +215,54 @@ mod tests {
     use super::*;
 
     const WEB: &str = "spiffe://1111.consul/ns/default/dc/dc1/svc/web";
+
+    /// Catches a server checked against the caller's datacenter or namespace when the
+    /// instance dialled is in another (#33 item 9: a call from dc1 to an instance in dc2
+    /// refused a genuine server, or took a dc1 server answering for it), and a server name
+    /// that is no Consul service name taken for one.
+    #[test]
+    fn a_server_is_checked_against_the_instance_dialled() {
+        let me = SpiffeId::parse(WEB).unwrap();
+        let api = |ns: &str, dc: &str| {
+            SpiffeId::parse(&format!("spiffe://2222.consul/ns/{ns}/dc/{dc}/svc/api")).unwrap()
+        };
+        let in_dc2 = me.service_sni("api", "default", "dc2").unwrap();
+        assert_eq!(in_dc2, "api.default.dc2.internal.1111.consul");
+        assert!(
+            me.check_peer_at(&api("default", "dc2"), &in_dc2)
+                .unwrap()
+                .is_ok()
+        );
+        assert!(
+            me.check_peer_at(&api("default", "dc1"), &in_dc2)
+                .unwrap()
+                .is_err()
+        );
+        let in_team = me.service_sni("api", "team", "dc1").unwrap();
+        assert!(
+            me.check_peer_at(&api("team", "dc1"), &in_team)
+                .unwrap()
+                .is_ok()
+        );
+        assert!(
+            me.check_peer_at(&api("default", "dc1"), &in_team)
+                .unwrap()
+                .is_err()
+        );
+        let other = me.service_sni("billing", "default", "dc2").unwrap();
+        assert!(
+            me.check_peer_at(&api("default", "dc2"), &other)
+                .unwrap()
+                .is_err()
+        );
+        // A plain service name: the caller's datacenter and namespace.
+        assert!(me.check_peer_at(&api("default", "dc1"), "api").is_none());
+        assert!(me.check_peer(&api("default", "dc1"), "api").is_ok());
+        assert!(me.check_peer(&api("default", "dc2"), "api").is_err());
+        // Parts that would not make a DNS label make no name.
+        assert_eq!(me.service_sni("api", "de.fault", "dc1"), None);
+        assert_eq!(me.service_sni("", "default", "dc1"), None);
+    }
 
     #[test]
     fn parses_and_prints_consul_service_ids() {

@@ -117,7 +117,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::connection::TlsConfig;
 use crate::error::{Elapsed, Error, Result};
-use crate::registry::consul::ConsulRegistry;
+use crate::registry::consul::{ConsulRegistry, META_DATACENTER, META_NAMESPACE};
 use agent::AgentWatch;
 use certs::Store;
 use server::Authorizer;
@@ -332,8 +332,22 @@ impl ConsulConnect {
     /// [`Error::InvalidConfig`] when rustls cannot be set up (not expected with ring).
     pub fn client_tls(&self) -> Result<TlsConfig> {
         let config = client::client_config(&self.inner.keeper).map_err(tls_error)?;
+        // An instance Consul placed in a datacenter and namespace is dialled by its service
+        // name there, which the verifier reads back: its server must be in that datacenter
+        // and namespace, not the caller's (as Consul's Go SDK checks).
+        let keeper = Arc::clone(&self.inner.keeper);
+        let name_of = move |instance: &crate::instance::ServiceInstance| {
+            let leaf = keeper.store.leaf.load_full()?;
+            let meta = |key: &str| instance.metadata.get(key).map(String::as_str);
+            let (datacenter, namespace) = (meta(META_DATACENTER)?, meta(META_NAMESPACE)?);
+            leaf.facts
+                .id
+                .service_sni(&instance.name, namespace, datacenter)
+        };
         // Envoy sidecars of `tcp` services (Consul's default protocol) negotiate no ALPN.
-        Ok(TlsConfig::from_rustls(config).http2_without_alpn(true))
+        Ok(TlsConfig::from_rustls(config)
+            .http2_without_alpn(true)
+            .name_instances(Arc::new(name_of)))
     }
 
     /// The rustls server configuration: serves the current leaf, requires a client

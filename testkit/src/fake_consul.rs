@@ -136,6 +136,8 @@ struct Inner {
     leader: (bool, Duration),
     /// Each health query's last answer and its index (see `HealthQuery::answer`).
     query_indexes: HashMap<HealthQuery, (String, u64)>,
+    /// The datacenter each node's entries say (`Node.Datacenter`); `dc1` when unset.
+    node_datacenters: BTreeMap<String, String>,
 }
 
 pub struct FakeConsul {
@@ -302,6 +304,16 @@ impl FakeConsul {
     /// is not `stale` goes to the leader: known, contact 0).
     pub fn set_leader(&self, known: bool, last_contact: Duration) {
         self.inner.lock().unwrap().leader = (known, last_contact);
+    }
+
+    /// The datacenter a node's entries say they are in (`dc1` until set), as a WAN-federated
+    /// catalog answers for a service in another datacenter; the leaves stay `dc1`'s.
+    pub fn set_node_datacenter(&self, node: &str, datacenter: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .node_datacenters
+            .insert(node.to_owned(), datacenter.to_owned());
+        self.bump(&mut inner);
     }
 
     /// Sets a node's `serfHealth` check: `critical` makes every service on it critical.
@@ -807,7 +819,12 @@ fn filter_matches(filter: &str, meta: &Value) -> bool {
 }
 
 /// One health entry as Consul renders it.
-fn entry(service: &Service, node_status: &str, alias: Option<String>, index: u64) -> Value {
+fn entry(
+    service: &Service,
+    (node_status, datacenter): (&str, &str),
+    alias: Option<String>,
+    index: u64,
+) -> Value {
     let r = &service.registration;
     let id = r["ID"].as_str().unwrap_or_default();
     let node = &service.node;
@@ -827,7 +844,7 @@ fn entry(service: &Service, node_status: &str, alias: Option<String>, index: u64
         r["Meta"].clone()
     };
     json!({
-        "Node": {"ID": format!("id-{node}"), "Node": node, "Address": "127.0.0.1", "Datacenter": "dc1",
+        "Node": {"ID": format!("id-{node}"), "Node": node, "Address": "127.0.0.1", "Datacenter": datacenter,
                  "Meta": {"zone": "node-zone"}, "CreateIndex": 1, "ModifyIndex": 1},
         "Service": {
             // Go's zero values where the registration left a field out: "" and 0 (a nil
@@ -949,7 +966,11 @@ impl HealthQuery {
                         .get(&(s.node.clone(), parent.clone()))
                         .map_or("critical".to_owned(), |p| effective_status(p, &node_status))
                 });
-                entry(s, &node_status, alias, 0)
+                let datacenter = inner
+                    .node_datacenters
+                    .get(&s.node)
+                    .map_or("dc1", String::as_str);
+                entry(s, (&node_status, datacenter), alias, 0)
             })
             .filter(|entry| {
                 !self.passing_only

@@ -28,6 +28,8 @@ pub(crate) struct Node {
     pub(crate) node: String,
     #[serde(default)]
     pub(crate) address: String,
+    #[serde(default)]
+    pub(crate) datacenter: String,
     #[serde(default, deserialize_with = "null_default")]
     pub(crate) meta: HashMap<String, String>,
 }
@@ -52,6 +54,9 @@ pub(crate) struct AgentService {
     /// A sidecar proxy's destination (`/v1/health/connect` answers with proxies).
     #[serde(default)]
     pub(crate) proxy: Option<Proxy>,
+    /// Consul Enterprise's; empty (the default namespace) otherwise.
+    #[serde(default)]
+    pub(crate) namespace: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,7 +103,16 @@ pub(crate) struct Mapping {
     pub(crate) zone_key: String,
     /// A `TaggedAddresses` key to dial instead of the service address, when present.
     pub(crate) tagged_address: Option<String>,
+    /// Mesh discovery: each instance says its datacenter and namespace, which its server's
+    /// identity must name (`consul-datacenter`, `consul-namespace`).
+    pub(crate) mesh: bool,
 }
+
+/// The metadata key of a mesh instance's datacenter (Consul reserves the `consul-` prefix,
+/// so no registration carries it).
+pub const META_DATACENTER: &str = "consul-datacenter";
+/// The metadata key of a mesh instance's namespace (`default` outside Consul Enterprise).
+pub const META_NAMESPACE: &str = "consul-namespace";
 
 impl HealthEntry {
     /// The worst check status: `critical` (including maintenance), `warning` or `passing`.
@@ -149,6 +163,15 @@ impl HealthEntry {
             .get(&mapping.zone_key)
             .or_else(|| self.node.meta.get(&mapping.zone_key))
             .cloned();
+        let mut metadata = self.service.meta;
+        if mapping.mesh && !self.node.datacenter.is_empty() {
+            let namespace = match self.service.namespace.as_str() {
+                "" => "default".to_owned(),
+                namespace => namespace.to_owned(),
+            };
+            metadata.insert(META_DATACENTER.to_owned(), self.node.datacenter);
+            metadata.insert(META_NAMESPACE.to_owned(), namespace);
+        }
         Some(ServiceInstance {
             // Service IDs are unique per agent only (the default ID is the service name, so
             // `web` on every node is the usual case): qualify them by node.
@@ -163,7 +186,7 @@ impl HealthEntry {
             address,
             port,
             tags: self.service.tags,
-            metadata: self.service.meta,
+            metadata,
             weight: weight.max(1),
             zone,
         })
@@ -212,6 +235,7 @@ mod tests {
         let mapping = Mapping {
             zone_key: "zone".into(),
             tagged_address: None,
+            mesh: false,
         };
         let instance = entries
             .into_iter()
@@ -230,6 +254,7 @@ mod tests {
         let wan = Mapping {
             zone_key: "zone".into(),
             tagged_address: Some("wan".into()),
+            mesh: false,
         };
         let instance = entries
             .into_iter()
@@ -241,6 +266,23 @@ mod tests {
             (instance.address.as_str(), instance.port),
             ("198.18.1.1", 80)
         );
+
+        // Mesh discovery: the instance says where it is, for its server's identity check.
+        let entries: Vec<HealthEntry> =
+            serde_json::from_str(&RECORDED.replace("\"dc1\"", "\"dc2\"")).unwrap();
+        let mesh = Mapping {
+            zone_key: "zone".into(),
+            tagged_address: None,
+            mesh: true,
+        };
+        let instance = entries
+            .into_iter()
+            .next()
+            .unwrap()
+            .into_instance(&mesh)
+            .unwrap();
+        assert_eq!(instance.metadata[META_DATACENTER], "dc2");
+        assert_eq!(instance.metadata[META_NAMESPACE], "default");
     }
 
     #[test]
@@ -250,6 +292,7 @@ mod tests {
         let mapping = Mapping {
             zone_key: "zone".into(),
             tagged_address: None,
+            mesh: false,
         };
         assert!(
             entries

@@ -115,6 +115,7 @@ impl Client {
         let mapping = Mapping {
             zone_key: settings.zone_key.clone(),
             tagged_address: settings.tagged_address.clone(),
+            mesh: settings.mesh_discovery,
         };
         let token = match &settings.token {
             Some(Secret(token)) => {

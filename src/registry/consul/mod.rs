@@ -113,6 +113,7 @@ mod mesh;
 mod settings;
 pub(crate) mod watch;
 
+pub use api::{META_DATACENTER, META_NAMESPACE};
 pub use builder::ConsulRegistryBuilder;
 pub use mesh::{MeshRegistration, SidecarService, Upstream};
 pub use settings::{HealthCheck, HealthCheckKind};
