@@ -281,3 +281,76 @@ async fn a_tonic_client_follows_endpoint_slices_to_real_servers() {
         "no request reaches a terminating pod"
     );
 }
+
+/// The fake, as strict as kube-apiserver's watch cache: a slice relabelled to another
+/// service leaves this one's watch as a DELETED event (the fake used to send nothing, so a
+/// watch kept the slice for ever), and a Role that grants `list` but not `watch` fails the
+/// watch, not the list.
+#[tokio::test]
+async fn a_relabelled_slice_leaves_and_watch_is_its_own_permission() {
+    let _limit = support::time_limit(60);
+    let (fake, registry) = fake().await;
+    fake.apply(slice("a", "moving", grpc(), vec![ready("10.4.0.1")]));
+    fake.apply(slice("b", "moving", grpc(), vec![ready("10.4.0.2")]));
+    let mut watch = follow(&registry, ServiceQuery::new("moving"));
+    assert_eq!(next_set(&mut watch).await.len(), 2);
+    fake.apply(slice("a", "elsewhere", grpc(), vec![ready("10.4.0.1")]));
+    assert_eq!(next_set(&mut watch).await, ["10.4.0.2:50051"]);
+    fake.apply(slice("a", "moving", grpc(), vec![ready("10.4.0.3")]));
+    assert_eq!(
+        next_set(&mut watch).await,
+        ["10.4.0.2:50051", "10.4.0.3:50051"],
+        "and comes back as ADDED"
+    );
+
+    fake.forbid_watch(true);
+    assert_eq!(registry.discover(&"moving".into()).await.unwrap().len(), 2);
+    let mut watch = follow(&registry, ServiceQuery::new("moving"));
+    assert_eq!(next_set(&mut watch).await.len(), 2, "the list is allowed");
+    let error = next(&mut watch).await.unwrap_err();
+    assert!(
+        matches!(error, Error::Status { status: 403, .. }),
+        "{error:?}"
+    );
+}
+
+/// The fake's watch from no version (or "0") starts from the current state as synthetic
+/// ADDED events, not from the beginning of history: a slice created and deleted before
+/// is not replayed.
+#[tokio::test]
+async fn a_watch_from_no_version_starts_from_the_current_state() {
+    let _limit = support::time_limit(60);
+    let (fake, _) = fake().await;
+    fake.apply(slice("gone", "history", grpc(), vec![ready("10.5.0.1")]));
+    fake.delete("default", "gone");
+    fake.apply(slice("here", "history", grpc(), vec![ready("10.5.0.2")]));
+    let url = format!(
+        "{}/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?watch=true&timeoutSeconds=1",
+        fake.url()
+    );
+    for url in [url.clone(), format!("{url}&resourceVersion=0")] {
+        let body = get(&url).await;
+        let events: Vec<serde_json::Value> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let seen: Vec<(&str, &str)> = events
+            .iter()
+            .map(|e| {
+                let name = e["object"]["metadata"]["name"].as_str().unwrap();
+                (e["type"].as_str().unwrap(), name)
+            })
+            .collect();
+        assert_eq!(seen, [("ADDED", "here")], "{url}");
+    }
+}
+
+/// The body of a GET, whole.
+async fn get(url: &str) -> String {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client.get(url.parse().unwrap()).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}

@@ -5,18 +5,24 @@
 //!   answers an `EndpointSliceList` whose `metadata.resourceVersion` is the store's;
 //! - watch: the same path with `watch=true&resourceVersion=N` streams one JSON event a line
 //!   (`ADDED`, `MODIFIED`, `DELETED` with the object's new `resourceVersion`, `BOOKMARK` when
-//!   `allowWatchBookmarks=true`), replaying every event after `N`; a `resourceVersion` older
-//!   than the compaction point answers an `ERROR` event carrying a 410 `Expired` `Status`
-//!   and ends the stream, as does [`FakeKube::expire_watches`] on a live watch;
-//!   `timeoutSeconds` ends a stream, and so does [`FakeKube::close_watches`];
+//!   `allowWatchBookmarks=true`), replaying every event after `N`, filtered as the watch
+//!   cache filters: an object that enters the selector is `ADDED`, one that leaves it
+//!   `DELETED` (its previous content at the event's version); with no `resourceVersion` or
+//!   `0`, the current objects come first as synthetic `ADDED` events, not the history; a
+//!   `resourceVersion` older than the compaction point answers an `ERROR` event carrying a
+//!   410 `Expired` `Status` and ends the stream, as does [`FakeKube::expire_watches`] on a
+//!   live watch; `timeoutSeconds` ends a stream, and so does [`FakeKube::close_watches`];
 //! - errors are `Status` objects with the HTTP code (`403 Forbidden` from
-//!   [`FakeKube::forbid`]); [`FakeKube::stall`] leaves lists unanswered.
+//!   [`FakeKube::forbid`], for watches only from [`FakeKube::forbid_watch`]: `list` and
+//!   `watch` are separate RBAC verbs); [`FakeKube::stall`] leaves lists unanswered.
+//!
+//! Not modelled: `limit` and `continue` (lists come whole), field selectors, other kinds.
 //!
 //! Label selectors support `k=v`, `k==v`, `k!=v` and `k` (exists), comma-separated.
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -37,6 +43,9 @@ struct Event {
     namespace: String,
     kind: &'static str,
     object: Value,
+    /// The object before this change (for a `MODIFIED`), to tell a watch whose selector it
+    /// left or entered.
+    previous: Option<Value>,
 }
 
 #[derive(Default)]
@@ -53,7 +62,8 @@ struct Inner {
     bookmarks: u64,
     /// `BOOKMARK` events actually sent on watch streams.
     bookmarks_sent: u64,
-    forbidden: bool,
+    /// The verbs RBAC refuses (`list`, `watch`).
+    forbidden: Vec<&'static str>,
     stalled: bool,
     requests: Vec<String>,
 }
@@ -136,18 +146,20 @@ impl FakeKube {
         let version = inner.version;
         slice["metadata"]["namespace"] = json!(namespace);
         slice["metadata"]["resourceVersion"] = json!(version.to_string());
-        let kind = match inner
+        let previous = inner
             .objects
-            .insert((namespace.clone(), name), slice.clone())
-        {
-            Some(_) => "MODIFIED",
-            None => "ADDED",
+            .insert((namespace.clone(), name), slice.clone());
+        let kind = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
         };
         inner.events.push(Event {
             version,
             namespace,
             kind,
             object: slice,
+            previous,
         });
         self.bump(&inner);
     }
@@ -168,6 +180,7 @@ impl FakeKube {
             namespace: namespace.to_owned(),
             kind: "DELETED",
             object,
+            previous: None,
         });
         self.bump(&inner);
     }
@@ -207,7 +220,16 @@ impl FakeKube {
 
     /// Answers every request with 403 Forbidden while `true`, as RBAC would.
     pub fn forbid(&self, forbidden: bool) {
-        self.inner.lock().unwrap().forbidden = forbidden;
+        self.inner.lock().unwrap().forbidden = if forbidden {
+            vec!["list", "watch"]
+        } else {
+            Vec::new()
+        };
+    }
+
+    /// Refuses watches (403) but not lists, as a Role granting `list` without `watch` does.
+    pub fn forbid_watch(&self, forbidden: bool) {
+        self.inner.lock().unwrap().forbidden = if forbidden { vec!["watch"] } else { Vec::new() };
     }
 
     /// Requests seen, as `list` or `watch rv=N`, in order.
@@ -260,10 +282,10 @@ async fn endpoint_slices(
             (_, false) => "list".to_owned(),
         };
         inner.requests.push(line);
-        if inner.forbidden {
+        let verb = if watch { "watch" } else { "list" };
+        if inner.forbidden.contains(&verb) {
             let message = format!(
                 "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:{namespace}:client\" cannot {verb} resource \"endpointslices\" in API group \"discovery.k8s.io\" in the namespace \"{namespace}\"",
-                verb = if watch { "watch" } else { "list" },
             );
             return status(StatusCode::FORBIDDEN, "Forbidden", &message);
         }
@@ -273,11 +295,13 @@ async fn endpoint_slices(
         std::future::pending::<()>().await;
     }
     if watch {
+        // "0" or none: start from the current state, sent as synthetic ADDED events, not
+        // from the beginning of history (kube-apiserver's watch semantics).
         let from = params
             .resource_version
             .as_deref()
             .and_then(|rv| rv.parse().ok())
-            .unwrap_or(0);
+            .filter(|rv| *rv != 0);
         let timeout = Duration::from_secs(params.timeout_seconds.unwrap_or(1800));
         let bookmarks = params.allow_watch_bookmarks.unwrap_or(false);
         return watch_stream(fake, namespace, selector, from, timeout, bookmarks);
@@ -306,6 +330,13 @@ async fn endpoint_slices(
     .into_response()
 }
 
+/// A watch event line for `object`, with the kind and version a typed object carries.
+fn event_line(kind: &str, mut object: Value) -> Value {
+    object["kind"] = json!("EndpointSlice");
+    object["apiVersion"] = json!("discovery.k8s.io/v1");
+    json!({ "type": kind, "object": object })
+}
+
 /// A `Status` error response, as kube-apiserver sends it.
 fn status(code: StatusCode, reason: &str, message: &str) -> Response {
     (
@@ -331,6 +362,8 @@ struct WatchState {
     fake: Shared,
     namespace: String,
     selector: Selector,
+    /// The synthetic `ADDED` events of a watch from the current state, sent first.
+    initial: VecDeque<Value>,
     sent: u64,
     expired: u64,
     closed: u64,
@@ -345,19 +378,30 @@ fn watch_stream(
     fake: Shared,
     namespace: String,
     selector: Selector,
-    from: u64,
+    from: Option<u64>,
     timeout: Duration,
     allow_bookmarks: bool,
 ) -> Response {
-    let (expired, closed, bookmarks) = {
+    let (expired, closed, bookmarks, from, initial) = {
         let inner = fake.inner.lock().unwrap();
-        (inner.expired, inner.closed, inner.bookmarks)
+        let initial: VecDeque<Value> = match from {
+            Some(_) => VecDeque::new(),
+            None => inner
+                .objects
+                .iter()
+                .filter(|((ns, _), object)| *ns == namespace && selector.matches(object))
+                .map(|(_, object)| event_line("ADDED", object.clone()))
+                .collect(),
+        };
+        let from = from.unwrap_or(inner.version);
+        (inner.expired, inner.closed, inner.bookmarks, from, initial)
     };
     let state = WatchState {
         changed: fake.changed.subscribe(),
         fake,
         namespace,
         selector,
+        initial,
         sent: from,
         expired,
         closed,
@@ -395,6 +439,9 @@ fn watch_stream(
 impl WatchState {
     /// The next event line to send, if any; sets `done` when the stream must end.
     fn next_line(&mut self) -> Option<Value> {
+        if let Some(line) = self.initial.pop_front() {
+            return Some(line);
+        }
         let mut inner = self.fake.inner.lock().unwrap();
         if self.sent < inner.compacted || inner.expired != self.expired {
             self.done = true;
@@ -411,16 +458,46 @@ impl WatchState {
             self.done = true;
             return None;
         }
-        if let Some(event) = inner.events.iter().find(|e| {
-            e.version > self.sent
-                && e.namespace == self.namespace
-                && self.selector.matches(&e.object)
-        }) {
-            self.sent = event.version;
-            let mut object = event.object.clone();
-            object["kind"] = json!("EndpointSlice");
-            object["apiVersion"] = json!("discovery.k8s.io/v1");
-            return Some(json!({ "type": event.kind, "object": object }));
+        // As the watch cache filters: an object that entered the selector is ADDED, one
+        // that left it DELETED (its previous content, at the event's version).
+        let selector = &self.selector;
+        let seen = |object: &Option<Value>| object.as_ref().is_some_and(|o| selector.matches(o));
+        let next = inner
+            .events
+            .iter()
+            .filter(|e| e.version > self.sent && e.namespace == self.namespace)
+            .find_map(|e| {
+                let now = e.kind != "DELETED" && selector.matches(&e.object);
+                let before = if e.kind == "DELETED" {
+                    selector.matches(&e.object)
+                } else {
+                    seen(&e.previous)
+                };
+                let line = match (before, now) {
+                    (false, true) => event_line("ADDED", e.object.clone()),
+                    (true, true) => event_line(e.kind, e.object.clone()),
+                    (true, false) => {
+                        let mut gone = e.previous.clone().unwrap_or_else(|| e.object.clone());
+                        gone["metadata"]["resourceVersion"] = json!(e.version.to_string());
+                        event_line("DELETED", gone)
+                    }
+                    (false, false) => return None,
+                };
+                Some((e.version, line))
+            });
+        // Versions skipped by the filter are passed too.
+        let last = inner
+            .events
+            .iter()
+            .filter(|e| e.version > self.sent)
+            .map(|e| e.version)
+            .max();
+        if let Some((version, line)) = next {
+            self.sent = version;
+            return Some(line);
+        }
+        if let Some(last) = last {
+            self.sent = last;
         }
         if inner.bookmarks != self.bookmarks {
             self.bookmarks = inner.bookmarks;
