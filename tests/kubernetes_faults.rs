@@ -354,3 +354,41 @@ async fn get(url: &str) -> String {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8(body.to_vec()).unwrap()
 }
+
+/// Lists in pages (the watcher asks 500 at a time): 520 slices all reach the set, and a
+/// list whose continue token expired mid-way (a 410, as after etcd compacted the version it
+/// was reading) is an error the watch yields before it lists again, never a partial set.
+#[tokio::test]
+async fn a_paged_list_is_whole_and_an_expired_continue_lists_again() {
+    let _limit = support::time_limit(60);
+    let (fake, registry) = fake().await;
+    for n in 0..520 {
+        let address = format!("10.6.{}.{}", n / 256, n % 256);
+        fake.apply(slice(
+            &format!("s{n:03}"),
+            "big",
+            grpc(),
+            vec![ready(&address)],
+        ));
+    }
+    let mut watch = follow(&registry, ServiceQuery::new("big"));
+    assert_eq!(next_set(&mut watch).await.len(), 520);
+    assert!(
+        fake.requests().iter().filter(|r| *r == "list").count() >= 2,
+        "paged"
+    );
+
+    fake.expire_continue_tokens();
+    let mut watch = follow(&registry, ServiceQuery::new("big"));
+    let error = next(&mut watch).await.unwrap_err();
+    assert!(
+        matches!(error, Error::Status { status: 410, .. }),
+        "{error:?}"
+    );
+    fake.apply(slice("s520", "big", grpc(), vec![ready("10.6.2.8")]));
+    let set = support::next_set_after_errors(&mut watch, Duration::from_secs(20), |error| {
+        matches!(error, Error::Status { status: 410, .. })
+    })
+    .await;
+    assert_eq!(set.len(), 521, "whole, never a part");
+}

@@ -16,7 +16,10 @@
 //!   [`FakeKube::forbid`], for watches only from [`FakeKube::forbid_watch`]: `list` and
 //!   `watch` are separate RBAC verbs); [`FakeKube::stall`] leaves lists unanswered.
 //!
-//! Not modelled: `limit` and `continue` (lists come whole), field selectors, other kinds.
+//! - lists come in pages with `limit`, `metadata.continue` naming the rest; a continue token
+//!   from before [`FakeKube::expire_continue_tokens`] is a 410 `Expired`.
+//!
+//! Not modelled: field selectors, other kinds.
 //!
 //! Label selectors support `k=v`, `k==v`, `k!=v` and `k` (exists), comma-separated.
 
@@ -62,6 +65,8 @@ struct Inner {
     bookmarks: u64,
     /// `BOOKMARK` events actually sent on watch streams.
     bookmarks_sent: u64,
+    /// Continue tokens from before this version are expired (410).
+    continue_floor: u64,
     /// The verbs RBAC refuses (`list`, `watch`).
     forbidden: Vec<&'static str>,
     stalled: bool,
@@ -85,6 +90,9 @@ struct Params {
     resource_version: Option<String>,
     timeout_seconds: Option<u64>,
     allow_watch_bookmarks: Option<bool>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
 }
 
 impl FakeKube {
@@ -192,6 +200,13 @@ impl FakeKube {
         inner.compacted = inner.version;
         inner.expired += 1;
         self.bump(&inner);
+    }
+
+    /// Expires every continue token handed out so far: the next page of a list in progress
+    /// is a 410, as after etcd compacted the version the list was reading.
+    pub fn expire_continue_tokens(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.continue_floor = inner.version + 1;
     }
 
     /// Ends live watch streams cleanly, as `timeoutSeconds` would.
@@ -307,10 +322,45 @@ async fn endpoint_slices(
         return watch_stream(fake, namespace, selector, from, timeout, bookmarks);
     }
     let inner = fake.inner.lock().unwrap();
-    let items: Vec<Value> = inner
+    // Pages: `limit` items from after the continue token's key, the token naming the version
+    // the list reads (kube-apiserver's are opaque; these are `<version>/<namespace>/<name>`).
+    let after = match params.continue_token.as_deref().map(parse_continue) {
+        None => None,
+        Some(Some((version, key))) if version >= inner.continue_floor => Some(key),
+        Some(Some(_)) => {
+            let message = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.";
+            return status(StatusCode::GONE, "Expired", message);
+        }
+        Some(None) => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "invalid continue token",
+            );
+        }
+    };
+    let matching = inner
         .objects
         .iter()
-        .filter(|((ns, _), object)| *ns == namespace && selector.matches(object))
+        .filter(|((ns, _), object)| *ns == namespace && selector.matches(object));
+    let mut items: Vec<(&(String, String), &Value)> = matching
+        .filter(|(key, _)| after.as_ref().is_none_or(|after| *key > after))
+        .collect();
+    let rest = params
+        .limit
+        .filter(|limit| *limit > 0 && items.len() > *limit)
+        .map(|limit| {
+            let rest = items.len() - limit;
+            items.truncate(limit);
+            rest
+        });
+    let mut metadata = json!({ "resourceVersion": inner.version.to_string() });
+    if let (Some(rest), Some(((ns, name), _))) = (rest, items.last()) {
+        metadata["continue"] = json!(format!("{}/{ns}/{name}", inner.version));
+        metadata["remainingItemCount"] = json!(rest);
+    }
+    let items: Vec<Value> = items
+        .into_iter()
         .map(|(_, object)| {
             let mut item = object.clone();
             // Items of a typed list carry no kind or apiVersion.
@@ -324,10 +374,18 @@ async fn endpoint_slices(
     axum::Json(json!({
         "kind": "EndpointSliceList",
         "apiVersion": "discovery.k8s.io/v1",
-        "metadata": { "resourceVersion": inner.version.to_string() },
+        "metadata": metadata,
         "items": items,
     }))
     .into_response()
+}
+
+/// A continue token's version and the key after which the next page starts.
+fn parse_continue(token: &str) -> Option<(u64, (String, String))> {
+    let mut parts = token.splitn(3, '/');
+    let version = parts.next()?.parse().ok()?;
+    let (namespace, name) = (parts.next()?, parts.next()?);
+    Some((version, (namespace.to_owned(), name.to_owned())))
 }
 
 /// A watch event line for `object`, with the kind and version a typed object carries.
