@@ -982,3 +982,45 @@ async fn check_definitions_are_validated_and_a_ttl_runs_from_registration() {
         "critical after its TTL"
     );
 }
+
+/// Entries with more checks than the service's own, as Consul gives them: the worst check
+/// decides (a warning lowers the weight, a critical one takes the instance out), and a node
+/// in maintenance (`_node_maintenance`, which names no service) takes every instance on it
+/// out, until it leaves maintenance.
+#[tokio::test]
+async fn the_worst_of_several_checks_and_node_maintenance_decide() {
+    let _limit = support::time_limit(30);
+    let fake = FakeConsul::start(None).await;
+    let consul = registry(&fake);
+    let mut registration = on_node("a", "multi", 8080);
+    registration["Weights"] = serde_json::json!({"Passing": 10, "Warning": 2});
+    fake.register_on("node-2", registration, "passing");
+    fake.register_on("node-3", on_node("b", "multi", 8080), "passing");
+    let weights = |set: &[ServiceInstance]| -> Vec<(String, u32)> {
+        set.iter().map(|i| (i.id.clone(), i.weight)).collect()
+    };
+    let set = consul.discover(&"multi".into()).await.unwrap();
+    assert_eq!(
+        weights(&set),
+        [("node-2/a".into(), 10), ("node-3/b".into(), 1)]
+    );
+    fake.set_extra_check("node-2", "a", "disk", "warning");
+    let set = consul.discover(&"multi".into()).await.unwrap();
+    assert_eq!(
+        weights(&set),
+        [("node-2/a".into(), 2), ("node-3/b".into(), 1)]
+    );
+    fake.set_extra_check("node-2", "a", "disk", "critical");
+    assert_eq!(
+        ids(&consul.discover(&"multi".into()).await.unwrap()),
+        ["node-3/b"]
+    );
+    fake.set_extra_check("node-2", "a", "disk", "passing");
+    fake.set_node_maintenance("node-3", true);
+    assert_eq!(
+        ids(&consul.discover(&"multi".into()).await.unwrap()),
+        ["node-2/a"]
+    );
+    fake.set_node_maintenance("node-3", false);
+    assert_eq!(consul.discover(&"multi".into()).await.unwrap().len(), 2);
+}

@@ -34,11 +34,15 @@
 //!   `X-Consul-Results-Filtered-By-ACLs: true` only for a request with a token (Consul's
 //!   servers clear it for requests without one, `maskResultsFilteredByACLs`; the fake has
 //!   no agent default token); agent writes without `service:write` get 403.
-//! - Maintenance mode, the agent health endpoint, and injected faults.
+//! - Maintenance mode of a service (its `_service_maintenance:<id>` check carries the
+//!   `ServiceID`) and of a node ([`FakeConsul::set_node_maintenance`]: `_node_maintenance`,
+//!   no `ServiceID`, on every entry of the node), checks beyond the service's own
+//!   ([`FakeConsul::set_extra_check`]), the agent health endpoint, and injected faults.
 //!
 //! Not modelled: the catalog and KV APIs, sessions, prepared queries, multiple datacenters
 //! (any `dc` but `dc1` is an error), ACL policies beyond service read and write (no
-//! `node:read`), several checks per service, node maintenance (`_node_maintenance`).
+//! `node:read`), checks beyond the registration's own other than through
+//! [`FakeConsul::set_extra_check`].
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -112,6 +116,8 @@ struct Service {
     alias_of: Option<String>,
     /// Registered through a parent's `SidecarService`.
     sidecar: bool,
+    /// Checks beyond `service:<id>`: (check ID, status).
+    extra_checks: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -138,6 +144,8 @@ struct Inner {
     query_indexes: HashMap<HealthQuery, (String, u64)>,
     /// The datacenter each node's entries say (`Node.Datacenter`); `dc1` when unset.
     node_datacenters: BTreeMap<String, String>,
+    /// Nodes in maintenance (`_node_maintenance`, critical for every service on them).
+    node_maintenance: std::collections::BTreeSet<String>,
 }
 
 pub struct FakeConsul {
@@ -316,6 +324,34 @@ impl FakeConsul {
         self.bump(&mut inner);
     }
 
+    /// Puts a node in maintenance or takes it out (`PUT /v1/agent/maintenance` on its
+    /// agent): a critical `_node_maintenance` check on every entry of the node.
+    pub fn set_node_maintenance(&self, node: &str, on: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        if on {
+            inner.node_maintenance.insert(node.to_owned());
+        } else {
+            inner.node_maintenance.remove(node);
+        }
+        self.bump(&mut inner);
+    }
+
+    /// Adds (or sets) a check of a service beyond its own, as a registration's `Checks`
+    /// list gives it: the entry's worst check decides.
+    pub fn set_extra_check(&self, node: &str, service_id: &str, check_id: &str, status: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(service) = inner
+            .services
+            .get_mut(&(node.to_owned(), service_id.to_owned()))
+        {
+            service.extra_checks.retain(|(id, _)| id != check_id);
+            service
+                .extra_checks
+                .push((check_id.to_owned(), status.to_owned()));
+        }
+        self.bump(&mut inner);
+    }
+
     /// Sets a node's `serfHealth` check: `critical` makes every service on it critical.
     pub fn set_node_health(&self, node: &str, status: &str) {
         let mut inner = self.inner.lock().unwrap();
@@ -464,6 +500,7 @@ impl Service {
             critical_since: None,
             alias_of: None,
             sidecar: false,
+            extra_checks: Vec::new(),
         }
     }
 }
@@ -818,22 +855,31 @@ fn filter_matches(filter: &str, meta: &Value) -> bool {
     })
 }
 
+/// What an entry says of its node.
+struct NodeState<'a> {
+    /// Its `serfHealth` status.
+    status: &'a str,
+    datacenter: &'a str,
+    maintenance: bool,
+}
+
 /// One health entry as Consul renders it.
-fn entry(
-    service: &Service,
-    (node_status, datacenter): (&str, &str),
-    alias: Option<String>,
-    index: u64,
-) -> Value {
+fn entry(service: &Service, on: &NodeState, alias: Option<String>, index: u64) -> Value {
     let r = &service.registration;
     let id = r["ID"].as_str().unwrap_or_default();
     let node = &service.node;
     let mut checks = vec![
-        json!({"Node": node, "CheckID": "serfHealth", "Status": node_status}),
+        json!({"Node": node, "CheckID": "serfHealth", "Status": on.status}),
         json!({"Node": node, "CheckID": format!("service:{id}"), "Status": service.status, "ServiceID": id}),
     ];
+    if on.maintenance {
+        checks.push(json!({"Node": node, "CheckID": "_node_maintenance", "Status": "critical"}));
+    }
     if service.maintenance {
-        checks.push(json!({"Node": node, "CheckID": format!("_service_maintenance:{id}"), "Status": "critical"}));
+        checks.push(json!({"Node": node, "CheckID": format!("_service_maintenance:{id}"), "Status": "critical", "ServiceID": id}));
+    }
+    for (check, status) in &service.extra_checks {
+        checks.push(json!({"Node": node, "CheckID": check, "Status": status, "ServiceID": id}));
     }
     if let Some(status) = alias {
         checks.push(json!({"Node": node, "CheckID": format!("service:{id}:2"), "Status": status, "ServiceID": id}));
@@ -844,7 +890,7 @@ fn entry(
         r["Meta"].clone()
     };
     json!({
-        "Node": {"ID": format!("id-{node}"), "Node": node, "Address": "127.0.0.1", "Datacenter": datacenter,
+        "Node": {"ID": format!("id-{node}"), "Node": node, "Address": "127.0.0.1", "Datacenter": on.datacenter,
                  "Meta": {"zone": "node-zone"}, "CreateIndex": 1, "ModifyIndex": 1},
         "Service": {
             // Go's zero values where the registration left a field out: "" and 0 (a nil
@@ -966,11 +1012,15 @@ impl HealthQuery {
                         .get(&(s.node.clone(), parent.clone()))
                         .map_or("critical".to_owned(), |p| effective_status(p, &node_status))
                 });
-                let datacenter = inner
-                    .node_datacenters
-                    .get(&s.node)
-                    .map_or("dc1", String::as_str);
-                entry(s, (&node_status, datacenter), alias, 0)
+                let on = NodeState {
+                    status: &node_status,
+                    datacenter: inner
+                        .node_datacenters
+                        .get(&s.node)
+                        .map_or("dc1", String::as_str),
+                    maintenance: inner.node_maintenance.contains(&s.node),
+                };
+                entry(s, &on, alias, 0)
             })
             .filter(|entry| {
                 !self.passing_only
