@@ -157,7 +157,7 @@ use client::Client;
 /// `service:read` (or the anonymous token under default deny) gets its answer with the
 /// instances it may not see removed and `X-Consul-Results-Filtered-By-ACLs: true`. Such an
 /// answer is logged as a warning naming the ACL problem, and when it leaves nothing it is an
-/// [`Error::Status`](crate::Error::Status) of 403, not an empty set: the last set stands.
+/// [`Error::Status`] of 403, not an empty set: the last set stands.
 /// Without a token, Consul clears that header (`maskResultsFilteredByACLs` in its servers),
 /// so a hidden service looks empty: the first empty answer logs a warning saying that ACLs
 /// may hide it and how to configure a token.
