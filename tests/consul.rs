@@ -10,17 +10,22 @@ use futures_util::StreamExt;
 use support::fake_consul::{FakeConsul, Fault};
 use tokio::time::{Instant, timeout};
 use tower_sd::registry::WatchStream;
-use tower_sd::registry::consul::{ConsulRegistry, HealthCheck, HealthCheckKind};
+use tower_sd::registry::consul::{
+    ConsulRegistry, ConsulRegistryBuilder, HealthCheck, HealthCheckKind,
+};
 use tower_sd::{Error, HealthStatus, ServiceInstance, ServiceQuery, ServiceRegistry};
 
 fn registry(fake: &FakeConsul) -> ConsulRegistry {
+    builder(fake).build().unwrap()
+}
+
+/// The tests' settings: a 2 s wait, quick retries, 50 queries a second.
+fn builder(fake: &FakeConsul) -> ConsulRegistryBuilder {
     ConsulRegistry::builder()
         .address(fake.url())
         .wait(Duration::from_secs(2))
         .retry_backoff(Duration::from_millis(10), Duration::from_millis(100))
         .requests_per_second(50.0)
-        .build()
-        .unwrap()
 }
 
 /// Registers an instance and waits for the watch to show `expected` instances.
@@ -796,10 +801,7 @@ async fn a_rate_limited_watch_waits_out_retry_after() {
 async fn a_stale_read_older_than_max_stale_is_an_error_and_the_last_set_stays() {
     let _limit = support::time_limit(60);
     let fake = FakeConsul::start(None).await;
-    let consul = ConsulRegistry::builder()
-        .address(fake.url())
-        .wait(Duration::from_secs(2))
-        .retry_backoff(Duration::from_millis(10), Duration::from_millis(100))
+    let consul = builder(&fake)
         .max_stale(Duration::from_secs(5))
         .build()
         .unwrap();

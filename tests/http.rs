@@ -307,12 +307,6 @@ async fn a_failing_health_probe_takes_the_instance_out_until_it_passes() {
     let servers = start(&registry, "p", 2).await;
     let layer = DiscoveryLayer::new(registry).balancer(|b| b.outlier_detection(None));
     let client = client(layer).health_probe(support::http_policies::probe());
-    let state = |key: &str| {
-        client
-            .endpoints(SERVICE)
-            .into_iter()
-            .find(|e| e.key == key)
-            .map(|e| e.state)
-    };
-    support::http_policies::check_health_probe(&client, &servers, state).await;
+    let endpoints = || client.endpoints(SERVICE);
+    support::http_policies::check_health_probe(&client, &servers, endpoints).await;
 }

@@ -424,13 +424,7 @@ async fn a_failing_health_probe_takes_the_instance_out_until_it_passes() {
     let registry = Arc::new(MemoryRegistry::new());
     let servers = start(&registry, "p", 2).await;
     let client = client(&registry).health_probe(support::http_policies::probe());
-    let state = |key: &str| {
-        client
-            .endpoints(SERVICE)
-            .into_iter()
-            .find(|e| e.key == key)
-            .map(|e| e.state)
-    };
-    support::http_policies::check_health_probe(&client, &servers, state).await;
+    let endpoints = || client.endpoints(SERVICE);
+    support::http_policies::check_health_probe(&client, &servers, endpoints).await;
     assert_eq!(servers[0].connections(), 1, "its connection stayed open");
 }

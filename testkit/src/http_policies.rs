@@ -81,15 +81,21 @@ pub fn probe() -> tower_sd::http::HttpProbe {
 /// Catches a health probe that does not take a failing instance out of the picks (once it
 /// is reported not serving, no request may reach it: each would answer 503), one that does
 /// not bring it back. `client` has [`probe`];
-/// `servers` are `backend`'s two, `p0` and `p1`; `state` reads an endpoint's state.
+/// `servers` are `backend`'s two, `p0` and `p1`; `endpoints` reads its balancer's.
 pub async fn check_health_probe<S, B>(
     client: &S,
     servers: &[TestServer],
-    state: impl Fn(&str) -> Option<EndpointState>,
+    endpoints: impl Fn() -> Vec<tower_sd::balance::EndpointStats<String>>,
 ) where
     S: Service<http::Request<Empty<Bytes>>, Response = http::Response<B>> + Clone,
     S::Error: std::fmt::Debug,
 {
+    let state = |key: &str| {
+        endpoints()
+            .into_iter()
+            .find(|e| e.key == key)
+            .map(|e| e.state)
+    };
     send_marked(client, http::Method::GET, false).await;
     crate::until("both serving", || {
         state("p0") == Some(EndpointState::Ready) && state("p1") == Some(EndpointState::Ready)

@@ -11,15 +11,7 @@ impl Logs {
     /// from the binary's only test, so the subscriber sees every thread's events.
     pub fn capture() -> Self {
         let logs = Self::default();
-        let writer = {
-            let logs = logs.clone();
-            move || Writer(logs.clone())
-        };
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(writer)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
+        tracing::subscriber::set_global_default(logs.subscriber()).unwrap();
         logs
     }
 
@@ -27,15 +19,17 @@ impl Logs {
     /// for a test on a current-thread runtime, whose tasks all run on its thread.
     pub fn scoped() -> (Self, tracing::subscriber::DefaultGuard) {
         let logs = Self::default();
-        let writer = {
-            let logs = logs.clone();
-            move || Writer(logs.clone())
-        };
-        let subscriber = tracing_subscriber::fmt()
+        let guard = tracing::subscriber::set_default(logs.subscriber());
+        (logs, guard)
+    }
+
+    /// A subscriber (TRACE and up) writing into this buffer.
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        let logs = self.clone();
+        tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
-            .with_writer(writer)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+            .with_writer(move || Writer(logs.clone()))
+            .finish()
     }
 
     pub fn text(&self) -> String {
