@@ -95,12 +95,14 @@ async fn a_closed_watch_resumes_from_its_version_without_a_relist() {
     ));
     assert_eq!(next_set(&mut watch).await.len(), 2);
     assert_eq!(fake.lists(), 1);
-    let watches = fake
-        .requests()
-        .iter()
-        .filter(|r| r.starts_with("watch"))
-        .count();
-    assert!(watches >= 2, "{:?}", fake.requests());
+    // It resumed from the version it had seen (the list's: 100, then the slice's apply),
+    // not from none or 0 (which would start over from the current state, hiding a lost
+    // version), nor by listing again.
+    let requests = fake.requests();
+    let watches: Vec<&String> = requests.iter().filter(|r| r.starts_with("watch")).collect();
+    assert!(watches.len() >= 2, "{requests:?}");
+    assert_eq!(watches[0], "watch rv=101", "{requests:?}");
+    assert_eq!(watches[1], watches[0], "resumed where it was: {requests:?}");
 }
 
 #[tokio::test]

@@ -229,10 +229,12 @@ async fn ttl_not_renewed_turns_critical_then_is_removed() {
     registry.heartbeat("b").await.unwrap();
     assert_eq!(ids(&watch.next().await.unwrap().unwrap()), ["a", "b"]);
 
-    // Now `a` stops heartbeating: critical after the TTL, gone after the reap delay.
+    // Now `a` stops heartbeating: critical exactly a TTL after its last heartbeat (at 12 s,
+    // so at 22 s: 7 s from now), gone after the reap delay. (An upper bound alone let an
+    // instance that turned critical at once pass.)
     let started = tokio::time::Instant::now();
     assert_eq!(ids(&watch.next().await.unwrap().unwrap()), ["b"]);
-    assert!(started.elapsed() <= ttl);
+    assert_eq!(started.elapsed(), Duration::from_secs(7));
     // `b` expires too (it was renewed once, 15s in): the set goes empty.
     assert!(watch.next().await.unwrap().unwrap().is_empty());
     advance(reap).await;
