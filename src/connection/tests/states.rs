@@ -748,3 +748,45 @@ async fn stream_errors_say_whether_the_server_may_have_seen_the_request() {
     assert!(dropped.is_unprocessed() && !dropped.never_sent());
     answer(&server, kept).await;
 }
+
+/// Catches `max_concurrent_connects` not enforced: six instances whose servers take the
+/// TCP connection and never answer the HTTP/2 handshake, two connects at a time: while
+/// those two hang, no third is dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_connects_at_once_than_the_limit() {
+    let _limit = support::time_limit(30);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let mut ports = Vec::new();
+    for _ in 0..6 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ports.push(listener.local_addr().unwrap().port());
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            let mut silent = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                silent.push(tcp);
+            }
+        });
+    }
+    let connector = crate::connection::Connector::new(
+        ConnectionSettings::default()
+            .max_concurrent_connects(2)
+            .connect_timeout(Duration::from_secs(20)),
+    );
+    let connections: Vec<Conn> = ports
+        .iter()
+        .map(|port| {
+            let instance = crate::instance::ServiceInstance::new("s", "s", "127.0.0.1", *port);
+            connector.connect(&instance).unwrap()
+        })
+        .collect();
+    support::until("two connects", || accepted.load(Ordering::SeqCst) == 2).await;
+    tokio::time::sleep(ms(500)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "no third connect while two hang"
+    );
+    drop(connections);
+}
