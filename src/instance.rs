@@ -14,8 +14,11 @@ use crate::error::{Error, InvalidValue};
 /// One addressable instance of a service, as a registry knows it.
 ///
 /// `address` is an IP address (v4 or v6, without brackets) or a DNS host name. `weight`
-/// scales the share of traffic the balancer gives the instance (Consul `Weights`), and
-/// `zone` feeds zone preference (Kubernetes EndpointSlice `zone`, Consul metadata).
+/// scales the share of traffic the balancer gives the instance (Consul `Weights`), `zone`
+/// feeds zone preference (Kubernetes EndpointSlice `zone`, Consul metadata), and `priority`
+/// puts it in a tier (0, the default, is the most preferred; DNS SRV priorities, a Consul
+/// datacenter's place in the failover order): the balancer sends traffic to the best tier
+/// while enough of it is usable (see [`balance`](crate::balance#priority-tiers)).
 ///
 /// # Examples
 ///
@@ -55,6 +58,9 @@ pub struct ServiceInstance {
     /// Locality zone, when the registry knows it.
     #[serde(default)]
     pub zone: Option<String>,
+    /// Priority tier: lower is preferred; 0 unless the registry says otherwise.
+    #[serde(default)]
+    pub priority: u16,
 }
 
 fn default_weight() -> u32 {
@@ -80,6 +86,7 @@ impl ServiceInstance {
             metadata: BTreeMap::new(),
             weight: default_weight(),
             zone: None,
+            priority: 0,
         }
     }
 
@@ -108,6 +115,13 @@ impl ServiceInstance {
     #[must_use]
     pub fn with_zone(mut self, zone: impl Into<String>) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// Sets the priority tier (lower is preferred).
+    #[must_use]
+    pub fn with_priority(mut self, priority: u16) -> Self {
+        self.priority = priority;
         self
     }
 
@@ -152,12 +166,13 @@ impl ServiceInstance {
     }
 
     /// Whether the fields that decide where and how traffic goes differ from `other`'s:
-    /// address, port, weight, zone or metadata. Tags alone do not count.
+    /// address, port, weight, zone, priority or metadata. Tags alone do not count.
     pub fn endpoint_differs(&self, other: &Self) -> bool {
         self.address != other.address
             || self.port != other.port
             || self.weight != other.weight
             || self.zone != other.zone
+            || self.priority != other.priority
             || self.metadata != other.metadata
     }
 }
@@ -476,6 +491,7 @@ mod tests {
         assert!(!a.endpoint_differs(&a.clone().with_tag("t")));
         assert!(a.endpoint_differs(&a.clone().with_weight(2)));
         assert!(a.endpoint_differs(&a.clone().with_zone("z")));
+        assert!(a.endpoint_differs(&a.clone().with_priority(1)));
         assert!(a.endpoint_differs(&a.clone().with_metadata("k", "v")));
         assert!(a.endpoint_differs(&ServiceInstance {
             port: 81,

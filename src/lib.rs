@@ -83,6 +83,7 @@
 //! | `tower_sd_ejections_total` | counter | | endpoints ejected by outlier detection |
 //! | `tower_sd_returns_total` | counter | | ejected endpoints returned by a successful probe |
 //! | `tower_sd_panic_picks_total` | counter | | picks made in panic mode |
+//! | `tower_sd_tier_share_percent` | gauge | `priority` | the percentage of picks that go to the endpoints of this priority (set when there are several priorities, as their health changes) |
 //! | `tower_sd_updates_total` | counter | | endpoint snapshots published |
 //! | `tower_sd_last_update_seconds` | gauge | | Unix time of the last published snapshot |
 //! | `tower_sd_transparent_retries_total` | counter | | requests sent again because the server did not process them |

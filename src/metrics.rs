@@ -13,12 +13,13 @@ use metrics::{Counter, counter, gauge};
 
 /// Every metric name, with its kind: what the crate docs' table is checked against.
 #[cfg_attr(not(test), allow(dead_code))]
-pub(crate) const NAMES: [(&str, &str); 21] = [
+pub(crate) const NAMES: [(&str, &str); 22] = [
     ("tower_sd_endpoints", "gauge"),
     ("tower_sd_requests_total", "counter"),
     ("tower_sd_ejections_total", "counter"),
     ("tower_sd_returns_total", "counter"),
     ("tower_sd_panic_picks_total", "counter"),
+    ("tower_sd_tier_share_percent", "gauge"),
     ("tower_sd_updates_total", "counter"),
     ("tower_sd_last_update_seconds", "gauge"),
     ("tower_sd_transparent_retries_total", "counter"),
@@ -68,6 +69,14 @@ pub(crate) fn returned(service: &str) {
 /// A pick was made in panic mode.
 pub(crate) fn panic_pick(service: &str) {
     count("tower_sd_panic_picks_total", service);
+}
+
+/// The tier of `priority` now takes `percent` of the picks.
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn tier_share(service: &str, priority: u16, percent: u8) {
+    #[cfg(feature = "metrics")]
+    gauge!("tower_sd_tier_share_percent", "service" => service.to_owned(), "priority" => priority.to_string())
+        .set(f64::from(percent));
 }
 
 /// A snapshot was published, with `ready` endpoints of which `ejected` are ejected.

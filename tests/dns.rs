@@ -16,17 +16,17 @@ use tower_sd::{Error, ServiceInstance, ServiceQuery, ServiceRegistry};
 const GREETER: &[&str] = &[
     "srv-host=_grpc._tcp.greeter.test,a.greeter.test,50051,0,10",
     "srv-host=_grpc._tcp.greeter.test,b.greeter.test,50052,0,30",
-    // A backup at a higher priority number: not used while priority 0 has targets.
+    // A backup at a higher priority number: a tier of its own.
     "srv-host=_grpc._tcp.greeter.test,c.greeter.test,50053,1,10",
     "host-record=a.greeter.test,10.0.0.1",
     "host-record=c.greeter.test,10.0.0.3",
     "host-record=web.test,10.0.1.1,fd00::1",
     // Priority 0's only target resolves only once a test writes its hosts file: until then
-    // the priority-5 spare is the fallback.
+    // it is kept by name.
     "srv-host=_grpc._tcp.backup.test,gone.backup.test,50061,0,10",
     "srv-host=_grpc._tcp.backup.test,spare.backup.test,50062,5,10",
     "host-record=spare.backup.test,10.0.3.2",
-    // No priority has a target that resolves: the lowest is dialled by name.
+    // No priority has a target that resolves: both are kept by name.
     "srv-host=_grpc._tcp.dark.test,x.dark.test,7001,0,1",
     "srv-host=_grpc._tcp.dark.test,y.dark.test,7002,1,1",
     // A target with no address record: dialled by name.
@@ -59,9 +59,11 @@ async fn srv_records_give_targets_ports_and_weights() {
         .unwrap();
     assert_eq!(
         authorities(&set),
-        ["10.0.0.1:50051", "10.0.0.2:50052"],
-        "lowest priority only"
+        ["10.0.0.1:50051", "10.0.0.2:50052", "10.0.0.3:50053"],
+        "every priority"
     );
+    let priorities: Vec<u16> = set.iter().map(|i| i.priority).collect();
+    assert_eq!(priorities, [0, 0, 1]);
     assert_eq!(set[0].weight, 10);
     assert_eq!(set[1].weight, 30);
     assert_eq!(set[0].id, "10.0.0.1:50051");
@@ -77,42 +79,56 @@ async fn srv_records_give_targets_ports_and_weights() {
     assert_eq!(named[0].weight, 1, "weight 0 counts as 1");
 }
 
-/// Catches "lowest priority only" (the spare would never be used) and "every priority at
-/// once" (the spare would stay in the set after priority 0 resolves).
+/// Catches "lowest priority only" (the spare would never be in the set, so the balancer
+/// could not spill to it) and priorities lost on the way (every instance in one tier): each
+/// SRV priority is the instances' tier, whether or not their target resolves.
 #[tokio::test]
-async fn a_higher_srv_priority_is_the_fallback_while_the_lowest_does_not_resolve() {
+async fn every_srv_priority_is_a_tier_of_the_set() {
     let _limit = support::time_limit(120);
     support::trace_init();
     let Some(dns) = Dnsmasq::start(GREETER, 1).await else {
         return;
     };
     let registry = builder(&dns).build().unwrap();
+    let tiers = |set: &[ServiceInstance]| -> Vec<(String, u16)> {
+        set.iter().map(|i| (i.authority(), i.priority)).collect()
+    };
     let set = registry
         .discover(&ServiceQuery::new("_grpc._tcp.backup.test"))
         .await
         .unwrap();
-    assert_eq!(authorities(&set), ["10.0.3.2:50062"], "the spare");
+    assert_eq!(
+        tiers(&set),
+        [
+            ("10.0.3.2:50062".to_owned(), 5),
+            ("gone.backup.test:50061".to_owned(), 0)
+        ],
+        "the unresolved target by name, and the spare"
+    );
     assert_eq!(set[0].metadata["srv_priority"], "5");
 
     let dark = registry
         .discover(&ServiceQuery::new("_grpc._tcp.dark.test"))
         .await
         .unwrap();
-    assert_eq!(authorities(&dark), ["x.dark.test:7001"], "lowest, by name");
+    assert_eq!(
+        tiers(&dark),
+        [
+            ("x.dark.test:7001".to_owned(), 0),
+            ("y.dark.test:7002".to_owned(), 1)
+        ]
+    );
 
     let mut watch = follow(&registry, "_grpc._tcp.backup.test");
-    assert_eq!(next_set(&mut watch).await, ["10.0.3.2:50062"]);
+    assert_eq!(
+        next_set(&mut watch).await,
+        ["10.0.3.2:50062", "gone.backup.test:50061"]
+    );
     dns.hosts("gone", &["10.0.3.1 gone.backup.test"]);
     assert_eq!(
         next_set(&mut watch).await,
-        ["10.0.3.1:50061"],
-        "priority 0 back: the spare leaves"
-    );
-    dns.hosts("gone", &[]);
-    assert_eq!(
-        next_set(&mut watch).await,
-        ["10.0.3.2:50062"],
-        "and returns"
+        ["10.0.3.1:50061", "10.0.3.2:50062"],
+        "priority 0 resolves: by address"
     );
 }
 
@@ -200,12 +216,12 @@ async fn records_changed_mid_test_reach_the_watch() {
     let mut srv = follow(&registry, "_grpc._tcp.greeter.test");
     assert_eq!(
         next_set(&mut srv).await,
-        ["10.0.0.1:50051", "10.0.0.2:50052"]
+        ["10.0.0.1:50051", "10.0.0.2:50052", "10.0.0.3:50053"]
     );
     dns.hosts("b", &["10.0.0.22 b.greeter.test"]);
     assert_eq!(
         next_set(&mut srv).await,
-        ["10.0.0.1:50051", "10.0.0.22:50052"],
+        ["10.0.0.1:50051", "10.0.0.22:50052", "10.0.0.3:50053"],
         "a target moved"
     );
 }
@@ -374,4 +390,73 @@ async fn a_tonic_client_follows_srv_records_to_real_servers() {
     .await;
     checks(&channel, 6, 500).await;
     assert_even_spread(&servers, 3_000);
+}
+
+/// Catches SRV priorities that do not reach the balancer as tiers: with two real servers at
+/// priority 0 and one at priority 1, the spare serves nothing while the first two are up,
+/// and everything once both are gone.
+#[cfg(feature = "tonic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tonic_client_keeps_to_the_lowest_srv_priority_and_spills_when_it_dies() {
+    let _limit = support::time_limit(120);
+    use std::sync::Arc;
+
+    use support::grpc::{checks, until_endpoints};
+    use support::servers::TestServer;
+    use tower_sd::tonic::LoadBalancedChannel;
+
+    support::trace_init();
+    let mut servers = Vec::new();
+    for n in 0..3 {
+        servers.push(TestServer::grpc(&format!("p{n}")).await);
+    }
+    let lines: Vec<String> = servers
+        .iter()
+        .enumerate()
+        .flat_map(|(n, server)| {
+            let priority = if n < 2 { 0 } else { 1 };
+            [
+                format!(
+                    "srv-host=_grpc._tcp.tiers.test,p{n}.tiers.test,{},{priority},10",
+                    server.port
+                ),
+                format!("host-record=p{n}.tiers.test,127.0.0.1"),
+            ]
+        })
+        .collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let Some(dns) = Dnsmasq::start(&lines, 1).await else {
+        return;
+    };
+    let registry = builder(&dns).build().unwrap();
+    let channel = LoadBalancedChannel::builder(Arc::new(registry), "_grpc._tcp.tiers.test")
+        .connect(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let ids: Vec<String> = servers
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    until_endpoints(
+        &channel,
+        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    checks(&channel, 4, 100).await;
+    assert_eq!(servers[2].served(), 0, "the priority-1 spare served");
+    assert!(servers[0].served() > 100 && servers[1].served() > 100);
+
+    servers[0].crash();
+    servers[1].crash();
+    support::until("priority 1 takes every call", || {
+        channel
+            .tiers()
+            .iter()
+            .map(|t| (t.priority, t.percent))
+            .collect::<Vec<_>>()
+            == [(0, 0), (1, 100)]
+    })
+    .await;
+    checks(&channel, 4, 100).await;
+    assert_eq!(servers[2].served(), 400, "the spare serves every call");
 }

@@ -85,7 +85,8 @@
 //!   arrives, then fail with `Error::NoEndpoints` naming the service;
 //! - a removed endpoint drains: its requests in flight finish on it, and no new request picks it;
 //! - an endpoint whose `poll_ready` fails is avoided until it recovers or is replaced;
-//! - `Balance::endpoints()` reports in-flight, EWMA, weight, zone, state and ejection per endpoint;
+//! - `Balance::endpoints()` reports in-flight, EWMA, weight, zone, priority, state and ejection
+//!   per endpoint;
 //! - the updater stops when discovery ends (the last endpoints stay) or the last handle drops.
 //!
 //! # Production balancing
@@ -102,10 +103,31 @@
 //! - **Slow start** (`slow_start(window)`): a new endpoint's share ramps up over the window.
 //! - **Zone preference** (`ZonePreference::new("eu-west-1a")`): stay in the local zone while it
 //!   has at least `min_endpoints` usable endpoints (and `min_share_percent` of all), else use all.
+//! - **Priority tiers**: see below.
 //! - **Retries belong to you**: wrap `Balance` in `tower::retry::Retry` with a budget
 //!   (`TpsBudget`). Each retry picks again; with outlier detection, the endpoint that just
 //!   failed is avoided once it is ejected (`tests/retries.rs` shows it with
 //!   `consecutive_failures(1)`: no retried request lands on the failing endpoint).
+//!
+//! # Priority tiers
+//!
+//! Each endpoint has a priority ([`Endpoint::priority`], from [`ServiceInstance::priority`]:
+//! DNS SRV priorities, a Consul datacenter's place in the failover order); 0 is the most
+//! preferred, and each distinct priority is a tier. Traffic goes by Envoy's rule: a tier takes
+//! `min(100%, healthy share x 1.4)` of what the better tiers left, so the best tier takes
+//! everything while at least 72% of its endpoints are healthy (pickable, not failed, not
+//! ejected) and spills to the next gradually below that. When the tiers' health adds up to
+//! less than 100%, each takes its share of the sum, and a tier whose healthy share is below
+//! the panic threshold is in panic (its ejections are ignored, or its picks fail with
+//! `PanicMode::Fail`). Within a tier, power of two choices, weights and zone preference
+//! apply as they do without tiers. [`Balance::tiers`] and the gauge
+//! `tower_sd_tier_share_percent` show the share each tier takes; [`Balance::endpoints`]
+//! shows each endpoint's priority. With one priority none of this costs anything; with
+//! several, a pick draws its tier from shares recomputed only when an endpoint's health
+//! changes.
+//!
+//! [`Endpoint::priority`]: crate::endpoint::Endpoint::priority
+//! [`ServiceInstance::priority`]: crate::ServiceInstance::priority
 //!
 //! The counters and gauges it keeps (feature `metrics`) are listed in the [crate docs](crate#metrics).
 
@@ -118,12 +140,14 @@ mod future;
 mod load;
 mod outlier;
 mod p2c;
+mod pool;
+mod route;
 mod service;
 mod slot;
 mod snapshot;
 mod stats;
+mod tier;
 mod updater;
-mod zone;
 
 pub use builder::BalanceBuilder;
 pub use classify::{Classify, ErrorsOnly};
@@ -138,3 +162,4 @@ pub use service::Balance;
 #[cfg(feature = "_connections")]
 pub(crate) use service::Picks;
 pub use stats::{EndpointState, EndpointStats};
+pub use tier::TierShare;

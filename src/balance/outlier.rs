@@ -111,6 +111,9 @@ pub(crate) struct Detector {
     epoch: Instant,
     /// Endpoints of the current snapshot that are ejected (including those being probed).
     pub(crate) ejected: AtomicUsize,
+    /// Ejections and returns so far: whether the set of ejected endpoints changed, in one
+    /// load.
+    pub(crate) changes: AtomicU64,
     /// Endpoints in the current snapshot.
     pub(crate) total: AtomicUsize,
     /// The earliest time (ns since the epoch) an ejection ends and its probe is due;
@@ -127,6 +130,7 @@ impl Detector {
             service,
             epoch,
             ejected: AtomicUsize::new(0),
+            changes: AtomicU64::new(0),
             total: AtomicUsize::new(0),
             next_probe: AtomicU64::new(u64::MAX),
         }
@@ -156,6 +160,16 @@ impl Detector {
     /// A probe is due at `at`.
     pub(crate) fn probe_at(&self, at: u64) {
         self.next_probe.fetch_min(at, Ordering::SeqCst);
+    }
+
+    /// One more endpoint is ejected (`true`) or one fewer.
+    fn count_ejected(&self, more: bool) {
+        if more {
+            self.ejected.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.ejected.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     fn may_eject(&self) -> bool {
@@ -228,7 +242,7 @@ impl Health {
     pub(crate) fn clear(&self, detector: &Detector) {
         self.probing.store(false, Ordering::SeqCst);
         if self.ejected_until.swap(0, Ordering::SeqCst) != 0 {
-            detector.ejected.fetch_sub(1, Ordering::SeqCst);
+            detector.count_ejected(false);
         }
     }
 
@@ -279,7 +293,7 @@ impl Health {
         }
         self.times_ejected.store(times, Ordering::Relaxed);
         self.consecutive.store(0, Ordering::Relaxed);
-        detector.ejected.fetch_add(1, Ordering::SeqCst);
+        detector.count_ejected(true);
         detector.probe_at(until);
         warn!(service = %detector.service, endpoint = ?key, failures, ?time, times, "endpoint ejected");
         crate::metrics::ejected(&detector.service);
@@ -297,7 +311,7 @@ impl Health {
             self.times_ejected.store(0, Ordering::Relaxed);
             self.consecutive.store(0, Ordering::Relaxed);
             if self.ejected_until.swap(0, Ordering::SeqCst) != 0 {
-                detector.ejected.fetch_sub(1, Ordering::SeqCst);
+                detector.count_ejected(false);
                 info!(service = %detector.service, endpoint = ?key, "probe succeeded; endpoint returns");
                 crate::metrics::returned(&detector.service);
             }

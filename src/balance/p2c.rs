@@ -26,8 +26,8 @@ use tokio::time::Instant;
 
 use super::config::{Config, PanicMode};
 use super::outlier::Detector;
+use super::pool::{Pool, below};
 use super::slot::Slot;
-use super::snapshot::{Pool, below};
 
 thread_local! {
     // `const` keeps the access a plain TLS load; the seed is drawn on first use.
@@ -173,6 +173,9 @@ pub(crate) struct Rules<'a> {
     pub(crate) detector: Option<&'a Detector>,
     /// The panic threshold and mode, and the slow-start window.
     pub(crate) config: &'a Config,
+    /// Whether the pool's tier is in panic, when it has tiers; `None`: decided from the
+    /// balancer's ejection count against the threshold.
+    pub(crate) panic: Option<bool>,
 }
 
 /// Random draws before giving up on finding two usable endpoints by sampling.
@@ -284,11 +287,14 @@ fn pick_unusual<S, K>(slots: &[Slot<S, K>], pool: &Pool, cost: Cost, rules: &Rul
     let mut respect_ejection = true;
     if let Some(detector) = rules.detector {
         let total = slots.len();
-        let ejected = detector
-            .ejected
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .min(total);
-        if (total - ejected) * 100 < usize::from(rules.config.panic_threshold) * total {
+        let panic = rules.panic.unwrap_or_else(|| {
+            let ejected = detector
+                .ejected
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .min(total);
+            (total - ejected) * 100 < usize::from(rules.config.panic_threshold) * total
+        });
+        if panic {
             if rules.config.panic_mode == PanicMode::Fail {
                 return Pick::Panic;
             }

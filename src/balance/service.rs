@@ -19,11 +19,12 @@ use super::config::Config;
 use super::future::ResponseFuture;
 use super::load::LoadMetric;
 use super::p2c::{Cost, Pick, Rules, pick, pick_avoiding};
+use super::route;
 use super::slot::{Slot, SlotState};
 use super::snapshot::{Shared, Snapshot};
 use super::stats::EndpointStats;
+use super::tier::TierShare;
 use super::updater;
-use super::zone::pool;
 use crate::endpoint::Endpoint;
 use crate::error::{BoxError, Elapsed, Error};
 
@@ -173,6 +174,13 @@ impl<S, K, C> Balance<S, K, C> {
         snapshot.slots.iter().map(|slot| slot.stats(now)).collect()
     }
 
+    /// The priority tiers of the current snapshot, best first, with the share of picks each
+    /// takes now (see [priority tiers](super#priority-tiers)). One tier of all the endpoints,
+    /// taking 100%, when they all have one priority.
+    pub fn tiers(&self) -> Vec<TierShare> {
+        route::report(&self.shared.snapshot.load(), &self.shared)
+    }
+
     /// How many endpoints of the current snapshot outlier detection has ejected (those being
     /// probed included), as the panic threshold and `max_ejection_percent` count them.
     pub fn ejected(&self) -> usize {
@@ -222,12 +230,9 @@ where
             }
             let shared = &*self.shared;
             let snapshot = view(&mut self.view, &mut self.clones, shared);
-            let picked = pick(
-                &snapshot.slots,
-                pool(snapshot, shared),
-                cost(&shared.config),
-                &rules(shared),
-            );
+            let choice = route::choose(snapshot, shared);
+            let rules = rules(shared, choice.panic);
+            let picked = pick(&snapshot.slots, choice.pool, cost(&shared.config), &rules);
             let (mut index, probe) = match picked {
                 Pick::Endpoint { index, probe } => (index, probe),
                 Pick::Panic => {
@@ -245,9 +250,9 @@ where
                 let avoided = |slot: &Slot<S, K>| self.avoid.contains(&slot_key(slot));
                 let other = pick_avoiding(
                     &snapshot.slots,
-                    pool(snapshot, shared),
+                    choice.pool,
                     cost(&shared.config),
-                    &rules(shared),
+                    &rules,
                     avoided,
                 );
                 index = other.unwrap_or(index);
@@ -370,10 +375,11 @@ fn cost(config: &Config) -> Cost {
 }
 
 #[inline]
-fn rules<S, K>(shared: &Shared<S, K>) -> Rules<'_> {
+fn rules<S, K>(shared: &Shared<S, K>, panic: Option<bool>) -> Rules<'_> {
     Rules {
         detector: shared.detector.as_deref(),
         config: &shared.config,
+        panic,
     }
 }
 

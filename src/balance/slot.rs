@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio::sync::Notify;
-
 use super::load::Load;
 use super::outlier::{Detector, Health};
 use super::stats::{EndpointState, EndpointStats};
-use crate::endpoint::{Companion, Connectivity, Endpoint, Readiness, ReadinessError};
+use crate::endpoint::{Companion, Connectivity, Endpoint, Readiness, ReadinessError, Signal};
 
 /// Counts shared by the slots of one balancer, so pickers can tell in one load whether any
 /// endpoint is unusable.
@@ -20,6 +18,20 @@ use crate::endpoint::{Companion, Connectivity, Endpoint, Readiness, ReadinessErr
 pub(crate) struct Tally {
     /// Slots whose service's `poll_ready` failed, not yet ready again or retired.
     pub(crate) failed: AtomicUsize,
+    /// Failures and recoveries so far: whether the set of failed slots changed, in one load.
+    pub(crate) changes: AtomicU64,
+}
+
+impl Tally {
+    /// One more slot failed (`true`) or one fewer.
+    fn count_failed(&self, more: bool) {
+        if more {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.failed.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// An endpoint as the balancer holds it: what the snapshots list, each its own `Slot` (a
@@ -90,6 +102,7 @@ pub(crate) struct SlotState<S, K> {
     /// When discovery inserted it (for slow start).
     pub(crate) inserted: Instant,
     pub(crate) zone: Option<String>,
+    pub(crate) priority: u16,
     pub(crate) key: K,
     pub(crate) service: S,
     /// What lives as long as the endpoint does (its health check's task).
@@ -103,7 +116,7 @@ impl<S, K> Slot<S, K> {
         ewma: Option<Load>,
         detector: Option<Arc<Detector>>,
         tally: Arc<Tally>,
-        published: &Arc<Notify>,
+        published: &Arc<Signal>,
     ) -> Self {
         if let Some(readiness) = &endpoint.readiness {
             readiness.listen(published);
@@ -121,6 +134,7 @@ impl<S, K> Slot<S, K> {
             inserted: Instant::now(),
             weight: u64::from(endpoint.weight.max(1)),
             zone: endpoint.zone,
+            priority: endpoint.priority,
             readiness: endpoint.readiness,
             key,
             service: endpoint.service,
@@ -160,6 +174,7 @@ impl<S, K> Slot<S, K> {
                 .map(|load| Duration::from_nanos(load.estimate(now) as u64)),
             weight: u32::try_from(state.weight).unwrap_or(u32::MAX),
             zone: state.zone.clone(),
+            priority: state.priority,
             state: state.state(),
             ejected_for: state
                 .detector
@@ -195,6 +210,13 @@ impl<S, K> SlotState<S, K> {
     #[inline]
     pub(crate) fn plainly_usable(&self) -> bool {
         self.has_room() && !self.is_failed() && !self.health.is_ejected()
+    }
+
+    /// Whether it counts as healthy for its tier's share of traffic: pickable, not failed,
+    /// not ejected (saturation, which comes and goes with load, does not count).
+    #[inline]
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.is_pickable() && !self.is_failed() && !self.health.is_ejected()
     }
 
     /// Whether its owner says it may be picked (always, when it says nothing), whether or
@@ -247,11 +269,11 @@ impl<S, K> SlotState<S, K> {
         if self.failed.swap(true, Ordering::SeqCst) {
             return false;
         }
-        self.tally.failed.fetch_add(1, Ordering::SeqCst);
+        self.tally.count_failed(true);
         // Retired meanwhile: `retire` may have run before the flag was set; whichever of the
         // two swaps the flag back counts it out, so the count never leaks.
         if self.is_removed() && self.failed.swap(false, Ordering::SeqCst) {
-            self.tally.failed.fetch_sub(1, Ordering::SeqCst);
+            self.tally.count_failed(false);
         }
         true
     }
@@ -260,7 +282,7 @@ impl<S, K> SlotState<S, K> {
     pub(crate) fn clear_failed(&self) -> bool {
         if self.is_failed() && self.failed.swap(false, Ordering::SeqCst) {
             self.failures.store(0, Ordering::Relaxed);
-            self.tally.failed.fetch_sub(1, Ordering::SeqCst);
+            self.tally.count_failed(false);
             return true;
         }
         false
@@ -271,7 +293,7 @@ impl<S, K> SlotState<S, K> {
     pub(crate) fn retire(&self) {
         self.removed.store(true, Ordering::SeqCst);
         if self.failed.swap(false, Ordering::SeqCst) {
-            self.tally.failed.fetch_sub(1, Ordering::SeqCst);
+            self.tally.count_failed(false);
         }
         if let Some(detector) = &self.detector {
             self.health.clear(detector);

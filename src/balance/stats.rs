@@ -51,6 +51,8 @@ pub struct EndpointStats<K> {
     pub weight: u32,
     /// Locality zone.
     pub zone: Option<String>,
+    /// Priority tier (lower is preferred).
+    pub priority: u16,
     /// Whether it is picked.
     pub state: EndpointState,
     /// Time left in its ejection, when ejected.

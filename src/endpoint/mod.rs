@@ -8,12 +8,13 @@
 
 mod readiness;
 
+pub(crate) use readiness::Signal;
 pub use readiness::{Connectivity, Readiness, ReadinessError};
 
 use crate::instance::ServiceInstance;
 
 /// A service with what the balancer needs to know about it besides its load: its weight, its
-/// locality zone, and whether it is connected.
+/// locality zone, its priority tier, and whether it is connected.
 ///
 /// A [`Discover`](tower::discover::Discover) whose services are `Endpoint`s gives the balancer
 /// these facts (see [`BalanceBuilder::build`](crate::balance::BalanceBuilder::build));
@@ -38,6 +39,8 @@ pub struct Endpoint<S> {
     pub weight: u32,
     /// Its locality zone, for [zone preference](crate::balance::ZonePreference).
     pub zone: Option<String>,
+    /// Its [priority tier](crate::balance#priority-tiers): lower is preferred.
+    pub priority: u16,
     /// Its connectivity, as the service's owner reports it; `None`: the service's own
     /// `poll_ready` is all the balancer knows.
     pub readiness: Option<Readiness>,
@@ -93,6 +96,7 @@ impl<S> Endpoint<S> {
             service,
             weight: 1,
             zone: None,
+            priority: 0,
             readiness: None,
             companion: None,
         }
@@ -109,6 +113,13 @@ impl<S> Endpoint<S> {
     #[must_use]
     pub fn zone(mut self, zone: impl Into<String>) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// Sets the priority tier (lower is preferred).
+    #[must_use]
+    pub fn priority(mut self, priority: u16) -> Self {
+        self.priority = priority;
         self
     }
 
@@ -129,9 +140,12 @@ impl<S> Endpoint<S> {
 }
 
 impl<S> Endpoint<S> {
-    /// The endpoint of `instance`: its service, with the instance's weight and zone.
+    /// The endpoint of `instance`: its service, with the instance's weight, zone and
+    /// priority.
     pub fn for_instance(service: S, instance: &ServiceInstance) -> Self {
-        let endpoint = Self::new(service).weight(instance.weight);
+        let endpoint = Self::new(service)
+            .weight(instance.weight)
+            .priority(instance.priority);
         match &instance.zone {
             Some(zone) => endpoint.zone(zone.clone()),
             None => endpoint,

@@ -3,7 +3,7 @@
 //! passes over subchannels that are not READY.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::Notify;
@@ -72,7 +72,25 @@ struct Inner {
     /// Why the last attempt failed, for errors that say why no endpoint is ready.
     error: Mutex<Option<ReadinessError>>,
     /// The balancers holding this endpoint, woken when it changes.
-    listeners: Mutex<Vec<Weak<Notify>>>,
+    listeners: Mutex<Vec<Weak<Signal>>>,
+}
+
+/// What a balancer listens to: woken on every publish and every change of an endpoint's
+/// readiness, with a count of the changes that made an endpoint usable or unusable (so a
+/// picker can tell in one load whether what it computed from them still holds).
+#[derive(Debug, Default)]
+pub(crate) struct Signal {
+    notify: Notify,
+    /// Changes of connectivity or serving, of every endpoint listened to.
+    pub(crate) changes: AtomicU64,
+}
+
+impl std::ops::Deref for Signal {
+    type Target = Notify;
+
+    fn deref(&self) -> &Notify {
+        &self.notify
+    }
 }
 
 /// The bit of the state byte that says the endpoint has no room for another request now.
@@ -142,7 +160,7 @@ impl Readiness {
             self.inner.state.fetch_or(NOT_SERVING, Ordering::AcqRel)
         };
         if (previous & NOT_SERVING == 0) != serving {
-            self.wake();
+            self.wake(true);
         }
     }
 
@@ -165,7 +183,7 @@ impl Readiness {
             })
             .unwrap_or_else(|old| old);
         if previous & !FLAGS != state as u8 {
-            self.wake();
+            self.wake(true);
         }
     }
 
@@ -183,17 +201,22 @@ impl Readiness {
             self.inner.state.fetch_and(!SATURATED, Ordering::AcqRel)
         };
         if !saturated && previous & SATURATED != 0 {
-            self.wake();
+            self.wake(false);
         }
     }
 
-    fn wake(&self) {
+    /// Wakes the balancers holding it; `health` when it changed whether the endpoint is
+    /// usable at all (not only whether it has room), which they count.
+    fn wake(&self, health: bool) {
         let listeners = self
             .inner
             .listeners
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         for listener in listeners.iter().filter_map(Weak::upgrade) {
+            if health {
+                listener.changes.fetch_add(1, Ordering::AcqRel);
+            }
             listener.notify_waiters();
         }
     }
@@ -234,7 +257,7 @@ impl Readiness {
     }
 
     /// Wakes `notify` on every change from now on (until it is dropped).
-    pub(crate) fn listen(&self, notify: &Arc<Notify>) {
+    pub(crate) fn listen(&self, notify: &Arc<Signal>) {
         let mut listeners = self
             .inner
             .listeners
@@ -277,11 +300,11 @@ mod tests {
     async fn every_live_listener_is_woken_and_gone_ones_are_dropped() {
         let _limit = tower_sd_testkit::time_limit(10);
         let readiness = Readiness::new(Connectivity::Connecting);
-        let first = Arc::new(Notify::new());
-        let second = Arc::new(Notify::new());
+        let first = Arc::new(Signal::default());
+        let second = Arc::new(Signal::default());
         readiness.listen(&first);
         readiness.listen(&second);
-        let gone = Arc::new(Notify::new());
+        let gone = Arc::new(Signal::default());
         readiness.listen(&gone);
         drop(gone);
         readiness.listen(&Arc::clone(&second));
@@ -300,6 +323,27 @@ mod tests {
             .expect("the second is woken");
         let listeners = readiness.inner.listeners.lock().unwrap().len();
         assert_eq!(listeners, 3, "first, second twice; the dropped one is gone");
+    }
+
+    /// Catches a count that misses a change of connectivity or serving (a balancer would
+    /// keep routing by stale tier loads) or counts saturation, which changes all the time
+    /// under load (it would recompute them on every request).
+    #[test]
+    fn changes_of_connectivity_and_serving_are_counted_and_saturation_is_not() {
+        let readiness = Readiness::new(Connectivity::Connecting);
+        let signal = Arc::new(Signal::default());
+        readiness.listen(&signal);
+        let changes = || signal.changes.load(Ordering::Acquire);
+        readiness.set(Connectivity::Ready);
+        assert_eq!(changes(), 1);
+        readiness.set_saturated(true);
+        readiness.set_saturated(false);
+        assert_eq!(changes(), 1, "saturation");
+        readiness.set_serving(false);
+        assert_eq!(changes(), 2);
+        readiness.set_serving(true);
+        readiness.set(Connectivity::TransientFailure);
+        assert_eq!(changes(), 4);
     }
 
     /// Catches handles that compare equal when they are different cells (an endpoint
@@ -331,7 +375,7 @@ mod tests {
     async fn setting_the_same_state_wakes_no_balancer() {
         let _limit = tower_sd_testkit::time_limit(10);
         let readiness = Readiness::new(Connectivity::Ready);
-        let balancer = Arc::new(Notify::new());
+        let balancer = Arc::new(Signal::default());
         readiness.listen(&balancer);
         for saturated in [false, true] {
             readiness.set_saturated(saturated);
@@ -355,7 +399,7 @@ mod tests {
     async fn saturation_is_kept_beside_the_state_and_its_end_wakes_the_balancers() {
         let _limit = tower_sd_testkit::time_limit(10);
         let readiness = Readiness::new(Connectivity::Ready);
-        let balancer = Arc::new(Notify::new());
+        let balancer = Arc::new(Signal::default());
         readiness.listen(&balancer);
         readiness.set_saturated(true);
         assert!(readiness.is_saturated() && readiness.is_pickable() && !readiness.is_usable());
@@ -381,7 +425,7 @@ mod tests {
     async fn not_serving_is_kept_beside_the_state_and_keeps_the_endpoint_out() {
         let _limit = tower_sd_testkit::time_limit(10);
         let readiness = Readiness::new(Connectivity::Ready);
-        let balancer = Arc::new(Notify::new());
+        let balancer = Arc::new(Signal::default());
         readiness.listen(&balancer);
         let woken = |readiness: &Readiness, serving| {
             let woken = balancer.notified();

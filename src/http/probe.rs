@@ -21,8 +21,8 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::endpoint::Signal;
 use http::uri::PathAndQuery;
-use tokio::sync::Notify;
 use tower::{Service, ServiceExt};
 use tracing::debug;
 
@@ -134,7 +134,7 @@ where
             readiness.set_serving(true);
             return;
         };
-        let changed = Arc::new(Notify::new());
+        let changed = Arc::new(Signal::default());
         readiness.listen(&changed);
         loop {
             if !readiness.until_ready(&changed).await {

@@ -27,7 +27,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use crate::endpoint::Signal;
 use tonic::body::Body;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -78,7 +78,7 @@ async fn run(
     readiness: Readiness,
     instance: String,
 ) {
-    let changed = Arc::new(Notify::new());
+    let changed = Arc::new(Signal::default());
     readiness.listen(&changed);
     let mut backoff = check.backoff.clone();
     // Whether the open connection has had an answer.

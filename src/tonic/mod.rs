@@ -147,6 +147,12 @@ impl LoadBalancedChannel {
         self.balance().ejected()
     }
 
+    /// The priority tiers and the share of calls each takes now, as
+    /// [`Balance::tiers`](crate::balance::Balance::tiers) reports them.
+    pub fn tiers(&self) -> Vec<crate::balance::TierShare> {
+        self.balance().tiers()
+    }
+
     /// The service the channel calls.
     pub fn service_name(&self) -> &str {
         self.balance().service_name()

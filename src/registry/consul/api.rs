@@ -189,6 +189,7 @@ impl HealthEntry {
             metadata,
             weight: weight.max(1),
             zone,
+            priority: 0,
         })
     }
 }

@@ -1,13 +1,14 @@
 //! One resolution: a query name to instances, with the TTL to re-resolve at.
 //!
-//! - SRV (RFC 2782): the records of one priority are used, the lowest with a target that
-//!   resolves (a client "MUST attempt to contact the target host with the lowest-numbered
-//!   priority it can reach"); the higher numbers are the fallback while none of the lower
-//!   resolves. When no priority has a target that resolves, the lowest is used by name.
-//!   Weight 0 counts as 1 (the balancer has no "rarely" weight). Each target is resolved to
-//!   its addresses (from the answer's additional section when the server sent them), one
-//!   instance per address; a target that does not resolve is kept by name. A target of
-//!   `.` says the service is not available: no instance.
+//! - SRV (RFC 2782): every record is used, its priority as the instance's
+//!   [priority tier](crate::balance#priority-tiers) (a client "MUST attempt to contact the
+//!   target host with the lowest-numbered priority it can reach": the balancer keeps traffic
+//!   in the lowest tier while enough of it is reachable, and spills to the next as it is
+//!   not), its weight as the weight within the tier. Weight 0 counts as 1 (the balancer has
+//!   no "rarely" weight). Each target is resolved to its addresses (from the answer's
+//!   additional section when the server sent them), one instance per address; a target
+//!   that does not resolve is kept by name. A target of `.` says the service is not
+//!   available: no instance.
 //! - A, AAAA (or both): one instance per address, on the fixed port.
 //!
 //! The TTL is the lowest of the records used. "No such name" and "no records" are one
@@ -91,7 +92,7 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
         Err(error) if error.is_no_records_found() => return Ok(Outcome::Missing),
         Err(error) => return Err(dns_error(error)),
     };
-    let srvs: Vec<SrvRecord<'_>> = lookup
+    let mut srvs: Vec<SrvRecord<'_>> = lookup
         .answers()
         .iter()
         .filter_map(|r| match &r.data {
@@ -100,13 +101,20 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
             _ => None,
         })
         .collect();
-    let Some((used, targets)) = reachable_priority(resolver, srvs, lookup.additionals()).await
-    else {
+    if srvs.is_empty() {
         return Ok(Outcome::Missing);
-    };
+    }
+    // The lowest priority first: an address listed at two priorities is kept at the lower.
+    srvs.sort_by_key(|(_, srv)| srv.priority);
+    // Every target at once: a service may have many.
+    let targets = join_all(
+        srvs.iter()
+            .map(|(_, srv)| target_addresses(resolver, &srv.target, lookup.additionals())),
+    )
+    .await;
     let mut found = Found::default();
     let mut instances = Vec::new();
-    for ((record, srv), target) in used.into_iter().zip(targets) {
+    for ((record, srv), target) in srvs.into_iter().zip(targets) {
         found.ttl(record.ttl);
         if let Some(ttl) = target.min_ttl {
             found.ttl(ttl);
@@ -120,7 +128,8 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
             target.ips.iter().map(ToString::to_string).collect()
         };
         for address in addresses {
-            let mut instance = instance(service, &address, srv.port, weight);
+            let mut instance =
+                instance(service, &address, srv.port, weight).with_priority(srv.priority);
             instance
                 .metadata
                 .insert(META_TARGET.into(), host.to_owned());
@@ -134,39 +143,6 @@ async fn srv(resolver: &TokioResolver, name: &str, service: &str) -> Result<Outc
 }
 
 type SrvRecord<'a> = (&'a Record, &'a hickory_resolver::proto::rr::rdata::SRV);
-
-/// The records of the lowest priority with a target that resolves, each with its
-/// addresses; when no priority has one, the lowest priority (dialled by name). `None` when
-/// there are no records. Priorities are tried in order, so the usual case (the lowest one
-/// resolves) costs the same lookups as using it alone.
-async fn reachable_priority<'a>(
-    resolver: &TokioResolver,
-    mut srvs: Vec<SrvRecord<'a>>,
-    additionals: &[Record],
-) -> Option<(Vec<SrvRecord<'a>>, Vec<Found>)> {
-    srvs.sort_by_key(|(_, srv)| srv.priority);
-    let mut lowest = None;
-    for group in srvs.chunk_by(|(_, a), (_, b)| a.priority == b.priority) {
-        // Every target at once: a service may have many.
-        let targets = join_all(
-            group
-                .iter()
-                .map(|(_, srv)| target_addresses(resolver, &srv.target, additionals)),
-        )
-        .await;
-        if targets.iter().any(|target| !target.ips.is_empty()) {
-            return Some((group.to_vec(), targets));
-        }
-        if let Some((_, srv)) = group.first() {
-            debug!(
-                priority = srv.priority,
-                "no SRV target of this priority resolves"
-            );
-        }
-        lowest.get_or_insert((group.to_vec(), targets));
-    }
-    lowest
-}
 
 /// A SRV target's addresses: those the server sent along, else a lookup of our own. A
 /// target that does not resolve has none (and is then used by name).
@@ -244,11 +220,12 @@ impl Found {
     }
 
     /// The instances, deduplicated by id and sorted, with the lowest TTL.
+    /// The instances, one per id (the first of those with one id), and the TTL.
     fn outcome(self, instances: Vec<ServiceInstance>) -> Outcome {
-        let unique: BTreeMap<String, ServiceInstance> = instances
-            .into_iter()
-            .map(|instance| (instance.id.clone(), instance))
-            .collect();
+        let mut unique: BTreeMap<String, ServiceInstance> = BTreeMap::new();
+        for instance in instances {
+            unique.entry(instance.id.clone()).or_insert(instance);
+        }
         Outcome::Found {
             instances: unique.into_values().collect(),
             ttl: Duration::from_secs(self.min_ttl.unwrap_or(0).into()),

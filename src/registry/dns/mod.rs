@@ -22,9 +22,10 @@
 //! # }
 //! ```
 //!
-//! SRV records give address (targets resolved to their addresses), port and weight; one
-//! priority is used, the lowest with a target that resolves, so the higher numbers are the
-//! fallback while none of the lower resolves (RFC 2782). A TTL floor of 1 s (`min_ttl` is
+//! SRV records give address (targets resolved to their addresses), port, weight and
+//! priority: every priority is used, each a [tier](crate::balance#priority-tiers), so the
+//! balancer stays on the lowest number while enough of it is reachable and spills to the
+//! higher ones as it is not (RFC 2782), with the weights applying within a tier. A TTL floor of 1 s (`min_ttl` is
 //! raised to it, with a warning) keeps a TTL of 0, Consul DNS's default, from becoming a
 //! query loop. An NXDOMAIN or empty answer empties the set only when it repeats
 //! (`empty_after`, default 2 lookups in a row): one missing answer keeps the last set, as does a
@@ -98,7 +99,9 @@ impl FromStr for RecordKind {
 /// records on port 50051. With [`RecordKind::A`], [`Aaaa`](RecordKind::Aaaa) or
 /// [`Ip`](RecordKind::Ip), names resolve those records on the name's port, else the
 /// configured [`port`](DnsRegistryBuilder::port). Instance ids are `address:port`; SRV instances
-/// carry their target and priority in metadata, and their weight.
+/// carry their target and priority in metadata, their weight, and their priority as their
+/// [`priority`](ServiceInstance::priority) tier (an address listed at two priorities is kept
+/// at the lower).
 ///
 /// - `watch` re-resolves when the records' TTL runs out, kept between the
 ///   [`min_ttl`](DnsRegistryBuilder::min_ttl) and [`max_ttl`](DnsRegistryBuilder::max_ttl), and emits a set when it changes. A name that
