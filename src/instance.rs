@@ -275,6 +275,36 @@ pub struct ServiceQuery {
     /// Metadata entries every instance must carry with equal values.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Datacenters to follow besides `datacenter`, each a lower
+    /// [priority tier](crate::balance#priority-tiers) (Consul; other registries have one
+    /// datacenter and ignore it, as they ignore `datacenter`).
+    #[serde(default)]
+    pub failover: Failover,
+}
+
+/// The datacenters a [`ServiceQuery`] follows after its first (`datacenter`, or the
+/// registry's own), in order of preference: the instances of the n-th get priority n.
+///
+/// ```
+/// use tower_sd::{Failover, ServiceQuery};
+///
+/// let listed = ServiceQuery::new("web").with_failover(["dc2", "dc3"]);
+/// assert_eq!(listed.failover, Failover::Datacenters(vec!["dc2".into(), "dc3".into()]));
+/// let nearest = ServiceQuery::new("web").with_nearest_datacenters(2);
+/// assert_eq!(nearest.failover, Failover::Nearest(2));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Failover {
+    /// One datacenter.
+    #[default]
+    None,
+    /// These datacenters, in this order.
+    Datacenters(Vec<String>),
+    /// The local datacenter, then the `n` nearest others, by the registry's estimate of
+    /// round-trip time (Consul's `/v1/catalog/datacenters` order), re-read as it changes.
+    Nearest(usize),
 }
 
 // ===== impl ServiceQuery =====
@@ -313,6 +343,23 @@ impl ServiceQuery {
     #[must_use]
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Follows these datacenters too, in order, after the first (see [`Failover`]).
+    #[must_use]
+    pub fn with_failover<D: Into<String>>(
+        mut self,
+        datacenters: impl IntoIterator<Item = D>,
+    ) -> Self {
+        self.failover = Failover::Datacenters(datacenters.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Follows the local datacenter and the `n` nearest others (see [`Failover::Nearest`]).
+    #[must_use]
+    pub fn with_nearest_datacenters(mut self, n: usize) -> Self {
+        self.failover = Failover::Nearest(n);
         self
     }
 

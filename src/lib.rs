@@ -152,5 +152,5 @@ pub use discover::RegistryDiscover;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 pub use error::{BoxError, Elapsed, Error, InvalidValue, RateLimited, Result};
-pub use instance::{HealthStatus, ServiceInstance, ServiceQuery};
+pub use instance::{Failover, HealthStatus, ServiceInstance, ServiceQuery};
 pub use registry::{MemoryRegistry, ServiceRegistry, StaticRegistry};

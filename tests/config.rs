@@ -540,3 +540,60 @@ async fn a_consul_max_stale_from_the_file_refuses_older_answers() {
     let error = registry.discover(&"web".into()).await.unwrap_err();
     assert!(matches!(error, Error::Stale { .. }), "{error:?}");
 }
+
+/// Catches failover settings that do not reach the registry (queries would follow one
+/// datacenter), read from YAML and TOML, and both forms given at once taken silently.
+#[tokio::test]
+async fn consul_failover_from_the_file_follows_the_datacenters_in_order() {
+    let _limit = support::time_limit(60);
+    let fake = support::fake_consul::FakeConsul::start(None).await;
+    fake.set_datacenters(&["dc1", "dc3", "dc2"]);
+    for (node, dc) in [("node-2", "dc2"), ("node-3", "dc3")] {
+        fake.set_node_datacenter(node, dc);
+        let registration = serde_json::json!({
+            "ID": "web", "Name": "web", "Tags": [], "Address": "10.0.0.9", "Port": 80,
+            "Meta": {}, "Weights": {"Passing": 1, "Warning": 1},
+        });
+        fake.register_on(node, registration, "passing");
+    }
+    let tiers = |set: Vec<tower_sd::ServiceInstance>| -> Vec<(String, u16)> {
+        set.into_iter().map(|i| (i.id, i.priority)).collect()
+    };
+    let yaml = format!(
+        "registry:\n  type: consul\n  consul:\n    address: \"{}\"\n    failover: [\"dc2\", \"dc3\"]\n",
+        fake.addr
+    );
+    let registry = RegistryConfig::from_yaml_str(&yaml)
+        .unwrap()
+        .build()
+        .unwrap();
+    assert_eq!(
+        tiers(registry.discover(&"web".into()).await.unwrap()),
+        [
+            ("dc2/node-2/web".to_owned(), 1),
+            ("dc3/node-3/web".to_owned(), 2)
+        ]
+    );
+    let toml = format!(
+        "[registry]\ntype = \"consul\"\n[registry.consul]\naddress = \"{}\"\nnearest_datacenters = 1\ndatacenters_refresh = \"1s\"\n",
+        fake.addr
+    );
+    let registry = RegistryConfig::from_toml_str(&toml)
+        .unwrap()
+        .build()
+        .unwrap();
+    assert_eq!(
+        tiers(registry.discover(&"web".into()).await.unwrap()),
+        [("dc3/node-3/web".to_owned(), 1)],
+        "dc3 is the nearest"
+    );
+    let both = format!("{yaml}    nearest_datacenters: 1\n");
+    let error = RegistryConfig::from_yaml_str(&both)
+        .unwrap()
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::InvalidConfig { key, .. } if key == "registry.consul.nearest_datacenters"),
+        "{error:?}"
+    );
+}

@@ -774,10 +774,12 @@ async fn a_server_must_name_the_datacenter_of_the_instance_dialled() {
     let consul = consul(&fake.url());
     let server = MeshServer::start(&consul, "api", "api-1").await;
     let web = mesh(&consul, "web").await;
+    fake.set_datacenters(&["dc1", "dc2"]);
     fake.set_node_datacenter(support::fake_consul::AGENT_NODE, "dc2");
-    let instance = consul.discover(&"api".into()).await.unwrap().remove(0);
+    let api_in_dc2 = tower_sd::ServiceQuery::new("api").with_datacenter("dc2");
+    let instance = consul.discover(&api_in_dc2).await.unwrap().remove(0);
     assert_eq!(instance.metadata["consul-datacenter"], "dc2");
-    let in_dc2 = LoadBalancedChannel::builder(Arc::new(consul.clone()), "api")
+    let in_dc2 = LoadBalancedChannel::builder(Arc::new(consul.clone()), api_in_dc2)
         .tls(web.client_tls().unwrap())
         .wait_for_endpoints(Duration::from_secs(1))
         .build();

@@ -22,6 +22,14 @@ pub struct ConsulSection {
     pub scheme: Option<String>,
     /// Datacenter to query.
     pub datacenter: Option<String>,
+    /// Datacenters to follow after it, in order, each a lower priority tier (for queries
+    /// that name none).
+    pub failover: Option<Vec<String>>,
+    /// Instead of `failover`: the local datacenter and the `n` nearest others.
+    pub nearest_datacenters: Option<usize>,
+    /// How often the nearest datacenters' order is read again (default 60 s).
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub datacenters_refresh: Option<Duration>,
     /// Namespace (Consul Enterprise).
     pub namespace: Option<String>,
     /// ACL token (never shown in `Debug`).
@@ -55,6 +63,8 @@ impl fmt::Debug for ConsulSection {
             .field("address", &self.address)
             .field("scheme", &self.scheme)
             .field("datacenter", &self.datacenter)
+            .field("failover", &self.failover)
+            .field("nearest_datacenters", &self.nearest_datacenters)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("health_check", &self.health_check)
             .finish_non_exhaustive()
@@ -100,9 +110,22 @@ impl ConsulSection {
             Some(check) => Some(check.template(path)?),
             None => None,
         };
+        let failover = match (self.failover, self.nearest_datacenters) {
+            (Some(_), Some(_)) => {
+                return Err(crate::Error::InvalidConfig {
+                    key: format!("{path}.nearest_datacenters"),
+                    source: "give `failover` or `nearest_datacenters`, not both".into(),
+                });
+            }
+            (Some(list), None) => Some(crate::Failover::Datacenters(list)),
+            (None, Some(n)) => Some(crate::Failover::Nearest(n)),
+            (None, None) => None,
+        };
         let builder = ConsulRegistry::builder()
             .maybe(address, |b, v| b.address(v))
             .maybe(self.datacenter, |b, v| b.datacenter(v))
+            .maybe(failover, |b, v| b.failover(v))
+            .maybe(self.datacenters_refresh, |b, v| b.datacenters_refresh(v))
             .maybe(self.namespace, |b, v| b.namespace(v))
             .maybe(self.token, |b, v| b.token(v))
             .maybe(self.ca_file, |b, v| b.ca_file(v))

@@ -11,6 +11,7 @@
 //!   consul:
 //!     address: "localhost:8500"
 //!     datacenter: "dc1"
+//!     failover: ["dc2", "dc3"]      # or nearest_datacenters: 2; each a priority tier
 //!     scheme: "http"
 //!     health_check: { interval: "10s", timeout: "3s", deregister_after: "1m" }
 //!   kubernetes:

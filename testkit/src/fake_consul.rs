@@ -39,10 +39,17 @@
 //!   no `ServiceID`, on every entry of the node), checks beyond the service's own
 //!   ([`FakeConsul::set_extra_check`]), the agent health endpoint, and injected faults.
 //!
-//! Not modelled: the catalog and KV APIs, sessions, prepared queries, multiple datacenters
-//! (any `dc` but `dc1` is an error), ACL policies beyond service read and write (no
-//! `node:read`), checks beyond the registration's own other than through
-//! [`FakeConsul::set_extra_check`].
+//! - **Datacenters.** The agent is in `dc1`; [`FakeConsul::set_node_datacenter`] puts a node
+//!   in another, whose services then answer only queries with that `dc`, each with its own
+//!   index. `/v1/catalog/datacenters` lists the known ones in the order a test sets (nearest
+//!   first); a query for an unknown datacenter, or one made unreachable
+//!   ([`FakeConsul::set_datacenter_down`], which also ends its blocking queries), gets 500
+//!   `No path to datacenter`.
+//!
+//! Not modelled: the catalog and KV APIs (but the datacenter list), sessions, prepared
+//! queries, round-trip-time estimates (the order is what a test sets), ACL policies beyond
+//! service read and write (no `node:read`), checks beyond the registration's own other than
+//! through [`FakeConsul::set_extra_check`].
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -142,8 +149,14 @@ struct Inner {
     leader: (bool, Duration),
     /// Each health query's last answer and its index (see `HealthQuery::answer`).
     query_indexes: HashMap<HealthQuery, (String, u64)>,
-    /// The datacenter each node's entries say (`Node.Datacenter`); `dc1` when unset.
+    /// The datacenter of each node (`dc1` when unset): its services answer queries for
+    /// that datacenter only.
     node_datacenters: BTreeMap<String, String>,
+    /// The known datacenters, nearest first (`/v1/catalog/datacenters`); `dc1`, the
+    /// agent's, until set.
+    datacenters: Vec<String>,
+    /// Datacenters whose servers cannot be reached: queries for them get 500.
+    datacenters_down: std::collections::BTreeSet<String>,
     /// Nodes in maintenance (`_node_maintenance`, critical for every service on them).
     node_maintenance: std::collections::BTreeSet<String>,
 }
@@ -199,6 +212,7 @@ impl FakeConsul {
                 index: 10,
                 tokens,
                 leader: (true, Duration::ZERO),
+                datacenters: vec!["dc1".to_owned()],
                 ..Inner::default()
             }),
             changed: watch::Sender::new(0),
@@ -213,6 +227,7 @@ impl FakeConsul {
             .route("/v1/agent/check/update/{check}", put(update_check))
             .route("/v1/agent/health/service/id/{id}", get(agent_health))
             .route("/v1/health/service/{name}", get(health_service))
+            .route("/v1/catalog/datacenters", get(catalog_datacenters))
             .route("/v1/health/connect/{name}", get(health_connect))
             .route(
                 "/v1/agent/connect/ca/roots",
@@ -314,13 +329,41 @@ impl FakeConsul {
         self.inner.lock().unwrap().leader = (known, last_contact);
     }
 
-    /// The datacenter a node's entries say they are in (`dc1` until set), as a WAN-federated
-    /// catalog answers for a service in another datacenter; the leaves stay `dc1`'s.
+    /// Whether queries for `datacenter` are answered: it is known and not down.
+    fn reachable(&self, datacenter: &str) -> bool {
+        let inner = self.inner.lock().unwrap();
+        inner.datacenters.iter().any(|dc| dc == datacenter)
+            && !inner.datacenters_down.contains(datacenter)
+    }
+
+    /// Puts a node in a datacenter (`dc1` until set): its services answer only queries for
+    /// that datacenter (`?dc=`), as a WAN-federated catalog does; the agent and its leaves
+    /// stay `dc1`'s. The datacenter must be known ([`set_datacenters`](Self::set_datacenters)).
     pub fn set_node_datacenter(&self, node: &str, datacenter: &str) {
         let mut inner = self.inner.lock().unwrap();
         inner
             .node_datacenters
             .insert(node.to_owned(), datacenter.to_owned());
+        self.bump(&mut inner);
+    }
+
+    /// The known datacenters, nearest first, as `/v1/catalog/datacenters` lists them (the
+    /// agent's own, `dc1`, first unless a test says otherwise).
+    pub fn set_datacenters(&self, datacenters: &[&str]) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.datacenters = datacenters.iter().map(|dc| (*dc).to_owned()).collect();
+        self.bump(&mut inner);
+    }
+
+    /// Makes a datacenter's servers unreachable, or reachable again: its queries get 500
+    /// (`No path to datacenter`), and blocking queries on it end with that error.
+    pub fn set_datacenter_down(&self, datacenter: &str, down: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        if down {
+            inner.datacenters_down.insert(datacenter.to_owned());
+        } else {
+            inner.datacenters_down.remove(datacenter);
+        }
         self.bump(&mut inner);
     }
 
@@ -963,6 +1006,7 @@ fn jitter(most: Duration) -> Duration {
 /// What a health query asks, for its answer and its index.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct HealthQuery {
+    datacenter: String,
     /// Lower-cased, as Consul indexes names.
     name: String,
     connect: bool,
@@ -981,6 +1025,13 @@ impl HealthQuery {
             .services
             .values()
             .filter(|s| answers_for(s, &self.name, self.connect))
+            .filter(|s| {
+                let dc = inner
+                    .node_datacenters
+                    .get(&s.node)
+                    .map_or("dc1", String::as_str);
+                dc == self.datacenter
+            })
             .filter(|_| {
                 let readable = policy.can_read(&self.name);
                 filtered |= !readable;
@@ -1050,6 +1101,13 @@ fn indexed(mut entry: Value, index: u64) -> Value {
     entry
 }
 
+/// `GET /v1/catalog/datacenters`: every known datacenter, nearest first. Needs no ACL.
+async fn catalog_datacenters(State(fake): State<Shared>) -> Response {
+    fake.log("GET catalog/datacenters".to_owned());
+    let datacenters = fake.inner.lock().unwrap().datacenters.clone();
+    Json(datacenters).into_response()
+}
+
 /// `caller`: the token's policy, and whether there was no token.
 async fn health(
     fake: Shared,
@@ -1068,7 +1126,9 @@ async fn health(
         .filter(|(k, _)| k == "tag")
         .map(|(_, v)| v.clone())
         .collect();
-    if param("dc").is_some_and(|dc| dc != "dc1") {
+    let datacenter = param("dc").unwrap_or_else(|| "dc1".to_owned());
+    if !fake.reachable(&datacenter) {
+        fake.inner.lock().unwrap().answers.push((0, None));
         return (StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter").into_response();
     }
     let passing_only = param("passing").is_some_and(|p| p != "false");
@@ -1118,6 +1178,7 @@ async fn health(
     };
     let give_up = Instant::now() + wait + jitter(wait / 16);
     let query = HealthQuery {
+        datacenter: datacenter.clone(),
         name: name.to_lowercase(),
         connect,
         tags,
@@ -1131,6 +1192,9 @@ async fn health(
             let next = fake.refresh(&mut inner);
             (query.answer(&mut inner, &policy), next)
         };
+        if !fake.reachable(&datacenter) {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter").into_response();
+        }
         if asked == 0 || answer.2 > asked || Instant::now() >= give_up {
             break answer;
         }

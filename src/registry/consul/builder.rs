@@ -139,6 +139,21 @@ impl ConsulRegistryBuilder {
         self
     }
 
+    /// The datacenters every query that names none follows after its first (see
+    /// [`Failover`](crate::Failover); default none).
+    pub fn failover(mut self, failover: crate::Failover) -> Self {
+        self.settings.failover = failover;
+        self
+    }
+
+    /// How often a watch of the nearest datacenters
+    /// ([`Failover::Nearest`](crate::Failover::Nearest)) reads their order from
+    /// `/v1/catalog/datacenters` again (default 60 s; at least 100 ms).
+    pub fn datacenters_refresh(mut self, every: Duration) -> Self {
+        self.settings.datacenters_refresh = every.max(Duration::from_millis(100));
+        self
+    }
+
     /// Whether requests (and so the ACL token) may go through the system's proxy settings
     /// (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`). By default they do, except to an agent on
     /// a loopback address (`localhost`, `127.0.0.0/8`, `::1`), which is always dialled

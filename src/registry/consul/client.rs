@@ -339,6 +339,24 @@ impl Client {
         }
     }
 
+    /// `GET /v1/catalog/datacenters`: every known datacenter, the nearest first (by the
+    /// agent's estimate of round-trip time), so the agent's own comes first.
+    pub(crate) async fn datacenters(&self) -> Result<Vec<String>> {
+        let url = self.url(&["v1", "catalog", "datacenters"]);
+        let (_, body) = self.expect_ok(self.request(Method::GET, url)).await?;
+        let names: Vec<String> = serde_json::from_slice(&body).map_err(|e| Error::Malformed {
+            registry: REGISTRY,
+            source: e.into(),
+        })?;
+        if names.is_empty() || names.iter().any(|name| name.trim().is_empty()) {
+            return Err(Error::Malformed {
+                registry: REGISTRY,
+                source: "an empty datacenter list, or an empty name in it".into(),
+            });
+        }
+        Ok(names)
+    }
+
     /// `GET /v1/health/service/:name` (or `/v1/health/connect/:name`) with every filter of `query`; with `blocking`, a blocking
     /// query from that index. Returns the healthy instances sorted by id, and the index.
     pub(crate) async fn health_service(

@@ -109,6 +109,7 @@
 mod api;
 mod builder;
 pub(crate) mod client;
+mod failover;
 mod mesh;
 mod settings;
 pub(crate) mod watch;
@@ -126,7 +127,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::{ServiceRegistry, WatchStream};
 use crate::error::{Error, InvalidValue, Result};
-use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
+use crate::instance::{Failover, HealthStatus, ServiceInstance, ServiceQuery};
 use client::Client;
 
 /// A [`ServiceRegistry`] over a Consul agent's HTTP API.
@@ -200,6 +201,21 @@ impl fmt::Debug for ConsulRegistry {
     }
 }
 
+impl ConsulRegistry {
+    /// `query` with the registry's failover when it gives none; `None` when it follows one
+    /// datacenter.
+    fn with_failover(&self, query: &ServiceQuery) -> Option<ServiceQuery> {
+        let failover = match &query.failover {
+            Failover::None => &self.client.settings.failover,
+            failover => failover,
+        };
+        (*failover != Failover::None).then(|| ServiceQuery {
+            failover: failover.clone(),
+            ..query.clone()
+        })
+    }
+}
+
 impl ServiceRegistry for ConsulRegistry {
     fn kind(&self) -> &'static str {
         "consul"
@@ -233,11 +249,21 @@ impl ServiceRegistry for ConsulRegistry {
         &'a self,
         query: &'a ServiceQuery,
     ) -> BoxFuture<'a, Result<Vec<ServiceInstance>>> {
-        async move { Ok(self.client.health_service(query, None).await?.0) }.boxed()
+        async move {
+            match self.with_failover(query) {
+                None => Ok(self.client.health_service(query, None).await?.0),
+                Some(query) => failover::discover(&self.client, &query).await,
+            }
+        }
+        .boxed()
     }
 
     fn watch(&self, query: &ServiceQuery) -> WatchStream {
-        watch::stream(Arc::clone(&self.client), query.clone()).boxed()
+        let client = Arc::clone(&self.client);
+        match self.with_failover(query) {
+            None => watch::stream(client, query.clone()).boxed(),
+            Some(query) => failover::stream(client, query).boxed(),
+        }
     }
 
     fn health<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<HealthStatus>> {

@@ -110,6 +110,10 @@ pub(crate) struct Settings {
     pub(crate) mesh: Option<super::MeshRegistration>,
     /// Discover through `/v1/health/connect/:service` (mesh endpoints).
     pub(crate) mesh_discovery: bool,
+    /// How often a watch of the nearest datacenters reads their order again.
+    pub(crate) datacenters_refresh: Duration,
+    /// The failover of queries that give none.
+    pub(crate) failover: crate::instance::Failover,
 }
 
 impl Default for Settings {
@@ -135,6 +139,8 @@ impl Default for Settings {
             system_proxy: None,
             mesh: None,
             mesh_discovery: false,
+            datacenters_refresh: Duration::from_secs(60),
+            failover: crate::instance::Failover::None,
         }
     }
 }
