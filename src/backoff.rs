@@ -69,7 +69,10 @@ pub(crate) fn unit_draw() -> f64 {
 
 /// A wait drawn uniformly from `[ceiling / 2, ceiling]` ("equal jitter"): for one pause that
 /// must not be cut to nothing, where [`Backoff`]'s full jitter may draw zero.
-#[cfg_attr(not(any(feature = "tonic", feature = "http")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "tonic", feature = "http", feature = "consul")),
+    allow(dead_code)
+)]
 pub(crate) fn equal_jitter(ceiling: Duration) -> Duration {
     let half = ceiling / 2;
     half + half.mul_f64(unit(&RandomState::new(), 0))

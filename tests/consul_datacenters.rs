@@ -185,3 +185,52 @@ async fn discover_leaves_out_a_failed_datacenter_and_fails_when_all_do() {
     let set = consul.discover(&unknown).await.unwrap();
     assert_eq!(tiers(&set), [("dc2/node-2/web", 0)]);
 }
+
+/// Catches a prepared query read as a service name (no instances at all), an answer's
+/// datacenter lost (ids that collide when the query fails over), a poll that spins (the
+/// query does not block) or stops, and an unknown query taken for an empty one.
+#[tokio::test]
+async fn a_prepared_query_is_polled_and_follows_its_own_failover() {
+    let _limit = support::time_limit(60);
+    let fake = three_datacenters().await;
+    fake.define_prepared_query("web-anywhere", "web", &["dc2", "dc3"]);
+    let consul = builder(&fake)
+        .poll_interval(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    consul
+        .register(ServiceInstance::new("web", "web", "10.0.0.1", 7070))
+        .await
+        .unwrap();
+    let mut watch = consul.watch(&"web-anywhere.query".into());
+    let set = next_set(&mut watch).await;
+    assert_eq!(tiers(&set), [("dc1/node-1/web", 0)]);
+    assert_eq!(set[0].metadata["consul-datacenter"], "dc1");
+
+    // dc1's only instance goes critical: the query fails over to dc2, then, with dc2 gone,
+    // to dc3.
+    fake.set_status("web", "critical");
+    assert_eq!(tiers(&next_set(&mut watch).await), [("dc2/node-2/web", 0)]);
+    fake.set_datacenter_down("dc2", true);
+    assert_eq!(tiers(&next_set(&mut watch).await), [("dc3/node-3/web", 0)]);
+
+    // Polled every 100-200 ms: over a second, 5 to 10 executions (and a few for the
+    // bucket's slack), not hundreds, and not none.
+    let executions = || {
+        fake.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET query/web-anywhere/execute"))
+            .count()
+    };
+    let before = executions();
+    let quiet = timeout(Duration::from_secs(1), watch.next()).await;
+    assert!(quiet.is_err(), "nothing changed: {quiet:?}");
+    let polls = executions() - before;
+    assert!((4..=12).contains(&polls), "{polls} executions in 1 s");
+
+    let error = consul.discover(&"nothing.query".into()).await.unwrap_err();
+    assert!(
+        matches!(error, Error::Status { status: 404, .. }),
+        "{error:?}"
+    );
+}

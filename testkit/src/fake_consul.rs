@@ -46,8 +46,14 @@
 //!   ([`FakeConsul::set_datacenter_down`], which also ends its blocking queries), gets 500
 //!   `No path to datacenter`.
 //!
+//! - **Prepared queries** ([`FakeConsul::define_prepared_query`]): `/v1/query/:name/execute`
+//!   answers the service's instances without a critical check in the datacenter asked, else
+//!   in each failover datacenter in turn, with `Datacenter` and `Failovers`; 404 for an
+//!   unknown query.
+//!
 //! Not modelled: the catalog and KV APIs (but the datacenter list), sessions, prepared
-//! queries, round-trip-time estimates (the order is what a test sets), ACL policies beyond
+//! query templates, `Near` sorting and the query API beyond execute (queries are defined by
+//! the test), round-trip-time estimates (the order is what a test sets), ACL policies beyond
 //! service read and write (no `node:read`), checks beyond the registration's own other than
 //! through [`FakeConsul::set_extra_check`].
 
@@ -157,6 +163,8 @@ struct Inner {
     datacenters: Vec<String>,
     /// Datacenters whose servers cannot be reached: queries for them get 500.
     datacenters_down: std::collections::BTreeSet<String>,
+    /// Prepared queries by name: the service, and the datacenters to fail over to.
+    prepared: BTreeMap<String, (String, Vec<String>)>,
     /// Nodes in maintenance (`_node_maintenance`, critical for every service on them).
     node_maintenance: std::collections::BTreeSet<String>,
 }
@@ -228,6 +236,7 @@ impl FakeConsul {
             .route("/v1/agent/health/service/id/{id}", get(agent_health))
             .route("/v1/health/service/{name}", get(health_service))
             .route("/v1/catalog/datacenters", get(catalog_datacenters))
+            .route("/v1/query/{name}/execute", get(execute_query))
             .route("/v1/health/connect/{name}", get(health_connect))
             .route(
                 "/v1/agent/connect/ca/roots",
@@ -352,6 +361,18 @@ impl FakeConsul {
     pub fn set_datacenters(&self, datacenters: &[&str]) {
         let mut inner = self.inner.lock().unwrap();
         inner.datacenters = datacenters.iter().map(|dc| (*dc).to_owned()).collect();
+        self.bump(&mut inner);
+    }
+
+    /// Defines a prepared query (`POST /v1/query`): `name` finds the healthy instances of
+    /// `service`, in the datacenter asked (`dc1` by default) or, when it has none (or cannot
+    /// be reached), in each of `failover` in turn.
+    pub fn define_prepared_query(&self, name: &str, service: &str, failover: &[&str]) {
+        let mut inner = self.inner.lock().unwrap();
+        let failover = failover.iter().map(|dc| (*dc).to_owned()).collect();
+        inner
+            .prepared
+            .insert(name.to_owned(), (service.to_owned(), failover));
         self.bump(&mut inner);
     }
 
@@ -1106,6 +1127,67 @@ async fn catalog_datacenters(State(fake): State<Shared>) -> Response {
     fake.log("GET catalog/datacenters".to_owned());
     let datacenters = fake.inner.lock().unwrap().datacenters.clone();
     Json(datacenters).into_response()
+}
+
+/// `GET /v1/query/:name/execute`: the healthy instances (no critical check, as Consul
+/// filters by default) of the query's service in the datacenter asked, else in its failover
+/// datacenters in turn; the answer names the datacenter and the failovers taken. Does not
+/// block. An unknown query is a 404.
+async fn execute_query(
+    State(fake): State<Shared>,
+    axum::Extension(Caller(policy)): axum::Extension<Caller>,
+    Path(name): Path<String>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Response {
+    let raw = raw.unwrap_or_default();
+    fake.log(format!("GET query/{name}/execute?{raw}"));
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&raw).unwrap_or_default();
+    let asked = pairs
+        .iter()
+        .find(|(k, _)| k == "dc")
+        .map_or_else(|| "dc1".to_owned(), |(_, v)| v.clone());
+    let Some((service, failover)) = fake.inner.lock().unwrap().prepared.get(&name).cloned() else {
+        return (StatusCode::NOT_FOUND, "Query not found").into_response();
+    };
+    if !fake.reachable(&asked) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter").into_response();
+    }
+    let mut answer = (asked.clone(), Vec::new(), 0);
+    for (failovers, datacenter) in std::iter::once(&asked).chain(&failover).enumerate() {
+        if !fake.reachable(datacenter) {
+            continue;
+        }
+        let query = HealthQuery {
+            datacenter: datacenter.clone(),
+            name: service.to_lowercase(),
+            connect: false,
+            tags: Vec::new(),
+            filter: None,
+            passing_only: false,
+        };
+        let entries: Vec<Value> = {
+            let mut inner = fake.inner.lock().unwrap();
+            fake.refresh(&mut inner);
+            query.answer(&mut inner, &policy).0
+        };
+        let healthy: Vec<Value> = entries
+            .into_iter()
+            .filter(|entry| {
+                let checks = entry["Checks"].as_array().cloned().unwrap_or_default();
+                checks.iter().all(|check| check["Status"] != "critical")
+            })
+            .collect();
+        answer = (datacenter.clone(), healthy, failovers);
+        if !answer.1.is_empty() {
+            break;
+        }
+    }
+    let (datacenter, nodes, failovers) = answer;
+    Json(json!({
+        "Service": service, "Nodes": nodes, "DNS": {"TTL": ""},
+        "Datacenter": datacenter, "Failovers": failovers,
+    }))
+    .into_response()
 }
 
 /// `caller`: the token's policy, and whether there was no token.

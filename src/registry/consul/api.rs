@@ -20,6 +20,19 @@ pub(crate) struct HealthEntry {
     pub(crate) checks: Vec<Check>,
 }
 
+/// The answer of `GET /v1/query/:name/execute`: the healthy nodes of the datacenter that
+/// answered, which one, and how many it failed over to get there.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct PreparedAnswer {
+    #[serde(default, deserialize_with = "null_default")]
+    pub(crate) nodes: Vec<HealthEntry>,
+    #[serde(default)]
+    pub(crate) datacenter: String,
+    #[serde(default)]
+    pub(crate) failovers: u32,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub(crate) struct Node {

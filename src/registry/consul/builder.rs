@@ -146,6 +146,14 @@ impl ConsulRegistryBuilder {
         self
     }
 
+    /// How often a watch of a prepared query (a query named `<name>.query`) executes it
+    /// again: every `every` on average, each wait drawn between half of it and all of it
+    /// (default 10 s; at least 100 ms). Prepared queries do not block.
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.settings.poll_interval = every.max(Duration::from_millis(100));
+        self
+    }
+
     /// How often a watch of the nearest datacenters
     /// ([`Failover::Nearest`](crate::Failover::Nearest)) reads their order from
     /// `/v1/catalog/datacenters` again (default 60 s; at least 100 ms).

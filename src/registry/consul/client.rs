@@ -9,7 +9,7 @@ use serde_json::json;
 use tracing::warn;
 
 use super::MeshRegistration;
-use super::api::{HealthEntry, Mapping, Registration, Weights};
+use super::api::{HealthEntry, META_DATACENTER, Mapping, PreparedAnswer, Registration, Weights};
 use super::settings::{HealthCheckKind, Settings, go_duration};
 use crate::error::{BoxError, Error, RateLimited, Result};
 use crate::instance::{HealthStatus, ServiceInstance, ServiceQuery};
@@ -355,6 +355,53 @@ impl Client {
             });
         }
         Ok(names)
+    }
+
+    /// `GET /v1/query/:name/execute`: a prepared query, which picks its datacenter (and
+    /// fails over) by its own definition. Returns its healthy instances, ids qualified by
+    /// the datacenter that answered, and that datacenter with the failovers it took.
+    pub(crate) async fn execute_query(
+        &self,
+        query: &ServiceQuery,
+        name: &str,
+    ) -> Result<(Vec<ServiceInstance>, String, u32)> {
+        let url = self.url(&["v1", "query", name, "execute"]);
+        let mut request = self.request(Method::GET, url);
+        if let Some(dc) = query
+            .datacenter
+            .as_ref()
+            .or(self.settings.datacenter.as_ref())
+        {
+            request = request.query(&[("dc", dc)]);
+        }
+        let (status, answer, body) = self
+            .send_with_headers(request, self.settings.request_timeout)
+            .await?;
+        if !status.is_success() {
+            return Err(status_error_after(status, answer.retry_after, &body));
+        }
+        let answer: PreparedAnswer =
+            serde_json::from_slice(&body).map_err(|e| Error::Malformed {
+                registry: REGISTRY,
+                source: e.into(),
+            })?;
+        let datacenter = answer.datacenter;
+        let mut instances: Vec<ServiceInstance> = answer
+            .nodes
+            .into_iter()
+            .filter_map(|entry| entry.into_instance(&self.mapping))
+            .filter(|instance| crate::registry::dialable(REGISTRY, instance))
+            .map(|mut instance| {
+                instance.id = format!("{datacenter}/{}", instance.id);
+                instance
+                    .metadata
+                    .entry(META_DATACENTER.to_owned())
+                    .or_insert_with(|| datacenter.clone());
+                instance
+            })
+            .collect();
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((instances, datacenter, answer.failovers))
     }
 
     /// `GET /v1/health/service/:name` (or `/v1/health/connect/:name`) with every filter of `query`; with `blocking`, a blocking

@@ -49,6 +49,19 @@
 //! `Node.Address`; `Weights` and the zone (service or node metadata) are carried over; bodies
 //! are size-limited.
 //!
+//! - **Datacenters**: a query with a [`Failover`] (or a registry built with
+//!   one) follows several datacenters, each with its own blocking query and index; each
+//!   datacenter's instances get its place in the order as their
+//!   [priority tier](crate::balance#priority-tiers) and ids `{datacenter}/{node}/{service ID}`.
+//!   A datacenter that fails is an error on the stream while the others are followed.
+//!   `Failover::Nearest(n)` takes the local datacenter and the `n` nearest from
+//!   `/v1/catalog/datacenters` (Consul's round-trip-time order), re-read every
+//!   `datacenters_refresh`.
+//! - **Prepared queries**: a query named `<name>.query` (as in Consul DNS's
+//!   `<name>.query.consul`) executes the prepared query `<name>`, which fails over by its own
+//!   definition; ids are `{datacenter}/{node}/{service ID}` of the datacenter that answered.
+//!   They do not block, so a watch polls every `poll_interval` (with jitter, through the same
+//!   rate limit).
 //! - **Ids**: Consul's service IDs are unique per agent only (`web` on every node is the usual
 //!   case), so discovered instances are `{node}/{service ID}` (`node-1/web`); agent operations
 //!   (`deregister`, `health`, heartbeats, maintenance) take the ID you registered.
@@ -111,6 +124,7 @@ mod builder;
 pub(crate) mod client;
 mod failover;
 mod mesh;
+mod prepared;
 mod settings;
 pub(crate) mod watch;
 
@@ -250,6 +264,9 @@ impl ServiceRegistry for ConsulRegistry {
         query: &'a ServiceQuery,
     ) -> BoxFuture<'a, Result<Vec<ServiceInstance>>> {
         async move {
+            if let Some(name) = prepared::name(query) {
+                return prepared::discover(&self.client, query, name).await;
+            }
             match self.with_failover(query) {
                 None => Ok(self.client.health_service(query, None).await?.0),
                 Some(query) => failover::discover(&self.client, &query).await,
@@ -260,6 +277,9 @@ impl ServiceRegistry for ConsulRegistry {
 
     fn watch(&self, query: &ServiceQuery) -> WatchStream {
         let client = Arc::clone(&self.client);
+        if let Some(name) = prepared::name(query) {
+            return prepared::stream(client, query.clone(), name).boxed();
+        }
         match self.with_failover(query) {
             None => watch::stream(client, query.clone()).boxed(),
             Some(query) => failover::stream(client, query).boxed(),

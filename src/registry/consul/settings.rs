@@ -114,6 +114,8 @@ pub(crate) struct Settings {
     pub(crate) datacenters_refresh: Duration,
     /// The failover of queries that give none.
     pub(crate) failover: crate::instance::Failover,
+    /// How often a prepared query is executed again (it does not block).
+    pub(crate) poll_interval: Duration,
 }
 
 impl Default for Settings {
@@ -141,6 +143,7 @@ impl Default for Settings {
             mesh_discovery: false,
             datacenters_refresh: Duration::from_secs(60),
             failover: crate::instance::Failover::None,
+            poll_interval: Duration::from_secs(10),
         }
     }
 }
