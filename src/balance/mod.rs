@@ -103,7 +103,7 @@
 //! - **Slow start** (`slow_start(window)`): a new endpoint's share ramps up over the window.
 //! - **Zone preference** (`ZonePreference::new("eu-west-1a")`): stay in the local zone while it
 //!   has at least `min_endpoints` usable endpoints (and `min_share_percent` of all), else use all.
-//! - **Priority tiers**: see below.
+//! - **Priority tiers** and **keyed routing**: see below.
 //! - **Retries belong to you**: wrap `Balance` in `tower::retry::Retry` with a budget
 //!   (`TpsBudget`). Each retry picks again; with outlier detection, the endpoint that just
 //!   failed is avoided once it is ejected (`tests/retries.rs` shows it with
@@ -129,6 +129,20 @@
 //! [`Endpoint::priority`]: crate::endpoint::Endpoint::priority
 //! [`ServiceInstance::priority`]: crate::ServiceInstance::priority
 //!
+//! # Keyed routing
+//!
+//! [`Balance::keyed`] routes requests with a key ("sticky" routing: a user, a session, a
+//! cache shard) to the same endpoint, by consistent hashing with bounded load: a ring of 64
+//! entries per unit of weight over the best tier's endpoints, placed by XXH64 of their keys
+//! (so clients that know the same instances agree), and a request goes to the first
+//! endpoint along the ring from its key's hash ([`key_hash`]) that is usable and holds
+//! fewer than `c` times the average load (Mirrokni, Thorup and Zadimoghaddam, 2018; `c` is
+//! 1.25 by default, [`Keyed::balance_factor`]). A hot key spills along the ring instead of
+//! piling onto one endpoint; an ejected, failed, unready or saturated endpoint is passed
+//! over and gets its keys back once it recovers; when one of N endpoints leaves, only its
+//! keys (about 1/N) move. Requests without a key, or with no usable endpoint in the best
+//! tier, are balanced as above. `keyed.rs` says where this differs from gRFC A42.
+//!
 //! The counters and gauges it keeps (feature `metrics`) are listed in the [crate docs](crate#metrics).
 
 mod builder;
@@ -137,10 +151,12 @@ mod classify;
 mod completion;
 mod config;
 mod future;
+mod keyed;
 mod load;
 mod outlier;
 mod p2c;
 mod pool;
+mod ring;
 mod route;
 mod service;
 mod slot;
@@ -156,6 +172,7 @@ pub use completion::Completion;
 pub(crate) use completion::Track;
 pub use config::{PanicMode, ZonePreference};
 pub use future::ResponseFuture;
+pub use keyed::{Keyed, KeyedFuture, key_hash};
 pub use load::LoadMetric;
 pub use outlier::OutlierDetection;
 pub use service::Balance;

@@ -215,6 +215,16 @@ impl<S, K, C> Balance<S, K, C> {
     pub fn service_name(&self) -> &str {
         &self.shared.config.service
     }
+
+    /// What every handle shares, for keyed routing.
+    pub(super) fn shared(&self) -> &Shared<S, K> {
+        &self.shared
+    }
+
+    /// The classifier, for keyed routing.
+    pub(super) fn classifier(&self) -> &C {
+        &self.classify
+    }
 }
 
 impl<S, K, C> Balance<S, K, C>

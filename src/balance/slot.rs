@@ -320,6 +320,31 @@ impl<S, K> SlotState<S, K> {
     }
 }
 
+/// Slots for unit tests: no service, keyed by strings.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// One slot of weight 1 per key.
+    pub(crate) fn slots(keys: &[String]) -> Vec<Slot<(), String>> {
+        keys.iter().map(|key| slot(key.clone(), 1)).collect()
+    }
+
+    /// One slot per weight, keyed by its position.
+    pub(crate) fn weighted(weights: &[u32]) -> Vec<Slot<(), String>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| slot(i.to_string(), weight))
+            .collect()
+    }
+
+    fn slot(key: String, weight: u32) -> Slot<(), String> {
+        let endpoint = Endpoint::new(()).weight(weight);
+        Slot::new(key, endpoint, None, None, Arc::default(), &Arc::default())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

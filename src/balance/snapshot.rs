@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::config::{Config, ZonePreference};
 use super::outlier::Detector;
 use super::pool::Pool;
+use super::ring::Ring;
 use super::slot::{Slot, Tally};
 use super::tier::{Shares, Tier};
 use crate::endpoint::Signal;
@@ -29,6 +30,8 @@ pub(crate) struct Snapshot<S, K> {
     pub(crate) tiers: Box<[Tier]>,
     /// The share of traffic each tier takes, when there are several.
     pub(crate) shares: Shares,
+    /// The hash ring of keyed routing, built by the first keyed request.
+    pub(crate) ring: std::sync::OnceLock<Ring>,
 }
 
 impl<S, K> Snapshot<S, K> {
@@ -69,6 +72,7 @@ impl<S, K> Snapshot<S, K> {
             priorities.iter().map(|&p| tier(Some(p))).collect()
         };
         Self {
+            ring: std::sync::OnceLock::new(),
             shares: Shares::new(tiers.len()),
             tiers,
             slots: slots.into_boxed_slice(),
