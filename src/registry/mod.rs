@@ -54,6 +54,7 @@ mod fallback;
 pub mod kubernetes;
 mod memory;
 mod static_list;
+mod subset;
 #[cfg(any(
     feature = "consul",
     feature = "kubernetes",
@@ -66,6 +67,7 @@ pub use cached::{CacheStats, CachedRegistry, CachedRegistryBuilder};
 pub use fallback::{FallbackRegistry, FallbackRegistryBuilder};
 pub use memory::{MemoryRegistry, MemoryRegistryBuilder};
 pub use static_list::{StaticRegistry, StaticRegistryBuilder};
+pub use subset::{Subset, SubsetRegistry};
 
 use std::sync::Arc;
 
