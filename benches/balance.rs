@@ -16,6 +16,7 @@
 //!   per request (all tasks together), so requests/s = 1 / time.
 //! - `publish/N`: the time from sending a discovery change to its snapshot being visible to
 //!   pickers, at N endpoints, while another thread picks continuously. Prints p50/p99.
+//!   `publish/10000x100`: 1% of 10,000 endpoints replaced at once (one batch).
 
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
@@ -191,7 +192,8 @@ fn throughput(c: &mut Criterion) {
 fn publish(c: &mut Criterion) {
     let rt = runtime(1);
     let mut group = c.benchmark_group("publish");
-    for n in [256usize, 10_000] {
+    // (endpoints, changed per publish): one replaced, or 1% of 10,000 in one batch.
+    for (n, batch) in [(256usize, 1usize), (10_000, 1), (10_000, 100)] {
         let (feed, mut rx) = mpsc::unbounded_channel();
         for key in 0..n {
             feed.send(Ok::<_, Infallible>(Change::Insert(key, Trivial)))
@@ -221,22 +223,30 @@ fn publish(c: &mut Criterion) {
 
         let mut samples = Vec::new();
         let mut next_key = 0;
-        group.bench_function(BenchmarkId::from_parameter(n), |b| {
+        let name = if batch == 1 {
+            n.to_string()
+        } else {
+            format!("{n}x{batch}")
+        };
+        group.bench_function(BenchmarkId::from_parameter(&name), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    // Replace one endpoint (a re-insert under its key), keeping N constant.
+                    // Replace `batch` endpoints (re-inserts under their keys), keeping N
+                    // constant.
                     let before = balance.updates();
                     let start = Instant::now();
-                    feed.send(Ok(Change::Insert(next_key % n, Trivial)))
-                        .unwrap();
+                    for _ in 0..batch {
+                        feed.send(Ok(Change::Insert(next_key % n, Trivial)))
+                            .unwrap();
+                        next_key += 1;
+                    }
                     while balance.updates() == before {
                         std::hint::spin_loop();
                     }
                     let elapsed = start.elapsed();
                     samples.push(elapsed);
                     total += elapsed;
-                    next_key += 1;
                 }
                 total
             });
@@ -250,7 +260,7 @@ fn publish(c: &mut Criterion) {
         samples.sort();
         let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
         eprintln!(
-            "publish/{n}: p50 {:?} p99 {:?} over {} swaps",
+            "publish/{name}: p50 {:?} p99 {:?} over {} swaps",
             at(0.5),
             at(0.99),
             samples.len()

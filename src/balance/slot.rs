@@ -84,6 +84,9 @@ pub(crate) struct SlotState<S, K> {
     failed: AtomicBool,
     /// No longer in the current snapshot; requests in flight finish on it.
     removed: AtomicBool,
+    /// Priority tier (lower is preferred): here, in what would be padding, because every
+    /// publish reads it of every endpoint.
+    pub(crate) priority: u16,
     /// The owner's view of its connectivity, when it reports one.
     readiness: Option<Readiness>,
     /// Weight (>= 1).
@@ -102,7 +105,6 @@ pub(crate) struct SlotState<S, K> {
     /// When discovery inserted it (for slow start).
     pub(crate) inserted: Instant,
     pub(crate) zone: Option<String>,
-    pub(crate) priority: u16,
     pub(crate) key: K,
     pub(crate) service: S,
     /// What lives as long as the endpoint does (its health check's task).

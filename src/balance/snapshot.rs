@@ -42,10 +42,14 @@ impl<S, K> Snapshot<S, K> {
     /// The snapshot of `slots`, in tiers by priority, each with its local zone's pool when
     /// `zone` is set.
     pub(crate) fn new(slots: Vec<Slot<S, K>>, zone: Option<&ZonePreference>) -> Self {
-        let mut priorities: Vec<u16> = slots.iter().map(|slot| slot.priority).collect();
-        priorities.sort_unstable();
-        priorities.dedup();
-        let one = priorities.len() <= 1;
+        let first = slots.first().map_or(0, |slot| slot.priority);
+        let one = slots.iter().all(|slot| slot.priority == first);
+        let mut priorities: Vec<u16> = Vec::new();
+        if !one {
+            priorities = slots.iter().map(|slot| slot.priority).collect();
+            priorities.sort_unstable();
+            priorities.dedup();
+        }
         let tier = |priority: Option<u16>| {
             let members = |i: &usize| priority.is_none_or(|p| slots[*i].priority == p);
             let pool = |keep: &dyn Fn(&Slot<S, K>) -> bool| {
@@ -58,16 +62,22 @@ impl<S, K> Snapshot<S, K> {
                 let all = one && indices.len() == slots.len();
                 Pool::new((!all).then(|| indices.into_boxed_slice()), weights)
             };
+            let all = if one {
+                // Every endpoint, without listing them.
+                Pool::new(None, slots.iter().map(|slot| slot.weight).collect())
+            } else {
+                pool(&|_| true)
+            };
             Tier {
-                priority: priority.unwrap_or(0),
-                all: pool(&|_| true),
+                priority: priority.unwrap_or(first),
+                all,
                 local: zone.map(|zone| {
                     pool(&|slot: &Slot<S, K>| slot.zone.as_deref() == Some(zone.local.as_str()))
                 }),
             }
         };
         let tiers: Box<[Tier]> = if one {
-            Box::new([tier(priorities.first().copied())])
+            Box::new([tier(None)])
         } else {
             priorities.iter().map(|&p| tier(Some(p))).collect()
         };
