@@ -794,3 +794,45 @@ async fn a_server_must_name_the_datacenter_of_the_instance_dialled() {
         .unwrap();
     assert_eq!(server.connections(), 1);
 }
+
+/// Catches a service-name check that needs both of its faults to refuse (`||` taken for
+/// `&&`), and an identity that does not say which service it is.
+#[tokio::test]
+async fn a_bad_service_name_is_refused_and_an_identity_names_its_service() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = consul(&fake.url());
+    for bad in ["", "a/b"] {
+        let error = ConsulConnect::builder(&consul, bad)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, Error::InvalidConfig { key, .. } if key == "service"),
+            "{bad:?}: {error:?}"
+        );
+    }
+    assert_eq!(mesh(&consul, "web").await.service(), "web");
+}
+
+/// Catches an accept loop that outlives its `Incoming`: once it is dropped, the listener is
+/// closed and connections are refused (a loop left running would hold the port and take
+/// them, answering none).
+#[tokio::test]
+async fn dropping_incoming_stops_accepting() {
+    let _limit = support::time_limit(60);
+    let fake = FakeConsul::start(None).await;
+    let consul = consul(&fake.url());
+    let api = mesh(&consul, "api").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let incoming = api.incoming(listener);
+    tokio::net::TcpStream::connect(address)
+        .await
+        .expect("accepting while it lives");
+    drop(incoming);
+    support::until_async("the port is closed", || async {
+        tokio::net::TcpStream::connect(address).await.is_err()
+    })
+    .await;
+}

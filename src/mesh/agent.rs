@@ -197,4 +197,20 @@ mod tests {
         .unwrap();
         assert_eq!(roots.roots[0].root_cert, "PEM");
     }
+
+    /// Catches a `Debug` that says nothing of what the watch follows.
+    #[test]
+    fn a_watch_shows_its_path_and_index() {
+        let consul = crate::registry::consul::ConsulRegistry::builder()
+            .build()
+            .unwrap();
+        let watch = AgentWatch::<CaRoots>::roots(consul.client());
+        let shown = format!("{watch:?}");
+        assert!(
+            shown.starts_with("AgentWatch")
+                && shown.contains("roots")
+                && shown.contains("index: 0"),
+            "{shown}"
+        );
+    }
 }

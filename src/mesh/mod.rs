@@ -408,8 +408,9 @@ impl ConsulConnect {
     /// client out (see [`Incoming`]). The task stops when the stream is dropped.
     pub fn incoming(&self, listener: TcpListener) -> Incoming {
         let (sender, receiver) = mpsc::channel(64);
-        let task = tokio::spawn(incoming::accept_loop(self.clone(), listener, sender));
-        Incoming { receiver, task }
+        // The loop ends (and closes the listener) as soon as the receiver is dropped.
+        tokio::spawn(incoming::accept_loop(self.clone(), listener, sender));
+        Incoming { receiver }
     }
 }
 
@@ -424,7 +425,6 @@ impl ConsulConnect {
 #[derive(Debug)]
 pub struct Incoming {
     receiver: mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>>,
-    task: JoinHandle<()>,
 }
 
 impl Stream for Incoming {
@@ -432,11 +432,5 @@ impl Stream for Incoming {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.receiver.poll_recv(cx)
-    }
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
