@@ -34,37 +34,44 @@ fn set(n: usize, port: u16) -> Vec<ServiceInstance> {
         .collect()
 }
 
+/// The time of one update from set `a` to set `b` of `n` instances: the diff into changes.
+fn update(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    n: usize,
+    a: &[ServiceInstance],
+    b: &[ServiceInstance],
+) {
+    group.bench_with_input(BenchmarkId::from_parameter(n), &n, |bench, _| {
+        bench.iter_batched(
+            || {
+                let sets = stream::iter([Ok(a.to_vec()), Ok(b.to_vec())]).chain(stream::pending());
+                let mut discover =
+                    RegistryDiscover::from_stream("svc", sets, |i| Ok::<_, Infallible>(i.port));
+                // Apply the first set outside the timed part.
+                for _ in 0..n {
+                    discover.next().now_or_never();
+                }
+                discover
+            },
+            |mut discover| {
+                let mut changes = 0;
+                while let Some(Some(change)) = discover.next().now_or_never() {
+                    black_box(change.ok());
+                    changes += 1;
+                }
+                // Dropped outside the timed part, as the setup's is made outside it.
+                (changes, discover)
+            },
+            criterion::BatchSize::LargeInput,
+        );
+    });
+}
+
 /// One registry update of `n` instances that all moved to another port: diff plus changes.
 fn diff(c: &mut Criterion) {
     let mut group = c.benchmark_group("discover/update");
     for n in [16usize, 256, 10_000] {
-        let a = set(n, 1000);
-        let b = set(n, 2000);
-        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |bench, _| {
-            bench.iter_batched(
-                || {
-                    let sets =
-                        stream::iter([Ok(a.clone()), Ok(b.clone())]).chain(stream::pending());
-                    let mut discover =
-                        RegistryDiscover::from_stream("svc", sets, |i| Ok::<_, Infallible>(i.port));
-                    // Apply the first set outside the timed part.
-                    for _ in 0..n {
-                        discover.next().now_or_never();
-                    }
-                    discover
-                },
-                |mut discover| {
-                    let mut changes = 0;
-                    while let Some(Some(change)) = discover.next().now_or_never() {
-                        black_box(change.ok());
-                        changes += 1;
-                    }
-                    // Dropped outside the timed part, as the setup's is made outside it.
-                    (changes, discover)
-                },
-                criterion::BatchSize::LargeInput,
-            );
-        });
+        update(&mut group, n, &set(n, 1000), &set(n, 2000));
     }
     group.finish();
 }
@@ -84,31 +91,12 @@ fn one_percent_moved(n: usize, port: u16) -> Vec<ServiceInstance> {
 fn one_percent(c: &mut Criterion) {
     let n = 10_000;
     let mut group = c.benchmark_group("discover/one_percent");
-    let a = one_percent_moved(n, 2000);
-    let b = one_percent_moved(n, 3000);
-    group.bench_with_input(BenchmarkId::from_parameter(n), &n, |bench, _| {
-        bench.iter_batched(
-            || {
-                let sets = stream::iter([Ok(a.clone()), Ok(b.clone())]).chain(stream::pending());
-                let mut discover =
-                    RegistryDiscover::from_stream("svc", sets, |i| Ok::<_, Infallible>(i.port));
-                for _ in 0..n {
-                    discover.next().now_or_never();
-                }
-                discover
-            },
-            |mut discover| {
-                let mut changes = 0;
-                while let Some(Some(change)) = discover.next().now_or_never() {
-                    black_box(change.ok());
-                    changes += 1;
-                }
-                // Dropped outside the timed part, as the setup's is made outside it.
-                (changes, discover)
-            },
-            criterion::BatchSize::LargeInput,
-        );
-    });
+    update(
+        &mut group,
+        n,
+        &one_percent_moved(n, 2000),
+        &one_percent_moved(n, 3000),
+    );
     group.finish();
 }
 

@@ -342,54 +342,70 @@ fn registration_and_bad_settings_are_typed_errors() {
     assert_eq!("AAAA".parse::<RecordKind>().unwrap(), RecordKind::Aaaa);
 }
 
+/// Real tonic servers behind SRV records of `name`, one per priority given, each target
+/// resolving to 127.0.0.1; a channel to them, once it lists them all. `None` when dnsmasq
+/// is missing (the test then skips, saying so).
 #[cfg(feature = "tonic")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tonic_client_follows_srv_records_to_real_servers() {
-    let _limit = support::time_limit(120);
+async fn srv_servers(
+    name: &str,
+    priorities: &[u16],
+) -> Option<(
+    Vec<support::servers::TestServer>,
+    tower_sd::tonic::LoadBalancedChannel,
+    Dnsmasq,
+)> {
     use std::sync::Arc;
-
-    use support::grpc::{checks, until_endpoints};
-    use support::servers::{TestServer, assert_even_spread};
-    use tower_sd::tonic::LoadBalancedChannel;
 
     support::trace_init();
     let mut servers = Vec::new();
-    for n in 0..3 {
-        servers.push(TestServer::grpc(&format!("s{n}")).await);
+    for n in 0..priorities.len() {
+        servers.push(support::servers::TestServer::grpc(&format!("s{n}")).await);
     }
     let lines: Vec<String> = servers
         .iter()
+        .zip(priorities)
         .enumerate()
-        .flat_map(|(n, server)| {
+        .flat_map(|(n, (server, priority))| {
             [
                 format!(
-                    "srv-host=_grpc._tcp.health.test,s{n}.health.test,{},0,10",
+                    "srv-host=_grpc._tcp.{name},s{n}.{name},{},{priority},10",
                     server.port
                 ),
-                format!("host-record=s{n}.health.test,127.0.0.1"),
+                format!("host-record=s{n}.{name},127.0.0.1"),
             ]
         })
         .collect();
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let Some(dns) = Dnsmasq::start(&lines, 1).await else {
-        return;
-    };
+    let dns = Dnsmasq::start(&lines, 1).await?;
     let registry = builder(&dns).build().unwrap();
-    let channel = LoadBalancedChannel::builder(Arc::new(registry), "_grpc._tcp.health.test")
-        .connect(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let channel = tower_sd::tonic::LoadBalancedChannel::builder(
+        Arc::new(registry),
+        format!("_grpc._tcp.{name}"),
+    )
+    .connect(Duration::from_secs(10))
+    .await
+    .unwrap();
     let ids: Vec<String> = servers
         .iter()
         .map(|s| format!("127.0.0.1:{}", s.port))
         .collect();
-    until_endpoints(
+    support::grpc::until_endpoints(
         &channel,
         &ids.iter().map(String::as_str).collect::<Vec<_>>(),
     )
     .await;
-    checks(&channel, 6, 500).await;
-    assert_even_spread(&servers, 3_000);
+    Some((servers, channel, dns))
+}
+
+#[cfg(feature = "tonic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tonic_client_follows_srv_records_to_real_servers() {
+    let _limit = support::time_limit(120);
+    let Some((servers, channel, _dns)) = srv_servers("health.test", &[0, 0, 0]).await else {
+        return;
+    };
+    support::grpc::checks(&channel, 6, 500).await;
+    support::servers::assert_even_spread(&servers, 3_000);
 }
 
 /// Catches SRV priorities that do not reach the balancer as tiers: with two real servers at
@@ -399,49 +415,11 @@ async fn a_tonic_client_follows_srv_records_to_real_servers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tonic_client_keeps_to_the_lowest_srv_priority_and_spills_when_it_dies() {
     let _limit = support::time_limit(120);
-    use std::sync::Arc;
+    use support::grpc::checks;
 
-    use support::grpc::{checks, until_endpoints};
-    use support::servers::TestServer;
-    use tower_sd::tonic::LoadBalancedChannel;
-
-    support::trace_init();
-    let mut servers = Vec::new();
-    for n in 0..3 {
-        servers.push(TestServer::grpc(&format!("p{n}")).await);
-    }
-    let lines: Vec<String> = servers
-        .iter()
-        .enumerate()
-        .flat_map(|(n, server)| {
-            let priority = if n < 2 { 0 } else { 1 };
-            [
-                format!(
-                    "srv-host=_grpc._tcp.tiers.test,p{n}.tiers.test,{},{priority},10",
-                    server.port
-                ),
-                format!("host-record=p{n}.tiers.test,127.0.0.1"),
-            ]
-        })
-        .collect();
-    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let Some(dns) = Dnsmasq::start(&lines, 1).await else {
+    let Some((servers, channel, _dns)) = srv_servers("tiers.test", &[0, 0, 1]).await else {
         return;
     };
-    let registry = builder(&dns).build().unwrap();
-    let channel = LoadBalancedChannel::builder(Arc::new(registry), "_grpc._tcp.tiers.test")
-        .connect(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let ids: Vec<String> = servers
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port))
-        .collect();
-    until_endpoints(
-        &channel,
-        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
     checks(&channel, 4, 100).await;
     assert_eq!(servers[2].served(), 0, "the priority-1 spare served");
     assert!(servers[0].served() > 100 && servers[1].served() > 100);
