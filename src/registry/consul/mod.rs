@@ -125,6 +125,7 @@ pub(crate) mod client;
 mod failover;
 mod mesh;
 mod prepared;
+mod read;
 mod settings;
 pub(crate) mod watch;
 
