@@ -32,28 +32,30 @@ pub(crate) fn choose<'a, S, K>(snapshot: &'a Snapshot<S, K>, shared: &Shared<S, 
 
 #[cold]
 fn choose_tier<'a, S, K>(snapshot: &'a Snapshot<S, K>, shared: &Shared<S, K>) -> Choice<'a> {
-    let shares = shares(snapshot, shared);
+    refresh(snapshot, shared);
     let draw = below(next_u64() as u32, 100);
     let mut sum = 0;
     // The shares add up to 100, unless a picker is storing new ones right now: then the
     // best tier.
-    let chosen = shares
-        .iter()
-        .position(|&share| {
+    let (chosen, share) = snapshot
+        .shares
+        .each()
+        .enumerate()
+        .find(|&(_, share)| {
             sum += usize::from(tier::percent(share));
             draw < sum
         })
-        .unwrap_or(0);
+        .unwrap_or((0, 0));
     Choice {
         pool: zone(&snapshot.tiers[chosen], snapshot, shared),
-        panic: Some(tier::in_panic(shares[chosen])),
+        panic: Some(tier::in_panic(share)),
     }
 }
 
-/// The snapshot's tier shares as of the balancer's health now, recomputed (and reported)
-/// only when it changed.
-fn shares<S, K>(snapshot: &Snapshot<S, K>, shared: &Shared<S, K>) -> Vec<u8> {
-    let (shares, computed) = snapshot.shares.current(
+/// Makes the snapshot's tier shares those of the balancer's health now: recomputed (and
+/// reported) only when it changed.
+fn refresh<S, K>(snapshot: &Snapshot<S, K>, shared: &Shared<S, K>) {
+    let computed = snapshot.shares.refresh(
         health_changes(shared),
         &snapshot.tiers,
         &snapshot.slots,
@@ -62,7 +64,6 @@ fn shares<S, K>(snapshot: &Snapshot<S, K>, shared: &Shared<S, K>) -> Vec<u8> {
     for (tier, (percent, _)) in snapshot.tiers.iter().zip(computed.into_iter().flatten()) {
         crate::metrics::tier_share(&shared.config.service, tier.priority, percent);
     }
-    shares
 }
 
 /// The balancer's count of changes to its endpoints' health (readiness, failures,
@@ -110,10 +111,11 @@ fn zone<'a, S, K>(tier: &'a Tier, snapshot: &Snapshot<S, K>, shared: &Shared<S, 
 
 /// The current share of each tier, best first, for [`Balance::tiers`](super::Balance::tiers).
 pub(crate) fn report<S, K>(snapshot: &Snapshot<S, K>, shared: &Shared<S, K>) -> Vec<TierShare> {
-    let shares = if snapshot.tiers.len() == 1 {
+    let shares: Vec<u8> = if snapshot.tiers.len() == 1 {
         vec![100]
     } else {
-        shares(snapshot, shared)
+        refresh(snapshot, shared);
+        snapshot.shares.each().collect()
     };
     snapshot
         .tiers

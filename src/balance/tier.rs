@@ -50,16 +50,16 @@ impl Shares {
         }
     }
 
-    /// The share of each of `tiers` (a percentage, with [`PANIC`] when in panic) as of
-    /// `changes`, the balancer's count of health changes: the kept shares, or new ones
-    /// computed from `slots` (then also returned second, for the caller to report).
-    pub(crate) fn current<S, K>(
+    /// Makes the shares those of `changes`, the balancer's count of health changes: keeps
+    /// them if they are, else computes them from `slots` and returns them, for the caller
+    /// to report.
+    pub(crate) fn refresh<S, K>(
         &self,
         changes: u64,
         tiers: &[Tier],
         slots: &[Slot<S, K>],
         panic_threshold: u8,
-    ) -> (Vec<u8>, Option<Vec<(u8, bool)>>) {
+    ) -> Option<Vec<(u8, bool)>> {
         let mut computed = None;
         if self.seen.load(Ordering::Acquire) != changes {
             let healthy: Vec<(usize, usize)> = tiers
@@ -79,12 +79,12 @@ impl Shares {
             self.seen.store(changes, Ordering::Release);
             computed = Some(fresh);
         }
-        let each = self
-            .each
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
-        (each, computed)
+        computed
+    }
+
+    /// Each tier's kept share: a percentage, with [`PANIC`] when in panic.
+    pub(crate) fn each(&self) -> impl Iterator<Item = u8> + '_ {
+        self.each.iter().map(|cell| cell.load(Ordering::Relaxed))
     }
 }
 
