@@ -420,6 +420,15 @@ async fn a_tonic_client_keeps_to_the_lowest_srv_priority_and_spills_when_it_dies
     let Some((servers, channel, _dns)) = srv_servers("tiers.test", &[0, 0, 1]).await else {
         return;
     };
+    // A connecting endpoint is not healthy, so until priority 0 is connected its share
+    // spills to the spare: wait for every connection first.
+    support::until("every endpoint is connected", || {
+        channel
+            .endpoints()
+            .iter()
+            .all(|e| e.connectivity == Some(tower_sd::endpoint::Connectivity::Ready))
+    })
+    .await;
     checks(&channel, 4, 100).await;
     assert_eq!(servers[2].served(), 0, "the priority-1 spare served");
     assert!(servers[0].served() > 100 && servers[1].served() > 100);

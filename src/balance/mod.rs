@@ -122,7 +122,10 @@
 //! `PanicMode::Fail`). Within a tier, power of two choices, weights and zone preference
 //! apply as they do without tiers. [`Balance::tiers`] and the gauge
 //! `tower_sd_tier_share_percent` show the share each tier takes; [`Balance::endpoints`]
-//! shows each endpoint's priority. With one priority none of this costs anything; with
+//! shows each endpoint's priority. An endpoint still connecting is not healthy, so while a
+//! better tier connects (at start-up, say) its share goes to the next one that is connected;
+//! grpc-go's priority policy instead waits up to 10 s for a connecting priority before
+//! failing over. With one priority none of this costs anything; with
 //! several, a pick draws its tier from shares recomputed only when an endpoint's health
 //! changes.
 //!
