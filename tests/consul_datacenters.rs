@@ -214,8 +214,8 @@ async fn a_prepared_query_is_polled_and_follows_its_own_failover() {
     fake.set_datacenter_down("dc2", true);
     assert_eq!(tiers(&next_set(&mut watch).await), [("dc3/node-3/web", 0)]);
 
-    // Polled every 100-200 ms: over a second, 5 to 10 executions (and a few for the
-    // bucket's slack), not hundreds, and not none.
+    // Polled every 100-200 ms: over a second, 5 to 10 executions (fewer on a loaded
+    // machine, a few more for the bucket's slack), not hundreds, and not none.
     let executions = || {
         fake.requests()
             .iter()
@@ -226,7 +226,7 @@ async fn a_prepared_query_is_polled_and_follows_its_own_failover() {
     let quiet = timeout(Duration::from_secs(1), watch.next()).await;
     assert!(quiet.is_err(), "nothing changed: {quiet:?}");
     let polls = executions() - before;
-    assert!((4..=12).contains(&polls), "{polls} executions in 1 s");
+    assert!((2..=12).contains(&polls), "{polls} executions in 1 s");
 
     let error = consul.discover(&"nothing.query".into()).await.unwrap_err();
     assert!(
