@@ -61,14 +61,19 @@ fn balancer(rt: &tokio::runtime::Runtime) -> f64 {
             .collect();
         let before = resident();
         let balance = Balance::builder().build(Endpoints::new(stream::iter(changes)));
-        while balance.endpoints().len() < ENDPOINTS {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let bytes = resident() - before;
-        drop(balance);
-        bytes as f64 / ENDPOINTS as f64
+        per_endpoint(balance, before).await
     })
+}
+
+/// Resident bytes per endpoint grown since `before`, once `balance` lists them all.
+async fn per_endpoint<K: Clone>(balance: Balance<Trivial, K>, before: i64) -> f64 {
+    while balance.endpoints().len() < ENDPOINTS {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let bytes = resident() - before;
+    drop(balance);
+    bytes as f64 / ENDPOINTS as f64
 }
 
 fn instances(n: usize) -> Vec<ServiceInstance> {
@@ -91,14 +96,7 @@ fn registry_discovery(rt: &tokio::runtime::Runtime) -> f64 {
         let watch = stream::iter([Ok(set)]).chain(stream::pending());
         let discover =
             RegistryDiscover::from_stream("api", watch, |_| Ok::<_, Infallible>(Trivial));
-        let balance = Balance::builder().build(discover);
-        while balance.endpoints().len() < ENDPOINTS {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let bytes = resident() - before;
-        drop(balance);
-        bytes as f64 / ENDPOINTS as f64
+        per_endpoint(Balance::builder().build(discover), before).await
     })
 }
 
